@@ -1,0 +1,1 @@
+"""spyglass.engine: the asynchronous rollout engine."""

@@ -1,0 +1,1 @@
+"""spyglass.kernels: Triton kernels, each beside its pure-torch reference."""

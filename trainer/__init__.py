@@ -1,0 +1,1 @@
+"""spyglass.trainer: GRPO, SFT, evaluation and the CLI."""
