@@ -1,0 +1,1 @@
+"""spyglass.engine.tools: the tool environment (visual, OCR, search, web, Python)."""
