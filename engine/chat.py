@@ -1,0 +1,123 @@
+"""Chat codecs: how a conversation becomes token ids, and observations become token deltas.
+
+The engine never re-tokenizes what the model generated: it keeps the sampled ids and appends
+each observation as the chat template's token delta (the tokens the template would put between
+the end of the assistant's turn and the start of the next assistant turn). A Codec owns that.
+
+- ByteCodec: a self-contained Qwen-style template over UTF-8 bytes (ids 0..255) plus special
+  tokens; used by the latency-modelled benchmarks and tests where no tokenizer is wanted.
+- HFCodec: any Hugging Face tokenizer with a Qwen-style chat template (the tiny VLMs in
+  engine/tiny.py, or a real Qwen2.5-VL tokenizer); image tokens expanded per image size.
+
+Both use the Qwen2.5-VL agent layout: tool results come back as a user turn wrapping
+<tool_response>...</tool_response>, images as <|vision_start|><|image_pad|>*n<|vision_end|>.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence
+
+from PIL import Image
+
+DEFAULT_SYSTEM = (
+    "You are a visual deep-search agent. Think inside <think></think>. Call a tool with "
+    "<tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>; images are named img_1, img_2, "
+    "... in order of appearance. Give the final answer inside <answer></answer>.")
+
+
+class Codec(Protocol):
+    stop_token_ids: list[int]
+
+    def encode_prompt(self, question: str, images: Sequence[Image.Image],
+                      tools: Sequence[dict[str, Any]], system: str | None = None) -> list[int]: ...
+
+    def encode_observation(self, text: str, images: Sequence[Image.Image], closed: bool,
+                           first_image_index: int) -> list[int]: ...
+
+    def encode_text(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+def image_pad_count(img: Image.Image, patch: int = 14, merge: int = 2,
+                    max_pixels: int = 1024 * 28 * 28, min_pixels: int = 4 * 28 * 28) -> int:
+    """Image tokens Qwen2-VL's processor gives an image: its smart resize to multiples of
+    patch*merge within [min_pixels, max_pixels], then one token per merge x merge patches."""
+    w, h = img.size
+    f = patch * merge
+    hb, wb = max(f, round(h / f) * f), max(f, round(w / f) * f)
+    if hb * wb > max_pixels:
+        beta = math.sqrt(h * w / max_pixels)
+        hb, wb = max(f, math.floor(h / beta / f) * f), max(f, math.floor(w / beta / f) * f)
+    elif hb * wb < min_pixels:
+        beta = math.sqrt(min_pixels / (h * w))
+        hb, wb = math.ceil(h * beta / f) * f, math.ceil(w * beta / f) * f
+    return (hb // patch) * (wb // patch) // (merge * merge)
+
+
+def render_tools(tools: Sequence[dict[str, Any]]) -> str:
+    import json
+    if not tools:
+        return ""
+    lines = "\n".join(json.dumps(t, sort_keys=True, ensure_ascii=False) for t in tools)
+    return f"\n\n# Tools\n<tools>\n{lines}\n</tools>"
+
+
+@dataclass
+class ByteCodec:
+    """Qwen-style template over bytes: ids 0..255 are UTF-8 bytes, 256.. special tokens."""
+
+    image_tokens: Callable[[Image.Image], int] = image_pad_count
+
+    IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, EOS = range(256, 262)
+    vocab_size: int = 262
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        return [self.IM_END, self.EOS]
+
+    def encode_text(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def _image(self, img: Image.Image) -> list[int]:
+        return [self.VISION_START] + [self.IMAGE_PAD] * self.image_tokens(img) + [self.VISION_END]
+
+    def _turn(self, role: str, body: list[int]) -> list[int]:
+        return [self.IM_START] + self.encode_text(role + "\n") + body + [self.IM_END] + self.encode_text("\n")
+
+    def encode_prompt(self, question: str, images: Sequence[Image.Image],
+                      tools: Sequence[dict[str, Any]], system: str | None = None) -> list[int]:
+        ids = self._turn("system", self.encode_text((system or DEFAULT_SYSTEM) + render_tools(tools)))
+        body: list[int] = []
+        for im in images:
+            body += self._image(im)
+        ids += self._turn("user", body + self.encode_text(question))
+        return ids + [self.IM_START] + self.encode_text("assistant\n")
+
+    def encode_observation(self, text: str, images: Sequence[Image.Image], closed: bool,
+                           first_image_index: int = 1) -> list[int]:
+        ids = [] if closed else [self.IM_END]
+        ids += self.encode_text("\n")
+        body = self.encode_text("<tool_response>\n" + text)
+        for im in images:
+            body += self._image(im)
+        body += self.encode_text("\n</tool_response>")
+        ids += self._turn("user", body)
+        return ids + [self.IM_START] + self.encode_text("assistant\n")
+
+    def decode(self, ids: Sequence[int]) -> str:
+        names = {self.IM_START: "<|im_start|>", self.IM_END: "<|im_end|>",
+                 self.VISION_START: "<|vision_start|>", self.VISION_END: "<|vision_end|>",
+                 self.IMAGE_PAD: "<|image_pad|>", self.EOS: "<|endoftext|>"}
+        out: list[str] = []
+        buf = bytearray()
+        for i in ids:
+            if i < 256:
+                buf.append(i)
+                continue
+            out.append(buf.decode("utf-8", errors="replace"))
+            buf.clear()
+            out.append(names.get(i, f"<|{i}|>"))
+        out.append(buf.decode("utf-8", errors="replace"))
+        return "".join(out)

@@ -1,0 +1,55 @@
+"""Turn policies: who decides what a turn generates.
+
+The RL policy is the backend's sampler (policy=None in the Engine). A ReplayPolicy drives the
+backend with forced decoding of scripted agent turns: the backend still runs its real forward
+passes (generation cost is real, logprobs are the model's), but the emitted tokens are the
+script's, so a random-weight tiny model produces well-formed tool calls and the tools really
+run. Used by `spyglass bench rollout` until a trained tiny checkpoint exists.
+
+    policy = ReplayPolicy(codec, {"q1": ["<think>..</think><tool_call>{..}</tool_call>", ...]})
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .chat import Codec
+from .trajectory import Trajectory
+
+
+@dataclass
+class ReplayPolicy:
+    """Forced decoding of a script per prompt (group id); past the script it answers."""
+
+    codec: Codec
+    scripts: dict[str, list[str]]
+    fallback_answer: str = "<answer>unknown</answer>"
+    _cache: dict[tuple[str, int], list[int]] = field(default_factory=dict, repr=False)
+
+    def forced_ids(self, traj: Trajectory, turn: int) -> list[int]:
+        key = (traj.group_id, turn)
+        ids = self._cache.get(key)
+        if ids is None:
+            script = self.scripts.get(traj.group_id)
+            if script is None:
+                raise KeyError(f"ReplayPolicy has no script for prompt {traj.group_id!r}")
+            text = script[turn] if turn < len(script) else self.fallback_answer
+            ids = self.codec.encode_text(text) + [self.codec.stop_token_ids[0]]
+            self._cache[key] = ids
+        return ids
+
+    @property
+    def name(self) -> str:
+        return "replay (forced decoding of scripted turns)"
+
+
+def script_turns(calls: list[tuple[str, dict[str, Any]]], answer: str, think: str = "") -> list[str]:
+    """Agent turns for a scripted episode: one tool call per turn, then the answer."""
+    import json
+    turns = []
+    for i, (name, args) in enumerate(calls):
+        payload = json.dumps({"name": name, "arguments": args}, ensure_ascii=False)
+        t = think or f"Step {i + 1}: I will use {name}."
+        turns.append(f"<think>{t}</think>\n<tool_call>{payload}</tool_call>")
+    turns.append(f"<think>I have what I need.</think>\n<answer>{answer}</answer>")
+    return turns
