@@ -1,0 +1,513 @@
+"""The asynchronous multi-turn rollout scheduler: an explicit step machine on one asyncio loop.
+
+Every live trajectory is in one of three places: the ready queue of its server (waiting for a
+generation slot), in flight at a backend, or in its tools. Jobs (a generation, a turn's tool
+calls) run as tasks that put one event on the engine's queue when they end; the loop is
+
+    while work remains:
+        admit()      # THE admission rule: live < max_live, staleness bound, not paused
+        launch()     # ready trajectories -> their server, while it has free slots
+        handle(await next event)   # generation done -> parse -> tools or finish;
+                                   # tools done -> observation tokens -> ready again
+
+so a generation request goes out the moment its trajectory is ready, tools run while other
+trajectories generate, and per-event cost is O(1) whatever the number of live trajectories.
+Groups of n samples per prompt stream out as soon as all n are done (`Engine.run` is an async
+iterator of groups). Limits (turns, context, tokens per turn, wall clock), the repetition
+detector and the K-consecutive-errors cascade end trajectories without crashing the run.
+Weight updates: `pause()` stops launches (and optionally aborts in-flight turns, which are
+redone at the turn boundary under the new version), `resume()` restarts; no group is dropped.
+
+    engine = Engine(cfg, backends, codec, tools=runner, parser=parser)
+    async for group in engine.run(prompts): ...
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Protocol, Sequence
+
+from PIL import Image
+
+from .chat import Codec
+from .config import check
+from .trajectory import Segment, SegmentKind, Status, Trajectory, Turn
+
+
+# ----------------------------------------------------------------------------- configuration
+@dataclass
+class EngineConfig:
+    """Rollout limits and admission (defaults: the papers' settings)."""
+
+    n_samples: int = 8  # group size
+    max_turns: int = 50
+    max_context: int = 65536
+    max_tokens_per_turn: int = 4096
+    temperature: float = 0.7
+    top_p: float = 1.0
+    timeout_s: float = 3600.0  # wall clock per trajectory
+    max_live: int = 256  # live trajectories
+    max_inflight_per_server: int = 256  # generation requests in flight per backend server
+    fatal_k: int = 3  # consecutive tool/format errors that make the cascade
+    repetition_min_tokens: int = 256  # the detector looks only at turns at least this long
+    repetition_max_period: int = 64
+    repetition_min_repeats: int = 8
+    max_images_per_obs: int = 4
+    max_image_tokens: int = 32768  # in the whole context
+    max_version_lag: int = -1  # staleness bound: -1 off; else admitted groups are limited
+    groups_per_step: int = 0  # ... to (version - base + lag + 1) * groups_per_step
+    max_server_retries: int = 3  # a turn moves servers at most this often before ERROR
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("n_samples", "max_turns", "max_context", "max_tokens_per_turn", "max_live",
+                     "max_inflight_per_server", "fatal_k", "repetition_max_period",
+                     "repetition_min_repeats", "max_images_per_obs"):
+            check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        check(self.timeout_s > 0, f"timeout_s must be > 0, got {self.timeout_s}")
+        check(self.max_version_lag >= -1, f"max_version_lag must be >= -1, got {self.max_version_lag}")
+        check(self.max_version_lag < 0 or self.groups_per_step >= 1,
+              f"max_version_lag={self.max_version_lag} needs groups_per_step >= 1, got {self.groups_per_step}")
+
+
+@dataclass
+class Prompt:
+    """One dataset item: a question with its images; `meta` travels to the reward."""
+
+    id: str
+    question: str
+    images: list[Image.Image] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- plug-in roles
+@dataclass
+class ParsedTurn:
+    """What the parser made of one assistant turn."""
+
+    calls: list[dict[str, Any]]  # {"name", "arguments" (canonical JSON)}
+    errors: list[dict[str, Any]]  # {"kind", "message", ...}
+    answer: str | None
+
+
+@dataclass
+class ToolOutcome:
+    """One call's observation: text and images, or an error with its class."""
+
+    text: str
+    images: list[Image.Image] = field(default_factory=list)
+    error_kind: str | None = None  # bad_args | transient | fatal | None
+
+
+class TurnParser(Protocol):
+    def __call__(self, text: str) -> ParsedTurn: ...
+
+
+class ToolRunner(Protocol):
+    async def __call__(self, calls: list[dict[str, Any]], traj: Trajectory) -> list[ToolOutcome]: ...
+
+
+class Policy(Protocol):
+    """Chooses what a turn generates; None means the backend samples (the RL policy)."""
+
+    def forced_ids(self, traj: Trajectory, turn: int) -> list[int] | None: ...
+
+
+# ----------------------------------------------------------------------------- helpers
+def is_repetitive(ids: Sequence[int], max_period: int, min_repeats: int) -> bool:
+    """True when the tail is one block of <= max_period tokens repeated >= min_repeats times."""
+    n = len(ids)
+    for p in range(1, max_period + 1):
+        span = p * min_repeats
+        if span > n:
+            break
+        tail = ids[n - span:]
+        if all(tail[i] == tail[i - p] for i in range(p, span)):
+            return True
+    return False
+
+
+@dataclass
+class EngineStats:
+    turns: int = 0
+    gen_tokens: int = 0
+    obs_tokens: int = 0
+    gen_requests: int = 0
+    aborted_turns: int = 0
+    server_moves: int = 0
+    finished: int = 0
+    by_status: collections.Counter = field(default_factory=collections.Counter)
+    gen_s: float = 0.0
+    tool_s: float = 0.0
+    queue_s: float = 0.0
+    tool_latencies: list[float] = field(default_factory=list)
+    spans: list[tuple[str, str, float, float]] = field(default_factory=list)  # traj, kind, t0, t1
+    started: float = 0.0
+    ended: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        wall = max(self.ended - self.started, 1e-9)
+        return {"wall_s": wall, "turns": self.turns, "trajectories": self.finished,
+                "gen_tokens": self.gen_tokens, "tokens_per_s": self.gen_tokens / wall,
+                "trajectories_per_s": self.finished / wall, "aborted_turns": self.aborted_turns,
+                "server_moves": self.server_moves, "status": dict(self.by_status),
+                "mean_gen_s": self.gen_s / max(self.turns, 1),
+                "mean_tool_s": self.tool_s / max(self.turns, 1),
+                "mean_queue_s": self.queue_s / max(self.turns, 1)}
+
+
+@dataclass
+class _Live:
+    traj: Trajectory
+    server: int
+    deadline: float
+    image_tokens: int = 0
+    ready_since: float = 0.0
+    request_id: str = ""
+    moves: int = 0
+
+
+# ----------------------------------------------------------------------------- the engine
+class Engine:
+    """Runs groups of trajectories over backends, tools and a parser (see module docstring)."""
+
+    def __init__(self, cfg: EngineConfig, backends: Sequence[Any], codec: Codec,
+                 tools: ToolRunner, parser: TurnParser, tool_schemas: Sequence[dict] = (),
+                 policy: Policy | None = None, image_tokens: Callable[[Image.Image], int] | None = None,
+                 record_spans: bool = False,
+                 on_turn: Callable[[Trajectory, Turn], None] | None = None) -> None:
+        if not backends:
+            raise ValueError("Engine needs at least one backend")
+        self.cfg, self.backends, self.codec = cfg, list(backends), codec
+        self.tools, self.parser, self.policy = tools, parser, policy
+        self.tool_schemas = list(tool_schemas)
+        self.image_tokens = image_tokens or (lambda im: 0)
+        self.record_spans, self.on_turn = record_spans, on_turn
+        self.stats = EngineStats()
+        self._events: asyncio.Queue = asyncio.Queue()
+        self._ready: list[collections.deque[_Live]] = [collections.deque() for _ in self.backends]
+        self._inflight = [0] * len(self.backends)
+        self._load = [0] * len(self.backends)  # live trajectories per server (affinity)
+        self._up = [True] * len(self.backends)
+        self._gen_tasks: dict[str, tuple[asyncio.Task, _Live]] = {}
+        self._paused = False
+        self._idle = asyncio.Event()
+        self._admitted_groups = 0
+        self._base_version = self.version
+
+    # -- public control -----------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        return max(getattr(b, "version", 0) for b in self.backends)
+
+    async def pause(self, abort: bool = False) -> None:
+        """Stop launching generations; with abort, in-flight turns are aborted (redone later)."""
+        self._paused = True
+        if abort:
+            await asyncio.gather(*(self.backends[lv.server].abort(rid)
+                                   for rid, (_, lv) in list(self._gen_tasks.items())),
+                                 return_exceptions=True)
+        if self._gen_tasks:
+            self._idle.clear()
+            await self._idle.wait()  # in-flight turns end (finished or aborted) first
+
+    def resume(self) -> None:
+        self._paused = False
+        self._events.put_nowait(("wake", None, None))
+
+    # -- the loop -----------------------------------------------------------------------
+    async def run(self, prompts: Iterable[Prompt]) -> AsyncIterator[list[Trajectory]]:
+        """Yield each group (n trajectories of one prompt) as soon as all its members end.
+
+        The step loop runs as its own task, so pause()/resume() from the consumer work while
+        it holds a group; leaving the iteration early cancels the loop."""
+        out: asyncio.Queue = asyncio.Queue()
+        task = asyncio.ensure_future(self._main(iter(prompts), out))
+        try:
+            while True:
+                group = await out.get()
+                if group is None:
+                    break
+                yield group
+            await task  # re-raise what stopped the loop, if anything
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            for t, _ in list(self._gen_tasks.values()):
+                t.cancel()
+
+    async def _main(self, pending: Iterable[Prompt], out: asyncio.Queue) -> None:
+        try:
+            await self._loop(iter(pending), out)
+        finally:
+            out.put_nowait(None)
+
+    async def _loop(self, pending: Any, out: asyncio.Queue) -> None:
+        exhausted = False
+        groups: dict[str, list[Trajectory]] = {}
+        live = 0
+        self.stats.started = time.perf_counter()
+        cap = max(self.cfg.max_live, self.cfg.n_samples)
+        while True:
+            # admit: the one admission rule
+            while (not exhausted and not self._paused and live + self.cfg.n_samples <= cap
+                   and self._fresh_enough()):
+                p = next(pending, None)
+                if p is None:
+                    exhausted = True
+                    break
+                groups[p.id] = []
+                for lv in self._start_group(p):
+                    groups[p.id].append(lv.traj)
+                    live += 1
+                self._admitted_groups += 1
+            if live == 0 and exhausted:
+                break
+            self._launch()
+            batch = [await self._events.get()]
+            while not self._events.empty():
+                batch.append(self._events.get_nowait())
+            for kind, lv, payload in batch:
+                if kind == "wake":
+                    continue
+                if self._handle(kind, lv, payload):
+                    live -= 1
+                    self._load[lv.server] -= 1
+                    g = groups[lv.traj.group_id]
+                    if all(t.is_done() for t in g):
+                        del groups[lv.traj.group_id]
+                        out.put_nowait(g)
+            if not self._gen_tasks:
+                self._idle.set()
+        self.stats.ended = time.perf_counter()
+
+    def _fresh_enough(self) -> bool:
+        if self.cfg.max_version_lag < 0:
+            return True
+        steps = self.version - self._base_version + self.cfg.max_version_lag + 1
+        return self._admitted_groups < steps * self.cfg.groups_per_step
+
+    def _start_group(self, p: Prompt) -> list[_Live]:
+        prompt_ids = self.codec.encode_prompt(p.question, p.images, self.tool_schemas)
+        now = time.perf_counter()
+        server = self._pick_server()
+        out = []
+        for i in range(self.cfg.n_samples):
+            t = Trajectory(id=f"{p.id}#{i}", group_id=p.id, sample_index=i,
+                           prompt_ids=list(prompt_ids), prompt_images=list(p.images),
+                           prompt_messages=[{"role": "user", "content": p.question}],
+                           meta=dict(p.meta), started_at=time.time())
+            lv = _Live(t, server, now + self.cfg.timeout_s,
+                       image_tokens=sum(self.image_tokens(im) for im in p.images), ready_since=now)
+            self._load[server] += 1
+            if len(prompt_ids) >= self.cfg.max_context:
+                self._finish(lv, Status.TRUNCATED, "max_context")
+                self._events.put_nowait(("done", lv, None))
+            else:
+                self._ready[server].append(lv)
+            out.append(lv)
+        return out
+
+    def _pick_server(self, exclude: int | None = None) -> int:
+        up = [i for i in range(len(self.backends)) if self._up[i] and i != exclude]
+        if not up:
+            up = [i for i in range(len(self.backends)) if i != exclude] or [0]
+        return min(up, key=lambda i: self._load[i])
+
+    def _launch(self) -> None:
+        if self._paused:
+            return
+        for s, q in enumerate(self._ready):
+            while q and self._inflight[s] < self.cfg.max_inflight_per_server:
+                lv = q.popleft()
+                self._inflight[s] += 1
+                lv.request_id = uuid.uuid4().hex
+                task = asyncio.ensure_future(self._generate(lv))
+                self._gen_tasks[lv.request_id] = (task, lv)
+                self._idle.clear()
+
+    # -- jobs (each ends by putting exactly one event) -------------------------------------
+    async def _generate(self, lv: _Live) -> None:
+        from .backends.base import GenerateRequest, SamplingParams  # noqa: PLC0415
+        t = lv.traj
+        turn = len(t.turns)
+        budget = min(self.cfg.max_tokens_per_turn, self.cfg.max_context - t.num_tokens)
+        forced = self.policy.forced_ids(t, turn) if self.policy is not None else None
+        req = GenerateRequest(
+            request_id=lv.request_id, prompt_ids=t.token_ids(), images=t.images(),
+            sampling=SamplingParams(max_tokens=budget, temperature=self.cfg.temperature,
+                                    top_p=self.cfg.top_p, stop_token_ids=list(self.codec.stop_token_ids),
+                                    seed=hash((self.cfg.seed, t.id, turn)) & 0x7FFFFFFF),
+            forced_ids=forced[:budget] if forced is not None else None)
+        t0 = time.perf_counter()
+        try:
+            remaining = lv.deadline - t0
+            if remaining <= 0:
+                raise asyncio.TimeoutError
+            out = await asyncio.wait_for(self.backends[lv.server].generate(req), remaining)
+            self._events.put_nowait(("gen", lv, (out, t0, time.perf_counter())))
+        except asyncio.TimeoutError:
+            self._events.put_nowait(("gen_timeout", lv, (t0, time.perf_counter())))
+        except Exception as e:  # noqa: BLE001 - a dead server must not kill the run
+            self._events.put_nowait(("gen_error", lv, e))
+
+    async def _run_tools(self, lv: _Live, calls: list[dict[str, Any]]) -> None:
+        t0 = time.perf_counter()
+        try:
+            outs = await asyncio.wait_for(self.tools(calls, lv.traj), max(lv.deadline - t0, 1e-3))
+        except asyncio.TimeoutError:
+            outs = None
+        except Exception as e:  # noqa: BLE001 - a tool bug becomes a fatal observation
+            outs = [ToolOutcome(f"tool runner failed: {type(e).__name__}: {e}", error_kind="fatal")
+                    for _ in calls]
+        self._events.put_nowait(("tools", lv, (outs, t0, time.perf_counter())))
+
+    # -- event handling -----------------------------------------------------------------
+    def _handle(self, kind: str, lv: _Live, payload: Any) -> bool:
+        """Advance one trajectory; True when it has just finished."""
+        if kind == "done":
+            return True
+        if kind.startswith("gen"):
+            self._gen_tasks.pop(lv.request_id, None)
+            self._inflight[lv.server] -= 1
+        if kind == "gen":
+            return self._on_generated(lv, *payload)
+        if kind == "gen_timeout":
+            return self._finish(lv, Status.TRUNCATED, "timeout")
+        if kind == "gen_error":
+            return self._on_server_error(lv, payload)
+        if kind == "tools":
+            return self._on_tools(lv, *payload)
+        raise RuntimeError(f"unknown engine event {kind!r}")
+
+    def _on_server_error(self, lv: _Live, err: Exception) -> bool:
+        self._up[lv.server] = False
+        lv.moves += 1
+        if lv.moves > self.cfg.max_server_retries:
+            lv.traj.meta["engine_error"] = f"{type(err).__name__}: {err}"
+            return self._finish(lv, Status.ERROR, "backend_error")
+        new = self._pick_server(exclude=lv.server)
+        self._load[lv.server] -= 1
+        self._load[new] += 1
+        lv.server = new
+        self.stats.server_moves += 1
+        self._ready[new].append(lv)
+        return False
+
+    def _on_generated(self, lv: _Live, out: Any, t0: float, t1: float) -> bool:
+        t, cfg = lv.traj, self.cfg
+        if out.finish_reason == "abort":  # redo this turn at the boundary, under the new version
+            self.stats.aborted_turns += 1
+            lv.ready_since = t1
+            self._ready[lv.server].append(lv)
+            return False
+        turn = Turn(index=len(t.turns), queue_s=t0 - lv.ready_since, gen_s=t1 - t0,
+                    gen_tokens=len(out.token_ids))
+        text = self.codec.decode(out.token_ids)
+        t.segments.append(Segment(SegmentKind.GEN, list(out.token_ids), turn=turn.index,
+                                  logprobs=list(out.logprobs), version=out.version, text=text,
+                                  finish_reason=out.finish_reason))
+        t.turns.append(turn)
+        self._account(lv, "gen", t0, t1, turn)
+        parsed = self.parser(text)
+        turn.calls, turn.parse_errors = parsed.calls, parsed.errors
+        if parsed.answer is not None and not parsed.calls:
+            turn.answered, t.answer = True, parsed.answer
+            return self._finish(lv, Status.ANSWERED, "answer")
+        body = out.token_ids[:-1] if out.token_ids and out.token_ids[-1] in self.codec.stop_token_ids \
+            else out.token_ids
+        if len(body) >= cfg.repetition_min_tokens and is_repetitive(
+                body, cfg.repetition_max_period, cfg.repetition_min_repeats):
+            return self._finish(lv, Status.INTERRUPTED, "repetition")
+        if self._cascade(t):
+            return self._finish(lv, Status.FATAL, "fatal_cascade")
+        if len(t.turns) >= cfg.max_turns:
+            return self._finish(lv, Status.TRUNCATED, "max_turns")
+        if not parsed.calls:  # a format error: tell the model, go on
+            msg = "; ".join(e.get("message", e.get("kind", "")) for e in parsed.errors) or (
+                "no <tool_call> and no <answer> in this turn")
+            return self._observe(lv, [ToolOutcome(f"Error: {msg}", error_kind="bad_args")], t1, t1)
+        asyncio.ensure_future(self._run_tools(lv, parsed.calls))
+        return False
+
+    def _on_tools(self, lv: _Live, outs: list[ToolOutcome] | None, t0: float, t1: float) -> bool:
+        if outs is None:
+            lv.traj.turns[-1].tool_s = t1 - t0
+            return self._finish(lv, Status.TRUNCATED, "timeout")
+        turn = lv.traj.turns[-1]
+        turn.tool_errors = [{"name": c["name"], "kind": o.error_kind, "message": o.text}
+                            for c, o in zip(turn.calls, outs) if o.error_kind is not None]
+        self.stats.tool_latencies.append(t1 - t0)
+        return self._observe(lv, outs, t0, t1)
+
+    def _observe(self, lv: _Live, outs: list[ToolOutcome], t0: float, t1: float) -> bool:
+        t, cfg = lv.traj, self.cfg
+        turn = t.turns[-1]
+        turn.tool_s = t1 - t0
+        self._account(lv, "tool", t0, t1, None)
+        n_before = len(t.images())
+        texts, images = [], []
+        for o in outs:
+            keep = []
+            for im in o.images:
+                cost = self.image_tokens(im)
+                if len(images) + len(keep) >= cfg.max_images_per_obs or \
+                        lv.image_tokens + cost > cfg.max_image_tokens:
+                    texts.append("(an image was omitted: the image budget is spent)")
+                    continue
+                lv.image_tokens += cost
+                keep.append(im)
+            names = ", ".join(f"img_{n_before + len(images) + i + 1}" for i in range(len(keep)))
+            images += keep
+            texts.append(o.text + (f" [new images: {names}]" if names else ""))
+        text = "\n".join(texts)
+        closed = bool(t.segments[-1].token_ids) and t.segments[-1].token_ids[-1] in self.codec.stop_token_ids
+        ids = self.codec.encode_observation(text, images, closed, n_before + 1)
+        t.segments.append(Segment(SegmentKind.OBS, ids, turn=turn.index, images=images, text=text))
+        turn.obs_tokens = len(ids)
+        self.stats.obs_tokens += len(ids)
+        if self.on_turn is not None:
+            self.on_turn(t, turn)
+        if self._cascade(t):
+            return self._finish(lv, Status.FATAL, "fatal_cascade")
+        if time.perf_counter() >= lv.deadline:
+            return self._finish(lv, Status.TRUNCATED, "timeout")
+        if t.num_tokens >= cfg.max_context:
+            return self._finish(lv, Status.TRUNCATED, "max_context")
+        lv.ready_since = time.perf_counter()
+        self._ready[lv.server].append(lv)
+        return False
+
+    def _cascade(self, t: Trajectory) -> bool:
+        k = self.cfg.fatal_k
+        return len(t.turns) >= k and not any(x.ok for x in t.turns[-k:]) and not (
+            t.turns[-1].answered)
+
+    def _account(self, lv: _Live, kind: str, t0: float, t1: float, turn: Turn | None) -> None:
+        s = self.stats
+        if kind == "gen" and turn is not None:
+            s.turns += 1
+            s.gen_requests += 1
+            s.gen_tokens += turn.gen_tokens
+            s.gen_s += turn.gen_s
+            s.queue_s += turn.queue_s
+        else:
+            s.tool_s += t1 - t0
+        if self.record_spans:
+            if kind == "gen" and turn is not None and turn.queue_s > 0:
+                s.spans.append((lv.traj.id, "wait", t0 - turn.queue_s, t0))
+            s.spans.append((lv.traj.id, kind, t0, t1))
+
+    def _finish(self, lv: _Live, status: Status, reason: str) -> bool:
+        t = lv.traj
+        t.status, t.stop_reason, t.finished_at = status, reason, time.time()
+        t.fatal_step = t.compute_fatal_step(self.cfg.fatal_k)
+        self.stats.finished += 1
+        self.stats.by_status[status.value] += 1
+        return True

@@ -1,0 +1,213 @@
+"""The rollout scheduler: streaming groups, limits, cascade, server death, pause/resume."""
+import asyncio
+import json
+import re
+
+import pytest
+
+from spyglass.engine.backends.base import Backend, BackendError, GenerateOutput, GenerateRequest
+from spyglass.engine.chat import ByteCodec
+from spyglass.engine.policy import ReplayPolicy, script_turns
+from spyglass.engine.scheduler import Engine, EngineConfig, ParsedTurn, Prompt, ToolOutcome, is_repetitive
+from spyglass.engine.trajectory import SegmentKind, Status
+
+CODEC = ByteCodec()
+CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
+
+
+def parse(text: str) -> ParsedTurn:
+    """A minimal test parser (the production one is the C++ core)."""
+    calls, errors = [], []
+    for m in CALL.finditer(text):
+        try:
+            d = json.loads(m.group(1))
+            calls.append({"name": d["name"], "arguments": json.dumps(d["arguments"], sort_keys=True)})
+        except (ValueError, KeyError) as e:
+            errors.append({"kind": "invalid_json", "message": str(e)})
+    a = re.search(r"<answer>(.*?)</answer>", text, re.S)
+    return ParsedTurn(calls, errors, a.group(1) if a else None)
+
+
+class FakeServer(Backend):
+    """Emits the forced ids after `delay`; dies after `die_after` requests when set."""
+
+    supports_forced = True
+
+    def __init__(self, name: str, delay: float = 0.001, die_after: int | None = None) -> None:
+        self.name, self.delay, self.die_after = name, delay, die_after
+        self.version, self.requests, self.inflight = 0, 0, {}
+
+    async def generate(self, req: GenerateRequest) -> GenerateOutput:
+        self.requests += 1
+        if self.die_after is not None and self.requests > self.die_after:
+            raise BackendError(self.name, "connection refused")
+        ev = asyncio.Event()
+        self.inflight[req.request_id] = ev
+        try:
+            await asyncio.wait_for(ev.wait(), self.delay)
+            ids, reason = req.forced_ids[:1], "abort"
+        except asyncio.TimeoutError:
+            ids = req.forced_ids[:req.sampling.max_tokens]
+            reason = "stop" if len(ids) == len(req.forced_ids) else "length"
+        finally:
+            self.inflight.pop(req.request_id, None)
+        return GenerateOutput(req.request_id, list(ids), [-0.5] * len(ids), reason, self.version, self.name)
+
+    async def abort(self, request_id: str) -> None:
+        if request_id in self.inflight:
+            self.inflight[request_id].set()
+
+    async def update_weights(self, weights, version: int) -> None:
+        self.version = version
+
+    async def health(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        pass
+
+
+async def echo_tools(calls, traj):
+    out = []
+    for c in calls:
+        args = json.loads(c["arguments"])
+        if args.get("fail"):
+            out.append(ToolOutcome("boom", error_kind="transient"))
+        else:
+            if args.get("sleep"):
+                await asyncio.sleep(args["sleep"])
+            out.append(ToolOutcome(f"{c['name']} ok {args}"))
+    return out
+
+
+def _engine(cfg, scripts, servers=None, **kw):
+    servers = servers or [FakeServer("s0")]
+    return Engine(cfg, servers, CODEC, echo_tools, parse, policy=ReplayPolicy(CODEC, scripts), **kw), servers
+
+
+async def _collect(engine, prompts):
+    return [g async for g in engine.run(prompts)]
+
+
+def test_groups_stream_and_records_are_exact() -> None:
+    scripts = {f"p{i}": script_turns([("search", {"q": f"x{j}"}) for j in range(i + 1)], f"ans{i}")
+               for i in range(4)}
+    engine, _ = _engine(EngineConfig(n_samples=3, max_live=6), scripts)
+    groups = asyncio.run(_collect(engine, [Prompt(f"p{i}", f"q{i}") for i in range(4)]))
+    assert sorted(g[0].group_id for g in groups) == ["p0", "p1", "p2", "p3"]
+    assert groups[0][0].group_id == "p0"  # the short group streams out first
+    for g in groups:
+        assert len(g) == 3 and len({t.id for t in g}) == 3
+        for t in g:
+            assert t.status is Status.ANSWERED and t.answer == f"ans{t.group_id[1:]}"
+            assert t.fatal_step is None and len(t.turns) == int(t.group_id[1:]) + 2
+            # token-in/token-out: the context is prompt + segments, the mask covers gen tokens
+            gen = [s for s in t.segments if s.kind is SegmentKind.GEN]
+            assert sum(t.loss_mask()) == sum(len(s.token_ids) for s in gen)
+            assert all(s.token_ids[-1] == CODEC.IM_END for s in gen)
+            assert CODEC.decode(t.token_ids()).count("<tool_response>") == len(t.turns) - 1
+    assert engine.stats.finished == 12
+
+
+def test_limits_and_cascade() -> None:
+    fail = ("search", {"fail": True})
+    ok = ("search", {"q": "a"})
+    scripts = {
+        "casc": script_turns([ok, fail, fail, ok, fail, fail, fail, ok], "never"),
+        "long": script_turns([ok] * 10, "late"),
+        "rep": ["<think>" + "ab" * 200],  # a loop runs to the end of the turn
+        "slow": script_turns([("search", {"sleep": 5})], "slow"),
+    }
+    cfg = EngineConfig(n_samples=1, max_turns=8, timeout_s=1.0, repetition_min_tokens=64)
+    engine, _ = _engine(cfg, scripts)
+    groups = asyncio.run(_collect(engine, [Prompt(k, k) for k in scripts]))
+    got = {g[0].group_id: g[0] for g in groups}
+    assert got["casc"].status is Status.FATAL and got["casc"].fatal_step == 4
+    assert got["casc"].loss_mask(fatal=True) != got["casc"].loss_mask()
+    assert got["long"].status is Status.TRUNCATED and got["long"].stop_reason == "max_turns"
+    assert got["long"].fatal_step == 8
+    assert got["rep"].status is Status.INTERRUPTED and got["rep"].stop_reason == "repetition"
+    assert got["slow"].status is Status.TRUNCATED and got["slow"].stop_reason == "timeout"
+
+
+def test_format_errors_are_observations_and_count_toward_the_cascade() -> None:
+    scripts = {"bad": ["no call here", "<tool_call>{not json</tool_call>", "still nothing", "x"]}
+    engine, _ = _engine(EngineConfig(n_samples=1), scripts)
+    (g,) = asyncio.run(_collect(engine, [Prompt("bad", "q")]))
+    t = g[0]
+    assert t.status is Status.FATAL and t.fatal_step == 0 and len(t.turns) == 3
+    assert "Error:" in t.segments[1].text
+
+
+def test_dead_server_moves_its_trajectories() -> None:
+    scripts = {f"p{i}": script_turns([("search", {"q": "a"})] * 3, "y") for i in range(6)}
+    servers = [FakeServer("s0", die_after=4), FakeServer("s1")]
+    engine, _ = _engine(EngineConfig(n_samples=2, max_live=12), scripts, servers)
+    groups = asyncio.run(_collect(engine, [Prompt(f"p{i}", "q") for i in range(6)]))
+    assert len(groups) == 6
+    assert all(t.status is Status.ANSWERED for g in groups for t in g)
+    assert engine.stats.server_moves > 0
+
+
+def test_pause_abort_resume_keeps_every_group() -> None:
+    scripts = {f"p{i}": script_turns([("search", {"q": "a"})] * 4, "y") for i in range(4)}
+    server = FakeServer("s0", delay=0.02)
+
+    async def main():
+        engine = Engine(EngineConfig(n_samples=4, max_live=16), [server], CODEC, echo_tools, parse,
+                        policy=ReplayPolicy(CODEC, scripts))
+        out = []
+
+        async def updater():
+            await asyncio.sleep(0.03)
+            await engine.pause(abort=True)
+            await server.update_weights({}, 1)
+            engine.resume()
+
+        task = asyncio.ensure_future(updater())
+        async for g in engine.run([Prompt(f"p{i}", "q") for i in range(4)]):
+            out.append(g)
+        await task
+        return engine, out
+
+    engine, groups = asyncio.run(main())
+    assert len(groups) == 4 and all(len(g) == 4 for g in groups)
+    assert engine.stats.aborted_turns > 0
+    for g in groups:
+        for t in g:
+            assert t.status is Status.ANSWERED
+            vs = t.versions()
+            assert vs == sorted(vs) and vs[-1] == 1  # every turn has one version, never mixed
+
+
+def test_staleness_bound_gates_admission() -> None:
+    scripts = {f"p{i}": script_turns([], "y") for i in range(6)}
+    cfg = EngineConfig(n_samples=1, max_live=8, max_version_lag=0, groups_per_step=2)
+    engine, (server,) = _engine(cfg, scripts)
+
+    async def main():
+        seen = []
+        async for g in engine.run([Prompt(f"p{i}", "q") for i in range(6)]):
+            seen.append(g)
+            if len(seen) % 2 == 0:
+                await server.update_weights({}, server.version + 1)
+                engine.resume()  # wake the loop: the bound moved
+        return seen
+
+    seen = asyncio.run(main())
+    assert len(seen) == 6
+    # at most 2 groups per version: each group's version equals its admission order // 2
+    assert sorted(t.versions()[0] for g in seen for t in g) == [0, 0, 1, 1, 2, 2]
+
+
+def test_repetition_detector() -> None:
+    assert is_repetitive([1, 2, 3] * 10, 8, 8)
+    assert not is_repetitive(list(range(100)), 8, 8)
+    assert not is_repetitive([1, 2] * 3, 8, 8)
+
+
+def test_config_validation_names_the_value() -> None:
+    with pytest.raises(ValueError, match="max_turns must be >= 1, got 0"):
+        EngineConfig(max_turns=0)
+    with pytest.raises(ValueError, match="groups_per_step"):
+        EngineConfig(max_version_lag=1)
