@@ -1,0 +1,123 @@
+"""Tiny offline tokenizer/VLMs and the chat encoder: .venv/bin/python -m pytest -q tests/test_tiny.py"""
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from spyglass.engine import tiny
+
+IMG = Image.new("RGB", (200, 120), (10, 200, 30))
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny.build_tokenizer()
+
+
+@pytest.fixture(scope="module", params=tiny.FAMILIES)
+def vlm(request):
+    return tiny.build_tiny_vlm(request.param, seed=0)
+
+
+def test_tokenizer_is_deterministic_and_has_single_id_markers(tok):
+    assert tok.get_vocab() == tiny.build_tokenizer().get_vocab()
+    assert 600 <= len(tok) <= 1000
+    ids = tiny.special_ids(tok)
+    assert len(set(ids.values())) == len(tiny.SPECIAL_TOKENS)
+    for t in tiny.AGENT_TOKENS + tiny.SPECIAL_TOKENS:
+        assert len(tok(t, add_special_tokens=False)["input_ids"]) == 1, t
+    text = '<think>crop it</think>\n<tool_call>\n{"name": "crop", "arguments": {"box": [1, 2]}}\n</tool_call>'
+    assert tok.decode(tok(text)["input_ids"]) == text
+    with pytest.raises(ValueError, match="vocab_size"):
+        tiny.build_tokenizer(vocab_size=10)
+
+
+def test_chat_template_is_qwen_format(tok):
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": [
+        {"type": "image", "image": IMG}, {"type": "text", "text": "q"}]},
+        {"role": "assistant", "content": "<think>a</think>",
+         "tool_calls": [{"function": {"name": "crop", "arguments": {"box": [1, 2]}}}]},
+        {"role": "tool", "content": "r1"}, {"role": "tool", "content": "r2"}]
+    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert text == (
+        "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n"
+        "<|vision_start|><|image_pad|><|vision_end|>q<|im_end|>\n<|im_start|>assistant\n"
+        "<think>a</think>\n<tool_call>\n{\"name\": \"crop\", \"arguments\": {\"box\": [1, 2]}}\n"
+        "</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\nr1\n</tool_response>\n"
+        "<tool_response>\nr2\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
+    plain = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                    tools=[{"type": "function", "function": {"name": "ocr"}}])
+    assert plain.startswith("<|im_start|>system\nYou are a helpful assistant.\n\n# Tools\n")
+    assert '<tools>\n{"type": "function", "function": {"name": "ocr"}}\n</tools>' in plain
+
+
+def test_encode_chat_matches_the_processor(vlm):
+    msgs = [{"role": "user", "content": [{"type": "image", "image": IMG},
+                                         {"type": "text", "text": "What is this?"}]}]
+    enc = tiny.encode_chat(vlm.tokenizer, vlm.image_processor, msgs)
+    text = vlm.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    ref = vlm.processor(text=[text], images=[IMG], return_tensors="pt")
+    assert enc.input_ids == ref["input_ids"][0].tolist()
+    assert enc.images == [IMG]
+    n = tiny.image_token_count(IMG, vlm.image_processor)
+    assert n == int(ref["image_grid_thw"][0].prod()) // 4
+    assert enc.input_ids.count(vlm.model.config.image_token_id) == n
+    px = tiny.pixel_inputs(vlm.image_processor, enc.images)
+    assert torch.equal(px["image_grid_thw"], ref["image_grid_thw"])
+
+
+def test_observation_delta_equals_full_encoding(tok):
+    improc = tiny.build_image_processor("qwen2_vl")
+    user = [{"role": "user", "content": [{"type": "image", "image": IMG}, {"type": "text", "text": "Where?"}]}]
+    reply = '<think>zoom</think>\n<tool_call>\n{"name": "crop", "arguments": {"image": "img_1"}}\n</tool_call>'
+    obs = [{"role": "tool", "content": [{"type": "image", "image": IMG.crop((0, 0, 80, 60))},
+                                        {"type": "text", "text": "cropped img_2"}]}]
+    prompt = tiny.encode_chat(tok, improc, user)
+    generated = tok(reply + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    delta = tiny.encode_observation(tok, improc, obs)
+    full = tiny.encode_chat(tok, improc, user + [{"role": "assistant", "content": reply}] + obs)
+    assert prompt.input_ids + generated + delta.input_ids == full.input_ids
+    assert prompt.images + delta.images == full.images
+    assert tok.decode(delta.input_ids).startswith("\n<|im_start|>user\n<tool_response>\n<|vision_start|>")
+
+
+def test_encoding_errors_name_the_problem(tok):
+    improc = tiny.build_image_processor("qwen2_vl")
+    with pytest.raises(ValueError, match="2 image placeholders but 1 images"):
+        tiny.expand_image_pads(tok("<|image_pad|><|image_pad|>")["input_ids"], [IMG], tok, improc)
+    with pytest.raises(TypeError, match="PIL image"):
+        tiny.encode_chat(tok, improc, [{"role": "user", "content": [{"type": "image", "image": "x.png"}]}])
+    with pytest.raises(ValueError, match="family"):
+        tiny.build_tiny_vlm("llava")
+    with pytest.raises(TypeError, match="PIL"):
+        tiny.image_token_count("img", improc)
+
+
+def test_seeded_init_and_save_load_round_trip(tmp_path):
+    a, b = tiny.build_tiny_vlm("qwen2_vl", seed=0), tiny.build_tiny_vlm("qwen2_vl", seed=0)
+    c = tiny.build_tiny_vlm("qwen2_vl", seed=1)
+    sa, sc = a.model.state_dict(), c.model.state_dict()
+    assert all(torch.equal(v, b.model.state_dict()[k]) for k, v in sa.items())
+    assert not all(torch.equal(v, sc[k]) for k, v in sa.items())
+    assert 100_000 < sum(p.numel() for p in a.model.parameters()) < 1_000_000
+    loaded = tiny.load_tiny(a.save(tmp_path / "m"))
+    msgs = [{"role": "user", "content": [{"type": "image", "image": IMG}, {"type": "text", "text": "hi"}]}]
+    enc = tiny.encode_chat(loaded.tokenizer, loaded.image_processor, msgs)
+    assert enc.input_ids == tiny.encode_chat(a.tokenizer, a.image_processor, msgs).input_ids
+    ids = torch.tensor([enc.input_ids])
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+              mm_token_type_ids=(ids == a.model.config.image_token_id).int(),
+              **tiny.pixel_inputs(a.image_processor, enc.images))
+    assert torch.equal(a.model.generate(**kw), loaded.model.generate(**kw))
+    with pytest.raises(FileNotFoundError, match="save_tiny"):
+        tiny.load_tiny(tmp_path)
+
+
+def test_tiny_text_lm_for_vllm(tmp_path):
+    model, tok = tiny.build_tiny_text_lm(seed=0)
+    assert model.config.head_dim == 64 and model.config.vocab_size == len(tok)
+    path = tiny.save_tiny_text_lm(tmp_path / "lm")
+    assert (path / "config.json").exists() and (path / "tokenizer.json").exists()
+    ids = torch.tensor([tok("hello")["input_ids"]])
+    assert model(ids).logits.shape == (1, ids.shape[1], len(tok))
