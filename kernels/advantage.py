@@ -14,7 +14,7 @@ as *clamped* when it is fatal and r~ < 0.
 
 Edge cases (documented behaviour): a singleton group gets advantage 0 under every estimator (for
 ``rloo`` the leave-one-out baseline is undefined; the unbiased std of one sample is taken as 0);
-a zero-variance group gets 0 under ``grpo`` (0 / (0 + eps)); an empty group (an id in
+a zero-variance group gets 0 under ``grpo`` (0 / (0 + eps), also when eps = 0); an empty group (an id in
 ``0..num_groups-1`` with no members) reports count 0, mean 0 and std 0.
 
 Group ids: either arbitrary integers (``num_groups=None``: they are remapped with
@@ -115,7 +115,8 @@ if HAS_TRITON:
                     var = tl.where(cnt > 1.5, var * cnt / tl.maximum(cnt - 1.0, 1.0), 0.0)
                 centered = ro - mean
                 if ESTIMATOR == 0:
-                    rt = centered / (tl.sqrt(var) + eps)
+                    den = tl.sqrt(var) + eps
+                    rt = tl.where(den > 0.0, centered / tl.where(den > 0.0, den, 1.0), 0.0)
                 elif ESTIMATOR == 1:
                     rt = tl.where(cnt > 1.5, centered * cnt / tl.maximum(cnt - 1.0, 1.0), 0.0)
                 else:
@@ -190,7 +191,8 @@ def grouped_advantage_reference(
     std = var.sqrt()  # [G]
     n = cnt[g]  # [N]
     if config.estimator == "grpo":
-        rt = centered / (std[g] + config.eps)
+        den = std[g] + config.eps
+        rt = torch.where(den > 0, centered / torch.where(den > 0, den, 1.0), torch.zeros_like(centered))
     elif config.estimator == "rloo":
         rt = torch.where(n > 1, centered * n / (n - 1).clamp_min(1.0), torch.zeros_like(centered))
     else:
