@@ -1,0 +1,450 @@
+"""HF transformers backend on CPU: the embedded default, with continuous batching.
+
+Design (what is batched, honestly): one worker thread owns the model and ONE running batch.
+Its KV cache is left-padded: per layer K/V [B, H_kv, T, D] plus a 2-D mask [B, T] marking
+real positions; every row carries its own next rope position (M-RoPE for Qwen-VL rows, whose
+image tokens shift later positions). A step is:
+  1. drop aborted rows;
+  2. decode: ONE forward of the last token of every running row ([B, 1] with the cache);
+  3. prefill: requests that arrived while the previous step ran are prefilled together as a
+     left-padded micro-batch (images through the vision tower), sample their first token, and
+     join the running batch (both caches left-padded to a common length and concatenated);
+  4. rows that finished (stop token, max_tokens, forced ids exhausted) leave the batch
+     (index_select on the batch dim; columns that became padding for every row are trimmed).
+So requests join at the next step boundary and decode together; the padding costs at most
+the length difference between rows. The asyncio side never touches torch: it queues requests,
+and runs one `_step` at a time in a single-thread executor, so the event loop never blocks.
+Sampling is vectorised (`sample_next`): temperature, top-k, top-p; each request draws its
+uniforms from its own torch.Generator (seeded by SamplingParams.seed, else from the backend's
+seeded RNG), so a seeded request gives the same tokens whatever else shares its batch (up to
+float rounding of the batched forward). Logprobs follow base.py: log_softmax(logits / T).
+update_weights runs in the same executor between steps; rows in flight keep their KV cache
+(computed with the old weights) and continue with the new ones (GenerateOutput.version_start).
+
+    backend = HFBackend.from_tiny(build_tiny_vlm("qwen2_vl"))
+    out = await backend.generate(GenerateRequest("r1", ids, images=[img]))
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from spyglass.engine.backends.base import (Backend, BackendError, GenerateOutput, GenerateRequest,
+                                           Weights, check_version)
+
+
+@dataclass
+class HFConfig:
+    """HF backend config; `model_path` None builds the seeded tiny model of `family`."""
+
+    kind: ClassVar[str] = "hf"
+    name: str = "hf-0"
+    model_path: str | None = None      # save_tiny() dir, or any saved Qwen-VL / causal LM dir
+    family: str = "qwen2_vl"           # tiny family: qwen2_vl | qwen2_5_vl | qwen3_vl | qwen2 (text)
+    seed: int = 0
+    max_batch: int = 32                # rows decoding together
+    max_prefill_tokens: int = 16384    # prompt tokens admitted per step (>= 1 request always)
+    max_model_len: int = 65536
+    num_threads: int = 0               # torch intra-op threads; 0 = leave torch's setting
+
+    def __post_init__(self) -> None:
+        if self.family not in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen2"):
+            raise ValueError(f"family must be qwen2_vl|qwen2_5_vl|qwen3_vl|qwen2, got {self.family!r}")
+        for k in ("max_batch", "max_prefill_tokens", "max_model_len"):
+            if not isinstance(getattr(self, k), int) or getattr(self, k) < 1:
+                raise ValueError(f"{k} must be an int >= 1, got {getattr(self, k)!r}")
+        if self.num_threads < 0:
+            raise ValueError(f"num_threads must be >= 0, got {self.num_threads!r}")
+        if self.model_path is not None and not Path(self.model_path).is_dir():
+            raise ValueError(f"model_path is not a directory: {self.model_path!r}")
+
+
+def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                top_p: torch.Tensor, uniform: torch.Tensor,
+                forced: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick one token per row and its logprob.
+
+    logits [B, V] float; temperature [B] (0 = greedy); top_k [B] (-1 = off); top_p [B];
+    uniform [B] in [0, 1); forced [B] (-1 = sample, else emit this id).
+    Returns tokens [B] int64 and logprobs [B] = log_softmax(logits / T)[token] (T=1 if greedy)."""
+    b, v = logits.shape
+    greedy = temperature <= 0
+    t = torch.where(greedy, torch.ones_like(temperature), temperature)
+    logp = torch.log_softmax(logits.float() / t[:, None], dim=-1)                 # [B, V]
+    sorted_lp, order = logp.sort(dim=-1, descending=True)                          # [B, V]
+    probs = sorted_lp.exp()
+    k = torch.where(top_k < 1, torch.full_like(top_k, v), top_k)
+    keep = torch.arange(v)[None, :] < k[:, None]                                   # [B, V]
+    keep &= (probs.cumsum(-1) - probs) < top_p[:, None]   # the top token is always kept
+    cdf = torch.where(keep, probs, 0.0).cumsum(-1)                                 # [B, V]
+    u = (uniform * cdf[:, -1])[:, None]                                            # [B, 1]
+    choice = torch.searchsorted(cdf, u, right=True).clamp_(max=v - 1)               # [B, 1]
+    sampled = order.gather(1, choice).squeeze(1)
+    tokens = torch.where(greedy, logp.argmax(-1), sampled)
+    tokens = torch.where(forced >= 0, forced, tokens)
+    return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
+
+
+@dataclass(eq=False)
+class _Seq:
+    req: GenerateRequest
+    future: asyncio.Future
+    gen: torch.Generator
+    t_submit: float
+    t_start: float = 0.0
+    version_start: int = 0
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    pos: int = 0                       # rope position of the next fed token
+    finish: str = ""
+    aborted: bool = False
+
+
+def _cache_from(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    from transformers import DynamicCache
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(layers):
+        cache.update(k, v, i)
+    return cache
+
+
+def _layers_of(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _left_pad(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    extra = length - x.shape[dim]
+    if extra == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = extra
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+class HFBackend(Backend):
+    """Continuous-batching transformers backend (see the module docstring)."""
+
+    def __init__(self, model: Any, image_processor: Any = None, *, name: str = "hf-0",
+                 max_batch: int = 32, max_prefill_tokens: int = 16384,
+                 max_model_len: int = 65536, seed: int = 0) -> None:
+        self.name, self.model, self.image_processor = name, model.eval(), image_processor
+        self.version = 0
+        cfg = model.config
+        self.is_vl = hasattr(cfg, "vision_config")
+        self.supports_images = self.is_vl and image_processor is not None
+        self.supports_forced = True
+        self.image_token_id = getattr(cfg, "image_token_id", None)
+        text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        self.vocab_size = int(text_cfg.vocab_size)
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos = eos if eos is not None else text_cfg.eos_token_id
+        self.eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
+        self.pad_id = int(getattr(text_cfg, "pad_token_id", None) or 0)
+        self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
+        self.max_model_len = max_model_len
+        self._rng = torch.Generator().manual_seed(seed)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"spyglass-{name}")
+        self._pending: list[_Seq] = []
+        self._by_id: dict[str, _Seq] = {}
+        self._rows: list[_Seq] = []                  # worker-owned running batch
+        self._layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._mask = torch.zeros(0, 0, dtype=torch.long)  # [B, T]
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._closed = False
+        self.steps = 0
+        self.decode_rows = 0                          # sum over steps of rows decoded
+
+    @classmethod
+    def from_tiny(cls, vlm: Any, **kwargs: Any) -> "HFBackend":
+        """From a spyglass.engine.tiny.TinyVLM."""
+        return cls(vlm.model, vlm.image_processor, **kwargs)
+
+    @classmethod
+    def from_config(cls, cfg: HFConfig) -> "HFBackend":
+        from spyglass.engine import tiny
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        kw = dict(name=cfg.name, max_batch=cfg.max_batch, max_prefill_tokens=cfg.max_prefill_tokens,
+                  max_model_len=cfg.max_model_len, seed=cfg.seed)
+        if cfg.model_path is not None and (Path(cfg.model_path) / "spyglass_tiny.json").exists():
+            return cls.from_tiny(tiny.load_tiny(cfg.model_path), **kw)
+        if cfg.model_path is not None:
+            from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+            try:
+                model = AutoModelForImageTextToText.from_pretrained(cfg.model_path, dtype=torch.float32)
+                from transformers import Qwen2VLImageProcessorPil
+                return cls(model, Qwen2VLImageProcessorPil.from_pretrained(cfg.model_path), **kw)
+            except ValueError:
+                return cls(AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=torch.float32), **kw)
+        if cfg.family == "qwen2":
+            return cls(tiny.build_tiny_text_lm(cfg.seed)[0], **kw)
+        return cls.from_tiny(tiny.build_tiny_vlm(cfg.family, cfg.seed), **kw)
+
+    # ------------------------------------------------------------------ asyncio side
+    def _check_prompt(self, req: GenerateRequest) -> None:
+        ids = req.prompt_ids
+        if max(ids) >= self.vocab_size:
+            raise ValueError(f"prompt token id {max(ids)} >= vocab size {self.vocab_size} "
+                             f"(request {req.request_id!r})")
+        if len(ids) + 1 > self.max_model_len:
+            raise ValueError(f"prompt of {len(ids)} tokens exceeds max_model_len {self.max_model_len}")
+        if self.is_vl:
+            from spyglass.engine.tiny import image_token_count
+            want = sum(image_token_count(im, self.image_processor) for im in req.images)
+            have = ids.count(self.image_token_id)
+            if want != have:
+                raise ValueError(f"request {req.request_id!r}: prompt has {have} image tokens but its "
+                                 f"{len(req.images)} images need {want}")
+
+    async def generate(self, req: GenerateRequest) -> GenerateOutput:
+        self.check_request(req)
+        self._check_prompt(req)
+        if self._closed:
+            raise BackendError(self.name, "backend is closed")
+        if req.request_id in self._by_id:
+            raise ValueError(f"request_id {req.request_id!r} is already in flight")
+        loop = asyncio.get_running_loop()
+        seed = req.sampling.seed
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=self._rng))
+        seq = _Seq(req, loop.create_future(), torch.Generator().manual_seed(seed), time.perf_counter())
+        self._pending.append(seq)
+        self._by_id[req.request_id] = seq
+        if self._task is None:
+            self._wake = asyncio.Event()
+            self._task = loop.create_task(self._run())
+        self._wake.set()
+        try:
+            return await seq.future
+        except asyncio.CancelledError:
+            seq.aborted = True
+            raise
+        finally:
+            self._by_id.pop(req.request_id, None)
+
+    def _admit(self) -> list[_Seq]:
+        room, budget, taken = self.max_batch - len(self._rows), self.max_prefill_tokens, []
+        while self._pending and len(taken) < room:
+            n = len(self._pending[0].req.prompt_ids)
+            if taken and n > budget:
+                break
+            budget -= n
+            taken.append(self._pending.pop(0))
+        return taken
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            if not self._pending and not self._rows:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            newcomers = self._admit()
+            try:
+                finished = await loop.run_in_executor(self._pool, self._step, newcomers)
+            except Exception as exc:  # a failed step fails every request it held
+                involved = newcomers + self._rows
+                await loop.run_in_executor(self._pool, self._reset)
+                for s in involved:
+                    if not s.future.done():
+                        s.future.set_exception(BackendError(self.name, f"step failed: {exc!r}"))
+                continue
+            for s in finished:
+                self._resolve(s)
+
+    def _resolve(self, s: _Seq) -> None:
+        if s.future.done():
+            return
+        now = time.perf_counter()
+        start = s.t_start or now
+        s.future.set_result(GenerateOutput(
+            request_id=s.req.request_id, token_ids=list(s.tokens),
+            logprobs=list(s.logprobs) if s.req.sampling.logprobs else [],
+            finish_reason=s.finish or "abort", version=self.version, server=self.name,
+            queue_s=start - s.t_submit, gen_s=now - start, version_start=s.version_start if s.t_start else self.version))
+
+    async def abort(self, request_id: str) -> None:
+        seq = self._by_id.get(request_id)
+        if seq is None:
+            return
+        seq.aborted = True
+        if seq in self._pending:
+            self._pending.remove(seq)
+            seq.finish = "abort"
+            self._resolve(seq)
+
+    async def update_weights(self, weights: Weights, version: int) -> None:
+        check_version(self, version)
+        if self._closed:
+            raise BackendError(self.name, "backend is closed")
+        await asyncio.get_running_loop().run_in_executor(self._pool, self._load, weights)
+        self.version = version
+
+    async def health(self) -> bool:
+        return not self._closed and (self._task is None or not self._task.done())
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for s in self._pending + self._rows:
+            s.finish = s.finish or "abort"
+            self._resolve(s)
+        self._pending.clear()
+        if self._task is not None:
+            self._wake.set()
+            try:
+                await self._task
+            except Exception:  # the loop's own failure was already reported to its requests
+                pass
+        self._pool.shutdown(wait=True)
+
+    # ------------------------------------------------------------------ worker side
+    def _reset(self) -> None:
+        self._rows, self._layers = [], []
+        self._mask = torch.zeros(0, 0, dtype=torch.long)
+
+    def _load(self, weights: Weights) -> None:
+        if isinstance(weights, (str, Path)):
+            weights = _read_checkpoint(type(self.model), Path(weights))
+        if not isinstance(weights, dict):
+            raise TypeError(f"weights must be a state dict or a checkpoint dir, got {type(weights).__name__}")
+        params = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+        unknown = [k for k in weights if k not in params]
+        if unknown:
+            raise KeyError(f"update_weights: unknown parameter names {unknown[:5]} (of {len(unknown)})")
+        with torch.no_grad():
+            for k, t in weights.items():
+                if params[k].shape != t.shape:
+                    raise ValueError(f"update_weights: {k} has shape {tuple(t.shape)}, "
+                                     f"model has {tuple(params[k].shape)}")
+                params[k].copy_(t)
+
+    @torch.inference_mode()
+    def _step(self, newcomers: list[_Seq]) -> list[_Seq]:
+        self.steps += 1
+        done = [s for s in self._rows if s.aborted]
+        if done:
+            self._select([i for i, s in enumerate(self._rows) if not s.aborted])
+        if self._rows:
+            self.decode_rows += len(self._rows)
+            self._emit(self._rows, self._decode())
+        live = [s for s in newcomers if not s.aborted]
+        done += [s for s in newcomers if s.aborted]
+        if live:
+            now = time.perf_counter()
+            for s in live:
+                s.t_start, s.version_start = now, self.version
+            self._emit(live, self._prefill(live))
+        for s in done:
+            s.finish = s.finish or "abort"
+        finished = [s for s in self._rows if s.finish]
+        if finished:
+            self._select([i for i, s in enumerate(self._rows) if not s.finish])
+        return done + finished
+
+    def _decode(self) -> torch.Tensor:
+        rows = self._rows
+        ids = torch.tensor([[s.tokens[-1]] for s in rows])                          # [B, 1]
+        mask = torch.cat([self._mask, torch.ones(len(rows), 1, dtype=torch.long)], 1)  # [B, T+1]
+        pos = torch.tensor([s.pos for s in rows]).view(-1, 1)                        # [B, 1]
+        if self.is_vl:
+            pos = pos.view(1, -1, 1).expand(3, -1, 1)                                # [3, B, 1]
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                         past_key_values=_cache_from(self._layers), use_cache=True, logits_to_keep=1)
+        self._layers, self._mask = _layers_of(out.past_key_values), mask
+        for s in rows:
+            s.pos += 1
+        return out.logits[:, -1, :]                                                   # [B, V]
+
+    def _prefill(self, seqs: list[_Seq]) -> torch.Tensor:
+        lens = [len(s.req.prompt_ids) for s in seqs]
+        width = max(lens)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)          # [b, L]
+        mask = torch.zeros(len(seqs), width, dtype=torch.long)                        # [b, L]
+        for i, s in enumerate(seqs):
+            ids[i, width - lens[i]:] = torch.tensor(s.req.prompt_ids)
+            mask[i, width - lens[i]:] = 1
+        kwargs: dict[str, Any] = {}
+        if self.is_vl:
+            from spyglass.engine.tiny import pixel_inputs
+            kwargs = pixel_inputs(self.image_processor, [im for s in seqs for im in s.req.images])
+            mm = (ids == self.image_token_id).int() * mask                            # [b, L]
+            base = getattr(self.model, "model", self.model)
+            pos, deltas = base.get_rope_index(ids, mm_token_type_ids=mm, attention_mask=mask,
+                                              image_grid_thw=kwargs.get("image_grid_thw"))
+            kwargs["mm_token_type_ids"] = mm                                          # pos [3, b, L]
+            nxt = [lens[i] + int(deltas[i]) for i in range(len(seqs))]
+        else:
+            pos = (mask.cumsum(-1) - 1).clamp_(min=0)                                 # [b, L]
+            nxt = lens
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                         past_key_values=_cache_from([]), use_cache=True, logits_to_keep=1, **kwargs)
+        for s, p in zip(seqs, nxt):
+            s.pos = p
+        self._merge(seqs, _layers_of(out.past_key_values), mask)
+        return out.logits[:, -1, :]                                                   # [b, V]
+
+    def _merge(self, seqs: list[_Seq], layers: list[tuple[torch.Tensor, torch.Tensor]],
+               mask: torch.Tensor) -> None:
+        if not self._rows:
+            self._rows, self._layers, self._mask = list(seqs), layers, mask
+            return
+        width = max(self._mask.shape[1], mask.shape[1])
+        self._layers = [(torch.cat([_left_pad(k0, width, 2), _left_pad(k1, width, 2)]),
+                         torch.cat([_left_pad(v0, width, 2), _left_pad(v1, width, 2)]))
+                        for (k0, v0), (k1, v1) in zip(self._layers, layers)]
+        self._mask = torch.cat([_left_pad(self._mask, width, 1), _left_pad(mask, width, 1)])
+        self._rows += seqs
+
+    def _select(self, keep: list[int]) -> None:
+        self._rows = [self._rows[i] for i in keep]
+        if not keep:
+            self._reset()
+            return
+        idx = torch.tensor(keep)
+        mask = self._mask.index_select(0, idx)                                        # [B', T]
+        first = int(mask.any(0).nonzero()[0])           # leading columns padded in every row
+        self._mask = mask[:, first:]
+        self._layers = [(k.index_select(0, idx)[:, :, first:], v.index_select(0, idx)[:, :, first:])
+                        for k, v in self._layers]
+
+    def _emit(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
+        sp = [s.req.sampling for s in seqs]
+        forced = [s.req.forced_ids[len(s.tokens)] if s.req.forced_ids else -1 for s in seqs]
+        uniform = torch.stack([torch.rand((), generator=s.gen) for s in seqs])
+        tokens, logps = sample_next(
+            logits, torch.tensor([p.temperature for p in sp], dtype=torch.float32),
+            torch.tensor([p.top_k for p in sp]), torch.tensor([p.top_p for p in sp], dtype=torch.float32),
+            uniform, torch.tensor(forced))
+        for s, p, t, lp in zip(seqs, sp, tokens.tolist(), logps.tolist()):
+            s.tokens.append(t)
+            s.logprobs.append(lp)
+            n = len(s.tokens)
+            if s.req.forced_ids is not None:
+                if n == len(s.req.forced_ids):
+                    s.finish = "stop"
+                elif n >= p.max_tokens:
+                    s.finish = "length"
+            elif t in p.stop_token_ids or t in self.eos_ids:
+                s.finish = "stop"
+            elif n >= p.max_tokens or len(s.req.prompt_ids) + n >= self.max_model_len:
+                s.finish = "length"
+
+
+def _read_checkpoint(model_cls: type, path: Path) -> dict[str, torch.Tensor]:
+    """The state dict of a saved checkpoint dir, loaded with the model's own class so that
+    on-disk key names (e.g. Qwen2-VL's legacy `model.embed_tokens`) are converted."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint dir not found: {path}")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
+        raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin in {path}")
+    return model_cls.from_pretrained(path, dtype=torch.float32).state_dict()

@@ -1,0 +1,236 @@
+"""HF continuous-batching backend on tiny VLMs: .venv/bin/python -m pytest -q tests/test_backend_hf.py"""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from PIL import Image
+
+from spyglass.engine import tiny
+from spyglass.engine.backends.base import BackendError, GenerateRequest, SamplingParams
+from spyglass.engine.backends.hf import HFBackend, HFConfig, sample_next
+
+IMG = Image.new("RGB", (200, 120), (10, 200, 30))
+IMG2 = Image.new("RGB", (90, 150), (200, 20, 90))
+GREEDY = SamplingParams(max_tokens=12, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    return tiny.build_tiny_vlm("qwen2_vl", seed=0)
+
+
+def _prompt(vlm, text: str, images=()) -> list[int]:
+    content = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": text}]
+    return tiny.encode_chat(vlm.tokenizer, vlm.image_processor, [{"role": "user", "content": content}]).input_ids
+
+
+def _full_logprobs(vlm, prompt: list[int], images, tokens: list[int], temperature: float) -> list[float]:
+    """Reference: one uncached forward over prompt + tokens."""
+    ids = torch.tensor([prompt + tokens])
+    with torch.no_grad():
+        logits = vlm.model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                           mm_token_type_ids=(ids == vlm.model.config.image_token_id).int(),
+                           **tiny.pixel_inputs(vlm.image_processor, list(images))).logits[0]
+    logp = torch.log_softmax(logits[len(prompt) - 1:-1] / (temperature or 1.0), -1)
+    return logp.gather(1, torch.tensor(tokens)[:, None]).squeeze(1).tolist()
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_greedy_matches_transformers_generate(family):
+    v = tiny.build_tiny_vlm(family, seed=0)
+    prompt = _prompt(v, "What is this?", [IMG])
+    ids = torch.tensor([prompt])
+    ref = v.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                           do_sample=False, mm_token_type_ids=(ids == v.model.config.image_token_id).int(),
+                           **tiny.pixel_inputs(v.image_processor, [IMG]))[0, len(prompt):].tolist()
+
+    async def go():
+        async with HFBackend.from_tiny(v) as be:
+            return await be.generate(GenerateRequest("r", prompt, GREEDY, images=[IMG]))
+    out = _run(go())
+    assert out.token_ids == ref and out.finish_reason == "length" and out.server == "hf-0"
+
+
+def test_continuous_batching_matches_solo_runs_and_logprobs(vlm):
+    cases = [("a", "What is this?", [IMG]), ("b", "hello there", []), ("c", "two images", [IMG, IMG2]),
+             ("d", "a longer question about the sign in the top left corner", [IMG2]), ("e", "x", [])]
+    prompts = {rid: (_prompt(vlm, text, ims), ims) for rid, text, ims in cases}
+
+    async def solo():
+        async with HFBackend.from_tiny(vlm) as be:
+            return {rid: (await be.generate(GenerateRequest(rid, p, GREEDY, images=ims))).token_ids
+                    for rid, (p, ims) in prompts.items()}
+
+    async def staggered():
+        async with HFBackend.from_tiny(vlm) as be:
+            async def one(i, rid):
+                await asyncio.sleep(0.004 * i)  # arrive while earlier ones are decoding
+                p, ims = prompts[rid]
+                return await be.generate(GenerateRequest(rid, p, GREEDY, images=ims))
+            outs = await asyncio.gather(*(one(i, rid) for i, rid in enumerate(prompts)))
+            return {o.request_id: o for o in outs}, be.decode_rows / max(be.steps, 1)
+    ref = _run(solo())
+    outs, rows_per_step = _run(staggered())
+    assert rows_per_step > 1.5  # requests really shared decode steps
+    for rid, (p, ims) in prompts.items():
+        assert outs[rid].token_ids == ref[rid], rid
+        want = _full_logprobs(vlm, p, ims, outs[rid].token_ids, 1.0)
+        assert torch.allclose(torch.tensor(outs[rid].logprobs), torch.tensor(want), atol=1e-4), rid
+
+
+def test_seeded_sampling_is_reproducible_across_batches(vlm):
+    p = _prompt(vlm, "sample me", [IMG])
+    sp = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, top_k=50, seed=123)
+
+    async def go():
+        async with HFBackend.from_tiny(vlm) as be:
+            alone = await be.generate(GenerateRequest("a", p, sp, images=[IMG]))
+            crowd = await asyncio.gather(
+                be.generate(GenerateRequest("b", p, sp, images=[IMG])),
+                be.generate(GenerateRequest("c", _prompt(vlm, "other"), SamplingParams(max_tokens=30, seed=5))),
+                be.generate(GenerateRequest("d", p, SamplingParams(max_tokens=16, temperature=0.9, seed=124),
+                                            images=[IMG])))
+            return alone, crowd
+    alone, (same, _, other_seed) = _run(go())
+    assert alone.token_ids == same.token_ids
+    assert alone.token_ids != other_seed.token_ids
+    want = _full_logprobs(vlm, p, [IMG], alone.token_ids, 0.9)  # logprobs under logits / T
+    assert torch.allclose(torch.tensor(alone.logprobs), torch.tensor(want), atol=1e-4)
+
+
+def test_forced_ids_stop_tokens_and_lengths(vlm):
+    p = _prompt(vlm, "replay", [IMG])
+
+    async def go():
+        async with HFBackend.from_tiny(vlm) as be:
+            free = await be.generate(GenerateRequest("f", p, GREEDY, images=[IMG]))
+            forced = [50, 77, 300, 12, 9]
+            rep = await be.generate(GenerateRequest("r", p, SamplingParams(temperature=0.7), [IMG], forced))
+            cut = await be.generate(GenerateRequest("c", p, SamplingParams(max_tokens=3), [IMG], forced))
+            stop = free.token_ids[4]
+            stopped = await be.generate(GenerateRequest(
+                "s", p, SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[stop]), [IMG]))
+            return free, forced, rep, cut, stopped, stop
+    free, forced, rep, cut, stopped, stop = _run(go())
+    assert rep.token_ids == forced and rep.finish_reason == "stop"
+    want = _full_logprobs(vlm, p, [IMG], forced, 0.7)
+    assert torch.allclose(torch.tensor(rep.logprobs), torch.tensor(want), atol=1e-4)
+    assert cut.token_ids == forced[:3] and cut.finish_reason == "length"
+    k = free.token_ids.index(stop)
+    assert stopped.token_ids == free.token_ids[:k + 1] and stopped.finish_reason == "stop"
+
+
+def test_abort_pending_inflight_and_cancelled(vlm):
+    p = _prompt(vlm, "long", [IMG])
+    long = SamplingParams(max_tokens=2000, temperature=1.0, seed=1)
+
+    async def go():
+        be = HFBackend.from_tiny(vlm, max_batch=1)  # the second request waits in the queue
+        t1 = asyncio.ensure_future(be.generate(GenerateRequest("run", p, long, images=[IMG])))
+        t2 = asyncio.ensure_future(be.generate(GenerateRequest("wait", p, long, images=[IMG])))
+        while be.steps < 5:
+            await asyncio.sleep(0.005)
+        await be.abort("wait")
+        await be.abort("run")
+        await be.abort("nobody")  # unknown ids are a no-op
+        a, b = await t1, await t2
+        t3 = asyncio.ensure_future(be.generate(GenerateRequest("cancel", p, long, images=[IMG])))
+        await asyncio.sleep(0.05)
+        t3.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await t3
+        await asyncio.sleep(0.05)
+        rows = len(be._rows)
+        ok = await be.generate(GenerateRequest("after", p, GREEDY, images=[IMG]))
+        await be.close()
+        return a, b, rows, ok
+    a, b, rows, ok = _run(go())
+    assert a.finish_reason == "abort" and 3 <= len(a.token_ids) < 2000 and len(a.logprobs) == len(a.token_ids)
+    assert b.finish_reason == "abort" and b.token_ids == []
+    assert rows == 0 and ok.finish_reason == "length"
+
+
+def test_update_weights_state_dict_and_checkpoint(vlm, tmp_path):
+    p = _prompt(vlm, "weights", [IMG])
+    other = tiny.build_tiny_vlm("qwen2_vl", seed=7)
+    ckpt = tiny.save_tiny(other, tmp_path / "ckpt")
+
+    async def go():
+        be = HFBackend.from_tiny(tiny.build_tiny_vlm("qwen2_vl", seed=0))
+        before = await be.generate(GenerateRequest("a", p, GREEDY, images=[IMG]))
+        await be.update_weights({k: v.clone() for k, v in other.model.state_dict().items()}, version=1)
+        after = await be.generate(GenerateRequest("b", p, GREEDY, images=[IMG]))
+        await be.update_weights({k: v.clone() for k, v in vlm.model.state_dict().items()}, version=2)
+        back = await be.generate(GenerateRequest("c", p, GREEDY, images=[IMG]))
+        await be.update_weights(str(ckpt), version=3)
+        disk = await be.generate(GenerateRequest("d", p, GREEDY, images=[IMG]))
+        with pytest.raises(KeyError, match="unknown parameter"):
+            await be.update_weights({"no.such.weight": torch.zeros(1)}, version=4)
+        with pytest.raises(ValueError, match="version"):
+            await be.update_weights({}, version=1)
+        await be.close()
+        return before, after, back, disk
+    before, after, back, disk = _run(go())
+    assert before.version == 0 and after.version == 1 and disk.version == 3
+    assert before.token_ids != after.token_ids
+    assert back.token_ids == before.token_ids and disk.token_ids == after.token_ids
+
+
+def test_bad_requests_and_closed_backend(vlm):
+    p = _prompt(vlm, "bad", [IMG])
+
+    async def go():
+        be = HFBackend.from_tiny(vlm)
+        with pytest.raises(ValueError, match="image tokens"):
+            await be.generate(GenerateRequest("x", p, GREEDY, images=[IMG2]))
+        with pytest.raises(ValueError, match="vocab size"):
+            await be.generate(GenerateRequest("y", [10**6], GREEDY))
+        assert await be.health()
+        await be.close()
+        assert not await be.health()
+        with pytest.raises(BackendError, match="closed"):
+            await be.generate(GenerateRequest("z", p, GREEDY, images=[IMG]))
+    _run(go())
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match=r"prompt_ids\[1\]"):
+        GenerateRequest("q", [1, -2])
+    with pytest.raises(ValueError, match="family"):
+        HFConfig(family="llama")
+
+
+def test_text_only_backend_from_config():
+    async def go():
+        async with HFBackend.from_config(HFConfig(family="qwen2", name="txt")) as be:
+            with pytest.raises(ValueError, match="does not take images"):
+                await be.generate(GenerateRequest("i", [1, 2], GREEDY, images=[IMG]))
+            outs = await asyncio.gather(*(be.generate(GenerateRequest(f"t{i}", [3 + i] * (i + 1), GREEDY))
+                                          for i in range(4)))
+            solo = await be.generate(GenerateRequest("solo", [3 + 3] * 4, GREEDY))
+            return outs, solo
+    outs, solo = _run(go())
+    assert outs[3].token_ids == solo.token_ids and all(o.server == "txt" for o in outs)
+
+
+def test_sample_next_filters_and_inverse_cdf():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 4))
+    n = 1000
+    u = (torch.arange(n) + 0.5) / n
+    temp, off = torch.ones(n), torch.full((n,), -1)
+    counts = torch.bincount(sample_next(logits[:1].expand(n, 4), temp, off, torch.ones(n), u, off)[0], minlength=4)
+    assert counts.tolist() == [500, 300, 150, 50]
+    top2 = sample_next(logits[:1].expand(n, 4), temp, torch.full((n,), 2), torch.ones(n), u, off)[0]
+    assert torch.bincount(top2, minlength=4).tolist() == [625, 375, 0, 0]
+    topp = sample_next(logits[:1].expand(n, 4), temp, off, torch.full((n,), 0.7), u, off)[0]
+    assert set(topp.tolist()) == {0, 1}
+    tok, lp = sample_next(logits, torch.tensor([0.0, 1.0, 1.0, 2.0]), torch.full((4,), -1), torch.ones(4),
+                          torch.full((4,), 0.99), torch.tensor([-1, -1, 2, 3]))
+    assert tok.tolist() == [0, 3, 2, 3]
+    assert torch.allclose(lp[:3], torch.log(torch.tensor([0.5, 0.05, 0.15])), atol=1e-5)
+    assert torch.allclose(lp[3], torch.log_softmax(logits[0] / 2, -1)[3])
