@@ -138,15 +138,16 @@ def policy_loss_reference(
     ref_logp: Optional[torch.Tensor] = None,  # [T]
     config: PolicyLossConfig = PolicyLossConfig(),
 ) -> PolicyLossResult:
-    """Pure-torch reference (autograd gives the gradient), fp32 arithmetic."""
+    """Pure-torch reference (autograd gives the gradient), fp32 arithmetic (fp64 for fp64 inputs)."""
+    ct = torch.promote_types(logp.dtype, torch.float32)
     t, b = logp.shape[0], cu_seqlens.numel() - 1
     lens = cu_seqlens.diff().long()  # [B]
     seq = torch.repeat_interleave(torch.arange(b, device=logp.device), lens, output_size=t)  # [T]
-    a = (advantages[seq] if advantages.shape[0] == b else advantages).float()  # [T]
-    m = loss_mask.float()  # [T]
+    a = (advantages[seq] if advantages.shape[0] == b else advantages).to(ct)  # [T]
+    m = loss_mask.to(ct)  # [T]
     c = config.log_ratio_clamp
-    lp = logp.float()
-    lr = torch.clamp(lp - old_logp.float(), -c, c)  # [T]
+    lp = logp.to(ct)
+    lr = torch.clamp(lp - old_logp.to(ct), -c, c)  # [T]
     ratio = torch.exp(lr)
     pg1 = -a * ratio
     pg2 = -a * torch.clamp(ratio, 1.0 - config.clip_low, 1.0 + config.clip_high)
@@ -160,12 +161,12 @@ def policy_loss_reference(
     loss_t = pg
     rkl = torch.zeros_like(lp)
     if ref_logp is not None:
-        x = torch.clamp(ref_logp.float() - lp, -c, c)
+        x = torch.clamp(ref_logp.to(ct) - lp, -c, c)
         rkl = torch.exp(x) - x - 1.0
         if config.kl_coef > 0:
             loss_t = loss_t + config.kl_coef * rkl
-    n_seq = torch.zeros(b, device=lp.device).index_add_(0, seq, m)  # [B]
-    s_seq = torch.zeros(b, device=lp.device).index_add_(0, seq, loss_t * m)  # [B]
+    n_seq = torch.zeros(b, dtype=ct, device=lp.device).index_add_(0, seq, m)  # [B]
+    s_seq = torch.zeros(b, dtype=ct, device=lp.device).index_add_(0, seq, loss_t * m)  # [B]
     n_tok = m.sum()
     nonempty = (n_seq > 0).float()
     b_ne = nonempty.sum().clamp_min(1.0)
@@ -312,7 +313,7 @@ if HAS_TRITON:
             tl.store(loss_ptr, s * scale)
             # stats: 0 loss, 1 scale, 2..5 clip/dual/approx-kl/ref-kl means (ws 3..6),
             # 6..7 ratio min/max (ws 7..8; 1 when nothing is masked in), 8 tokens
-            out = tl.where((w >= 3) & (w <= 6), v * inv_tok, tl.where(has, v, 1.0))
+            out = tl.where((w >= 3) & (w <= 6), tl.where(w <= 6, v, 0.0) * inv_tok, tl.where(has, v, 1.0))
             tl.store(stats_ptr + w - 1, out, mask=(w >= 3) & (w < 9))
             tl.store(stats_ptr + 0, s * scale)
             tl.store(stats_ptr + 1, scale)
