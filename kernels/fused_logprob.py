@@ -132,13 +132,13 @@ def _torch_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     zt = torch.zeros(t, device=hidden.device)  # [T] target logit
     valid = targets != ignore_index
     for v0 in range(0, v, chunk):
-        z = _chunk_logits(hidden, weight[v0:v0 + chunk]) * inv_temp  # [T, C] fp32
-        m_new = torch.maximum(m, z.max(dim=1).values)
-        s = s * torch.exp(m - m_new) + torch.exp(z - m_new[:, None]).sum(dim=1)
-        m = m_new
+        z = _chunk_logits(hidden, weight[v0:v0 + chunk]).mul_(inv_temp)  # [T, C] fp32, the one temporary
         local = targets.long() - v0
         hit = valid & (local >= 0) & (local < z.shape[1])
         zt += torch.where(hit, z.gather(1, local.clamp(0, z.shape[1] - 1)[:, None])[:, 0], torch.zeros_like(zt))
+        m_new = torch.maximum(m, z.max(dim=1).values)
+        s = s * torch.exp(m - m_new) + z.sub_(m_new[:, None]).exp_().sum(dim=1)
+        m = m_new
     lse = m + torch.log(s)
     return torch.where(valid, zt - lse, torch.zeros_like(zt)), lse
 
@@ -160,11 +160,11 @@ def _chunked_backward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
                    t, c, v0, inv_temp, ignore_index, BLOCK_T=bt, BLOCK_C=bc)
             dz = z
         else:
-            p = torch.exp(z.float() * inv_temp - lse[:, None])  # [T, C]
+            p = z.mul_(inv_temp).sub_(lse[:, None]).exp_()  # [T, C] softmax, in place
             local = targets.long() - v0
             hit = (local >= 0) & (local < c)
             p[hit, local[hit]] -= 1.0
-            dz = -g_eff[:, None] * p
+            dz = p.mul_(-g_eff[:, None])
         # fp32 products on CPU (and for fp32 inputs); on GPU half inputs use tensor cores
         lo = hidden.is_cuda and hidden.dtype != torch.float32
         dz_m, w_m = (dz.to(hidden.dtype), w_c) if lo else (dz, w_c.float())
@@ -219,7 +219,7 @@ def fused_logprob(
     """Per-token log-probs with gradients to hidden and weight, without [T, V] logits.
 
     ``chunk_size``: vocabulary columns per backward (and torch-forward) chunk; default keeps a
-    chunk at about 2**26 elements. ``blocks``: Triton forward (BLOCK_T, BLOCK_V, BLOCK_H), powers
+    chunk at about 2**24 elements (64 MiB of fp32). ``blocks``: Triton forward (BLOCK_T, BLOCK_V, BLOCK_H), powers
     of two >= 16. ``validate`` checks target ids (a host sync on GPU).
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
@@ -237,7 +237,7 @@ def fused_logprob(
         bad = targets[(targets != ignore_index) & ((targets < 0) | (targets >= v))]
         if bad.numel():
             raise ValueError(f"target id {int(bad[0])} is outside 0..{v - 1} (and is not ignore_index={ignore_index})")
-    chunk = chunk_size if chunk_size is not None else max(256, min(v, (1 << 26) // max(t, 1)))
+    chunk = chunk_size if chunk_size is not None else max(256, min(v, (1 << 24) // max(t, 1)))
     if chunk <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
     use_triton = resolve_impl(impl, hidden, weight, targets) == "triton"

@@ -178,18 +178,19 @@ def policy_loss_reference(
         loss = (s_seq * nonempty).sum() / b_ne
     else:
         loss = s_seq.sum() / (max(b, 1) * float(config.norm_length))
-    with torch.no_grad():
-        denom = n_tok if float(n_tok) > 0 else torch.ones_like(n_tok)
+    with torch.no_grad():  # tensor ops only (no host syncs), so torch.compile sees one graph
+        has = n_tok > 0
+        inv = torch.where(has, 1.0 / torch.where(has, n_tok, 1.0), 0.0)
         sel = m > 0
-        has = bool(sel.any())
+        one = torch.ones((), dtype=ct, device=lp.device)
         return PolicyLossResult(
             loss=loss,
-            clip_fraction=(clipped.float() * m).sum() / denom,
-            dual_clip_fraction=(dual.float() * m).sum() / denom,
-            approx_kl=((torch.exp(-lr) + lr - 1.0) * m).sum() / denom,
-            ref_kl=(rkl.detach() * m).sum() / denom,
-            ratio_min=ratio[sel].min() if has else torch.ones((), device=lp.device),
-            ratio_max=ratio[sel].max() if has else torch.ones((), device=lp.device),
+            clip_fraction=(clipped.to(ct) * m).sum() * inv,
+            dual_clip_fraction=(dual.to(ct) * m).sum() * inv,
+            approx_kl=((torch.exp(-lr) + lr - 1.0) * m).sum() * inv,
+            ref_kl=(rkl.detach() * m).sum() * inv,
+            ratio_min=torch.where(has, torch.where(sel, ratio, float("inf")).min(), one),
+            ratio_max=torch.where(has, torch.where(sel, ratio, float("-inf")).max(), one),
             num_tokens=n_tok,
         )
 
