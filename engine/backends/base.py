@@ -92,11 +92,12 @@ class GenerateRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     images: list[Image.Image] = field(default_factory=list)  # all images in the context, in order
     forced_ids: list[int] | None = None                      # replay: emit exactly these tokens
+    messages: list[dict[str, Any]] | None = None  # OpenAI-format chat, only for chat-mode servers
 
     def __post_init__(self) -> None:
         if not isinstance(self.request_id, str) or not self.request_id:
             raise ValueError(f"request_id must be a non-empty str, got {self.request_id!r}")
-        _check_ids("prompt_ids", self.prompt_ids, allow_empty=False)
+        _check_ids("prompt_ids", self.prompt_ids, allow_empty=self.messages is not None)
         if not isinstance(self.sampling, SamplingParams):
             raise TypeError(f"sampling must be SamplingParams, got {type(self.sampling).__name__}")
         for i, im in enumerate(self.images):
@@ -119,6 +120,7 @@ class GenerateOutput:
     queue_s: float = 0.0             # submitted -> first forward pass that included it
     gen_s: float = 0.0               # that forward -> finished
     version_start: int = -1          # weights version when admitted (-1: unknown)
+    text: str | None = None          # chat-mode servers only: the returned text
 
     def __post_init__(self) -> None:
         if self.finish_reason not in FINISH_REASONS:
@@ -173,6 +175,8 @@ class Backend(abc.ABC):
         if req.images and not self.supports_images:
             raise ValueError(f"backend {self.name!r} does not take images "
                              f"(request {req.request_id!r} has {len(req.images)})")
+        if not req.prompt_ids and self.token_in_token_out:
+            raise ValueError(f"request {req.request_id!r} has no prompt_ids")
         if req.forced_ids is not None and not self.supports_forced:
             raise BackendError(self.name, f"forced_ids (replay) is not supported by {type(self).__name__}")
 

