@@ -1,0 +1,257 @@
+"""HTTP backends (OpenAI-compatible, vLLM-HTTP, SGLang) against protocol-faithful aiohttp servers
+on 127.0.0.1: .venv/bin/python -m pytest -q tests/test_backend_http.py"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from aiohttp import web
+from PIL import Image
+
+from spyglass.engine.backends import backend_config, make_backend
+from spyglass.engine.backends.base import BackendError, GenerateRequest, SamplingParams
+from spyglass.engine.backends.openai import OpenAIBackend, OpenAIConfig
+from spyglass.engine.backends.sglang import SGLangBackend, SGLangConfig
+from spyglass.engine.backends.vllm import VLLMHTTPBackend, VLLMHTTPConfig
+
+
+def _continue(prompt: list[int], max_tokens: int, stops: list[int]) -> tuple[list[int], str]:
+    """The fake model: counts up from the last prompt token."""
+    out = []
+    for i in range(max_tokens):
+        out.append((prompt[-1] + 1 + i) % 1000)
+        if out[-1] in stops:
+            return out, "stop"
+    return out, "length"
+
+
+class FakeServer:
+    """vLLM-style /v1/completions + chat + dev endpoints, and SGLang-style /generate."""
+
+    def __init__(self) -> None:
+        self.bodies: list[tuple[str, Any]] = []
+        self.fail_next = 0          # answer this many requests with HTTP 503
+        self.slow = asyncio.Event()  # requests with max tokens >= 1000 wait on this
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def start(self) -> "FakeServer":
+        app = web.Application()
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/generate", self.generate)
+        for path in ("/abort_requests", "/abort_request", "/collective_rpc", "/reset_prefix_cache",
+                     "/update_weights_from_disk"):
+            app.router.add_post(path, self.record)
+        app.router.add_get("/health", self.health)
+        self.runner = web.AppRunner(app, shutdown_timeout=0.2)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = self.runner.addresses[0][:2]
+        self.url = f"http://{host}:{port}"
+        return self
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def _body(self, request: web.Request) -> Any:
+        body = await request.json() if request.can_read_body else None
+        self.bodies.append((request.path, body))
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            raise web.HTTPServiceUnavailable(text="overloaded")
+        return body
+
+    async def record(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        if request.path == "/update_weights_from_disk":
+            ok = not str(body.get("model_path", "")).endswith("missing")
+            return web.json_response({"success": ok, "message": "ok" if ok else "no such dir"})
+        return web.json_response({"status": "ok"})
+
+    async def completions(self, request: web.Request) -> web.Response:
+        b = await self._body(request)
+        if b["max_tokens"] >= 1000:
+            await self.slow.wait()
+        prompt = b["prompt"]
+        if b.get("prompt_logprobs") is not None:  # replay: logprobs of the prompt tokens
+            plp = [None] + [{str(t): {"logprob": -0.01 * t, "rank": 1}} for t in prompt[1:]]
+            return web.json_response({"choices": [{"index": 0, "text": "", "token_ids": [1],
+                                                   "prompt_logprobs": plp, "finish_reason": "length"}]})
+        ids, finish = _continue(prompt, b["max_tokens"], b.get("stop_token_ids") or [])
+        choice: dict[str, Any] = {"index": 0, "text": "x" * len(ids), "finish_reason": finish,
+                                  "logprobs": {"tokens": [f"t{i}" for i in ids],
+                                               "token_logprobs": [-0.5] * len(ids)}}
+        if b.get("return_token_ids"):
+            choice["token_ids"] = ids
+        return web.json_response({"id": "c", "object": "text_completion", "choices": [choice]})
+
+    async def chat(self, request: web.Request) -> web.Response:
+        b = await self._body(request)
+        last = b["messages"][-1]["content"]
+        return web.json_response({"choices": [{"index": 0, "finish_reason": "stop",
+                                               "message": {"role": "assistant", "content": f"echo: {last}"}}]})
+
+    async def generate(self, request: web.Request) -> web.Response:
+        b = await self._body(request)
+        sp = b["sampling_params"]
+        if sp["max_new_tokens"] >= 1000:
+            await self.slow.wait()
+        ids, finish = _continue(b["input_ids"], sp["max_new_tokens"], sp.get("stop_token_ids") or [])
+        meta = {"id": b["rid"], "finish_reason": {"type": finish}, "prompt_tokens": len(b["input_ids"]),
+                "completion_tokens": len(ids),
+                "output_token_logprobs": [[-0.25, t, None] for t in ids] if b.get("return_logprob") else []}
+        return web.json_response({"text": "", "output_ids": ids, "meta_info": meta})
+
+
+def _req(rid: str, max_tokens: int = 5, **kw: Any) -> GenerateRequest:
+    return GenerateRequest(rid, [1, 2, 41], SamplingParams(max_tokens=max_tokens, temperature=0.5, **kw))
+
+
+def _run(fn):
+    async def go():
+        server = await FakeServer().start()
+        try:
+            return await fn(server)
+        finally:
+            server.slow.set()
+            await server.stop()
+    return asyncio.run(go())
+
+
+def test_openai_completions_token_in_token_out_with_retries():
+    async def go(s: FakeServer):
+        be = make_backend(backend_config("openai", base_url=s.url + "/v1", model="m", backoff_s=0.01))
+        try:
+            out = await be.generate(_req("a", stop_token_ids=[44]))
+            s.fail_next = 2  # two 503s, then success: retried
+            again = await be.generate(_req("b", seed=3))
+            s.fail_next = 5
+            with pytest.raises(BackendError, match="503"):
+                await be.generate(_req("c"))
+            return out, again, s.bodies, await be.health()
+        finally:
+            await be.close()
+    out, again, bodies, healthy = _run(go)
+    assert out.token_ids == [42, 43, 44] and out.finish_reason == "stop" and out.logprobs == [-0.5] * 3
+    assert again.token_ids == [42, 43, 44, 45, 46] and again.finish_reason == "length"
+    body = bodies[0][1]
+    assert body["prompt"] == [1, 2, 41] and body["logprobs"] == 0 and body["return_token_ids"] is True
+    assert body["stop_token_ids"] == [44] and bodies[3][1]["seed"] == 3 and healthy
+    assert sum(1 for p, _ in bodies if p == "/v1/completions") == 1 + 3 + 3  # 503s were retried
+
+
+def test_openai_chat_mode_is_flagged_not_token_in_token_out():
+    async def go(s: FakeServer):
+        be = OpenAIBackend(OpenAIConfig(base_url=s.url, model="m", mode="chat"), encode=lambda t: [ord(c) for c in t])
+        try:
+            assert be.token_in_token_out is False
+            with pytest.raises(ValueError, match="messages"):
+                await be.generate(_req("a"))
+            msgs = [{"role": "user", "content": "hi"}]
+            out = await be.generate(GenerateRequest("b", [], SamplingParams(max_tokens=8), messages=msgs))
+            with pytest.raises(BackendError, match="cannot update weights"):
+                await be.update_weights("/x", 1)
+            return out
+        finally:
+            await be.close()
+    out = _run(go)
+    assert out.text == "echo: hi" and out.token_ids == [ord(c) for c in "echo: hi"] and out.logprobs == []
+
+
+def test_vllm_http_abort_forced_and_weight_reload():
+    async def go(s: FakeServer):
+        be = VLLMHTTPBackend(VLLMHTTPConfig(base_url=s.url, model="m", dev_mode=True))
+        try:
+            slow = asyncio.ensure_future(be.generate(_req("slow", max_tokens=2000)))
+            await asyncio.sleep(0.05)
+            await be.abort("slow")
+            aborted = await slow
+            forced = await be.generate(GenerateRequest("f", [1, 2, 3], SamplingParams(temperature=1.0),
+                                                       forced_ids=[7, 8]))
+            with pytest.raises(BackendError, match="temperature"):
+                await be.generate(GenerateRequest("g", [1], SamplingParams(temperature=0.7), forced_ids=[7]))
+            await be.update_weights("/ckpt/step-3", version=3)
+            with pytest.raises(BackendError, match="state dict"):
+                await be.update_weights({}, version=4)
+            return aborted, forced, be.version, s.bodies
+        finally:
+            await be.close()
+    aborted, forced, version, bodies = _run(go)
+    assert aborted.finish_reason == "abort" and aborted.token_ids == []
+    paths = [p for p, _ in bodies]
+    assert ("/abort_requests", {"request_ids": ["slow"]}) in bodies
+    assert forced.token_ids == [7, 8] and forced.logprobs == pytest.approx([-0.07, -0.08])
+    assert ("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": "/ckpt/step-3"}}) in bodies
+    assert paths[-1] == "/reset_prefix_cache" and version == 3
+    assert bodies[0][1]["request_id"] == "slow"
+
+
+def test_sglang_generate_images_abort_and_update():
+    img = Image.new("RGB", (8, 6), (1, 2, 3))
+
+    async def go(s: FakeServer):
+        be = SGLangBackend(SGLangConfig(base_url=s.url))
+        try:
+            out = await be.generate(GenerateRequest("a", [5, 6, 9], SamplingParams(max_tokens=4, top_k=5, seed=2),
+                                                    images=[img]))
+            slow = asyncio.ensure_future(be.generate(_req("slow", max_tokens=1000)))
+            await asyncio.sleep(0.05)
+            await be.abort("slow")
+            aborted = await slow
+            await be.update_weights("/ckpt/1", version=1)
+            with pytest.raises(BackendError, match="no such dir"):
+                await be.update_weights("/ckpt/missing", version=2)
+            with pytest.raises(BackendError, match="forced_ids"):
+                await be.generate(GenerateRequest("f", [1], forced_ids=[2]))
+            return out, aborted, be.version, s.bodies
+        finally:
+            await be.close()
+    out, aborted, version, bodies = _run(go)
+    assert out.token_ids == [10, 11, 12, 13] and out.logprobs == [-0.25] * 4 and out.finish_reason == "length"
+    body = bodies[0][1]
+    assert body["input_ids"] == [5, 6, 9] and body["rid"] == "a" and body["return_logprob"] is True
+    assert body["sampling_params"] == {"max_new_tokens": 4, "temperature": 0.7, "top_p": 1.0, "top_k": 5,
+                                       "stop_token_ids": [], "skip_special_tokens": False, "sampling_seed": 2}
+    assert body["image_data"][0].startswith("data:image/png;base64,")
+    assert aborted.finish_reason == "abort" and ("/abort_request", {"rid": "slow"}) in bodies
+    assert version == 1
+
+
+def test_server_dying_mid_test_raises_backend_error():
+    async def go():
+        s = await FakeServer().start()
+        be = make_backend(SGLangConfig(base_url=s.url, name="sg-1", retries=1, backoff_s=0.01))
+        try:
+            ok = await be.generate(_req("ok"))
+            inflight = asyncio.ensure_future(be.generate(_req("hang", max_tokens=1000)))
+            await asyncio.sleep(0.05)
+            await s.stop()  # the server dies with a request in flight
+            with pytest.raises(BackendError) as died:
+                await inflight
+            with pytest.raises(BackendError, match="failed after 2 tries") as refused:
+                await be.generate(_req("after"))
+            return ok, died.value, refused.value, await be.health()
+        finally:
+            await be.close()
+    ok, died, refused, healthy = asyncio.run(go())
+    assert ok.finish_reason == "length" and died.server == "sg-1" and refused.server == "sg-1" and not healthy
+
+
+def test_configs_and_factory_validate():
+    with pytest.raises(ValueError, match="ftp://x"):
+        OpenAIConfig(base_url="ftp://x")
+    with pytest.raises(ValueError, match="'rpc'"):
+        OpenAIConfig(mode="rpc")
+    with pytest.raises(ValueError, match="unknown backend kind 'tgi'"):
+        backend_config("tgi")
+    with pytest.raises(TypeError, match="config dataclass"):
+        make_backend({"kind": "hf"})
+    assert OpenAIConfig(base_url="http://h:1/v1/").base_url == "http://h:1"
+    sim = make_backend(backend_config("simulated", name="s0", time_scale=0.5))
+    assert sim.name == "s0"
