@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import multiprocessing as mp
 from pathlib import Path
@@ -239,18 +240,44 @@ def test_failures_are_not_cached(tmp_path: Path) -> None:
     assert run(ex.execute("O", "{}", ToolContext())).text == "yes"
 
 
-def _writer(path: str, worker: int, n: int) -> None:
+def _writer(path: str, worker: int, n: int, inherited: ToolCache) -> None:
+    # worker 0 keeps using the cache object it inherited through fork; worker 1 opens its own
+    # and closes the inherited one half-way (as garbage collection in a child would)
+    cache = inherited if worker == 0 else ToolCache(path)
+    for i in range(n):
+        cache.put("T", f"{worker}-{i}", ToolResult(text=str(i)), ttl_s=60)
+        cache.get("T", f"{1 - worker}-{i}")
+        if worker == 1 and i == n // 2:
+            inherited.close()
+            gc.collect()
+
+
+def test_cache_is_safe_across_processes_and_forks(tmp_path: Path) -> None:
+    path = str(tmp_path / "shared.sqlite")
+    parent = ToolCache(path)  # open across the fork
+    parent.put("T", "parent", ToolResult(text="p"), ttl_s=60)
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_writer, args=(path, w, 150, parent)) for w in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert len(ToolCache(path)) == 301 and len(parent) == 301
+
+
+def _own_writer(path: str, worker: int, n: int) -> None:
     cache = ToolCache(path)
     for i in range(n):
         cache.put("T", f"{worker}-{i}", ToolResult(text=str(i)), ttl_s=60)
         cache.get("T", f"{1 - worker}-{i}")
 
 
-def test_cache_is_safe_across_processes(tmp_path: Path) -> None:
+def test_cache_dropped_before_a_fork_does_not_clobber_the_children(tmp_path: Path) -> None:
     path = str(tmp_path / "shared.sqlite")
-    ToolCache(path)
-    ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_writer, args=(path, w, 150)) for w in range(2)]
+    ToolCache(path)  # dropped at once: its connection must close now, not in a child's GC
+    procs = [mp.get_context("fork").Process(target=_own_writer, args=(path, w, 150))
+             for w in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -362,3 +389,14 @@ def test_stats_have_latency_per_tool() -> None:
 def test_tools_dict_must_match_names() -> None:
     with pytest.raises(ValueError, match="must be a Tool named 'X'"):
         ToolExecutor({"X": make_tool("Y", Recorder())})
+
+
+def test_dispatch_of_withdrawn_keys_answers_only_those_with_an_error() -> None:
+    rec = Recorder()
+    ex = ToolExecutor({"R": make_tool("R", rec)}, coalescer_factory=MiniCoalescer)
+    ex._pending[("R", '{"a":1}')] = [{"a": 1}, ToolContext(), 1]
+    out = run(ex.dispatch("R", ['{"gone":1}', '{"a":1}']))
+    assert isinstance(out[0], ToolError) and "withdrawn" in out[0].message
+    assert isinstance(out[1], ToolResult) and out[1].ok and rec.calls == [{"a": 1}]
+    with pytest.raises(KeyError, match="unknown tool 'Nope'"):
+        run(ex.dispatch("Nope", ["{}"]))

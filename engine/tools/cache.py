@@ -3,7 +3,8 @@
 Stores a successful ToolResult's text, its images (PNG-encoded, length-prefixed in one blob)
 and its JSON meta. Several processes (rollout workers) may share one file: sqlite does the
 locking, WAL lets readers run beside a writer, and a busy timeout rides out short write locks.
-Errors are never cached (a transient failure must be retried next time).
+Errors are never cached (a transient failure must be retried next time). Connections open
+lazily and are closed around fork() (os.register_at_fork), so a cache object survives a fork.
 
     cache = ToolCache("/tmp/spyglass-tools.sqlite")
     cache.put("TextSearch", key, result, ttl_s=3600)
@@ -15,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import sqlite3
 import struct
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -70,19 +73,32 @@ class ToolCache:
             raise ValueError(f"busy_timeout_s must be > 0, got {busy_timeout_s}")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.busy_timeout_s = busy_timeout_s
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), timeout=busy_timeout_s,
-                                   check_same_thread=False, isolation_level=None)
-        self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-        self._db.execute("PRAGMA journal_mode = WAL")
-        self._db.execute("PRAGMA synchronous = NORMAL")
-        self._db.executescript(_SCHEMA)
+        self._db: sqlite3.Connection | None = None
+        self._closed = False
+        with self._lock:
+            self._conn().executescript(_SCHEMA)
+        _LIVE.add(self)
+
+    def _conn(self) -> sqlite3.Connection:
+        """The connection, opened lazily (again after a fork; see _close_before_fork)."""
+        if self._closed:
+            raise ValueError(f"ToolCache {self.path} is closed")
+        if self._db is None:
+            db = sqlite3.connect(str(self.path), timeout=self.busy_timeout_s,
+                                 check_same_thread=False, isolation_level=None)
+            db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = NORMAL")
+            self._db = db
+        return self._db
 
     def get(self, tool: str, key: str, *, now: float | None = None) -> ToolResult | None:
         """The cached result for (tool, key), or None when absent or expired."""
         now = time.time() if now is None else now
         with self._lock:
-            row = self._db.execute(
+            row = self._conn().execute(
                 "SELECT text, images, meta FROM results WHERE tool = ? AND key = ? AND expires > ?",
                 (tool, key, now)).fetchone()
         if row is None:
@@ -101,7 +117,7 @@ class ToolCache:
         meta = json.dumps(_jsonable(result.meta), sort_keys=True)
         row = (tool, key, now, now + ttl_s, result.text, pack_images(result.images), meta)
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+            self._conn().execute("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?)", row)
 
     async def aget(self, tool: str, key: str) -> ToolResult | None:
         return await asyncio.to_thread(self.get, tool, key)
@@ -113,16 +129,59 @@ class ToolCache:
         """Delete expired entries; returns how many were removed."""
         now = time.time() if now is None else now
         with self._lock:
-            cur = self._db.execute("DELETE FROM results WHERE expires <= ?", (now,))
+            cur = self._conn().execute("DELETE FROM results WHERE expires <= ?", (now,))
         return cur.rowcount
 
     def __len__(self) -> int:
         with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM results").fetchone()[0])
+            return int(self._conn().execute("SELECT COUNT(*) FROM results").fetchone()[0])
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            if self._db is not None:
+                self._db.close()
+            self._db, self._closed = None, True
+        _LIVE.discard(self)
+
+    def __del__(self) -> None:
+        # close now: a dropped sqlite3 connection lingers in a reference cycle until a GC
+        # pass, which may run in a forked child and clobber the parent's WAL
+        db = getattr(self, "_db", None)
+        if db is not None:
+            try:
+                db.close()
+            except Exception:
+                pass
+
+    def __enter__(self) -> "ToolCache":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# An sqlite connection must not cross a fork (the child would share the parent's lock state
+# and lose writes): every live cache closes its connection just before a fork, holding its
+# lock so no operation is mid-way, and both sides reopen lazily afterwards.
+_LIVE: "weakref.WeakSet[ToolCache]" = weakref.WeakSet()
+
+
+def _close_before_fork() -> None:
+    for cache in list(_LIVE):
+        cache._lock.acquire()
+        if cache._db is not None:
+            cache._db.close()
+            cache._db = None
+
+
+def _release_after_fork() -> None:
+    for cache in list(_LIVE):
+        if cache._lock.locked():
+            cache._lock.release()
+
+
+os.register_at_fork(before=_close_before_fork, after_in_parent=_release_after_fork,
+                    after_in_child=_release_after_fork)
 
 
 def _jsonable(meta: dict[str, Any]) -> dict[str, Any]:

@@ -207,13 +207,19 @@ class ToolExecutor:
         tool = self.tools.get(name)
         if tool is None:
             raise KeyError(f"dispatch for unknown tool {name!r}")
-        items = []
-        for key in keys:
+        out: list[object] = [None] * len(keys)
+        live, items = [], []
+        for i, key in enumerate(keys):
             entry = self._pending.get((name, key))
-            if entry is None:
-                raise KeyError(f"dispatch for {name!r} got a key with no submitter: {key[:200]!r}")
+            if entry is None:  # every caller withdrew (cancelled) before the batch started
+                out[i] = ToolError(ErrorKind.FATAL, f"{name}: call withdrawn before it ran", name)
+                continue
+            live.append(i)
             items.append((entry[0], entry[1]))
-        return list(await self._run_items(tool, keys, items))
+        results = await self._run_items(tool, [keys[i] for i in live], items) if items else []
+        for i, res in zip(live, results):
+            out[i] = res
+        return out
 
     # ---------------------------------------------------------------------------- execution
     async def _run_items(self, tool: Tool, keys: list[str],
