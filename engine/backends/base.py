@@ -25,6 +25,8 @@ Semantics shared by all backends:
   it was admitted (they differ only if update_weights ran while it was decoding).
 - A dead or unreachable server raises BackendError (with `.server`), so the scheduler can move
   the trajectory to another server.
+- Chat-mode OpenAI servers (`token_in_token_out` False) take `GenerateRequest.messages` and
+  return `GenerateOutput.text`; every other backend ignores both.
 """
 from __future__ import annotations
 

