@@ -107,6 +107,8 @@ class ByteCodec:
         return ids + [self.IM_START] + self.encode_text("assistant\n")
 
     def decode(self, ids: Sequence[int]) -> str:
+        if not ids or max(ids) < 256:
+            return bytes(ids).decode("utf-8", errors="replace")
         names = {self.IM_START: "<|im_start|>", self.IM_END: "<|im_end|>",
                  self.VISION_START: "<|vision_start|>", self.VISION_END: "<|vision_end|>",
                  self.IMAGE_PAD: "<|image_pad|>", self.EOS: "<|endoftext|>"}

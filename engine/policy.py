@@ -10,6 +10,7 @@ run. Used by `spyglass bench rollout` until a trained tiny checkpoint exists.
 """
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,7 @@ class ReplayPolicy:
     codec: Codec
     scripts: dict[str, list[str]]
     fallback_answer: str = "<answer>unknown</answer>"
-    _cache: dict[tuple[str, int], list[int]] = field(default_factory=dict, repr=False)
+    _cache: dict[tuple[str, int], array] = field(default_factory=dict, repr=False)
 
     def forced_ids(self, traj: Trajectory, turn: int) -> list[int]:
         key = (traj.group_id, turn)
@@ -34,9 +35,9 @@ class ReplayPolicy:
             if script is None:
                 raise KeyError(f"ReplayPolicy has no script for prompt {traj.group_id!r}")
             text = script[turn] if turn < len(script) else self.fallback_answer
-            ids = self.codec.encode_text(text) + [self.codec.stop_token_ids[0]]
-            self._cache[key] = ids
-        return ids
+            ids = array("i", self.codec.encode_text(text) + [self.codec.stop_token_ids[0]])
+            self._cache[key] = ids  # compact and invisible to the cyclic GC
+        return ids.tolist()
 
     @property
     def name(self) -> str:

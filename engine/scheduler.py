@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -61,6 +62,7 @@ class EngineConfig:
     groups_per_step: int = 0  # ... to (version - base + lag + 1) * groups_per_step
     max_server_retries: int = 3  # a turn moves servers at most this often before ERROR
     seed: int = 0
+    gc_freeze: bool = True  # move objects alive at start (models, datasets) out of the cyclic GC
 
     def __post_init__(self) -> None:
         for name in ("n_samples", "max_turns", "max_context", "max_tokens_per_turn", "max_live",
@@ -176,6 +178,8 @@ class _Live:
 class Engine:
     """Runs groups of trajectories over backends, tools and a parser (see module docstring)."""
 
+    EVENTS_PER_SLICE = 64  # events handled before the loop yields (bounds event-loop lag)
+
     def __init__(self, cfg: EngineConfig, backends: Sequence[Any], codec: Codec,
                  tools: ToolRunner, parser: TurnParser, tool_schemas: Sequence[dict] = (),
                  policy: Policy | None = None, image_tokens: Callable[[Image.Image], int] | None = None,
@@ -253,11 +257,17 @@ class Engine:
         groups: dict[str, list[Trajectory]] = {}
         live = 0
         self.stats.started = time.perf_counter()
+        if self.cfg.gc_freeze:  # as vLLM does after start-up: full collections stay short
+            gc.collect()
+            gc.freeze()
         cap = max(self.cfg.max_live, self.cfg.n_samples)
         while True:
-            # admit: the one admission rule
-            while (not exhausted and not self._paused and live + self.cfg.n_samples <= cap
-                   and self._fresh_enough()):
+            # admit: the one admission rule (a bounded number per slice)
+            more = False
+            for _ in range(self.EVENTS_PER_SLICE):
+                if exhausted or self._paused or live + self.cfg.n_samples > cap \
+                        or not self._fresh_enough():
+                    break
                 p = next(pending, None)
                 if p is None:
                     exhausted = True
@@ -267,11 +277,19 @@ class Engine:
                     groups[p.id].append(lv.traj)
                     live += 1
                 self._admitted_groups += 1
+            else:
+                more = True
             if live == 0 and exhausted:
                 break
-            self._launch()
-            batch = [await self._events.get()]
-            while not self._events.empty():
+            more = self._launch() or more
+            if more:
+                self._events.put_nowait(("wake", None, None))
+            if self._events.empty():
+                batch = [await self._events.get()]
+            else:  # yield once per slice so the loop's other tasks (I/O, timers) keep running
+                await asyncio.sleep(0)
+                batch = []
+            while not self._events.empty() and len(batch) < self.EVENTS_PER_SLICE:
                 batch.append(self._events.get_nowait())
             for kind, lv, payload in batch:
                 if kind == "wake":
@@ -320,17 +338,21 @@ class Engine:
             up = [i for i in range(len(self.backends)) if i != exclude] or [0]
         return min(up, key=lambda i: self._load[i])
 
-    def _launch(self) -> None:
+    def _launch(self) -> bool:
+        """Start generations for ready trajectories; True if the slice budget cut it short."""
         if self._paused:
-            return
+            return False
+        budget = self.EVENTS_PER_SLICE
         for s, q in enumerate(self._ready):
-            while q and self._inflight[s] < self.cfg.max_inflight_per_server:
+            while q and self._inflight[s] < self.cfg.max_inflight_per_server and budget > 0:
+                budget -= 1
                 lv = q.popleft()
                 self._inflight[s] += 1
                 lv.request_id = uuid.uuid4().hex
                 task = asyncio.ensure_future(self._generate(lv))
                 self._gen_tasks[lv.request_id] = (task, lv)
                 self._idle.clear()
+        return budget == 0
 
     # -- jobs (each ends by putting exactly one event) -------------------------------------
     async def _generate(self, lv: _Live) -> None:
@@ -410,8 +432,8 @@ class Engine:
         turn = Turn(index=len(t.turns), queue_s=t0 - lv.ready_since, gen_s=t1 - t0,
                     gen_tokens=len(out.token_ids))
         text = self.codec.decode(out.token_ids)
-        t.segments.append(Segment(SegmentKind.GEN, list(out.token_ids), turn=turn.index,
-                                  logprobs=list(out.logprobs), version=out.version, text=text,
+        t.segments.append(Segment(SegmentKind.GEN, out.token_ids, turn=turn.index,
+                                  logprobs=out.logprobs, version=out.version, text=text,
                                   finish_reason=out.finish_reason))
         t.turns.append(turn)
         self._account(lv, "gen", t0, t1, turn)

@@ -59,7 +59,7 @@ def test_jsonl_roundtrip_is_lossless(tmp_path) -> None:
     assert json.dumps(back[0].to_json(), sort_keys=True) == json.dumps(t.to_json(), sort_keys=True)
     for a, b in zip(t.images(), back[0].images()):
         assert a.mode == b.mode and a.size == b.size and a.tobytes() == b.tobytes()
-    assert back[0].segments[2].logprobs == [-1e-9]
+    assert back[0].segments[2].logprobs.tolist() == [-1e-9]
 
 
 def test_torn_tail_is_skipped_but_corruption_elsewhere_is_named(tmp_path) -> None:
