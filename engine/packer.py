@@ -105,7 +105,7 @@ def flatten(token_ids: Sequence[SeqLike], loss_masks: Sequence[SeqLike]
         bad = np.flatnonzero((flat_m_raw != 0) & (flat_m_raw != 1))
         if bad.size:
             i = int(np.searchsorted(ends, bad[0], side="right"))
-            raise ValueError(f"loss_mask {i} has value {flat_m_raw[bad[0]]!r}; expected 0 or 1")
+            raise ValueError(f"loss_mask {i} has value {flat_m_raw[bad[0]].item()!r}; expected 0 or 1")
     return flat_t, np.ascontiguousarray(flat_m_raw.astype(bool, copy=False)), lengths
 
 
