@@ -20,7 +20,10 @@ namespace py = pybind11;
 namespace {
 
 void check_tool_name(const std::string& tool) {
-  if (tool.empty()) throw py::value_error("tool name must be a non-empty string");
+  if (tool.empty() || tool.find('\0') != std::string::npos) {
+    throw py::value_error("tool name must be a non-empty string without NUL, got " +
+                          py::repr(py::str(tool)).cast<std::string>());
+  }
 }
 
 void check_batch_wait(const std::string& what, int64_t max_batch, double max_wait) {
@@ -71,6 +74,9 @@ py::dict stats_to_dict(const spyglass::CoalescerStats& s) {
   return d;
 }
 
+// submit/poll/cancel are sub-microsecond and hot: they keep the GIL (releasing it costs about
+// as much as the work). complete/flush, per batch, release it. The core's own mutex makes the
+// object safe either way (Python threads, native threads, free-threaded builds).
 void bind_coalescer(py::module_& m) {
   using spyglass::CoalescerCore;
   py::class_<CoalescerCore>(m, "CoalescerCore",
@@ -95,7 +101,6 @@ void bind_coalescer(py::module_& m) {
           [](CoalescerCore& c, const std::string& tool, const std::string& args, double now) {
             check_tool_name(tool);
             check_now(now);
-            py::gil_scoped_release release;
             return c.submit(tool, args, now);
           },
           py::arg("tool"), py::arg("args"), py::arg("now"))
@@ -103,11 +108,7 @@ void bind_coalescer(py::module_& m) {
           "poll",
           [](CoalescerCore& c, double now) {
             check_now(now);
-            std::vector<spyglass::CoalescerBatch> ready;
-            {
-              py::gil_scoped_release release;
-              ready = c.poll(now);
-            }
+            std::vector<spyglass::CoalescerBatch> ready = c.poll(now);
             return batches_to_list(ready);
           },
           py::arg("now"))
@@ -134,7 +135,6 @@ void bind_coalescer(py::module_& m) {
           "cancel",
           [](CoalescerCore& c, int64_t ticket) {
             if (ticket < 1) return false;
-            py::gil_scoped_release release;
             return c.cancel(static_cast<uint64_t>(ticket));
           },
           py::arg("ticket"))

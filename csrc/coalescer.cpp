@@ -9,14 +9,22 @@ namespace spyglass {
 
 namespace {
 
-// Unambiguous key for (tool, args): the tool's length prefixes it.
+// Key for (tool, args): tool names hold no NUL (checked in set_tool_limits/submit), so
+// tool + NUL + args is unambiguous. Call::args_at is where the args start in it.
 std::string make_key(const std::string& tool, const std::string& args) {
-  std::string key = std::to_string(tool.size());
-  key.reserve(key.size() + 1 + tool.size() + args.size());
-  key.push_back(':');
+  std::string key;
+  key.reserve(tool.size() + 1 + args.size());
   key.append(tool);
+  key.push_back('\0');
   key.append(args);
   return key;
+}
+
+void check_tool(const std::string& tool) {
+  if (tool.empty() || tool.find('\0') != std::string::npos) {
+    throw std::invalid_argument("tool name must be a non-empty string without NUL, got '" +
+                                tool + "'");
+  }
 }
 
 void check_limits(uint64_t max_batch, double max_wait) {
@@ -34,6 +42,9 @@ void check_limits(uint64_t max_batch, double max_wait) {
 CoalescerCore::CoalescerCore(uint64_t default_max_batch, double default_max_wait)
     : default_max_batch_(default_max_batch), default_max_wait_(default_max_wait) {
   check_limits(default_max_batch, default_max_wait);
+  inflight_.reserve(1024);
+  calls_.reserve(1024);
+  ticket_call_.reserve(4096);
 }
 
 CoalescerCore::ToolQueue& CoalescerCore::queue_for(const std::string& tool) {
@@ -46,6 +57,7 @@ CoalescerCore::ToolQueue& CoalescerCore::queue_for(const std::string& tool) {
 
 void CoalescerCore::set_tool_limits(const std::string& tool, uint64_t max_batch,
                                     double max_wait) {
+  check_tool(tool);
   check_limits(max_batch, max_wait);
   std::lock_guard<std::mutex> lock(mu_);
   ToolQueue& q = queue_for(tool);
@@ -73,7 +85,7 @@ void CoalescerCore::form_batch(const std::string& tool, ToolQueue& q, uint64_t n
     q.pending.pop_front();
     Call& call = calls_.at(call_id);
     call.batch_id = batch.id;
-    batch.args.push_back(call.args);
+    batch.args.emplace_back(call.key, call.args_at);
     record.calls.push_back(call_id);
   }
   batches_.emplace(batch.id, std::move(record));
@@ -92,26 +104,24 @@ std::vector<CoalescerBatch> CoalescerCore::take_ready() {
 
 std::pair<uint64_t, bool> CoalescerCore::submit(const std::string& tool, const std::string& args,
                                                 double now) {
+  check_tool(tool);
+  std::string key = make_key(tool, args);
   std::lock_guard<std::mutex> lock(mu_);
   const uint64_t ticket = next_ticket_++;
   stats_.submitted += 1;
-  std::string key = make_key(tool, args);
-  auto found = inflight_.find(key);
-  if (found != inflight_.end()) {
-    calls_.at(found->second).waiters.push_back(ticket);
-    ticket_call_.emplace(ticket, found->second);
+  auto [slot, inserted] = inflight_.try_emplace(std::move(key), next_call_);
+  if (!inserted) {
+    calls_.find(slot->second)->second.waiters.push_back(ticket);
+    ticket_call_.emplace(ticket, slot->second);
     stats_.coalesced += 1;
     return {ticket, false};
   }
   const uint64_t call_id = next_call_++;
-  Call call;
-  call.tool = tool;
-  call.args = args;
-  call.key = key;
+  Call& call = calls_[call_id];
+  call.key = slot->first;
+  call.args_at = tool.size() + 1;
   call.t_submit = now;
   call.waiters.push_back(ticket);
-  calls_.emplace(call_id, std::move(call));
-  inflight_.emplace(std::move(key), call_id);
   ticket_call_.emplace(ticket, call_id);
   ToolQueue& q = queue_for(tool);
   q.pending.push_back(call_id);
@@ -200,7 +210,7 @@ bool CoalescerCore::cancel(uint64_t ticket) {
   call.waiters.erase(std::find(call.waiters.begin(), call.waiters.end(), ticket));
   stats_.cancelled += 1;
   if (call.batch_id == 0 && call.waiters.empty()) {
-    ToolQueue& q = tools_.at(call.tool);
+    ToolQueue& q = tools_.at(call.key.substr(0, call.args_at - 1));
     q.pending.erase(std::find(q.pending.begin(), q.pending.end(), call_id));
     inflight_.erase(call.key);
     calls_.erase(call_id);

@@ -76,9 +76,8 @@ class CoalescerCore {
 
  private:
   struct Call {
-    std::string tool;
-    std::string args;
-    std::string key;
+    std::string key;     // tool + NUL + args
+    size_t args_at = 0;  // where args start in key
     double t_submit = 0.0;
     uint64_t batch_id = 0;  // 0 while pending
     std::vector<uint64_t> waiters;

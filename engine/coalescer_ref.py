@@ -191,8 +191,8 @@ class CoalescerCoreRef:
 
 
 def _check_tool(tool: str) -> None:
-    if not isinstance(tool, str) or not tool:
-        raise ValueError(f"tool name must be a non-empty string, got {tool!r}")
+    if not isinstance(tool, str) or not tool or "\0" in tool:
+        raise ValueError(f"tool name must be a non-empty string without NUL, got {tool!r}")
 
 
 def _check_now(now: float) -> None:
