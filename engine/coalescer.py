@@ -65,6 +65,8 @@ class Coalescer:
     exception raised by `dispatch` reaches every caller of that batch. Cancelling one caller
     withdraws only that caller; the shared execution goes on for the others (a call that is
     still queued and loses all its callers is dropped). Bound to the event loop of first use.
+    `max_batch` / `max_wait_s` are one value for every tool or a dict per tool name, whose
+    key "*" (optional) sets the default for the others.
     """
 
     def __init__(self, dispatch: Dispatch, max_batch: int | dict[str, int] = 16,

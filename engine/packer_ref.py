@@ -77,6 +77,8 @@ def pack_bins_ref(lengths: Sequence[int], max_tokens: int, min_micro_batches: in
     for i, length in enumerate(lengths):
         if length < 1:
             raise ValueError(f"sequence {i} is empty (length {length})")
+        if length > np.iinfo(np.int32).max:
+            raise ValueError(f"sequence {i} has {length} tokens: more than int32 cu_seqlens can hold")
         if length > max_tokens:
             if not allow_oversize:
                 raise ValueError(f"sequence {i} has {length} tokens > max_tokens {max_tokens} "
