@@ -134,9 +134,10 @@ def test_infinite_loop_hits_a_limit() -> None:
 
 
 def test_memory_hogs_hit_the_memory_limit() -> None:
-    r = py("x = bytearray(4 * 1024 ** 3)")
+    tool = python_tool(PythonConfig(timeout_s=60, cpu_s=30, memory_mb=512))  # memory first
+    r = py("x = bytearray(4 * 1024 ** 3)", tool=tool)
     assert r.error.kind is ErrorKind.FATAL and "out of memory (limit 512 MB)" in r.error.message
-    r = py("x = []\nwhile True:\n    x.append(' ' * 10 ** 6)")
+    r = py("x = []\nwhile True:\n    x.append(' ' * 10 ** 6)", tool=tool)
     assert r.error.kind is ErrorKind.FATAL and "out of memory" in r.error.message
 
 

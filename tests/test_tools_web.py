@@ -71,7 +71,7 @@ def main_routes(other: str, hits: list[str]) -> list[web.RouteDef]:
         return resp
 
     async def slow(req: web.Request) -> web.Response:
-        await asyncio.sleep(3)
+        await asyncio.sleep(1.5)
         return web.Response(text="late")
 
     async def raw(req: web.Request) -> web.Response:
