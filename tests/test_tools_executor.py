@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import json
 import multiprocessing as mp
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from spyglass.engine.coalescer import Coalescer
 from spyglass.engine.tools.base import ErrorKind, Tool, ToolContext, ToolError, ToolResult
 from spyglass.engine.tools.cache import ToolCache, pack_images, unpack_images
 from spyglass.engine.tools.executor import ExecutorConfig, ToolExecutor
@@ -286,40 +288,13 @@ def test_cache_dropped_before_a_fork_does_not_clobber_the_children(tmp_path: Pat
     assert len(ToolCache(path)) == 300
 
 
-class MiniCoalescer:
-    """A test double of the agreed Coalescer interface: in-flight dedup + per-tool batches."""
-
-    def __init__(self, dispatch: Any, max_batch: int = 16, max_wait_s: float = 0.005) -> None:
-        self.dispatch, self.max_wait_s = dispatch, max_wait_s
-        self.queue: dict[str, list[tuple[str, asyncio.Future]]] = {}
-        self.inflight: dict[tuple[str, str], asyncio.Future] = {}
-        self.stats = {"batches": 0}
-
-    async def submit(self, tool: str, key: str) -> object:
-        fut = self.inflight.get((tool, key))
-        if fut is None:
-            fut = asyncio.get_running_loop().create_future()
-            self.inflight[(tool, key)] = fut
-            q = self.queue.setdefault(tool, [])
-            q.append((key, fut))
-            if len(q) == 1:
-                asyncio.get_running_loop().call_later(
-                    self.max_wait_s, lambda: asyncio.ensure_future(self._flush(tool)))
-        return await asyncio.shield(fut)
-
-    async def _flush(self, tool: str) -> None:
-        batch = self.queue.pop(tool, [])
-        self.stats["batches"] += 1
-        try:
-            outs = await self.dispatch(tool, [k for k, _ in batch])
-        except Exception as e:
-            outs = [e] * len(batch)
-        for (key, fut), out in zip(batch, outs):
-            del self.inflight[(tool, key)]
-            fut.set_exception(out) if isinstance(out, Exception) else fut.set_result(out)
+@pytest.fixture(params=["cpp", "python"])
+def coalescer(request: pytest.FixtureRequest) -> Any:
+    """The real Coalescer (C++ core and its Python reference) as the executor's factory."""
+    return functools.partial(Coalescer, max_wait_s=0.005, backend=request.param)
 
 
-def test_coalescer_mode_batches_through_batch_fn() -> None:
+def test_coalescer_mode_batches_through_batch_fn(coalescer: Any) -> None:
     batches: list[list[dict]] = []
 
     async def one(args: dict, ctx: ToolContext) -> ToolResult:
@@ -329,7 +304,7 @@ def test_coalescer_mode_batches_through_batch_fn() -> None:
         batches.append([a for a, _ in items])
         return [ToolResult(text=f"batched {a['q']}") for a, _ in items]
     tool = make_tool("B", one, batch_fn=many)
-    ex = ToolExecutor({"B": tool}, coalescer_factory=MiniCoalescer)
+    ex = ToolExecutor({"B": tool}, coalescer_factory=coalescer)
 
     async def main() -> list[ToolResult]:
         qs = [1, 2, 3, 2, 1]
@@ -342,7 +317,7 @@ def test_coalescer_mode_batches_through_batch_fn() -> None:
     assert st["coalesced"] == 2 and st["coalescer"]["batches"] == 1 and not ex._pending
 
 
-def test_coalescer_mode_retries_only_transient_items_of_a_batch() -> None:
+def test_coalescer_mode_retries_only_transient_items_of_a_batch(coalescer: Any) -> None:
     seen: list[list[int]] = []
 
     async def one(args: dict, ctx: ToolContext) -> ToolResult:
@@ -355,7 +330,7 @@ def test_coalescer_mode_retries_only_transient_items_of_a_batch() -> None:
                 else ToolResult.fail("bad_args", f"bad {q}") if q == 3
                 else ToolResult(text=str(q)) for q in qs]
     ex = ToolExecutor({"B": make_tool("B", one, batch_fn=many)}, config=FAST,
-                      coalescer_factory=MiniCoalescer)
+                      coalescer_factory=coalescer)
 
     async def main() -> list[ToolResult]:
         return await asyncio.gather(*(ex.execute("B", json.dumps({"q": q}), ToolContext())
@@ -365,9 +340,9 @@ def test_coalescer_mode_retries_only_transient_items_of_a_batch() -> None:
     assert seen[1] == [2] and ex.stats()["retries"] == 1
 
 
-def test_coalescer_mode_without_batch_fn_runs_items_concurrently() -> None:
+def test_coalescer_mode_without_batch_fn_runs_items_concurrently(coalescer: Any) -> None:
     rec = Recorder(delay=0.02)
-    ex = ToolExecutor({"R": make_tool("R", rec)}, coalescer_factory=MiniCoalescer)
+    ex = ToolExecutor({"R": make_tool("R", rec)}, coalescer_factory=coalescer)
 
     async def main() -> list[ToolResult]:
         return await asyncio.gather(*(ex.execute("R", json.dumps({"i": i}), ToolContext())
@@ -391,12 +366,30 @@ def test_tools_dict_must_match_names() -> None:
         ToolExecutor({"X": make_tool("Y", Recorder())})
 
 
-def test_dispatch_of_withdrawn_keys_answers_only_those_with_an_error() -> None:
+def test_dispatch_of_withdrawn_keys_answers_only_those_with_an_error(coalescer: Any) -> None:
     rec = Recorder()
-    ex = ToolExecutor({"R": make_tool("R", rec)}, coalescer_factory=MiniCoalescer)
+    ex = ToolExecutor({"R": make_tool("R", rec)}, coalescer_factory=coalescer)
     ex._pending[("R", '{"a":1}')] = [{"a": 1}, ToolContext(), 1]
     out = run(ex.dispatch("R", ['{"gone":1}', '{"a":1}']))
     assert isinstance(out[0], ToolError) and "withdrawn" in out[0].message
     assert isinstance(out[1], ToolResult) and out[1].ok and rec.calls == [{"a": 1}]
     with pytest.raises(KeyError, match="unknown tool 'Nope'"):
         run(ex.dispatch("Nope", ["{}"]))
+
+
+def test_coalescer_mode_cancelled_caller_leaves_the_others(coalescer: Any) -> None:
+    rec = Recorder(delay=0.05)
+    ex = ToolExecutor({"R": make_tool("R", rec)}, coalescer_factory=coalescer)
+
+    async def main() -> ToolResult:
+        t1 = asyncio.create_task(ex.execute("R", '{"a":1}', ToolContext()))
+        t2 = asyncio.create_task(ex.execute("R", '{"a":1}', ToolContext()))
+        t3 = asyncio.create_task(ex.execute("R", '{"a":2}', ToolContext()))
+        await asyncio.sleep(0.001)
+        t3.cancel()  # still queued: dropped
+        await asyncio.sleep(0.02)
+        t1.cancel()  # running: t2 still gets the result
+        return await t2
+    res = run(main())
+    assert res.ok and res.meta["coalesced"] is True and rec.calls == [{"a": 1}]
+    assert not ex._pending and ex.stats()["coalescer"]["dropped"] == 1

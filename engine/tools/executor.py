@@ -17,7 +17,8 @@ One call = (tool name, canonical JSON args, the trajectory's ToolContext). The e
   6. classifies every failure: ToolError keeps its kind, a timeout is transient, any other
      exception is fatal with its type and message (read by the fatal-step detector).
 
-    ex = ToolExecutor({"TextSearch": tool}, cache=ToolCache("cache.sqlite"))
+    ex = ToolExecutor({"TextSearch": tool}, cache=ToolCache("cache.sqlite"),
+                      coalescer_factory=functools.partial(Coalescer, max_batch=16))  # or None
     result = await ex.execute("TextSearch", '{"query":"eiffel tower"}', ctx)
     ex.stats()   # calls, cache_hits, coalesced, retries, errors by kind, latency per tool
 """
