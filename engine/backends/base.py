@@ -52,10 +52,19 @@ class BackendError(Exception):
 def _check_ids(name: str, ids: Any, allow_empty: bool) -> None:
     if not isinstance(ids, list):
         raise TypeError(f"{name} must be a list of ints, got {type(ids).__name__}")
-    if not ids and not allow_empty:
-        raise ValueError(f"{name} is empty")
-    for i, t in enumerate(ids):
-        if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+    if not ids:
+        if not allow_empty:
+            raise ValueError(f"{name} is empty")
+        return
+    # fast path (this runs on every turn over the whole context): one C-level pass; the
+    # elements' types are sampled (ends), the engine's own ids are ints by construction
+    try:
+        if type(ids[0]) is int and type(ids[-1]) is int and min(ids) >= 0:
+            return
+    except TypeError:
+        pass
+    for i, t in enumerate(ids):  # slow path: find and name the offending element
+        if not isinstance(t, int) or isinstance(t, bool) or t < 0 or t >= 2**63:
             raise ValueError(f"{name}[{i}] must be a non-negative int, got {t!r}")
 
 
