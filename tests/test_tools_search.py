@@ -240,3 +240,36 @@ def test_llm_summary_is_appended(index_dir: Path, monkeypatch: pytest.MonkeyPatc
     assert res.error.kind is ErrorKind.FATAL and "TEST_LLM_KEY" in res.error.message
     with pytest.raises(ValueError, match="base_url must be an http"):
         LLMConfig(base_url="localhost:8000", model="m")
+
+
+def test_world_questions_are_answerable_by_search_then_visit(tmp_path: Path) -> None:
+    """On the offline world: each visit hop's doc is the top hit for the name the previous hop
+    produced, and Visit with the hop's field as goal shows the hop's value."""
+    from spyglass.engine.tools.web import VisitConfig, visit_tool
+    from spyglass.engine.world import generate_world
+    world = generate_world(tmp_path / "world")
+    index = build_index(tmp_path / "world" / "docs.jsonl", tmp_path / "index")
+    chains = []
+    for q in world.questions:
+        prev = None
+        for hop in q["hops"]:
+            if hop["action"] == "visit" and prev:
+                chains.append((str(prev), hop["doc"], hop["field"], str(hop["value"])))
+            if hop["action"] in ("ocr", "visit"):
+                prev = hop.get("value")
+    assert len(chains) >= 20
+    search = text_search_tool(TextSearchConfig(index_dir=str(index), default_top_k=3))
+    visit = visit_tool(VisitConfig(corpus=str(index)))
+    ex = ToolExecutor({"TextSearch": search, "Visit": visit})
+
+    async def go() -> list[tuple[Any, Any]]:
+        out = []
+        for name, doc, fld, _value in chains:
+            s = await ex.execute("TextSearch", json.dumps({"query": name}), ToolContext())
+            v = await ex.execute("Visit", json.dumps({"url": f"corpus://{doc}", "goal": fld}),
+                                 ToolContext())
+            out.append((s, v))
+        return out
+    for (name, doc, fld, value), (s, v) in zip(chains, asyncio.run(go())):
+        assert s.ok and s.meta["urls"][0] == f"corpus://{doc}", (name, s.text)
+        assert v.ok and value in v.text, (doc, fld, value, v.text)

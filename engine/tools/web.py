@@ -49,7 +49,7 @@ from yarl import URL
 from spyglass.engine.tools.args import check_args
 from spyglass.engine.tools.base import ErrorKind, Tool, ToolContext, ToolError, ToolResult
 from spyglass.engine.tools.llm import LLMConfig, chat
-from spyglass.engine.tools.search import load_docs
+from spyglass.engine.tools.search import WIKILINK, load_docs
 
 _REDIRECTS = {301, 302, 303, 307, 308}
 _META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([A-Za-z0-9_.:-]+)""", re.I)
@@ -314,12 +314,18 @@ def corpus_docs(path: str) -> dict[str, dict[str, Any]]:
 
 
 def render_doc(doc: dict[str, Any], docs: dict[str, dict[str, Any]]) -> str:
-    """A corpus document as markdown: title, infobox, text, links."""
+    """A corpus document as markdown: title, aliases, infobox, text ([[Title]] links become
+    markdown links to corpus:// URLs), links."""
     lines = [f"# {doc['title']}", ""]
+    aliases = [a for a in doc.get("aliases") or [] if isinstance(a, str)]
+    if aliases:
+        lines += [f"Also known as: {'; '.join(aliases)}", ""]
     infobox = doc.get("infobox") or {}
     if infobox:
         lines += [f"- {k}: {v}" for k, v in infobox.items()] + [""]
-    lines += [doc["text"], ""]
+    by_title = {docs[lid]["title"]: lid for lid in doc.get("links") or [] if lid in docs}
+    lines += [WIKILINK.sub(lambda m: f"[{m.group(1)}](corpus://{by_title[m.group(1)]})"
+                            if m.group(1) in by_title else m.group(1), doc["text"]), ""]
     links = [lid for lid in doc.get("links") or [] if isinstance(lid, str)]
     if links:
         lines.append("Links: " + "; ".join(
