@@ -270,6 +270,12 @@ def order_corners(pts: np.ndarray) -> np.ndarray:
     return np.roll(p, -start, axis=0).astype(np.float32)
 
 
+def _hugs_frame(pts: np.ndarray, w: int, h: int) -> bool:
+    """Every corner of pts [4, 2] lies within 10% of the image border."""
+    mx, my = 0.1 * w, 0.1 * h
+    return all(min(x, w - 1 - x) <= mx and min(y, h - 1 - y) <= my for x, y in pts)
+
+
 def find_quadrilateral(rgb: np.ndarray, cfg: VisualConfig) -> np.ndarray | None:
     """The largest convex 4-gon in the edge map, as ordered corners [4, 2], or None."""
     h, w = rgb.shape[:2]
@@ -285,8 +291,8 @@ def find_quadrilateral(rgb: np.ndarray, cfg: VisualConfig) -> np.ndarray | None:
         approx = cv2.approxPolyDP(c, 0.02 * cv2.arcLength(c, True), True)
         if len(approx) != 4 or not cv2.isContourConvex(approx):
             continue
-        if area > 0.98 * w * h:  # the image frame itself: nothing to correct
-            continue
+        if area > 0.9 * w * h and _hugs_frame(approx.reshape(4, 2), w, h):
+            continue  # the image frame itself (or edge clutter filling it): nothing to correct
         best, best_area = approx.reshape(4, 2).astype(np.float32), area
         break
     return None if best is None else order_corners(best)
@@ -381,7 +387,7 @@ def visual_tools(cfg: VisualConfig | None = None) -> list[Tool]:
                           parameters={"type": "object", "properties": props,
                                       "required": required, "additionalProperties": False},
                           fn=fn, batch_fn=batch_fn, image_args=("image",), timeout_s=30.0,
-                          max_concurrency=4, retries=0))
+                          max_concurrency=4, retries=0, cacheable=False))
     return tools
 
 
