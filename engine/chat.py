@@ -123,3 +123,73 @@ class ByteCodec:
             out.append(names.get(i, f"<|{i}|>"))
         out.append(buf.decode("utf-8", errors="replace"))
         return "".join(out)
+
+
+def _obs_content(text: str, images: Sequence[Image.Image]) -> list[dict[str, Any]]:
+    return [{"type": "text", "text": text}] + [{"type": "image", "image": im} for im in images]
+
+
+class HFCodec:
+    """A Hugging Face tokenizer with a Qwen-style chat template (engine/tiny.py's or a real
+    Qwen2.5-VL one) plus its image processor, which fixes how many pad tokens an image takes."""
+
+    def __init__(self, tokenizer: Any, image_processor: Any = None, system: str | None = None) -> None:
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.system = system
+        ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+        unk = getattr(tokenizer, "unk_token_id", None)
+        self.stop_token_ids = [i for i in ids if i is not None and i != unk]
+        if not self.stop_token_ids:
+            raise ValueError("tokenizer has no <|im_end|>/<|endoftext|> token to stop turns on")
+
+    @classmethod
+    def from_tiny(cls, vlm: Any, system: str | None = None) -> "HFCodec":
+        return cls(vlm.tokenizer, vlm.image_processor, system)
+
+    def image_tokens(self, img: Image.Image) -> int:
+        from .tiny import image_token_count  # noqa: PLC0415
+        return image_token_count(img, self.image_processor) if self.image_processor else 0
+
+    def _messages(self, question: str, images: Sequence[Image.Image],
+                  system: str | None) -> list[dict[str, Any]]:
+        user = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": question}]
+        return [{"role": "system", "content": system or self.system or DEFAULT_SYSTEM},
+                {"role": "user", "content": user}]
+
+    def encode_prompt(self, question: str, images: Sequence[Image.Image],
+                      tools: Sequence[dict[str, Any]], system: str | None = None) -> list[int]:
+        from .tiny import encode_chat  # noqa: PLC0415
+        return encode_chat(self.tokenizer, self.image_processor, self._messages(question, images, system),
+                           tools=list(tools) or None).input_ids
+
+    def encode_observation(self, text: str, images: Sequence[Image.Image], closed: bool,
+                           first_image_index: int = 1) -> list[int]:
+        from .tiny import encode_observation  # noqa: PLC0415
+        ids = encode_observation(self.tokenizer, self.image_processor,
+                                 [{"role": "tool", "content": _obs_content(text, images)}]).input_ids
+        return ids if closed else [self.stop_token_ids[0]] + ids
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def retokenize(self, question: str, images: Sequence[Image.Image], tools: Sequence[dict[str, Any]],
+                   turns: Sequence[tuple[str, str | None, Sequence[Image.Image]]],
+                   system: str | None = None) -> list[int]:
+        """A fresh tokenization of the whole conversation: (assistant text without its stop
+        token, observation text or None, observation images) per turn."""
+        from .tiny import encode_chat  # noqa: PLC0415
+        msgs = self._messages(question, images, system)
+        for said, obs, obs_images in turns:
+            msgs.append({"role": "assistant", "content": said})
+            if obs is not None:
+                msgs.append({"role": "tool", "content": _obs_content(obs, obs_images)})
+        last_is_obs = bool(turns) and turns[-1][1] is not None
+        ids = encode_chat(self.tokenizer, self.image_processor, msgs, tools=list(tools) or None,
+                          add_generation_prompt=last_is_obs or not turns).input_ids
+        if turns and not last_is_obs:  # the run ends on the model's stop token, not the template's "\n"
+            while ids and ids[-1] not in self.stop_token_ids:
+                ids.pop()
+        return ids

@@ -63,6 +63,8 @@ class EngineConfig:
     max_server_retries: int = 3  # a turn moves servers at most this often before ERROR
     seed: int = 0
     gc_freeze: bool = True  # move objects alive at start (models, datasets) out of the cyclic GC
+    check_tokens: bool = False  # compare each finished context with a fresh tokenization
+    strict_tokens: bool = False  # ... and raise on a mismatch (tests)
 
     def __post_init__(self) -> None:
         for name in ("n_samples", "max_turns", "max_context", "max_tokens_per_turn", "max_live",
@@ -144,6 +146,7 @@ class EngineStats:
     server_moves: int = 0
     finished: int = 0
     by_status: collections.Counter = field(default_factory=collections.Counter)
+    token_check: collections.Counter = field(default_factory=collections.Counter)  # ok/mismatch/unsupported
     gen_s: float = 0.0
     tool_s: float = 0.0
     queue_s: float = 0.0
@@ -250,6 +253,8 @@ class Engine:
         try:
             await self._loop(iter(pending), out)
         finally:
+            if self.cfg.gc_freeze:
+                gc.unfreeze()
             out.put_nowait(None)
 
     async def _loop(self, pending: Any, out: asyncio.Queue) -> None:
@@ -530,6 +535,35 @@ class Engine:
         t = lv.traj
         t.status, t.stop_reason, t.finished_at = status, reason, time.time()
         t.fatal_step = t.compute_fatal_step(self.cfg.fatal_k)
+        if self.cfg.check_tokens:
+            self._check_tokens(t)
         self.stats.finished += 1
         self.stats.by_status[status.value] += 1
         return True
+
+    def _check_tokens(self, t: Trajectory) -> None:
+        """Token-in/token-out invariant: the accumulated ids equal a fresh tokenization of the
+        conversation, where the codec can say (a model may sample a non-canonical
+        tokenization of its own text: that counts as a mismatch, not an error, unless strict)."""
+        retok = getattr(self.codec, "retokenize", None)
+        if retok is None:
+            self.stats.token_check["unsupported"] += 1
+            return
+        turns: list[tuple[str, str | None, list]] = []
+        for s in t.segments:
+            if s.kind is SegmentKind.GEN:
+                ids = s.token_ids[:-1] if len(s.token_ids) and s.token_ids[-1] in self.codec.stop_token_ids \
+                    else s.token_ids
+                turns.append((self.codec.decode(ids), None, []))
+            else:
+                said = turns.pop()[0]
+                turns.append((said, s.text, s.images))
+        question = t.prompt_messages[0]["content"] if t.prompt_messages else ""
+        fresh = retok(question, t.prompt_images, self.tool_schemas, turns)
+        ok = fresh == t.token_ids()
+        self.stats.token_check["ok" if ok else "mismatch"] += 1
+        if not ok and self.cfg.strict_tokens:
+            got = t.token_ids()
+            i = next((i for i, (a, b) in enumerate(zip(got, fresh)) if a != b), min(len(got), len(fresh)))
+            raise AssertionError(f"trajectory {t.id}: accumulated ids differ from a fresh tokenization "
+                                 f"at position {i} (lengths {len(got)} vs {len(fresh)})")
