@@ -150,6 +150,19 @@ def test_concurrency_limit_per_tool() -> None:
     assert all(r.ok for r in out) and len(rec.calls) == 6 and rec.max_live == 2
 
 
+def test_cancelled_waiter_leaves_the_run_alone() -> None:
+    rec = Recorder(delay=0.05)
+    ex = ToolExecutor({"R": make_tool("R", rec)})
+
+    async def main() -> ToolResult:
+        t1 = asyncio.create_task(ex.execute("R", "{}", ToolContext()))
+        t2 = asyncio.create_task(ex.execute("R", "{}", ToolContext()))
+        await asyncio.sleep(0.01)
+        t2.cancel()
+        return await t1
+    assert run(main()).ok and len(rec.calls) == 1 and not ex._inflight
+
+
 def test_identical_inflight_calls_run_once() -> None:
     rec = Recorder(delay=0.02)
     ex = ToolExecutor({"R": make_tool("R", rec)})
@@ -167,7 +180,7 @@ def test_identical_inflight_calls_run_once() -> None:
     assert out[1].images == []
 
 
-def test_cancelled_caller_does_not_cancel_the_others() -> None:
+def test_cancelled_first_caller_hands_the_call_to_a_waiter() -> None:
     rec = Recorder(delay=0.05)
     ex = ToolExecutor({"R": make_tool("R", rec)})
 
@@ -177,7 +190,9 @@ def test_cancelled_caller_does_not_cancel_the_others() -> None:
         await asyncio.sleep(0.01)
         t1.cancel()
         return await t2
-    assert run(main()).ok and len(rec.calls) == 1
+    # the cancelled first caller was running the call: its waiter runs it again
+    res = run(main())
+    assert res.ok and len(rec.calls) == 2 and not ex._inflight
 
 
 def _img(color: tuple[int, int, int], size: tuple[int, int] = (8, 6)) -> Image.Image:

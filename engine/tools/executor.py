@@ -28,6 +28,7 @@ import asyncio
 import json
 import logging
 import random
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -139,7 +140,7 @@ class ToolExecutor:
         args = parse_args(name, canonical_args)
         key = self.make_key(tool, args, ctx)
         if self.cache is not None and tool.cacheable:
-            hit = await self.cache.aget(name, key)
+            hit = self.cache.get(name, key)  # WAL reads never wait on writers: inline
             if hit is not None:
                 self._counts["cache_hits"] += 1
                 return copy_result(hit, cache_hit=True)
@@ -164,18 +165,29 @@ class ToolExecutor:
     # --------------------------------------------------------------------------- submission
     async def _submit_direct(self, tool: Tool, key: str, args: dict[str, Any],
                              ctx: ToolContext) -> ToolResult:
+        """Without a coalescer: the first caller of a key runs it inline (no extra task); later
+        identical callers wait on its future. If that first caller is cancelled, its waiters
+        are told so and one of them runs the call again."""
         fkey = (tool.name, key)
-        task = self._inflight.get(fkey)
-        coalesced = task is not None
-        if task is None:
-            task = asyncio.ensure_future(self._run_items(tool, [key], [(args, ctx)]))
-            self._inflight[fkey] = task
-            task.add_done_callback(lambda _t: self._inflight.pop(fkey, None))
-        else:
+        while (fut := self._inflight.get(fkey)) is not None:
+            try:
+                res = await asyncio.shield(fut)  # a cancelled waiter leaves the run alone
+            except _LeaderCancelled:
+                continue
             self._counts["coalesced"] += 1
-        # shield: a cancelled caller must not cancel the run other callers are waiting on
-        res = (await asyncio.shield(task))[0]
-        return copy_result(res, coalesced=True) if coalesced else copy_result(res)
+            return copy_result(res, coalesced=True)
+        fut = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(_retrieve)
+        self._inflight[fkey] = fut
+        try:
+            res = (await self._run_items(tool, [key], [(args, ctx)]))[0]
+        except BaseException as e:
+            fut.set_exception(_LeaderCancelled() if isinstance(e, asyncio.CancelledError) else e)
+            raise
+        finally:
+            del self._inflight[fkey]
+        fut.set_result(res)
+        return copy_result(res)
 
     async def _submit_coalesced(self, tool: Tool, key: str, args: dict[str, Any],
                                 ctx: ToolContext) -> ToolResult:
@@ -227,6 +239,8 @@ class ToolExecutor:
                          items: list[tuple[dict[str, Any], ToolContext]]) -> list[ToolResult]:
         if tool.batch_fn is not None and len(items) > 1:
             results = await self._run_batch(tool, items)
+        elif len(items) == 1:
+            results = [await self._run_one(tool, *items[0])]
         else:
             results = list(await asyncio.gather(*(self._run_one(tool, a, c) for a, c in items)))
         if self.cache is not None and tool.cacheable:
@@ -242,7 +256,7 @@ class ToolExecutor:
         """One attempt under the concurrency limit and timeout; failures become ToolResults."""
         async with self._sems[tool.name]:
             try:
-                return await asyncio.wait_for(coro_fn(), tool.timeout_s)
+                return await _with_timeout(coro_fn(), tool.timeout_s)
             except ToolError as e:
                 return ToolResult(error=e)
             except asyncio.TimeoutError:
@@ -316,6 +330,14 @@ class ToolExecutor:
         return out
 
 
+async def _with_timeout(coro: Awaitable[Any], timeout_s: float) -> Any:
+    """await coro with a deadline; asyncio.timeout (3.11+) avoids wait_for's extra task."""
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(timeout_s):
+            return await coro
+    return await asyncio.wait_for(coro, timeout_s)
+
+
 def parse_args(name: str, canonical_args: str) -> dict[str, Any]:
     """json-parse a call's arguments; anything but a JSON object is bad_args."""
     try:
@@ -327,6 +349,16 @@ def parse_args(name: str, canonical_args: str) -> dict[str, Any]:
         raise ToolError(ErrorKind.BAD_ARGS, f"{name}: arguments must be a JSON object, got "
                         f"{type(args).__name__}: {str(canonical_args)[:200]!r}", name)
     return args
+
+
+class _LeaderCancelled(Exception):
+    """The caller running a de-duplicated call was cancelled: a waiter must run it again."""
+
+
+def _retrieve(fut: asyncio.Future) -> None:
+    """Mark a shared future's exception as seen (its waiters may all be gone)."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _as_result(tool: Tool, out: Any) -> ToolResult:
