@@ -142,9 +142,8 @@ def _crop_core(cfg: VisualConfig):
 
 def unsharp_mask(rgb: np.ndarray, amount: float, sigma: float) -> np.ndarray:
     """(1+a)*I - a*G_sigma*I on uint8 [H, W, 3] -> uint8 [H, W, 3] (clipped)."""
-    f = rgb.astype(np.float32)
-    blur = cv2.GaussianBlur(f, (0, 0), sigmaX=sigma, sigmaY=sigma)
-    return np.clip((1.0 + amount) * f - amount * blur, 0, 255).round().astype(np.uint8)
+    blur = cv2.GaussianBlur(rgb, (0, 0), sigmaX=sigma, sigmaY=sigma)
+    return cv2.addWeighted(rgb, 1.0 + amount, blur, -amount, 0.0)  # saturating, rounded
 
 
 def _sharpen_core(cfg: VisualConfig):
