@@ -408,3 +408,31 @@ def test_coalescer_mode_cancelled_caller_leaves_the_others(coalescer: Any) -> No
     res = run(main())
     assert res.ok and res.meta["coalesced"] is True and rec.calls == [{"a": 1}]
     assert not ex._pending and ex.stats()["coalescer"]["dropped"] == 1
+
+
+def test_unpublished_images_are_published_per_caller(tmp_path: Path) -> None:
+    calls = []
+
+    async def zoom(args: dict, ctx: ToolContext) -> ToolResult:
+        calls.append(1)
+        await asyncio.sleep(0.01)
+        img = ctx.resolve_image(args["image"]).resize((4, 4))
+        return ToolResult(text="zoomed", images=[img], meta={"captions": ["zoom x2"]})
+    tool = make_tool("Zoom", zoom, image_args=("image",))
+    cache = ToolCache(tmp_path / "c.sqlite")
+    ex = ToolExecutor({"Zoom": tool}, cache=cache)
+    red = _img((255, 0, 0))
+    a = ToolContext(images=[red])
+    b = ToolContext(images=[_img((0, 9, 0)), _img((0, 0, 9)), _img((255, 0, 0))])
+
+    async def main() -> list[ToolResult]:
+        return await asyncio.gather(ex.execute("Zoom", '{"image":"img_1"}', a),
+                                    ex.execute("Zoom", '{"image":"img_3"}', b))
+    ra, rb = run(main())
+    assert len(calls) == 1 and rb.meta["coalesced"]
+    assert ra.text == "zoomed\nimg_2: zoom x2" and len(a.images) == 2
+    assert rb.text == "zoomed\nimg_4: zoom x2" and len(b.images) == 4
+    assert a.images[1].size == b.images[3].size == (4, 4)
+    c = ToolContext(images=[red])
+    rc = run(ToolExecutor({"Zoom": tool}, cache=cache).execute("Zoom", '{"image":"img_1"}', c))
+    assert rc.meta["cache_hit"] and rc.text == "zoomed\nimg_2: zoom x2" and len(c.images) == 2

@@ -15,7 +15,13 @@ One call = (tool name, canonical JSON args, the trajectory's ToolContext). The e
      transient failures are retried with exponential backoff and jitter (Tool.retries times),
      and a transient failure that persists is reported as fatal;
   6. classifies every failure: ToolError keeps its kind, a timeout is transient, any other
-     exception is fatal with its type and message (read by the fatal-step detector).
+     exception is fatal with its type and message (read by the fatal-step detector);
+  7. publishes new images per caller: a result with images and no meta["image_refs"] (the
+     tool left them unpublished, captions in meta["captions"]) has them appended to *this*
+     caller's ctx and named img_N in its text (imgutil.publish). Results are cached and shared
+     unpublished, so a coalesced or cached image result names the right images in every
+     trajectory. (A tool that publishes itself gets no such fix: its image names are those of
+     the first caller's context.)
 
     ex = ToolExecutor({"TextSearch": tool}, cache=ToolCache("cache.sqlite"),
                       coalescer_factory=functools.partial(Coalescer, max_batch=16))  # or None
@@ -37,6 +43,7 @@ from typing import Any, Awaitable, Callable, Protocol
 from spyglass.engine.tools.base import (ErrorKind, Tool, ToolContext, ToolError, ToolResult,
                                         registered_tools)
 from spyglass.engine.tools.cache import ToolCache
+from spyglass.engine.tools.imgutil import publish
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +134,8 @@ class ToolExecutor:
             res = await self._execute(name, canonical_args, ctx)
         except ToolError as e:
             res = ToolResult(error=e)
+        if res.images and res.ok and "image_refs" not in res.meta:
+            res = publish(ctx, res)  # name new images in *this* caller's context
         if res.error is not None and not res.error.tool:
             res.error.tool = name
         self._record(name, res, time.perf_counter() - t0)
