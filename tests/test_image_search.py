@@ -12,6 +12,7 @@ from aiohttp import web
 from PIL import Image
 
 from spyglass.engine.tools.base import ToolContext
+from spyglass.engine.tools.imgutil import publish
 from spyglass.engine.tools.image_search import (ImageSearchConfig, ImageSearchIndex,
                                                 image_search_tools)
 from spyglass.engine.tools.visual import visual_tools
@@ -50,7 +51,7 @@ def test_crop_of_a_known_image_finds_its_source(world, tool):
                 and r["degradation"] in ("none", "perspective", "blur")][:6]:
         ctx = ToolContext(images=[world.load_image(rec["id"])])
         x1, y1, x2, y2 = rec["regions"][0]["box"]
-        crop = run(CROP, {"image": "img_1", "box": [x1, y1, (x1 + x2) // 2, y2]}, ctx)
+        crop = publish(ctx, run(CROP, {"image": "img_1", "box": [x1, y1, (x1 + x2) // 2, y2]}, ctx))
         assert crop.ok
         r = run(tool, {"image": "img_2", "top_k": 3}, ctx)
         assert r.ok, r.error

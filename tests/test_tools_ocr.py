@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from spyglass.engine.tools.base import ToolContext
+from spyglass.engine.tools.imgutil import publish
 from spyglass.engine.tools.ocr import Block, OCRConfig, ocr_tools, reading_order
 from spyglass.engine.tools.visual import visual_tools
 from spyglass.engine.world import ensure_world
@@ -82,7 +83,7 @@ def test_perspective_correction_improves_ocr(world):
     for rec in recs:
         ctx = ToolContext(images=[world.load_image(rec["id"])])
         raw = run(OCR, {"image": "img_1"}, ctx)
-        fixed = run(VISUAL["PerspectiveCorrect"], {"image": "img_1"}, ctx)
+        fixed = publish(ctx, run(VISUAL["PerspectiveCorrect"], {"image": "img_1"}, ctx))
         assert fixed.meta["found"] and fixed.meta["image_refs"] == ["img_2"]
         corrected = run(OCR, {"image": "img_2"}, ctx)
         before.append(score(raw.meta["lines"], rec["text"]))

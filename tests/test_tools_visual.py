@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from spyglass.engine.tools.base import ToolContext, get_tool
+from spyglass.engine.tools.executor import ToolExecutor
+from spyglass.engine.tools.imgutil import publish
 from spyglass.engine.tools.visual import (VisualConfig, laplacian_variance, register_visual_tools,
                                           visual_tools)
 from spyglass.engine.world import ensure_world
@@ -21,7 +23,8 @@ TOOLS = {t.name: t for t in visual_tools()}
 
 
 def call(name: str, args: dict, ctx: ToolContext, tools=TOOLS):
-    return asyncio.run(tools[name].fn(args, ctx))
+    """Tool.fn then publication into ctx, as ToolExecutor does for each caller."""
+    return publish(ctx, asyncio.run(tools[name].fn(args, ctx)))
 
 
 def ctx_of(*imgs: Image.Image) -> ToolContext:
@@ -228,6 +231,8 @@ def test_batch_fn_runs_calls_in_order_and_publishes_per_context():
     calls = [({"image": "img_1", "box": [0, 0, 4, 4]}, c1), ({"image": "img_2", "box": [0, 0, 9, 9]}, c2),
              ({"image": "img_1", "box": [5, 5, 1, 1]}, c1), ({"image": "img_1", "box": [0, 0, 2, 2]}, c1)]
     res = asyncio.run(tool.batch_fn(calls))
+    assert all("image_refs" not in r.meta for r in res)  # unpublished until the caller publishes
+    res = [publish(c, r) for (_, c), r in zip(calls, res)]
     assert [r.ok for r in res] == [True, True, False, True]
     assert res[0].meta["image_refs"] == ["img_2"] and res[3].meta["image_refs"] == ["img_3"]
     assert res[1].meta["image_refs"] == ["img_3"] and res[1].images[0].size == (9, 9)
@@ -237,7 +242,7 @@ def test_schemas_and_registration():
     tools = register_visual_tools(replace=True)
     assert [t.name for t in tools] == ["Crop", "Sharpen", "SuperResolution", "PerspectiveCorrect"]
     for t in tools:
-        assert get_tool(t.name) is t and t.image_args == ("image",) and not t.cacheable
+        assert get_tool(t.name) is t and t.image_args == ("image",) and t.cacheable
         json.dumps(t.schema())
         assert t.parameters["required"][0] == "image"
 
@@ -251,3 +256,19 @@ def test_schemas_and_registration():
 def test_config_validation(kw, needle):
     with pytest.raises(ValueError, match=needle):
         VisualConfig(**kw)
+
+
+def test_executor_names_shared_results_per_caller():
+    """Identical crops from two trajectories run once; each caller gets its own img_N."""
+    ex = ToolExecutor({"Crop": TOOLS["Crop"]})
+    img = _grad()
+    c1, c2 = ctx_of(img), ctx_of(_grad(10, 10), _grad(12, 12), img)
+
+    async def both():
+        args1 = json.dumps({"image": "img_1", "box": [0, 0, 8, 8]})
+        args3 = json.dumps({"image": "img_3", "box": [0, 0, 8, 8]})
+        return await asyncio.gather(ex.execute("Crop", args1, c1), ex.execute("Crop", args3, c2))
+    r1, r2 = asyncio.run(both())
+    assert r1.meta["image_refs"] == ["img_2"] and r2.meta["image_refs"] == ["img_4"]
+    assert "img_2: crop [0, 0, 8, 8] (pixels) of img_1" in r1.text and "img_4: crop" in r2.text
+    assert len(c1.images) == 2 and len(c2.images) == 4

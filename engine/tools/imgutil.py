@@ -6,9 +6,11 @@ Every check raises ToolError(bad_args | fatal) with the offending value in the m
 exception ever leaves a tool. Not a tool itself; imported by visual.py, ocr.py, image_search.py.
 
 Image publication: a tool core returns its new images in ToolResult.images and one caption per
-image in meta["captions"]; `publish` (run on the event loop, never in a worker thread) appends
-them to ctx.images, which names them img_N in order, and writes "img_N: caption" lines into the
-text. The names are recorded in meta["image_refs"].
+image in meta["captions"], unpublished. The caller publishes them into *its* trajectory's
+context with `publish` (on the event loop): ToolExecutor does this per caller, so cached and
+coalesced image results name the right img_N everywhere; code that calls Tool.fn directly calls
+`publish(ctx, result)` itself. `publish` appends the images to ctx.images, writes
+"img_N: caption" lines into the text and records the names in meta["image_refs"].
 """
 from __future__ import annotations
 
@@ -193,17 +195,15 @@ def run_guarded(core: Core, args: dict[str, Any], ctx: ToolContext, tool: str) -
 
 
 def make_async(core: Core, tool: str) -> tuple[Callable, Callable]:
-    """(fn, batch_fn) for a sync core: the core runs in a worker thread (one hop per batch),
-    new images are published on the event loop in call order."""
+    """(fn, batch_fn) for a sync core: the core runs in a worker thread (one hop per batch).
+    Results come back unpublished (see the module docstring)."""
 
     async def fn(args: dict[str, Any], ctx: ToolContext) -> ToolResult:
-        res = await asyncio.to_thread(run_guarded, core, args, ctx, tool)
-        return publish(ctx, res)
+        return await asyncio.to_thread(run_guarded, core, args, ctx, tool)
 
     async def batch_fn(calls: list[tuple[dict[str, Any], ToolContext]]) -> list[ToolResult]:
         def work() -> list[ToolResult]:
             return [run_guarded(core, a, c, tool) for a, c in calls]
-        results = await asyncio.to_thread(work)
-        return [publish(c, r) for (_, c), r in zip(calls, results)]
+        return await asyncio.to_thread(work)
 
     return fn, batch_fn

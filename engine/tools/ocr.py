@@ -31,7 +31,7 @@ import numpy as np
 
 from .base import ErrorKind, Tool, ToolContext, ToolError, ToolResult, register
 from .imgutil import (check_keys, checked_image, get_enum, make_async, parse_boxes, run_guarded,
-                      publish, to_rgb_array)
+                      to_rgb_array)
 
 BACKENDS = ("rapidocr", "paddleocr")
 COORDS = ("pixel", "norm1000")
@@ -274,8 +274,7 @@ def ocr_tools(cfg: OCRConfig | None = None) -> list[Tool]:
                 return [run_guarded(core, a, c, "OCR") for a, c in calls]
             with ThreadPoolExecutor(min(pool_threads, len(calls))) as ex:
                 return list(ex.map(lambda ac: run_guarded(core, ac[0], ac[1], "OCR"), calls))
-        results = await asyncio.to_thread(work)
-        return [publish(c, r) for (_, c), r in zip(calls, results)]
+        return await asyncio.to_thread(work)
 
     params = {"type": "object", "additionalProperties": False, "required": ["image"],
               "properties": {

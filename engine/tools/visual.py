@@ -4,9 +4,11 @@
     register_visual_tools(VisualConfig(default_coords="norm1000"))   # adds the four to base's registry
 
 Nothing registers at import: `visual_tools(cfg)` builds the Tool objects, `register_visual_tools`
-puts them in the registry. Every tool takes `image` as an img_N reference (Tool.image_args), runs
-its work in a worker thread (a batch runs in one thread hop), appends its output images to the
-trajectory's context and names them in the observation ("img_3: crop ..."). Bad input (unknown
+puts them in the registry. Every tool takes `image` as an img_N reference (Tool.image_args) and
+runs its work in a worker thread (a batch runs in one thread hop). Output images come back in
+ToolResult.images with captions in meta["captions"], unpublished: ToolExecutor (or
+imgutil.publish for direct callers) appends them to the caller's context and names them in the
+observation ("img_3: crop [..] of img_1, 240x180"), so results stay cacheable. Bad input (unknown
 ref, empty or > max_input_pixels image, bad box/number) is a bad_args result naming the value;
 an undecodable image or a crash inside OpenCV is a fatal result. Nothing raises.
 
@@ -386,7 +388,7 @@ def visual_tools(cfg: VisualConfig | None = None) -> list[Tool]:
                           parameters={"type": "object", "properties": props,
                                       "required": required, "additionalProperties": False},
                           fn=fn, batch_fn=batch_fn, image_args=("image",), timeout_s=30.0,
-                          max_concurrency=4, retries=0, cacheable=False))
+                          max_concurrency=4, retries=0))
     return tools
 
 
