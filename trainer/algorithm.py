@@ -1,0 +1,160 @@
+"""Advantages and token loss masks for a batch of scored trajectories: the RL ablation switch.
+
+Input: finished trajectories with ``traj.reward["total"]`` (any number of groups, ragged; a
+group is the trajectories sharing ``group_id``). Output (`AlgoOutput`): one advantage per
+trajectory (from `spyglass.kernels.advantage.grouped_advantage`, impl "auto": the one-launch
+Triton kernel on CUDA, the torch reference otherwise) and one token loss mask per trajectory,
+aligned with ``traj.token_array()``, ready for ``engine.packer.pack(token_ids, masks, ...)``.
+
+One switch, ``AlgoConfig.mode``, selects the row of OpenSearch-VL's RL ablation:
+
+* ``vanilla``          M = M_gen (tokens the policy sampled); A = r~ for everyone.
+* ``hard_mask``        Vision-DeepResearch: anomalous trajectories (status fatal, interrupted,
+                       truncated or error, i.e. unanswered) get M = 0 everywhere; they still
+                       count in the group statistics; A = r~.
+* ``fatal_mask``       M = M_gen * 1[step < f] (f: the fatal step); A = r~.
+* ``fatal_mask_clamp`` the fatal mask, plus A = max(r~, 0) for fatal members (the default).
+
+r~ is the grouped estimator over ALL members: ``grpo`` (r - mean) / (std + eps) with the
+population (paper) or unbiased std, ``rloo`` n/(n-1) (r - mean), ``drgrpo`` r - mean; singleton
+groups get 0. The fatal step is recomputed from the turns with ``fatal_k`` (the first step of
+the first run of k consecutive error steps; an unanswered finished run is fatal at its length),
+so trajectories read back from disk follow this config; a member is *fatal* when it has one.
+
+    out = compute_advantages(trajs, AlgoConfig(mode="fatal_mask_clamp"))
+    out.advantages  # [N] fp32;  out.masks[i]  # [T_i] bool;  out.metrics  # floats for logging
+
+Tests: ``.venv/bin/python -m pytest -q tests/test_algorithm.py``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from spyglass.engine.trajectory import SegmentKind, Status, Trajectory
+from spyglass.kernels.advantage import AdvantageConfig, grouped_advantage
+
+MODES = ("vanilla", "hard_mask", "fatal_mask", "fatal_mask_clamp")
+IMPLS = ("auto", "triton", "torch")
+ANOMALOUS = frozenset({Status.FATAL, Status.INTERRUPTED, Status.TRUNCATED, Status.ERROR})
+
+
+@dataclass(frozen=True)
+class AlgoConfig:
+    """The ablation switch and the advantage estimator."""
+
+    mode: str = "fatal_mask_clamp"  # "vanilla" | "hard_mask" | "fatal_mask" | "fatal_mask_clamp"
+    estimator: str = "grpo"  # "grpo" | "rloo" | "drgrpo"
+    std: str = "population"  # "population" (paper) | "unbiased"
+    eps: float = 1e-6  # delta in (r - mean) / (std + delta)
+    fatal_k: int = 3  # consecutive error steps that make a cascade
+    impl: str = "auto"  # advantage kernel: "auto" | "triton" | "torch"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"AlgoConfig.mode must be one of {MODES}, got {self.mode!r}")
+        if not isinstance(self.fatal_k, int) or self.fatal_k < 1:
+            raise ValueError(f"AlgoConfig.fatal_k must be an int >= 1, got {self.fatal_k!r}")
+        if self.impl not in IMPLS:
+            raise ValueError(f"AlgoConfig.impl must be one of {IMPLS}, got {self.impl!r}")
+        self.advantage_config()  # validates estimator, std and eps with their own messages
+
+    def advantage_config(self) -> AdvantageConfig:
+        return AdvantageConfig(estimator=self.estimator, std=self.std, eps=self.eps,
+                               fatal_clamp=self.mode == "fatal_mask_clamp")
+
+
+@dataclass
+class AlgoOutput:
+    """Per-trajectory advantages and loss masks (input order), per-group stats, metrics."""
+
+    advantages: torch.Tensor  # [N] fp32
+    masks: list[torch.Tensor]  # N x [T_i] bool, aligned with traj.token_array()
+    rewards: torch.Tensor  # [N] fp32, traj.reward["total"]
+    fatal: torch.Tensor  # [N] bool: has a fatal step under fatal_k
+    fatal_steps: list[int | None]  # [N]
+    group_index: torch.Tensor  # [N] int64: row of the group statistics
+    group_ids: list[str]  # [G] in order of first appearance
+    group_mean: torch.Tensor  # [G] fp32
+    group_std: torch.Tensor  # [G] fp32 (population or unbiased, per the config)
+    group_count: torch.Tensor  # [G] int32
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def token_mask(traj: Trajectory, cut: int | None = None, keep: bool = True) -> torch.Tensor:
+    """[T] bool: tokens the policy sampled, in steps < cut (all steps when cut is None);
+    all False when keep is False."""
+    n = [len(traj.prompt_ids)] + [len(s.token_ids) for s in traj.segments]
+    on = [False] + [keep and s.kind is SegmentKind.GEN and (cut is None or s.turn < cut)
+                    for s in traj.segments]
+    return torch.tensor(on, dtype=torch.bool).repeat_interleave(torch.tensor(n, dtype=torch.long))
+
+
+def _reward_of(t: Trajectory) -> float:
+    r = t.reward.get("total")
+    if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r):
+        raise ValueError(f"trajectory {t.id!r} has no finite reward['total'] (got {r!r}); "
+                         f"score it first (trainer.reward.score_group)")
+    return float(r)
+
+
+def _masks(trajs: list[Trajectory], cfg: AlgoConfig, fatal_steps: list[int | None]) -> list[torch.Tensor]:
+    if cfg.mode == "vanilla":
+        return [token_mask(t) for t in trajs]
+    if cfg.mode == "hard_mask":
+        return [token_mask(t, keep=t.status not in ANOMALOUS) for t in trajs]
+    return [token_mask(t, cut=f) for t, f in zip(trajs, fatal_steps)]
+
+
+def compute_advantages(trajs: list[Trajectory], cfg: AlgoConfig = AlgoConfig(),
+                       device: str | torch.device = "cpu") -> AlgoOutput:
+    """Advantages [N] (computed on `device`, returned there) and CPU loss masks for `trajs`."""
+    if not trajs:
+        raise ValueError("compute_advantages needs at least one trajectory, got an empty list")
+    for t in trajs:
+        if t.status is Status.RUNNING:
+            raise ValueError(f"trajectory {t.id!r} is still running")
+    gid_of: dict[str, int] = {}
+    gidx = [gid_of.setdefault(t.group_id, len(gid_of)) for t in trajs]
+    rewards = torch.tensor([_reward_of(t) for t in trajs], dtype=torch.float32, device=device)  # [N]
+    fatal_steps = [t.compute_fatal_step(cfg.fatal_k) for t in trajs]
+    fatal = torch.tensor([f is not None for f in fatal_steps], dtype=torch.bool, device=device)  # [N]
+    group_index = torch.tensor(gidx, dtype=torch.long, device=device)  # [N]
+    res = grouped_advantage(rewards, group_index, fatal, cfg.advantage_config(),
+                            num_groups=len(gid_of), impl=cfg.impl)
+    masks = _masks(trajs, cfg, fatal_steps)
+    out = AlgoOutput(advantages=res.advantages, masks=masks, rewards=rewards, fatal=fatal,
+                     fatal_steps=fatal_steps, group_index=group_index, group_ids=list(gid_of),
+                     group_mean=res.group_mean, group_std=res.group_std,
+                     group_count=res.group_count)
+    out.metrics = _metrics(trajs, out, float(res.clamped_fraction))
+    return out
+
+
+def _metrics(trajs: list[Trajectory], out: AlgoOutput, clamped: float) -> dict[str, Any]:
+    """Scalars for logging: rewards, advantages, group stats, fatal/anomalous, masking."""
+    gen = sum(len(s.token_ids) for t in trajs for s in t.segments if s.kind is SegmentKind.GEN)
+    kept = sum(int(m.sum()) for m in out.masks)
+    n, g = len(trajs), len(out.group_ids)
+    r = out.rewards.double().cpu()
+    gi = out.group_index.cpu()
+    rmax = torch.full((g,), -math.inf, dtype=torch.float64).scatter_reduce(0, gi, r, "amax")
+    rmin = torch.full((g,), math.inf, dtype=torch.float64).scatter_reduce(0, gi, r, "amin")
+    adv = out.advantages.double().cpu()
+    return {
+        "num_trajs": float(n), "num_groups": float(g),
+        "reward_mean": float(r.mean()), "reward_std": float(r.std(unbiased=False)),
+        "adv_mean": float(adv.mean()), "adv_abs_mean": float(adv.abs().mean()),
+        "group_mean_avg": float(out.group_mean.double().mean()),
+        "group_std_avg": float(out.group_std.double().mean()),
+        "flat_group_frac": float((rmax == rmin).double().mean()),  # singleton or all-equal
+        "fatal_frac": float(out.fatal.double().mean()),
+        "anomalous_frac": sum(t.status in ANOMALOUS for t in trajs) / n,
+        "clamped_frac": clamped,
+        "gen_tokens": float(gen), "loss_tokens": float(kept),
+        "masked_token_frac": (gen - kept) / gen if gen else 0.0,
+        "masked_traj_frac": sum(not bool(m.any()) for m in out.masks) / n,
+    }
