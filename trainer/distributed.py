@@ -1,0 +1,246 @@
+"""Distributed training plumbing: DeepSpeed ZeRO-2/3 or a plain single process; weight sync.
+
+Strategies (`DistConfig.strategy`):
+
+* ``plain``  -- one process, torch.optim.AdamW + clip_grad_norm_, no DeepSpeed; the default
+  ("auto") when the launcher says WORLD_SIZE is 1 (or nothing).
+* ``zero2`` / ``zero3`` -- `deepspeed.initialize` with a config built from `UpdateConfig`
+  (`build_ds_config`): torch AdamW (or DeepSpeedCPUAdam with optimizer offload), gradient
+  clipping, caller-owned gradient accumulation (`managed_gradient_accumulation: false`: the
+  updater calls backward once per micro-batch and `step()` once per mini-batch). "auto" picks
+  zero2 when WORLD_SIZE > 1. The process group comes from `init_distributed` (DeepSpeed's,
+  gloo on CPU, nccl on GPU) reading the standard env vars (RANK, WORLD_SIZE, LOCAL_RANK,
+  MASTER_ADDR, MASTER_PORT), so torchrun, the deepspeed launcher and multi-node runs all work.
+
+Run two ranks on CPU:  `torchrun --nproc_per_node=2 your_script.py` (see tests/test_distributed.py).
+
+Weight sync (`sync_weights`): rank 0 gathers full weights (`full_state_dict`: under ZeRO-3 each
+module's parameters are gathered with `GatheredParameters`, a collective every rank joins), then
+passes the state dict in-process to backends that take one (HFBackend, in-process vLLM/SGLang)
+and a saved HF checkpoint dir to HTTP backends (vLLM/SGLang servers reload from disk).
+`broadcast_state_dict` sends a state dict from one rank to the others of a process group
+(bucketed per dtype; NCCL on GPU, gloo on CPU) for inference engines on other nodes.
+Colocated mode: `sleep_backends` / `wake_backends` call a backend's `sleep()` / `wake_up()`
+when it has them (none of spyglass's backends do yet: for HF this is a no-op; vLLM's AsyncLLM
+and SGLang expose sleep/wake or release/resume memory that a backend can forward).
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import math
+import os
+import shutil
+import socket
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Optional
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from spyglass.trainer.update import UpdateConfig
+
+STRATEGIES = ("auto", "plain", "zero2", "zero3")
+
+
+@dataclass
+class DistConfig:
+    """How to train across processes (see the module docstring)."""
+
+    strategy: str = "auto"
+    backend: str = "auto"  # torch.distributed backend: auto (nccl with CUDA, else gloo) | gloo | nccl
+    offload_optimizer: bool = False  # ZeRO: optimizer states on CPU (DeepSpeedCPUAdam, compiled on first use)
+    offload_params: bool = False  # ZeRO-3: parameters on CPU
+    bf16: bool = False  # ZeRO: bf16 compute with fp32 master weights
+    timeout_s: int = 1800
+    ds_overrides: dict[str, Any] = field(default_factory=dict)  # merged into zero_optimization
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.backend not in ("auto", "gloo", "nccl"):
+            raise ValueError(f"backend must be 'auto', 'gloo' or 'nccl', got {self.backend!r}")
+        if self.offload_params and self.strategy not in ("zero3", "auto"):
+            raise ValueError(f"offload_params needs strategy 'zero3', got {self.strategy!r}")
+        if self.strategy == "plain" and (self.offload_optimizer or self.bf16):
+            raise ValueError("offload_optimizer / bf16 need a ZeRO strategy, got strategy 'plain'")
+        if not isinstance(self.timeout_s, int) or self.timeout_s < 1:
+            raise ValueError(f"timeout_s must be an int >= 1, got {self.timeout_s!r}")
+
+    def resolved(self) -> str:
+        """The strategy after "auto": zero2 when WORLD_SIZE > 1, else plain."""
+        if self.strategy != "auto":
+            return self.strategy
+        return "zero2" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "plain"
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def init_distributed(cfg: Optional[DistConfig] = None) -> DistInfo:
+    """Join (or create) the default process group for ZeRO; a no-op for the plain strategy.
+
+    A single process with no launcher env vars gets a 1-rank group on loopback."""
+    cfg = cfg or DistConfig()
+    use_cuda = torch.cuda.is_available()
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if use_cuda else "gloo")
+    if backend == "nccl" and not use_cuda:
+        raise ValueError("backend 'nccl' needs CUDA; use 'gloo' on CPU")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if backend == "nccl" else torch.device("cpu")
+    if use_cuda and backend == "nccl":
+        torch.cuda.set_device(device)
+    if cfg.resolved() == "plain":
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError(f"strategy 'plain' is single-process, but WORLD_SIZE={os.environ['WORLD_SIZE']}")
+        return DistInfo(0, 1, 0, device)
+    if not tdist.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(_free_port()))
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                                   timeout=timedelta(seconds=cfg.timeout_s))
+    return DistInfo(tdist.get_rank(), tdist.get_world_size(), local, device)
+
+
+def build_ds_config(ucfg: "UpdateConfig", cfg: DistConfig) -> dict[str, Any]:
+    """The DeepSpeed config for `ucfg` under ZeRO stage 2 or 3."""
+    stage = {"zero2": 2, "zero3": 3}.get(cfg.resolved())
+    if stage is None:
+        raise ValueError(f"build_ds_config needs a ZeRO strategy, got {cfg.resolved()!r}")
+    opt = {"lr": ucfg.lr, "betas": list(ucfg.betas), "eps": ucfg.eps, "weight_decay": ucfg.weight_decay}
+    if not cfg.offload_optimizer:
+        opt["torch_adam"] = True  # torch.optim.AdamW: no compiled ops needed
+    zero: dict[str, Any] = {"stage": stage, "contiguous_gradients": True, "overlap_comm": False}
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if cfg.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    zero.update(cfg.ds_overrides)
+    return {
+        "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": False, "gradient_clipping": float(ucfg.grad_clip),
+        "optimizer": {"type": "AdamW", "params": opt}, "zero_optimization": zero,
+        "bf16": {"enabled": cfg.bf16}, "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False,
+    }
+
+
+# ------------------------------------------------------------------------------ runtimes
+class PlainRuntime:
+    """Single process: AdamW, clip_grad_norm_, the step skipped on a non-finite norm."""
+
+    stage = 0
+
+    def __init__(self, module: nn.Module, ucfg: "UpdateConfig", device: torch.device) -> None:
+        self.module, self.device, self.rank, self.world_size = module.to(device), device, 0, 1
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=ucfg.lr, betas=ucfg.betas, eps=ucfg.eps,
+                                           weight_decay=ucfg.weight_decay)
+        self.max_norm = ucfg.grad_clip if ucfg.grad_clip > 0 else math.inf
+
+    def forward(self, **kw: Any) -> Any:
+        return self.module(**kw)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def grads_finite(self) -> bool:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        return not grads or bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
+
+    def step(self) -> float:
+        for p in self.params:  # as ZeRO does: a parameter the batch did not reach steps with grad 0
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_norm))
+        if math.isfinite(norm):
+            self.optimizer.step()
+        self.zero_grad()
+        return norm
+
+    def all_reduce(self, t: torch.Tensor, op: str) -> torch.Tensor:
+        return t
+
+    def any_flag(self, flag: bool) -> bool:
+        return flag
+
+    def barrier(self) -> None:
+        pass
+
+
+class DeepSpeedRuntime:
+    """A DeepSpeed engine (ZeRO-2/3) over the process group from `init_distributed`."""
+
+    def __init__(self, module: nn.Module, ucfg: "UpdateConfig", cfg: DistConfig, info: DistInfo) -> None:
+        import deepspeed
+
+        self.info, self.rank, self.world_size, self.device = info, info.rank, info.world_size, info.device
+        self.ds_config = build_ds_config(ucfg, cfg)
+        self.stage = self.ds_config["zero_optimization"]["stage"]
+        module = module.to(info.device)
+        if self.stage == 3:  # the fused log-prob reads lm_head.weight outside lm_head.forward
+            deepspeed.zero.register_external_parameter(module, module.model.get_output_embeddings().weight)
+        params = [p for p in module.parameters() if p.requires_grad]
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, model_parameters=params,
+                                                                 config=self.ds_config)
+        self.module = self.engine.module
+
+    def forward(self, **kw: Any) -> Any:
+        return self.engine(**kw)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def zero_grad(self) -> None:
+        pass  # the engine clears gradients after each step
+
+    def grads_finite(self) -> bool:
+        return True  # partitioned: checked through the global norm at step() (overflow -> skipped)
+
+    def step(self) -> float:
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            raise RuntimeError("DeepSpeed computed no gradient norm (zero_optimization.compute_grad_norm "
+                               "is off); spyglass needs it to detect non-finite gradients")
+        return float(norm)
+
+    def all_reduce(self, t: torch.Tensor, op: str) -> torch.Tensor:
+        x = t.to(self.device)
+        tdist.all_reduce(x, op=tdist.ReduceOp.SUM if op == "sum" else tdist.ReduceOp.MAX)
+        return x.cpu()
+
+    def any_flag(self, flag: bool) -> bool:
+        return bool(self.all_reduce(torch.tensor([float(flag)]), "max")[0] > 0)
+
+    def barrier(self) -> None:
+        tdist.barrier()
+
+
+def make_runtime(module: nn.Module, ucfg: "UpdateConfig", cfg: Optional[DistConfig]) -> Any:
+    """PlainRuntime or DeepSpeedRuntime for `module` per `cfg` (None: plain on CPU/cuda:0)."""
+    cfg = cfg or DistConfig(strategy="plain")
+    info = init_distributed(cfg)
+    if cfg.resolved() == "plain":
+        return PlainRuntime(module, ucfg, info.device)
+    return DeepSpeedRuntime(module, ucfg, cfg, info)
