@@ -367,7 +367,7 @@ class Engine:
         budget = min(self.cfg.max_tokens_per_turn, self.cfg.max_context - t.num_tokens)
         forced = self.policy.forced_ids(t, turn) if self.policy is not None else None
         req = GenerateRequest(
-            request_id=lv.request_id, prompt_ids=t.token_ids(), images=t.images(),
+            request_id=lv.request_id, prompt_ids=t.token_array(), images=t.images(),
             sampling=SamplingParams(max_tokens=budget, temperature=self.cfg.temperature,
                                     top_p=self.cfg.top_p, stop_token_ids=list(self.codec.stop_token_ids),
                                     seed=hash((self.cfg.seed, t.id, turn)) & 0x7FFFFFFF),

@@ -31,6 +31,7 @@ Semantics shared by all backends:
 from __future__ import annotations
 
 import abc
+from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +69,25 @@ def _check_ids(name: str, ids: Any, allow_empty: bool) -> None:
             raise ValueError(f"{name}[{i}] must be a non-negative int, got {t!r}")
 
 
+def _as_id_array(ids: Any, allow_empty: bool) -> array:
+    """Token ids as array('I'): one C-level pass converts and rejects non-ints and negatives.
+    Requests carry the whole context; as an array it costs 4 bytes a token and the cyclic GC
+    never walks it (a list of ints in every in-flight request stalls full collections)."""
+    if isinstance(ids, array) and ids.typecode == "I":
+        arr = ids
+    else:
+        if not isinstance(ids, (list, tuple, array)):
+            raise TypeError(f"prompt_ids must be a list of ints, got {type(ids).__name__}")
+        try:
+            arr = array("I", ids)
+        except (TypeError, OverflowError):
+            _check_ids("prompt_ids", list(ids), allow_empty)  # names the offending element
+            raise ValueError(f"prompt_ids must be ints in [0, 2**32)") from None
+    if not arr and not allow_empty:
+        raise ValueError("prompt_ids is empty")
+    return arr
+
+
 @dataclass
 class SamplingParams:
     """How to sample one turn. Validated on construction."""
@@ -99,7 +119,7 @@ class GenerateRequest:
     """One turn to generate: the whole context as token ids plus its images."""
 
     request_id: str
-    prompt_ids: list[int]
+    prompt_ids: array  # any int sequence; stored as array('I') (compact, not GC-traversed)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     images: list[Image.Image] = field(default_factory=list)  # all images in the context, in order
     forced_ids: list[int] | None = None                      # replay: emit exactly these tokens
@@ -108,7 +128,7 @@ class GenerateRequest:
     def __post_init__(self) -> None:
         if not isinstance(self.request_id, str) or not self.request_id:
             raise ValueError(f"request_id must be a non-empty str, got {self.request_id!r}")
-        _check_ids("prompt_ids", self.prompt_ids, allow_empty=self.messages is not None)
+        self.prompt_ids = _as_id_array(self.prompt_ids, allow_empty=self.messages is not None)
         if not isinstance(self.sampling, SamplingParams):
             raise TypeError(f"sampling must be SamplingParams, got {type(self.sampling).__name__}")
         for i, im in enumerate(self.images):

@@ -371,7 +371,7 @@ class HFBackend(Backend):
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)          # [b, L]
         mask = torch.zeros(len(seqs), width, dtype=torch.long)                        # [b, L]
         for i, s in enumerate(seqs):
-            ids[i, width - lens[i]:] = torch.tensor(s.req.prompt_ids)
+            ids[i, width - lens[i]:] = torch.tensor(s.req.prompt_ids.tolist())
             mask[i, width - lens[i]:] = 1
         kwargs: dict[str, Any] = {}
         if self.is_vl:

@@ -214,7 +214,7 @@ def _finish(server: str, reason: Any) -> str:
 def completion_payload(req: GenerateRequest, model: str) -> dict[str, Any]:
     """The /v1/completions body for a token-id prompt (OpenAI fields + vLLM extensions)."""
     sp = req.sampling
-    body: dict[str, Any] = {"model": model, "prompt": req.prompt_ids, "max_tokens": sp.max_tokens,
+    body: dict[str, Any] = {"model": model, "prompt": req.prompt_ids.tolist(), "max_tokens": sp.max_tokens,
                             "temperature": sp.temperature, "top_p": sp.top_p,
                             "stop_token_ids": sp.stop_token_ids, "skip_special_tokens": False,
                             "logprobs": 0 if sp.logprobs else None}

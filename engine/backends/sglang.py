@@ -69,7 +69,7 @@ def generate_payload(req: GenerateRequest) -> dict[str, Any]:
                               "stop_token_ids": sp.stop_token_ids, "skip_special_tokens": False}
     if sp.seed is not None:
         params["sampling_seed"] = sp.seed
-    body: dict[str, Any] = {"rid": req.request_id, "input_ids": req.prompt_ids,
+    body: dict[str, Any] = {"rid": req.request_id, "input_ids": req.prompt_ids.tolist(),
                             "sampling_params": params, "return_logprob": bool(sp.logprobs)}
     if req.images:
         body["image_data"] = [image_data_url(im) for im in req.images]

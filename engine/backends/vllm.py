@@ -136,7 +136,7 @@ class VLLMBackend(Backend):
         forced = req.forced_ids is not None
         if forced:
             _check_forced_temperature(self.name, req)
-        ids = req.prompt_ids + (req.forced_ids[:req.sampling.max_tokens] if forced else [])
+        ids = req.prompt_ids.tolist() + (req.forced_ids[:req.sampling.max_tokens] if forced else [])
         prompt: dict[str, Any] = {"prompt_token_ids": ids}
         if req.images:
             prompt["multi_modal_data"] = {"image": list(req.images)}
@@ -231,7 +231,7 @@ class VLLMHTTPBackend(OpenAIBackend):
             return await super()._generate(req)
         _check_forced_temperature(self.name, req)
         toks = req.forced_ids[:req.sampling.max_tokens]
-        body = {"model": self.cfg.model, "prompt": req.prompt_ids + toks, "max_tokens": 1,
+        body = {"model": self.cfg.model, "prompt": req.prompt_ids.tolist() + toks, "max_tokens": 1,
                 "temperature": 0.0, "prompt_logprobs": 0, "request_id": req.request_id}
         data = await self.request_json("POST", "/v1/completions", body)
         try:
