@@ -26,7 +26,6 @@ and SGLang expose sleep/wake or release/resume memory that a backend can forward
 """
 from __future__ import annotations
 
-import asyncio
 import inspect
 import math
 import os
@@ -244,3 +243,147 @@ def make_runtime(module: nn.Module, ucfg: "UpdateConfig", cfg: Optional[DistConf
     if cfg.resolved() == "plain":
         return PlainRuntime(module, ucfg, info.device)
     return DeepSpeedRuntime(module, ucfg, cfg, info)
+
+
+# ------------------------------------------------------------------------------ weights out
+def _runtime_of(obj: Any) -> Any:
+    return getattr(obj, "runtime", obj)
+
+
+def full_state_dict(updater: Any, rank0_only: bool = False) -> dict[str, torch.Tensor]:
+    """The trained HF model's full state dict on CPU (keys as `model.state_dict()`).
+
+    Under ZeRO-3 every rank must call this (parameters are gathered module by module); with
+    `rank0_only` the other ranks get {}. `updater`: a PolicyUpdater or a runtime."""
+    rt = _runtime_of(updater)
+    model = rt.module.model
+    keep = not rank0_only or rt.rank == 0
+    if rt.stage != 3:
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if keep else {}
+    import deepspeed
+
+    out: dict[str, torch.Tensor] = {}
+    for prefix, mod in model.named_modules():
+        params = list(mod.parameters(recurse=False))
+        if not params:
+            continue
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            if keep:
+                for name, p in mod.named_parameters(recurse=False):
+                    out[f"{prefix}.{name}" if prefix else name] = p.detach().cpu().clone()
+    if keep:
+        persistent = set(model.state_dict().keys())
+        for name, b in model.named_buffers():
+            if name in persistent:
+                out[name] = b.detach().cpu().clone()
+    return out
+
+
+def broadcast_state_dict(state_dict: Optional[dict[str, torch.Tensor]], src: int = 0, group: Any = None,
+                         device: Optional[torch.device] = None,
+                         bucket_bytes: int = 256 << 20) -> dict[str, torch.Tensor]:
+    """Send `state_dict` from rank `src` to every rank of `group`; returns it on every rank (CPU).
+
+    Names/shapes/dtypes go first (one object broadcast), then tensors flattened into buckets of
+    at most `bucket_bytes` per dtype. `device`: where the buckets travel (NCCL needs CUDA;
+    default: cuda when the group's backend is nccl, else cpu)."""
+    if not tdist.is_initialized():
+        raise RuntimeError("broadcast_state_dict needs an initialised process group (init_distributed)")
+    rank = tdist.get_rank()
+    if rank == src and not isinstance(state_dict, dict):
+        raise TypeError(f"rank {src} must pass a state dict, got {type(state_dict).__name__}")
+    if device is None:
+        nccl = tdist.get_backend(group) == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    meta = [[(k, tuple(v.shape), v.dtype) for k, v in state_dict.items()] if rank == src else None]
+    tdist.broadcast_object_list(meta, src=src, group=group)
+    out: dict[str, torch.Tensor] = {}
+    for dtype in sorted({d for _, _, d in meta[0]}, key=str):
+        items = [(k, shape) for k, shape, d in meta[0] if d == dtype]
+        bucket: list[tuple[str, tuple[int, ...]]] = []
+        size = 0
+        for k, shape in items + [("", ())]:  # sentinel flushes the last bucket
+            n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            if bucket and (not k or size + n > bucket_bytes):
+                _broadcast_bucket(bucket, dtype, state_dict, out, src, group, device)
+                bucket, size = [], 0
+            if k:
+                bucket.append((k, shape))
+                size += n
+    return out
+
+
+def _broadcast_bucket(bucket: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype,
+                      sd: Optional[dict[str, torch.Tensor]], out: dict[str, torch.Tensor], src: int,
+                      group: Any, device: torch.device) -> None:
+    numels = [math.prod(s) for _, s in bucket]
+    if tdist.get_rank() == src:
+        flat = torch.cat([sd[k].detach().reshape(-1).to(device, dtype) for k, _ in bucket])  # [sum numel]
+    else:
+        flat = torch.empty(sum(numels), dtype=dtype, device=device)
+    tdist.broadcast(flat, src=src, group=group)
+    for (k, shape), part in zip(bucket, flat.split(numels)):
+        out[k] = part.view(shape).cpu().clone()
+
+
+def export_hf(model: nn.Module, state_dict: dict[str, torch.Tensor], path: str | Path) -> Path:
+    """Write `state_dict` as a HF checkpoint dir (config + safetensors) atomically; returns it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, state_dict=state_dict)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    return path
+
+
+def _takes_path(backend: Any) -> bool:
+    from spyglass.engine.backends.openai import HTTPBackend  # vLLM / SGLang / OpenAI servers
+
+    return isinstance(backend, HTTPBackend)
+
+
+async def sync_weights(backends: Iterable[Any], state_dict: dict[str, torch.Tensor], version: int, *,
+                       model: Optional[nn.Module] = None, export_dir: str | Path | None = None) -> Optional[Path]:
+    """Push new weights to every backend and set their version (call on rank 0 only).
+
+    In-process backends (HFBackend, in-process vLLM / SGLang engines) get the state dict; HTTP
+    servers get a HF checkpoint dir written once under `export_dir` (needs `model` for its
+    config). Returns that dir, or None when no backend needed one."""
+    path: Optional[Path] = None
+    for be in backends:
+        if _takes_path(be):
+            if path is None:
+                if model is None or export_dir is None:
+                    raise ValueError(f"backend {be.name!r} reloads from a checkpoint dir: "
+                                     "sync_weights needs model= and export_dir=")
+                path = export_hf(model, state_dict, Path(export_dir) / f"v{version:08d}")
+            await be.update_weights(str(path), version)
+        else:
+            await be.update_weights(state_dict, version)
+    return path
+
+
+async def _call_if_present(backends: Iterable[Any], names: tuple[str, ...]) -> list[str]:
+    called = []
+    for be in backends:
+        fn = next((getattr(be, n) for n in names if callable(getattr(be, n, None))), None)
+        if fn is None:
+            continue
+        res = fn()
+        if inspect.isawaitable(res):
+            await res
+        called.append(getattr(be, "name", type(be).__name__))
+    return called
+
+
+async def sleep_backends(backends: Iterable[Any]) -> list[str]:
+    """Colocated mode, before training: free the generation engines' memory through their
+    `sleep()` when they have one; returns the names of the backends that slept (HF: none)."""
+    return await _call_if_present(backends, ("sleep",))
+
+
+async def wake_backends(backends: Iterable[Any]) -> list[str]:
+    """Colocated mode, after training (before `sync_weights`): `wake_up()` / `wake()` if present."""
+    return await _call_if_present(backends, ("wake_up", "wake"))
+

@@ -124,11 +124,9 @@ class PolicyLogprobModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
                 targets: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
-                image_grid_thw: Optional[torch.Tensor] = None, dummy_pixels: Optional[torch.Tensor] = None,
-                dummy_grid: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                image_grid_thw: Optional[torch.Tensor] = None) -> torch.Tensor:
         """input_ids / attention_mask [b, L]; rows [T'] flat indices into [b*L] of the hidden
-        states predicting targets [T']. Returns log-probs [T'] fp32 and a zero-valued term that
-        ties an otherwise unused vision tower into the graph (dummy image; distributed only)."""
+        states predicting targets [T']. Returns log-probs [T'] fp32."""
         body = self.model.model
         kw: dict[str, Any] = {}
         if self.is_vl:
@@ -139,25 +137,8 @@ class PolicyLogprobModel(nn.Module):
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)  # [T', H]
         w = self.model.get_output_embeddings().weight  # [V, H]
         if self.use_fused:
-            logp = fused_logprob(h, w, targets, self.temperature, impl=self.impl)  # [T']
-        else:
-            logp = logprob_reference(h, w, targets, self.temperature)
-        zero = hidden.new_zeros(())
-        if dummy_pixels is not None:
-            out = body.get_image_features(dummy_pixels, dummy_grid, return_dict=True)
-            zero = zero + 0.0 * sum(t.sum() for t in _tensors(dict(out)))
-        return logp, zero
-
-
-def _tensors(xs: Any) -> list[torch.Tensor]:
-    """Every tensor in a nested tuple/list/dict (e.g. a vision tower's output fields)."""
-    if isinstance(xs, torch.Tensor):
-        return [xs]
-    if isinstance(xs, dict):
-        xs = list(xs.values())
-    if isinstance(xs, (list, tuple)):
-        return [t for x in xs for t in _tensors(x)]
-    return []
+            return fused_logprob(h, w, targets, self.temperature, impl=self.impl)  # [T']
+        return logprob_reference(h, w, targets, self.temperature)
 
 
 # ------------------------------------------------------------------------------ batch preparation
@@ -355,9 +336,9 @@ class PolicyUpdater:
         for mb in mine:
             share = _loss_count(agg, n_tok[mb.indices]) / total if total > 0 else 0.0
             ids = [seqs[i].traj_id for i in mb.indices.tolist()]
-            res, extra = self._micro_loss(mb, seqs, adv, ids, epoch)
+            res = self._micro_loss(mb, seqs, adv, ids, epoch)
             stats.add(res, share)
-            rt.backward((res.loss * share + extra) * rt.world_size)
+            rt.backward(res.loss * (share * rt.world_size))
             if self.cfg.check_grads_per_micro_batch and not rt.grads_finite():
                 self._raise(f"non-finite gradient after the backward of micro-batch {ids}", "grad")
         norm = rt.step()
@@ -367,13 +348,13 @@ class PolicyUpdater:
         return norm, len(mbs)
 
     def _micro_loss(self, mb: MicroBatch, seqs: list[_Seq], adv: torch.Tensor, ids: list[str],
-                    epoch: int) -> tuple[PolicyLossResult, torch.Tensor]:
+                    epoch: int) -> PolicyLossResult:
         t = mb.to_torch()
         rows_in, dev = mb.indices.tolist(), self.runtime.device
         inputs = self._padded_inputs(mb, [seqs[i] for i in rows_in])
         inputs = {k: v.to(dev) for k, v in inputs.items()}
         sel = inputs.pop("sel")  # [T'] packed positions of loss tokens
-        logp_sel, extra = self.runtime.forward(**inputs)
+        logp_sel = self.runtime.forward(**inputs)
         self._check(logp_sel, "log-prob", ids, epoch)
         n = mb.num_tokens
         logp = torch.zeros(n, dtype=torch.float32, device=dev).index_copy(0, sel, logp_sel)  # [T]
@@ -383,48 +364,62 @@ class PolicyUpdater:
         ref = None
         if self.ref is not None:
             with torch.no_grad():
-                ref_sel, _ = self.ref(**{k: v for k, v in inputs.items() if not k.startswith("dummy")})
+                ref_sel = self.ref(**inputs)
             ref = torch.zeros(n, dtype=torch.float32, device=dev).index_copy(0, sel, ref_sel.float())
         res = masked_policy_loss(logp, old, tok_adv, t["loss_mask"].to(dev), t["cu_seqlens"].to(dev),
                                  ref, self.cfg.loss, impl=self.cfg.impl)
         if ref is not None:
             self._check(res.ref_kl, "kl", ids, epoch)
         self._check(res.loss, "policy loss", ids, epoch)
-        return res, extra
+        return res
 
     def _padded_inputs(self, mb: MicroBatch, rows: list[_Seq]) -> dict[str, torch.Tensor]:
-        """The micro-batch unpacked into a right-padded batch plus the gather rows (see module doc)."""
+        """The micro-batch unpacked into a right-padded batch plus the gather rows (see module doc).
+
+        Distributed VLM training: a micro-batch without images gets one extra row holding only a
+        dummy image (no loss tokens), so every rank runs the vision tower in the same graph
+        shape; ZeRO's collectives (ZeRO-3 gathers, bucketed gradient reduction in the order
+        gradients become ready) need the same modules in the same order on every rank."""
         lens = np.diff(mb.cu_seqlens).astype(np.int64)
-        width = int(lens.max())
-        b = len(rows)
+        px = [s.pixels for s in rows if s.pixels is not None]
+        dummy = None
+        if not px and self.policy.is_vl and self.runtime.world_size > 1:
+            dummy = self._dummy_image()
+            px = [dummy]
+        width = int(max(lens.max(), dummy["ids"].numel() if dummy else 0))
+        b = len(rows) + (dummy is not None)
         ids = torch.zeros(b, width, dtype=torch.long)  # [b, L] pad id 0 (masked out)
         attn = torch.zeros(b, width, dtype=torch.long)  # [b, L]
         for r, s in enumerate(rows):
             ids[r, : lens[r]] = torch.from_numpy(s.ids)
             attn[r, : lens[r]] = 1
+        if dummy is not None:
+            ids[-1, : dummy["ids"].numel()] = dummy["ids"]
+            attn[-1, : dummy["ids"].numel()] = 1
         sel = np.flatnonzero(mb.loss_mask)  # packed positions with a loss token
         seq_of = np.searchsorted(mb.cu_seqlens[1:], sel, side="right")  # local row of each
         offset = sel - mb.cu_seqlens[seq_of]
         out = {"input_ids": ids, "attention_mask": attn,
                "rows": torch.from_numpy(seq_of * width + offset - 1),  # hidden state before the token
                "targets": torch.from_numpy(mb.input_ids[sel]), "sel": torch.from_numpy(sel)}
-        px = [s.pixels for s in rows if s.pixels is not None]
         if px:
             out["pixel_values"] = torch.cat([p["pixel_values"] for p in px])
             out["image_grid_thw"] = torch.cat([p["image_grid_thw"] for p in px])
-        elif self.policy.is_vl and self.runtime.world_size > 1:
-            out.update(self._dummy_image())  # every rank must run the vision tower (collectives)
         return out
 
     def _dummy_image(self) -> dict[str, torch.Tensor]:
+        """A 56x56 black image's pixels and its token row <|vision_start|> pads <|vision_end|>."""
         if self._dummy is None:
             if self.image_processor is None:
                 raise ValueError("distributed training of a VLM needs an image_processor")
             from PIL import Image
 
             from spyglass.engine.tiny import pixel_inputs
-            px = pixel_inputs(self.image_processor, [Image.new("RGB", (64, 64))])
-            self._dummy = {"dummy_pixels": px["pixel_values"], "dummy_grid": px["image_grid_thw"]}
+            px = pixel_inputs(self.image_processor, [Image.new("RGB", (56, 56))])
+            n = int(px["image_grid_thw"].prod(-1).sum()) // self._merge ** 2
+            c = self.model.config
+            row = [c.vision_start_token_id] + [c.image_token_id] * n + [c.vision_end_token_id]
+            self._dummy = {**px, "ids": torch.tensor(row, dtype=torch.long)}
         return self._dummy
 
     # -- errors and metrics ------------------------------------------------------------------
