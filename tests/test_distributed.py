@@ -1,0 +1,190 @@
+"""DeepSpeed ZeRO-2/3 on 2 CPU ranks (gloo) vs the single-process path; weight sync to backends.
+
+    .venv/bin/python -m pytest -q tests/test_distributed.py
+
+The 2-rank part runs this file as a torchrun worker in a subprocess with a bounded timeout
+(the first DeepSpeed use on a machine JIT-compiles its CPU shm comm op, ~40 s, cached after).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from test_update import fresh, make_batch, weights  # noqa: E402
+
+from spyglass.trainer.update import NonFiniteError, PolicyUpdater, UpdateConfig  # noqa: E402
+
+# eps 1e-2: Adam's first steps are ~lr*g/(|g|+eps), so float noise in near-zero gradients is not
+# amplified to +-lr (sign); clipping at 0.3 is active (grad norms here are ~0.5)
+CFG = dict(lr=1e-2, eps=1e-2, grad_clip=0.3, micro_batch_tokens=200, mini_batches=2)
+STEPS = 2
+
+
+def _data():
+    v = fresh()
+    trajs, adv, masks = make_batch(v, n=6, text_only=(1, 4))  # text-only ones: the dummy-image row
+    return v, trajs, adv, masks
+
+
+# ------------------------------------------------------------------------------ worker (torchrun)
+def _worker(out: Path) -> None:
+    from spyglass.trainer.checkpoint import load_checkpoint, save_checkpoint
+    from spyglass.trainer.distributed import DistConfig, broadcast_state_dict, full_state_dict
+
+    rank = int(os.environ["RANK"])
+    report: dict = {}
+    for strategy in ("zero2", "zero3"):
+        over = {"stage3_param_persistence_threshold": 0} if strategy == "zero3" else {}
+        dist = DistConfig(strategy=strategy, backend="gloo", ds_overrides=over)
+        v, trajs, adv, masks = _data()
+        up = PolicyUpdater(v.model, UpdateConfig(**CFG), image_processor=v.image_processor, dist=dist)
+        report[strategy] = [up.step(trajs, adv, masks) for _ in range(STEPS)]
+        sd = full_state_dict(up, rank0_only=True)
+        if rank == 0:
+            torch.save(sd, out / f"{strategy}.pt")
+        # checkpoint round trip under ZeRO: save, one more step; reload into a fresh engine, same step
+        save_checkpoint(out / f"ckpt_{strategy}", up)
+        up.step(trajs, -adv, masks)
+        after = full_state_dict(up)
+        v2, *_ = _data()
+        up2 = PolicyUpdater(v2.model, UpdateConfig(**CFG), image_processor=v2.image_processor, dist=dist)
+        load_checkpoint(out / f"ckpt_{strategy}", up2)
+        up2.step(trajs, -adv, masks)
+        again = full_state_dict(up2)
+        report[f"{strategy}_resume_max_diff"] = max(float((after[k] - again[k]).abs().max()) for k in after)
+    # broadcast from rank 0 (several buckets)
+    got = broadcast_state_dict(sd if rank == 0 else None, src=0, bucket_bytes=64 << 10)
+    torch.save(got, out / f"broadcast_rank{rank}.pt")
+    # a NaN on one rank's micro-batch stops both ranks with a clear error (no hang)
+    trajs[3].segments[0].logprobs[1] = float("nan")
+    try:
+        up.step(trajs, adv, masks)
+        report["nan"] = "no error"
+    except NonFiniteError as e:
+        report["nan"] = str(e)
+    (out / f"report_rank{rank}.json").write_text(json.dumps(report))
+
+
+# ------------------------------------------------------------------------------ pytest side
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    pytest.importorskip("deepspeed")
+    out = tmp_path_factory.mktemp("dist")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           str(Path(__file__).resolve()), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    reports = [json.loads((out / f"report_rank{r}.json").read_text()) for r in (0, 1)]
+    return out, reports
+
+
+@pytest.fixture(scope="module")
+def reference():
+    v, trajs, adv, masks = _data()
+    up = PolicyUpdater(v.model, UpdateConfig(**CFG), image_processor=v.image_processor)
+    metrics = [up.step(trajs, adv, masks) for _ in range(STEPS)]
+    return weights(v.model), metrics
+
+
+@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
+def test_zero_on_two_ranks_matches_single_process(two_ranks, reference, strategy):
+    out, reports = two_ranks
+    ref_w, ref_m = reference
+    got = torch.load(out / f"{strategy}.pt")
+    assert set(got) == set(ref_w)
+    diff = max(float((got[k] - ref_w[k]).abs().max()) for k in ref_w)
+    moved = max(float((ref_w[k] - weights(fresh().model)[k]).abs().max()) for k in ref_w)
+    assert diff < 1e-5 < 1e-3 < moved, (diff, moved)
+    for r in (0, 1):
+        for m, rm in zip(reports[r][strategy], ref_m):
+            assert m["micro_batches"] >= 2 * m["optimizer_steps"]  # both ranks had work
+            for k in ("loss", "grad_norm", "clip_fraction", "approx_kl", "loss_tokens", "tokens"):
+                assert m[k] == pytest.approx(rm[k], rel=1e-4, abs=1e-6), (strategy, r, k)
+    assert reports[0][f"{strategy}_resume_max_diff"] < 1e-6
+
+
+def test_broadcast_state_dict_and_nan_stop_on_every_rank(two_ranks):
+    out, reports = two_ranks
+    a, b = torch.load(out / "broadcast_rank0.pt"), torch.load(out / "broadcast_rank1.pt")
+    ref = torch.load(out / "zero3.pt")
+    assert set(a) == set(b) == set(ref) and all(torch.equal(b[k], ref[k]) for k in ref)
+    msgs = [rep["nan"] for rep in reports]
+    assert all("non-finite policy loss" in m and "[term: policy loss]" in m for m in msgs), msgs
+    assert sum("'t3'" in m and "another rank" not in m for m in msgs) == 1, msgs  # the rank that saw it
+    assert sum("another rank" in m for m in msgs) == 1, msgs
+
+
+def test_sync_weights_to_hf_backend_and_http_server(tmp_path):
+    from aiohttp import web
+
+    from spyglass.engine import tiny
+    from spyglass.engine.backends.base import GenerateRequest, SamplingParams
+    from spyglass.engine.backends.hf import HFBackend
+    from spyglass.engine.backends.sglang import SGLangBackend, SGLangConfig
+    from spyglass.trainer.distributed import full_state_dict, sleep_backends, sync_weights, wake_backends
+
+    v, trajs, adv, masks = _data()
+    served = fresh()  # the generation side holds its own copy of the initial weights
+    prompt = trajs[0].prompt_ids.tolist()
+    up = PolicyUpdater(v.model, UpdateConfig(lr=3e-2), image_processor=v.image_processor)
+    for _ in range(3):
+        up.step(trajs, adv, masks)
+    sd = full_state_dict(up)
+    paths: list[str] = []
+
+    async def update(request: web.Request) -> web.Response:
+        paths.append((await request.json())["model_path"])
+        return web.json_response({"success": True, "message": "ok"})
+
+    async def go():
+        app = web.Application()
+        app.router.add_post("/update_weights_from_disk", update)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        http = SGLangBackend(SGLangConfig(base_url=f"http://127.0.0.1:{port}"))
+        greedy = SamplingParams(max_tokens=16, temperature=0)
+        async with HFBackend.from_tiny(served) as hf:
+            req = lambda rid: GenerateRequest(rid, prompt, greedy, images=trajs[0].prompt_images)  # noqa: E731
+            before = await hf.generate(req("a"))
+            assert await sleep_backends([hf, http]) == [] and await wake_backends([hf]) == []  # no sleep on HF
+            path = await sync_weights([hf, http], sd, up.version, model=v.model, export_dir=tmp_path)
+            after = await hf.generate(req("b"))
+            reloaded = HFBackend.from_tiny(fresh())
+            await reloaded.update_weights(str(path), 1)  # what an HTTP server would load
+            await reloaded.close()
+        await http.close()
+        await runner.cleanup()
+        return before, after, hf.version, http.version, path, reloaded
+
+    before, after, hf_version, http_version, path, reloaded = asyncio.run(go())
+    assert hf_version == http_version == up.version == 3
+    assert after.version == 3 and before.token_ids != after.token_ids
+    assert paths == [str(path)] and path.name == "v00000003"
+    got = dict(reloaded.model.state_dict())
+    assert all(torch.equal(got[k], sd[k]) for k in sd)
+    assert all(torch.equal(p, sd[k]) for k, p in served.model.state_dict().items())
+
+
+if __name__ == "__main__":  # torchrun worker
+    _worker(Path(sys.argv[1]))
