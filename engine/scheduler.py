@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import gc
+import heapq
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -62,7 +63,8 @@ class EngineConfig:
     groups_per_step: int = 0  # ... to (version - base + lag + 1) * groups_per_step
     max_server_retries: int = 3  # a turn moves servers at most this often before ERROR
     seed: int = 0
-    gc_freeze: bool = True  # move objects alive at start (models, datasets) out of the cyclic GC
+    gc_freeze: bool = True  # keep long-lived objects out of full cyclic-GC passes (see _loop)
+    gc_freeze_interval_s: float = 1.0
     check_tokens: bool = False  # compare each finished context with a fresh tokenization
     strict_tokens: bool = False  # ... and raise on a mismatch (tests)
 
@@ -175,6 +177,8 @@ class _Live:
     ready_since: float = 0.0
     request_id: str = ""
     moves: int = 0
+    job: asyncio.Future | None = None  # the generation or tools task in flight
+    expired: bool = False
 
 
 # ----------------------------------------------------------------------------- the engine
@@ -204,6 +208,9 @@ class Engine:
         self._gen_tasks: dict[str, tuple[asyncio.Task, _Live]] = {}
         self._paused = False
         self._idle = asyncio.Event()
+        self._deadlines: list[tuple[float, int, _Live]] = []  # heap: when each live one expires
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # perf_counter time the timer fires
         self._admitted_groups = 0
         self._base_version = self.version
 
@@ -255,6 +262,8 @@ class Engine:
         finally:
             if self.cfg.gc_freeze:
                 gc.unfreeze()
+            if self._timer is not None:
+                self._timer.cancel()
             out.put_nowait(None)
 
     async def _loop(self, pending: Any, out: asyncio.Queue) -> None:
@@ -262,9 +271,16 @@ class Engine:
         groups: dict[str, list[Trajectory]] = {}
         live = 0
         self.stats.started = time.perf_counter()
-        if self.cfg.gc_freeze:  # as vLLM does after start-up: full collections stay short
+        # GC policy: a full collection walks every tracked object, and ten thousand live
+        # trajectories make that a stall of hundreds of ms on the loop. Objects alive at start
+        # (models, datasets) are frozen as vLLM does after start-up, and the long-lived ones made
+        # since are frozen every gc_freeze_interval_s; trajectories are freed by reference
+        # counting as usual, and run() unfreezes at the end, so any cycle made during the run
+        # is collected then.
+        if self.cfg.gc_freeze:
             gc.collect()
             gc.freeze()
+        next_freeze = time.perf_counter() + self.cfg.gc_freeze_interval_s
         cap = max(self.cfg.max_live, self.cfg.n_samples)
         while True:
             # admit: the one admission rule (a bounded number per slice)
@@ -287,6 +303,7 @@ class Engine:
             if live == 0 and exhausted:
                 break
             more = self._launch() or more
+            self._sweep_deadlines()
             if more:
                 self._events.put_nowait(("wake", None, None))
             if self._events.empty():
@@ -308,7 +325,32 @@ class Engine:
                         out.put_nowait(g)
             if not self._gen_tasks:
                 self._idle.set()
+            if self.cfg.gc_freeze and time.perf_counter() >= next_freeze:
+                gc.freeze()
+                next_freeze = time.perf_counter() + self.cfg.gc_freeze_interval_s
         self.stats.ended = time.perf_counter()
+
+    def _sweep_deadlines(self) -> None:
+        """Expire trajectories past their wall-clock deadline: a generation or tool job in
+        flight is cancelled (and the server asked to abort), a waiting one ends at launch.
+        One timer, armed for the earliest deadline, wakes the loop."""
+        now = time.perf_counter()
+        heap = self._deadlines
+        while heap and (heap[0][0] <= now or heap[0][2].traj.is_done()):
+            _, _, lv = heapq.heappop(heap)
+            if lv.traj.is_done() or lv.expired:
+                continue
+            lv.expired = True
+            if lv.job is not None and not lv.job.done():
+                if lv.request_id in self._gen_tasks:
+                    asyncio.ensure_future(self.backends[lv.server].abort(lv.request_id))
+                lv.job.cancel()
+        if heap and (self._timer is None or self._timer_at > heap[0][0] + 1e-3 or self._timer_at <= now):
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = heap[0][0]
+            self._timer = asyncio.get_running_loop().call_later(
+                max(heap[0][0] - now, 0.0), self._events.put_nowait, ("wake", None, None))
 
     def _fresh_enough(self) -> bool:
         if self.cfg.max_version_lag < 0:
@@ -328,6 +370,7 @@ class Engine:
                            meta=dict(p.meta), started_at=time.time())
             lv = _Live(t, server, now + self.cfg.timeout_s,
                        image_tokens=sum(self.image_tokens(im) for im in p.images), ready_since=now)
+            heapq.heappush(self._deadlines, (lv.deadline, id(lv), lv))
             self._load[server] += 1
             if len(prompt_ids) >= self.cfg.max_context:
                 self._finish(lv, Status.TRUNCATED, "max_context")
@@ -354,7 +397,12 @@ class Engine:
                 lv = q.popleft()
                 self._inflight[s] += 1
                 lv.request_id = uuid.uuid4().hex
-                task = asyncio.ensure_future(self._generate(lv))
+                if lv.expired:  # its deadline passed while it waited for a slot
+                    self._inflight[s] -= 1
+                    self._finish(lv, Status.TRUNCATED, "timeout")
+                    self._events.put_nowait(("done", lv, None))
+                    continue
+                task = lv.job = asyncio.ensure_future(self._generate(lv))
                 self._gen_tasks[lv.request_id] = (task, lv)
                 self._idle.clear()
         return budget == 0
@@ -374,12 +422,9 @@ class Engine:
             forced_ids=forced[:budget] if forced is not None else None)
         t0 = time.perf_counter()
         try:
-            remaining = lv.deadline - t0
-            if remaining <= 0:
-                raise asyncio.TimeoutError
-            out = await asyncio.wait_for(self.backends[lv.server].generate(req), remaining)
+            out = await self.backends[lv.server].generate(req)
             self._events.put_nowait(("gen", lv, (out, t0, time.perf_counter())))
-        except asyncio.TimeoutError:
+        except asyncio.CancelledError:  # the deadline sweep cancelled it
             self._events.put_nowait(("gen_timeout", lv, (t0, time.perf_counter())))
         except Exception as e:  # noqa: BLE001 - a dead server must not kill the run
             self._events.put_nowait(("gen_error", lv, e))
@@ -387,8 +432,8 @@ class Engine:
     async def _run_tools(self, lv: _Live, calls: list[dict[str, Any]]) -> None:
         t0 = time.perf_counter()
         try:
-            outs = await asyncio.wait_for(self.tools(calls, lv.traj), max(lv.deadline - t0, 1e-3))
-        except asyncio.TimeoutError:
+            outs = await self.tools(calls, lv.traj)
+        except asyncio.CancelledError:  # the deadline sweep cancelled it
             outs = None
         except Exception as e:  # noqa: BLE001 - a tool bug becomes a fatal observation
             outs = [ToolOutcome(f"tool runner failed: {type(e).__name__}: {e}", error_kind="fatal")
@@ -429,6 +474,8 @@ class Engine:
 
     def _on_generated(self, lv: _Live, out: Any, t0: float, t1: float) -> bool:
         t, cfg = lv.traj, self.cfg
+        if lv.expired:
+            return self._finish(lv, Status.TRUNCATED, "timeout")
         if out.finish_reason == "abort":  # redo this turn at the boundary, under the new version
             self.stats.aborted_turns += 1
             lv.ready_since = t1
@@ -460,7 +507,7 @@ class Engine:
             msg = "; ".join(e.get("message", e.get("kind", "")) for e in parsed.errors) or (
                 "no <tool_call> and no <answer> in this turn")
             return self._observe(lv, [ToolOutcome(f"Error: {msg}", error_kind="bad_args")], t1, t1)
-        asyncio.ensure_future(self._run_tools(lv, parsed.calls))
+        lv.job = asyncio.ensure_future(self._run_tools(lv, parsed.calls))
         return False
 
     def _on_tools(self, lv: _Live, outs: list[ToolOutcome] | None, t0: float, t1: float) -> bool:
@@ -503,7 +550,7 @@ class Engine:
             self.on_turn(t, turn)
         if self._cascade(t):
             return self._finish(lv, Status.FATAL, "fatal_cascade")
-        if time.perf_counter() >= lv.deadline:
+        if lv.expired or time.perf_counter() >= lv.deadline:
             return self._finish(lv, Status.TRUNCATED, "timeout")
         if t.num_tokens >= cfg.max_context:
             return self._finish(lv, Status.TRUNCATED, "max_context")

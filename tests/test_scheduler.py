@@ -211,3 +211,21 @@ def test_config_validation_names_the_value() -> None:
         EngineConfig(max_turns=0)
     with pytest.raises(ValueError, match="groups_per_step"):
         EngineConfig(max_version_lag=1)
+
+
+def test_timeout_while_generating_and_while_waiting_for_a_slot() -> None:
+    scripts = {f"p{i}": script_turns([], "y") for i in range(3)}
+    server = FakeServer("s0", delay=5.0)
+    cfg = EngineConfig(n_samples=1, max_inflight_per_server=1, timeout_s=0.3)
+    engine, _ = _engine(cfg, scripts, [server])
+
+    async def main():
+        import time
+        t0 = time.perf_counter()
+        groups = [g async for g in engine.run([Prompt(f"p{i}", "q") for i in range(3)])]
+        return groups, time.perf_counter() - t0
+
+    groups, wall = asyncio.run(main())
+    assert wall < 2.0  # nobody waited for the 5 s generation
+    assert [g[0].stop_reason for g in groups] == ["timeout"] * 3
+    assert all(g[0].status is Status.TRUNCATED and g[0].fatal_step == 0 for g in groups)
