@@ -243,16 +243,18 @@ class _Stats:
     ratio_max: float = -math.inf
 
     def add(self, res: PolicyLossResult, weight: float) -> None:
-        n = float(res.num_tokens)
-        self.loss += weight * float(res.loss.detach())
+        vals = torch.stack([res.loss.detach(), res.num_tokens, res.clip_fraction, res.dual_clip_fraction,
+                            res.approx_kl, res.ref_kl, res.ratio_min, res.ratio_max]).float().tolist()  # one sync
+        loss, n, clip, dual, akl, rkl, rmin, rmax = vals
+        self.loss += weight * loss
         self.loss_tokens += n
-        self.clip += n * float(res.clip_fraction)
-        self.dual += n * float(res.dual_clip_fraction)
-        self.akl += n * float(res.approx_kl)
-        self.rkl += n * float(res.ref_kl)
+        self.clip += n * clip
+        self.dual += n * dual
+        self.akl += n * akl
+        self.rkl += n * rkl
         if n > 0:
-            self.ratio_min = min(self.ratio_min, float(res.ratio_min))
-            self.ratio_max = max(self.ratio_max, float(res.ratio_max))
+            self.ratio_min = min(self.ratio_min, rmin)
+            self.ratio_max = max(self.ratio_max, rmax)
 
 
 # ------------------------------------------------------------------------------ the updater
@@ -315,7 +317,7 @@ class PolicyUpdater:
         for t, m in zip(trajs, masks):
             ids, mask, s, mo = _prepare(t, m, self.version, self.cfg.max_lag)
             stale, masked_out = stale + s, masked_out + mo
-            old = np.asarray(t.logprobs(), dtype=np.float32)
+            old = np.where(mask, np.asarray(t.logprobs(), dtype=np.float32), 0.0).astype(np.float32)  # [L]
             px = _pixels(t, ids, self.image_processor, tok_id, self._merge) if self.policy.is_vl else None
             if not self.policy.is_vl and t.images():
                 raise ValueError(f"trajectory {t.id!r} has images but the model has no vision tower")
@@ -354,8 +356,7 @@ class PolicyUpdater:
         inputs = self._padded_inputs(mb, [seqs[i] for i in rows_in])
         inputs = {k: v.to(dev) for k, v in inputs.items()}
         sel = inputs.pop("sel")  # [T'] packed positions of loss tokens
-        logp_sel = self.runtime.forward(**inputs)
-        self._check(logp_sel, "log-prob", ids, epoch)
+        logp_sel = self.runtime.forward(**inputs)  # [T'] fp32
         n = mb.num_tokens
         logp = torch.zeros(n, dtype=torch.float32, device=dev).index_copy(0, sel, logp_sel)  # [T]
         old = torch.from_numpy(np.concatenate([seqs[i].old_logp for i in rows_in])).to(dev)  # [T]
@@ -368,9 +369,8 @@ class PolicyUpdater:
             ref = torch.zeros(n, dtype=torch.float32, device=dev).index_copy(0, sel, ref_sel.float())
         res = masked_policy_loss(logp, old, tok_adv, t["loss_mask"].to(dev), t["cu_seqlens"].to(dev),
                                  ref, self.cfg.loss, impl=self.cfg.impl)
-        if ref is not None:
-            self._check(res.ref_kl, "kl", ids, epoch)
-        self._check(res.loss, "policy loss", ids, epoch)
+        terms = [("log-prob", logp_sel)] + ([("kl", res.ref_kl)] if ref is not None else [])
+        self._check(terms + [("policy loss", res.loss)], ids, epoch)
         return res
 
     def _padded_inputs(self, mb: MicroBatch, rows: list[_Seq]) -> dict[str, torch.Tensor]:
@@ -423,11 +423,16 @@ class PolicyUpdater:
         return self._dummy
 
     # -- errors and metrics ------------------------------------------------------------------
-    def _check(self, x: torch.Tensor, term: str, ids: list[str], epoch: int) -> None:
-        bad = not bool(torch.isfinite(x).all())
-        if self.runtime.any_flag(bad):
-            where = f"micro-batch {ids}" if bad else f"a micro-batch on another rank (this rank: {ids})"
-            self._raise(f"non-finite {term} in epoch {epoch}, {where}", term)
+    def _check(self, terms: list[tuple[str, torch.Tensor]], ids: list[str], epoch: int) -> None:
+        """Raise on the first non-finite term; one host sync, and one collective across ranks so
+        that every rank stops together (the others name their own micro-batch)."""
+        ok = torch.stack([torch.isfinite(x.detach()).all() for _, x in terms]).tolist()
+        bad = next((name for name, good in zip((n for n, _ in terms), ok) if not good), None)
+        if self.runtime.any_flag(bad is not None):
+            if bad is not None:
+                self._raise(f"non-finite {bad} in epoch {epoch}, micro-batch {ids}", bad)
+            self._raise(f"non-finite loss term in epoch {epoch} in a micro-batch on another rank "
+                        f"(this rank: {ids})", "other rank")
 
     def _raise(self, what: str, term: str) -> None:
         raise NonFiniteError(f"step {self.steps} (version {self.version}): {what} [term: {term}]")
