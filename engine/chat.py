@@ -109,6 +109,8 @@ class ByteCodec:
     def decode(self, ids: Sequence[int]) -> str:
         if not ids or max(ids) < 256:
             return bytes(ids).decode("utf-8", errors="replace")
+        if len(ids) > 1 and ids[-1] >= 256 and max(ids[:-1]) < 256:  # text then a stop token
+            return bytes(ids[:-1]).decode("utf-8", errors="replace") + self.decode(ids[-1:])
         names = {self.IM_START: "<|im_start|>", self.IM_END: "<|im_end|>",
                  self.VISION_START: "<|vision_start|>", self.VISION_END: "<|vision_end|>",
                  self.IMAGE_PAD: "<|image_pad|>", self.EOS: "<|endoftext|>"}
