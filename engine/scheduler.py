@@ -108,6 +108,7 @@ class ToolOutcome:
     text: str
     images: list[Image.Image] = field(default_factory=list)
     error_kind: str | None = None  # bad_args | transient | fatal | None
+    image_refs: list[str] | None = None  # names the runner already gave the images in `text`
 
 
 class TurnParser(Protocol):
@@ -527,19 +528,27 @@ class Engine:
         self._account(lv, "tool", t0, t1, None)
         n_before = len(t.images())
         texts, images = [], []
+        spent = False  # once an image is dropped, every later one is too: names stay in order
         for o in outs:
-            keep = []
-            for im in o.images:
+            keep, dropped = [], []
+            for k, im in enumerate(o.images):
                 cost = self.image_tokens(im)
-                if len(images) + len(keep) >= cfg.max_images_per_obs or \
+                if spent or len(images) + len(keep) >= cfg.max_images_per_obs or \
                         lv.image_tokens + cost > cfg.max_image_tokens:
-                    texts.append("(an image was omitted: the image budget is spent)")
+                    dropped.append(o.image_refs[k] if o.image_refs else "an image")
+                    spent = True
                     continue
                 lv.image_tokens += cost
                 keep.append(im)
-            names = ", ".join(f"img_{n_before + len(images) + i + 1}" for i in range(len(keep)))
+            text = o.text
+            if keep and o.image_refs is None:  # the runner left naming to the engine
+                names = ", ".join(f"img_{n_before + len(images) + i + 1}" for i in range(len(keep)))
+                text += f" [new images: {names}]"
+            if dropped:
+                text += (f" ({', '.join(dropped)} omitted: the image budget is spent;"
+                         " omitted images cannot be referenced)")
             images += keep
-            texts.append(o.text + (f" [new images: {names}]" if names else ""))
+            texts.append(text)
         text = "\n".join(texts)
         closed = bool(t.segments[-1].token_ids) and t.segments[-1].token_ids[-1] in self.codec.stop_token_ids
         ids = self.codec.encode_observation(text, images, closed, n_before + 1)
