@@ -60,12 +60,15 @@ sorted by their UTF-8 bytes (= code point order), strings with only ``"`` ``\\``
 escaped (\\b \\f \\n \\r \\t, else \\u00xx lowercase), other characters as raw UTF-8 (so equal to
 ``json.dumps(v, ensure_ascii=False, separators=(",", ":"), sort_keys=True)`` for strings).
 Numbers, exactly and without floating point: write the value as D × 10^E with D a digit string
-without leading or trailing zeros (zero and -0 -> ``0``); n = len(D), k = n + E; then
-  0 <= E <= 21        -> D followed by E zeros                  (1.5e3 -> 1500, 100.0 -> 100)
-  E < 0 and k > 0     -> D[:k] "." D[k:]                        (12.50 -> 12.5)
-  E < 0 and -6 < k <= 0 -> "0." + "0"*(-k) + D                  (0.00012 -> 0.00012)
-  otherwise           -> D[0] ["." D[1:]] "e" (k-1)              (1e22 -> 1e22, 1.5e-7 -> 1.5e-7)
-with "-" in front of negative values. Integers up to 21 trailing zeros keep all their digits.
+without leading or trailing zeros (zero and -0 -> ``0``); n = len(D), k = n + E (the number of
+digits before the decimal point), L = the number of digits in the literal's integer part; then
+  E >= 0 and k <= max(21, L) -> D followed by E zeros        (1.5e3 -> 1500, 100.0 -> 100)
+  E < 0 and k > 0            -> D[:k] "." D[k:]              (12.50 -> 12.5)
+  E < 0 and -6 < k <= 0      -> "0." + "0"*(-k) + D          (0.00012 -> 0.00012)
+  otherwise                  -> D[0] ["." D[1:]] "e" (k-1)   (1e21 -> 1e21, 1.5e-7 -> 1.5e-7)
+with "-" in front of negative values. So an integer literal always keeps its digit string
+(any length), and integral values written with a fraction or exponent become plain integers up
+to 21 digits (like JavaScript's Number-to-string, but exact).
 
 Limits: 1 <= max_depth <= 512; 1 <= max_call_bytes < 2**32; texts < 4 GiB.
 """

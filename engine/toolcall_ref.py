@@ -98,9 +98,11 @@ class _JsonError(Exception):
         self.message, self.pos, self.too_deep = message, pos, too_deep
 
 
-def canonical_number(neg: bool, digits: bytes, frac_len: int, exp: int) -> tuple[str, bool]:
-    """Canonical text of the number ``(-1)**neg * int(digits) * 10**(exp - frac_len)`` and
-    whether it is integral (the rule is spelled out in spyglass.engine.toolcall)."""
+def canonical_number(neg: bool, digits: bytes, int_len: int, exp: int) -> tuple[str, bool]:
+    """Canonical text of the number ``(-1)**neg * int(digits) * 10**(exp - frac_len)``, where
+    the first ``int_len`` digits were the literal's integer part, and whether it is integral
+    (the rule is spelled out in spyglass.engine.toolcall)."""
+    frac_len = len(digits) - int_len
     d = digits.lstrip(b"0")
     if not d:
         return "0", True
@@ -109,7 +111,7 @@ def canonical_number(neg: bool, digits: bytes, frac_len: int, exp: int) -> tuple
     d = stripped.decode()
     n, k = len(d), len(d) + e
     sign = "-" if neg else ""
-    if 0 <= e <= 21:
+    if e >= 0 and k <= max(21, int_len):
         return sign + d + "0" * e, True
     if e < 0 and k > -6:
         if k > 0:
@@ -269,13 +271,12 @@ class _Json:
             p = _DIGITS.match(s, p, end).end()
         else:
             raise self.unexpected(p)
-        digits, frac_len, exp = s[i0:p], 0, 0
+        digits, int_len, exp = s[i0:p], p - i0, 0
         if p < end and s[p] == 0x2E:
             q = _DIGITS.match(s, p + 1, end).end()
             if q == p + 1:
                 raise self.unexpected(q)
-            digits += s[p + 1:q]
-            frac_len, p = q - p - 1, q
+            digits, p = digits + s[p + 1:q], q
         if p < end and s[p] in b"eE":
             p += 1
             eneg = p < end and s[p] == 0x2D
@@ -289,7 +290,7 @@ class _Json:
                 raise _JsonError("number exponent out of range", start)
             exp = -int(e or b"0") if eneg else int(e or b"0")
             p = q
-        text, integral = canonical_number(neg, digits, frac_len, exp)
+        text, integral = canonical_number(neg, digits, int_len, exp)
         return ("int" if integral else "num", start, text), p
 
 
