@@ -113,17 +113,55 @@ std::shared_ptr<ToolSet> toolset_from_py(py::list tools, int max_depth, long lon
     py::tuple t = py::cast<py::tuple>(item);
     if (t.size() != 2) throw py::value_error("each tool must be a (name, schema) pair");
     std::string name = py::cast<std::string>(t[0]);
-    if (ts->index.count(name)) throw py::value_error("duplicate tool name '" + name + "'");
-    ts->index.emplace(name, ts->names.size());
+    for (const std::string& seen : ts->names)
+      if (seen == name) throw py::value_error("duplicate tool name '" + name + "'");
     ts->names.push_back(name);
     ts->schemas.push_back(schema_from_py(t[1], "tool '" + name + "'"));
   }
+  for (size_t i = 0; i < ts->names.size(); ++i) ts->index.emplace(ts->names[i], i);
   return ts;
 }
 
 py::tuple span_of(uint64_t a, uint64_t b) { return py::make_tuple(a, b); }
 
-py::dict call_dict(const CallRec& c) {
+// What Python sees of one call / error: standalone copies out of a ParseOut's arena.
+struct PyCall {
+  int64_t index;
+  std::string name, arguments;
+  uint64_t start, end;
+};
+struct PyErr {
+  int64_t index;
+  ErrKind kind;
+  std::string message;
+  uint64_t byte_pos, start, end;
+};
+
+PyCall py_call(const ParseOut& r, const CallRec& c) {
+  return PyCall{c.index, std::string(r.data(c.name), c.name.len),
+                std::string(r.data(c.arguments), c.arguments.len), c.start, c.end};
+}
+PyErr py_err(const ParseOut& r, const ErrRec& e) {
+  return PyErr{e.index, e.kind, std::string(r.data(e.message), e.message.len), e.byte_pos,
+               e.start, e.end};
+}
+py::str decode_slice(const ParseOut& r, Slice s) {
+  PyObject* o = PyUnicode_DecodeUTF8(r.data(s), static_cast<Py_ssize_t>(s.len), "replace");
+  if (!o) throw py::error_already_set();
+  return py::reinterpret_steal<py::str>(o);
+}
+py::list calls_of(const ParseOut& r) {
+  py::list l(r.calls.size());
+  for (size_t i = 0; i < r.calls.size(); ++i) l[i] = py::cast(py_call(r, r.calls[i]));
+  return l;
+}
+py::list errors_of(const ParseOut& r) {
+  py::list l(r.errors.size());
+  for (size_t i = 0; i < r.errors.size(); ++i) l[i] = py::cast(py_err(r, r.errors[i]));
+  return l;
+}
+
+py::dict call_dict(const PyCall& c) {
   py::dict d;
   d["index"] = c.index;
   d["name"] = utf8_str(c.name);
@@ -132,7 +170,7 @@ py::dict call_dict(const CallRec& c) {
   return d;
 }
 
-py::dict error_dict(const ErrRec& e) {
+py::dict error_dict(const PyErr& e) {
   py::dict d;
   d["index"] = e.index;
   d["kind"] = err_kind_name(e.kind);
@@ -142,8 +180,8 @@ py::dict error_dict(const ErrRec& e) {
   return d;
 }
 
-py::object opt_text(bool has, const std::string& s) {
-  return has ? py::object(decode_replace(s)) : py::object(py::none());
+py::object opt_text(const ParseOut& r, bool has, Slice s) {
+  return has ? py::object(decode_slice(r, s)) : py::object(py::none());
 }
 
 py::object answer_tag(const ParseOut& r) {
@@ -154,15 +192,105 @@ py::object answer_tag(const ParseOut& r) {
 py::dict result_dict(const ParseOut& r) {
   py::dict d;
   py::list calls, errors;
-  for (const CallRec& c : r.calls) calls.append(call_dict(c));
-  for (const ErrRec& e : r.errors) errors.append(error_dict(e));
+  for (const CallRec& c : r.calls) calls.append(call_dict(py_call(r, c)));
+  for (const ErrRec& e : r.errors) errors.append(error_dict(py_err(r, e)));
   d["calls"] = calls;
   d["errors"] = errors;
-  d["answer"] = opt_text(r.answer_tag != 0, r.answer);
+  d["answer"] = opt_text(r, r.answer_tag != 0, r.answer);
   d["answer_tag"] = answer_tag(r);
-  d["think"] = opt_text(r.has_think, r.think);
-  d["text_outside"] = decode_replace(r.outside);
+  d["think"] = opt_text(r, r.has_think, r.think);
+  d["text_outside"] = decode_slice(r, r.outside);
   return d;
+}
+
+// ParseResult is a plain CPython type rather than a pybind11 class: pybind11 registers every
+// instance in a global hash map, which cost about a fifth of a batch parse.
+struct ResultObject {
+  PyObject_HEAD
+  ParseOut* r;
+};
+PyTypeObject* g_result_type = nullptr;
+
+const ParseOut& res_of(PyObject* self) { return *reinterpret_cast<ResultObject*>(self)->r; }
+
+template <typename F>
+PyObject* guarded(F f) {
+  try {
+    return f().release().ptr();
+  } catch (py::error_already_set& e) {
+    e.restore();
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+  }
+  return nullptr;
+}
+
+py::object res_calls(const ParseOut& r) { return calls_of(r); }
+py::object res_errors(const ParseOut& r) { return errors_of(r); }
+py::object res_answer(const ParseOut& r) { return opt_text(r, r.answer_tag != 0, r.answer); }
+py::object res_think(const ParseOut& r) { return opt_text(r, r.has_think, r.think); }
+py::object res_outside(const ParseOut& r) { return decode_slice(r, r.outside); }
+py::object res_ok(const ParseOut& r) { return py::bool_(r.errors.empty()); }
+
+template <py::object (*F)(const ParseOut&)>
+PyObject* res_get(PyObject* self, void*) {
+  return guarded([&] { return F(res_of(self)); });
+}
+
+PyObject* res_to_dict(PyObject* self, PyObject*) {
+  return guarded([&] { return py::object(result_dict(res_of(self))); });
+}
+
+PyObject* res_repr(PyObject* self) {
+  return guarded([&] {
+    const ParseOut& r = res_of(self);
+    return py::object(py::str("ParseResult(calls=" + std::to_string(r.calls.size()) +
+                              ", errors=" + std::to_string(r.errors.size()) + ", answer_tag=" +
+                              std::string(py::repr(answer_tag(r))) + ")"));
+  });
+}
+
+void res_dealloc(PyObject* self) {
+  delete reinterpret_cast<ResultObject*>(self)->r;
+  PyTypeObject* tp = Py_TYPE(self);
+  tp->tp_free(self);
+  Py_DECREF(tp);
+}
+
+PyGetSetDef g_res_getset[] = {
+    {"calls", res_get<res_calls>, nullptr, "list[ToolCall], in text order", nullptr},
+    {"errors", res_get<res_errors>, nullptr, "list[CallError], in text order", nullptr},
+    {"answer", res_get<res_answer>, nullptr, "first <answer>/<response> text or None", nullptr},
+    {"answer_tag", res_get<answer_tag>, nullptr, "'answer', 'response' or None", nullptr},
+    {"think", res_get<res_think>, nullptr, "think blocks joined by newlines, or None", nullptr},
+    {"text_outside", res_get<res_outside>, nullptr, "text outside all blocks", nullptr},
+    {"ok", res_get<res_ok>, nullptr, "True when there are no errors", nullptr},
+    {nullptr, nullptr, nullptr, nullptr, nullptr}};
+PyMethodDef g_res_methods[] = {
+    {"to_dict", res_to_dict, METH_NOARGS, "all fields as plain Python values"},
+    {nullptr, nullptr, 0, nullptr}};
+
+void init_result_type(py::module_& m) {
+  static PyType_Slot slots[] = {
+      {Py_tp_dealloc, reinterpret_cast<void*>(res_dealloc)},
+      {Py_tp_repr, reinterpret_cast<void*>(res_repr)},
+      {Py_tp_getset, g_res_getset},
+      {Py_tp_methods, g_res_methods},
+      {Py_tp_doc, const_cast<char*>("Everything parsed from one model output.")},
+      {0, nullptr}};
+  static PyType_Spec spec = {"spyglass.engine._core.ParseResult", sizeof(ResultObject), 0,
+                             Py_TPFLAGS_DEFAULT | Py_TPFLAGS_DISALLOW_INSTANTIATION, slots};
+  PyObject* t = PyType_FromSpec(&spec);
+  if (!t) throw py::error_already_set();
+  g_result_type = reinterpret_cast<PyTypeObject*>(t);  // one reference kept for the process
+  m.add_object("ParseResult", py::reinterpret_borrow<py::object>(t));
+}
+
+py::object wrap_result(std::unique_ptr<ParseOut> r) {
+  PyObject* o = g_result_type->tp_alloc(g_result_type, 0);
+  if (!o) throw py::error_already_set();
+  reinterpret_cast<ResultObject*>(o)->r = r.release();
+  return py::reinterpret_steal<py::object>(o);
 }
 
 class Parser {
@@ -170,39 +298,51 @@ class Parser {
   Parser(py::list tools, int max_depth, long long max_call_bytes)
       : tools_(toolset_from_py(tools, max_depth, max_call_bytes)), scanner_(tools_.get()) {}
 
-  ParseOut parse(py::handle text) {
+  py::object parse(py::handle text) {
     py::object keep;
     const char* data;
     size_t size;
     text_view(text, keep, data, size, -1);
-    ParseOut out;
+    auto out = std::make_unique<ParseOut>();
     if (size >= (1u << 16)) {
       py::gil_scoped_release nogil;
-      parse_text(scanner_, data, size, out);
+      parse_text(scanner_, data, size, *out);
     } else {
-      parse_text(scanner_, data, size, out);
+      parse_text(scanner_, data, size, *out);
     }
-    return out;
+    return wrap_result(std::move(out));
   }
 
   py::list parse_batch(py::iterable texts, long threads) {
     if (threads < 0) throw py::value_error("threads must be >= 0, got " + std::to_string(threads));
-    std::vector<py::object> keep;
-    std::vector<std::pair<const char*, size_t>> views;
-    for (py::handle h : texts) {
+    // A tuple snapshot owns every text while the GIL is released.
+    py::tuple items = py::reinterpret_steal<py::tuple>(PySequence_Tuple(texts.ptr()));
+    if (!items) throw py::error_already_set();
+    size_t n = items.size();
+    std::vector<py::object> keep;  // encodings of strs holding lone surrogates
+    std::vector<std::pair<const char*, size_t>> views(n);
+    for (size_t i = 0; i < n; ++i) {
+      PyObject* o = PyTuple_GET_ITEM(items.ptr(), static_cast<Py_ssize_t>(i));
+      Py_ssize_t len;
+      const char* d = PyUnicode_Check(o) ? PyUnicode_AsUTF8AndSize(o, &len) : nullptr;
+      if (d && static_cast<size_t>(len) <= kMaxTextBytes) {
+        views[i] = {d, static_cast<size_t>(len)};
+        continue;
+      }
+      if (!d && PyErr_Occurred()) PyErr_Clear();
       keep.emplace_back();
-      views.emplace_back();
-      text_view(h, keep.back(), views.back().first, views.back().second,
-                static_cast<long>(views.size() - 1));
+      text_view(o, keep.back(), views[i].first, views[i].second, static_cast<long>(i));
     }
-    std::vector<ParseOut> outs(views.size());
+    std::vector<std::unique_ptr<ParseOut>> outs(n);
     {
       py::gil_scoped_release nogil;
       run_batch(views, outs, static_cast<size_t>(threads));
     }
-    py::list res(outs.size());
-    for (size_t i = 0; i < outs.size(); ++i)
-      res[i] = py::cast(std::move(outs[i]), py::return_value_policy::move);
+    py::list res(n);
+    for (size_t i = 0; i < n; ++i) {
+      py::object r = wrap_result(std::move(outs[i]));
+      PyList_SET_ITEM(res.ptr(), static_cast<Py_ssize_t>(i), r.release().ptr());
+    }
     return res;
   }
 
@@ -210,11 +350,13 @@ class Parser {
 
  private:
   void run_batch(const std::vector<std::pair<const char*, size_t>>& views,
-                 std::vector<ParseOut>& outs, size_t threads) {
+                 std::vector<std::unique_ptr<ParseOut>>& outs, size_t threads) {
     if (threads <= 1 || views.size() < 2) {
       Scanner sc(tools_.get());
-      for (size_t i = 0; i < views.size(); ++i)
-        parse_text(sc, views[i].first, views[i].second, outs[i]);
+      for (size_t i = 0; i < views.size(); ++i) {
+        outs[i] = std::make_unique<ParseOut>();
+        parse_text(sc, views[i].first, views[i].second, *outs[i]);
+      }
       return;
     }
     if (threads > views.size()) threads = views.size();
@@ -226,7 +368,10 @@ class Parser {
         size_t b = next.fetch_add(kChunk);
         if (b >= views.size()) return;
         size_t e = std::min(views.size(), b + kChunk);
-        for (size_t i = b; i < e; ++i) parse_text(sc, views[i].first, views[i].second, outs[i]);
+        for (size_t i = b; i < e; ++i) {
+          outs[i] = std::make_unique<ParseOut>();
+          parse_text(sc, views[i].first, views[i].second, *outs[i]);
+        }
       }
     };
     std::vector<std::thread> pool;
@@ -257,12 +402,12 @@ class StreamParser {
     return drain();
   }
 
-  ParseOut finish() {
+  py::object finish() {
     if (!finished_) {
       scanner_.run(buf_.data(), buf_.size(), true, out_);
       finished_ = true;
     }
-    return out_;
+    return wrap_result(std::make_unique<ParseOut>(out_));
   }
 
  private:
@@ -275,9 +420,9 @@ class StreamParser {
       bool take_call = e >= out_.errors.size() ||
                        (c < out_.calls.size() && out_.calls[c].index < out_.errors[e].index);
       if (take_call)
-        res.append(py::cast(out_.calls[c++]));
+        res.append(py::cast(py_call(out_, out_.calls[c++])));
       else
-        res.append(py::cast(out_.errors[e++]));
+        res.append(py::cast(py_err(out_, out_.errors[e++])));
     }
     return res;
   }
@@ -290,14 +435,14 @@ class StreamParser {
   bool finished_ = false;
 };
 
-std::string call_repr(const CallRec& c) {
+std::string call_repr(const PyCall& c) {
   return "ToolCall(index=" + std::to_string(c.index) + ", name=" +
          std::string(py::repr(utf8_str(c.name))) + ", arguments=" +
          std::string(py::repr(utf8_str(c.arguments))) + ", span=(" + std::to_string(c.start) +
          ", " + std::to_string(c.end) + "))";
 }
 
-std::string error_repr(const ErrRec& e) {
+std::string error_repr(const PyErr& e) {
   return "CallError(index=" + std::to_string(e.index) + ", kind='" + err_kind_name(e.kind) +
          "', message=" + std::string(py::repr(utf8_str(e.message))) +
          ", byte_pos=" + std::to_string(e.byte_pos) + ", span=(" + std::to_string(e.start) +
@@ -305,55 +450,39 @@ std::string error_repr(const ErrRec& e) {
 }
 
 void bind_toolcall(py::module_& m) {
-  py::class_<CallRec>(m, "ToolCall", "A well-formed, validated tool call.")
-      .def_readonly("index", &CallRec::index, "ordinal of its <tool_call> block in the text")
-      .def_property_readonly("name", [](const CallRec& c) { return utf8_str(c.name); })
-      .def_property_readonly("arguments", [](const CallRec& c) { return utf8_str(c.arguments); },
+  py::class_<PyCall>(m, "ToolCall", "A well-formed, validated tool call.")
+      .def_readonly("index", &PyCall::index, "ordinal of its <tool_call> block in the text")
+      .def_property_readonly("name", [](const PyCall& c) { return utf8_str(c.name); })
+      .def_property_readonly("arguments", [](const PyCall& c) { return utf8_str(c.arguments); },
                              "canonical JSON of the arguments object")
-      .def_property_readonly("span", [](const CallRec& c) { return span_of(c.start, c.end); },
+      .def_property_readonly("span", [](const PyCall& c) { return span_of(c.start, c.end); },
                              "UTF-8 byte span [start, end) of the whole <tool_call> block")
-      .def("args", [](const CallRec& c) {
+      .def("args", [](const PyCall& c) {
         return py::module_::import("json").attr("loads")(utf8_str(c.arguments));
       }, "the arguments as a dict (json.loads of `arguments`)")
       .def("to_dict", &call_dict)
-      .def("__eq__", [](const CallRec& a, py::object b) {
-        if (!py::isinstance<CallRec>(b)) return false;
-        const CallRec& o = py::cast<const CallRec&>(b);
+      .def("__eq__", [](const PyCall& a, py::object b) {
+        if (!py::isinstance<PyCall>(b)) return false;
+        const PyCall& o = py::cast<const PyCall&>(b);
         return a.index == o.index && a.name == o.name && a.arguments == o.arguments &&
                a.start == o.start && a.end == o.end;
       })
       .def("__repr__", &call_repr);
-  py::class_<ErrRec>(m, "CallError", "A typed error of one tool call (or of a think/answer tag).")
-      .def_readonly("index", &ErrRec::index, "ordinal of its <tool_call> block, -1 if none")
-      .def_property_readonly("kind", [](const ErrRec& e) { return err_kind_name(e.kind); })
-      .def_property_readonly("message", [](const ErrRec& e) { return utf8_str(e.message); })
-      .def_readonly("byte_pos", &ErrRec::byte_pos, "UTF-8 byte offset of the offending byte")
-      .def_property_readonly("span", [](const ErrRec& e) { return span_of(e.start, e.end); })
+  py::class_<PyErr>(m, "CallError", "A typed error of one tool call (or of a think/answer tag).")
+      .def_readonly("index", &PyErr::index, "ordinal of its <tool_call> block, -1 if none")
+      .def_property_readonly("kind", [](const PyErr& e) { return err_kind_name(e.kind); })
+      .def_property_readonly("message", [](const PyErr& e) { return utf8_str(e.message); })
+      .def_readonly("byte_pos", &PyErr::byte_pos, "UTF-8 byte offset of the offending byte")
+      .def_property_readonly("span", [](const PyErr& e) { return span_of(e.start, e.end); })
       .def("to_dict", &error_dict)
-      .def("__eq__", [](const ErrRec& a, py::object b) {
-        if (!py::isinstance<ErrRec>(b)) return false;
-        const ErrRec& o = py::cast<const ErrRec&>(b);
+      .def("__eq__", [](const PyErr& a, py::object b) {
+        if (!py::isinstance<PyErr>(b)) return false;
+        const PyErr& o = py::cast<const PyErr&>(b);
         return a.index == o.index && a.kind == o.kind && a.message == o.message &&
                a.byte_pos == o.byte_pos && a.start == o.start && a.end == o.end;
       })
       .def("__repr__", &error_repr);
-  py::class_<ParseOut>(m, "ParseResult", "Everything parsed from one model output.")
-      .def_property_readonly("calls", [](const ParseOut& r) { return py::cast(r.calls); })
-      .def_property_readonly("errors", [](const ParseOut& r) { return py::cast(r.errors); })
-      .def_property_readonly("answer",
-                             [](const ParseOut& r) { return opt_text(r.answer_tag, r.answer); })
-      .def_property_readonly("answer_tag", &answer_tag)
-      .def_property_readonly("think",
-                             [](const ParseOut& r) { return opt_text(r.has_think, r.think); })
-      .def_property_readonly("text_outside",
-                             [](const ParseOut& r) { return decode_replace(r.outside); })
-      .def_property_readonly("ok", [](const ParseOut& r) { return r.errors.empty(); })
-      .def("to_dict", &result_dict)
-      .def("__repr__", [](const ParseOut& r) {
-        return "ParseResult(calls=" + std::to_string(r.calls.size()) +
-               ", errors=" + std::to_string(r.errors.size()) + ", answer_tag=" +
-               std::string(py::repr(answer_tag(r))) + ")";
-      });
+  init_result_type(m);
   py::class_<StreamParser>(m, "StreamParser", "Incremental parser over chunks of one output.")
       .def("feed", &StreamParser::feed, py::arg("chunk"))
       .def("finish", &StreamParser::finish);

@@ -13,6 +13,18 @@ namespace {
 
 inline bool is_digit(uint8_t c) { return c >= '0' && c <= '9'; }
 
+// Byte classes: bit 1 = ends a plain run inside a string being parsed ('"', '\\', < 0x20,
+// >= 0x80); bit 2 = must be escaped when writing a string ('"', '\\', < 0x20).
+struct ByteClass {
+  uint8_t t[256];
+  constexpr ByteClass() : t() {
+    for (int c = 0; c < 256; ++c)
+      t[c] = static_cast<uint8_t>((c == '"' || c == '\\' || c < 0x20 || c >= 0x80 ? 1 : 0) |
+                                  (c == '"' || c == '\\' || c < 0x20 ? 2 : 0));
+  }
+};
+constexpr ByteClass kClass{};
+
 inline int hex_val(uint8_t c) {
   if (c >= '0' && c <= '9') return c - '0';
   if (c >= 'a' && c <= 'f') return c - 'a' + 10;
@@ -167,11 +179,7 @@ struct JParser {
     size_t off = b.size();
     for (;;) {
       size_t q = p;
-      while (q < end) {
-        uint8_t c = s[q];
-        if (c == '"' || c == '\\' || c < 0x20 || c >= 0x80) break;
-        ++q;
-      }
+      while (q < end && !(kClass.t[s[q]] & 1)) ++q;
       b.append(reinterpret_cast<const char*>(s + p), q - p);
       p = q;
       if (p >= end) return fail("unexpected end of input", end);
@@ -252,7 +260,8 @@ struct JParser {
     int64_t E = exp - static_cast<int64_t>(f1 - f0) + static_cast<int64_t>(dg.size() - last);
     int64_t k = n + E;
     if (neg) b.push_back('-');
-    if (E >= 0 && E <= 21) {
+    int64_t int_lim = std::max<int64_t>(21, static_cast<int64_t>(i1 - i0));
+    if (E >= 0 && k <= int_lim) {
       b.append(D, static_cast<size_t>(n));
       b.append(static_cast<size_t>(E), '0');
     } else if (E < 0 && k > -6) {
@@ -292,7 +301,16 @@ struct JParser {
       int c = std::memcmp(dd.bytes.data() + kx.a, dd.bytes.data() + ky.a, std::min(kx.n, ky.n));
       return c < 0 || (c == 0 && kx.n < ky.n);
     };
-    if (m > 1) std::stable_sort(ord.begin(), ord.end(), key_less);
+    if (m > 32) {
+      std::stable_sort(ord.begin(), ord.end(), key_less);
+    } else {  // insertion sort: stable, no allocation
+      for (size_t i = 1; i < m; ++i) {
+        uint32_t x = ord[i];
+        size_t j = i;
+        for (; j > 0 && key_less(x, ord[j - 1]); --j) ord[j] = ord[j - 1];
+        ord[j] = x;
+      }
+    }
     size_t a = d.kids.size(), cnt = 0;
     for (size_t i = 0; i < m; ++i) {
       // keep the last of each run of equal keys
@@ -432,11 +450,7 @@ void append_json_string(const char* s, size_t n, std::string& out) {
   size_t p = 0;
   while (p < n) {
     size_t q = p;
-    while (q < n) {
-      uint8_t c = static_cast<uint8_t>(s[q]);
-      if (c == '"' || c == '\\' || c < 0x20) break;
-      ++q;
-    }
+    while (q < n && !(kClass.t[static_cast<uint8_t>(s[q])] & 2)) ++q;
     out.append(s + p, q - p);
     if (q >= n) break;
     uint8_t c = static_cast<uint8_t>(s[q]);

@@ -31,6 +31,17 @@ inline int match(const char* buf, size_t n, size_t q, const char (&tag)[N]) {
   return std::memcmp(buf + q, tag, avail) == 0 ? -1 : 0;
 }
 
+// Lexer classes inside a call body: bit 1 = '"' or '<' (outside strings), bit 2 = '"' or '\\'.
+struct LexClass {
+  uint8_t t[256];
+  constexpr LexClass() : t() {
+    t[static_cast<uint8_t>('"')] = 3;
+    t[static_cast<uint8_t>('<')] = 1;
+    t[static_cast<uint8_t>('\\')] = 2;
+  }
+};
+constexpr LexClass kLex{};
+
 std::string path_string(const std::vector<std::string>& path) {
   std::string s = "[";
   for (size_t i = 0; i < path.size(); ++i) {
@@ -72,6 +83,9 @@ const char* err_kind_name(ErrKind k) {
 }
 
 void Scanner::reset() {
+  think_.clear();
+  outside_.clear();
+  has_think_ = false;
   st_ = St::Outside;
   p_ = tag_start_ = body_ = 0;
   block_tag_ = 0;
@@ -91,13 +105,25 @@ void Scanner::run(const char* buf, size_t n, bool final, ParseOut& out) {
       block(buf, n, final, out, wait);
     }
   }
+  if (final) finalize(out);
 }
 
-void Scanner::outside(const char* buf, size_t n, bool final, ParseOut& out, bool& wait) {
+void Scanner::finalize(ParseOut& out) {
+  out.has_think = has_think_;
+  out.think = out.put(think_);
+  out.outside = out.put(outside_);
+}
+
+void Scanner::push_error(ParseOut& out, ErrKind kind, const std::string& msg, size_t pos,
+                         size_t start, size_t end, int64_t index) {
+  out.errors.push_back(ErrRec{index, kind, out.put(msg), pos, start, end});
+}
+
+void Scanner::outside(const char* buf, size_t n, bool final, ParseOut& /*out*/, bool& wait) {
   while (p_ < n) {
     const void* lt = std::memchr(buf + p_, '<', n - p_);
     size_t q = lt ? static_cast<size_t>(static_cast<const char*>(lt) - buf) : n;
-    out.outside.append(buf + p_, q - p_);
+    outside_.append(buf + p_, q - p_);
     p_ = q;
     if (q >= n) return;
     bool partial = false;
@@ -140,9 +166,9 @@ void Scanner::outside(const char* buf, size_t n, bool final, ParseOut& out, bool
       // "...</think>" with no opening tag (the chat template put <think> in the prompt)
       m = match(buf, n, q, kThinkC);
       if (m == 1) {
-        out.think.swap(out.outside);
-        out.outside.clear();
-        out.has_think = true;
+        think_.swap(outside_);
+        outside_.clear();
+        has_think_ = true;
         seen_block_ = true;
         p_ = q + len(kThinkC);
         continue;
@@ -153,7 +179,7 @@ void Scanner::outside(const char* buf, size_t n, bool final, ParseOut& out, bool
       wait = true;
       return;
     }
-    out.outside.push_back('<');
+    outside_.push_back('<');
     p_ = q + 1;
   }
 }
@@ -187,11 +213,11 @@ void Scanner::block(const char* buf, size_t n, bool final, ParseOut& out, bool& 
     return;
   }
   if (think) {
-    if (out.has_think) out.think.push_back('\n');
-    out.think.append(buf + body_, close - body_);
-    out.has_think = true;
+    if (has_think_) think_.push_back('\n');
+    think_.append(buf + body_, close - body_);
+    has_think_ = true;
   } else if (out.answer_tag == 0) {
-    out.answer.assign(buf + body_, close - body_);
+    out.answer = out.put(buf + body_, close - body_);
     out.answer_tag = block_tag_;
   }
   st_ = St::Outside;
@@ -202,7 +228,7 @@ void Scanner::block(const char* buf, size_t n, bool final, ParseOut& out, bool& 
   p_ = n;
   std::string msg = "unterminated ";
   msg += think ? "<think>" : block_tag_ == 1 ? "<answer>" : "<response>";
-  out.errors.push_back(ErrRec{-1, ErrKind::UnterminatedTag, msg, tag_start_, tag_start_, n});
+  push_error(out, ErrKind::UnterminatedTag, msg, tag_start_, tag_start_, n, -1);
 }
 
 void Scanner::call(const char* buf, size_t n, bool final, ParseOut& out, bool& wait) {
@@ -210,7 +236,7 @@ void Scanner::call(const char* buf, size_t n, bool final, ParseOut& out, bool& w
   size_t p = p_;
   while (p < n) {
     if (!in_str_) {
-      while (p < n && s[p] != '"' && s[p] != '<') ++p;
+      while (p < n && !(kLex.t[s[p]] & 1)) ++p;
       if (p >= n) break;
       if (s[p] == '"') {
         in_str_ = true;
@@ -231,7 +257,7 @@ void Scanner::call(const char* buf, size_t n, bool final, ParseOut& out, bool& w
       }
       ++p;
     } else {
-      while (p < n && s[p] != '"' && s[p] != '\\') ++p;
+      while (p < n && !(kLex.t[s[p]] & 2)) ++p;
       if (p >= n) break;
       if (s[p] == '"') {
         in_str_ = false;
@@ -264,90 +290,91 @@ void Scanner::call(const char* buf, size_t n, bool final, ParseOut& out, bool& w
     p_ = q + len(kCallC);
     return;
   }
-  out.errors.push_back(ErrRec{cur_index_, ErrKind::UnterminatedTag, "unterminated <tool_call>",
-                              tag_start_, tag_start_, n});
+  push_error(out, ErrKind::UnterminatedTag, "unterminated <tool_call>", tag_start_, tag_start_, n,
+             cur_index_);
 }
 
 void Scanner::finish_call(const char* buf, size_t body_end, size_t span_end, ParseOut& out) {
-  ErrRec e{cur_index_, ErrKind::InvalidCall, std::string(), 0, tag_start_, span_end};
-  char msg[160];
+  ErrKind kind = ErrKind::InvalidCall;
+  std::string& msg = msg_;
+  msg.clear();
+  size_t pos = 0;
+  char tmp[160];
   size_t size = body_end - body_;
   if (size > tools_->max_call_bytes) {
-    e.kind = ErrKind::TooLarge;
-    std::snprintf(msg, sizeof msg, "tool call body is %zu bytes, more than max_call_bytes=%zu",
+    std::snprintf(tmp, sizeof tmp, "tool call body is %zu bytes, more than max_call_bytes=%zu",
                   size, tools_->max_call_bytes);
-    e.message = msg;
-    e.byte_pos = body_ + tools_->max_call_bytes;
-    out.errors.push_back(std::move(e));
+    push_error(out, ErrKind::TooLarge, tmp, body_ + tools_->max_call_bytes, tag_start_, span_end,
+               cur_index_);
     return;
   }
   uint32_t root;
   if (!doc_.parse(buf, body_, body_end, tools_->max_depth, jerr_, root)) {
-    e.kind = jerr_.too_deep ? ErrKind::TooDeep : ErrKind::InvalidJson;
-    e.message = jerr_.message;
-    e.byte_pos = jerr_.pos;
-    out.errors.push_back(std::move(e));
+    push_error(out, jerr_.too_deep ? ErrKind::TooDeep : ErrKind::InvalidJson, jerr_.message,
+               jerr_.pos, tag_start_, span_end, cur_index_);
     return;
   }
   const JNode r = doc_.nodes[root];
   int64_t nm = -1, ar = -1;
   if (r.kind != JKind::Obj) {
-    std::snprintf(msg, sizeof msg, "tool call must be a JSON object, got %s", jkind_name(r.kind));
-    e.message = msg;
-    e.byte_pos = r.pos;
+    std::snprintf(tmp, sizeof tmp, "tool call must be a JSON object, got %s", jkind_name(r.kind));
+    msg = tmp;
+    pos = r.pos;
   } else if ((nm = doc_.member(root, "name", 4)) < 0) {
-    e.message = "tool call has no \"name\"";
-    e.byte_pos = r.pos;
+    msg = "tool call has no \"name\"";
+    pos = r.pos;
   } else if (doc_.nodes[nm].kind != JKind::Str) {
-    std::snprintf(msg, sizeof msg, "\"name\" must be a string, got %s",
+    std::snprintf(tmp, sizeof tmp, "\"name\" must be a string, got %s",
                   jkind_name(doc_.nodes[nm].kind));
-    e.message = msg;
-    e.byte_pos = doc_.nodes[nm].pos;
+    msg = tmp;
+    pos = doc_.nodes[nm].pos;
   } else if ((ar = doc_.member(root, "arguments", 9)) >= 0 &&
              doc_.nodes[ar].kind != JKind::Obj) {
-    std::snprintf(msg, sizeof msg, "\"arguments\" must be an object, got %s",
+    std::snprintf(tmp, sizeof tmp, "\"arguments\" must be an object, got %s",
                   jkind_name(doc_.nodes[ar].kind));
-    e.message = msg;
-    e.byte_pos = doc_.nodes[ar].pos;
+    msg = tmp;
+    pos = doc_.nodes[ar].pos;
   }
-  if (!e.message.empty()) {
-    out.errors.push_back(std::move(e));
+  if (!msg.empty()) {
+    push_error(out, kind, msg, pos, tag_start_, span_end, cur_index_);
     return;
   }
   const JNode nn = doc_.nodes[nm];
-  std::string name(doc_.str_data(static_cast<uint32_t>(nm)), nn.n);
+  std::string_view name(doc_.str_data(static_cast<uint32_t>(nm)), nn.n);
   auto it = tools_->index.find(name);
   if (it == tools_->index.end()) {
-    e.kind = ErrKind::UnknownTool;
-    e.message = "unknown tool ";
-    append_json_string(name.data(), name.size(), e.message);
-    e.byte_pos = nn.pos;
-    out.errors.push_back(std::move(e));
+    msg = "unknown tool ";
+    append_json_string(name.data(), name.size(), msg);
+    push_error(out, ErrKind::UnknownTool, msg, nn.pos, tag_start_, span_end, cur_index_);
     return;
   }
   uint32_t args = ar >= 0 ? static_cast<uint32_t>(ar) : doc_.add_empty_object(r.pos);
   path_.clear();
-  if (!validate(args, tools_->schemas[it->second], e)) {
-    out.errors.push_back(std::move(e));
+  if (!validate(args, tools_->schemas[it->second], msg, kind, pos)) {
+    push_error(out, kind, msg, pos, tag_start_, span_end, cur_index_);
     return;
   }
-  canon_.clear();
-  doc_.canonical(args, canon_);
-  out.calls.push_back(CallRec{cur_index_, std::move(name), canon_, tag_start_, span_end});
+  if (out.calls.capacity() == 0) out.calls.reserve(4);
+  Slice sn = out.put(name.data(), name.size());
+  Slice sa{static_cast<uint32_t>(out.store.size()), 0};
+  doc_.canonical(args, out.store);
+  sa.len = static_cast<uint32_t>(out.store.size() - sa.off);
+  out.calls.push_back(CallRec{cur_index_, sn, sa, tag_start_, span_end});
 }
 
-bool Scanner::validate(uint32_t node, const Schema& sc, ErrRec& e) {
+bool Scanner::validate(uint32_t node, const Schema& sc, std::string& msg, ErrKind& kind,
+                       size_t& pos) {
   const JNode nd = doc_.nodes[node];
+  kind = ErrKind::InvalidArgument;
+  pos = nd.pos;
   if (sc.types && !(sc.types & kind_bits(nd.kind))) {
-    e.kind = ErrKind::InvalidArgument;
-    e.message = "argument " + path_string(path_) + ": expected ";
+    msg = "argument " + path_string(path_) + ": expected ";
     for (size_t i = 0; i < sc.type_names.size(); ++i) {
-      if (i) e.message += " or ";
-      e.message += sc.type_names[i];
+      if (i) msg += " or ";
+      msg += sc.type_names[i];
     }
-    e.message += ", got ";
-    e.message += jkind_name(nd.kind);
-    e.byte_pos = nd.pos;
+    msg += ", got ";
+    msg += jkind_name(nd.kind);
     return false;
   }
   if (sc.has_enum) {
@@ -356,9 +383,7 @@ bool Scanner::validate(uint32_t node, const Schema& sc, ErrRec& e) {
     bool found = false;
     for (const std::string& v : sc.enum_canon) found = found || v == canon_;
     if (!found) {
-      e.kind = ErrKind::InvalidArgument;
-      e.message = "argument " + path_string(path_) + ": not one of the enum values";
-      e.byte_pos = nd.pos;
+      msg = "argument " + path_string(path_) + ": not one of the enum values";
       return false;
     }
   }
@@ -368,34 +393,31 @@ bool Scanner::validate(uint32_t node, const Schema& sc, ErrRec& e) {
       std::string key;
       append_json_string(r.data(), r.size(), key);
       path_.push_back(std::move(key));
-      e.kind = ErrKind::MissingArgument;
-      e.message = "missing required argument " + path_string(path_);
-      e.byte_pos = nd.pos;
+      kind = ErrKind::MissingArgument;
+      msg = "missing required argument " + path_string(path_);
       return false;
     }
-    std::string key;
     for (uint32_t i = 0; i < nd.n; ++i) {
       const JNode& k = doc_.nodes[doc_.kids[nd.a + 2 * i]];
       uint32_t val = doc_.kids[nd.a + 2 * i + 1];
-      key.assign(doc_.bytes.data() + k.a, k.n);
+      std::string_view key(doc_.bytes.data() + k.a, k.n);
       auto it = sc.props.find(key);
       if (it == sc.props.end() && sc.additional) continue;
       std::string elem;
       append_json_string(key.data(), key.size(), elem);
       path_.push_back(std::move(elem));
       if (it == sc.props.end()) {
-        e.kind = ErrKind::InvalidArgument;
-        e.message = "argument " + path_string(path_) + ": unexpected argument";
-        e.byte_pos = doc_.nodes[val].pos;
+        msg = "argument " + path_string(path_) + ": unexpected argument";
+        pos = doc_.nodes[val].pos;
         return false;
       }
-      if (!validate(val, it->second, e)) return false;
+      if (!validate(val, it->second, msg, kind, pos)) return false;
       path_.pop_back();
     }
   } else if (nd.kind == JKind::Arr && sc.items) {
     for (uint32_t i = 0; i < nd.n; ++i) {
       path_.push_back(std::to_string(i));
-      if (!validate(doc_.kids[nd.a + i], *sc.items, e)) return false;
+      if (!validate(doc_.kids[nd.a + i], *sc.items, msg, kind, pos)) return false;
       path_.pop_back();
     }
   }
@@ -404,6 +426,7 @@ bool Scanner::validate(uint32_t node, const Schema& sc, ErrRec& e) {
 
 void parse_text(Scanner& scanner, const char* text, size_t n, ParseOut& out) {
   scanner.reset();
+  out.store.reserve(n + 16);
   scanner.run(text, n, true, out);
 }
 

@@ -8,6 +8,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <unordered_map>
 #include <vector>
 
@@ -38,7 +39,7 @@ struct Schema {
   std::vector<std::string> type_names;  // in schema order, for messages
   bool has_enum = false;
   std::vector<std::string> enum_canon;  // canonical JSON of each allowed value
-  std::map<std::string, Schema> props;
+  std::map<std::string, Schema, std::less<>> props;
   std::vector<std::string> required;
   std::unique_ptr<Schema> items;
   bool additional = true;
@@ -47,35 +48,46 @@ struct Schema {
 struct ToolSet {
   std::vector<std::string> names;
   std::vector<Schema> schemas;  // parallel to names; a schema with types 0 accepts anything
-  std::unordered_map<std::string, size_t> index;
+  std::unordered_map<std::string_view, size_t> index;  // views into `names` (build it last)
   int max_depth = 64;
   size_t max_call_bytes = 1 << 20;
 };
 
+// [off, off+len) in ParseOut::store.
+struct Slice {
+  uint32_t off = 0, len = 0;
+};
+
 struct CallRec {
   int64_t index;
-  std::string name;
-  std::string arguments;
+  Slice name, arguments;
   uint64_t start, end;
 };
 
 struct ErrRec {
   int64_t index;  // ordinal of the <tool_call> block, -1 for think/answer tag errors
   ErrKind kind;
-  std::string message;
+  Slice message;
   uint64_t byte_pos, start, end;
 };
 
-// One text's result. think/answer/outside hold raw bytes (decoded with U+FFFD replacement when
-// handed to Python).
+// One text's result; all its strings live in one arena (`store`). think/answer/outside are raw
+// bytes (decoded with U+FFFD replacement when handed to Python); names, arguments and messages
+// are valid UTF-8.
 struct ParseOut {
+  std::string store;
   std::vector<CallRec> calls;
   std::vector<ErrRec> errors;
-  std::string think;
+  Slice think, answer, outside;
   bool has_think = false;
-  std::string answer;
   int answer_tag = 0;  // 0 none, 1 <answer>, 2 <response>
-  std::string outside;
+  const char* data(Slice s) const { return store.data() + s.off; }
+  Slice put(const char* p, size_t n) {
+    Slice s{static_cast<uint32_t>(store.size()), static_cast<uint32_t>(n)};
+    store.append(p, n);
+    return s;
+  }
+  Slice put(const std::string& v) { return put(v.data(), v.size()); }
 };
 
 // Resumable single-pass scanner. run() may be called repeatedly on a growing buffer (streaming);
@@ -95,12 +107,16 @@ class Scanner {
   void block(const char* buf, size_t n, bool final, ParseOut& out, bool& wait);
   void call(const char* buf, size_t n, bool final, ParseOut& out, bool& wait);
   void finish_call(const char* buf, size_t body_end, size_t span_end, ParseOut& out);
-  bool validate(uint32_t node, const Schema& sc, ErrRec& e);
+  bool validate(uint32_t node, const Schema& sc, std::string& msg, ErrKind& kind, size_t& pos);
+  void push_error(ParseOut& out, ErrKind kind, const std::string& msg, size_t pos, size_t start,
+                  size_t end, int64_t index);
+  void finalize(ParseOut& out);
 
   const ToolSet* tools_;
   JDoc doc_;
   JError jerr_;
-  std::string canon_;
+  std::string canon_, msg_, think_, outside_;
+  bool has_think_ = false;
   std::vector<std::string> path_;  // canonical JSON of each path element
   St st_ = St::Outside;
   size_t p_ = 0, tag_start_ = 0, body_ = 0;

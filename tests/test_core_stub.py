@@ -53,4 +53,4 @@ def test_stub_properties_are_properties() -> None:
             attr = vars(getattr(core, node.name)).get(fn.name)
             if attr is None:
                 continue
-            assert isinstance(attr, property) == is_prop, (node.name, fn.name)
+            assert inspect.isdatadescriptor(attr) == is_prop, (node.name, fn.name)
