@@ -169,14 +169,19 @@ def stream_linearity(parser: ToolCallParser, corpus: list[str], chunk: int) -> l
     for size in (1 << 10, 1 << 12, 1 << 14, 1 << 16, 1 << 18, 1 << 20):
         data = (blob * (size // len(blob) + 1))[:size]
         chunks = [data[i:i + chunk] for i in range(0, len(data), chunk)]
+        reps = max(1, (1 << 20) // size)  # >= 1 MB per timing, so small outputs time stably
 
         def run() -> int:
-            s = parser.stream()
-            n = sum(len(s.feed(c)) for c in chunks)
-            s.finish()
+            n = 0
+            for _ in range(reps):
+                s = parser.stream()
+                for c in chunks:
+                    n += len(s.feed(c))
+                n += len(s.finish().calls)
             return n
-        sec, _ = timed(run, 3)
-        rows.append({"bytes": size, "chunk": chunk, "ns_per_byte": sec / size * 1e9})
+        sec, n = timed(run, 3)
+        rows.append({"bytes": size, "chunk": chunk, "ns_per_byte": sec / (size * reps) * 1e9,
+                     "items_per_output": n / reps})
     return rows
 
 

@@ -304,9 +304,10 @@ class Parser {
     size_t size;
     text_view(text, keep, data, size, -1);
     auto out = std::make_unique<ParseOut>();
-    if (size >= (1u << 16)) {
+    if (size >= (1u << 16)) {  // long text: release the GIL (own scanner: no shared state)
       py::gil_scoped_release nogil;
-      parse_text(scanner_, data, size, *out);
+      Scanner sc(tools_.get());
+      parse_text(sc, data, size, *out);
     } else {
       parse_text(scanner_, data, size, *out);
     }

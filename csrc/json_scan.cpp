@@ -108,8 +108,8 @@ struct JParser {
     while (p < end && (s[p] == ' ' || s[p] == '\n' || s[p] == '\r' || s[p] == '\t')) ++p;
     return p;
   }
-  uint32_t push(JKind k, size_t pos, size_t a, size_t n) {
-    d.nodes.push_back(JNode{k, static_cast<uint32_t>(pos), static_cast<uint32_t>(a),
+  uint32_t push(JKind k, size_t pos, size_t a, size_t n, bool raw = false) {
+    d.nodes.push_back(JNode{k, raw, static_cast<uint32_t>(pos), static_cast<uint32_t>(a),
                             static_cast<uint32_t>(n)});
     return static_cast<uint32_t>(d.nodes.size() - 1);
   }
@@ -175,6 +175,13 @@ struct JParser {
 
   bool string(size_t& p, uint32_t& out) {  // s[p] == '"'
     size_t start = p++;
+    size_t q0 = p;
+    while (q0 < end && !(kClass.t[s[q0]] & 1)) ++q0;
+    if (q0 < end && s[q0] == '"') {  // fast path: plain ASCII, no escapes: point at the source
+      out = push(JKind::Str, start, p, q0 - p, true);
+      p = q0 + 1;
+      return true;
+    }
     std::string& b = d.bytes;
     size_t off = b.size();
     for (;;) {
@@ -298,7 +305,7 @@ struct JParser {
     auto key_less = [&](uint32_t x, uint32_t y) {
       const JNode& kx = dd.nodes[sc[base + 2 * x]];
       const JNode& ky = dd.nodes[sc[base + 2 * y]];
-      int c = std::memcmp(dd.bytes.data() + kx.a, dd.bytes.data() + ky.a, std::min(kx.n, ky.n));
+      int c = std::memcmp(dd.data(kx), dd.data(ky), std::min(kx.n, ky.n));
       return c < 0 || (c == 0 && kx.n < ky.n);
     };
     if (m > 32) {
@@ -421,6 +428,7 @@ bool JDoc::parse(const char* text, size_t begin, size_t end, int max_depth, JErr
   kids.clear();
   bytes.clear();
   scratch_.clear();
+  src_ = text;
   JParser ps{reinterpret_cast<const uint8_t*>(text), end, max_depth, *this, err};
   size_t p = begin;
   if (!ps.value(p, 0, root)) return false;
@@ -429,8 +437,20 @@ bool JDoc::parse(const char* text, size_t begin, size_t end, int max_depth, JErr
   return true;
 }
 
+bool JDoc::parse_prefix(const char* text, size_t begin, size_t end, int max_depth, JError& err,
+                        uint32_t& root, size_t& value_end) {
+  nodes.clear();
+  kids.clear();
+  bytes.clear();
+  scratch_.clear();
+  src_ = text;
+  JParser ps{reinterpret_cast<const uint8_t*>(text), end, max_depth, *this, err};
+  value_end = begin;
+  return ps.value(value_end, 0, root);
+}
+
 uint32_t JDoc::add_empty_object(uint32_t pos) {
-  nodes.push_back(JNode{JKind::Obj, pos, static_cast<uint32_t>(kids.size()), 0});
+  nodes.push_back(JNode{JKind::Obj, false, pos, static_cast<uint32_t>(kids.size()), 0});
   return static_cast<uint32_t>(nodes.size() - 1);
 }
 
@@ -438,7 +458,7 @@ int64_t JDoc::member(uint32_t obj, const char* key, size_t key_len) const {
   const JNode& o = nodes[obj];
   for (uint32_t i = 0; i < o.n; ++i) {
     const JNode& k = nodes[kids[o.a + 2 * i]];
-    if (k.n == key_len && std::memcmp(bytes.data() + k.a, key, key_len) == 0)
+    if (k.n == key_len && std::memcmp(data(k), key, key_len) == 0)
       return kids[o.a + 2 * i + 1];
   }
   return -1;
@@ -480,7 +500,15 @@ void JDoc::canonical(uint32_t id, std::string& out) const {
     case JKind::True: out.append("true"); return;
     case JKind::Int:
     case JKind::Num: out.append(bytes.data() + nd.a, nd.n); return;
-    case JKind::Str: append_json_string(bytes.data() + nd.a, nd.n, out); return;
+    case JKind::Str:
+      if (nd.raw) {  // no escapes in the source: nothing needs escaping
+        out.push_back('"');
+        out.append(src_ + nd.a, nd.n);
+        out.push_back('"');
+      } else {
+        append_json_string(bytes.data() + nd.a, nd.n, out);
+      }
+      return;
     case JKind::Arr:
       out.push_back('[');
       for (uint32_t i = 0; i < nd.n; ++i) {
@@ -494,7 +522,13 @@ void JDoc::canonical(uint32_t id, std::string& out) const {
       for (uint32_t i = 0; i < nd.n; ++i) {
         if (i) out.push_back(',');
         const JNode& k = nodes[kids[nd.a + 2 * i]];
-        append_json_string(bytes.data() + k.a, k.n, out);
+        if (k.raw) {
+          out.push_back('"');
+          out.append(src_ + k.a, k.n);
+          out.push_back('"');
+        } else {
+          append_json_string(bytes.data() + k.a, k.n, out);
+        }
         out.push_back(':');
         canonical(kids[nd.a + 2 * i + 1], out);
       }

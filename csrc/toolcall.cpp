@@ -3,6 +3,7 @@
 // inside calls to find the closing tag, then one JSON parse of the call body.
 #include "toolcall.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 
@@ -231,7 +232,29 @@ void Scanner::block(const char* buf, size_t n, bool final, ParseOut& out, bool& 
   push_error(out, ErrKind::UnterminatedTag, msg, tag_start_, tag_start_, n, -1);
 }
 
+// One-shot fast path: parse the JSON straight from the body start; if a value followed by
+// whitespace and </tool_call> is found, that closing tag is exactly the one the lexer would find
+// (valid JSON has no '<' outside strings and the lexer tracks its strings exactly), so the
+// result is identical and the lexer pass is skipped. Anything else falls back to the lexer.
+bool Scanner::fast_call(const char* buf, size_t n, ParseOut& out) {
+  constexpr size_t kFastLimit = 1 << 16;  // bounds the work wasted on a failed attempt
+  size_t lim = body_ + std::min(tools_->max_call_bytes, kFastLimit);
+  if (lim > n) lim = n;
+  uint32_t root;
+  size_t q;
+  if (!doc_.parse_prefix(buf, body_, lim, tools_->max_depth, jerr_, root, q)) return false;
+  while (q < n && (buf[q] == ' ' || buf[q] == '\n' || buf[q] == '\r' || buf[q] == '\t')) ++q;
+  if (q - body_ > tools_->max_call_bytes || n - q < len(kCallC) ||
+      std::memcmp(buf + q, kCallC, len(kCallC)) != 0)
+    return false;
+  complete_call(root, q + len(kCallC), out);
+  p_ = q + len(kCallC);
+  st_ = St::Outside;
+  return true;
+}
+
 void Scanner::call(const char* buf, size_t n, bool final, ParseOut& out, bool& wait) {
+  if (final && p_ == body_ && fast_call(buf, n, out)) return;
   const uint8_t* s = reinterpret_cast<const uint8_t*>(buf);
   size_t p = p_;
   while (p < n) {
@@ -295,10 +318,6 @@ void Scanner::call(const char* buf, size_t n, bool final, ParseOut& out, bool& w
 }
 
 void Scanner::finish_call(const char* buf, size_t body_end, size_t span_end, ParseOut& out) {
-  ErrKind kind = ErrKind::InvalidCall;
-  std::string& msg = msg_;
-  msg.clear();
-  size_t pos = 0;
   char tmp[160];
   size_t size = body_end - body_;
   if (size > tools_->max_call_bytes) {
@@ -314,6 +333,15 @@ void Scanner::finish_call(const char* buf, size_t body_end, size_t span_end, Par
                jerr_.pos, tag_start_, span_end, cur_index_);
     return;
   }
+  complete_call(root, span_end, out);
+}
+
+void Scanner::complete_call(uint32_t root, size_t span_end, ParseOut& out) {
+  ErrKind kind = ErrKind::InvalidCall;
+  std::string& msg = msg_;
+  msg.clear();
+  size_t pos = 0;
+  char tmp[160];
   const JNode r = doc_.nodes[root];
   int64_t nm = -1, ar = -1;
   if (r.kind != JKind::Obj) {
@@ -400,7 +428,7 @@ bool Scanner::validate(uint32_t node, const Schema& sc, std::string& msg, ErrKin
     for (uint32_t i = 0; i < nd.n; ++i) {
       const JNode& k = doc_.nodes[doc_.kids[nd.a + 2 * i]];
       uint32_t val = doc_.kids[nd.a + 2 * i + 1];
-      std::string_view key(doc_.bytes.data() + k.a, k.n);
+      std::string_view key(doc_.data(k), k.n);
       auto it = sc.props.find(key);
       if (it == sc.props.end() && sc.additional) continue;
       std::string elem;

@@ -107,6 +107,8 @@ class Scanner {
   void block(const char* buf, size_t n, bool final, ParseOut& out, bool& wait);
   void call(const char* buf, size_t n, bool final, ParseOut& out, bool& wait);
   void finish_call(const char* buf, size_t body_end, size_t span_end, ParseOut& out);
+  bool fast_call(const char* buf, size_t n, ParseOut& out);
+  void complete_call(uint32_t root, size_t span_end, ParseOut& out);
   bool validate(uint32_t node, const Schema& sc, std::string& msg, ErrKind& kind, size_t& pos);
   void push_error(ParseOut& out, ErrKind kind, const std::string& msg, size_t pos, size_t start,
                   size_t end, int64_t index);
