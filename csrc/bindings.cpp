@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <memory>
+#include <new>
 #include <string>
 #include <thread>
 #include <utility>
@@ -205,13 +206,14 @@ py::dict result_dict(const ParseOut& r) {
 
 // ParseResult is a plain CPython type rather than a pybind11 class: pybind11 registers every
 // instance in a global hash map, which cost about a fifth of a batch parse.
+// The ParseOut lives inside the Python object (placement-new), one allocation per result.
 struct ResultObject {
   PyObject_HEAD
-  ParseOut* r;
+  ParseOut r;
 };
 PyTypeObject* g_result_type = nullptr;
 
-const ParseOut& res_of(PyObject* self) { return *reinterpret_cast<ResultObject*>(self)->r; }
+const ParseOut& res_of(PyObject* self) { return reinterpret_cast<ResultObject*>(self)->r; }
 
 template <typename F>
 PyObject* guarded(F f) {
@@ -251,7 +253,7 @@ PyObject* res_repr(PyObject* self) {
 }
 
 void res_dealloc(PyObject* self) {
-  delete reinterpret_cast<ResultObject*>(self)->r;
+  reinterpret_cast<ResultObject*>(self)->r.~ParseOut();
   PyTypeObject* tp = Py_TYPE(self);
   tp->tp_free(self);
   Py_DECREF(tp);
@@ -286,10 +288,11 @@ void init_result_type(py::module_& m) {
   m.add_object("ParseResult", py::reinterpret_borrow<py::object>(t));
 }
 
-py::object wrap_result(std::unique_ptr<ParseOut> r) {
+// A new ParseResult holding an empty ParseOut, and a pointer to fill it (also without the GIL).
+py::object new_result(ParseOut*& out) {
   PyObject* o = g_result_type->tp_alloc(g_result_type, 0);
   if (!o) throw py::error_already_set();
-  reinterpret_cast<ResultObject*>(o)->r = r.release();
+  out = new (&reinterpret_cast<ResultObject*>(o)->r) ParseOut();
   return py::reinterpret_steal<py::object>(o);
 }
 
@@ -303,7 +306,8 @@ class Parser {
     const char* data;
     size_t size;
     text_view(text, keep, data, size, -1);
-    auto out = std::make_unique<ParseOut>();
+    ParseOut* out;
+    py::object res = new_result(out);
     if (size >= (1u << 16)) {  // long text: release the GIL (own scanner: no shared state)
       py::gil_scoped_release nogil;
       Scanner sc(tools_.get());
@@ -311,7 +315,7 @@ class Parser {
     } else {
       parse_text(scanner_, data, size, *out);
     }
-    return wrap_result(std::move(out));
+    return res;
   }
 
   py::list parse_batch(py::iterable texts, long threads) {
@@ -334,15 +338,13 @@ class Parser {
       keep.emplace_back();
       text_view(o, keep.back(), views[i].first, views[i].second, static_cast<long>(i));
     }
-    std::vector<std::unique_ptr<ParseOut>> outs(n);
+    py::list res(n);
+    std::vector<ParseOut*> outs(n);
+    for (size_t i = 0; i < n; ++i)
+      PyList_SET_ITEM(res.ptr(), static_cast<Py_ssize_t>(i), new_result(outs[i]).release().ptr());
     {
       py::gil_scoped_release nogil;
       run_batch(views, outs, static_cast<size_t>(threads));
-    }
-    py::list res(n);
-    for (size_t i = 0; i < n; ++i) {
-      py::object r = wrap_result(std::move(outs[i]));
-      PyList_SET_ITEM(res.ptr(), static_cast<Py_ssize_t>(i), r.release().ptr());
     }
     return res;
   }
@@ -351,11 +353,10 @@ class Parser {
 
  private:
   void run_batch(const std::vector<std::pair<const char*, size_t>>& views,
-                 std::vector<std::unique_ptr<ParseOut>>& outs, size_t threads) {
+                 const std::vector<ParseOut*>& outs, size_t threads) {
     if (threads <= 1 || views.size() < 2) {
       Scanner sc(tools_.get());
       for (size_t i = 0; i < views.size(); ++i) {
-        outs[i] = std::make_unique<ParseOut>();
         parse_text(sc, views[i].first, views[i].second, *outs[i]);
       }
       return;
@@ -370,7 +371,6 @@ class Parser {
         if (b >= views.size()) return;
         size_t e = std::min(views.size(), b + kChunk);
         for (size_t i = b; i < e; ++i) {
-          outs[i] = std::make_unique<ParseOut>();
           parse_text(sc, views[i].first, views[i].second, *outs[i]);
         }
       }
@@ -408,7 +408,10 @@ class StreamParser {
       scanner_.run(buf_.data(), buf_.size(), true, out_);
       finished_ = true;
     }
-    return wrap_result(std::make_unique<ParseOut>(out_));
+    ParseOut* out;
+    py::object res = new_result(out);
+    *out = out_;
+    return res;
   }
 
  private:

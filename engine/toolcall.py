@@ -26,7 +26,8 @@ Format (all positions are byte offsets into the UTF-8 text; a ``str`` is encoded
   So a literal ``</tool_call>`` inside a JSON string does not end the call. If there is no such
   closing tag before the end (unbalanced quotes), BODY ends at the first literal
   ``</tool_call>`` after it if any (so the calls after it survive), else the call is an
-  ``unterminated_tag`` error. Every ``<tool_call>`` gets the next ordinal ``index`` (0, 1, …),
+  ``unterminated_tag`` error. (Cost: the lexer runs to the end of the text for each such
+  call, so k calls with unbalanced quotes cost O(k·n); everything else is one pass.) Every ``<tool_call>`` gets the next ordinal ``index`` (0, 1, …),
   good or bad, and ``span`` = [its ``<``, end of its ``</tool_call>``) (or end of text).
 - ``text_outside``: the bytes outside all blocks, concatenated. think / answer / text_outside are
   decoded with ``errors="replace"`` (Python's U+FFFD rule); nothing else is ever replaced.
@@ -71,6 +72,10 @@ with "-" in front of negative values. So an integer literal always keeps its dig
 to 21 digits (like JavaScript's Number-to-string, but exact).
 
 Limits: 1 <= max_depth <= 512; 1 <= max_call_bytes < 2**32; texts < 4 GiB.
+
+Streaming: ``feed`` costs O(len(chunk)) amortised (nothing before the scanner's position is
+scanned again; a tag split across chunks is held back until it completes); the stream keeps the
+whole text, so ``finish()`` equals ``parse()`` of the concatenation, byte for byte.
 """
 from __future__ import annotations
 
