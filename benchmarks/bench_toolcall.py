@@ -22,7 +22,6 @@ import platform
 import random
 import re
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path

@@ -24,6 +24,7 @@ TOOLS = [
 ]
 CPP = ToolCallParser(TOOLS, max_depth=8, max_call_bytes=4096)
 REF = ToolCallParser(TOOLS, max_depth=8, max_call_bytes=4096, backend="python")
+TIGHT = [ToolCallParser(TOOLS, max_depth=2, max_call_bytes=40, backend=b) for b in ("cpp", "python")]
 SETTINGS = settings(max_examples=150, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -105,6 +106,7 @@ def test_random_bytes_agree(data: bytes) -> None:
 @given(outputs())
 def test_structured_outputs_agree(data: bytes) -> None:
     agree(data)
+    assert TIGHT[0].parse(data).to_dict() == TIGHT[1].parse(data).to_dict(), data
 
 
 @SETTINGS
