@@ -262,19 +262,27 @@ def main() -> None:
     print(f"corpus: {len(texts)} outputs, {nbytes / 1e6:.2f} MB, {rows[0][4]} calls; "
           f"device: {cpu_model()} ({os.cpu_count()} cpus)")
     print(f"{'parser':<42}{'MB/s':>9}{'MB/cpu-s':>10}{'calls/s':>12}{'vs regex':>10}"
-          f"{'vs vLLM':>9}")
-    regex_mbs = next(r[3] / r[1] / 1e6 for r in rows if r[0].startswith("regex"))
-    vllm_mbs = next((r[3] / r[1] / 1e6 for r in rows if r[0].startswith("vLLM")), None)
+          f"{'vs vLLM':>9}{'(cpu)':>13}")
+    regex = next(r for r in rows if r[0].startswith("regex"))
+    vllm = next((r for r in rows if r[0].startswith("vLLM")), None)
     table = []
     for name, sec, cpu, b, c in rows:
-        mbs = b / sec / 1e6
-        vs_v = f"{mbs / vllm_mbs:.1f}x" if vllm_mbs else "n/a"
-        print(f"{name:<42}{mbs:>9.1f}{b / cpu / 1e6:>10.1f}{c / sec:>12,.0f}"
-              f"{mbs / regex_mbs:>9.1f}x{vs_v:>9}")
-        table.append({"parser": name, "mb_per_s": round(mbs, 2),
-                      "mb_per_cpu_s": round(b / cpu / 1e6, 2), "calls_per_s": round(c / sec),
-                      "seconds": round(sec, 5)})
-    if not vllm_mbs:
+        mbs, mbc = b / sec / 1e6, b / cpu / 1e6
+        ratio = {"regex": mbs / (regex[3] / regex[1] / 1e6),
+                 "regex_cpu": mbc / (regex[3] / regex[2] / 1e6)}
+        if vllm:
+            ratio["vllm"] = mbs / (vllm[3] / vllm[1] / 1e6)
+            ratio["vllm_cpu"] = mbc / (vllm[3] / vllm[2] / 1e6)
+        vs_v = f"{ratio['vllm']:.1f}x" if vllm else "n/a"
+        vs_cpu = f"{ratio['regex_cpu']:.1f}x/" + (f"{ratio['vllm_cpu']:.1f}x" if vllm else "n/a")
+        print(f"{name:<42}{mbs:>9.1f}{mbc:>10.1f}{c / sec:>12,.0f}"
+              f"{ratio['regex']:>9.1f}x{vs_v:>9}{vs_cpu:>13}")
+        table.append({"parser": name, "mb_per_s": round(mbs, 2), "mb_per_cpu_s": round(mbc, 2),
+                      "calls_per_s": round(c / sec), "seconds": round(sec, 5),
+                      "vs": {k: round(v, 2) for k, v in ratio.items()}})
+    print("ratios: wall-clock MB/s; (cpu): MB per CPU-second vs regex/vLLM, steadier on a "
+          "loaded machine")
+    if not vllm:
         print(f"vLLM Hermes2ProToolParser: {vllm_note}")
 
     stream = stream_linearity(cpp, texts, a.chunk)
