@@ -260,3 +260,27 @@ def test_temperature_matches_sampling_temperature():
                        image_processor=v.image_processor)
     m = up.step(trajs, torch.tensor([1.0, -1.0]), masks)
     assert abs(m["ratio_min"] - 1) < 1e-4 and abs(m["ratio_max"] - 1) < 1e-4
+
+
+def test_gradient_checkpointing_gives_the_same_update():
+    v = fresh()
+    trajs, adv, masks = make_batch(v, n=2)
+    plain = _one_step(fresh(), trajs, adv, masks)
+    ckpt = _one_step(fresh(), trajs, adv, masks, gradient_checkpointing=True)
+    assert all(torch.allclose(plain[k], ckpt[k], atol=1e-6) for k in plain)
+
+
+def test_text_only_language_model():
+    model, tok = tiny.build_tiny_text_lm(seed=0)
+    prompt = tok("<|im_start|>user\nwhat is 2?<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    gen = tok("<answer>two</answer><|im_end|>", add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt + gen])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1], -1).gather(1, ids[0, 1:, None])[:, 0]
+    seg = Segment("gen", gen, 0, logprobs=lp[len(prompt) - 1:].tolist(), version=0)
+    traj = Trajectory("x0", "g", 0, prompt, segments=[seg])
+    up = PolicyUpdater(model, UpdateConfig(lr=1e-3))
+    m = up.step([traj], torch.tensor([1.0]), [torch.tensor(traj.loss_mask())])
+    assert abs(m["ratio_max"] - 1) < 1e-4 and m["loss_tokens"] == len(gen)
+    with pytest.raises(ValueError, match="has images but the model has no vision tower"):
+        up.step([make_traj(fresh(), 0)], torch.tensor([1.0]), [torch.tensor(make_traj(fresh(), 0).loss_mask())])

@@ -276,13 +276,14 @@ class PolicyUpdater:
         self.cfg, self.image_processor = cfg, image_processor
         self.version, self.steps = int(version), 0
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()
         model.train()
         self.policy = PolicyLogprobModel(model, cfg.temperature, cfg.use_fused_logprob, cfg.impl)
         self.runtime = make_runtime(self.policy, cfg, dist)
         self.ref = None
         if ref_model is not None:
-            ref_model.eval().requires_grad_(False)
+            ref_model.to(self.runtime.device).eval().requires_grad_(False)  # whole on every rank
             self.ref = PolicyLogprobModel(ref_model, cfg.temperature, cfg.use_fused_logprob, cfg.impl)
         vc = getattr(model.config, "vision_config", None)
         self._merge = int(getattr(vc, "spatial_merge_size", 2) or 2) if vc is not None else 1

@@ -1,0 +1,133 @@
+// spyglass tool-call parser core: scans Qwen/Hermes-format model output
+// (<think>..</think>, <tool_call>{json}</tool_call>, <answer>/<response>) in one pass, parses
+// and validates each call against its tool's JSON schema, and reports typed errors per call.
+// The format, error kinds, positions and canonical JSON are specified in engine/toolcall.py.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <vector>
+
+#include "json_scan.h"
+
+namespace spyglass {
+
+enum class ErrKind : uint8_t {
+  UnterminatedTag,
+  InvalidJson,
+  TooDeep,
+  TooLarge,
+  InvalidCall,
+  UnknownTool,
+  MissingArgument,
+  InvalidArgument,
+};
+const char* err_kind_name(ErrKind k);
+
+// Type bits of a schema's "type".
+enum : uint8_t {
+  T_STRING = 1, T_INTEGER = 2, T_NUMBER = 4, T_BOOLEAN = 8, T_ARRAY = 16, T_OBJECT = 32,
+  T_NULL = 64,
+};
+
+struct Schema {
+  uint8_t types = 0;                    // 0: any type
+  std::vector<std::string> type_names;  // in schema order, for messages
+  bool has_enum = false;
+  std::vector<std::string> enum_canon;  // canonical JSON of each allowed value
+  std::map<std::string, Schema, std::less<>> props;
+  std::vector<std::string> required;
+  std::unique_ptr<Schema> items;
+  bool additional = true;
+};
+
+struct ToolSet {
+  std::vector<std::string> names;
+  std::vector<Schema> schemas;  // parallel to names; a schema with types 0 accepts anything
+  std::unordered_map<std::string_view, size_t> index;  // views into `names` (build it last)
+  int max_depth = 64;
+  size_t max_call_bytes = 1 << 20;
+};
+
+// [off, off+len) in ParseOut::store.
+struct Slice {
+  uint32_t off = 0, len = 0;
+};
+
+struct CallRec {
+  int64_t index;
+  Slice name, arguments;
+  uint64_t start, end;
+};
+
+struct ErrRec {
+  int64_t index;  // ordinal of the <tool_call> block, -1 for think/answer tag errors
+  ErrKind kind;
+  Slice message;
+  uint64_t byte_pos, start, end;
+};
+
+// One text's result; all its strings live in one arena (`store`). think/answer/outside are raw
+// bytes (decoded with U+FFFD replacement when handed to Python); names, arguments and messages
+// are valid UTF-8.
+struct ParseOut {
+  std::string store;
+  std::vector<CallRec> calls;
+  std::vector<ErrRec> errors;
+  Slice think, answer, outside;
+  bool has_think = false;
+  int answer_tag = 0;  // 0 none, 1 <answer>, 2 <response>
+  const char* data(Slice s) const { return store.data() + s.off; }
+  Slice put(const char* p, size_t n) {
+    Slice s{static_cast<uint32_t>(store.size()), static_cast<uint32_t>(n)};
+    store.append(p, n);
+    return s;
+  }
+  Slice put(const std::string& v) { return put(v.data(), v.size()); }
+};
+
+// Resumable single-pass scanner. run() may be called repeatedly on a growing buffer (streaming);
+// it never looks back before its saved position except to copy out completed blocks.
+class Scanner {
+ public:
+  explicit Scanner(const ToolSet* tools) : tools_(tools) {}
+  // Forgets the text state (keeps the buffers) so the scanner can parse a new text.
+  void reset();
+  // Scans buf[0, n) from the saved position. With final=false it stops before anything that
+  // later bytes could change (a possibly split tag). New calls/errors are appended to out.
+  void run(const char* buf, size_t n, bool final, ParseOut& out);
+
+ private:
+  enum class St { Outside, Think, Answer, Call };
+  void outside(const char* buf, size_t n, bool final, ParseOut& out, bool& wait);
+  void block(const char* buf, size_t n, bool final, ParseOut& out, bool& wait);
+  void call(const char* buf, size_t n, bool final, ParseOut& out, bool& wait);
+  void finish_call(const char* buf, size_t body_end, size_t span_end, ParseOut& out);
+  bool fast_call(const char* buf, size_t n, ParseOut& out);
+  void complete_call(uint32_t root, size_t span_end, ParseOut& out);
+  bool validate(uint32_t node, const Schema& sc, std::string& msg, ErrKind& kind, size_t& pos);
+  void push_error(ParseOut& out, ErrKind kind, const std::string& msg, size_t pos, size_t start,
+                  size_t end, int64_t index);
+  void finalize(ParseOut& out);
+
+  const ToolSet* tools_;
+  JDoc doc_;
+  JError jerr_;
+  std::string canon_, msg_, think_, outside_;
+  bool has_think_ = false;
+  std::vector<std::string> path_;  // canonical JSON of each path element
+  St st_ = St::Outside;
+  size_t p_ = 0, tag_start_ = 0, body_ = 0;
+  int block_tag_ = 0;  // Think: 0; Answer: 1 answer, 2 response
+  bool seen_block_ = false, in_str_ = false;
+  int64_t calls_seen_ = 0, cur_index_ = 0;
+};
+
+// One-shot parse of a whole text.
+void parse_text(Scanner& scanner, const char* text, size_t n, ParseOut& out);
+
+}  // namespace spyglass

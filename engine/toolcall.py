@@ -1,0 +1,235 @@
+"""Tool-call parsing for Qwen/Hermes-format model output (public API over the C++ core).
+
+    parser = ToolCallParser(tools)                      # OpenAI-style or bare {"name","parameters"}
+    r = parser.parse(text)                              # -> ParseResult
+    rs = parser.parse_batch(texts, threads=2)           # GIL released, N worker threads
+    s = parser.stream(); s.feed(chunk) -> [ToolCall | CallError, ...]; s.finish() -> ParseResult
+
+``backend="cpp"`` (default) runs ``spyglass.engine._core``; ``backend="python"`` runs the pure-
+Python reference ``spyglass.engine.toolcall_ref`` (same results, byte for byte; its result types
+are dataclasses with the same fields and methods). Tests:
+``.venv/bin/python -m pytest -q tests/test_toolcall.py tests/test_toolcall_props.py``;
+speed: ``.venv/bin/python benchmarks/bench_toolcall.py``.
+
+Format (all positions are byte offsets into the UTF-8 text; a ``str`` is encoded with
+"surrogatepass", so lone surrogates become ill-formed UTF-8)
+- Tags are exact and case-sensitive: ``<think>``, ``<tool_call>``, ``<answer>``, ``<response>``
+  and their closing forms. Outside any block, a ``<`` that starts none of them is plain text.
+- ``<think>…</think>``: only ``</think>`` ends it. ``think`` is the contents of all think blocks
+  joined with "\\n" (None if there is none). If ``</think>`` comes before any block opened,
+  everything before it is think (the chat template put ``<think>`` in the prompt).
+- ``<answer>…</answer>`` / ``<response>…</response>``: only the matching close ends it. The
+  first such block gives ``answer`` and ``answer_tag`` ("answer" | "response"); later ones are
+  skipped. Blocks and tags are never recognised inside think or answer blocks.
+- ``<tool_call>BODY</tool_call>``: BODY ends at the first ``</tool_call>`` outside a JSON string,
+  where strings are found lexically (``"`` opens/closes, ``\\`` skips the next byte inside one).
+  So a literal ``</tool_call>`` inside a JSON string does not end the call. If there is no such
+  closing tag before the end (unbalanced quotes), BODY ends at the first literal
+  ``</tool_call>`` after it if any (so the calls after it survive), else the call is an
+  ``unterminated_tag`` error. (Cost: the lexer runs to the end of the text for each such
+  call, so k calls with unbalanced quotes cost O(k·n); everything else is one pass.) Every ``<tool_call>`` gets the next ordinal ``index`` (0, 1, …),
+  good or bad, and ``span`` = [its ``<``, end of its ``</tool_call>``) (or end of text).
+- ``text_outside``: the bytes outside all blocks, concatenated. think / answer / text_outside are
+  decoded with ``errors="replace"`` (Python's U+FFFD rule); nothing else is ever replaced.
+- An unterminated think/answer block keeps its contents up to the end and adds an
+  ``unterminated_tag`` error with index -1.
+
+A call BODY is checked in this order; the first failure is its one ``CallError``:
+1. ``too_large``: more than ``max_call_bytes`` bytes (byte_pos = body start + max_call_bytes).
+2. JSON (RFC 8259, whitespace " \\t\\n\\r" around the value): ``invalid_json`` at the first byte
+   that cannot continue a valid document ("unexpected end of input" at the body end); invalid
+   UTF-8 in a string at the first byte of the ill-formed sequence (Unicode Table 3-7); a bad
+   escape, bad ``\\u`` hex, or lone surrogate escape (low alone, or high not followed by
+   ``\\u``+low) at its backslash; a raw byte < 0x20 in a string at that byte; an exponent with
+   more than 9 significant digits at the number's first byte. ``too_deep``: an array/object
+   opened at depth > ``max_depth`` (the call object is depth 1), at its bracket.
+3. ``invalid_call``: not an object, no string ``"name"``, or ``"arguments"`` present but not an
+   object (absent means ``{}``). Other keys are ignored. Duplicate keys: the last one wins.
+4. ``unknown_tool``: name not among the tools (byte_pos = the name string's quote).
+5. Schema (JSON Schema subset): ``type`` (string, integer, number, boolean, array, object, null,
+   or a list), ``enum``/``const`` (compared as canonical JSON), ``required``, ``properties``,
+   ``additionalProperties: false``, ``items`` (a single schema), ``nullable``; recursively.
+   Checked per value: type, then enum, then (objects) each ``required`` name in schema order ->
+   ``missing_argument`` at the object's ``{``, then members in canonical key order ->
+   ``invalid_argument`` at the value (unexpected key when additionalProperties is false), then
+   (arrays) elements in order. Paths in messages are canonical JSON arrays, e.g.
+   ``argument ["box",2]: expected integer, got number``. An integral number (canonical exponent
+   >= 0, e.g. ``2.0``) is an integer.
+
+Canonical JSON (``ToolCall.arguments``): no whitespace, separators "," and ":", object keys
+sorted by their UTF-8 bytes (= code point order), strings with only ``"`` ``\\`` and bytes < 0x20
+escaped (\\b \\f \\n \\r \\t, else \\u00xx lowercase), other characters as raw UTF-8 (so equal to
+``json.dumps(v, ensure_ascii=False, separators=(",", ":"), sort_keys=True)`` for strings).
+Numbers, exactly and without floating point: write the value as D × 10^E with D a digit string
+without leading or trailing zeros (zero and -0 -> ``0``); n = len(D), k = n + E (the number of
+digits before the decimal point), L = the number of digits in the literal's integer part; then
+  E >= 0 and k <= max(21, L) -> D followed by E zeros        (1.5e3 -> 1500, 100.0 -> 100)
+  E < 0 and k > 0            -> D[:k] "." D[k:]              (12.50 -> 12.5)
+  E < 0 and -6 < k <= 0      -> "0." + "0"*(-k) + D          (0.00012 -> 0.00012)
+  otherwise                  -> D[0] ["." D[1:]] "e" (k-1)   (1e21 -> 1e21, 1.5e-7 -> 1.5e-7)
+with "-" in front of negative values. So an integer literal always keeps its digit string
+(any length), and integral values written with a fraction or exponent become plain integers up
+to 21 digits (like JavaScript's Number-to-string, but exact).
+
+Limits: 1 <= max_depth <= 512; 1 <= max_call_bytes < 2**32; texts < 4 GiB.
+
+Streaming: ``feed`` costs O(len(chunk)) amortised (nothing before the scanner's position is
+scanned again; a tag split across chunks is held back until it completes); the stream keeps the
+whole text, so ``finish()`` equals ``parse()`` of the concatenation, byte for byte.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+from spyglass.engine import _core
+from spyglass.engine.toolcall_ref import (ERROR_KINDS, MAX_DEPTH_LIMIT, RefCallError,
+                                          RefParser, RefParseResult, RefToolCall,
+                                          canonical_json)
+
+ToolCall = _core.ToolCall
+CallError = _core.CallError
+ParseResult = _core.ParseResult
+StreamParser = _core.StreamParser
+AnyParseResult = Union[_core.ParseResult, RefParseResult]
+AnyItem = Union[_core.ToolCall, _core.CallError, RefToolCall, RefCallError]
+
+__all__ = ["ERROR_KINDS", "CallError", "ParseResult", "ParserConfig", "StreamParser", "ToolCall",
+           "ToolCallParser", "canonical_json", "normalize_tools"]
+
+_TYPES = ("string", "integer", "number", "boolean", "array", "object", "null")
+
+
+@dataclass(frozen=True)
+class ParserConfig:
+    """Limits and backend of a ToolCallParser (validated on construction)."""
+    max_depth: int = 64
+    max_call_bytes: int = 1 << 20
+    backend: str = "cpp"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_depth, int) or not 1 <= self.max_depth <= MAX_DEPTH_LIMIT:
+            raise ValueError(f"max_depth must be an int in [1, {MAX_DEPTH_LIMIT}], "
+                             f"got {self.max_depth!r}")
+        if not isinstance(self.max_call_bytes, int) or not 1 <= self.max_call_bytes < 2**32 - 15:
+            raise ValueError(f"max_call_bytes must be an int in [1, 2**32), "
+                             f"got {self.max_call_bytes!r}")
+        if self.backend not in ("cpp", "python"):
+            raise ValueError(f"backend must be 'cpp' or 'python', got {self.backend!r}")
+
+
+def _utf8_name(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{where} must be a non-empty str, got {value!r}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{where} is not encodable as UTF-8: {value!r}") from None
+    return value
+
+
+def _canon(value: Any, where: str) -> str:
+    try:
+        return canonical_json(json.dumps(value, ensure_ascii=False, allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {value!r} is not a JSON value ({e})") from None
+
+
+def _normalize_schema(s: Any, where: str) -> dict[str, Any]:
+    """The JSON-schema subset the parser checks, as the plain dict both backends consume."""
+    if not isinstance(s, Mapping):
+        raise ValueError(f"{where} must be a JSON schema dict, got {s!r}")
+    t = s.get("type", [])
+    types = [t] if isinstance(t, str) else t
+    if not isinstance(types, list) or any(x not in _TYPES for x in types):
+        raise ValueError(f"{where}.type must be one of {_TYPES} or a list of them, got {t!r}")
+    types = list(dict.fromkeys(types))
+    if s.get("nullable") is True and types and "null" not in types:
+        types.append("null")
+    enum = None
+    if "enum" in s:
+        if not isinstance(s["enum"], list):
+            raise ValueError(f"{where}.enum must be a list, got {s['enum']!r}")
+        enum = [_canon(v, f"{where}.enum") for v in s["enum"]]
+    elif "const" in s:
+        enum = [_canon(s["const"], f"{where}.const")]
+    props = s.get("properties", {})
+    if not isinstance(props, Mapping):
+        raise ValueError(f"{where}.properties must be a dict, got {props!r}")
+    required = s.get("required", [])
+    if not isinstance(required, list):
+        raise ValueError(f"{where}.required must be a list of str, got {required!r}")
+    items = s.get("items")
+    return {
+        "types": types,
+        "enum": enum,
+        "properties": {_utf8_name(k, f"{where}.properties key"):
+                       _normalize_schema(v, f"{where}.properties.{k}") for k, v in props.items()},
+        "required": [_utf8_name(r, f"{where}.required[]") for r in required],
+        "items": _normalize_schema(items, f"{where}.items") if isinstance(items, Mapping) else None,
+        "additional": s.get("additionalProperties", True) is not False,
+    }
+
+
+def normalize_tools(tools: Sequence[Mapping[str, Any]]) -> list[tuple[str, dict | None]]:
+    """[(name, normalized parameters schema or None)] from OpenAI-style
+    ``{"type": "function", "function": {"name", "parameters"}}`` or bare ``{"name", "parameters"}``
+    dicts. Raises ValueError/TypeError naming the offending tool or value."""
+    if isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Iterable):
+        raise TypeError(f"tools must be a list of dicts, got {type(tools).__name__}")
+    out: list[tuple[str, dict | None]] = []
+    seen: set[str] = set()
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, Mapping):
+            raise TypeError(f"tools[{i}] must be a dict, got {tool!r}")
+        fn = tool["function"] if "function" in tool else tool
+        if not isinstance(fn, Mapping):
+            raise TypeError(f"tools[{i}].function must be a dict, got {fn!r}")
+        name = _utf8_name(fn.get("name"), f"tools[{i}].name")
+        if name in seen:
+            raise ValueError(f"tools[{i}]: duplicate tool name {name!r}")
+        seen.add(name)
+        params = fn.get("parameters")
+        out.append((name, None if params is None
+                    else _normalize_schema(params, f"tools[{i}] ({name}).parameters")))
+    return out
+
+
+class ToolCallParser:
+    """Parses model outputs against a fixed tool set (see the module docstring for the format).
+
+    ``backend="cpp"`` results are ``_core.ParseResult`` / ``ToolCall`` / ``CallError``;
+    ``backend="python"`` returns the reference's dataclasses with the same fields and methods.
+    """
+
+    def __init__(self, tools: Sequence[Mapping[str, Any]], max_depth: int = 64,
+                 max_call_bytes: int = 1 << 20, backend: str = "cpp") -> None:
+        self.config = ParserConfig(max_depth, max_call_bytes, backend)
+        self.tools = normalize_tools(tools)
+        if backend == "cpp":
+            self._impl: Any = _core.Parser(self.tools, max_depth, max_call_bytes)
+        else:
+            self._impl = RefParser(self.tools, max_depth, max_call_bytes)
+
+    @property
+    def tool_names(self) -> list[str]:
+        return [name for name, _ in self.tools]
+
+    def parse(self, text: str | bytes) -> AnyParseResult:
+        """Parses one whole model output."""
+        return self._impl.parse(text)
+
+    def parse_batch(self, texts: Iterable[str | bytes], threads: int = 0) -> list[AnyParseResult]:
+        """Parses many outputs with the GIL released; threads=0 runs in the calling thread,
+        N >= 1 on N worker threads (the calling thread is one of them)."""
+        if not isinstance(threads, int) or threads < 0:
+            raise ValueError(f"threads must be an int >= 0, got {threads!r}")
+        return self._impl.parse_batch(texts, threads)
+
+    def stream(self) -> Any:
+        """A streaming parser: ``feed(chunk)`` returns each call (or its error) once its
+        ``</tool_call>`` has arrived; ``finish()`` returns the same ParseResult as ``parse``
+        of the concatenated chunks. Total cost is linear in the bytes fed (C++ backend)."""
+        return self._impl.stream()

@@ -1,0 +1,536 @@
+"""Pure-Python reference of spyglass's tool-call parser (the C++ core's executable spec).
+
+It implements exactly the format, error kinds, messages, byte positions and canonical JSON
+specified in :mod:`spyglass.engine.toolcall`, written independently of the C++ (regexes and
+``bytes.decode`` where the C++ walks bytes), so the property tests in
+``tests/test_toolcall_props.py`` can check the two against each other byte for byte. It is plain
+Python and slow; its streaming form re-parses the whole buffer on every
+``feed`` (quadratic), which is fine for a reference and wrong for production.
+
+Use it through ``ToolCallParser(tools, backend="python")``; run its tests with
+``.venv/bin/python -m pytest -q tests/test_toolcall.py tests/test_toolcall_props.py``.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+ERROR_KINDS = ("unterminated_tag", "invalid_json", "too_deep", "too_large", "invalid_call",
+               "unknown_tool", "missing_argument", "invalid_argument")
+MAX_DEPTH_LIMIT = 512
+
+_WS = re.compile(rb"[ \t\n\r]*")
+_RUN = re.compile(rb'[^"\\\x00-\x1f]*')
+_DIGITS = re.compile(rb"[0-9]*")
+_OUT_STR = re.compile(rb'"|</tool_call>')
+_IN_STR = re.compile(rb'["\\]')
+_ESC_OUT = re.compile(rb'["\\\x00-\x1f]')
+_SIMPLE_ESC = {ord('"'): b'"', ord("\\"): b"\\", ord("/"): b"/", ord("b"): b"\b",
+               ord("f"): b"\f", ord("n"): b"\n", ord("r"): b"\r", ord("t"): b"\t"}
+_ESC_MAP = {b'"': b'\\"', b"\\": b"\\\\", b"\b": b"\\b", b"\f": b"\\f", b"\n": b"\\n",
+            b"\r": b"\\r", b"\t": b"\\t"}
+_KIND_NAME = {"null": "null", "false": "boolean", "true": "boolean", "int": "integer",
+              "num": "number", "str": "string", "arr": "array", "obj": "object"}
+_KIND_TYPES = {"null": {"null"}, "false": {"boolean"}, "true": {"boolean"},
+               "int": {"integer", "number"}, "num": {"number"}, "str": {"string"},
+               "arr": {"array"}, "obj": {"object"}}
+_OPEN_TAGS = (b"<tool_call>", b"<think>", b"<answer>", b"<response>")
+_CLOSE = {"think": b"</think>", "answer": b"</answer>", "response": b"</response>"}
+
+
+@dataclass(frozen=True)
+class RefToolCall:
+    """A validated tool call (same fields and methods as ``_core.ToolCall``)."""
+    index: int
+    name: str
+    arguments: str
+    span: tuple[int, int]
+
+    def args(self) -> dict[str, Any]:
+        return json.loads(self.arguments)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "name": self.name, "arguments": self.arguments,
+                "span": self.span}
+
+
+@dataclass(frozen=True)
+class RefCallError:
+    """A typed error of one call or tag (same fields and methods as ``_core.CallError``)."""
+    index: int
+    kind: str
+    message: str
+    byte_pos: int
+    span: tuple[int, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "kind": self.kind, "message": self.message,
+                "byte_pos": self.byte_pos, "span": self.span}
+
+
+@dataclass(frozen=True)
+class RefParseResult:
+    """Everything parsed from one text (same fields and methods as ``_core.ParseResult``)."""
+    calls: list[RefToolCall]
+    errors: list[RefCallError]
+    answer: str | None
+    answer_tag: str | None
+    think: str | None
+    text_outside: str
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"calls": [c.to_dict() for c in self.calls],
+                "errors": [e.to_dict() for e in self.errors], "answer": self.answer,
+                "answer_tag": self.answer_tag, "think": self.think,
+                "text_outside": self.text_outside}
+
+
+class _JsonError(Exception):
+    def __init__(self, message: str, pos: int, too_deep: bool = False) -> None:
+        super().__init__(message)
+        self.message, self.pos, self.too_deep = message, pos, too_deep
+
+
+def canonical_number(neg: bool, digits: bytes, int_len: int, exp: int) -> tuple[str, bool]:
+    """Canonical text of the number ``(-1)**neg * int(digits) * 10**(exp - frac_len)``, where
+    the first ``int_len`` digits were the literal's integer part, and whether it is integral
+    (the rule is spelled out in spyglass.engine.toolcall)."""
+    frac_len = len(digits) - int_len
+    d = digits.lstrip(b"0")
+    if not d:
+        return "0", True
+    stripped = d.rstrip(b"0")
+    e = exp - frac_len + (len(d) - len(stripped))
+    d = stripped.decode()
+    n, k = len(d), len(d) + e
+    sign = "-" if neg else ""
+    if e >= 0 and k <= max(21, int_len):
+        return sign + d + "0" * e, True
+    if e < 0 and k > -6:
+        if k > 0:
+            return f"{sign}{d[:k]}.{d[k:]}", False
+        return f"{sign}0.{'0' * -k}{d}", False
+    mant = d[0] + ("." + d[1:] if n > 1 else "")
+    return f"{sign}{mant}e{k - 1}", e >= 0
+
+
+def json_string(raw: bytes) -> bytes:
+    """Canonical JSON string literal of UTF-8 bytes (escapes only '"', '\\' and < 0x20)."""
+    def esc(m: re.Match[bytes]) -> bytes:
+        c = m.group()
+        return _ESC_MAP.get(c) or b"\\u%04x" % c[0]
+    return b'"' + _ESC_OUT.sub(esc, raw) + b'"'
+
+
+class _Json:
+    """Recursive-descent JSON parser over s[.., end) producing (kind, pos, payload) nodes."""
+
+    def __init__(self, s: bytes, end: int, max_depth: int) -> None:
+        self.s, self.end, self.max_depth = s, end, max_depth
+
+    def unexpected(self, p: int) -> _JsonError:
+        if p >= self.end:
+            return _JsonError("unexpected end of input", self.end)
+        c = self.s[p]
+        if 0x21 <= c <= 0x7E:
+            return _JsonError(f"unexpected character '{chr(c)}'", p)
+        return _JsonError(f"unexpected byte 0x{c:02x}", p)
+
+    def ws(self, p: int) -> int:
+        return _WS.match(self.s, p, self.end).end()
+
+    def parse(self, begin: int) -> tuple:
+        node, p = self.value(begin, 0)
+        p = self.ws(p)
+        if p < self.end:
+            raise self.unexpected(p)
+        return node
+
+    def value(self, p: int, depth: int) -> tuple[tuple, int]:
+        s, end = self.s, self.end
+        p = self.ws(p)
+        if p >= end:
+            raise self.unexpected(p)
+        c = s[p]
+        if c in b"{[":
+            if depth + 1 > self.max_depth:
+                raise _JsonError(f"nesting deeper than max_depth={self.max_depth}", p, True)
+            start, close = p, (b"}" if c == 0x7B else b"]")[0]
+            items: list = []
+            members: dict[bytes, tuple] = {}
+            p = self.ws(p + 1)
+            if p < end and s[p] == close:
+                return (("obj", start, {}) if close == 0x7D else ("arr", start, [])), p + 1
+            while True:
+                if close == 0x7D:
+                    if p >= end or s[p] != 0x22:
+                        raise self.unexpected(p)
+                    key, p = self.string(p)
+                    p = self.ws(p)
+                    if p >= end or s[p] != 0x3A:
+                        raise self.unexpected(p)
+                    val, p = self.value(p + 1, depth + 1)
+                    members.pop(key[2], None)
+                    members[key[2]] = val
+                else:
+                    val, p = self.value(p, depth + 1)
+                    items.append(val)
+                p = self.ws(p)
+                if p < end and s[p] == 0x2C:
+                    p = self.ws(p + 1) if close == 0x7D else p + 1
+                    continue
+                if p < end and s[p] == close:
+                    node = ("obj", start, members) if close == 0x7D else ("arr", start, items)
+                    return node, p + 1
+                raise self.unexpected(p)
+        if c == 0x22:
+            return self.string(p)
+        for lit in (b"true", b"false", b"null"):
+            if c == lit[0]:
+                for i in range(len(lit)):
+                    if p + i >= end or s[p + i] != lit[i]:
+                        raise self.unexpected(p + i)
+                return (lit.decode(), p, None), p + len(lit)
+        if c == 0x2D or 0x30 <= c <= 0x39:
+            return self.number(p)
+        raise self.unexpected(p)
+
+    def string(self, p: int) -> tuple[tuple, int]:
+        s, end, start = self.s, self.end, p
+        out = bytearray()
+        p += 1
+        while True:
+            q = _RUN.match(s, p, end).end()
+            run = s[p:q]
+            try:
+                run.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _JsonError("invalid UTF-8", p + e.start) from None
+            out += run
+            p = q
+            if p >= end:
+                raise _JsonError("unexpected end of input", end)
+            c = s[p]
+            if c == 0x22:
+                return ("str", start, bytes(out)), p + 1
+            if c != 0x5C:
+                raise _JsonError("control character in string", p)
+            p = self.escape(p, out)
+
+    def hex4(self, bs: int) -> int:
+        h = self.s[bs + 2:min(bs + 6, self.end)]
+        for i, c in enumerate(h):
+            if chr(c) not in "0123456789abcdefABCDEF":
+                raise _JsonError("invalid \\u escape", bs)
+        if len(h) < 4:
+            raise _JsonError("unexpected end of input", self.end)
+        return int(h, 16)
+
+    def escape(self, bs: int, out: bytearray) -> int:
+        s, end = self.s, self.end
+        if bs + 1 >= end:
+            raise _JsonError("unexpected end of input", end)
+        c = s[bs + 1]
+        if c in _SIMPLE_ESC:
+            out += _SIMPLE_ESC[c]
+            return bs + 2
+        if c != 0x75:
+            raise _JsonError("invalid escape", bs)
+        cp = self.hex4(bs)
+        p = bs + 6
+        if 0xDC00 <= cp <= 0xDFFF:
+            raise _JsonError("lone surrogate in \\u escape", bs)
+        if 0xD800 <= cp <= 0xDBFF:
+            if s[p:p + 2] != b"\\u" or p + 1 >= end:
+                raise _JsonError("lone surrogate in \\u escape", bs)
+            lo = self.hex4(p)
+            if not 0xDC00 <= lo <= 0xDFFF:
+                raise _JsonError("lone surrogate in \\u escape", bs)
+            cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00)
+            p += 6
+        out += chr(cp).encode("utf-8")
+        return p
+
+    def number(self, p: int) -> tuple[tuple, int]:
+        s, end, start = self.s, self.end, p
+        neg = s[p] == 0x2D
+        p += neg
+        if p >= end:
+            raise self.unexpected(p)
+        i0 = p
+        if s[p] == 0x30:
+            p += 1
+        elif 0x31 <= s[p] <= 0x39:
+            p = _DIGITS.match(s, p, end).end()
+        else:
+            raise self.unexpected(p)
+        digits, int_len, exp = s[i0:p], p - i0, 0
+        if p < end and s[p] == 0x2E:
+            q = _DIGITS.match(s, p + 1, end).end()
+            if q == p + 1:
+                raise self.unexpected(q)
+            digits, p = digits + s[p + 1:q], q
+        if p < end and s[p] in b"eE":
+            p += 1
+            eneg = p < end and s[p] == 0x2D
+            if p < end and s[p] in b"+-":
+                p += 1
+            q = _DIGITS.match(s, p, end).end()
+            if q == p:
+                raise self.unexpected(p)
+            e = s[p:q].lstrip(b"0")
+            if len(e) > 9:
+                raise _JsonError("number exponent out of range", start)
+            exp = -int(e or b"0") if eneg else int(e or b"0")
+            p = q
+        text, integral = canonical_number(neg, digits, int_len, exp)
+        return ("int" if integral else "num", start, text), p
+
+
+def canonical(node: tuple) -> bytes:
+    """Canonical JSON bytes of a parsed node (sorted keys, no whitespace, exact numbers)."""
+    kind, _, v = node
+    if kind in ("null", "true", "false"):
+        return kind.encode()
+    if kind in ("int", "num"):
+        return v.encode()
+    if kind == "str":
+        return json_string(v)
+    if kind == "arr":
+        return b"[" + b",".join(canonical(x) for x in v) + b"]"
+    return b"{" + b",".join(json_string(k) + b":" + canonical(v[k]) for k in sorted(v)) + b"}"
+
+
+def canonical_json(text: str | bytes, max_depth: int = MAX_DEPTH_LIMIT) -> str:
+    """Canonical form of one JSON document; ValueError (with the byte position) if invalid."""
+    s = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else bytes(text)
+    try:
+        return canonical(_Json(s, len(s), max_depth).parse(0)).decode("utf-8")
+    except _JsonError as e:
+        raise ValueError(f"invalid JSON at byte {e.pos}: {e.message}") from None
+
+
+@dataclass
+class _Out:
+    calls: list = field(default_factory=list)
+    errors: list = field(default_factory=list)
+    think: bytes | None = None
+    answer: bytes | None = None
+    answer_tag: str | None = None
+    outside: bytes = b""
+
+
+class RefParser:
+    """Reference parser over normalized tools (see ``toolcall.normalize_tools``)."""
+
+    def __init__(self, tools: list[tuple[str, dict | None]], max_depth: int,
+                 max_call_bytes: int) -> None:
+        if not 1 <= max_depth <= MAX_DEPTH_LIMIT:
+            raise ValueError(f"max_depth must be in [1, {MAX_DEPTH_LIMIT}], got {max_depth}")
+        if not 1 <= max_call_bytes < 2**32 - 15:
+            raise ValueError(f"max_call_bytes must be in [1, 2**32), got {max_call_bytes}")
+        self.tools = {name.encode(): schema for name, schema in tools}
+        self.max_depth, self.max_call_bytes = max_depth, max_call_bytes
+        if sys.getrecursionlimit() < 2 * max_depth + 1000:
+            sys.setrecursionlimit(2 * max_depth + 1000)
+
+    def parse(self, text: str | bytes) -> RefParseResult:
+        return _result(self.scan(_to_bytes(text), True))
+
+    def parse_batch(self, texts: list[str | bytes], threads: int = 0) -> list[RefParseResult]:
+        if threads < 0:
+            raise ValueError(f"threads must be >= 0, got {threads}")
+        return [self.parse(t) for t in texts]
+
+    def stream(self) -> RefStreamParser:
+        return RefStreamParser(self)
+
+    def scan(self, s: bytes, final: bool) -> _Out:
+        """Scans s; with final=False stops at the first construct later bytes could change."""
+        out, p, n = _Out(), 0, len(s)
+        seen_block, calls_seen = False, 0
+        while p < n:
+            q = s.find(b"<", p)
+            if q < 0:
+                out.outside += s[p:]
+                break
+            out.outside += s[p:q]
+            p = q
+            if s.startswith(b"<tool_call>", q):
+                seen_block, calls_seen = True, calls_seen + 1
+                p = self._call(s, q, calls_seen - 1, final, out)
+            elif s.startswith(b"<think>", q) or s.startswith(b"<answer>", q) \
+                    or s.startswith(b"<response>", q):
+                seen_block = True
+                p = self._block(s, q, final, out)
+            elif not seen_block and s.startswith(b"</think>", q):
+                out.think, out.outside = out.outside, b""
+                seen_block, p = True, q + len(b"</think>")
+            else:
+                tags = _OPEN_TAGS + (() if seen_block else (b"</think>",))
+                if not final and any(t.startswith(s[q:]) and n - q < len(t) for t in tags):
+                    return out
+                out.outside += b"<"
+                p = q + 1
+            if p is None:
+                return out
+        return out
+
+    def _block(self, s: bytes, q: int, final: bool, out: _Out) -> int | None:
+        kind = s[q + 1:s.index(b">", q)].decode()
+        body = q + len(kind) + 2
+        close = _CLOSE[kind]
+        c = s.find(close, body)
+        if c < 0 and not final:
+            return None
+        content = s[body:] if c < 0 else s[body:c]
+        if kind == "think":
+            out.think = content if out.think is None else out.think + b"\n" + content
+        elif out.answer_tag is None:
+            out.answer, out.answer_tag = content, kind
+        if c >= 0:
+            return c + len(close)
+        out.errors.append(RefCallError(-1, "unterminated_tag", f"unterminated <{kind}>", q,
+                                       (q, len(s))))
+        return len(s)
+
+    def _call(self, s: bytes, q: int, index: int, final: bool, out: _Out) -> int | None:
+        body, n = q + len(b"<tool_call>"), len(s)
+        p, in_str, close = body, False, -1
+        while True:
+            m = (_IN_STR if in_str else _OUT_STR).search(s, p)
+            if m is None:
+                break
+            if m.group() == b'"':
+                in_str, p = not in_str, m.end()
+            elif m.group() == b"\\":
+                p = m.start() + 2
+            else:
+                close = m.start()
+                break
+        if close < 0:
+            if not final:
+                return None
+            close = s.find(b"</tool_call>", body)  # unbalanced quotes: first literal close tag
+            if close < 0:
+                out.errors.append(RefCallError(index, "unterminated_tag",
+                                               "unterminated <tool_call>", q, (q, n)))
+                return n
+        span = (q, close + len(b"</tool_call>"))
+        item = self._finish_call(s, body, close, index, span)
+        (out.calls if isinstance(item, RefToolCall) else out.errors).append(item)
+        return span[1]
+
+    def _finish_call(self, s: bytes, body: int, end: int, index: int,
+                     span: tuple[int, int]) -> RefToolCall | RefCallError:
+        def err(kind: str, message: str, pos: int) -> RefCallError:
+            return RefCallError(index, kind, message, pos, span)
+        if end - body > self.max_call_bytes:
+            return err("too_large", f"tool call body is {end - body} bytes, more than "
+                       f"max_call_bytes={self.max_call_bytes}", body + self.max_call_bytes)
+        try:
+            root = _Json(s, end, self.max_depth).parse(body)
+        except _JsonError as e:
+            return err("too_deep" if e.too_deep else "invalid_json", e.message, e.pos)
+        if root[0] != "obj":
+            return err("invalid_call", f"tool call must be a JSON object, got "
+                       f"{_KIND_NAME[root[0]]}", root[1])
+        name, args = root[2].get(b"name"), root[2].get(b"arguments")
+        if name is None:
+            return err("invalid_call", 'tool call has no "name"', root[1])
+        if name[0] != "str":
+            return err("invalid_call", f'"name" must be a string, got {_KIND_NAME[name[0]]}',
+                       name[1])
+        if args is not None and args[0] != "obj":
+            return err("invalid_call",
+                       f'"arguments" must be an object, got {_KIND_NAME[args[0]]}', args[1])
+        if name[2] not in self.tools:
+            return err("unknown_tool", "unknown tool " + json_string(name[2]).decode(), name[1])
+        args = args if args is not None else ("obj", root[1], {})
+        bad = _validate(args, self.tools[name[2]], [])
+        if bad is not None:
+            return err(*bad)
+        return RefToolCall(index, name[2].decode(), canonical(args).decode(), span)
+
+
+def _validate(node: tuple, sc: dict | None, path: list[bytes]) -> tuple[str, str, int] | None:
+    """First schema violation as (kind, message, byte_pos), or None."""
+    if sc is None:
+        return None
+    kind, pos, v = node
+    where = (b"[" + b",".join(path) + b"]").decode()
+    if sc["types"] and not _KIND_TYPES[kind] & set(sc["types"]):
+        return ("invalid_argument", f"argument {where}: expected {' or '.join(sc['types'])}, "
+                f"got {_KIND_NAME[kind]}", pos)
+    if sc["enum"] is not None and canonical(node).decode() not in sc["enum"]:
+        return ("invalid_argument", f"argument {where}: not one of the enum values", pos)
+    if kind == "obj":
+        for r in sc["required"]:
+            if r.encode() not in v:
+                key = json_string(r.encode())
+                return ("missing_argument",
+                        f"missing required argument {where[:-1]}{',' if path else ''}"
+                        f"{key.decode()}]", pos)
+        for k in sorted(v):
+            prop = sc["properties"].get(k.decode())
+            if prop is None and sc["additional"]:
+                continue
+            sub = path + [json_string(k)]
+            if prop is None:
+                return ("invalid_argument", f"argument {(b'[' + b','.join(sub) + b']').decode()}"
+                        ": unexpected argument", v[k][1])
+            bad = _validate(v[k], prop, sub)
+            if bad is not None:
+                return bad
+    elif kind == "arr" and sc["items"] is not None:
+        for i, x in enumerate(v):
+            bad = _validate(x, sc["items"], path + [str(i).encode()])
+            if bad is not None:
+                return bad
+    return None
+
+
+class RefStreamParser:
+    """Reference streaming parser: re-parses the whole buffer on each feed (quadratic)."""
+
+    def __init__(self, parser: RefParser) -> None:
+        self._parser, self._buf, self._sent, self._done = parser, b"", 0, False
+        self._result: RefParseResult | None = None
+
+    def feed(self, chunk: str | bytes) -> list[RefToolCall | RefCallError]:
+        if self._done:
+            raise ValueError("feed() after finish(): this stream is closed")
+        self._buf += _to_bytes(chunk)
+        out = self._parser.scan(self._buf, False)
+        items = sorted(out.calls + [e for e in out.errors if e.index >= 0],
+                       key=lambda x: x.index)
+        new, self._sent = items[self._sent:], len(items)
+        return new
+
+    def finish(self) -> RefParseResult:
+        if not self._done:
+            self._result, self._done = self._parser.parse(self._buf), True
+        assert self._result is not None
+        return self._result
+
+
+def _to_bytes(text: str | bytes) -> bytes:
+    if isinstance(text, str):
+        return text.encode("utf-8", "surrogatepass")
+    if isinstance(text, bytes):
+        return text
+    raise TypeError(f"text must be str or bytes, got {type(text).__name__}")
+
+
+def _result(out: _Out) -> RefParseResult:
+    def dec(b: bytes | None) -> str | None:
+        return None if b is None else b.decode("utf-8", "replace")
+    return RefParseResult(out.calls, out.errors, dec(out.answer), out.answer_tag,
+                          dec(out.think), out.outside.decode("utf-8", "replace"))
