@@ -67,6 +67,17 @@ def _worker(out: Path) -> None:
     # broadcast from rank 0 (several buckets)
     got = broadcast_state_dict(sd if rank == 0 else None, src=0, bucket_bytes=64 << 10)
     torch.save(got, out / f"broadcast_rank{rank}.pt")
+    # a NaN gradient: ZeRO-3 skips the step, every rank raises naming the grad norm
+    before = full_state_dict(up)
+    hook = up.model.lm_head.weight.register_hook(lambda g: g * float("nan"))
+    try:
+        up.step(trajs, adv, masks)
+        report["nan_grad"] = "no error"
+    except NonFiniteError as e:
+        report["nan_grad"] = str(e)
+    hook.remove()
+    after = full_state_dict(up)
+    report["nan_grad_changed"] = any(not torch.equal(before[k], after[k]) for k in before)
     # a NaN on one rank's micro-batch stops both ranks with a clear error (no hang)
     trajs[3].segments[0].logprobs[1] = float("nan")
     try:
@@ -136,11 +147,14 @@ def test_export_under_zero3_loads_into_a_backend(two_ranks):
     assert all(torch.equal(got[k], ref[k]) for k in ref)
 
 
-def test_broadcast_state_dict_and_nan_stop_on_every_rank(two_ranks):
+def test_broadcast_state_dict_and_nan_stops_every_rank(two_ranks):
     out, reports = two_ranks
     a, b = torch.load(out / "broadcast_rank0.pt"), torch.load(out / "broadcast_rank1.pt")
     ref = torch.load(out / "zero3.pt")
     assert set(a) == set(b) == set(ref) and all(torch.equal(b[k], ref[k]) for k in ref)
+    for rep in reports:
+        assert "non-finite grad norm" in rep["nan_grad"] and "[term: grad norm]" in rep["nan_grad"], rep["nan_grad"]
+        assert rep["nan_grad_changed"] is False
     msgs = [rep["nan"] for rep in reports]
     assert all("non-finite" in m for m in msgs), msgs
     assert sum("policy loss" in m and "'t3'" in m and "[term: policy loss]" in m for m in msgs) == 1, msgs
