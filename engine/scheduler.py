@@ -519,6 +519,9 @@ class Engine:
         turn.tool_errors = [{"name": c["name"], "kind": o.error_kind, "message": o.text}
                             for c, o in zip(turn.calls, outs) if o.error_kind is not None]
         self.stats.tool_latencies.append(t1 - t0)
+        # the calls that did not parse are answered too, after the ones that ran
+        outs = outs + [ToolOutcome(f"Error in tool call {e.get('index', '?')}: {e.get('message', e.get('kind'))}",
+                                   error_kind="bad_args") for e in turn.parse_errors]
         return self._observe(lv, outs, t0, t1)
 
     def _observe(self, lv: _Live, outs: list[ToolOutcome], t0: float, t1: float) -> bool:

@@ -233,3 +233,18 @@ class ToolCallParser:
         ``</tool_call>`` has arrived; ``finish()`` returns the same ParseResult as ``parse``
         of the concatenated chunks. Total cost is linear in the bytes fed (C++ backend)."""
         return self._impl.stream()
+
+
+def make_turn_parser(tools: Sequence[Mapping[str, Any]], **kw: Any) -> Any:
+    """The engine's TurnParser over this parser: calls as {"name", "arguments"} (canonical
+    JSON), every CallError as a dict (format errors of the turn), and the answer."""
+    from .scheduler import ParsedTurn  # noqa: PLC0415 - the engine imports this module lazily
+
+    parser = ToolCallParser(tools, **kw)
+
+    def parse_turn(text: str) -> ParsedTurn:
+        r = parser.parse(text)
+        return ParsedTurn([{"name": c.name, "arguments": c.arguments} for c in r.calls],
+                          [e.to_dict() for e in r.errors], r.answer)
+
+    return parse_turn
