@@ -65,6 +65,7 @@ class EngineConfig:
     seed: int = 0
     gc_freeze: bool = True  # keep long-lived objects out of full cyclic-GC passes (see _loop)
     gc_freeze_interval_s: float = 1.0
+    lockstep: bool = False  # baseline policy: TRL-style batches (see Engine docstring)
     check_tokens: bool = False  # compare each finished context with a fresh tokenization
     strict_tokens: bool = False  # ... and raise on a mismatch (tests)
 
@@ -184,7 +185,13 @@ class _Live:
 
 # ----------------------------------------------------------------------------- the engine
 class Engine:
-    """Runs groups of trajectories over backends, tools and a parser (see module docstring)."""
+    """Runs groups of trajectories over backends, tools and a parser (see module docstring).
+
+    With cfg.lockstep the same loop behaves like a lock-step batch rollout (TRL's GRPO): a batch
+    of max_live trajectories is admitted only when the last one is done, generation starts only
+    when no generation or tool job is in flight (every member's turn together), and tools start
+    only when the whole batch has generated. It exists as the baseline the benchmarks compare to.
+    """
 
     EVENTS_PER_SLICE = 64  # events handled before the loop yields (bounds event-loop lag)
 
@@ -212,6 +219,9 @@ class Engine:
         self._deadlines: list[tuple[float, int, _Live]] = []  # heap: when each live one expires
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0  # perf_counter time the timer fires
+        self._tool_jobs = 0
+        self._batch_open = False
+        self._tool_wait: list[tuple[_Live, list[dict[str, Any]]]] = []  # lockstep: tools held
         self._admitted_groups = 0
         self._base_version = self.version
 
@@ -283,16 +293,20 @@ class Engine:
             gc.freeze()
         next_freeze = time.perf_counter() + self.cfg.gc_freeze_interval_s
         cap = max(self.cfg.max_live, self.cfg.n_samples)
+        self._batch_open = False  # lockstep: a batch is being admitted
         while True:
             # admit: the one admission rule (a bounded number per slice)
             more = False
+            if self.cfg.lockstep and live == 0:
+                self._batch_open = True
             for _ in range(self.EVENTS_PER_SLICE):
                 if exhausted or self._paused or live + self.cfg.n_samples > cap \
-                        or not self._fresh_enough():
+                        or not self._fresh_enough() or (self.cfg.lockstep and not self._batch_open):
+                    self._batch_open = False
                     break
                 p = next(pending, None)
                 if p is None:
-                    exhausted = True
+                    exhausted, self._batch_open = True, False
                     break
                 groups[p.id] = []
                 for lv in self._start_group(p):
@@ -391,6 +405,14 @@ class Engine:
         """Start generations for ready trajectories; True if the slice budget cut it short."""
         if self._paused:
             return False
+        if self.cfg.lockstep:
+            if self._tool_wait and not self._gen_tasks:  # the whole batch generated: tools
+                for lv, calls in self._tool_wait:
+                    lv.job = asyncio.ensure_future(self._run_tools(lv, calls))
+                    self._tool_jobs += 1
+                self._tool_wait.clear()
+            if self._gen_tasks or self._tool_jobs or self._tool_wait or self._batch_open:
+                return False
         budget = self.EVENTS_PER_SLICE
         for s, q in enumerate(self._ready):
             while q and self._inflight[s] < self.cfg.max_inflight_per_server and budget > 0:
@@ -456,6 +478,7 @@ class Engine:
         if kind == "gen_error":
             return self._on_server_error(lv, payload)
         if kind == "tools":
+            self._tool_jobs -= 1
             return self._on_tools(lv, *payload)
         raise RuntimeError(f"unknown engine event {kind!r}")
 
@@ -508,7 +531,11 @@ class Engine:
             msg = "; ".join(e.get("message", e.get("kind", "")) for e in parsed.errors) or (
                 "no <tool_call> and no <answer> in this turn")
             return self._observe(lv, [ToolOutcome(f"Error: {msg}", error_kind="bad_args")], t1, t1)
-        lv.job = asyncio.ensure_future(self._run_tools(lv, parsed.calls))
+        if self.cfg.lockstep:
+            self._tool_wait.append((lv, parsed.calls))
+        else:
+            lv.job = asyncio.ensure_future(self._run_tools(lv, parsed.calls))
+            self._tool_jobs += 1
         return False
 
     def _on_tools(self, lv: _Live, outs: list[ToolOutcome] | None, t0: float, t1: float) -> bool:

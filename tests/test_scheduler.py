@@ -229,3 +229,20 @@ def test_timeout_while_generating_and_while_waiting_for_a_slot() -> None:
     assert wall < 2.0  # nobody waited for the 5 s generation
     assert [g[0].stop_reason for g in groups] == ["timeout"] * 3
     assert all(g[0].status is Status.TRUNCATED and g[0].fatal_step == 0 for g in groups)
+
+
+def test_lockstep_baseline_runs_turns_in_batches() -> None:
+    scripts = {f"p{i}": script_turns([("search", {"sleep": 0.01 * (i + 1)})] * (i % 3 + 1), "y")
+               for i in range(6)}
+    cfg = EngineConfig(n_samples=1, max_live=3, lockstep=True)
+    engine, _ = _engine(cfg, scripts, record_spans=True)
+    groups = asyncio.run(_collect(engine, [Prompt(f"p{i}", "q") for i in range(6)]))
+    assert len(groups) == 6 and all(g[0].status is Status.ANSWERED for g in groups)
+    spans = engine.stats.spans
+    gens = [(t0, t1) for _, k, t0, t1 in spans if k == "gen"]
+    tools = [(t0, t1) for _, k, t0, t1 in spans if k == "tool"]
+    # lock-step: no generation overlaps any tool span, and batches of 3 never interleave
+    assert not any(g0 < t1 and t0 < g1 for g0, g1 in gens for t0, t1 in tools)
+    first_batch = {f"p{i}#0" for i in range(3)}
+    end_first = max(t1 for tid, _, _, t1 in spans if tid in first_batch)
+    assert all(t0 >= end_first for tid, _, t0, _ in spans if tid not in first_batch)
