@@ -1,0 +1,165 @@
+"""`spyglass rollout` and `spyglass bench rollout`: the engine over the world, from one config.
+
+run_rollout writes trajectories as JSONL, append-only and fsynced per finished group; a crashed
+run started again with the same output skips the groups already on disk and goes on, so nothing
+is duplicated or lost. bench_rollout runs the same workload twice, by the async engine and by
+the lock-step baseline (cfg.lockstep), and prints throughput and their ratio.
+
+    run_rollout(RolloutConfig(out="runs/r.jsonl"))          # tiny VLM, replay policy, world
+    bench_rollout(RolloutConfig())                          # the README's main job
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import check
+from .env import Env, EnvConfig, build_env
+from .scheduler import Engine, EngineConfig
+from .trajectory import Trajectory, iter_jsonl, write_jsonl
+
+
+@dataclass
+class RolloutConfig:
+    """One rollout run (every field is a CLI flag: --engine.n_samples 4, --env.questions 8)."""
+
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(n_samples=4, max_live=64))
+    env: EnvConfig = field(default_factory=lambda: EnvConfig(questions=12))
+    model: str = "tiny:qwen2_vl"  # tiny:<family> builds one in code; else a save_tiny() dir
+    backend: str = "hf"  # hf | vllm | vllm-http | sglang | openai (see engine/backends)
+    backend_options: dict[str, Any] = field(default_factory=dict)  # that backend's config fields
+    servers: int = 1  # backend servers (affinity + failover across them)
+    policy: str = "replay"  # replay: forced decoding of solve scripts | sample: the model samples
+    out: str = "runs/rollout.jsonl"
+    resume: bool = True  # skip groups already in `out`
+    timeline: str = ""  # PNG path for the timeline picture ("" = none)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check(self.policy in ("replay", "sample"), f"policy must be replay|sample, got {self.policy!r}")
+        check(self.servers >= 1, f"servers must be >= 1, got {self.servers}")
+        check(self.model.startswith("tiny:") or Path(self.model).is_dir(),
+              f"model must be tiny:<family> or an existing directory, got {self.model!r}")
+
+
+def _model_and_codec(cfg: RolloutConfig) -> tuple[Any, Any]:
+    from .chat import HFCodec  # noqa: PLC0415
+    from .tiny import build_tiny_vlm, load_tiny  # noqa: PLC0415
+    vlm = build_tiny_vlm(cfg.model.split(":", 1)[1]) if cfg.model.startswith("tiny:") else load_tiny(cfg.model)
+    return vlm, HFCodec.from_tiny(vlm)
+
+
+def _backends(cfg: RolloutConfig, vlm: Any) -> list[Any]:
+    from .backends import backend_config, make_backend  # noqa: PLC0415
+    from .backends.hf import HFBackend  # noqa: PLC0415
+    if cfg.backend == "hf":
+        opts = {k: v for k, v in cfg.backend_options.items() if k != "name"}
+        return [HFBackend.from_tiny(vlm, name=f"hf-{i}", **opts) for i in range(cfg.servers)]
+    return [make_backend(backend_config(cfg.backend, **{**cfg.backend_options, "name": f"{cfg.backend}-{i}"}))
+            for i in range(cfg.servers)]
+
+
+def build_engine(cfg: RolloutConfig, env: Env, engine_cfg: EngineConfig | None = None,
+                 record_spans: bool = False) -> tuple[Engine, list[Any], str]:
+    """The engine for a config: backends, codec, env tools, the C++ parser, the policy."""
+    from .policy import ReplayPolicy  # noqa: PLC0415
+    from .toolcall import make_turn_parser  # noqa: PLC0415
+    vlm, codec = _model_and_codec(cfg)
+    backends = _backends(cfg, vlm)
+    policy = ReplayPolicy(codec, env.replay_scripts()) if cfg.policy == "replay" else None
+    engine = Engine(engine_cfg or cfg.engine, backends, codec, env.runner, make_turn_parser(env.schemas),
+                    tool_schemas=env.schemas, policy=policy, image_tokens=codec.image_tokens,
+                    record_spans=record_spans)
+    name = policy.name if policy is not None else "sample (the model's own policy)"
+    return engine, backends, name
+
+
+def finished_groups(path: str | Path) -> set[str]:
+    """Group ids complete in an existing output (a torn last line is ignored)."""
+    if not Path(path).exists():
+        return set()
+    counts: dict[str, int] = {}
+    for t in iter_jsonl(path):
+        counts[t.group_id] = counts.get(t.group_id, 0) + 1
+    return set(counts)
+
+
+async def _drive(engine: Engine, prompts: list, out: str | None, progress: bool) -> list[list[Trajectory]]:
+    from tqdm import tqdm  # noqa: PLC0415
+    groups = []
+    with tqdm(total=len(prompts), desc="groups", disable=not progress, leave=False) as bar:
+        async for g in engine.run(prompts):
+            if out:
+                write_jsonl(out, g)  # one group, flushed and fsynced: a crash loses no group
+            groups.append(g)
+            bar.update(1)
+    for b in engine.backends:
+        await b.close()
+    return groups
+
+
+def run_rollout(cfg: RolloutConfig) -> dict[str, Any]:
+    """Roll out the world's questions; returns (and prints) the summary."""
+    env = build_env(cfg.env)
+    prompts = env.prompts()
+    done = finished_groups(cfg.out) if cfg.resume else set()
+    todo = [p for p in prompts if p.id not in done]
+    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+    if not cfg.resume and Path(cfg.out).exists():
+        Path(cfg.out).unlink()
+    engine, _, policy = build_engine(cfg, env, record_spans=bool(cfg.timeline))
+    groups = asyncio.run(_drive(engine, todo, cfg.out, cfg.progress))
+    summary = {"policy": policy, "skipped_groups": len(done), "groups": len(groups),
+               **engine.stats.summary(), "tools": env.executor.stats().get("coalescer", {})}
+    if cfg.timeline:
+        from .timeline import draw_timeline  # noqa: PLC0415
+        draw_timeline(engine.stats.spans, cfg.timeline, title=f"{len(groups)} groups, {policy}")
+        summary["timeline"] = cfg.timeline
+    return summary
+
+
+def bench_rollout(cfg: RolloutConfig) -> dict[str, Any]:
+    """The main job: the same workload by the async engine and by the lock-step baseline."""
+    rows = {}
+    for mode in ("async", "lockstep"):
+        env = build_env(cfg.env)  # a fresh executor (coalescer, no shared cache) per mode
+        prompts = env.prompts()
+        ecfg = dataclasses.replace(cfg.engine, lockstep=(mode == "lockstep"))
+        engine, _, policy = build_engine(cfg, env, ecfg, record_spans=bool(cfg.timeline) and mode == "async")
+        t0 = time.perf_counter()
+        groups = asyncio.run(_drive(engine, prompts, None, cfg.progress))
+        wall = time.perf_counter() - t0
+        trajs = [t for g in groups for t in g]
+        ok = sum(t.status.value == "answered" and t.answer == t.meta.get("answer") for t in trajs)
+        rows[mode] = {"wall_s": wall, "trajectories": len(trajs), "turns": engine.stats.turns,
+                      "gen_tokens": engine.stats.gen_tokens, "trajectories_per_s": len(trajs) / wall,
+                      "tokens_per_s": engine.stats.gen_tokens / wall, "answered_right": ok,
+                      "tool_calls": env.executor.stats()["calls"],
+                      "coalescing_ratio": env.executor.stats().get("coalescer", {}).get("coalescing_ratio")}
+        if mode == "async" and cfg.timeline:
+            from .timeline import draw_timeline  # noqa: PLC0415
+            draw_timeline(engine.stats.spans, cfg.timeline, title=f"async engine, {policy}")
+    ratio = rows["lockstep"]["wall_s"] / rows["async"]["wall_s"]
+    print(f"spyglass bench rollout: backend {cfg.backend} ({cfg.model}), policy: {policy}")
+    print(f"workload: {len(prompts)} world questions x {cfg.engine.n_samples} samples, real tools, "
+          f"live <= {cfg.engine.max_live}")
+    print(f"{'schedule':<12}{'wall s':>9}{'traj/s':>9}{'tok/s':>9}{'turns':>7}{'calls':>7}{'right':>7}")
+    for mode, r in rows.items():
+        print(f"{mode:<12}{r['wall_s']:>9.2f}{r['trajectories_per_s']:>9.2f}{r['tokens_per_s']:>9.0f}"
+              f"{r['turns']:>7}{r['tool_calls']:>7}{r['answered_right']:>4}/{r['trajectories']}")
+    print(f"async / lock-step speed-up: {ratio:.2f}x")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    line = {"bench": "rollout_hf", "device": platform.processor() or platform.machine(), "commit": commit,
+            "policy": policy, "speedup_vs_lockstep": ratio, **{f"{m}_{k}": v for m, r in rows.items()
+                                                                for k, v in r.items()}}
+    print(json.dumps(line))
+    return line
