@@ -44,6 +44,23 @@ class ReplayPolicy:
         return "replay (forced decoding of scripted turns)"
 
 
+@dataclass
+class MixedPolicy:
+    """The first `replay_per_group` samples of each group replay their script (demonstrations
+    with the model's real logprobs); the others are sampled by the model. On a tiny random
+    model this gives GRPO groups with reward variance, hence a learning signal, on CPU."""
+
+    replay: ReplayPolicy
+    replay_per_group: int = 1
+
+    def forced_ids(self, traj: Trajectory, turn: int) -> list[int] | None:
+        return self.replay.forced_ids(traj, turn) if traj.sample_index < self.replay_per_group else None
+
+    @property
+    def name(self) -> str:
+        return f"mixed ({self.replay_per_group} replayed per group, the rest sampled)"
+
+
 def script_turns(calls: list[tuple[str, dict[str, Any]]], answer: str, think: str = "") -> list[str]:
     """Agent turns for a scripted episode: one tool call per turn, then the answer."""
     import json

@@ -38,13 +38,15 @@ class RolloutConfig:
     backend_options: dict[str, Any] = field(default_factory=dict)  # that backend's config fields
     servers: int = 1  # backend servers (affinity + failover across them)
     policy: str = "replay"  # replay: forced decoding of solve scripts | sample: the model samples
+    #                         mixed: sample 0 of each group replays, the others sample
     out: str = "runs/rollout.jsonl"
     resume: bool = True  # skip groups already in `out`
     timeline: str = ""  # PNG path for the timeline picture ("" = none)
     progress: bool = True
 
     def __post_init__(self) -> None:
-        check(self.policy in ("replay", "sample"), f"policy must be replay|sample, got {self.policy!r}")
+        check(self.policy in ("replay", "sample", "mixed"),
+              f"policy must be replay|sample|mixed, got {self.policy!r}")
         check(self.servers >= 1, f"servers must be >= 1, got {self.servers}")
         check(self.model.startswith("tiny:") or Path(self.model).is_dir(),
               f"model must be tiny:<family> or an existing directory, got {self.model!r}")
@@ -70,11 +72,12 @@ def _backends(cfg: RolloutConfig, vlm: Any) -> list[Any]:
 def build_engine(cfg: RolloutConfig, env: Env, engine_cfg: EngineConfig | None = None,
                  record_spans: bool = False) -> tuple[Engine, list[Any], str]:
     """The engine for a config: backends, codec, env tools, the C++ parser, the policy."""
-    from .policy import ReplayPolicy  # noqa: PLC0415
+    from .policy import MixedPolicy, ReplayPolicy  # noqa: PLC0415
     from .toolcall import make_turn_parser  # noqa: PLC0415
     vlm, codec = _model_and_codec(cfg)
     backends = _backends(cfg, vlm)
-    policy = ReplayPolicy(codec, env.replay_scripts()) if cfg.policy == "replay" else None
+    replay = ReplayPolicy(codec, env.replay_scripts())
+    policy = {"replay": replay, "sample": None, "mixed": MixedPolicy(replay, 1)}[cfg.policy]
     engine = Engine(engine_cfg or cfg.engine, backends, codec, env.runner, make_turn_parser(env.schemas),
                     tool_schemas=env.schemas, policy=policy, image_tokens=codec.image_tokens,
                     record_spans=record_spans)

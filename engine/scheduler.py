@@ -29,6 +29,7 @@ import gc
 import heapq
 import time
 import uuid
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Protocol, Sequence
 
@@ -441,7 +442,7 @@ class Engine:
             request_id=lv.request_id, prompt_ids=t.token_array(), images=t.images(),
             sampling=SamplingParams(max_tokens=budget, temperature=self.cfg.temperature,
                                     top_p=self.cfg.top_p, stop_token_ids=list(self.codec.stop_token_ids),
-                                    seed=hash((self.cfg.seed, t.id, turn)) & 0x7FFFFFFF),
+                                    seed=zlib.crc32(f"{self.cfg.seed}/{t.id}/{turn}".encode())),  # stable across processes
             forced_ids=forced[:budget] if forced is not None else None)
         t0 = time.perf_counter()
         try:

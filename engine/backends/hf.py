@@ -68,17 +68,22 @@ class HFConfig:
 
 def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                 top_p: torch.Tensor, uniform: torch.Tensor,
-                forced: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                forced: torch.Tensor, banned: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick one token per row and its logprob.
 
     logits [B, V] float; temperature [B] (0 = greedy); top_k [B] (-1 = off); top_p [B];
-    uniform [B] in [0, 1); forced [B] (-1 = sample, else emit this id).
-    Returns tokens [B] int64 and logprobs [B] = log_softmax(logits / T)[token] (T=1 if greedy)."""
+    uniform [B] in [0, 1); forced [B] (-1 = sample, else emit this id); banned [K] ids never
+    sampled (vision/image pad tokens: only the processor may place them).
+    Returns tokens [B] int64 and logprobs [B] = log_softmax(logits / T)[token] (T=1 if greedy),
+    over the full vocabulary (what the trainer recomputes), bans notwithstanding."""
     b, v = logits.shape
     greedy = temperature <= 0
     t = torch.where(greedy, torch.ones_like(temperature), temperature)
     logp = torch.log_softmax(logits.float() / t[:, None], dim=-1)                 # [B, V]
-    sorted_lp, order = logp.sort(dim=-1, descending=True)                          # [B, V]
+    pick = logp
+    if banned is not None and banned.numel():
+        pick = logp.index_fill(1, banned, float("-inf"))                           # [B, V]
+    sorted_lp, order = pick.sort(dim=-1, descending=True)                          # [B, V]
     probs = sorted_lp.exp()
     k = torch.where(top_k < 1, torch.full_like(top_k, v), top_k)
     keep = torch.arange(v)[None, :] < k[:, None]                                   # [B, V]
@@ -87,7 +92,7 @@ def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Te
     u = (uniform * cdf[:, -1])[:, None]                                            # [B, 1]
     choice = torch.searchsorted(cdf, u, right=True).clamp_(max=v - 1)               # [B, 1]
     sampled = order.gather(1, choice).squeeze(1)
-    tokens = torch.where(greedy, logp.argmax(-1), sampled)
+    tokens = torch.where(greedy, pick.argmax(-1), sampled)
     tokens = torch.where(forced >= 0, forced, tokens)
     return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
 
@@ -141,6 +146,9 @@ class HFBackend(Backend):
         self.supports_images = self.is_vl and image_processor is not None
         self.supports_forced = True
         self.image_token_id = getattr(cfg, "image_token_id", None)
+        vision_ids = [getattr(cfg, k, None) for k in ("image_token_id", "video_token_id",
+                                                      "vision_start_token_id", "vision_end_token_id")]
+        self.banned_ids = torch.tensor(sorted({i for i in vision_ids if isinstance(i, int)}), dtype=torch.long)
         text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
         self.vocab_size = int(text_cfg.vocab_size)
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -424,7 +432,7 @@ class HFBackend(Backend):
         tokens, logps = sample_next(
             logits, torch.tensor([p.temperature for p in sp], dtype=torch.float32),
             torch.tensor([p.top_k for p in sp]), torch.tensor([p.top_p for p in sp], dtype=torch.float32),
-            uniform, torch.tensor(forced))
+            uniform, torch.tensor(forced), self.banned_ids)
         for s, p, t, lp in zip(seqs, sp, tokens.tolist(), logps.tolist()):
             s.tokens.append(t)
             s.logprobs.append(lp)

@@ -1,0 +1,193 @@
+"""Fatal-aware GRPO (OpenSearch-VL Sec. 4.2): the outer loop, on one screen.
+
+    rollout (engine, streaming groups) -> reward -> advantage (kernel) -> update (masked loss
+    kernel on packed micro-batches) -> weight sync -> periodic eval and checkpoint
+
+Rank 0 owns the engine and its backends; the finished batch is broadcast so every rank trains
+on the same global batch (DeepSpeed ZeRO shards the work). A resumed run restores weights,
+optimizer, RNG and the data position, pushes the weights to the backends, and continues exactly
+(rollout seeds depend only on the config seed, the trajectory id and the turn).
+
+    spyglass grpo --steps 3                                   # CPU, tiny VLM, bundled world
+    torchrun --nproc_per_node=2 -m spyglass.trainer.cli grpo --dist.strategy zero2 --steps 2
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spyglass.engine.config import check
+from spyglass.engine.env import build_env
+from spyglass.engine.rollout import RolloutConfig, _backends, _model_and_codec
+from spyglass.engine.scheduler import Engine, EngineConfig
+from spyglass.engine.trajectory import write_jsonl
+from spyglass.trainer.algorithm import AlgoConfig, compute_advantages
+from spyglass.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from spyglass.trainer.distributed import DistConfig, full_state_dict, init_distributed, sync_weights
+from spyglass.trainer.reward import RewardConfig, score_group
+from spyglass.trainer.update import PolicyUpdater, UpdateConfig
+
+
+def _rollout_defaults() -> RolloutConfig:
+    return RolloutConfig(engine=EngineConfig(n_samples=4, max_live=32, max_turns=6, max_tokens_per_turn=64,
+                                             temperature=1.0),
+                         policy="mixed", out="runs/grpo/rollouts.jsonl")
+
+
+@dataclass
+class GRPOConfig:
+    """Every field is a flag: --algo.mode fatal_mask, --update.lr 1e-5, --dist.strategy zero2."""
+
+    rollout: RolloutConfig = field(default_factory=_rollout_defaults)
+    replay_per_group: int = 1  # policy "mixed": samples per group that replay the solve script
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    update: UpdateConfig = field(default_factory=lambda: UpdateConfig(lr=1e-3, micro_batch_tokens=8192))
+    dist: DistConfig = field(default_factory=DistConfig)
+    steps: int = 3
+    groups_per_step: int = 2
+    eval_every: int = 0  # 0: no periodic eval
+    eval_questions: int = 4
+    ckpt_dir: str = "runs/grpo/ckpt"
+    ckpt_every: int = 1
+    resume: bool = True
+    log_dir: str = "runs/grpo"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check(self.steps >= 0, f"steps must be >= 0, got {self.steps}")
+        check(self.groups_per_step >= 1, f"groups_per_step must be >= 1, got {self.groups_per_step}")
+        check(self.replay_per_group >= 0, f"replay_per_group must be >= 0, got {self.replay_per_group}")
+        check(self.update.temperature == self.rollout.engine.temperature or self.rollout.policy == "replay",
+              f"update.temperature {self.update.temperature} must equal the sampling temperature "
+              f"{self.rollout.engine.temperature}: the old logprobs are the sampler's")
+
+
+def run_grpo(cfg: GRPOConfig) -> dict[str, Any]:
+    """The outer loop (see the module docstring); returns the last step's metrics."""
+    info = init_distributed(cfg.dist)
+    torch.manual_seed(cfg.seed)
+    loop = asyncio.new_event_loop()
+    run = _Run(cfg, info.rank, loop)
+    metrics: dict[str, Any] = {}
+    for step in range(run.start, cfg.steps):
+        trajs = run.broadcast(run.rollout_batch() if info.rank == 0 else None)        # rollout
+        if info.rank == 0:
+            loop.run_until_complete(score_group(trajs, cfg.reward))                   # reward
+        trajs = run.broadcast(trajs if info.rank == 0 else None)
+        algo = compute_advantages(trajs, cfg.algo)                                    # advantage
+        metrics = {"step": step + 1, **run.updater.step(trajs, algo.advantages, algo.masks),
+                   **{f"algo/{k}": v for k, v in algo.metrics.items()}}               # update
+        run.sync()                                                                    # weight sync
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and info.rank == 0:
+            metrics.update(run.evaluate())                                            # eval
+        if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0:
+            save_checkpoint(cfg.ckpt_dir, run.updater, data_state={"pos": run.pos},
+                            engine_state={"version": run.updater.version})            # checkpoint
+        run.log(metrics, trajs)
+    run.close()
+    return metrics
+
+
+class _Run:
+    """The state the loop carries: model copies, engine, updater, data position, logs."""
+
+    def __init__(self, cfg: GRPOConfig, rank: int, loop: asyncio.AbstractEventLoop) -> None:
+        from spyglass.engine.policy import MixedPolicy, ReplayPolicy  # noqa: PLC0415
+        from spyglass.engine.toolcall import make_turn_parser  # noqa: PLC0415
+        self.cfg, self.rank, self.loop, self.pos, self.start = cfg, rank, loop, 0, 0
+        vlm, codec = _model_and_codec(cfg.rollout)
+        # the trainer owns its own copy: DeepSpeed wraps it and train() mode must not leak
+        self.updater = PolicyUpdater(copy.deepcopy(vlm.model), cfg.update, image_processor=vlm.image_processor,
+                                     dist=cfg.dist)
+        self.backends, self.engine, self.writer = [], None, None
+        if rank == 0:
+            self.env = build_env(cfg.rollout.env)
+            self.prompts = self.env.prompts()
+            self.backends = _backends(cfg.rollout, vlm)
+            replay = ReplayPolicy(codec, self.env.replay_scripts())
+            policy = {"replay": replay, "sample": None,
+                      "mixed": MixedPolicy(replay, cfg.replay_per_group)}[cfg.rollout.policy]
+            self.engine = Engine(cfg.rollout.engine, self.backends, codec, self.env.runner,
+                                 make_turn_parser(self.env.schemas), tool_schemas=self.env.schemas,
+                                 policy=policy, image_tokens=codec.image_tokens)
+            Path(cfg.log_dir).mkdir(parents=True, exist_ok=True)
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
+                self.writer = SummaryWriter(cfg.log_dir)
+            except ImportError:  # tensorboard is in the `train` extra; the console log stays
+                self.writer = None
+        if cfg.resume and latest_checkpoint(cfg.ckpt_dir) is not None:
+            state = load_checkpoint(cfg.ckpt_dir, self.updater)
+            self.start, self.pos = state["step"], state["data_state"]["pos"]
+            self.sync()  # the generator serves the restored weights and version
+
+    def rollout_batch(self) -> list:
+        n = len(self.prompts)
+        batch = [self.prompts[(self.pos + i) % n] for i in range(self.cfg.groups_per_step)]
+        self.pos += len(batch)
+
+        async def collect() -> list:
+            return [t async for g in self.engine.run(batch) for t in g]
+        return self.loop.run_until_complete(collect())
+
+    def broadcast(self, obj: Any) -> Any:
+        if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def sync(self) -> None:
+        sd = full_state_dict(self.updater, rank0_only=True)
+        if self.rank == 0:
+            self.loop.run_until_complete(sync_weights(self.backends, sd, self.updater.version))
+
+    def evaluate(self) -> dict[str, float]:
+        """Greedy-free sampled rollouts of held-out questions, scored by the reward's judge."""
+        held_out = self.prompts[-self.cfg.eval_questions:]
+        policy, self.engine.policy = self.engine.policy, None
+        cfg, self.engine.cfg = self.engine.cfg, EngineConfig(**{**asdict(self.engine.cfg), "n_samples": 1})
+        try:
+            trajs = self.loop.run_until_complete(self._collect(held_out))
+            self.loop.run_until_complete(score_group(trajs, self.cfg.reward))
+        finally:
+            self.engine.policy, self.engine.cfg = policy, cfg
+        return {"eval/accuracy": sum(t.reward.get("acc", 0.0) for t in trajs) / max(len(trajs), 1),
+                "eval/fatal_rate": sum(t.fatal_step is not None for t in trajs) / max(len(trajs), 1)}
+
+    async def _collect(self, prompts: list) -> list:
+        return [t async for g in self.engine.run(prompts) for t in g]
+
+    def log(self, metrics: dict[str, Any], trajs: list) -> None:
+        if self.rank != 0:
+            return
+        metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        metrics["reward/mean"] = sum(t.reward.get("total", 0.0) for t in trajs) / max(len(trajs), 1)
+        metrics["version"] = self.updater.version
+        print(f"[grpo] step {metrics['step']}: loss {metrics.get('loss', float('nan')):.4f} "
+              f"reward {metrics['reward/mean']:.3f} clip {metrics.get('clip_fraction', 0):.3f} "
+              f"kl {metrics.get('approx_kl', 0):.2e} grad {metrics.get('grad_norm', 0):.3f} "
+              f"tokens {metrics.get('loss_tokens', 0)} version {metrics['version']}", flush=True)
+        with open(Path(self.cfg.log_dir) / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"time": time.time(), **metrics}) + "\n")
+        if self.cfg.rollout.out:
+            write_jsonl(self.cfg.rollout.out, trajs)
+        if self.writer is not None:
+            for k, v in metrics.items():
+                self.writer.add_scalar(k, v, metrics["step"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        for b in self.backends:
+            self.loop.run_until_complete(b.close())
+        if self.writer is not None:
+            self.writer.close()
+        self.loop.close()
