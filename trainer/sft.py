@@ -1,0 +1,609 @@
+"""Supervised fine-tuning on multimodal multi-turn agent trajectories (`spyglass sft`).
+
+Two data layouts become the same thing, a `Trajectory` whose GEN segments are the assistant
+turns, and train through the same packer, padded VLM forward and fused log-prob as GRPO
+(`trainer/update.py`), under the same runtimes (plain or DeepSpeed ZeRO, `trainer.distributed`)
+and checkpoints (`trainer.checkpoint`). The loss is the token-mean NLL of the assistant tokens
+(loss mask = `traj.loss_mask()`: every assistant turn with its <|im_end|>; never the system,
+user, tool output or image pad tokens).
+
+(a) ShareGPT, the layout of OpenSearch-VL's SearchVL-SFT-36k release (LLaMA-Factory's
+    `formatting: sharegpt`): one JSON object per line with
+      conversations  [{"from": "human"|"gpt"|"function_call"|"observation", "value": str}, ...]
+                     (an optional leading {"from": "system"}); human/observation at even positions,
+                     gpt/function_call at odd ones, ending with an assistant message
+      images         image paths (relative to `media_dir`, default the file's directory); the
+                     n-th `<image>` placeholder in any message's text is images[n]
+      system         system prompt (absent: the engine's DEFAULT_SYSTEM)
+      tools          tool schemas: a JSON string (or list) of OpenAI-style or bare
+                     {"name", "description", "parameters"} functions
+      id, meta       optional spyglass extras (LLaMA-Factory ignores them)
+    A function_call value is `[<think>...</think>] JSON` (one {"name", "arguments"} object or a
+    list of them), rendered as `<think>...</think>\\n<tool_call>{json}</tool_call>` (the agent
+    format of the engine's system prompt; `call_style="qwen"` puts newlines inside the tags as
+    Qwen2.5/3's template does). Tag names are configurable (`ShareGPTTags`).
+(b) spyglass Trajectory JSONL (`engine.trajectory.write_jsonl`): the token ids are the truth.
+
+    trajectories_to_sharegpt(trajs, "d/teacher.sharegpt.jsonl", codec, tools=env.schemas)
+    trajs = load_sharegpt("d/teacher.sharegpt.jsonl", codec)      # and back (round trip exact
+                                                                   # for canonical turns)
+    metrics = run_sft(SFTConfig(steps=4))   # CPU: tiny Qwen2-VL, teacher data from the replay
+                                            # policy over the world, written in both layouts
+    spyglass sft --steps 4 --data.env.questions 4 --out_dir runs/sft        # same, from the CLI
+
+Tests: `.venv/bin/python -m pytest -q tests/test_sft.py`.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from spyglass.engine.config import check
+from spyglass.engine.env import EnvConfig
+from spyglass.engine.trajectory import Segment, SegmentKind, Status, Trajectory, Turn, iter_jsonl, write_jsonl
+from spyglass.trainer.distributed import DistConfig
+from spyglass.trainer.update import PolicyUpdater, UpdateConfig
+
+IMAGE = "<image>"
+CALL_STYLES = ("compact", "qwen")
+
+
+class RecordError(ValueError):
+    """A bad SFT record: the message names the record (file:line or id) and the field."""
+
+    def __init__(self, where: str, fld: str, msg: str) -> None:
+        super().__init__(f"{where}: field {fld!r}: {msg}")
+
+
+@dataclass
+class ShareGPTTags:
+    """Column and role names of a ShareGPT file (defaults: LLaMA-Factory's)."""
+
+    messages: str = "conversations"
+    system: str = "system"
+    tools: str = "tools"
+    images: str = "images"
+    role_tag: str = "from"
+    content_tag: str = "value"
+    user_tag: str = "human"
+    assistant_tag: str = "gpt"
+    observation_tag: str = "observation"
+    function_tag: str = "function_call"
+    system_tag: str = "system"
+
+    def __post_init__(self) -> None:
+        for k, v in vars(self).items():
+            check(isinstance(v, str) and bool(v), f"ShareGPTTags.{k} must be a non-empty string, got {v!r}")
+        roles = [self.user_tag, self.assistant_tag, self.observation_tag, self.function_tag, self.system_tag]
+        check(len(set(roles)) == len(roles), f"ShareGPTTags role tags must be distinct, got {roles}")
+
+
+# ------------------------------------------------------------------------------ ShareGPT -> Trajectory
+def _load_image(path: Any, media_dir: Path, where: str, fld: str) -> Image.Image:
+    if not isinstance(path, str) or not path:
+        raise RecordError(where, fld, f"expected an image path, got {path!r}")
+    p = Path(path) if Path(path).is_absolute() else media_dir / path
+    if not p.is_file():
+        raise RecordError(where, fld, f"image file {str(p)!r} does not exist")
+    with Image.open(p) as im:
+        return im.convert("RGB")
+
+
+def _parts(text: str, images: Iterator[Image.Image]) -> list[dict[str, Any]]:
+    """Message content parts: text split at <image>, each placeholder taking the next image."""
+    out: list[dict[str, Any]] = []
+    for k, chunk in enumerate(text.split(IMAGE)):
+        if k:
+            out.append({"type": "image", "image": next(images)})
+        if chunk:
+            out.append({"type": "text", "text": chunk})
+    return out
+
+
+def render_call(value: str, where: str = "record", fld: str = "value", style: str = "compact") -> str:
+    """A function_call value (`[<think>..</think>] JSON`) as the assistant text the model emits."""
+    m = re.fullmatch(r"\s*(<think>.*?</think>)?\s*(.*?)\s*", value, re.S)
+    assert m is not None
+    thought, body = m.group(1) or "", m.group(2)
+    try:
+        calls = json.loads(body)
+    except json.JSONDecodeError as e:
+        raise RecordError(where, fld, f"function_call must be [<think>..</think>] + JSON call(s): {e}") from None
+    calls = calls if isinstance(calls, list) else [calls]
+    out = []
+    for c in calls:
+        if not isinstance(c, dict) or not isinstance(c.get("name"), str):
+            raise RecordError(where, fld, f"a call must be an object with a string 'name', got {c!r}")
+        args = c.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except json.JSONDecodeError as e:
+                raise RecordError(where, fld, f"call {c['name']!r}: arguments string is not JSON: {e}") from None
+        if not isinstance(args, dict):
+            raise RecordError(where, fld, f"call {c['name']!r}: arguments must be an object, got {args!r}")
+        payload = json.dumps({"name": c["name"], "arguments": args}, ensure_ascii=False)
+        out.append(f"<tool_call>\n{payload}\n</tool_call>" if style == "qwen" else f"<tool_call>{payload}</tool_call>")
+    return thought + ("\n" if thought else "") + "\n".join(out)
+
+
+def _record_head(rec: Any, where: str, tags: ShareGPTTags) -> tuple[list[dict], str | None, list]:
+    """Validate the record's shape; returns (messages without system, system, tools)."""
+    if not isinstance(rec, dict):
+        raise RecordError(where, "<record>", f"expected a JSON object, got {type(rec).__name__}")
+    msgs = rec.get(tags.messages)
+    if not isinstance(msgs, list) or not msgs:
+        raise RecordError(where, tags.messages, f"expected a non-empty list of messages, got {msgs!r:.80}")
+    system = rec.get(tags.system)
+    if system is not None and not isinstance(system, str):
+        raise RecordError(where, tags.system, f"expected a string, got {type(system).__name__}")
+    if isinstance(msgs[0], dict) and msgs[0].get(tags.role_tag) == tags.system_tag:
+        system, msgs = msgs[0].get(tags.content_tag), msgs[1:]
+        if not isinstance(system, str):
+            raise RecordError(where, f"{tags.messages}[0].{tags.content_tag}", "system message must be a string")
+    tools: Any = rec.get(tags.tools) or []
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise RecordError(where, tags.tools, f"not a JSON list of tool schemas: {e}") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise RecordError(where, tags.tools, f"expected a list of tool schema objects, got {tools!r:.80}")
+    odd, even = (tags.user_tag, tags.observation_tag), (tags.assistant_tag, tags.function_tag)
+    off = 1 if len(rec.get(tags.messages)) != len(msgs) else 0
+    for i, m in enumerate(msgs):
+        fld = f"{tags.messages}[{i + off}]"
+        if not isinstance(m, dict):
+            raise RecordError(where, fld, f"expected a message object, got {m!r:.80}")
+        role, content = m.get(tags.role_tag), m.get(tags.content_tag)
+        want = odd if i % 2 == 0 else even
+        if role not in want:
+            raise RecordError(where, f"{fld}.{tags.role_tag}", f"role {role!r} at turn {i}: expected one of "
+                              f"{list(want)} ({'/'.join(odd)} at even turns, {'/'.join(even)} at odd turns)")
+        if not isinstance(content, str):
+            raise RecordError(where, f"{fld}.{tags.content_tag}", f"expected a string, got {type(content).__name__}")
+    if msgs[0][tags.role_tag] != tags.user_tag:
+        raise RecordError(where, tags.messages, f"the first message must be from {tags.user_tag!r}")
+    if len(msgs) % 2:
+        raise RecordError(where, tags.messages, f"ends with a {msgs[-1][tags.role_tag]!r} message; "
+                          f"the last one must be {tags.assistant_tag!r} or {tags.function_tag!r}")
+    return msgs, system, tools
+
+
+def sharegpt_to_trajectory(rec: dict[str, Any], codec: Any, *, where: str = "record", media_dir: str | Path = ".",
+                           tags: ShareGPTTags | None = None, call_style: str = "compact") -> Trajectory:
+    """One ShareGPT record as a Trajectory: prompt ids from the chat template (system, tools,
+    first user turn with its images), then a GEN segment per assistant message (its text's ids
+    plus the stop token; logprobs 0.0 and version 0: not sampled, meta["logprobs"]="none") and
+    an OBS segment per observation / later user message (the template's token delta)."""
+    from spyglass.engine.chat import DEFAULT_SYSTEM
+    from spyglass.engine.tiny import encode_chat, encode_observation
+    from spyglass.engine.toolcall import make_turn_parser
+
+    tags = tags or ShareGPTTags()
+    if call_style not in CALL_STYLES:
+        raise ValueError(f"call_style must be one of {CALL_STYLES}, got {call_style!r}")
+    msgs, system, tools = _record_head(rec, where, tags)
+    paths = rec.get(tags.images) or []
+    if not isinstance(paths, list):
+        raise RecordError(where, tags.images, f"expected a list of image paths, got {paths!r:.80}")
+    n_ph = sum(m[tags.content_tag].count(IMAGE) for m in msgs)
+    if n_ph != len(paths):
+        raise RecordError(where, tags.images, f"{len(paths)} images but {n_ph} {IMAGE} placeholders in the messages")
+    images = iter([_load_image(p, Path(media_dir), where, f"{tags.images}[{k}]") for k, p in enumerate(paths)])
+    tok, improc, stop = codec.tokenizer, codec.image_processor, codec.stop_token_ids[0]
+    question = msgs[0][tags.content_tag]
+    head = [{"role": "system", "content": system if system is not None else (codec.system or DEFAULT_SYSTEM)},
+            {"role": "user", "content": _parts(question, images)}]
+    prompt = encode_chat(tok, improc, head, tools=tools or None)
+    parser = make_turn_parser(tools)
+    segs: list[Segment] = []
+    turns: list[Turn] = []
+    answer = None
+    for i, m in enumerate(msgs[1:], start=1):
+        role, text = m[tags.role_tag], m[tags.content_tag]
+        if role in (tags.assistant_tag, tags.function_tag):
+            fld = f"{tags.messages}[{i}].{tags.content_tag}"
+            if IMAGE in text:
+                raise RecordError(where, fld, f"an assistant message cannot hold {IMAGE}")
+            said = render_call(text, where, fld, call_style) if role == tags.function_tag else text
+            ids = codec.encode_text(said) + [stop]
+            parsed = parser(said)
+            turn = Turn(index=len(turns), calls=parsed.calls, parse_errors=parsed.errors,
+                        answered=parsed.answer is not None and not parsed.calls, gen_tokens=len(ids))
+            answer = parsed.answer if turn.answered else answer
+            turns.append(turn)
+            segs.append(Segment(SegmentKind.GEN, ids, turn=turn.index, logprobs=[0.0] * len(ids), version=0,
+                                text=codec.decode(ids), finish_reason="stop"))
+        else:
+            enc = encode_observation(tok, improc, [{"role": "tool" if role == tags.observation_tag else "user",
+                                                    "content": _parts(text, images)}])
+            turns[-1].obs_tokens = len(enc.input_ids)
+            segs.append(Segment(SegmentKind.OBS, enc.input_ids, turn=turns[-1].index, images=enc.images,
+                                text=text.replace(IMAGE, "")))
+    rid = str(rec.get("id") or where)
+    meta = dict(rec.get("meta") or {})
+    meta.setdefault("question", question.replace(IMAGE, "").strip())
+    meta.update(source="sharegpt", logprobs="none")
+    traj = Trajectory(id=rid, group_id=rid, sample_index=0, prompt_ids=prompt.input_ids,
+                      prompt_images=prompt.images, prompt_messages=[{"role": "user", "content": meta["question"]}],
+                      segments=segs, turns=turns, status=Status.ANSWERED if answer is not None else Status.TRUNCATED,
+                      stop_reason="answer" if answer is not None else "sharegpt", answer=answer, meta=meta)
+    traj.fatal_step = traj.compute_fatal_step()
+    return traj
+
+
+def read_records(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """(file:line, parsed object) per non-empty line of a JSONL file, or per item of a JSON list."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not a JSON list: {e}") from None
+        for i, rec in enumerate(items):
+            yield f"{path}[{i}]", rec
+        return
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield f"{path}:{n}", json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON: {e}") from None
+
+
+def load_sharegpt(path: str | Path, codec: Any, *, media_dir: str | Path | None = None,
+                  tags: ShareGPTTags | None = None, call_style: str = "compact") -> list[Trajectory]:
+    """Every record of a ShareGPT JSONL / JSON file as a Trajectory (errors name file:line and field)."""
+    media = Path(media_dir) if media_dir else Path(path).parent
+    return [sharegpt_to_trajectory(rec, codec, where=where, media_dir=media, tags=tags, call_style=call_style)
+            for where, rec in read_records(path)]
+
+
+# ------------------------------------------------------------------------------ Trajectory -> ShareGPT
+def _assistant_message(text: str, tags: ShareGPTTags, call_style: str) -> dict[str, str]:
+    """function_call when the turn is exactly `[thought\\n]<tool_call>JSON</tool_call>...` as
+    render_call writes it; otherwise a gpt message holding the text verbatim (lossless)."""
+    i = text.find("<tool_call>")
+    if i >= 0:
+        thought = text[:i].rstrip("\n")
+        bodies = re.findall(r"<tool_call>(.*?)</tool_call>", text[i:], re.S)
+        try:
+            calls = [json.loads(b) for b in bodies]
+            value = thought + json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)
+            if (not thought or re.fullmatch(r"<think>.*?</think>", thought, re.S)) and \
+                    render_call(value, style=call_style) == text:
+                return {tags.role_tag: tags.function_tag, tags.content_tag: value}
+        except (json.JSONDecodeError, RecordError):
+            pass
+    return {tags.role_tag: tags.assistant_tag, tags.content_tag: text}
+
+
+def _save_image(img: Image.Image, image_dir: Path, name: str) -> str:
+    image_dir.mkdir(parents=True, exist_ok=True)
+    img.save(image_dir / name, format="PNG")
+    return f"{image_dir.name}/{name}"
+
+
+def trajectory_to_sharegpt(traj: Trajectory, codec: Any, tools: Sequence[dict[str, Any]], image_dir: str | Path,
+                           *, system: str | None = None, tags: ShareGPTTags | None = None,
+                           call_style: str = "compact", verify: bool = True) -> dict[str, Any]:
+    """A finished trajectory as a ShareGPT record; its images are written as PNGs into
+    `image_dir` (paths relative to its parent). `tools` / `system` must be what the engine used:
+    with `verify`, re-encoding the record's prompt must give the trajectory's prompt ids."""
+    from spyglass.engine.chat import DEFAULT_SYSTEM
+
+    tags = tags or ShareGPTTags()
+    if not traj.segments or traj.segments[-1].kind is not SegmentKind.GEN:
+        raise ValueError(f"trajectory {traj.id!r} does not end with an assistant turn (status "
+                         f"{traj.status.value}); ShareGPT records must")
+    question = traj.meta.get("question") if not traj.prompt_messages else traj.prompt_messages[0].get("content")
+    if not isinstance(question, str) or IMAGE in question:
+        raise ValueError(f"trajectory {traj.id!r}: question must be a string without {IMAGE}, got {question!r:.80}")
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", traj.id)
+    image_dir = Path(image_dir)
+    paths = [_save_image(im, image_dir, f"{safe}_{k}.png") for k, im in enumerate(traj.images())]
+    conv = [{tags.role_tag: tags.user_tag, tags.content_tag: IMAGE * len(traj.prompt_images) + question}]
+    stops = set(codec.stop_token_ids)
+    for s in traj.segments:
+        if s.kind is SegmentKind.GEN:
+            ids = s.token_ids.tolist()
+            text = codec.decode(ids[:-1] if ids and ids[-1] in stops else ids)
+            conv.append(_assistant_message(text, tags, call_style))
+        else:
+            if IMAGE in s.text:
+                raise ValueError(f"trajectory {traj.id!r}: observation of turn {s.turn} contains {IMAGE}")
+            conv.append({tags.role_tag: tags.observation_tag, tags.content_tag: s.text + IMAGE * len(s.images)})
+    rec = {"id": traj.id, tags.messages: conv, tags.images: paths,
+           tags.system: system if system is not None else (codec.system or DEFAULT_SYSTEM),
+           tags.tools: json.dumps(list(tools), ensure_ascii=False), "meta": traj.meta}
+    if verify:
+        back = sharegpt_to_trajectory(rec, codec, where=f"trajectory {traj.id!r}", media_dir=image_dir.parent,
+                                      tags=tags, call_style=call_style)
+        if back.prompt_ids != traj.prompt_ids:
+            raise ValueError(f"trajectory {traj.id!r}: the system prompt / tools given do not reproduce its "
+                             "prompt tokens (pass the ones the engine used)")
+    return rec
+
+
+def trajectories_to_sharegpt(trajs: Iterable[Trajectory], out: str | Path, codec: Any,
+                             tools: Sequence[dict[str, Any]], *, system: str | None = None,
+                             tags: ShareGPTTags | None = None, call_style: str = "compact") -> int:
+    """Write trajectories as ShareGPT JSONL at `out`, images under `<out stem>_images/`."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image_dir = out.parent / f"{out.name.split('.')[0]}_images"
+    n = 0
+    with open(out, "w", encoding="utf-8") as f:
+        for t in trajs:
+            rec = trajectory_to_sharegpt(t, codec, tools, image_dir, system=system, tags=tags, call_style=call_style)
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+# ------------------------------------------------------------------------------ the SFT step
+class SFTUpdater(PolicyUpdater):
+    """PolicyUpdater with a plain NLL objective on the same packed micro-batches.
+
+    Reuses update.py's batch preparation (`_build`: masks inside GEN segments, image tokens
+    checked against the images), micro-batch unpacking (`_padded_inputs`: right-padded VLM
+    forward, only the loss tokens' hidden states gathered) and the fused log-prob; the loss is
+    -sum(logp) / (loss tokens of the whole batch), so accumulating over micro-batches and
+    ranks gives the token-mean NLL gradient. One `step` = one optimizer step."""
+
+    def step(self, trajs: Sequence[Trajectory], masks: Sequence[Any] | None = None,  # type: ignore[override]
+             lr: float | None = None) -> dict[str, float]:
+        if not trajs:
+            raise ValueError("SFT step needs at least one trajectory, got none")
+        from spyglass.engine.packer import pack
+
+        masks = list(masks) if masks is not None else [np.asarray(t.loss_mask(), dtype=np.int64) for t in trajs]
+        seqs, _, _ = self._build(trajs, masks)
+        rt, cfg = self.runtime, self.cfg
+        total = float(sum(int(s.mask.sum()) for s in seqs))
+        if total == 0:
+            raise ValueError(f"no loss tokens in batch {[t.id for t in trajs]}")
+        if lr is not None:
+            for g in rt.optimizer.param_groups:
+                g["lr"] = lr
+        mbs = pack([s.ids for s in seqs], [s.mask for s in seqs], cfg.micro_batch_tokens,
+                   min_micro_batches=rt.world_size, multiple_of=rt.world_size, allow_oversize=cfg.allow_oversize)
+        rt.zero_grad()
+        nll = 0.0
+        for mb in mbs[rt.rank::rt.world_size]:
+            ids = [seqs[i].traj_id for i in mb.indices.tolist()]
+            inputs = self._padded_inputs(mb, [seqs[i] for i in mb.indices.tolist()])
+            inputs = {k: v.to(rt.device) for k, v in inputs.items()}
+            inputs.pop("sel")
+            logp = rt.forward(**inputs)  # [T'] fp32, the loss tokens of this micro-batch
+            self._check([("log-prob", logp)], ids, 0)
+            loss = -logp.sum() / total
+            rt.backward(loss * rt.world_size)
+            nll += float(-logp.detach().sum())
+            if cfg.check_grads_per_micro_batch and not rt.grads_finite():
+                self._raise(f"non-finite gradient after the backward of micro-batch {ids}", "grad")
+        norm = rt.step()
+        if not math.isfinite(norm):
+            self._raise(f"non-finite grad norm {norm} in SFT batch {[t.id for t in trajs]} (step skipped)", "grad norm")
+        nll = float(rt.all_reduce(torch.tensor([nll], dtype=torch.float64), "sum")[0])
+        self.steps += 1
+        self.version += 1
+        return {"loss": nll / total, "ppl": math.exp(min(nll / total, 50.0)), "grad_norm": norm,
+                "loss_tokens": total, "tokens": float(sum(s.ids.size for s in seqs)),
+                "trajectories": float(len(seqs)), "micro_batches": float(len(mbs)),
+                "lr": float(rt.optimizer.param_groups[0]["lr"]), "step": float(self.steps)}
+
+
+# ------------------------------------------------------------------------------ config + loop
+@dataclass
+class SFTDataConfig:
+    """Where the SFT data comes from."""
+
+    path: str = ""  # "" = teacher data: the replay policy over the world, written in both layouts
+    format: str = "auto"  # auto (by name: *.sharegpt.json[l] / *.json -> sharegpt) | trajectory | sharegpt
+    media_dir: str = ""  # ShareGPT image root; "" = the data file's directory
+    tags: ShareGPTTags = field(default_factory=ShareGPTTags)
+    call_style: str = "compact"  # compact: <tool_call>{json}</tool_call> | qwen: newlines inside the tags
+    answered_only: bool = True  # trajectory JSONL: train only on answered trajectories
+    env: EnvConfig = field(default_factory=lambda: EnvConfig(questions=8, dense_search=False))  # teacher data
+
+    def __post_init__(self) -> None:
+        check(self.format in ("auto", "trajectory", "sharegpt"),
+              f"data.format must be auto|trajectory|sharegpt, got {self.format!r}")
+        check(self.call_style in CALL_STYLES, f"data.call_style must be one of {CALL_STYLES}, got {self.call_style!r}")
+        check(not self.path or Path(self.path).is_file(), f"data.path {self.path!r} is not a file")
+
+    def resolved_format(self) -> str:
+        if self.format != "auto":
+            return self.format
+        return "sharegpt" if ".sharegpt." in Path(self.path).name or self.path.endswith(".json") else "trajectory"
+
+
+@dataclass
+class SFTConfig:
+    """One SFT run (every field is a CLI flag: --steps 4, --data.path d.jsonl, --dist.strategy zero2)."""
+
+    model: str = "tiny:qwen2_vl"  # tiny:<family> builds one in code; else a save_tiny() dir
+    out_dir: str = "runs/sft"
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    steps: int = 0  # optimizer steps; 0 = epochs * ceil(N / batch_size)
+    epochs: int = 3
+    batch_size: int = 4  # trajectories per optimizer step
+    micro_batch_tokens: int = 16384
+    lr: float = 1e-4  # the paper's 2e-5 is for 8B+ models; the tiny model likes more
+    lr_schedule: str = "cosine"  # cosine | constant (both after a linear warmup)
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    save_every: int = 0  # checkpoint every this many steps (0: only at the end)
+    keep_last: int = 2
+    resume: bool = True  # continue from the newest checkpoint under out_dir/ckpt
+    export: bool = True  # write the trained model to out_dir/final (a save_tiny dir)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    def __post_init__(self) -> None:
+        check(self.model.startswith("tiny:") or Path(self.model).is_dir(),
+              f"model must be tiny:<family> or an existing directory, got {self.model!r}")
+        for k in ("epochs", "batch_size", "micro_batch_tokens", "keep_last"):
+            check(getattr(self, k) >= 1, f"{k} must be >= 1, got {getattr(self, k)!r}")
+        for k in ("steps", "save_every"):
+            check(getattr(self, k) >= 0, f"{k} must be >= 0, got {getattr(self, k)!r}")
+        check(self.lr > 0 and math.isfinite(self.lr), f"lr must be a finite number > 0, got {self.lr!r}")
+        check(self.lr_schedule in ("cosine", "constant"), f"lr_schedule must be cosine|constant, got {self.lr_schedule!r}")
+        check(0.0 <= self.warmup_ratio < 1.0, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+
+
+def lr_at(cfg: SFTConfig, step: int, total: int) -> float:
+    """Linear warmup over warmup_ratio * total steps, then constant or cosine decay to 0."""
+    warm = int(cfg.warmup_ratio * total)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    frac = (step - warm) / max(total - warm, 1)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def load_model(model: str) -> Any:
+    """A TinyVLM from "tiny:<family>" (built in code) or a save_tiny() directory."""
+    from spyglass.engine.tiny import build_tiny_vlm, load_tiny
+    return build_tiny_vlm(model.split(":", 1)[1]) if model.startswith("tiny:") else load_tiny(model)
+
+
+def make_teacher_data(env_cfg: EnvConfig, out_dir: str | Path, model: str = "tiny:qwen2_vl") -> dict[str, Any]:
+    """Roll out the world with the replay policy (forced decoding of the solve scripts), keep the
+    answered-and-correct trajectories, write them as Trajectory JSONL and as ShareGPT JSONL."""
+    from spyglass.engine.env import build_env
+    from spyglass.engine.rollout import RolloutConfig, build_engine
+    from spyglass.engine.scheduler import EngineConfig
+    from spyglass.trainer.judges import normalize_answer, references_of
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    env = build_env(env_cfg)
+    rcfg = RolloutConfig(engine=EngineConfig(n_samples=1, max_live=64), env=env_cfg, model=model,
+                         policy="replay", out=str(out / "teacher.jsonl"), resume=False, progress=False)
+    engine, backends, _ = build_engine(rcfg, env)
+
+    async def collect() -> list[Trajectory]:
+        try:
+            return [t async for g in engine.run(env.prompts()) for t in g]
+        finally:
+            for b in backends:
+                await b.close()
+
+    trajs = asyncio.run(collect())
+    keep = [t for t in trajs if t.status is Status.ANSWERED and t.answer is not None and
+            normalize_answer(t.answer) in {normalize_answer(r) for r in references_of(t)}]
+    traj_path, sg_path = out / "teacher.jsonl", out / "teacher.sharegpt.jsonl"
+    write_jsonl(traj_path, keep, append=False)
+    trajectories_to_sharegpt(keep, sg_path, engine.codec, env.schemas)
+    return {"trajectory": str(traj_path), "sharegpt": str(sg_path), "rolled_out": len(trajs), "kept": len(keep)}
+
+
+def load_sft_data(cfg: SFTDataConfig, path: str, codec: Any, fmt: str | None = None) -> list[Trajectory]:
+    fmt = fmt or cfg.resolved_format()
+    if fmt == "sharegpt":
+        return load_sharegpt(path, codec, media_dir=cfg.media_dir or None, tags=cfg.tags, call_style=cfg.call_style)
+    trajs = list(iter_jsonl(path))
+    return [t for t in trajs if t.status is Status.ANSWERED] if cfg.answered_only else trajs
+
+
+def _data(cfg: SFTConfig, codec: Any, rt: Any) -> tuple[list[Trajectory], dict[str, Any]]:
+    info: dict[str, Any] = {}
+    path, fmt = cfg.data.path, None
+    if not path:
+        if rt.rank == 0:
+            info = make_teacher_data(cfg.data.env, Path(cfg.out_dir) / "data", cfg.model)
+        rt.barrier()
+        path = str(Path(cfg.out_dir) / "data" / "teacher.jsonl")
+        fmt = "trajectory" if cfg.data.format in ("auto", "trajectory") else "sharegpt"
+        if fmt == "sharegpt":
+            path = str(Path(cfg.out_dir) / "data" / "teacher.sharegpt.jsonl")
+    trajs = load_sft_data(cfg.data, path, codec, fmt)
+    if not trajs:
+        raise ValueError(f"no SFT trajectories in {path}")
+    return trajs, {**info, "path": path, "format": fmt or cfg.data.resolved_format(), "examples": len(trajs)}
+
+
+def run_sft(cfg: SFTConfig) -> dict[str, Any]:
+    """Fine-tune on the data; returns metrics (losses per step, checkpoint, exported model).
+
+    CPU example: `run_sft(SFTConfig(steps=4, data=SFTDataConfig(env=EnvConfig(questions=4,
+    dense_search=False))))` rolls out 4 world questions with the replay policy, trains the tiny
+    Qwen2-VL for 4 steps and writes runs/sft/{data,ckpt,final,metrics.jsonl}."""
+    from spyglass.engine.chat import HFCodec
+    from spyglass.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+    t0 = time.perf_counter()
+    out = Path(cfg.out_dir)
+    vlm = load_model(cfg.model)
+    codec = HFCodec.from_tiny(vlm)
+    ucfg = UpdateConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+                        micro_batch_tokens=cfg.micro_batch_tokens, gradient_checkpointing=cfg.gradient_checkpointing,
+                        seed=cfg.seed)
+    updater = SFTUpdater(vlm.model, ucfg, image_processor=vlm.image_processor, dist=cfg.dist)
+    rt = updater.runtime
+    trajs, data_info = _data(cfg, codec, rt)
+    n = len(trajs)
+    total = cfg.steps or cfg.epochs * math.ceil(n / cfg.batch_size)
+    epoch, offset = 0, 0
+    ckpt_root = out / "ckpt"
+    if cfg.resume and latest_checkpoint(ckpt_root) is not None:
+        st = load_checkpoint(ckpt_root, updater)
+        epoch, offset = st["data_state"]["epoch"], st["data_state"]["offset"]
+    start = updater.steps
+    log = []
+    ckpt = None
+    while updater.steps < total:
+        order = np.random.default_rng(cfg.seed * 1_000_003 + epoch).permutation(n)
+        batch = [trajs[i] for i in order[offset:offset + cfg.batch_size]]
+        m = updater.step(batch, lr=lr_at(cfg, updater.steps, total))
+        m["epoch"] = float(epoch)
+        log.append(m)
+        offset += cfg.batch_size
+        if offset >= n:
+            epoch, offset = epoch + 1, 0
+        if rt.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(m) + "\n")
+        last = updater.steps == total
+        if last or (cfg.save_every and updater.steps % cfg.save_every == 0):
+            ckpt = save_checkpoint(ckpt_root, updater, data_state={"epoch": epoch, "offset": offset},
+                                   keep_last=cfg.keep_last)
+    final = _export(cfg, updater, out / "final") if cfg.export else None
+    losses = [m["loss"] for m in log]
+    return {"steps": updater.steps, "resumed_from": start, "losses": losses,
+            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+            "loss_tokens": sum(m["loss_tokens"] for m in log), "data": data_info,
+            "checkpoint": str(ckpt or latest_checkpoint(ckpt_root) or ""), "model_dir": str(final or ""),
+            "wall_s": time.perf_counter() - t0}
+
+
+def _export(cfg: SFTConfig, updater: SFTUpdater, path: Path) -> Path | None:
+    """The trained weights into a fresh copy of the model, saved with save_tiny (rank 0)."""
+    from spyglass.engine.tiny import save_tiny
+    from spyglass.trainer.distributed import full_state_dict
+
+    sd = full_state_dict(updater, rank0_only=True)  # every rank joins (ZeRO-3 gathers)
+    if updater.runtime.rank != 0:
+        return None
+    fresh = load_model(cfg.model)
+    fresh.model.load_state_dict(sd)
+    return save_tiny(fresh, path)
