@@ -1,0 +1,435 @@
+"""Evaluation (`spyglass eval`): the engine with a policy over benchmark files, judged, reported.
+
+For every benchmark file the items (image(s), question, reference answers) become engine
+prompts; the engine runs them with the tools (agentic mode) and, as in the papers' tables, once
+more as a direct-answer baseline (no tools: empty tool list, one turn, the model's own
+sampling); the accuracy judge (`trainer.judges`, via `trainer.reward.score_group`, reward
+"accuracy") scores each trajectory. The report gives per benchmark and mode: accuracy, tool use
+(turns, calls per tool, tool errors, fatal rate) and cost (prompt / generated / observation
+tokens, tool calls, generation and tool seconds, wall time). It is written as
+`<out_dir>/report.json` and a readable table `<out_dir>/report.md` (also printed), with the
+trajectories in `<out_dir>/<mode>.jsonl`.
+
+Benchmark files: JSONL (one record per line; a bad line is an error naming it), a JSON list, or
+Parquet (needs pyarrow). `--benchmarks layout:path,...`; the layouts map field names (first
+present wins; "a.b" reads a nested field):
+
+  layout         id                    image                        question           answers (+ aliases)
+  world          id                    image                        question           answer + aliases
+  simplevqa      data_id|id            image|image_path|image_url   question           answer            (guessed)
+  vdr            id|qid|data_id        image|image_path|images      question|query     answer|answers    (guessed)
+  mmsearch       sample_id             query_image|image            query              gt_answer + alternative_gt_answers
+  livevqa        sample_id|id          image|image_path|img_path    query|question     gt_answer|answer  (image guessed)
+  browsecomp_vl  id|idx                file_path|image|image_path   prompt|question    answer            (WebWatcher bc_vl)
+  fvqa           data_id|id            images|image|image_path      prompt|question    reward_model.ground_truth|answer
+                                                                                       + reward_model.candidate_answers
+  infoseek       data_id|id            images|image_path|image|image_id  question|prompt  answer|reward_model.ground_truth
+                                                                                       + answer_eval|reward_model.candidate_answers
+
+Sources: MMSearch (CaraJ/MMSearch end2end columns), FVQA / InfoSeek-human (MMSearch-R1 style
+parquet: `prompt` messages, `images` [{bytes, path}], `reward_model`), original InfoSeek
+(data_id, image_id, question, answer, answer_eval), LiveVQA preview (query, gt_answer,
+sample_id), BrowseComp-VL (WebWatcher's bc_vl_level*.jsonl: prompt, file_path, answer). The
+SimpleVQA and VDR-Bench field names are guesses. An image is a path (absolute, else under
+`image_root` or the file's directory; an InfoSeek image_id is looked up as <image_root>/<id>.jpg),
+a {bytes|path} dict, base64 / data: URL text, or a list of these (all become prompt images);
+http(s) URLs are refused (no network here: download them first). A `prompt` that is a list of
+chat messages gives its last user text, `<image>` placeholders removed.
+
+    run_eval(EvalConfig())                      # CPU: the world's questions as a benchmark file,
+                                                # tiny Qwen2-VL, replay policy, direct baseline
+    spyglass eval --benchmarks mmsearch:/data/mmsearch.jsonl,fvqa:/data/fvqa.parquet \\
+                  --model runs/sft/final --policy sample
+
+Tests: `.venv/bin/python -m pytest -q tests/test_eval.py`.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import io
+import json
+import re
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from spyglass.engine.config import check
+from spyglass.engine.env import EnvConfig
+from spyglass.engine.scheduler import EngineConfig, Prompt
+from spyglass.engine.trajectory import SegmentKind, Status, Trajectory, write_jsonl
+from spyglass.trainer.judges import JudgeConfig
+
+DIRECT_SYSTEM = ("You are a visual question answering assistant. Look at the image and answer the question "
+                 "directly, without tools. Give the final answer inside <answer></answer>.")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Candidate field names per role (first present wins)."""
+
+    id: tuple[str, ...]
+    image: tuple[str, ...]
+    question: tuple[str, ...]
+    answers: tuple[str, ...]
+    aliases: tuple[str, ...] = ()
+
+
+LAYOUTS: dict[str, Layout] = {
+    "world": Layout(("id",), ("image",), ("question",), ("answer",), ("aliases",)),
+    "simplevqa": Layout(("data_id", "id"), ("image", "image_path", "image_url"), ("question",), ("answer",)),
+    "vdr": Layout(("id", "qid", "data_id"), ("image", "image_path", "images"), ("question", "query"),
+                  ("answer", "answers")),
+    "mmsearch": Layout(("sample_id",), ("query_image", "image"), ("query",), ("gt_answer",),
+                       ("alternative_gt_answers",)),
+    "livevqa": Layout(("sample_id", "id"), ("image", "image_path", "img_path"), ("query", "question"),
+                      ("gt_answer", "answer")),
+    "browsecomp_vl": Layout(("id", "idx"), ("file_path", "image", "image_path"), ("prompt", "question"), ("answer",)),
+    "fvqa": Layout(("data_id", "id"), ("images", "image", "image_path"), ("prompt", "question"),
+                   ("reward_model.ground_truth", "answer"), ("reward_model.candidate_answers",)),
+    "infoseek": Layout(("data_id", "id"), ("images", "image_path", "image", "image_id"), ("question", "prompt"),
+                       ("answer", "reward_model.ground_truth"), ("answer_eval", "reward_model.candidate_answers")),
+}
+
+
+class BenchmarkError(ValueError):
+    """A bad benchmark file or record; the message names the file and line."""
+
+
+# ------------------------------------------------------------------------------ loading
+def _get(rec: dict[str, Any], dotted: str) -> Any:
+    cur: Any = rec
+    for k in dotted.split("."):
+        if not isinstance(cur, dict) or k not in cur:
+            return None
+        cur = cur[k]
+    return cur
+
+
+def _first(rec: dict[str, Any], names: tuple[str, ...]) -> tuple[str | None, Any]:
+    for n in names:
+        v = _get(rec, n)
+        if v is not None and v != "" and v != []:
+            return n, v
+    return None, None
+
+
+def _open_bytes(data: bytes, where: str) -> Image.Image:
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.convert("RGB")
+    except Exception as e:  # noqa: BLE001 - PIL raises several kinds
+        raise BenchmarkError(f"{where}: image bytes do not decode: {e}") from None
+
+
+def load_image(value: Any, base: Path, where: str, name: str = "image") -> list[Image.Image]:
+    """The image(s) a benchmark field holds (see the module docstring for the forms)."""
+    if isinstance(value, Image.Image):
+        return [value.convert("RGB")]
+    if isinstance(value, list):
+        return [im for v in value for im in load_image(v, base, where, name)]
+    if isinstance(value, (bytes, bytearray)):
+        return [_open_bytes(bytes(value), where)]
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            b = value["bytes"]
+            return [_open_bytes(b if isinstance(b, (bytes, bytearray)) else base64.b64decode(b), where)]
+        if value.get("path"):
+            return load_image(value["path"], base, where, name)
+        raise BenchmarkError(f"{where}: field {name!r}: image object has neither 'bytes' nor 'path'")
+    if not isinstance(value, str) or not value:
+        raise BenchmarkError(f"{where}: field {name!r}: not an image: {value!r:.80}")
+    if value.startswith(("http://", "https://")):
+        raise BenchmarkError(f"{where}: field {name!r}: {value!r} is a URL; there is no network here, "
+                             "download the images and point the field (or --image_root) at them")
+    if value.startswith("data:"):
+        return [_open_bytes(base64.b64decode(value.split(",", 1)[-1]), where)]
+    if len(value) >= 64 and re.fullmatch(r"[A-Za-z0-9+/=\s]+", value):  # base64 text, not a path
+        try:
+            return [_open_bytes(base64.b64decode(value), where)]
+        except (ValueError, BenchmarkError):
+            pass
+    cands = [Path(value)] if Path(value).is_absolute() else [base / value]
+    if name == "image_id":
+        cands = [base / f"{value}{ext}" for ext in (".jpg", ".JPEG", ".jpeg", ".png")]
+    for p in cands:
+        if p.is_file():
+            with Image.open(p) as im:
+                return [im.convert("RGB")]
+    raise BenchmarkError(f"{where}: field {name!r}: image file {str(cands[0])!r} does not exist")
+
+
+def _question(value: Any, where: str, name: str) -> str:
+    if isinstance(value, list):  # chat messages: the last user text
+        users = [m for m in value if isinstance(m, dict) and m.get("role", "user") == "user"]
+        if not users:
+            raise BenchmarkError(f"{where}: field {name!r}: no user message in {value!r:.80}")
+        c = users[-1].get("content")
+        value = c if isinstance(c, str) else " ".join(p.get("text", "") for p in c or [] if isinstance(p, dict))
+    if not isinstance(value, str):
+        raise BenchmarkError(f"{where}: field {name!r}: expected text, got {type(value).__name__}")
+    return re.sub(r"\s*<image>\s*", " ", value).strip()
+
+
+def _answers(value: Any) -> list[str]:
+    if isinstance(value, str) and value.startswith("[") and value.endswith("]"):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass
+    vals = value if isinstance(value, (list, tuple)) else [value]
+    return [str(v) for v in vals if v is not None and str(v).strip()]
+
+
+def _records(path: Path) -> list[tuple[str, Any]]:
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise BenchmarkError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow), "
+                                 "or convert the file to JSONL") from None
+        return [(f"{path}:row {i}", r) for i, r in enumerate(pq.read_table(path).to_pylist())]
+    from spyglass.trainer.sft import read_records
+    try:
+        return list(read_records(path))
+    except ValueError as e:
+        raise BenchmarkError(str(e)) from None
+
+
+def load_benchmark(layout: str, path: str | Path, *, image_root: str = "", limit: int = 0,
+                   name: str | None = None) -> list[Prompt]:
+    """A benchmark file as engine prompts: id "<name>:<item id>", meta with question, answers,
+    benchmark and item_id (what the judge reads)."""
+    if layout not in LAYOUTS:
+        raise BenchmarkError(f"unknown benchmark layout {layout!r}; known: {sorted(LAYOUTS)}")
+    path = Path(path)
+    if not path.is_file():
+        raise BenchmarkError(f"benchmark file {str(path)!r} does not exist")
+    lay, name = LAYOUTS[layout], name or layout
+    base = Path(image_root) if image_root else path.parent
+    out, seen = [], set()
+    for where, rec in _records(path):
+        if not isinstance(rec, dict):
+            raise BenchmarkError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        got = {}
+        for role in ("id", "image", "question", "answers"):
+            names = getattr(lay, role)
+            got[role] = _first(rec, names)
+            if got[role][0] is None:
+                raise BenchmarkError(f"{where}: {layout} record has no {role} (tried {list(names)}); "
+                                     f"its keys: {sorted(rec)}")
+        iid = str(got["id"][1])
+        if iid in seen:
+            raise BenchmarkError(f"{where}: duplicate id {iid!r}")
+        seen.add(iid)
+        answers = _answers(got["answers"][1]) + _answers(_first(rec, lay.aliases)[1]) if lay.aliases \
+            else _answers(got["answers"][1])
+        if not answers:
+            raise BenchmarkError(f"{where}: field {got['answers'][0]!r}: empty reference answer")
+        q = _question(got["question"][1], where, got["question"][0])
+        images = load_image(got["image"][1], base, where, got["image"][0])
+        out.append(Prompt(f"{name}:{iid}", q, images=images,
+                          meta={"question": q, "answers": list(dict.fromkeys(answers)), "benchmark": name,
+                                "item_id": iid}))
+        if limit and len(out) >= limit:
+            break
+    if not out:
+        raise BenchmarkError(f"{path}: no records")
+    return out
+
+
+def write_world_benchmark(world: Any, path: str | Path, n: int = 0) -> Path:
+    """The world's questions as a `world`-layout JSONL benchmark file (absolute image paths)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    qs = world.questions[:n] if n else world.questions
+    with open(path, "w", encoding="utf-8") as f:
+        for q in qs:
+            f.write(json.dumps({"id": q["id"], "image": str(world.image_path(q["image"]).resolve()),
+                                "question": q["question"], "answer": q["answer"],
+                                "aliases": q.get("aliases", [])}, ensure_ascii=False) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------------------ config
+@dataclass
+class EvalConfig:
+    """One evaluation run (every field is a CLI flag: --benchmarks mmsearch:f.jsonl --policy sample)."""
+
+    benchmarks: list[str] = field(default_factory=list)  # layout:path; [] = the world's questions
+    model: str = "tiny:qwen2_vl"  # tiny:<family> or a save_tiny() dir (e.g. runs/sft/final)
+    policy: str = "replay"  # replay: forced solve scripts (world items only) | sample: the model
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(n_samples=1, max_live=64, temperature=0.0))
+    env: EnvConfig = field(default_factory=lambda: EnvConfig(questions=8, dense_search=False))
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    direct_baseline: bool = True  # also run without tools (one turn, the model samples)
+    direct_max_tokens: int = 256
+    limit: int = 0  # items per benchmark (0 = all)
+    image_root: str = ""  # relative image paths resolve here ("" = each file's directory)
+    out_dir: str = "runs/eval"
+    backend: str = "hf"
+    backend_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check(self.policy in ("replay", "sample"), f"policy must be replay|sample, got {self.policy!r}")
+        for b in self.benchmarks:
+            layout = b.split(":", 1)[0]
+            check(":" in b and layout in LAYOUTS, f"benchmarks entry {b!r} must be layout:path with layout "
+                  f"one of {sorted(LAYOUTS)}")
+        check(self.direct_max_tokens >= 1, f"direct_max_tokens must be >= 1, got {self.direct_max_tokens}")
+        check(self.limit >= 0, f"limit must be >= 0, got {self.limit}")
+        check(self.model.startswith("tiny:") or Path(self.model).is_dir(),
+              f"model must be tiny:<family> or an existing directory, got {self.model!r}")
+
+
+# ------------------------------------------------------------------------------ statistics
+def traj_stats(trajs: list[Trajectory]) -> dict[str, Any]:
+    """Accuracy, tool use and cost of finished, judged trajectories."""
+    n = max(len(trajs), 1)
+    calls = collections.Counter(c["name"] for t in trajs for tr in t.turns for c in tr.calls)
+    gen = sum(len(s.token_ids) for t in trajs for s in t.segments if s.kind is SegmentKind.GEN)
+    obs = sum(len(s.token_ids) for t in trajs for s in t.segments if s.kind is SegmentKind.OBS)
+    return {
+        "n": len(trajs), "accuracy": sum(float(t.reward.get("acc", 0.0)) for t in trajs) / n,
+        "answered_rate": sum(t.status is Status.ANSWERED for t in trajs) / n,
+        "fatal_rate": sum(t.fatal_step is not None for t in trajs) / n,  # cascade or unanswered
+        "cascade_rate": sum(t.status is Status.FATAL for t in trajs) / n,
+        "status": dict(collections.Counter(t.status.value for t in trajs)),
+        "turns_mean": sum(len(t.turns) for t in trajs) / n,
+        "tool_calls": sum(calls.values()), "tool_calls_per_traj": sum(calls.values()) / n,
+        "calls_per_tool": dict(sorted(calls.items())),
+        "tool_errors": sum(len(tr.tool_errors) for t in trajs for tr in t.turns),
+        "format_errors": sum(len(tr.parse_errors) for t in trajs for tr in t.turns),
+        "prompt_tokens": sum(len(t.prompt_ids) for t in trajs), "gen_tokens": gen, "obs_tokens": obs,
+        "context_tokens_mean": sum(t.num_tokens for t in trajs) / n,
+        "gen_s": sum(tr.gen_s for t in trajs for tr in t.turns),
+        "tool_s": sum(tr.tool_s for t in trajs for tr in t.turns),
+        "latency_s_median": statistics.median([t.finished_at - t.started_at for t in trajs]) if trajs else 0.0,
+    }
+
+
+# ------------------------------------------------------------------------------ running
+def _prompts(cfg: EvalConfig, env: Any, out: Path) -> list[Prompt]:
+    specs = list(cfg.benchmarks)
+    if not specs:
+        specs = [f"world:{write_world_benchmark(env.world, out / 'world_benchmark.jsonl', cfg.env.questions)}"]
+    prompts = []
+    for spec in specs:
+        layout, path = spec.split(":", 1)
+        name = layout if sum(s.split(":", 1)[0] == layout for s in specs) == 1 else f"{layout}:{Path(path).stem}"
+        prompts += load_benchmark(layout, path, image_root=cfg.image_root, limit=cfg.limit, name=name)
+    return prompts
+
+
+def _replay_scripts(prompts: list[Prompt], env: Any) -> dict[str, list[str]]:
+    world = env.replay_scripts()
+    missing = [p.id for p in prompts if p.meta["item_id"] not in world]
+    if missing:
+        raise BenchmarkError(f"policy 'replay' has solve scripts only for world questions; no script for "
+                             f"{missing[:5]} (use --policy sample for other benchmarks)")
+    return {p.id: world[p.meta["item_id"]] for p in prompts}
+
+
+async def _run_mode(engine: Any, prompts: list[Prompt]) -> tuple[list[Trajectory], float]:
+    t0 = time.perf_counter()
+    trajs = [t async for g in engine.run(prompts) for t in g]
+    return trajs, time.perf_counter() - t0
+
+
+async def _evaluate(cfg: EvalConfig, env: Any, prompts: list[Prompt]) -> dict[str, tuple[list[Trajectory], float]]:
+    import dataclasses
+
+    from spyglass.engine.chat import HFCodec
+    from spyglass.engine.policy import ReplayPolicy
+    from spyglass.engine.rollout import RolloutConfig, build_engine
+    from spyglass.engine.scheduler import Engine
+    from spyglass.engine.toolcall import make_turn_parser
+    from spyglass.trainer.reward import RewardConfig, score_group
+
+    rcfg = RolloutConfig(engine=cfg.engine, env=cfg.env, model=cfg.model, backend=cfg.backend,
+                         backend_options=cfg.backend_options, policy="sample", resume=False, progress=False)
+    engine, backends, _ = build_engine(rcfg, env)
+    if cfg.policy == "replay":
+        engine.policy = ReplayPolicy(engine.codec, _replay_scripts(prompts, env))
+    modes: dict[str, tuple[list[Trajectory], float]] = {}
+    try:
+        modes["agentic"] = await _run_mode(engine, prompts)
+        if cfg.direct_baseline:
+            codec = engine.codec
+            direct_codec = HFCodec(codec.tokenizer, codec.image_processor, system=DIRECT_SYSTEM) \
+                if isinstance(codec, HFCodec) else codec
+            dcfg = dataclasses.replace(cfg.engine, max_turns=1, max_tokens_per_turn=cfg.direct_max_tokens)
+            direct = Engine(dcfg, backends, direct_codec, env.runner, make_turn_parser([]), tool_schemas=[],
+                            policy=None, image_tokens=engine.image_tokens)
+            modes["direct"] = await _run_mode(direct, prompts)
+    finally:
+        for b in backends:
+            await b.close()
+    await score_group([t for trajs, _ in modes.values() for t in trajs], RewardConfig(name="accuracy", judge=cfg.judge))
+    return modes
+
+
+def _report(cfg: EvalConfig, modes: dict[str, tuple[list[Trajectory], float]], names: list[str]) -> dict[str, Any]:
+    rep: dict[str, Any] = {"model": cfg.model, "policy": cfg.policy, "benchmarks": names, "modes": {}}
+    for mode, (trajs, wall) in modes.items():
+        per = {b: traj_stats([t for t in trajs if t.meta["benchmark"] == b]) for b in names}
+        rep["modes"][mode] = {"benchmarks": per, "overall": traj_stats(trajs),
+                              "average_accuracy": sum(s["accuracy"] for s in per.values()) / max(len(per), 1),
+                              "wall_s": wall}
+    return rep
+
+
+def format_table(rep: dict[str, Any]) -> str:
+    """The report as markdown tables: accuracy per benchmark (papers' layout), tool use, cost."""
+    names = rep["benchmarks"]
+    lines = [f"spyglass eval: model {rep['model']}, policy {rep['policy']}", "",
+             "| mode | " + " | ".join(names) + " | avg |", "|---" * (len(names) + 2) + "|"]
+    for mode, m in rep["modes"].items():
+        accs = [f"{100 * m['benchmarks'][b]['accuracy']:.1f}" for b in names]
+        lines.append(f"| {mode} | " + " | ".join(accs) + f" | {100 * m['average_accuracy']:.1f} |")
+    lines += ["", "| mode | benchmark | n | turns | calls/traj | calls per tool | tool err | fatal % |",
+              "|---|---|---|---|---|---|---|---|"]
+    for mode, m in rep["modes"].items():
+        for b in names:
+            s = m["benchmarks"][b]
+            tools = ", ".join(f"{k} {v}" for k, v in s["calls_per_tool"].items()) or "-"
+            lines.append(f"| {mode} | {b} | {s['n']} | {s['turns_mean']:.2f} | {s['tool_calls_per_traj']:.2f} | "
+                         f"{tools} | {s['tool_errors']} | {100 * s['fatal_rate']:.1f} |")
+    lines += ["", "| mode | prompt tok | gen tok | obs tok | tool calls | gen s | tool s | wall s |",
+              "|---|---|---|---|---|---|---|---|"]
+    for mode, m in rep["modes"].items():
+        o = m["overall"]
+        lines.append(f"| {mode} | {o['prompt_tokens']} | {o['gen_tokens']} | {o['obs_tokens']} | {o['tool_calls']} | "
+                     f"{o['gen_s']:.2f} | {o['tool_s']:.2f} | {m['wall_s']:.2f} |")
+    return "\n".join(lines)
+
+
+def run_eval(cfg: EvalConfig) -> dict[str, Any]:
+    """Evaluate; writes report.json, report.md and <mode>.jsonl under out_dir; returns the report.
+
+    CPU example: `run_eval(EvalConfig(env=EnvConfig(questions=2, dense_search=False),
+    direct_max_tokens=16))` evaluates the replay policy on two world questions (accuracy 1.0)
+    and the tiny model's direct answers (accuracy 0.0)."""
+    from spyglass.engine.env import build_env
+
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    env = build_env(cfg.env)
+    prompts = _prompts(cfg, env, out)
+    names = list(dict.fromkeys(p.meta["benchmark"] for p in prompts))
+    modes = asyncio.run(_evaluate(cfg, env, prompts))
+    for mode, (trajs, _) in modes.items():
+        write_jsonl(out / f"{mode}.jsonl", trajs, append=False)
+    rep = _report(cfg, modes, names)
+    rep["config"] = asdict(cfg)
+    table = format_table(rep)
+    (out / "report.json").write_text(json.dumps(rep, indent=1, default=str), encoding="utf-8")
+    (out / "report.md").write_text(table + "\n", encoding="utf-8")
+    print(table)
+    rep["report"] = str(out / "report.json")
+    return rep
