@@ -69,7 +69,7 @@ def test_grpo_trains_syncs_and_resumes_exactly(world: Path, tmp_path: Path) -> N
 @pytest.mark.slow
 def test_grpo_two_ranks_zero2(world: Path, tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SPYGLASS_WORLD": str(world)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "spyglass.trainer.cli", "grpo", "--steps", "2", "--groups_per_step", "1",
            "--dist.strategy", "zero2", "--ckpt_dir", str(tmp_path / "ckpt"), "--log_dir", str(tmp_path),
            "--rollout.env.world_dir", str(world), "--rollout.env.questions", "2",
