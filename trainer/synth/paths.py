@@ -6,8 +6,9 @@ fact of the last entity. Hop length (edges) is drawn from PathConfig.hop_lengths
 hop_probs (default 2 / 3 / 4 with 0.4 / 0.4 / 0.2). Seeds are stratified over entity types
 (round-robin over the types that have an eligible anchor, in a seeded order); an anchor must
 have an image and an infobox (if required) and an in-degree within bounds; every bridge must
-have an infobox. A failed walk (dead end, revisit, duplicate path) is retried up to
-max_retries times, then counted as failed. The same graph, config and seed give the same paths.
+have an infobox. A failed walk (dead end, revisit, duplicate path) is retried, with the same
+hop length (so retries do not bias the length distribution) and a fresh anchor of the same
+type, up to max_retries times, then counted as failed. The same graph, config and seed give the same paths.
 
     paths, stats = sample_paths(graph, 40, PathConfig(seed=0))
     p.roles()   # [("anchor", "org-003"), ("bridge", "person-017"), ("answer", "place-002")]
@@ -168,9 +169,9 @@ def sample_paths(graph: LinkGraph, n: int, cfg: PathConfig | None = None) -> tup
     keys: set[tuple] = set()
     for i in range(n):
         kind = strata[i % len(strata)]
-        for attempt in range(cfg.max_retries):
+        k = rng.choices(cfg.hop_lengths, weights=cfg.hop_probs)[0]  # fixed across retries: no bias
+        for _ in range(cfg.max_retries):
             anchor = rng.choice(anchors[kind])
-            k = rng.choices(cfg.hop_lengths, weights=cfg.hop_probs)[0]
             p = _walk(graph, anchor, k, cfg, rng)
             if p is not None and p.key() not in keys:
                 keys.add(p.key())

@@ -14,6 +14,7 @@ Writes into `out`:
   images/<id>.png     each question's image (a degraded copy for the degradation subset)
   graph.json          graph statistics (nodes, edges, exclusions by reason)
   trajectories.jsonl  accepted teacher trajectories (Trajectory JSONL), with a world only
+  trajectories.sharegpt.jsonl (+ trajectories_images/)  the same in the SFT format (ShareGPT)
   report.json         counts at every stage and drops by reason
 """
 from __future__ import annotations
@@ -224,6 +225,7 @@ async def _trajectories(cfg: SynthConfig, records: list[dict[str, Any]], out: Pa
 
     from .trajectories import teacher_rollouts  # noqa: PLC0415
     env = build_env(EnvConfig(world_dir=cfg.world, dense_search=False))
-    kept, stats = await teacher_rollouts(records, env, cfg.teacher, out)
+    kept, stats = await teacher_rollouts(records, env, cfg.teacher, out,
+                                         sharegpt=out / "trajectories.sharegpt.jsonl")
     write_jsonl(out / "trajectories.jsonl", kept, append=False)
     return stats

@@ -9,6 +9,8 @@ its visual grounding ("the organisation shown in the image"). After every step t
 description is evaluated on the graph (`answer_set`): the question is kept only if exactly the
 answer satisfies it (clues are added, up to max_clues per entity, to make a description unique),
 and the text may not contain the title or an alias of the answer, the anchor or a hidden bridge.
+An LLM text must also keep every clue's word ("1930s") and the names still meant to be named;
+the anchor step substitutes the grounding for the anchor's title in an LLM text that names it.
 
 Each text is written by an LLM over any OpenAI-compatible endpoint when RewriteConfig.llm is
 set (engine/tools/llm.py), and validated (one question, names what it must, leaks nothing);
@@ -207,6 +209,17 @@ def clean_reply(reply: str) -> str:
     return text.strip("\"'“”` ").strip()
 
 
+def clue_marks(clues: dict[int, list[Clue]]) -> list[str]:
+    """The words that carry each clue ("1930s", "10,000", "chemist"): a rewrite that drops one
+    has dropped a constraint the uniqueness check relied on."""
+    out = []
+    for cs in clues.values():
+        for c in cs:
+            out.append(f"{c.value // 10 * 10}s" if c.op == "decade" else
+                       f"{c.value:,}" if c.op == "range" else str(c.value))
+    return out
+
+
 async def _llm_text(cfg: RewriteConfig, prompt: str, must: list[str], forbid: list[str],
                     must_words: tuple[str, ...] = ()) -> tuple[str | None, str]:
     """(valid question, "llm") or (None, why) when there is no LLM or the reply is unusable."""
@@ -224,7 +237,7 @@ async def _llm_text(cfg: RewriteConfig, prompt: str, must: list[str], forbid: li
     bad = leaked(q, forbid)
     if bad:
         return None, f"template (llm reply leaks {bad[0]!r})"
-    missing = [m for m in must if not leaked(q, [m])] + [w for w in must_words if w not in q.lower()]
+    missing = [m for m in must if not leaked(q, [m])] + [w for w in must_words if w.lower() not in q.lower()]
     if missing:
         return None, f"template (llm reply drops {missing[0]!r})"
     return q, "llm"
@@ -299,7 +312,15 @@ async def write_question(graph: LinkGraph, path: GraphPath, cfg: RewriteConfig |
                   f"{graph.node(ents[i]).title}; refer to it only as \"{desc}\". Keep the rest "
                   "of its meaning; do not add facts.")
         keep = [graph.node(e).title for e in ents[:i]]
-        text, source = await _llm_text(cfg, prompt, keep, forbid, ("image",) if i == 0 else ())
+        marks = tuple(clue_marks(clues)) + (("image",) if i == 0 else ())
+        text, source = None, "template"
+        if i == 0 and steps[-1]["source"] == "llm" and leaked(current, [anchor.title]):
+            # the anchor is named verbatim in the LLM's text: ground it by substitution
+            sub = _name_re(anchor.title).sub(desc, current)
+            if not leaked(sub, forbid):
+                text, source = sub, "llm+substitution"
+        if text is None:
+            text, source = await _llm_text(cfg, prompt, keep, forbid, marks)
         current = text or template_question(graph, path, i, clues)
         steps.append({"step": role, "entity": ents[i], "description": desc, "text": current,
                       "source": source})

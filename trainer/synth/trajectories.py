@@ -6,11 +6,12 @@ openai, ... by name with their options) driven by a policy: `sample` lets the mo
 (engine/env.solve_script: fix the image, OCR it, search, visit each hop's page, answer), so the
 backend still runs real forward passes and the tools really run. Every trajectory is judged by
 the accuracy judge (trainer/judges.py, rule or LLM) and optionally the query judge; only those
-accepted are written, as Trajectory JSONL (engine/trajectory.py). (An SFT-format export is
-not done: trainer/sft.py has no converter yet; its input is this JSONL.)
+accepted are kept; the pipeline writes them as Trajectory JSONL (engine/trajectory.py) and in
+the SFT format (ShareGPT, trainer/sft.trajectories_to_sharegpt; `spyglass sft` reads both).
 
     env = build_env(EnvConfig(world_dir=..., dense_search=False))
-    kept, stats = asyncio.run(teacher_rollouts(records, env, TeacherConfig(), out_dir))
+    kept, stats = asyncio.run(teacher_rollouts(records, env, TeacherConfig(), out_dir,
+                                               sharegpt=out_dir / "trajectories.sharegpt.jsonl"))
 """
 from __future__ import annotations
 
@@ -111,9 +112,10 @@ async def judge(traj: Trajectory, cfg: TeacherConfig, session: JudgeSession) -> 
     return ok
 
 
-async def teacher_rollouts(records: list[dict[str, Any]], env: Any, cfg: TeacherConfig,
-                           root: Path) -> tuple[list[Trajectory], dict[str, Any]]:
-    """Roll every question out with the teacher; returns (accepted trajectories, counts)."""
+async def teacher_rollouts(records: list[dict[str, Any]], env: Any, cfg: TeacherConfig, root: Path,
+                           sharegpt: Path | None = None) -> tuple[list[Trajectory], dict[str, Any]]:
+    """Roll every question out with the teacher; returns (accepted trajectories, counts).
+    With `sharegpt`, the accepted ones are also written there in the SFT (ShareGPT) format."""
     from spyglass.engine.policy import ReplayPolicy  # noqa: PLC0415
     from spyglass.engine.toolcall import make_turn_parser  # noqa: PLC0415
     codec, backends = build_teacher(cfg)
@@ -141,5 +143,8 @@ async def teacher_rollouts(records: list[dict[str, Any]], env: Any, cfg: Teacher
         for b in backends:
             await b.close()
     stats["engine"] = {k: v for k, v in engine.stats.summary().items() if k != "status"}
+    if sharegpt is not None:
+        from spyglass.trainer.sft import trajectories_to_sharegpt  # noqa: PLC0415
+        stats["sharegpt"] = trajectories_to_sharegpt(kept, sharegpt, codec, env.schemas)
     return kept, stats
 
