@@ -186,3 +186,46 @@ def test_config_errors_name_the_value():
         SFTDataConfig(format="csv")
     with pytest.raises(ValueError, match="'nope.jsonl' is not a file"):
         SFTDataConfig(path="nope.jsonl")
+
+
+def _ds_losses(media, strategy: str) -> tuple[list[float], float]:
+    """Three SFT steps on two ShareGPT records under `strategy`; (losses, parameter sum)."""
+    from spyglass.trainer.distributed import DistConfig, full_state_dict
+    vlm = build_tiny_vlm("qwen2_vl", seed=0)
+    codec = HFCodec.from_tiny(vlm)
+    trajs = [sharegpt_to_trajectory(record(i), codec, media_dir=media) for i in range(2)]
+    up = SFTUpdater(vlm.model, UpdateConfig(lr=3e-3, micro_batch_tokens=1024), image_processor=vlm.image_processor,
+                    dist=DistConfig(strategy=strategy))
+    losses = [up.step(trajs)["loss"] for _ in range(3)]
+    sd = full_state_dict(up, rank0_only=True)
+    return losses, float(sum(v.double().sum() for v in sd.values())) if sd else 0.0
+
+
+def test_zero2_on_two_ranks_matches_single_process(media):
+    """The SFT step on DeepSpeed ZeRO-2 (2 ranks, gloo) gives the single-process losses and weights."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    pytest.importorskip("deepspeed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           str(Path(__file__).resolve()), str(media)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    got = json.loads((media / "zero2.json").read_text())
+    ref_losses, ref_sum = _ds_losses(media, "plain")
+    assert np.allclose(got["losses"], ref_losses, rtol=1e-5, atol=1e-6) and ref_losses[-1] < ref_losses[0]
+    assert abs(got["sum"] - ref_sum) <= 1e-4 * max(1.0, abs(ref_sum))
+
+
+if __name__ == "__main__":  # torchrun worker of test_zero2_on_two_ranks_matches_single_process
+    import sys
+    _media = Path(sys.argv[1])
+    _losses, _sum = _ds_losses(_media, "zero2")
+    import torch.distributed as _dist
+    if _dist.get_rank() == 0:
+        (_media / "zero2.json").write_text(json.dumps({"losses": _losses, "sum": _sum}))

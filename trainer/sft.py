@@ -441,7 +441,7 @@ class SFTConfig:
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     steps: int = 0  # optimizer steps; 0 = epochs * ceil(N / batch_size)
     epochs: int = 3
-    batch_size: int = 4  # trajectories per optimizer step
+    batch_size: int = 4  # trajectories per optimizer step (a multiple of the data-parallel world size)
     micro_batch_tokens: int = 16384
     lr: float = 1e-4  # the paper's 2e-5 is for 8B+ models; the tiny model likes more
     lr_schedule: str = "cosine"  # cosine | constant (both after a linear warmup)
@@ -562,30 +562,29 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     trajs, data_info = _data(cfg, codec, rt)
     n = len(trajs)
     total = cfg.steps or cfg.epochs * math.ceil(n / cfg.batch_size)
-    epoch, offset = 0, 0
+    if cfg.batch_size % rt.world_size:
+        raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of the world size {rt.world_size}")
+    pos = 0  # position in the stream of epochs, each a seeded permutation of the data
     ckpt_root = out / "ckpt"
     if cfg.resume and latest_checkpoint(ckpt_root) is not None:
-        st = load_checkpoint(ckpt_root, updater)
-        epoch, offset = st["data_state"]["epoch"], st["data_state"]["offset"]
+        pos = int(load_checkpoint(ckpt_root, updater)["data_state"]["position"])
     start = updater.steps
     log = []
     ckpt = None
     while updater.steps < total:
-        order = np.random.default_rng(cfg.seed * 1_000_003 + epoch).permutation(n)
-        batch = [trajs[i] for i in order[offset:offset + cfg.batch_size]]
-        m = updater.step(batch, lr=lr_at(cfg, updater.steps, total))
-        m["epoch"] = float(epoch)
+        idx = [int(np.random.default_rng(cfg.seed * 1_000_003 + k // n).permutation(n)[k % n])
+               for k in range(pos, pos + cfg.batch_size)]  # full batches, wrapping into the next epoch
+        m = updater.step([trajs[i] for i in idx], lr=lr_at(cfg, updater.steps, total))
+        m["epoch"] = float(pos // n)
         log.append(m)
-        offset += cfg.batch_size
-        if offset >= n:
-            epoch, offset = epoch + 1, 0
+        pos += cfg.batch_size
         if rt.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(m) + "\n")
         last = updater.steps == total
         if last or (cfg.save_every and updater.steps % cfg.save_every == 0):
-            ckpt = save_checkpoint(ckpt_root, updater, data_state={"epoch": epoch, "offset": offset},
+            ckpt = save_checkpoint(ckpt_root, updater, data_state={"position": pos, "epoch": pos // n},
                                    keep_last=cfg.keep_last)
     final = _export(cfg, updater, out / "final") if cfg.export else None
     losses = [m["loss"] for m in log]
