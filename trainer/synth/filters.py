@@ -126,6 +126,7 @@ class EngineSolver:
         self.teacher, self.search = teacher, image_search
         self.codec, self.backends = build_teacher(teacher)
         self._n = 0
+        self.turns = 0  # engine turns run so far (all questions, all modes)
 
     async def __call__(self, rec: dict[str, Any], img: Image.Image, mode: str) -> str | None:
         from spyglass.engine.scheduler import Engine, EngineConfig, Prompt, ToolOutcome  # noqa: PLC0415
@@ -157,6 +158,7 @@ class EngineSolver:
         self._n += 1
         prompt = Prompt(f"{rec['id']}-{mode}-{self._n}", rec["question"], images=[img])
         groups = [g async for g in engine.run([prompt])]
+        self.turns += engine.stats.turns
         return groups[0][0].answer if groups and groups[0] else None
 
     async def close(self) -> None:

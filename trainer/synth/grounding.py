@@ -10,8 +10,8 @@ Scorers are callables (image, texts) -> score in [0, 1]; `OCRScorer` is the offl
 reads the image with the OCR tool's engine (PP-OCR via rapidocr) and scores the best fuzzy
 match of a name inside the read text. Any CLIP-style model can be plugged in the same way.
 
-The degradation subset: a fraction (default 10%) of the questions whose image is clean get a
-degraded copy (Gaussian blur, 3x downsampling, or a perspective warp), paired with the tool
+The degradation subset: a fraction (default 10%, at least one when the rate is > 0) of the
+questions whose image is clean get a degraded copy (Gaussian blur, 3x downsampling, or a perspective warp), paired with the tool
 that undoes it (Sharpen, SuperResolution, PerspectiveCorrect) as the expected fix.
 
     cat = ImageCatalog.from_world(world)
@@ -114,8 +114,7 @@ def fuzzy_contains(text: str, name: str) -> float:
     if n in t:
         return 1.0
     best = 0.0
-    step = max(1, len(n) // 4)
-    for s in range(0, max(1, len(t) - len(n) + 1), step):
+    for s in range(0, max(1, len(t) - len(n) + 1)):
         best = max(best, difflib.SequenceMatcher(None, n, t[s:s + len(n)]).ratio())
     return best
 

@@ -1,0 +1,107 @@
+"""The synthesis pipeline end to end: `python -m spyglass.trainer.synth --world DIR --out DIR` on
+a small offline world (questions, images, accepted teacher trajectories in both formats), its
+determinism, and the pages route from a converted MediaWiki dump."""
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from spyglass.engine.trajectory import Status, read_jsonl
+from spyglass.engine.world import WorldConfig, generate_world
+from spyglass.trainer.synth.__main__ import main, parse_args
+from spyglass.trainer.synth.dump import convert_mediawiki
+from spyglass.trainer.synth.graph import build_graph
+from spyglass.trainer.synth.pipeline import SynthConfig, run_pipeline
+from spyglass.trainer.synth.questions import leaked
+
+from test_synth_graph import XML
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return generate_world(tmp_path_factory.mktemp("w"), WorldConfig(
+        n_people=10, n_places=10, n_orgs=10, n_products=8, n_events=8, n_sign_images=10,
+        n_scenes=0, n_emblem_queries=0))
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def test_cli_end_to_end_on_a_small_world(world, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "synth"
+    assert main(["--world", str(world.root), "--out", str(out), "--n", "4", "--seed", "3"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert json.loads(capsys.readouterr().out) == report
+    qs = _rows(out / "questions.jsonl")
+    assert len(qs) == 4 and report["questions"]["kept"] == 4
+    g = build_graph(world.root / "docs.jsonl")
+    for q in qs:
+        assert (out / q["image_file"]).is_file() and q["question"].endswith("?")
+        assert "shown in the image" in q["question"] and len(q["path"]["hops"]) >= 2
+        anchor = g.node(q["path"]["anchor"])
+        names = anchor.names() + [q["answer"], *q["aliases"]]
+        names += [n for b in q["path"]["hops"][:-1] for n in g.node(b["target"]).names()]
+        assert not leaked(q["question"], names), q["question"]
+        assert q["roles"][0] == ["anchor", anchor.id] and q["roles"][-1][0] == "answer"
+        assert [h["action"] for h in q["hops"] if h["action"] == "visit"] == ["visit"] * len(q["path"]["hops"])
+        assert (q["fix_tool"] is None) == (q["degradation"] == "none")
+    assert report["questions"]["degraded_added"] == 1  # 10% of the clean ones, at least one
+    added = next(q for q in qs if q["kind"].endswith("-added"))
+    assert added["hops"][0]["action"] in ("sharpen", "super_resolution", "perspective")
+    assert Image.open(out / added["image_file"]).size != Image.open(world.image_path(added["image"])).size \
+        or Image.open(out / added["image_file"]).tobytes() != Image.open(world.image_path(added["image"])).tobytes()
+    trajs = read_jsonl(out / "trajectories.jsonl")
+    t = report["trajectories"]
+    assert t["trajectories"] == 4 and len(trajs) == t["accepted"] == t["questions_with_accepted"] == 4
+    by_id = {q["id"]: q for q in qs}
+    for tr in trajs:
+        assert tr.status is Status.ANSWERED and tr.answer == by_id[tr.group_id]["answer"]
+        assert tr.reward["accepted"] and tr.reward["acc"] == 1.0
+        names = [c["name"] for turn in tr.turns for c in turn.calls]
+        assert "OCR" in names and "Visit" in names and not any(turn.tool_errors for turn in tr.turns)
+    assert t["sharegpt"] == 4 and len(_rows(out / "trajectories.sharegpt.jsonl")) == 4
+
+
+def test_questions_are_deterministic(world, tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        main(["--world", str(world.root), "--out", str(tmp_path / name), "--n", "6", "--no-trajectories"])
+    a, b = (tmp_path / "a" / "questions.jsonl").read_bytes(), (tmp_path / "b" / "questions.jsonl").read_bytes()
+    assert a == b and len(a.splitlines()) == 6
+    ia = sorted(p.read_bytes() for p in (tmp_path / "a" / "images").iterdir())
+    assert ia == sorted(p.read_bytes() for p in (tmp_path / "b" / "images").iterdir())
+
+
+def test_pages_from_a_mediawiki_dump(tmp_path: Path) -> None:
+    xml = tmp_path / "dump.xml"
+    xml.write_text(XML, encoding="utf-8")
+    convert_mediawiki(xml, tmp_path / "pages.jsonl")
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for name in ("Alice portrait.jpg", "Acme logo.png", "Springfield skyline.jpg"):
+        Image.new("RGB", (80, 60), "navy").save(imgs / name, format="PNG")
+    cfg = SynthConfig(out=str(tmp_path / "o"), pages=str(tmp_path / "pages.jsonl"), images_dir=str(imgs),
+                      n_questions=3, trajectories=False)
+    report = asyncio.run(run_pipeline(cfg))
+    qs = _rows(tmp_path / "o" / "questions.jsonl")
+    assert qs and report["questions"]["kept"] == len(qs)
+    assert {q["path"]["anchor"] for q in qs} <= {"Alice Smith", "Acme Corporation", "Springfield"}
+    for q in qs:
+        assert (tmp_path / "o" / q["image_file"]).is_file() and q["hops"][-1]["action"] == "visit"
+
+
+def test_config_errors_name_the_value(world, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="exactly one of world"):
+        SynthConfig(out=str(tmp_path))
+    with pytest.raises(ValueError, match="trajectories need a world"):
+        SynthConfig(out=str(tmp_path), pages=str(tmp_path / "p.jsonl"))
+    with pytest.raises(ValueError, match="grounding must be one of .*, got 'clip'"):
+        SynthConfig(out=str(tmp_path), world=str(world.root), grounding="clip")
+    with pytest.raises(ValueError, match="difficulty='llm' needs difficulty_llm"):
+        SynthConfig(out=str(tmp_path), world=str(world.root), difficulty="llm")
+    with pytest.raises(ValueError, match="has no docs.jsonl"):
+        parse_args(["--world", str(tmp_path), "--out", str(tmp_path / "o")])
