@@ -393,16 +393,23 @@ def test_dispatch_of_withdrawn_keys_answers_only_those_with_an_error(coalescer: 
 
 
 def test_coalescer_mode_cancelled_caller_leaves_the_others(coalescer: Any) -> None:
-    rec = Recorder(delay=0.05)
-    ex = ToolExecutor({"R": make_tool("R", rec)}, coalescer_factory=coalescer)
+    # event-driven, not sleep-driven: a long batch window makes "still queued" certain, and the
+    # tool signals when it is running, so the test holds on a loaded machine too
+    rec = Recorder(delay=0.5)
+    slow_window = functools.partial(coalescer, max_wait_s=0.2)
+    ex = ToolExecutor({"R": make_tool("R", rec)}, coalescer_factory=slow_window)
 
     async def main() -> ToolResult:
         t1 = asyncio.create_task(ex.execute("R", '{"a":1}', ToolContext()))
         t2 = asyncio.create_task(ex.execute("R", '{"a":1}', ToolContext()))
         t3 = asyncio.create_task(ex.execute("R", '{"a":2}', ToolContext()))
-        await asyncio.sleep(0.001)
-        t3.cancel()  # still queued: dropped
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        t3.cancel()  # still queued (the window is 0.2 s): dropped
+        for _ in range(400):  # wait until the shared call is running
+            if rec.calls:
+                break
+            await asyncio.sleep(0.005)
         t1.cancel()  # running: t2 still gets the result
         return await t2
     res = run(main())
