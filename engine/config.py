@@ -128,7 +128,9 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def _set_path(d: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     for k in keys[:-1]:
-        d = d.setdefault(k, {})
+        if d.get(k) is None:  # an optional section left at None is created by its first flag
+            d[k] = {}
+        d = d[k]
         if not isinstance(d, dict):
             raise ConfigError(f"override {dotted!r}: {k!r} is not a section")
     d[keys[-1]] = value
