@@ -105,3 +105,35 @@ def test_config_errors_name_the_value(world, tmp_path: Path) -> None:
         SynthConfig(out=str(tmp_path), world=str(world.root), difficulty="llm")
     with pytest.raises(ValueError, match="has no docs.jsonl"):
         parse_args(["--world", str(tmp_path), "--out", str(tmp_path / "o")])
+
+
+def test_ocr_grounding_and_llm_endpoint(world, tmp_path: Path) -> None:
+    import re
+
+    from test_synth_questions import chat_reply, with_server
+
+    def reply(body):
+        prompt = body["messages"][-1]["content"]
+        if prompt.startswith("Facts:"):
+            anchor = re.search(r"starting from (.*?), and asks", prompt).group(1)
+            said = " ".join(f"{b} is the {r} of {a}." for a, r, b in re.findall(r"- (.*?) --(.*?)--> (.*)", prompt))
+            r, last = re.search(r"asks for the (.*?) of (.*?)\. Do not", prompt).groups()
+            return chat_reply(f"Starting from {anchor}: {said} What is the {r} of {last}?")
+        m = re.search(r'Question: (.*)\nRewrite this question so that it no longer names (.*?); '
+                      r'refer to it only as "(.*?)"', prompt)
+        current, name, desc = m.groups()  # a faithful rewriter: the name becomes the description
+        return chat_reply(current.replace(name, desc))
+
+    async def go(url):
+        cfg = parse_args(["--world", str(world.root), "--out", str(tmp_path / "o"), "--n", "2",
+                          "--no-trajectories", "--grounding", "ocr", "--llm-url", url, "--llm-model", "m"])
+        return await run_pipeline(cfg)
+
+    report, calls = asyncio.run(with_server(reply, go))
+    qs = _rows(tmp_path / "o" / "questions.jsonl")
+    assert len(qs) == 2 and calls
+    for q in qs:
+        assert q["grounding"]["method"] == "ocr" and q["grounding"]["score"] >= 0.6
+        assert q["steps"][0]["source"] == "llm" and q["canonical_question"].startswith("Starting from")
+        assert q["steps"][-1]["source"] in ("llm", "llm+substitution")
+    assert report["questions"]["llm_steps"] >= 2 * len(qs)

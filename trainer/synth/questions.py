@@ -291,7 +291,7 @@ async def write_question(graph: LinkGraph, path: GraphPath, cfg: RewriteConfig |
     prompt = (f"Facts:\n{facts}\nWrite one question that names every entity above, starting from "
               f"{anchor.title}, and asks for the {phrase(path.hops[-1].relation)} of "
               f"{graph.node(ents[-1]).title}. Do not state the answer.")
-    text, source = await _llm_text(cfg, prompt, [anchor.title], answer_forbid)
+    text, source = await _llm_text(cfg, prompt, [graph.node(e).title for e in ents], answer_forbid)
     canonical = text or template_question(graph, path, len(ents), clues)
     steps = [{"step": "canonical", "entity": None, "text": canonical, "source": source}]
     current = canonical
