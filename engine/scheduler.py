@@ -156,6 +156,7 @@ class EngineStats:
     tool_s: float = 0.0
     queue_s: float = 0.0
     tool_latencies: list[float] = field(default_factory=list)
+    busy_s: float = 0.0  # wall time with at least one generation in flight (any server)
     spans: list[tuple[str, str, float, float]] = field(default_factory=list)  # traj, kind, t0, t1
     started: float = 0.0
     ended: float = 0.0
@@ -168,7 +169,29 @@ class EngineStats:
                 "server_moves": self.server_moves, "status": dict(self.by_status),
                 "mean_gen_s": self.gen_s / max(self.turns, 1),
                 "mean_tool_s": self.tool_s / max(self.turns, 1),
-                "mean_queue_s": self.queue_s / max(self.turns, 1)}
+                "mean_queue_s": self.queue_s / max(self.turns, 1),
+                "generator_busy_fraction": self.busy_s / wall,
+                "tool_latency_s": latency_histogram(self.tool_latencies)}
+
+
+def latency_histogram(xs: list[float]) -> dict[str, Any]:
+    """Percentiles and log-spaced bucket counts (upper edges in seconds) of latencies."""
+    if not xs:
+        return {"count": 0}
+    s = sorted(xs)
+
+    def q(p: float) -> float:
+        return s[min(len(s) - 1, int(p * len(s)))]
+    edges = [0.001, 0.01, 0.1, 1.0, 10.0, 100.0, float("inf")]
+    counts, i = [], 0
+    for e in edges:
+        j = i
+        while j < len(s) and s[j] <= e:
+            j += 1
+        counts.append(j - i)
+        i = j
+    return {"count": len(s), "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "max": s[-1],
+            "buckets": dict(zip(["<=1ms", "<=10ms", "<=100ms", "<=1s", "<=10s", "<=100s", ">100s"], counts))}
 
 
 @dataclass
@@ -222,6 +245,7 @@ class Engine:
         self._timer_at = 0.0  # perf_counter time the timer fires
         self._tool_jobs = 0
         self._batch_open = False
+        self._busy_since = 0.0
         self._tool_wait: list[tuple[_Live, list[dict[str, Any]]]] = []  # lockstep: tools held
         self._admitted_groups = 0
         self._base_version = self.version
@@ -427,6 +451,8 @@ class Engine:
                     self._events.put_nowait(("done", lv, None))
                     continue
                 task = lv.job = asyncio.ensure_future(self._generate(lv))
+                if not self._gen_tasks:
+                    self._busy_since = time.perf_counter()
                 self._gen_tasks[lv.request_id] = (task, lv)
                 self._idle.clear()
         return budget == 0
@@ -470,7 +496,8 @@ class Engine:
         if kind == "done":
             return True
         if kind.startswith("gen"):
-            self._gen_tasks.pop(lv.request_id, None)
+            if self._gen_tasks.pop(lv.request_id, None) is not None and not self._gen_tasks:
+                self.stats.busy_s += time.perf_counter() - self._busy_since
             self._inflight[lv.server] -= 1
         if kind == "gen":
             return self._on_generated(lv, *payload)

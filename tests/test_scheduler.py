@@ -246,3 +246,13 @@ def test_lockstep_baseline_runs_turns_in_batches() -> None:
     first_batch = {f"p{i}#0" for i in range(3)}
     end_first = max(t1 for tid, _, _, t1 in spans if tid in first_batch)
     assert all(t0 >= end_first for tid, _, t0, _ in spans if tid not in first_batch)
+
+
+def test_metrics_busy_fraction_and_tool_histogram() -> None:
+    scripts = {f"p{i}": script_turns([("search", {"sleep": 0.02})] * 2, "y") for i in range(3)}
+    engine, _ = _engine(EngineConfig(n_samples=2), scripts, servers=[FakeServer("s0", delay=0.01)])
+    asyncio.run(_collect(engine, [Prompt(f"p{i}", "q") for i in range(3)]))
+    s = engine.stats.summary()
+    assert 0.0 < s["generator_busy_fraction"] <= 1.0
+    h = s["tool_latency_s"]
+    assert h["count"] == 12 and sum(h["buckets"].values()) == 12 and 0.02 <= h["p50"] < 1.0
