@@ -37,24 +37,30 @@ def parse_args(argv: list[str] | None = None) -> SynthConfig:
     ap.add_argument("--grounding-threshold", type=float, default=0.6)
     ap.add_argument("--degrade-rate", type=float, default=0.1)
     ap.add_argument("--difficulty", choices=DIFFICULTIES, default="none")
+    ap.add_argument("--difficulty-max-tokens", type=int, default=256,
+                    help="--difficulty engine: tokens per turn of the sampled answers")
     ap.add_argument("--no-trajectories", action="store_true")
     ap.add_argument("--teacher-model", default="tiny:qwen2_vl")
     ap.add_argument("--teacher-backend", default="hf")
     ap.add_argument("--teacher-policy", choices=POLICIES, default="replay")
     ap.add_argument("--samples", type=int, default=1, help="teacher rollouts per question")
+    ap.add_argument("--max-tokens-per-turn", type=int, default=1024,
+                    help="teacher generation limit per turn")
     ap.add_argument("--query-judge", default="", help="'' | rule_query | llm_query")
     a = ap.parse_args(argv)
     llm = None
     if a.llm_url:
         llm = LLMConfig(base_url=a.llm_url, model=a.llm_model or "default", api_key_env=a.llm_key_env or None)
     teacher = TeacherConfig(model=a.teacher_model, backend=a.teacher_backend, policy=a.teacher_policy,
-                            n_samples=a.samples, query_judge=a.query_judge, seed=a.seed)
+                            n_samples=a.samples, query_judge=a.query_judge, seed=a.seed,
+                            max_tokens_per_turn=a.max_tokens_per_turn)
     return SynthConfig(out=a.out, world=a.world or "", pages=a.pages or "", images_dir=a.images_dir,
                        n_questions=a.n, seed=a.seed, graph=GraphConfig(hub_in_degree=a.hub_in_degree),
                        paths=PathConfig(seed=a.seed),
                        rewrite=RewriteConfig(clues_per_bridge=a.clues_per_bridge, llm=llm, seed=a.seed),
                        grounding=a.grounding, grounding_threshold=a.grounding_threshold,
                        degrade_rate=a.degrade_rate, difficulty=a.difficulty, difficulty_llm=llm,
+                       difficulty_max_tokens=a.difficulty_max_tokens,
                        trajectories=not a.no_trajectories, teacher=teacher)
 
 

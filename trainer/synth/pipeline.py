@@ -23,7 +23,7 @@ import json
 import math
 import random
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,7 @@ class SynthConfig:
     degrade_rate: float = 0.1
     difficulty: str = "none"  # none | llm (needs difficulty_llm) | engine (the teacher samples)
     difficulty_llm: LLMConfig | None = None
+    difficulty_max_tokens: int = 256  # engine solver: tokens per turn (the teacher's model samples)
     trajectories: bool = True
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
@@ -83,6 +84,8 @@ class SynthConfig:
             raise ValueError(f"SynthConfig.degrade_rate must be in [0, 1], got {self.degrade_rate!r}")
         if self.difficulty not in DIFFICULTIES:
             raise ValueError(f"SynthConfig.difficulty must be one of {DIFFICULTIES}, got {self.difficulty!r}")
+        if self.difficulty_max_tokens < 1:
+            raise ValueError(f"SynthConfig.difficulty_max_tokens must be >= 1, got {self.difficulty_max_tokens!r}")
         if self.difficulty == "llm" and self.difficulty_llm is None:
             raise ValueError("SynthConfig.difficulty='llm' needs difficulty_llm=LLMConfig(...)")
 
@@ -129,7 +132,7 @@ def _solver(cfg: SynthConfig, catalog_root: Path | None) -> tuple[Solver | None,
     if cfg.difficulty == "llm":
         assert cfg.difficulty_llm is not None
         return LLMSolver(cfg.difficulty_llm, tool_image_search(search) if search else None), None
-    s = EngineSolver(cfg.teacher, search)
+    s = EngineSolver(replace(cfg.teacher, policy="sample", max_tokens_per_turn=cfg.difficulty_max_tokens), search)
     return s, s
 
 
