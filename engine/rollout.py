@@ -24,7 +24,7 @@ from typing import Any
 from .config import check
 from .env import Env, EnvConfig, build_env
 from .scheduler import Engine, EngineConfig
-from .trajectory import Trajectory, iter_jsonl, write_jsonl
+from .trajectory import Trajectory, iter_jsonl, truncate_torn_tail, write_jsonl
 
 
 @dataclass
@@ -113,6 +113,8 @@ def run_rollout(cfg: RolloutConfig) -> dict[str, Any]:
     """Roll out the world's questions; returns (and prints) the summary."""
     env = build_env(cfg.env)
     prompts = env.prompts()
+    if cfg.resume:
+        truncate_torn_tail(cfg.out)  # a crash mid-write left half a line: appends start clean
     done = finished_groups(cfg.out) if cfg.resume else set()
     todo = [p for p in prompts if p.id not in done]
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)

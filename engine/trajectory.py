@@ -312,5 +312,33 @@ def iter_jsonl(path: str | Path, skip_partial_tail: bool = True) -> Iterator[Tra
             raise ValueError(f"{path}:{i + 1}: not a trajectory record: {e}") from e
 
 
+def truncate_torn_tail(path: str | Path) -> int:
+    """Cut a last line that a crash left unfinished (no newline), so appends start clean;
+    returns the number of bytes removed."""
+    p = Path(path)
+    if not p.exists():
+        return 0
+    with open(p, "rb+") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        if size == 0:
+            return 0
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return 0
+        block, pos = 1 << 16, size
+        while pos > 0:  # scan back for the last newline
+            start = max(0, pos - block)
+            f.seek(start)
+            chunk = f.read(pos - start)
+            i = chunk.rfind(b"\n")
+            if i >= 0:
+                f.truncate(start + i + 1)
+                return size - (start + i + 1)
+            pos = start
+        f.truncate(0)
+        return size
+
+
 def read_jsonl(path: str | Path) -> list[Trajectory]:
     return list(iter_jsonl(path))

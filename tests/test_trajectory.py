@@ -105,3 +105,16 @@ def test_segment_validation() -> None:
         Segment("bogus", [1], turn=0)
     with pytest.raises(ValueError, match="format"):
         Trajectory.from_json({"format": 99})
+
+
+def test_truncate_torn_tail(tmp_path) -> None:
+    from spyglass.engine.trajectory import truncate_torn_tail
+    p = tmp_path / "t.jsonl"
+    write_jsonl(p, [_traj()])
+    good = p.read_bytes()
+    assert truncate_torn_tail(p) == 0
+    with open(p, "ab") as f:
+        f.write(b'{"format": 1, "id": "half')
+    assert truncate_torn_tail(p) == 25 and p.read_bytes() == good
+    p.write_bytes(b"no newline at all")
+    assert truncate_torn_tail(p) == 17 and p.read_bytes() == b""
