@@ -21,8 +21,8 @@ from spyglass.trainer.synth.grounding import (FIX_TOOL, ImageCatalog, OCRScorer,
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     return generate_world(tmp_path_factory.mktemp("w"), WorldConfig(
-        n_people=8, n_places=8, n_orgs=8, n_products=6, n_events=6, n_sign_images=8, n_scenes=0,
-        n_emblem_queries=0))
+        n_people=8, n_places=8, n_orgs=8, n_products=6, n_events=6, n_sign_images=8, n_scenes=2,
+        n_emblem_queries=2))
 
 
 def test_page_grounding_on_the_world(world) -> None:
@@ -37,6 +37,27 @@ def test_page_grounding_on_the_world(world) -> None:
         assert gr.degradation == rec["degradation"]
     with pytest.raises(Ungrounded, match="no_image"):
         ground_anchor(next(n for n in g.nodes.values() if not n.images), cat)
+
+
+def test_scene_and_emblem_views(world) -> None:
+    g = build_graph(world.root / "docs.jsonl")
+    cat = ImageCatalog.from_world(world)
+    scene = next(r for r in world.images if r["id"].startswith("scene-"))
+    for k, side in enumerate(("leftmost", "middle", "rightmost")):
+        reg = scene["regions"][k]
+        node = g.node(reg["entity"])
+        with pytest.raises(Ungrounded, match="no_image"):  # not on a page image, scenes not allowed
+            ground_anchor(node, cat)
+        gr = ground_anchor(node, cat, views=("page", "scene"))
+        assert (gr.image, gr.view, gr.region, gr.side) == (scene["id"], "scene", reg, side)
+        assert gr.phrase == f"on the {side} sign in the image" and gr.method == "view"
+    em = next(r for r in world.images if r["id"].startswith("emblem-"))
+    node = g.node(em["entity"])
+    assert ground_anchor(node, cat).view == "page"
+    gr = ground_anchor(node, cat, views=("emblem",))
+    assert (gr.image, gr.view, gr.phrase) == (em["id"], "emblem", "whose emblem is shown in the image")
+    both = {ground_anchor(node, cat, views=("page", "emblem"), rng=random.Random(s)).view for s in range(20)}
+    assert both == {"page", "emblem"}  # drawn among the allowed views
 
 
 def test_scorer_ranks_candidates_with_threshold(tmp_path: Path) -> None:

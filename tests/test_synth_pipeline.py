@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ from test_synth_graph import XML
 def world(tmp_path_factory):
     return generate_world(tmp_path_factory.mktemp("w"), WorldConfig(
         n_people=10, n_places=10, n_orgs=10, n_products=8, n_events=8, n_sign_images=10,
-        n_scenes=0, n_emblem_queries=0))
+        n_scenes=3, n_emblem_queries=4))
 
 
 def _rows(path: Path) -> list[dict]:
@@ -34,15 +35,15 @@ def _rows(path: Path) -> list[dict]:
 
 def test_cli_end_to_end_on_a_small_world(world, tmp_path: Path, capsys) -> None:
     out = tmp_path / "synth"
-    assert main(["--world", str(world.root), "--out", str(out), "--n", "4", "--seed", "3"]) == 0
+    assert main(["--world", str(world.root), "--out", str(out), "--n", "6", "--seed", "0"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert json.loads(capsys.readouterr().out) == report
     qs = _rows(out / "questions.jsonl")
-    assert len(qs) == 4 and report["questions"]["kept"] == 4
+    assert len(qs) == 6 and report["questions"]["kept"] == 6
     g = build_graph(world.root / "docs.jsonl")
     for q in qs:
         assert (out / q["image_file"]).is_file() and q["question"].endswith("?")
-        assert "shown in the image" in q["question"] and len(q["path"]["hops"]) >= 2
+        assert " in the image" in q["question"] and len(q["path"]["hops"]) >= 2
         anchor = g.node(q["path"]["anchor"])
         names = anchor.names() + [q["answer"], *q["aliases"]]
         names += [n for b in q["path"]["hops"][:-1] for n in g.node(b["target"]).names()]
@@ -50,21 +51,30 @@ def test_cli_end_to_end_on_a_small_world(world, tmp_path: Path, capsys) -> None:
         assert q["roles"][0] == ["anchor", anchor.id] and q["roles"][-1][0] == "answer"
         assert [h["action"] for h in q["hops"] if h["action"] == "visit"] == ["visit"] * len(q["path"]["hops"])
         assert (q["fix_tool"] is None) == (q["degradation"] == "none")
-    assert report["questions"]["degraded_added"] == 1  # 10% of the clean ones, at least one
+    # seed 0 on this world draws every view: page images (some degraded), a scene, an emblem
+    assert {q["grounding"]["view"] for q in qs} == {"page", "scene", "emblem"}
+    assert report["questions"]["degraded_added"] == 1  # 10% of the clean page images, at least one
+    scene = next(q for q in qs if q["grounding"]["view"] == "scene")
+    assert scene["hops"][0] == {"action": "crop", "box": scene["grounding"]["region"]["box"]}
+    assert re.search(r"on the (leftmost|middle|rightmost) sign in the image", scene["question"])
+    emblem = next(q for q in qs if q["grounding"]["view"] == "emblem")
+    assert emblem["hops"][0]["action"] == "image_search" and "emblem is shown" in emblem["question"]
     added = next(q for q in qs if q["kind"].endswith("-added"))
     assert added["hops"][0]["action"] in ("sharpen", "super_resolution", "perspective")
     assert Image.open(out / added["image_file"]).size != Image.open(world.image_path(added["image"])).size \
         or Image.open(out / added["image_file"]).tobytes() != Image.open(world.image_path(added["image"])).tobytes()
     trajs = read_jsonl(out / "trajectories.jsonl")
     t = report["trajectories"]
-    assert t["trajectories"] == 4 and len(trajs) == t["accepted"] == t["questions_with_accepted"] == 4
+    assert t["trajectories"] == 6 and len(trajs) == t["accepted"] == t["questions_with_accepted"] == 6
     by_id = {q["id"]: q for q in qs}
     for tr in trajs:
         assert tr.status is Status.ANSWERED and tr.answer == by_id[tr.group_id]["answer"]
         assert tr.reward["accepted"] and tr.reward["acc"] == 1.0
-        names = [c["name"] for turn in tr.turns for c in turn.calls]
-        assert "OCR" in names and "Visit" in names and not any(turn.tool_errors for turn in tr.turns)
-    assert t["sharegpt"] == 4 and len(_rows(out / "trajectories.sharegpt.jsonl")) == 4
+        assert "Visit" in [c["name"] for turn in tr.turns for c in turn.calls]
+        assert not any(turn.tool_errors for turn in tr.turns)
+    used = {c["name"] for tr in trajs for turn in tr.turns for c in turn.calls}
+    assert {"Crop", "OCR", "ImageSearch", "TextSearch", "Visit", "Sharpen"} <= used
+    assert t["sharegpt"] == 6 and len(_rows(out / "trajectories.sharegpt.jsonl")) == 6
 
 
 def test_questions_are_deterministic(world, tmp_path: Path) -> None:
@@ -108,8 +118,6 @@ def test_config_errors_name_the_value(world, tmp_path: Path) -> None:
 
 
 def test_ocr_grounding_and_llm_endpoint(world, tmp_path: Path) -> None:
-    import re
-
     from test_synth_questions import chat_reply, with_server
 
     def reply(body):
@@ -126,7 +134,8 @@ def test_ocr_grounding_and_llm_endpoint(world, tmp_path: Path) -> None:
 
     async def go(url):
         cfg = parse_args(["--world", str(world.root), "--out", str(tmp_path / "o"), "--n", "2",
-                          "--no-trajectories", "--grounding", "ocr", "--llm-url", url, "--llm-model", "m"])
+                          "--no-trajectories", "--grounding", "ocr", "--views", "page", "--llm-url", url,
+                          "--llm-model", "m"])
         return await run_pipeline(cfg)
 
     report, calls = asyncio.run(with_server(reply, go))

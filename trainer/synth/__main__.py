@@ -14,7 +14,7 @@ from spyglass.engine.tools.llm import LLMConfig
 
 from .graph import GraphConfig
 from .paths import PathConfig
-from .pipeline import DIFFICULTIES, GROUNDINGS, SynthConfig, run_pipeline
+from .pipeline import DIFFICULTIES, GROUNDINGS, VIEWS, SynthConfig, run_pipeline
 from .questions import RewriteConfig
 from .trajectories import POLICIES, TeacherConfig
 
@@ -35,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> SynthConfig:
     ap.add_argument("--llm-key-env", default="", help="env var with the API key ('' = no auth)")
     ap.add_argument("--grounding", choices=GROUNDINGS, default="page")
     ap.add_argument("--grounding-threshold", type=float, default=0.6)
+    ap.add_argument("--views", nargs="+", choices=VIEWS, default=list(VIEWS),
+                    help="how images may show the anchor: page image, scene board (crop), emblem (image search)")
     ap.add_argument("--degrade-rate", type=float, default=0.1)
     ap.add_argument("--difficulty", choices=DIFFICULTIES, default="none")
     ap.add_argument("--difficulty-max-tokens", type=int, default=256,
@@ -58,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> SynthConfig:
                        n_questions=a.n, seed=a.seed, graph=GraphConfig(hub_in_degree=a.hub_in_degree),
                        paths=PathConfig(seed=a.seed),
                        rewrite=RewriteConfig(clues_per_bridge=a.clues_per_bridge, llm=llm, seed=a.seed),
-                       grounding=a.grounding, grounding_threshold=a.grounding_threshold,
+                       grounding=a.grounding, grounding_threshold=a.grounding_threshold, views=tuple(a.views),
                        degrade_rate=a.degrade_rate, difficulty=a.difficulty, difficulty_llm=llm,
                        difficulty_max_tokens=a.difficulty_max_tokens,
                        trajectories=not a.no_trajectories, teacher=teacher)

@@ -6,6 +6,9 @@ anchor's page names (node.images) that can be found: an image id of the world's 
 pages converted from a dump). With an image-text scorer configured, every candidate is scored
 against the anchor's title and aliases and the best one at or above the threshold is taken
 (none above: the question is dropped); without one, the anchor's own page image is taken.
+A world also has other *views* of an entity, usable when asked for: a street scene where it
+is one of several boards (the question says "on the leftmost sign"; solving needs a crop) and
+a text-free emblem crop (solving needs ImageSearch).
 Scorers are callables (image, texts) -> score in [0, 1]; `OCRScorer` is the offline one: it
 reads the image with the OCR tool's engine (PP-OCR via rapidocr) and scores the best fuzzy
 match of a name inside the read text. Any CLIP-style model can be plugged in the same way.
@@ -63,7 +66,21 @@ class ImageCatalog:
         return cls(recs, root)
 
     def candidates(self, node: Node) -> list[str]:
-        return [i for i in node.images if i in self.records]
+        """The node's page images present in the catalog."""
+        return [i for i in node.images if i in self.records and view_kind(self.records[i]) == "page"]
+
+    def views(self, node: Node) -> list[tuple[str, str, dict[str, Any] | None]]:
+        """(image id, kind, scene region) for every image in the catalog that shows the node:
+        its page images, scene boards naming it (a region of a street scene) and emblem crops."""
+        out: list[tuple[str, str, dict[str, Any] | None]] = [(i, "page", None) for i in self.candidates(node)]
+        for iid in sorted(self.records):
+            rec = self.records[iid]
+            kind = view_kind(rec)
+            if kind == "emblem" and rec.get("entity") == node.id:
+                out.append((iid, "emblem", None))
+            elif kind == "scene":
+                out += [(iid, "scene", r) for r in rec["regions"] if r.get("entity") == node.id]
+        return out
 
     def path(self, image_id: str) -> Path:
         return self.root / self.records[image_id]["file"]
@@ -73,12 +90,34 @@ class ImageCatalog:
             return im.convert("RGB")
 
 
+def view_kind(rec: dict[str, Any]) -> str:
+    """page (an entity's own image), scene (boards of several entities), emblem (a text-free
+    crop whose source page image is in the corpus)."""
+    if rec.get("source_image"):
+        return "emblem"
+    if rec.get("entity") is None and len(rec.get("regions") or []) > 1:
+        return "scene"
+    return "page"
+
+
 @dataclass
 class Grounding:
     image: str  # image id in the catalog
-    score: float | None  # the scorer's, or None for the page image
-    method: str  # "page" | the scorer's name
+    score: float | None  # the scorer's, or None when not scored
+    method: str  # "page" | "view" | the scorer's name
     degradation: str  # the image's own degradation (world records), "none" otherwise
+    view: str = "page"  # page | scene | emblem
+    region: dict[str, Any] | None = None  # scene: the anchor's board {box, entity, text}
+    side: str = ""  # scene: leftmost | middle | rightmost ...
+
+    @property
+    def phrase(self) -> str:
+        """How the question refers to the anchor through the image."""
+        if self.view == "scene":
+            return f"on the {self.side} sign in the image"
+        if self.view == "emblem":
+            return "whose emblem is shown in the image"
+        return "shown in the image"
 
 
 class Ungrounded(Exception):
@@ -89,21 +128,37 @@ class Ungrounded(Exception):
         self.reason = reason
 
 
+def _side(regions: list[dict[str, Any]], region: dict[str, Any]) -> str:
+    xs = sorted(r["box"][0] for r in regions)
+    k = xs.index(region["box"][0])
+    names = {2: ("left", "right"), 3: ("leftmost", "middle", "rightmost")}.get(len(xs))
+    return names[k] if names else f"{k + 1}th from the left"
+
+
 def ground_anchor(node: Node, catalog: ImageCatalog, scorer: Scorer | None = None,
-                  threshold: float = 0.5) -> Grounding:
-    """The anchor's image (see module docstring); raises Ungrounded with a reason."""
-    cands = catalog.candidates(node)
+                  threshold: float = 0.5, views: tuple[str, ...] = ("page",),
+                  rng: random.Random | None = None) -> Grounding:
+    """The anchor's image (see module docstring); raises Ungrounded with a reason. With a
+    scorer, page images are ranked and must reach `threshold`; scene and emblem views (allowed
+    by `views`) carry their entity in the catalog and are not scored. With `rng` the view is
+    drawn among those left, else the first (best) is taken."""
+    cands = [v for v in catalog.views(node) if v[1] in views]
     if not cands:
         raise Ungrounded("no_image")
-    if scorer is None:
-        rec = catalog.records[cands[0]]
-        return Grounding(cands[0], None, "page", rec.get("degradation", "none"))
-    scored = sorted(((scorer(catalog.load(c), node.names()), c) for c in cands), key=lambda t: (-t[0], t[1]))
-    best, cid = scored[0]
-    if best < threshold:
-        raise Ungrounded("below_threshold")
-    return Grounding(cid, float(best), getattr(scorer, "name", type(scorer).__name__),
-                     catalog.records[cid].get("degradation", "none"))
+    pages = [v for v in cands if v[1] == "page"]
+    scores: dict[str, float] = {}
+    if scorer is not None and pages:
+        scores = {i: float(scorer(catalog.load(i), node.names())) for i, _, _ in pages}
+        pages = sorted((v for v in pages if scores[v[0]] >= threshold), key=lambda v: (-scores[v[0]], v[0]))
+        cands = pages[:1] + [v for v in cands if v[1] != "page"]
+        if not cands:
+            raise Ungrounded("below_threshold")
+    iid, kind, region = rng.choice(cands) if rng is not None else cands[0]
+    rec = catalog.records[iid]
+    method = getattr(scorer, "name", type(scorer).__name__) if iid in scores else \
+        ("page" if kind == "page" else "view")
+    return Grounding(iid, scores.get(iid), method, rec.get("degradation", "none"), kind, region,
+                     _side(rec["regions"], region) if region is not None else "")
 
 
 def fuzzy_contains(text: str, name: str) -> float:

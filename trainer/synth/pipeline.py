@@ -38,6 +38,7 @@ from .questions import QuestionDraft, Rejected, RewriteConfig, write_question
 from .trajectories import TeacherConfig
 
 GROUNDINGS = ("page", "ocr")
+VIEWS = ("page", "scene", "emblem")
 DIFFICULTIES = ("none", "llm", "engine")
 
 
@@ -57,6 +58,7 @@ class SynthConfig:
     rewrite: RewriteConfig = field(default_factory=RewriteConfig)
     grounding: str = "page"  # page: the anchor's own image | ocr: candidates ranked by OCRScorer
     grounding_threshold: float = 0.6
+    views: tuple[str, ...] = VIEWS  # how the image may show the anchor (scene: crop; emblem: image search)
     degrade_rate: float = 0.1
     difficulty: str = "none"  # none | llm (needs difficulty_llm) | engine (the teacher samples)
     difficulty_llm: LLMConfig | None = None
@@ -80,6 +82,9 @@ class SynthConfig:
             raise ValueError(f"SynthConfig.grounding must be one of {GROUNDINGS}, got {self.grounding!r}")
         if not 0 <= self.grounding_threshold <= 1:
             raise ValueError(f"SynthConfig.grounding_threshold must be in [0, 1], got {self.grounding_threshold!r}")
+        self.views = tuple(self.views)
+        if not self.views or any(v not in VIEWS for v in self.views):
+            raise ValueError(f"SynthConfig.views must be a non-empty subset of {VIEWS}, got {self.views!r}")
         if not 0 <= self.degrade_rate <= 1:
             raise ValueError(f"SynthConfig.degrade_rate must be in [0, 1], got {self.degrade_rate!r}")
         if self.difficulty not in DIFFICULTIES:
@@ -91,15 +96,21 @@ class SynthConfig:
 
 
 def _hops(graph: LinkGraph, path: GraphPath, g: Grounding, catalog: ImageCatalog) -> list[dict[str, Any]]:
-    """The solve steps: fix the image's own degradation, read it, visit each hop's page."""
+    """The solve steps: identify the anchor from the image (fix its degradation and read it;
+    crop its board out of a scene and read it; or search by its emblem), then visit each
+    hop's page."""
     rec = catalog.records[g.image]
-    anchor = graph.node(path.anchor)
-    fix = [{"action": FIX_HOP[g.degradation]}] if g.degradation in FIX_HOP else []
-    read = (rec.get("text") or [anchor.title])[0]
+    if g.view == "emblem":
+        see = [{"action": "image_search", "value": rec["source_image"]}]
+    elif g.view == "scene":
+        assert g.region is not None
+        see = [{"action": "crop", "box": g.region["box"]}, {"action": "ocr", "value": g.region["text"][0]}]
+    else:
+        fix = [{"action": FIX_HOP[g.degradation]}] if g.degradation in FIX_HOP else []
+        see = fix + [{"action": "ocr", "value": (rec.get("text") or [graph.node(path.anchor).title])[0]}]
     ents = path.entities()
-    visits = [{"action": "visit", "doc": ents[i], "field": h.relation, "value": h.value}
-              for i, h in enumerate(path.hops)]
-    return fix + [{"action": "ocr", "value": read}] + visits
+    return see + [{"action": "visit", "doc": ents[i], "field": h.relation, "value": h.value}
+                  for i, h in enumerate(path.hops)]
 
 
 def _record(k: int, graph: LinkGraph, d: QuestionDraft, g: Grounding, catalog: ImageCatalog) -> dict[str, Any]:
@@ -108,12 +119,25 @@ def _record(k: int, graph: LinkGraph, d: QuestionDraft, g: Grounding, catalog: I
     return {"id": f"syn-{k:04d}", "question": d.question, "canonical_question": d.canonical,
             "answer": p.answer, "aliases": list(aliases), "image": g.image,
             "image_file": f"images/syn-{k:04d}.png",
-            "kind": f"synth-{len(p.hops)}hop" + ("" if g.degradation == "none" else f"-{g.degradation}"),
+            "kind": f"synth-{len(p.hops)}hop-{g.view}" + ("" if g.degradation == "none" else f"-{g.degradation}"),
             "hops": _hops(graph, p, g, catalog), "path": p.to_json(), "roles": p.roles(),
             "anchor_type": graph.node(p.anchor).type,
             "steps": d.steps, "clues": {p.entities()[i]: [c.text() for c in cs] for i, cs in d.clues.items() if cs},
-            "grounding": {"method": g.method, "score": g.score, "source_degradation": g.degradation},
+            "grounding": {"method": g.method, "score": g.score, "view": g.view, "region": g.region,
+                          "source_degradation": g.degradation},
             "degradation": g.degradation, "fix_tool": FIX_TOOL.get(g.degradation)}
+
+
+def attach_views(graph: LinkGraph, catalog: ImageCatalog, views: tuple[str, ...]) -> int:
+    """Add each node's scene/emblem views (when allowed) to node.images, so that entities seen
+    only on a street scene can be anchors; returns how many were added."""
+    n = 0
+    for node in graph.nodes.values():
+        for iid, kind, _ in catalog.views(node):
+            if kind != "page" and kind in views and iid not in node.images:
+                node.images.append(iid)
+                n += 1
+    return n
 
 
 def _scorer(cfg: SynthConfig) -> Scorer | None:
@@ -150,8 +174,9 @@ async def make_questions(cfg: SynthConfig, graph: LinkGraph, catalog: ImageCatal
         if len(records) >= cfg.n_questions:
             break
         try:
-            draft = await write_question(graph, p, cfg.rewrite)
-            g = ground_anchor(graph.node(p.anchor), catalog, scorer, cfg.grounding_threshold)
+            g = ground_anchor(graph.node(p.anchor), catalog, scorer, cfg.grounding_threshold, cfg.views,
+                              random.Random(f"view:{cfg.seed}:{p.key()}"))
+            draft = await write_question(graph, p, cfg.rewrite, anchor_ref=g.phrase)
         except (Rejected, Ungrounded) as e:
             drops[e.reason] = drops.get(e.reason, 0) + 1
             continue
@@ -171,7 +196,7 @@ async def make_questions(cfg: SynthConfig, graph: LinkGraph, catalog: ImageCatal
             key = f"too_easy_{d.solved_by}"
             drops[key] = drops.get(key, 0) + 1
     rng = random.Random(f"degrade:{cfg.seed}")
-    clean = [i for i, r in enumerate(kept) if r["degradation"] == "none"]
+    clean = [i for i, r in enumerate(kept) if r["degradation"] == "none" and r["grounding"]["view"] == "page"]
     for i, kind in pick_degraded(clean, cfg.degrade_rate, rng).items():
         kept_images[i] = degrade(kept_images[i], kind, rng)
         r = kept[i]
@@ -206,6 +231,7 @@ async def run_pipeline(cfg: SynthConfig, solver: Solver | None = None) -> dict[s
     (out / "graph.json").write_text(json.dumps(graph.stats(), indent=1, sort_keys=True) + "\n")
     catalog = ImageCatalog.from_world(world) if world else (
         ImageCatalog.from_dir(cfg.images_dir) if cfg.images_dir else ImageCatalog({}, Path(".")))
+    attach_views(graph, catalog, cfg.views)
     closer = None
     if solver is None:
         solver, closer = _solver(cfg, world.root if world else None)

@@ -157,14 +157,15 @@ def hidden_names(graph: LinkGraph, path: GraphPath, upto: int = 0) -> list[str]:
 
 # ---------------------------------------------------------------------------------- templates
 
-def _describe(graph: LinkGraph, path: GraphPath, i: int, hidden: int, clues: dict[int, list[Clue]]) -> str:
+def _describe(graph: LinkGraph, path: GraphPath, i: int, hidden: int, clues: dict[int, list[Clue]],
+              anchor_ref: str = "shown in the image") -> str:
     ents = path.entities()
     n = graph.node(ents[i])
     if i < hidden:
         return n.title
     if i == 0:
-        return f"the {noun(n.type)} shown in the image"
-    chain = f"the {phrase(path.hops[i - 1].relation)} of {_describe(graph, path, i - 1, hidden, clues)}"
+        return f"the {noun(n.type)} {anchor_ref}"
+    chain = f"the {phrase(path.hops[i - 1].relation)} of {_describe(graph, path, i - 1, hidden, clues, anchor_ref)}"
     cs = clues.get(i, [])
     if not cs:
         return chain
@@ -172,12 +173,15 @@ def _describe(graph: LinkGraph, path: GraphPath, i: int, hidden: int, clues: dic
     return f"the {noun(n.type)} {' and '.join(c.text() for c in cs)} {who} {chain}"
 
 
-def template_question(graph: LinkGraph, path: GraphPath, hidden: int, clues: dict[int, list[Clue]]) -> str:
-    """The question with entities [0, hidden) named and the rest described (see docstring)."""
+def template_question(graph: LinkGraph, path: GraphPath, hidden: int, clues: dict[int, list[Clue]],
+                      anchor_ref: str = "shown in the image") -> str:
+    """The question with entities [0, hidden) named and the rest described (see docstring);
+    a hidden anchor is "the <type> <anchor_ref>"."""
     ents = path.entities()
     facts = [f"{graph.node(ents[i]).title} is the {phrase(path.hops[i - 1].relation)} of "
              f"{graph.node(ents[i - 1]).title}." for i in range(1, min(hidden, len(ents)))]
-    ask = f"What is the {phrase(path.hops[-1].relation)} of {_describe(graph, path, len(ents) - 1, hidden, clues)}?"
+    last = _describe(graph, path, len(ents) - 1, hidden, clues, anchor_ref)
+    ask = f"What is the {phrase(path.hops[-1].relation)} of {last}?"
     return " ".join(facts + [ask])
 
 
@@ -275,9 +279,11 @@ def _clue_pool(graph: LinkGraph, path: GraphPath, i: int, forbid: list[str]) -> 
     return out
 
 
-async def write_question(graph: LinkGraph, path: GraphPath, cfg: RewriteConfig | None = None) -> QuestionDraft:
-    """Canonical question, then fuzzy rewriting from the farthest bridge back to the anchor;
-    raises Rejected (not_unique | leak) when no valid question exists for the path."""
+async def write_question(graph: LinkGraph, path: GraphPath, cfg: RewriteConfig | None = None,
+                         anchor_ref: str = "shown in the image") -> QuestionDraft:
+    """Canonical question, then fuzzy rewriting from the farthest bridge back to the anchor,
+    which becomes "the <type> <anchor_ref>" (its visual grounding); raises Rejected
+    (not_unique | leak) when no valid question exists for the path."""
     cfg = cfg or RewriteConfig()
     rng = random.Random(f"{cfg.seed}:{path.key()}")
     ents = path.entities()
@@ -306,7 +312,7 @@ async def write_question(graph: LinkGraph, path: GraphPath, cfg: RewriteConfig |
                 clues[i].append(rest.pop(0))
         if not is_unique(graph, path, i, clues):
             raise Rejected("not_unique")
-        desc = _describe(graph, path, i, i, clues)
+        desc = _describe(graph, path, i, i, clues, anchor_ref)
         role = "anchor" if i == 0 else "bridge"
         prompt = (f"Question: {current}\nRewrite this question so that it no longer names "
                   f"{graph.node(ents[i]).title}; refer to it only as \"{desc}\". Keep the rest "
@@ -321,7 +327,7 @@ async def write_question(graph: LinkGraph, path: GraphPath, cfg: RewriteConfig |
                 text, source = sub, "llm+substitution"
         if text is None:
             text, source = await _llm_text(cfg, prompt, keep, forbid, marks)
-        current = text or template_question(graph, path, i, clues)
+        current = text or template_question(graph, path, i, clues, anchor_ref)
         steps.append({"step": role, "entity": ents[i], "description": desc, "text": current,
                       "source": source})
     bad = leaked(current, hidden_names(graph, path, upto=0))
