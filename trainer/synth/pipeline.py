@@ -1,5 +1,12 @@
-"""The synthesis pipeline end to end: graph -> paths -> questions -> grounding -> difficulty
+"""The synthesis pipeline end to end: graph -> paths -> grounding -> questions -> difficulty
 filter -> degradation subset -> teacher trajectories.
+
+Each sampled path's anchor is grounded first (which image, and which view of it: its page
+image, its board in a street scene, its emblem), because the question refers to the anchor
+through that view; then the question is written and rewritten (trainer/synth/questions.py).
+Paths whose question is not unique or leaks, or whose anchor has no usable image, are dropped
+and counted. The difficulty filter (none | llm | engine, or any solver passed in) runs on the
+survivors; the degradation subset is drawn among those left with a clean page image.
 
     python -m spyglass.trainer.synth --world DIR --out DIR            # offline, templates
     python -m spyglass.trainer.synth --pages pages.jsonl --images-dir imgs --out DIR --no-trajectories
@@ -10,7 +17,8 @@ Writes into `out`:
                       image_file (relative to out), image (source image id), kind, hops (the
                       solve script's steps, the format of the world's questions), path
                       (anchor + hops), roles, steps (every rewriting step and its source: llm |
-                      template), clues, grounding, degradation + fix_tool, difficulty
+                      template), clues, grounding (method, score, view, scene region),
+                      degradation + fix_tool, difficulty (the solver's answers per mode)
   images/<id>.png     each question's image (a degraded copy for the degradation subset)
   graph.json          graph statistics (nodes, edges, exclusions by reason)
   trajectories.jsonl  accepted teacher trajectories (Trajectory JSONL), with a world only
