@@ -322,7 +322,7 @@ async def write_question(graph: LinkGraph, path: GraphPath, cfg: RewriteConfig |
         text, source = None, "template"
         if i == 0 and steps[-1]["source"] == "llm" and leaked(current, [anchor.title]):
             # the anchor is named verbatim in the LLM's text: ground it by substitution
-            sub = _name_re(anchor.title).sub(desc, current)
+            sub = _name_re(anchor.title).sub(lambda _m: desc, current)
             if not leaked(sub, forbid):
                 text, source = sub, "llm+substitution"
         if text is None:
