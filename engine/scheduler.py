@@ -217,7 +217,7 @@ class Engine:
     only when the whole batch has generated. It exists as the baseline the benchmarks compare to.
     """
 
-    EVENTS_PER_SLICE = 64  # events handled before the loop yields (bounds event-loop lag)
+    EVENTS_PER_SLICE = 32  # events handled before the loop yields (bounds event-loop lag)
 
     def __init__(self, cfg: EngineConfig, backends: Sequence[Any], codec: Codec,
                  tools: ToolRunner, parser: TurnParser, tool_schemas: Sequence[dict] = (),
@@ -246,6 +246,7 @@ class Engine:
         self._tool_jobs = 0
         self._batch_open = False
         self._busy_since = 0.0
+        self._gc_thresholds = gc.get_threshold()
         self._tool_wait: list[tuple[_Live, list[dict[str, Any]]]] = []  # lockstep: tools held
         self._admitted_groups = 0
         self._base_version = self.version
@@ -298,6 +299,7 @@ class Engine:
         finally:
             if self.cfg.gc_freeze:
                 gc.unfreeze()
+                gc.set_threshold(*self._gc_thresholds)
             if self._timer is not None:
                 self._timer.cancel()
             out.put_nowait(None)
@@ -308,14 +310,18 @@ class Engine:
         live = 0
         self.stats.started = time.perf_counter()
         # GC policy: a full collection walks every tracked object, and ten thousand live
-        # trajectories make that a stall of hundreds of ms on the loop. Objects alive at start
-        # (models, datasets) are frozen as vLLM does after start-up, and the long-lived ones made
-        # since are frozen every gc_freeze_interval_s; trajectories are freed by reference
-        # counting as usual, and run() unfreezes at the end, so any cycle made during the run
-        # is collected then.
+        # trajectories make that a stall of 100+ ms on the loop. During a run, objects alive at
+        # start (models, datasets) are frozen as vLLM does after start-up, the long-lived ones
+        # made since are frozen every gc_freeze_interval_s, and full (generation-2) collections
+        # are held off; young collections go on. Trajectories are freed by reference counting
+        # as usual; run() restores the thresholds and unfreezes at the end, so any reference
+        # cycle made during the run is collected then.
+        self._gc_thresholds = gc.get_threshold()
         if self.cfg.gc_freeze:
             gc.collect()
             gc.freeze()
+            t0, t1, _ = self._gc_thresholds
+            gc.set_threshold(t0, t1, 1_000_000)
         next_freeze = time.perf_counter() + self.cfg.gc_freeze_interval_s
         cap = max(self.cfg.max_live, self.cfg.n_samples)
         self._batch_open = False  # lockstep: a batch is being admitted
