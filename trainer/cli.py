@@ -28,6 +28,9 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "sft": ("spyglass.trainer.sft", "SFTConfig", "run_sft", "supervised fine-tuning on trajectories"),
     "eval": ("spyglass.trainer.eval", "EvalConfig", "run_eval", "evaluate a policy on benchmark files"),
 }
+# commands with a hand-written argparse of their own: name -> (module, help)
+PASSTHROUGH = {"world": ("spyglass.engine.world", "generate the offline world (--out DIR --seed N)"),
+               "synth": ("spyglass.trainer.synth.__main__", "OpenSearch-VL data synthesis (--world DIR --out DIR)")}
 
 
 def _load(name: str) -> tuple[type, Callable[[Any], Any]]:
@@ -39,21 +42,20 @@ def _load(name: str) -> tuple[type, Callable[[Any], Any]]:
     return getattr(mod, cfg_name), getattr(mod, fn_name)
 
 
-def _world(argv: list[str]) -> int:
-    from spyglass.engine import world  # noqa: PLC0415
-    sys.argv = ["spyglass world", *argv]
-    return world.main() or 0
+def _passthrough(name: str, argv: list[str]) -> int:
+    mod = importlib.import_module(PASSTHROUGH[name][0])
+    return mod.main(argv) or 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["world"]:
-        return _world(argv[1:])
+    if argv[:1] and argv[0] in PASSTHROUGH:
+        return _passthrough(argv[0], argv[1:])
     name = " ".join(argv[:2]) if " ".join(argv[:2]) in COMMANDS else (argv[0] if argv else "")
     if name not in COMMANDS:
-        lines = "\n".join(f"  spyglass {k:<14} {v[3]}" for k, v in COMMANDS.items())
-        print(f"usage: spyglass <command> [--config FILE] [--section.field VALUE ...]\n\n{lines}\n"
-              f"  spyglass world          generate the offline world (--out DIR --seed N)")
+        lines = "\n".join([f"  spyglass {k:<14} {v[3]}" for k, v in COMMANDS.items()]
+                          + [f"  spyglass {k:<14} {v[1]}" for k, v in PASSTHROUGH.items()])
+        print(f"usage: spyglass <command> [--config FILE] [--section.field VALUE ...]\n\n{lines}")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     rest = argv[len(name.split()):]
     cfg_cls, run = _load(name)
