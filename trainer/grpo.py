@@ -30,7 +30,8 @@ from spyglass.engine.scheduler import Engine, EngineConfig
 from spyglass.engine.trajectory import write_jsonl
 from spyglass.trainer.algorithm import AlgoConfig, compute_advantages
 from spyglass.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from spyglass.trainer.distributed import DistConfig, full_state_dict, init_distributed, sync_weights
+from spyglass.trainer.distributed import (DistConfig, full_state_dict, init_distributed, sleep_backends,
+                                          sync_weights, wake_backends)
 from spyglass.trainer.reward import RewardConfig, score_group
 from spyglass.trainer.update import PolicyUpdater, UpdateConfig
 
@@ -53,6 +54,7 @@ class GRPOConfig:
     dist: DistConfig = field(default_factory=DistConfig)
     steps: int = 3
     groups_per_step: int = 2
+    colocate: bool = False  # generation sleeps (frees its memory) during each update
     eval_every: int = 0  # 0: no periodic eval
     eval_questions: int = 4
     ckpt_dir: str = "runs/grpo/ckpt"
@@ -83,8 +85,10 @@ def run_grpo(cfg: GRPOConfig) -> dict[str, Any]:
             loop.run_until_complete(score_group(trajs, cfg.reward))                   # reward
         trajs = run.broadcast(trajs if info.rank == 0 else None)
         algo = compute_advantages(trajs, cfg.algo)                                    # advantage
+        run.colocate("sleep")
         metrics = {"step": step + 1, **run.updater.step(trajs, algo.advantages, algo.masks),
                    **{f"algo/{k}": v for k, v in algo.metrics.items()}}               # update
+        run.colocate("wake")
         run.sync()                                                                    # weight sync
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and info.rank == 0:
             metrics.update(run.evaluate())                                            # eval
@@ -107,7 +111,7 @@ class _Run:
         # the trainer owns its own copy: DeepSpeed wraps it and train() mode must not leak
         self.updater = PolicyUpdater(copy.deepcopy(vlm.model), cfg.update, image_processor=vlm.image_processor,
                                      dist=cfg.dist)
-        self.backends, self.engine, self.writer = [], None, None
+        self.backends, self.engine, self.writer, self.slept = [], None, None, []
         if rank == 0:
             self.env = build_env(cfg.rollout.env)
             self.prompts = self.env.prompts()
@@ -144,6 +148,13 @@ class _Run:
         box = [obj]
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
+
+    def colocate(self, phase: str) -> None:
+        """Colocated mode: backends that can sleep free their memory for the update (vLLM with
+        sleep mode); the others (HF on CPU) have nothing to release and are listed as awake."""
+        if self.cfg.colocate and self.rank == 0:
+            fn = sleep_backends if phase == "sleep" else wake_backends
+            self.slept = self.loop.run_until_complete(fn(self.backends))
 
     def sync(self) -> None:
         sd = full_state_dict(self.updater, rank0_only=True)

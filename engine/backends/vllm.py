@@ -194,6 +194,21 @@ class VLLMBackend(Backend):
             raise BackendError(self.name, f"reload_weights failed: {e!r}") from e
         self.version = version
 
+    async def sleep(self, level: int = 1) -> None:
+        """Colocated training: free the engine's accelerator memory (level 1 offloads the
+        weights, level 2 drops them). vLLM needs engine_kwargs={"enable_sleep_mode": True}."""
+        try:
+            await self.engine.sleep(level)
+        except Exception as e:
+            raise BackendError(self.name, f"sleep failed ({e!r}): start the engine with "
+                                          "engine_kwargs={'enable_sleep_mode': True} (CUDA only)") from e
+
+    async def wake_up(self) -> None:
+        try:
+            await self.engine.wake_up()
+        except Exception as e:
+            raise BackendError(self.name, f"wake_up failed: {e!r}") from e
+
     async def health(self) -> bool:
         if self._closed or self.engine.errored:
             return False
