@@ -133,9 +133,14 @@ def run_rollout(cfg: RolloutConfig) -> dict[str, Any]:
 
 def bench_rollout(cfg: RolloutConfig) -> dict[str, Any]:
     """The main job: the same workload by the async engine and by the lock-step baseline."""
+    import tempfile  # noqa: PLC0415
     rows = {}
+    scratch = tempfile.TemporaryDirectory(prefix="spyglass-bench-")
     for mode in ("async", "lockstep"):
-        env = build_env(cfg.env)  # a fresh executor (coalescer, no shared cache) per mode
+        # a fresh executor per mode: its own coalescer and its own empty disk cache (as in
+        # production, a call repeated after the first finished is a cache hit, not a re-run)
+        env = build_env(dataclasses.replace(cfg.env, cache_path=cfg.env.cache_path or
+                                            str(Path(scratch.name) / f"{mode}.sqlite")))
         prompts = env.prompts()
         ecfg = dataclasses.replace(cfg.engine, lockstep=(mode == "lockstep"))
         engine, _, policy = build_engine(cfg, env, ecfg, record_spans=bool(cfg.timeline) and mode == "async")
@@ -148,10 +153,12 @@ def bench_rollout(cfg: RolloutConfig) -> dict[str, Any]:
                       "gen_tokens": engine.stats.gen_tokens, "trajectories_per_s": len(trajs) / wall,
                       "tokens_per_s": engine.stats.gen_tokens / wall, "answered_right": ok,
                       "tool_calls": env.executor.stats()["calls"],
+                      "cache_hits": env.executor.stats()["cache_hits"],
                       "coalescing_ratio": env.executor.stats().get("coalescer", {}).get("coalescing_ratio")}
         if mode == "async" and cfg.timeline:
             from .timeline import draw_timeline  # noqa: PLC0415
             draw_timeline(engine.stats.spans, cfg.timeline, title=f"async engine, {policy}")
+    scratch.cleanup()
     ratio = rows["lockstep"]["wall_s"] / rows["async"]["wall_s"]
     print(f"spyglass bench rollout: backend {cfg.backend} ({cfg.model}), policy: {policy}")
     print(f"workload: {len(prompts)} world questions x {cfg.engine.n_samples} samples, real tools, "
