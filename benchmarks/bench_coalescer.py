@@ -18,16 +18,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
-import statistics
-import subprocess
 import time
-from pathlib import Path
 from typing import Any
 
 from spyglass.engine import _core
 from spyglass.engine.coalescer import Coalescer
 from spyglass.engine.coalescer_ref import CoalescerCoreRef
+from spyglass.engine.metrics import device_name as device, git_commit as commit  # noqa: E402
 
 TOOLS = ("text_search", "image_search", "visit")
 
@@ -101,22 +98,8 @@ def best_of(repeats: int, fn: Any) -> tuple[float, Any]:
     return min(r[0] for r in runs), runs[0][1]
 
 
-def device() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return "cpu: " + line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "cpu: " + (platform.processor() or platform.machine())
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:

@@ -13,13 +13,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import statistics
-import subprocess
 import time
 
 from spyglass.engine.backends.base import Backend, GenerateOutput, GenerateRequest
+from spyglass.engine.metrics import device_name, git_commit
 from spyglass.engine.chat import ByteCodec
 from spyglass.engine.policy import ReplayPolicy, script_turns
 from spyglass.engine.scheduler import Engine, EngineConfig, ParsedTurn, Prompt, ToolOutcome
@@ -110,9 +108,8 @@ def main() -> None:
     print(f"{'loop lag p99 ms':<22}{r['lag_p99_ms']:>12.2f}   < 10")
     print(f"{'loop lag max ms':<22}{r['lag_max_ms']:>12.2f}")
     print(f"(parser: {r['parser']}; one core: the engine is single-threaded asyncio)")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    print(json.dumps({"bench": "engine_overhead", "device": platform.processor() or platform.machine(),
+    commit = git_commit()
+    print(json.dumps({"bench": "engine_overhead", "device": device_name(),
                       "commit": commit, **r}))
 
 

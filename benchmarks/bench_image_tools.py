@@ -15,10 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
@@ -30,6 +27,7 @@ from spyglass.engine.tools.image_search import ImageSearchConfig, image_search_t
 from spyglass.engine.tools.ocr import OCRConfig, ocr_tools
 from spyglass.engine.tools.visual import visual_tools
 from spyglass.engine.world import World, ensure_world
+from spyglass.engine.metrics import device_name as device, git_commit as commit  # noqa: E402
 
 
 @dataclass
@@ -123,24 +121,8 @@ def run_cases(cases: list[Case], calls: int, batch: int) -> list[dict[str, Any]]
     return rows
 
 
-def device() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu: {cpu} x{os.cpu_count()}"
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -35,6 +34,7 @@ import torch
 from spyglass.kernels.advantage import AdvantageConfig, grouped_advantage
 from spyglass.kernels.fused_logprob import fused_logprob, logprob_reference
 from spyglass.kernels.policy_loss import PolicyLossConfig, masked_policy_loss, policy_loss_reference
+from spyglass.engine.metrics import git_commit  # noqa: E402
 
 
 def timeit(fn: Callable[[], object], repeat: int, device: torch.device) -> float:
@@ -188,12 +188,6 @@ def bench_logprob(shape: tuple[int, int, int], device: torch.device) -> dict:
     return out
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def _table(title: str, rows: list[dict]) -> None:

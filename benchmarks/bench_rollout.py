@@ -19,9 +19,7 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
-import subprocess
 import sys
 import time
 
@@ -30,6 +28,7 @@ from rollout_sim import Workload, des_bound, lockstep_makespan  # noqa: E402
 
 from spyglass.engine.backends.base import GenerateRequest, SamplingParams  # noqa: E402
 from spyglass.engine.backends.simulated import SimulatedBackend, SimulatedConfig  # noqa: E402
+from spyglass.engine.metrics import device_name, git_commit  # noqa: E402
 from spyglass.engine.chat import ByteCodec  # noqa: E402
 from spyglass.engine.scheduler import Engine, EngineConfig, ParsedTurn, Prompt, ToolOutcome  # noqa: E402
 from spyglass.engine.trajectory import Trajectory  # noqa: E402
@@ -161,9 +160,8 @@ def main() -> None:
     ratio = (lock or lock_model) / eng
     print(f"engine speed-up over lock-step: {ratio:.2f}x; engine overhead over the bound: "
           f"{(eng / bound - 1) * 100:.1f}% (target <= 5%)")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    print(json.dumps({"bench": "rollout", "device": platform.processor() or platform.machine(),
+    commit = git_commit()
+    print(json.dumps({"bench": "rollout", "device": device_name(),
                       "commit": commit, "trajectories": n, "live": w.live, "time_scale": a.time_scale,
                       "bound_s": bound, "engine_s": eng, "lockstep_s": lock, "lockstep_model_s": lock_model,
                       "engine_over_bound": eng / bound, "speedup_vs_lockstep": ratio,

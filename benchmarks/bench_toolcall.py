@@ -18,7 +18,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import random
 import re
 import subprocess
@@ -27,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from spyglass.engine.metrics import device_name as cpu_model, git_commit
 from spyglass.engine.toolcall import ToolCallParser
 
 TOOLS = [
@@ -187,22 +187,8 @@ def stream_linearity(parser: ToolCallParser, corpus: list[str], chunk: int) -> l
     return rows
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def main() -> None:

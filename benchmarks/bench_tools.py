@@ -20,9 +20,7 @@ import argparse
 import asyncio
 import functools
 import json
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -36,18 +34,11 @@ from spyglass.engine.tools.python_tool import PythonConfig, python_tool
 from spyglass.engine.tools.search import TextSearchConfig, build_index, text_search_tool
 from spyglass.engine.tools.web import VisitConfig, visit_tool
 from spyglass.engine.world import generate_world
+from spyglass.engine.metrics import device_name as device, git_commit as commit  # noqa: E402
 
 
-def device() -> str:
-    return "cpu: " + (platform.processor() or platform.machine())
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def timed(fn: Callable[[], Awaitable[Any]], repeats: int) -> float:

@@ -5,7 +5,11 @@
 from __future__ import annotations
 
 import collections
+import os
+import platform
+import subprocess
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -60,3 +64,32 @@ def latency_histogram(xs: list[float]) -> dict[str, Any]:
         i = j
     return {"count": len(s), "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "max": s[-1],
             "buckets": dict(zip(["<=1ms", "<=10ms", "<=100ms", "<=1s", "<=10s", "<=100s", ">100s"], counts))}
+
+
+def device_name() -> str:
+    """What a benchmark ran on: the CUDA device, else the CPU model and core count."""
+    try:
+        import torch  # noqa: PLC0415
+        if torch.cuda.is_available():
+            return f"cuda: {torch.cuda.get_device_name(0)}"
+    except ImportError:
+        pass
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu: {cpu} x{os.cpu_count()}"
+
+
+def git_commit() -> str:
+    """The short commit of the checkout this package runs from ("unknown" outside git)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
+        return out or "unknown"
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"

@@ -13,15 +13,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import os
-import platform
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import check
+from .metrics import device_name, git_commit
 from .env import Env, EnvConfig, build_env
 from .scheduler import Engine, EngineConfig
 from .trajectory import Trajectory, iter_jsonl, truncate_torn_tail, write_jsonl
@@ -168,9 +166,8 @@ def bench_rollout(cfg: RolloutConfig) -> dict[str, Any]:
         print(f"{mode:<12}{r['wall_s']:>9.2f}{r['trajectories_per_s']:>9.2f}{r['tokens_per_s']:>9.0f}"
               f"{r['turns']:>7}{r['tool_calls']:>7}{r['answered_right']:>4}/{r['trajectories']}")
     print(f"async / lock-step speed-up: {ratio:.2f}x")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    line = {"bench": "rollout_hf", "device": platform.processor() or platform.machine(), "commit": commit,
+    commit = git_commit()
+    line = {"bench": "rollout_hf", "device": device_name(), "commit": commit,
             "policy": policy, "speedup_vs_lockstep": ratio, **{f"{m}_{k}": v for m, r in rows.items()
                                                                 for k, v in r.items()}}
     print(json.dumps(line))
