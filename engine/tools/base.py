@@ -12,7 +12,9 @@ Failure classes (read by the fatal-step detector and the retry policy):
   fatal     -- the tool could not run at all (crash, sandbox killed, resource cap).
 
 Images in a trajectory are referred to as img_1, img_2, ... in order of appearance (img_1 is the
-question's image); tools that return images append to the context and say their names.
+question's image). A tool returns new images unpublished in ToolResult.images (captions in
+meta["captions"]); the executor names them per caller (imgutil.publish), so a cached or coalesced
+result names the right img_N in every trajectory.
 
     from spyglass.engine.tools.base import Tool, ToolResult, ToolContext, register, get_tool
 """
