@@ -28,13 +28,14 @@ import collections
 import gc
 import heapq
 import time
-import uuid
+import itertools
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterable, Protocol, Sequence
 
 from PIL import Image
 
+from .backends.base import GenerateRequest, SamplingParams
 from .chat import Codec
 from .config import check
 from .metrics import EngineStats
@@ -195,6 +196,7 @@ class Engine:
         self._batch_open = False
         self._busy_since = 0.0
         self._gc_thresholds = gc.get_threshold()
+        self._request_seq = itertools.count()  # request ids: unique per engine, cheap
         self._tool_wait: list[tuple[_Live, list[dict[str, Any]]]] = []  # lockstep: tools held
         self._admitted_groups = 0
         self._base_version = self.version
@@ -398,7 +400,7 @@ class Engine:
                 budget -= 1
                 lv = q.popleft()
                 self._inflight[s] += 1
-                lv.request_id = uuid.uuid4().hex
+                lv.request_id = f"{lv.traj.id}/{next(self._request_seq)}"
                 if lv.expired:  # its deadline passed while it waited for a slot
                     self._inflight[s] -= 1
                     self._finish(lv, Status.TRUNCATED, "timeout")
@@ -413,7 +415,6 @@ class Engine:
 
     # -- jobs (each ends by putting exactly one event) -------------------------------------
     async def _generate(self, lv: _Live) -> None:
-        from .backends.base import GenerateRequest, SamplingParams  # noqa: PLC0415
         t = lv.traj
         turn = len(t.turns)
         budget = min(self.cfg.max_tokens_per_turn, self.cfg.max_context - t.num_tokens)
