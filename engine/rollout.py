@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,27 +84,39 @@ def build_engine(cfg: RolloutConfig, env: Env, engine_cfg: EngineConfig | None =
     return engine, backends, name
 
 
-def finished_groups(path: str | Path) -> set[str]:
-    """Group ids complete in an existing output (a torn last line is ignored)."""
-    if not Path(path).exists():
+def finished_groups(path: str | Path, group_size: int) -> set[str]:
+    """Group ids complete (group_size lines) in an existing output. Incomplete groups (a crash
+    between a group's lines) are removed from the file, atomically, so they are redone whole
+    and never duplicated; a torn last line is cut first."""
+    p = Path(path)
+    if not p.exists():
         return set()
+    truncate_torn_tail(p)
     counts: dict[str, int] = {}
-    for t in iter_jsonl(path):
+    for t in iter_jsonl(p):
         counts[t.group_id] = counts.get(t.group_id, 0) + 1
-    return set(counts)
+    done = {g for g, c in counts.items() if c >= group_size}
+    if len(done) < len(counts):
+        tmp = p.with_name(p.name + ".resume-tmp")
+        tmp.unlink(missing_ok=True)
+        write_jsonl(tmp, (t for t in iter_jsonl(p) if t.group_id in done))
+        os.replace(tmp, p)
+    return done
 
 
 async def _drive(engine: Engine, prompts: list, out: str | None, progress: bool) -> list[list[Trajectory]]:
     from tqdm import tqdm  # noqa: PLC0415
     groups = []
-    with tqdm(total=len(prompts), desc="groups", disable=not progress, leave=False) as bar:
-        async for g in engine.run(prompts):
-            if out:
-                write_jsonl(out, g)  # one group, flushed and fsynced: a crash loses no group
-            groups.append(g)
-            bar.update(1)
-    for b in engine.backends:
-        await b.close()
+    try:
+        with tqdm(total=len(prompts), desc="groups", disable=not progress, leave=False) as bar:
+            async for g in engine.run(prompts):
+                if out:
+                    write_jsonl(out, g)  # one group, flushed and fsynced: a crash loses no group
+                groups.append(g)
+                bar.update(1)
+    finally:
+        for b in engine.backends:
+            await b.close()
     return groups
 
 
@@ -111,9 +124,7 @@ def run_rollout(cfg: RolloutConfig) -> dict[str, Any]:
     """Roll out the world's questions; returns (and prints) the summary."""
     env = build_env(cfg.env)
     prompts = env.prompts()
-    if cfg.resume:
-        truncate_torn_tail(cfg.out)  # a crash mid-write left half a line: appends start clean
-    done = finished_groups(cfg.out) if cfg.resume else set()
+    done = finished_groups(cfg.out, cfg.engine.n_samples) if cfg.resume else set()
     todo = [p for p in prompts if p.id not in done]
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     if not cfg.resume and Path(cfg.out).exists():
@@ -133,7 +144,7 @@ def bench_rollout(cfg: RolloutConfig) -> dict[str, Any]:
     """The main job: the same workload by the async engine and by the lock-step baseline."""
     import tempfile  # noqa: PLC0415
     rows = {}
-    scratch = tempfile.TemporaryDirectory(prefix="spyglass-bench-")
+    scratch = tempfile.TemporaryDirectory(prefix="spyglass-bench-")  # removed when collected
     for mode in ("async", "lockstep"):
         # a fresh executor per mode: its own coalescer and its own empty disk cache (as in
         # production, a call repeated after the first finished is a cache hit, not a re-run)
@@ -150,13 +161,11 @@ def bench_rollout(cfg: RolloutConfig) -> dict[str, Any]:
         rows[mode] = {"wall_s": wall, "trajectories": len(trajs), "turns": engine.stats.turns,
                       "gen_tokens": engine.stats.gen_tokens, "trajectories_per_s": len(trajs) / wall,
                       "tokens_per_s": engine.stats.gen_tokens / wall, "answered_right": ok,
-                      "tool_calls": env.executor.stats()["calls"],
-                      "cache_hits": env.executor.stats()["cache_hits"],
-                      "coalescing_ratio": env.executor.stats().get("coalescer", {}).get("coalescing_ratio")}
+                      "tool_calls": (ts := env.executor.stats())["calls"], "cache_hits": ts["cache_hits"],
+                      "coalescing_ratio": ts.get("coalescer", {}).get("coalescing_ratio")}
         if mode == "async" and cfg.timeline:
             from .timeline import draw_timeline  # noqa: PLC0415
             draw_timeline(engine.stats.spans, cfg.timeline, title=f"async engine, {policy}")
-    scratch.cleanup()
     ratio = rows["lockstep"]["wall_s"] / rows["async"]["wall_s"]
     print(f"spyglass bench rollout: backend {cfg.backend} ({cfg.model}), policy: {policy}")
     print(f"workload: {len(prompts)} world questions x {cfg.engine.n_samples} samples, real tools, "

@@ -27,6 +27,7 @@ import asyncio
 import collections
 import gc
 import heapq
+import weakref
 import time
 import itertools
 import zlib
@@ -154,6 +155,13 @@ class _Live:
     moves: int = 0
     job: asyncio.Future | None = None  # the generation or tools task in flight
     expired: bool = False
+    reported: bool = True  # the job in flight has posted (or will post) its own event
+    done: bool = False
+
+
+def _gone(ref: Any) -> bool:
+    lv = ref()
+    return lv is None or lv.done
 
 
 # ----------------------------------------------------------------------------- the engine
@@ -189,7 +197,7 @@ class Engine:
         self._gen_tasks: dict[str, tuple[asyncio.Task, _Live]] = {}
         self._paused = False
         self._idle = asyncio.Event()
-        self._deadlines: list[tuple[float, int, _Live]] = []  # heap: when each live one expires
+        self._deadlines: list[tuple[float, int, Any]] = []  # heap of (deadline, id, weakref to _Live)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0  # perf_counter time the timer fires
         self._tool_jobs = 0
@@ -197,6 +205,7 @@ class Engine:
         self._busy_since = 0.0
         self._gc_thresholds = gc.get_threshold()
         self._request_seq = itertools.count()  # request ids: unique per engine, cheap
+        self._jobs: set[asyncio.Task] = set()  # every generation, tool and abort task in flight
         self._tool_wait: list[tuple[_Live, list[dict[str, Any]]]] = []  # lockstep: tools held
         self._admitted_groups = 0
         self._base_version = self.version
@@ -240,7 +249,7 @@ class Engine:
             if not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-            for t, _ in list(self._gen_tasks.values()):
+            for t in list(self._jobs):
                 t.cancel()
 
     async def _main(self, pending: Iterable[Prompt], out: asyncio.Queue) -> None:
@@ -252,6 +261,7 @@ class Engine:
                 gc.set_threshold(*self._gc_thresholds)
             if self._timer is not None:
                 self._timer.cancel()
+            self._idle.set()  # a pause() waiting on a dead loop returns
             out.put_nowait(None)
 
     async def _loop(self, pending: Any, out: asyncio.Queue) -> None:
@@ -332,14 +342,17 @@ class Engine:
         One timer, armed for the earliest deadline, wakes the loop."""
         now = time.perf_counter()
         heap = self._deadlines
-        while heap and (heap[0][0] <= now or heap[0][2].traj.is_done()):
-            _, _, lv = heapq.heappop(heap)
-            if lv.traj.is_done() or lv.expired:
+        while heap and (heap[0][0] <= now or _gone(heap[0][2])):
+            _, _, ref = heapq.heappop(heap)
+            lv = ref()
+            if lv is None or lv.done or lv.expired:
                 continue
             lv.expired = True
             if lv.job is not None and not lv.job.done():
                 if lv.request_id in self._gen_tasks:
-                    asyncio.ensure_future(self.backends[lv.server].abort(lv.request_id))
+                    abort = asyncio.ensure_future(self.backends[lv.server].abort(lv.request_id))
+                    self._jobs.add(abort)
+                    abort.add_done_callback(lambda t: (self._jobs.discard(t), t.cancelled() or t.exception()))
                 lv.job.cancel()
         if heap and (self._timer is None or self._timer_at > heap[0][0] + 1e-3 or self._timer_at <= now):
             if self._timer is not None:
@@ -366,11 +379,10 @@ class Engine:
                            meta=dict(p.meta), started_at=time.time())
             lv = _Live(t, server, now + self.cfg.timeout_s,
                        image_tokens=sum(self.image_tokens(im) for im in p.images), ready_since=now)
-            heapq.heappush(self._deadlines, (lv.deadline, id(lv), lv))
+            heapq.heappush(self._deadlines, (lv.deadline, id(lv), weakref.ref(lv)))
             self._load[server] += 1
-            if len(prompt_ids) >= self.cfg.max_context:
-                self._finish(lv, Status.TRUNCATED, "max_context")
-                self._events.put_nowait(("done", lv, None))
+            if len(prompt_ids) >= self.cfg.max_context:  # finished when the event is handled
+                self._events.put_nowait(("done", lv, (Status.TRUNCATED, "max_context")))
             else:
                 self._ready[server].append(lv)
             out.append(lv)
@@ -389,24 +401,25 @@ class Engine:
         if self.cfg.lockstep:
             if self._tool_wait and not self._gen_tasks:  # the whole batch generated: tools
                 for lv, calls in self._tool_wait:
-                    lv.job = asyncio.ensure_future(self._run_tools(lv, calls))
+                    lv.reported = False
+                    lv.job = self._spawn(self._run_tools(lv, calls), lv, "tools")
                     self._tool_jobs += 1
                 self._tool_wait.clear()
             if self._gen_tasks or self._tool_jobs or self._tool_wait or self._batch_open:
                 return False
-        budget = self.EVENTS_PER_SLICE
+        # lock-step launches the whole batch's turn at once; otherwise a bounded slice
+        budget = 1 << 62 if self.cfg.lockstep else self.EVENTS_PER_SLICE
         for s, q in enumerate(self._ready):
             while q and self._inflight[s] < self.cfg.max_inflight_per_server and budget > 0:
                 budget -= 1
                 lv = q.popleft()
+                if lv.expired:  # its deadline passed while it waited for a slot
+                    self._events.put_nowait(("done", lv, (Status.TRUNCATED, "timeout")))
+                    continue
                 self._inflight[s] += 1
                 lv.request_id = f"{lv.traj.id}/{next(self._request_seq)}"
-                if lv.expired:  # its deadline passed while it waited for a slot
-                    self._inflight[s] -= 1
-                    self._finish(lv, Status.TRUNCATED, "timeout")
-                    self._events.put_nowait(("done", lv, None))
-                    continue
-                task = lv.job = asyncio.ensure_future(self._generate(lv))
+                lv.reported = False
+                task = lv.job = self._spawn(self._generate(lv), lv, "gen_timeout")
                 if not self._gen_tasks:
                     self._busy_since = time.perf_counter()
                 self._gen_tasks[lv.request_id] = (task, lv)
@@ -414,18 +427,40 @@ class Engine:
         return budget == 0
 
     # -- jobs (each ends by putting exactly one event) -------------------------------------
+    def _spawn(self, coro: Any, lv: _Live, on_cancel: str) -> asyncio.Task:
+        """Run a job as a task. A job cancelled before its coroutine started never reaches its
+        own except clause, so a done-callback posts the cancellation event for it."""
+        task = asyncio.ensure_future(coro)
+        self._jobs.add(task)
+
+        def done(t: asyncio.Task) -> None:
+            self._jobs.discard(t)
+            if t.cancelled() and not lv.reported:
+                now = time.perf_counter()
+                self._events.put_nowait((on_cancel, lv, (now, now) if on_cancel == "gen_timeout"
+                                         else (None, now, now)))
+        task.add_done_callback(done)
+        return task
+
     async def _generate(self, lv: _Live) -> None:
-        t = lv.traj
-        turn = len(t.turns)
-        budget = min(self.cfg.max_tokens_per_turn, self.cfg.max_context - t.num_tokens)
-        forced = self.policy.forced_ids(t, turn) if self.policy is not None else None
-        req = GenerateRequest(
-            request_id=lv.request_id, prompt_ids=t.token_array(), images=t.images(),
-            sampling=SamplingParams(max_tokens=budget, temperature=self.cfg.temperature,
-                                    top_p=self.cfg.top_p, stop_token_ids=list(self.codec.stop_token_ids),
-                                    seed=zlib.crc32(f"{self.cfg.seed}/{t.id}/{turn}".encode())),  # stable across processes
-            forced_ids=forced[:budget] if forced is not None else None)
         t0 = time.perf_counter()
+        try:
+            t = lv.traj
+            turn = len(t.turns)
+            budget = min(self.cfg.max_tokens_per_turn, self.cfg.max_context - t.num_tokens)
+            forced = self.policy.forced_ids(t, turn) if self.policy is not None else None
+            req = GenerateRequest(
+                request_id=lv.request_id, prompt_ids=t.token_array(), images=t.images(),
+                sampling=SamplingParams(
+                    max_tokens=budget, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
+                    stop_token_ids=list(self.codec.stop_token_ids),
+                    seed=zlib.crc32(f"{self.cfg.seed}/{t.id}/{turn}".encode())),  # stable across processes
+                forced_ids=forced[:budget] if forced is not None else None)
+        except Exception as e:  # noqa: BLE001 - a bad policy/prompt ends this trajectory, not the run
+            lv.reported = True
+            self._events.put_nowait(("gen_fail", lv, e))
+            return
+        lv.reported = True  # from here the coroutine itself reports how it ended
         try:
             out = await self.backends[lv.server].generate(req)
             self._events.put_nowait(("gen", lv, (out, t0, time.perf_counter())))
@@ -435,6 +470,7 @@ class Engine:
             self._events.put_nowait(("gen_error", lv, e))
 
     async def _run_tools(self, lv: _Live, calls: list[dict[str, Any]]) -> None:
+        lv.reported = True
         t0 = time.perf_counter()
         try:
             outs = await self.tools(calls, lv.traj)
@@ -449,7 +485,7 @@ class Engine:
     def _handle(self, kind: str, lv: _Live, payload: Any) -> bool:
         """Advance one trajectory; True when it has just finished."""
         if kind == "done":
-            return True
+            return self._finish(lv, *payload)
         if kind.startswith("gen"):
             if self._gen_tasks.pop(lv.request_id, None) is not None and not self._gen_tasks:
                 self.stats.busy_s += time.perf_counter() - self._busy_since
@@ -460,6 +496,9 @@ class Engine:
             return self._finish(lv, Status.TRUNCATED, "timeout")
         if kind == "gen_error":
             return self._on_server_error(lv, payload)
+        if kind == "gen_fail":
+            lv.traj.meta["engine_error"] = f"{type(payload).__name__}: {payload}"
+            return self._finish(lv, Status.ERROR, "engine_error")
         if kind == "tools":
             self._tool_jobs -= 1
             return self._on_tools(lv, *payload)
@@ -481,6 +520,7 @@ class Engine:
 
     def _on_generated(self, lv: _Live, out: Any, t0: float, t1: float) -> bool:
         t, cfg = lv.traj, self.cfg
+        self._up[lv.server] = True  # it answered: back in the placement rotation
         if lv.expired:
             return self._finish(lv, Status.TRUNCATED, "timeout")
         if out.finish_reason == "abort":  # redo this turn at the boundary, under the new version
@@ -517,7 +557,8 @@ class Engine:
         if self.cfg.lockstep:
             self._tool_wait.append((lv, parsed.calls))
         else:
-            lv.job = asyncio.ensure_future(self._run_tools(lv, parsed.calls))
+            lv.reported = False
+            lv.job = self._spawn(self._run_tools(lv, parsed.calls), lv, "tools")
             self._tool_jobs += 1
         return False
 
@@ -601,6 +642,7 @@ class Engine:
             s.spans.append((lv.traj.id, kind, t0, t1))
 
     def _finish(self, lv: _Live, status: Status, reason: str) -> bool:
+        lv.done = True
         t = lv.traj
         t.status, t.stop_reason, t.finished_at = status, reason, time.time()
         t.fatal_step = t.compute_fatal_step(self.cfg.fatal_k)

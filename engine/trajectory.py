@@ -286,11 +286,10 @@ def fatal_step_of(step_ok: list[bool], k: int = 3, answered: bool = False,
 
 def write_jsonl(path: str | Path, trajs: Iterable[Trajectory], append: bool = True) -> int:
     """Append trajectories to a JSONL file, flushed and fsynced; returns how many were written."""
-    n = 0
+    lines = [json.dumps(t.to_json(), ensure_ascii=False, allow_nan=False) + "\n" for t in trajs]
+    n = len(lines)
     with open(path, "a" if append else "w", encoding="utf-8") as f:
-        for t in trajs:
-            f.write(json.dumps(t.to_json(), ensure_ascii=False, allow_nan=False) + "\n")
-            n += 1
+        f.write("".join(lines))  # one write: a crash leaves at most one torn tail, cut on resume
         f.flush()
         os.fsync(f.fileno())
     return n

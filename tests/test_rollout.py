@@ -49,3 +49,15 @@ def test_crashed_run_resumes_without_duplicates_or_losses(world: Path, tmp_path:
     per_group = collections.Counter(t.group_id for t in trajs)
     assert per_group == {"q-000": 2, "q-001": 2, "q-002": 2}
     assert len({t.id for t in trajs}) == 6
+
+
+def test_incomplete_group_is_redone_whole(world: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r.jsonl"
+    run_rollout(_cfg(world, out))
+    lines = out.read_text().splitlines(keepends=True)
+    # a crash between the two lines of group q-001: one of its lines made it to disk
+    out.write_text("".join(x for x in lines if '"group_id": "q-000"' in x)
+                   + next(x for x in lines if '"group_id": "q-001"' in x))
+    run_rollout(_cfg(world, out))
+    per_group = collections.Counter(t.group_id for t in iter_jsonl(out))
+    assert per_group == {"q-000": 2, "q-001": 2}

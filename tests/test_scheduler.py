@@ -256,3 +256,42 @@ def test_metrics_busy_fraction_and_tool_histogram() -> None:
     assert 0.0 < s["generator_busy_fraction"] <= 1.0
     h = s["tool_latency_s"]
     assert h["count"] == 12 and sum(h["buckets"].values()) == 12 and 0.02 <= h["p50"] < 1.0
+
+
+def test_review_regressions_group_emission_cancel_before_start_and_bad_policy() -> None:
+    # a prompt over max_context with n_samples > 1: the group is emitted once, no KeyError
+    engine, _ = _engine(EngineConfig(n_samples=2, max_context=8), {"p0": script_turns([], "y")})
+    (g,) = asyncio.run(_collect(engine, [Prompt("p0", "q")]))
+    assert [t.stop_reason for t in g] == ["max_context", "max_context"]
+    # a policy that raises ends that trajectory as ERROR; the run and the other groups go on
+    engine, _ = _engine(EngineConfig(n_samples=1), {"ok": script_turns([], "y")})
+    groups = asyncio.run(_collect(engine, [Prompt("ok", "q"), Prompt("no-script", "q")]))
+    got = {g[0].group_id: g[0] for g in groups}
+    assert got["ok"].status is Status.ANSWERED
+    assert got["no-script"].status is Status.ERROR and "no script" in got["no-script"].meta["engine_error"]
+    # deadlines that expire right at launch (cancel before the job starts) never hang the run
+    for _ in range(5):
+        scripts = {f"p{i}": script_turns([("search", {"sleep": 0.01})] * 3, "y") for i in range(16)}
+        engine, _ = _engine(EngineConfig(n_samples=2, max_live=32, timeout_s=0.02), scripts,
+                            servers=[FakeServer("s0", delay=0.005)])
+
+        async def bounded():
+            return await asyncio.wait_for(_collect(engine, [Prompt(f"p{i}", "q") for i in range(16)]), 20)
+        assert len(asyncio.run(bounded())) == 16
+
+
+def test_lockstep_launches_the_whole_batch_at_once() -> None:
+    scripts = {f"p{i}": script_turns([], "y") for i in range(64)}
+    server = FakeServer("s0", delay=0.01)
+    peak = 0
+    orig = server.generate
+
+    async def counting(req):
+        nonlocal peak
+        peak = max(peak, len(server.inflight) + 1)
+        return await orig(req)
+    server.generate = counting
+    engine, _ = _engine(EngineConfig(n_samples=1, max_live=64, max_inflight_per_server=64, lockstep=True),
+                        scripts, servers=[server])
+    asyncio.run(_collect(engine, [Prompt(f"p{i}", "q") for i in range(64)]))
+    assert peak == 64

@@ -76,27 +76,25 @@ def run_grpo(cfg: GRPOConfig) -> dict[str, Any]:
     """The outer loop (see the module docstring); returns the last step's metrics."""
     info = init_distributed(cfg.dist)
     torch.manual_seed(cfg.seed)
-    loop = asyncio.new_event_loop()
-    run = _Run(cfg, info.rank, loop)
+    run = _Run(cfg, info.rank, asyncio.new_event_loop())
     metrics: dict[str, Any] = {}
-    for step in range(run.start, cfg.steps):
-        trajs = run.broadcast(run.rollout_batch() if info.rank == 0 else None)        # rollout
-        if info.rank == 0:
-            loop.run_until_complete(score_group(trajs, cfg.reward))                   # reward
-        trajs = run.broadcast(trajs if info.rank == 0 else None)
-        algo = compute_advantages(trajs, cfg.algo)                                    # advantage
-        run.colocate("sleep")
-        metrics = {"step": step + 1, **run.updater.step(trajs, algo.advantages, algo.masks),
-                   **{f"algo/{k}": v for k, v in algo.metrics.items()}}               # update
-        run.colocate("wake")
-        run.sync()                                                                    # weight sync
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and info.rank == 0:
-            metrics.update(run.evaluate())                                            # eval
-        if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0:
-            save_checkpoint(cfg.ckpt_dir, run.updater, data_state={"pos": run.pos},
-                            engine_state={"version": run.updater.version})            # checkpoint
-        run.log(metrics, trajs)
-    run.close()
+    try:
+        for step in range(run.start, cfg.steps):
+            trajs = run.broadcast(run.rollout_and_score() if run.rank == 0 else None)  # rollout, reward
+            algo = compute_advantages(trajs, cfg.algo)                                 # advantage
+            run.colocate("sleep")
+            metrics = {"step": step + 1, **run.updater.step(trajs, algo.advantages, algo.masks),
+                       **{f"algo/{k}": v for k, v in algo.metrics.items()}}            # update
+            run.colocate("wake")
+            run.sync()                                                                 # weight sync
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and run.rank == 0:
+                metrics.update(run.evaluate())                                         # eval
+            run.log(metrics, trajs)
+            if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0:                  # checkpoint
+                save_checkpoint(cfg.ckpt_dir, run.updater, data_state=run.data_state(),
+                                engine_state={"version": run.updater.version})
+    finally:
+        run.close()
     return metrics
 
 
@@ -115,6 +113,10 @@ class _Run:
         if rank == 0:
             self.env = build_env(cfg.rollout.env)
             self.prompts = self.env.prompts()
+            held = cfg.eval_questions if cfg.eval_every else 0
+            check(len(self.prompts) > held, f"eval_questions={held} leaves no training prompts "
+                                            f"out of {len(self.prompts)}")
+            self.train_prompts = self.prompts[:len(self.prompts) - held]  # eval never trains
             self.backends = _backends(cfg.rollout, vlm)
             replay = ReplayPolicy(codec, self.env.replay_scripts())
             policy = {"replay": replay, "sample": None,
@@ -131,16 +133,21 @@ class _Run:
         if cfg.resume and latest_checkpoint(cfg.ckpt_dir) is not None:
             state = load_checkpoint(cfg.ckpt_dir, self.updater)
             self.start, self.pos = state["step"], state["data_state"]["pos"]
+            out, size = Path(cfg.rollout.out), state["data_state"].get("rollout_bytes", 0)
+            if rank == 0 and cfg.rollout.out and out.exists() and out.stat().st_size > size:
+                with open(out, "rb+") as f:  # steps after the checkpoint are redone: drop their lines
+                    f.truncate(size)
             self.sync()  # the generator serves the restored weights and version
 
-    def rollout_batch(self) -> list:
-        n = len(self.prompts)
-        batch = [self.prompts[(self.pos + i) % n] for i in range(self.cfg.groups_per_step)]
+    def rollout_and_score(self) -> list:
+        """Rank 0: the next groups_per_step prompts (cycling over the training split), rolled
+        out and scored."""
+        n = len(self.train_prompts)
+        batch = [self.train_prompts[(self.pos + i) % n] for i in range(self.cfg.groups_per_step)]
         self.pos += len(batch)
-
-        async def collect() -> list:
-            return [t async for g in self.engine.run(batch) for t in g]
-        return self.loop.run_until_complete(collect())
+        trajs = self.loop.run_until_complete(self._collect(batch))
+        self.loop.run_until_complete(score_group(trajs, self.cfg.reward))
+        return trajs
 
     def broadcast(self, obj: Any) -> Any:
         if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
@@ -156,13 +163,19 @@ class _Run:
             fn = sleep_backends if phase == "sleep" else wake_backends
             self.slept = self.loop.run_until_complete(fn(self.backends))
 
+    def data_state(self) -> dict[str, Any]:
+        """What resumes the data stream: the prompt position and the rollouts file's length."""
+        out = Path(self.cfg.rollout.out) if self.cfg.rollout.out else None
+        return {"pos": self.pos, "rollout_bytes": out.stat().st_size if out and out.exists() else 0}
+
     def sync(self) -> None:
         sd = full_state_dict(self.updater, rank0_only=True)
         if self.rank == 0:
             self.loop.run_until_complete(sync_weights(self.backends, sd, self.updater.version))
 
     def evaluate(self) -> dict[str, float]:
-        """Greedy-free sampled rollouts of held-out questions, scored by the reward's judge."""
+        """The model's own sampled rollouts (no replay) of the held-out questions, one sample
+        each, scored by the reward's judge."""
         held_out = self.prompts[-self.cfg.eval_questions:]
         policy, self.engine.policy = self.engine.policy, None
         cfg, self.engine.cfg = self.engine.cfg, EngineConfig(**{**asdict(self.engine.cfg), "n_samples": 1})
