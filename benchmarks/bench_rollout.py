@@ -4,8 +4,8 @@ One multi-turn workload (benchmarks/rollout_sim.py: turns 1 + geometric, ~300 ge
 per turn, lognormal tool latency, a server whose decode step takes a + b * n_active) is run
   (a) by spyglass's Engine over a latency-modelled server (engine/backends/simulated.py) and
       sleeping tools, with the same limit on live trajectories;
-  (b) by a lock-step batch loop over the same server and tools (generate for all, then run all
-      tools, repeat: TRL's GRPO rollout);
+  (b) by the same engine in lock-step mode (EngineConfig.lockstep: generate for all, then run
+      all tools, repeat: TRL's GRPO rollout) over the same server and tools;
   (c) by the zero-overhead discrete-event simulation of continuous batching (the bound).
 All durations are scaled by --time-scale so a long workload runs in seconds; the table reports
 model seconds (wall / time_scale). Target: the engine within 5% of the bound.
@@ -26,7 +26,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from rollout_sim import Workload, des_bound, lockstep_makespan  # noqa: E402
 
-from spyglass.engine.backends.base import GenerateRequest, SamplingParams  # noqa: E402
 from spyglass.engine.backends.simulated import SimulatedBackend, SimulatedConfig  # noqa: E402
 from spyglass.engine.metrics import device_name, git_commit  # noqa: E402
 from spyglass.engine.chat import ByteCodec  # noqa: E402
@@ -86,9 +85,10 @@ def server(w: Workload, scale: float) -> SimulatedBackend:
                                             max_seqs=w.live, time_scale=scale, vocab_size=CODEC.vocab_size))
 
 
-async def run_engine(w: Workload, work, scale: float) -> tuple[float, Engine]:
+async def run_engine(w: Workload, work, scale: float, lockstep: bool = False) -> tuple[float, Engine]:
+    """The engine over the workload; lockstep=True is the same loop as TRL-style batches."""
     backend = server(w, scale)
-    cfg = EngineConfig(n_samples=1, max_live=w.live, max_inflight_per_server=w.live,
+    cfg = EngineConfig(n_samples=1, max_live=w.live, max_inflight_per_server=w.live, lockstep=lockstep,
                        max_turns=w.max_turns, timeout_s=1e9, repetition_min_tokens=10**9)
     engine = Engine(cfg, [backend], CODEC, make_tools(work, scale), parse, policy=WorkloadPolicy(work))
     t0 = time.perf_counter()
@@ -99,28 +99,6 @@ async def run_engine(w: Workload, work, scale: float) -> tuple[float, Engine]:
     await backend.close()
     assert n == len(work), (n, len(work))
     return wall, engine
-
-
-async def run_lockstep(w: Workload, work, scale: float) -> float:
-    """Generate the turn for every active member, then all their tools; repeat (TRL style)."""
-    backend = server(w, scale)
-    policy, tools = WorkloadPolicy(work), make_tools(work, scale)
-    prompt = CODEC.encode_prompt("q", [], [])
-    t0 = time.perf_counter()
-    for s in range(0, len(work), w.live):
-        members = [Trajectory(id=f"p{j}", group_id=f"p{j}", sample_index=0, prompt_ids=prompt)
-                   for j in range(s, min(s + w.live, len(work)))]
-        for k in range(max(len(work[int(m.id[1:])]) for m in members)):
-            active = [m for m in members if k < len(work[int(m.id[1:])])]
-            reqs = [GenerateRequest(f"{m.id}/{k}", list(prompt), SamplingParams(max_tokens=4096),
-                                    forced_ids=policy.forced_ids(m, k)) for m in active]
-            await asyncio.gather(*(backend.generate(r) for r in reqs))
-            calls = [[{"name": "sim", "arguments": json.dumps({"j": int(m.id[1:]), "k": k})}]
-                     for m in active if k < len(work[int(m.id[1:])]) - 1]
-            await asyncio.gather(*(tools(c, None) for c in calls))
-    wall = time.perf_counter() - t0
-    await backend.close()
-    return wall
 
 
 def main() -> None:
@@ -147,7 +125,7 @@ def main() -> None:
     lock_model = lockstep_makespan(work, w.live, w.step_a_s, w.step_b_s)
     eng_wall, engine = asyncio.run(run_engine(w, work, a.time_scale))
     eng = eng_wall / a.time_scale
-    lock = asyncio.run(run_lockstep(w, work, a.time_scale)) / a.time_scale if not a.skip_lockstep else None
+    lock = None if a.skip_lockstep else asyncio.run(run_engine(w, work, a.time_scale, lockstep=True))[0] / a.time_scale
     n = len(work)
     rows = [("zero-overhead bound (DES)", bound), ("spyglass engine", eng),
             ("lock-step loop (run)", lock), ("lock-step loop (model)", lock_model)]
