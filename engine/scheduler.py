@@ -68,7 +68,7 @@ class EngineConfig:
     max_server_retries: int = 3  # a turn moves servers at most this often before ERROR
     seed: int = 0
     gc_freeze: bool = True  # keep long-lived objects out of full cyclic-GC passes (see _loop)
-    gc_freeze_interval_s: float = 1.0
+    gc_freeze_interval_s: float = 0.1
     lockstep: bool = False  # baseline policy: TRL-style batches (see Engine docstring)
     check_tokens: bool = False  # compare each finished context with a fresh tokenization
     strict_tokens: bool = False  # ... and raise on a mismatch (tests)
