@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
-import os
 import re
 import unicodedata
 from collections import Counter
@@ -48,6 +47,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 import aiohttp
 
+from spyglass.engine.tools.llm import auth_headers
 from spyglass.engine.trajectory import Trajectory
 
 T = TypeVar("T")
@@ -220,14 +220,7 @@ class JudgeSession:
     async def __aenter__(self) -> "JudgeSession":
         llm = self.cfg.llm
         if llm is not None:
-            self._headers = {"Content-Type": "application/json"}
-            if llm.api_key_env:
-                key = os.environ.get(llm.api_key_env)
-                if not key:
-                    raise ValueError(f"the judge endpoint {llm.base_url} needs an API key in the "
-                                     f"environment variable {llm.api_key_env} (unset), or set "
-                                     f"api_key_env=None for a server without auth")
-                self._headers["Authorization"] = f"Bearer {key}"
+            self._headers = auth_headers(llm.base_url, llm.api_key_env, "judge")
             self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=llm.timeout_s))
             self._sem = asyncio.Semaphore(llm.concurrency)
         return self

@@ -44,15 +44,21 @@ class LLMConfig:
 
     def headers(self) -> dict[str, str]:
         """Request headers; a named key variable that is unset is an error naming it."""
-        h = {"Content-Type": "application/json"}
-        if self.api_key_env:
-            key = os.environ.get(self.api_key_env)
-            if not key:
-                raise ValueError(f"the LLM endpoint {self.base_url} needs an API key in the "
-                                 f"environment variable {self.api_key_env} (unset), or set "
-                                 f"api_key_env=None for a server without auth")
-            h["Authorization"] = f"Bearer {key}"
-        return h
+        return auth_headers(self.base_url, self.api_key_env, "LLM")
+
+
+def auth_headers(base_url: str, api_key_env: str | None, what: str = "LLM") -> dict[str, str]:
+    """JSON headers for an OpenAI-compatible endpoint, with `Bearer $api_key_env` when one is
+    named; a named variable that is unset is an error naming it."""
+    h = {"Content-Type": "application/json"}
+    if api_key_env:
+        key = os.environ.get(api_key_env)
+        if not key:
+            raise ValueError(f"the {what} endpoint {base_url} needs an API key in the "
+                             f"environment variable {api_key_env} (unset), or set "
+                             f"api_key_env=None for a server without auth")
+        h["Authorization"] = f"Bearer {key}"
+    return h
 
 
 async def chat(cfg: LLMConfig, messages: list[dict[str, str]], *, tool: str = "") -> str:
