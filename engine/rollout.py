@@ -69,14 +69,19 @@ def _backends(cfg: RolloutConfig, vlm: Any) -> list[Any]:
 
 
 def build_engine(cfg: RolloutConfig, env: Env, engine_cfg: EngineConfig | None = None,
-                 record_spans: bool = False) -> tuple[Engine, list[Any], str]:
-    """The engine for a config: backends, codec, env tools, the C++ parser, the policy."""
+                 record_spans: bool = False, vlm: Any = None,
+                 replay_per_group: int = 1) -> tuple[Engine, list[Any], str]:
+    """The engine for a config: backends, codec, env tools, the C++ parser, the policy.
+    `vlm`: a model already built for this config (shared with a trainer), else built here;
+    `replay_per_group`: samples per group that replay under policy "mixed"."""
+    from .chat import HFCodec  # noqa: PLC0415
     from .policy import MixedPolicy, ReplayPolicy  # noqa: PLC0415
     from .toolcall import make_turn_parser  # noqa: PLC0415
-    vlm, codec = _model_and_codec(cfg)
+    vlm, codec = (vlm, HFCodec.from_tiny(vlm)) if vlm is not None else _model_and_codec(cfg)
     backends = _backends(cfg, vlm)
     replay = ReplayPolicy(codec, env.replay_scripts())
-    policy = {"replay": replay, "sample": None, "mixed": MixedPolicy(replay, 1)}[cfg.policy]
+    policy = {"replay": replay, "sample": None,
+              "mixed": MixedPolicy(replay, replay_per_group)}[cfg.policy]
     engine = Engine(engine_cfg or cfg.engine, backends, codec, env.runner, make_turn_parser(env.schemas),
                     tool_schemas=env.schemas, policy=policy, image_tokens=codec.image_tokens,
                     record_spans=record_spans)

@@ -25,8 +25,8 @@ import torch
 
 from spyglass.engine.config import check
 from spyglass.engine.env import build_env
-from spyglass.engine.rollout import RolloutConfig, _backends, _model_and_codec
-from spyglass.engine.scheduler import Engine, EngineConfig
+from spyglass.engine.rollout import RolloutConfig, _model_and_codec, build_engine
+from spyglass.engine.scheduler import EngineConfig
 from spyglass.engine.trajectory import write_jsonl
 from spyglass.trainer.algorithm import AlgoConfig, compute_advantages
 from spyglass.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -102,10 +102,8 @@ class _Run:
     """The state the loop carries: model copies, engine, updater, data position, logs."""
 
     def __init__(self, cfg: GRPOConfig, rank: int, loop: asyncio.AbstractEventLoop) -> None:
-        from spyglass.engine.policy import MixedPolicy, ReplayPolicy  # noqa: PLC0415
-        from spyglass.engine.toolcall import make_turn_parser  # noqa: PLC0415
         self.cfg, self.rank, self.loop, self.pos, self.start = cfg, rank, loop, 0, 0
-        vlm, codec = _model_and_codec(cfg.rollout)
+        vlm, _ = _model_and_codec(cfg.rollout)
         # the trainer owns its own copy: DeepSpeed wraps it and train() mode must not leak
         self.updater = PolicyUpdater(copy.deepcopy(vlm.model), cfg.update, image_processor=vlm.image_processor,
                                      dist=cfg.dist)
@@ -117,13 +115,8 @@ class _Run:
             check(len(self.prompts) > held, f"eval_questions={held} leaves no training prompts "
                                             f"out of {len(self.prompts)}")
             self.train_prompts = self.prompts[:len(self.prompts) - held]  # eval never trains
-            self.backends = _backends(cfg.rollout, vlm)
-            replay = ReplayPolicy(codec, self.env.replay_scripts())
-            policy = {"replay": replay, "sample": None,
-                      "mixed": MixedPolicy(replay, cfg.replay_per_group)}[cfg.rollout.policy]
-            self.engine = Engine(cfg.rollout.engine, self.backends, codec, self.env.runner,
-                                 make_turn_parser(self.env.schemas), tool_schemas=self.env.schemas,
-                                 policy=policy, image_tokens=codec.image_tokens)
+            self.engine, self.backends, _ = build_engine(cfg.rollout, self.env, vlm=vlm,
+                                                         replay_per_group=cfg.replay_per_group)
             Path(cfg.log_dir).mkdir(parents=True, exist_ok=True)
             try:
                 from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
