@@ -8,15 +8,18 @@ the way its hops say (used by the replay policy, and as teacher trajectories).
 
     env = build_env(EnvConfig())
     engine = Engine(cfg, backends, codec, env.runner, make_turn_parser(env.schemas),
-                    tool_schemas=env.schemas)
+                    tool_schemas=env.prompt_tools)
     prompts = env.prompts()             # world questions with their images
 """
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 
 from .config import check
@@ -41,8 +44,15 @@ class EnvConfig:
     max_batch: int = 16
     max_wait_s: float = 0.002
     questions: int = 0  # 0: all world questions
+    questions_file: str = ""  # a synthesized questions.jsonl (trainer/synth) instead of the world's
+    prompt_schemas: bool = True  # the tools' JSON schemas in the system prompt (False: ~2,500
+    #                              tokens shorter; for a model fine-tuned on the agent format)
+    search_top_k: int = 3  # TextSearch / ImageSearch results asked for by the solve scripts
 
     def __post_init__(self) -> None:
+        check(not self.questions_file or Path(self.questions_file).is_file(),
+              f"questions_file {self.questions_file!r} does not exist")
+        check(self.search_top_k >= 1, f"search_top_k must be >= 1, got {self.search_top_k}")
         bad = [t for t in self.tools if t not in ALL_TOOLS]
         check(not bad, f"tools: unknown {bad}; known {list(ALL_TOOLS)}")
         check(self.max_batch >= 1, f"max_batch must be >= 1, got {self.max_batch}")
@@ -116,23 +126,45 @@ class Env:
     def schemas(self) -> list[dict[str, Any]]:
         return [self.tools[n].schema() for n in self.cfg.tools if n in self.tools]
 
+    @property
+    def prompt_tools(self) -> list[dict[str, Any]]:
+        """The schemas the system prompt shows (none with prompt_schemas=False)."""
+        return self.schemas if self.cfg.prompt_schemas else []
+
+    def all_questions(self) -> list[dict[str, Any]]:
+        """The question records: the world's, or those of `questions_file` (its images under
+        its directory, `image_file`)."""
+        if not self.cfg.questions_file:
+            return list(self.world.questions)
+        lines = Path(self.cfg.questions_file).read_text().splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def questions(self) -> list[dict[str, Any]]:
+        """all_questions(), cut to the first `questions` when that is set."""
+        qs = self.all_questions()
+        return qs[: self.cfg.questions] if self.cfg.questions else qs
+
+    def image_path(self, q: dict[str, Any]) -> Path:
+        """The file of question `q`'s image (a synthesized question's own, possibly degraded, copy)."""
+        if self.cfg.questions_file and q.get("image_file"):
+            return Path(self.cfg.questions_file).parent / q["image_file"]
+        return self.world.image_path(q["image"])
+
+    def _image(self, q: dict[str, Any]) -> Image.Image:
+        with Image.open(self.image_path(q)) as im:
+            return im.convert("RGB")
+
     def prompts(self, ids: list[str] | None = None) -> list[Prompt]:
-        """World questions as engine prompts (image loaded; answer and aliases in meta)."""
-        qs = self.world.questions
-        if ids is not None:
-            qs = [q for q in qs if q["id"] in set(ids)]
-        elif self.cfg.questions:
-            qs = qs[: self.cfg.questions]
-        out = []
-        for q in qs:
-            img = self.world.load_image(q["image"])
-            out.append(Prompt(q["id"], q["question"], images=[img.convert("RGB")],
-                              meta={"question": q["question"], "answer": q["answer"],
-                                    "aliases": q.get("aliases", []), "kind": q.get("kind", "")}))
-        return out
+        """Questions as engine prompts (image loaded; answer and aliases in meta)."""
+        wanted = set(ids) if ids is not None else None
+        qs = self.questions() if wanted is None else [q for q in self.all_questions() if q["id"] in wanted]
+        return [Prompt(q["id"], q["question"], images=[self._image(q)],
+                       meta={"question": q["question"], "answer": q["answer"],
+                             "aliases": q.get("aliases", []), "kind": q.get("kind", "")})
+                for q in qs]
 
     def replay_scripts(self) -> dict[str, list[str]]:
-        return {q["id"]: solve_script(q) for q in self.world.questions}
+        return {q["id"]: solve_script(q, self.cfg.search_top_k) for q in self.all_questions()}
 
 
 def build_env(cfg: EnvConfig | None = None) -> Env:
@@ -152,13 +184,16 @@ def build_env(cfg: EnvConfig | None = None) -> Env:
     return Env(cfg, world, tools, executor, ExecutorRunner(executor))
 
 
-def solve_script(q: dict[str, Any]) -> list[str]:
-    """The agent turns that solve world question `q` by its hops: fix the image, read it (or
-    search by image), search the text corpus, visit each hop's page, answer."""
+def solve_script(q: dict[str, Any], top_k: int = 3) -> list[str]:
+    """The agent turns that solve world question `q` by its hops, using only what the agent has
+    seen: fix the image, read it (or search by image), search the text corpus for what it read,
+    visit the page found; for every later hop, search for the value the last page gave and
+    visit that page; answer. (A page id never comes from outside the conversation: the next
+    hop's page is found by searching for the previous hop's value, as an agent would.)"""
     from .policy import script_turns  # noqa: PLC0415
 
     calls: list[tuple[str, dict[str, Any]]] = []
-    cur, n_images = "img_1", 1
+    cur, n_images, last_value = "img_1", 1, None
     fix = {"perspective": "PerspectiveCorrect", "sharpen": "Sharpen", "super_resolution": "SuperResolution"}
     for h in q["hops"]:
         a = h["action"]
@@ -172,12 +207,14 @@ def solve_script(q: dict[str, Any]) -> list[str]:
             cur = f"img_{n_images}"
         elif a == "ocr":
             calls.append(("OCR", {"image": cur}))
-            calls.append(("TextSearch", {"query": h["value"], "top_k": 3}))
+            calls.append(("TextSearch", {"query": h["value"], "top_k": top_k}))
         elif a == "image_search":
-            calls.append(("ImageSearch", {"image": cur, "top_k": 3}))
+            calls.append(("ImageSearch", {"image": cur, "top_k": top_k}))
         elif a == "visit":
+            if last_value is not None:
+                calls.append(("TextSearch", {"query": last_value, "top_k": top_k}))
             calls.append(("Visit", {"url": f"corpus://{h['doc']}", "goal": h["field"]}))
+            last_value = h["value"]
         else:
-            raise ValueError(f"question {q['id']}: unknown hop action {a!r}")
+            raise ValueError(f"question {q.get('id')!r}: unknown hop action {a!r}")
     return script_turns(calls, q["answer"])
-

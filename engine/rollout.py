@@ -47,14 +47,15 @@ class RolloutConfig:
         check(self.policy in ("replay", "sample", "mixed"),
               f"policy must be replay|sample|mixed, got {self.policy!r}")
         check(self.servers >= 1, f"servers must be >= 1, got {self.servers}")
-        check(self.model.startswith("tiny:") or Path(self.model).is_dir(),
-              f"model must be tiny:<family> or an existing directory, got {self.model!r}")
+        from .tiny import is_model_spec  # noqa: PLC0415
+        check(is_model_spec(self.model),
+              f"model must be tiny:<family>[:<hidden>x<layers>] or an existing directory, got {self.model!r}")
 
 
 def _model_and_codec(cfg: RolloutConfig) -> tuple[Any, Any]:
     from .chat import HFCodec  # noqa: PLC0415
-    from .tiny import build_tiny_vlm, load_tiny  # noqa: PLC0415
-    vlm = build_tiny_vlm(cfg.model.split(":", 1)[1]) if cfg.model.startswith("tiny:") else load_tiny(cfg.model)
+    from .tiny import load_model  # noqa: PLC0415
+    vlm = load_model(cfg.model)
     return vlm, HFCodec.from_tiny(vlm)
 
 
@@ -83,7 +84,7 @@ def build_engine(cfg: RolloutConfig, env: Env, engine_cfg: EngineConfig | None =
     policy = {"replay": replay, "sample": None,
               "mixed": MixedPolicy(replay, replay_per_group)}[cfg.policy]
     engine = Engine(engine_cfg or cfg.engine, backends, codec, env.runner, make_turn_parser(env.schemas),
-                    tool_schemas=env.schemas, policy=policy, image_tokens=codec.image_tokens,
+                    tool_schemas=env.prompt_tools, policy=policy, image_tokens=codec.image_tokens,
                     record_spans=record_spans)
     name = policy.name if policy is not None else "sample (the model's own policy)"
     return engine, backends, name

@@ -137,9 +137,10 @@ def special_ids(tokenizer: Any) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------------------------- models
-def _vl_config(family: str, vocab: int, ids: dict[str, int]) -> Any:
-    text = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=65536,
+def _vl_config(family: str, vocab: int, ids: dict[str, int], hidden: int = 64, layers: int = 2) -> Any:
+    heads = hidden // 32  # head_dim 32 (the mrope sections below sum to 16)
+    text = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=65536,
                 bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                 pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False)
     tokens = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
@@ -148,19 +149,19 @@ def _vl_config(family: str, vocab: int, ids: dict[str, int]) -> Any:
     if family == "qwen2_vl":
         from transformers import Qwen2VLConfig
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]}
-        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14)
+        vision = dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2, patch_size=14)
         return Qwen2VLConfig(text_config=text, vision_config=vision, **tokens)
     if family == "qwen2_5_vl":
         from transformers import Qwen2_5_VLConfig
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]}
-        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
                       patch_size=14, window_size=56, fullatt_block_indexes=[1])
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens)
     if family == "qwen3_vl":
         from transformers import Qwen3VLConfig
         text.update(head_dim=32, rope_parameters={"rope_type": "default", "rope_theta": 5e6,
                                                   "mrope_section": [6, 5, 5], "mrope_interleaved": True})
-        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
                       patch_size=16, num_position_embeddings=256, deepstack_visual_indexes=[0])
         return Qwen3VLConfig(text_config=text, vision_config=vision, **tokens)
     raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
@@ -226,15 +227,54 @@ def _seeded(seed: int, fn: Any) -> Any:
         return fn()
 
 
-def build_tiny_vlm(family: str = "qwen2_vl", seed: int = 0) -> TinyVLM:
-    """A seeded tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL (hidden 64, 2 layers, tiny vision tower)."""
+def build_tiny_vlm(family: str = "qwen2_vl", seed: int = 0, hidden: int = 64, layers: int = 2) -> TinyVLM:
+    """A seeded tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL (text: `hidden` wide, head_dim 32,
+    `layers` deep; default 64 x 2, ~0.2M parameters; a tiny vision tower)."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if hidden % 32 or not 32 <= hidden <= 1024:
+        raise ValueError(f"hidden must be a multiple of 32 in [32, 1024], got {hidden!r}")
+    if not 1 <= layers <= 48:
+        raise ValueError(f"layers must be in [1, 48], got {layers!r}")
     tok = build_tokenizer()
-    config = _vl_config(family, len(tok), special_ids(tok))
+    config = _vl_config(family, len(tok), special_ids(tok), hidden, layers)
     model = _seeded(seed, lambda: _model_class(family)(config)).float().eval()
     improc = build_image_processor(family)
     return TinyVLM(family, model, tok, build_processor(family, tok, improc))
+
+
+def parse_tiny_spec(spec: str) -> tuple[str, int, int]:
+    """"tiny:<family>[:<hidden>x<layers>]" -> (family, hidden, layers); e.g. tiny:qwen2_vl:128x4."""
+    parts = spec.split(":")
+    if parts[0] != "tiny" or len(parts) not in (2, 3) or parts[1] not in FAMILIES:
+        raise ValueError(f"model spec must be tiny:<family>[:<hidden>x<layers>] with family in "
+                         f"{FAMILIES}, got {spec!r}")
+    if len(parts) == 2:
+        return parts[1], 64, 2
+    size = parts[2].split("x")
+    if len(size) != 2 or not all(x.isdigit() for x in size):
+        raise ValueError(f"model spec size must be <hidden>x<layers> (e.g. 128x4), got {parts[2]!r} in {spec!r}")
+    return parts[1], int(size[0]), int(size[1])
+
+
+def load_model(spec: str, seed: int = 0) -> TinyVLM:
+    """A TinyVLM from a spec: "tiny:<family>[:<hidden>x<layers>]" builds one in code (seeded);
+    anything else is a save_tiny() directory."""
+    if spec.startswith("tiny:"):
+        family, hidden, layers = parse_tiny_spec(spec)
+        return build_tiny_vlm(family, seed=seed, hidden=hidden, layers=layers)
+    return load_tiny(spec)
+
+
+def is_model_spec(spec: str) -> bool:
+    """True for a valid tiny spec or an existing directory (config validation)."""
+    if spec.startswith("tiny:"):
+        try:
+            parse_tiny_spec(spec)
+        except ValueError:
+            return False
+        return True
+    return Path(spec).is_dir()
 
 
 def save_tiny(vlm: TinyVLM, path: str | Path) -> Path:

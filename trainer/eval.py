@@ -63,6 +63,7 @@ from spyglass.engine.config import check
 from spyglass.engine.env import EnvConfig
 from spyglass.engine.scheduler import EngineConfig, Prompt
 from spyglass.engine.trajectory import SegmentKind, Status, Trajectory, write_jsonl
+from spyglass.engine.tiny import is_model_spec
 from spyglass.trainer.judges import JudgeConfig
 
 DIRECT_SYSTEM = ("You are a visual question answering assistant. Look at the image and answer the question "
@@ -243,16 +244,17 @@ def load_benchmark(layout: str, path: str | Path, *, image_root: str = "", limit
     return out
 
 
-def write_world_benchmark(world: Any, path: str | Path, n: int = 0) -> Path:
-    """The world's questions as a `world`-layout JSONL benchmark file (absolute image paths)."""
+def write_world_benchmark(env: Any, path: str | Path) -> Path:
+    """The environment's questions (the world's, or its questions_file's; cut to
+    env.cfg.questions) as a `world`-layout JSONL benchmark file (absolute image paths)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    qs = world.questions[:n] if n else world.questions
     with open(path, "w", encoding="utf-8") as f:
-        for q in qs:
-            f.write(json.dumps({"id": q["id"], "image": str(world.image_path(q["image"]).resolve()),
+        for q in env.questions():
+            f.write(json.dumps({"id": q["id"], "image": str(env.image_path(q).resolve()),
                                 "question": q["question"], "answer": q["answer"],
-                                "aliases": q.get("aliases", [])}, ensure_ascii=False) + "\n")
+                                "aliases": q.get("aliases", []), "kind": q.get("kind", "")},
+                               ensure_ascii=False) + "\n")
     return path
 
 
@@ -283,8 +285,8 @@ class EvalConfig:
                   f"one of {sorted(LAYOUTS)}")
         check(self.direct_max_tokens >= 1, f"direct_max_tokens must be >= 1, got {self.direct_max_tokens}")
         check(self.limit >= 0, f"limit must be >= 0, got {self.limit}")
-        check(self.model.startswith("tiny:") or Path(self.model).is_dir(),
-              f"model must be tiny:<family> or an existing directory, got {self.model!r}")
+        check(is_model_spec(self.model),
+              f"model must be tiny:<family>[:<hidden>x<layers>] or an existing directory, got {self.model!r}")
 
 
 # ------------------------------------------------------------------------------ statistics
@@ -317,7 +319,7 @@ def traj_stats(trajs: list[Trajectory]) -> dict[str, Any]:
 def _prompts(cfg: EvalConfig, env: Any, out: Path) -> list[Prompt]:
     specs = list(cfg.benchmarks)
     if not specs:
-        specs = [f"world:{write_world_benchmark(env.world, out / 'world_benchmark.jsonl', cfg.env.questions)}"]
+        specs = [f"world:{write_world_benchmark(env, out / 'world_benchmark.jsonl')}"]
     prompts = []
     for spec in specs:
         layout, path = spec.split(":", 1)

@@ -51,6 +51,7 @@ from PIL import Image
 from spyglass.engine.config import check
 from spyglass.engine.env import EnvConfig
 from spyglass.engine.trajectory import Segment, SegmentKind, Status, Trajectory, Turn, iter_jsonl, write_jsonl
+from spyglass.engine.tiny import is_model_spec
 from spyglass.trainer.distributed import DistConfig
 from spyglass.trainer.update import PolicyUpdater, UpdateConfig
 
@@ -457,8 +458,8 @@ class SFTConfig:
     dist: DistConfig = field(default_factory=DistConfig)
 
     def __post_init__(self) -> None:
-        check(self.model.startswith("tiny:") or Path(self.model).is_dir(),
-              f"model must be tiny:<family> or an existing directory, got {self.model!r}")
+        check(is_model_spec(self.model),
+              f"model must be tiny:<family>[:<hidden>x<layers>] or an existing directory, got {self.model!r}")
         for k in ("epochs", "batch_size", "micro_batch_tokens", "keep_last"):
             check(getattr(self, k) >= 1, f"{k} must be >= 1, got {getattr(self, k)!r}")
         for k in ("steps", "save_every"):
@@ -480,9 +481,9 @@ def lr_at(cfg: SFTConfig, step: int, total: int) -> float:
 
 
 def load_model(model: str) -> Any:
-    """A TinyVLM from "tiny:<family>" (built in code) or a save_tiny() directory."""
-    from spyglass.engine.tiny import build_tiny_vlm, load_tiny
-    return build_tiny_vlm(model.split(":", 1)[1]) if model.startswith("tiny:") else load_tiny(model)
+    """A TinyVLM from "tiny:<family>[:<hidden>x<layers>]" (built in code) or a save_tiny() directory."""
+    from spyglass.engine.tiny import load_model as load
+    return load(model)
 
 
 def make_teacher_data(env_cfg: EnvConfig, out_dir: str | Path, model: str = "tiny:qwen2_vl") -> dict[str, Any]:
@@ -512,7 +513,7 @@ def make_teacher_data(env_cfg: EnvConfig, out_dir: str | Path, model: str = "tin
             normalize_answer(t.answer) in {normalize_answer(r) for r in references_of(t)}]
     traj_path, sg_path = out / "teacher.jsonl", out / "teacher.sharegpt.jsonl"
     write_jsonl(traj_path, keep, append=False)
-    trajectories_to_sharegpt(keep, sg_path, engine.codec, env.schemas)
+    trajectories_to_sharegpt(keep, sg_path, engine.codec, env.prompt_tools)
     return {"trajectory": str(traj_path), "sharegpt": str(sg_path), "rolled_out": len(trajs), "kept": len(keep)}
 
 

@@ -50,8 +50,10 @@ class TeacherConfig:
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"TeacherConfig.policy must be one of {POLICIES}, got {self.policy!r}")
-        if not self.model.startswith("tiny:") and not Path(self.model).is_dir() and self.backend == "hf":
-            raise ValueError(f"TeacherConfig.model must be tiny:<family> or a model directory, got {self.model!r}")
+        from spyglass.engine.tiny import is_model_spec  # noqa: PLC0415
+        if self.backend == "hf" and not is_model_spec(self.model):
+            raise ValueError(f"TeacherConfig.model must be tiny:<family>[:<hidden>x<layers>] or a model "
+                             f"directory, got {self.model!r}")
         for k in ("n_samples", "max_turns", "max_tokens_per_turn", "keep_per_question"):
             if getattr(self, k) < 1:
                 raise ValueError(f"TeacherConfig.{k} must be >= 1, got {getattr(self, k)!r}")
@@ -69,9 +71,8 @@ def build_teacher(cfg: TeacherConfig, servers: int = 1) -> tuple[Any, list[Any]]
     from spyglass.engine.backends import backend_config, make_backend  # noqa: PLC0415
     from spyglass.engine.backends.hf import HFBackend  # noqa: PLC0415
     from spyglass.engine.chat import HFCodec  # noqa: PLC0415
-    from spyglass.engine.tiny import build_tiny_vlm, load_tiny  # noqa: PLC0415
-    vlm = build_tiny_vlm(cfg.model.split(":", 1)[1], seed=cfg.seed) if cfg.model.startswith("tiny:") \
-        else load_tiny(cfg.model)
+    from spyglass.engine.tiny import load_model  # noqa: PLC0415
+    vlm = load_model(cfg.model, seed=cfg.seed)
     codec = HFCodec.from_tiny(vlm)
     if cfg.backend == "hf":
         opts = {k: v for k, v in cfg.backend_options.items() if k != "name"}
@@ -89,10 +90,10 @@ def question_prompt(rec: dict[str, Any], root: Path) -> Prompt:
                         "aliases": rec.get("aliases", []), "kind": rec.get("kind", "")})
 
 
-def replay_scripts(records: list[dict[str, Any]]) -> dict[str, list[str]]:
+def replay_scripts(records: list[dict[str, Any]], top_k: int = 3) -> dict[str, list[str]]:
     """The forced-decoding script of each question, from its hops."""
     from spyglass.engine.env import solve_script  # noqa: PLC0415
-    return {r["id"]: solve_script(r) for r in records}
+    return {r["id"]: solve_script(r, top_k) for r in records}
 
 
 async def judge(traj: Trajectory, cfg: TeacherConfig, session: JudgeSession) -> bool:
@@ -119,12 +120,12 @@ async def teacher_rollouts(records: list[dict[str, Any]], env: Any, cfg: Teacher
     from spyglass.engine.policy import ReplayPolicy  # noqa: PLC0415
     from spyglass.engine.toolcall import make_turn_parser  # noqa: PLC0415
     codec, backends = build_teacher(cfg)
-    policy = ReplayPolicy(codec, replay_scripts(records)) if cfg.policy == "replay" else None
+    policy = ReplayPolicy(codec, replay_scripts(records, env.cfg.search_top_k)) if cfg.policy == "replay" else None
     ecfg = EngineConfig(n_samples=cfg.n_samples, max_turns=cfg.max_turns, max_live=32,
                         max_tokens_per_turn=cfg.max_tokens_per_turn, temperature=cfg.temperature,
                         seed=cfg.seed)
     engine = Engine(ecfg, backends, codec, env.runner, make_turn_parser(env.schemas),
-                    tool_schemas=env.schemas, policy=policy, image_tokens=codec.image_tokens)
+                    tool_schemas=env.prompt_tools, policy=policy, image_tokens=codec.image_tokens)
     kept: list[Trajectory] = []
     stats = {"questions": len(records), "trajectories": 0, "answered": 0, "accepted": 0,
              "questions_with_accepted": 0}
@@ -145,6 +146,6 @@ async def teacher_rollouts(records: list[dict[str, Any]], env: Any, cfg: Teacher
     stats["engine"] = {k: v for k, v in engine.stats.summary().items() if k != "status"}
     if sharegpt is not None:
         from spyglass.trainer.sft import trajectories_to_sharegpt  # noqa: PLC0415
-        stats["sharegpt"] = trajectories_to_sharegpt(kept, sharegpt, codec, env.schemas)
+        stats["sharegpt"] = trajectories_to_sharegpt(kept, sharegpt, codec, env.prompt_tools)
     return kept, stats
 
