@@ -150,6 +150,7 @@ class _Live:
     server: int
     deadline: float
     image_tokens: int = 0
+    ntok: int = 0  # context length so far (= traj.num_tokens, kept without a walk over segments)
     ready_since: float = 0.0
     request_id: str = ""
     moves: int = 0
@@ -189,6 +190,10 @@ class Engine:
         self.image_tokens = image_tokens or (lambda im: 0)
         self.record_spans, self.on_turn = record_spans, on_turn
         self.stats = EngineStats()
+        self._stop_ids = list(codec.stop_token_ids)
+        self._stops = frozenset(self._stop_ids)
+        self._sampling: SamplingParams | None = None  # this engine's sampling, max_tokens/seed per turn
+        self._aloop: asyncio.AbstractEventLoop | None = None
         self._events: asyncio.Queue = asyncio.Queue()
         self._ready: list[collections.deque[_Live]] = [collections.deque() for _ in self.backends]
         self._inflight = [0] * len(self.backends)
@@ -269,6 +274,7 @@ class Engine:
         groups: dict[str, list[Trajectory]] = {}
         live = 0
         self.stats.started = time.perf_counter()
+        self._aloop = asyncio.get_running_loop()
         # GC policy: a full collection walks every tracked object, and ten thousand live
         # trajectories make that a stall of 100+ ms on the loop. During a run, objects alive at
         # start (models, datasets) are frozen as vLLM does after start-up, the long-lived ones
@@ -349,11 +355,17 @@ class Engine:
                 continue
             lv.expired = True
             if lv.job is not None and not lv.job.done():
-                if lv.request_id in self._gen_tasks:
+                gen = lv.request_id in self._gen_tasks
+                if gen:
                     abort = asyncio.ensure_future(self.backends[lv.server].abort(lv.request_id))
                     self._jobs.add(abort)
                     abort.add_done_callback(lambda t: (self._jobs.discard(t), t.cancelled() or t.exception()))
                 lv.job.cancel()
+                if not lv.reported:  # cancelled before its coroutine started: it never will
+                    lv.reported = True
+                    self._jobs.discard(lv.job)
+                    self._events.put_nowait(("gen_timeout", lv, (now, now)) if gen
+                                            else ("tools", lv, (None, now, now)))
         if heap and (self._timer is None or self._timer_at > heap[0][0] + 1e-3 or self._timer_at <= now):
             if self._timer is not None:
                 self._timer.cancel()
@@ -378,7 +390,8 @@ class Engine:
                            prompt_messages=[{"role": "user", "content": p.question}],
                            meta=dict(p.meta), started_at=time.time())
             lv = _Live(t, server, now + self.cfg.timeout_s,
-                       image_tokens=sum(self.image_tokens(im) for im in p.images), ready_since=now)
+                       image_tokens=sum(self.image_tokens(im) for im in p.images),
+                       ntok=len(t.prompt_ids), ready_since=now)
             heapq.heappush(self._deadlines, (lv.deadline, id(lv), weakref.ref(lv)))
             self._load[server] += 1
             if len(prompt_ids) >= self.cfg.max_context:  # finished when the event is handled
@@ -401,8 +414,7 @@ class Engine:
         if self.cfg.lockstep:
             if self._tool_wait and not self._gen_tasks:  # the whole batch generated: tools
                 for lv, calls in self._tool_wait:
-                    lv.reported = False
-                    lv.job = self._spawn(self._run_tools(lv, calls), lv, "tools")
+                    self._spawn(self._run_tools(lv, calls), lv)
                     self._tool_jobs += 1
                 self._tool_wait.clear()
             if self._gen_tasks or self._tool_jobs or self._tool_wait or self._batch_open:
@@ -418,8 +430,7 @@ class Engine:
                     continue
                 self._inflight[s] += 1
                 lv.request_id = f"{lv.traj.id}/{next(self._request_seq)}"
-                lv.reported = False
-                task = lv.job = self._spawn(self._generate(lv), lv, "gen_timeout")
+                task = self._spawn(self._generate(lv), lv)
                 if not self._gen_tasks:
                     self._busy_since = time.perf_counter()
                 self._gen_tasks[lv.request_id] = (task, lv)
@@ -427,19 +438,12 @@ class Engine:
         return budget == 0
 
     # -- jobs (each ends by putting exactly one event) -------------------------------------
-    def _spawn(self, coro: Any, lv: _Live, on_cancel: str) -> asyncio.Task:
-        """Run a job as a task. A job cancelled before its coroutine started never reaches its
-        own except clause, so a done-callback posts the cancellation event for it."""
-        task = asyncio.ensure_future(coro)
+    def _spawn(self, coro: Any, lv: _Live) -> asyncio.Task:
+        """Run a job as a task (no done-callback: the job reports its own end, and the deadline
+        sweep, the only canceller during a run, reports for a job cancelled before it started)."""
+        lv.reported = False
+        task = lv.job = self._aloop.create_task(coro)
         self._jobs.add(task)
-
-        def done(t: asyncio.Task) -> None:
-            self._jobs.discard(t)
-            if t.cancelled() and not lv.reported:
-                now = time.perf_counter()
-                self._events.put_nowait((on_cancel, lv, (now, now) if on_cancel == "gen_timeout"
-                                         else (None, now, now)))
-        task.add_done_callback(done)
         return task
 
     async def _generate(self, lv: _Live) -> None:
@@ -447,17 +451,20 @@ class Engine:
         try:
             t = lv.traj
             turn = len(t.turns)
-            budget = min(self.cfg.max_tokens_per_turn, self.cfg.max_context - t.num_tokens)
+            budget = min(self.cfg.max_tokens_per_turn, self.cfg.max_context - lv.ntok)
             forced = self.policy.forced_ids(t, turn) if self.policy is not None else None
+            if self._sampling is None:  # validated once; each turn re-checks only what changes
+                self._sampling = SamplingParams(
+                    max_tokens=self.cfg.max_tokens_per_turn, temperature=self.cfg.temperature,
+                    top_p=self.cfg.top_p, stop_token_ids=list(self._stop_ids))
             req = GenerateRequest(
                 request_id=lv.request_id, prompt_ids=t.token_array(), images=t.images(),
-                sampling=SamplingParams(
-                    max_tokens=budget, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
-                    stop_token_ids=list(self.codec.stop_token_ids),
-                    seed=zlib.crc32(f"{self.cfg.seed}/{t.id}/{turn}".encode())),  # stable across processes
+                sampling=self._sampling.for_turn(
+                    budget, zlib.crc32(f"{self.cfg.seed}/{t.id}/{turn}".encode())),  # stable across processes
                 forced_ids=forced[:budget] if forced is not None else None)
         except Exception as e:  # noqa: BLE001 - a bad policy/prompt ends this trajectory, not the run
             lv.reported = True
+            self._jobs.discard(lv.job)
             self._events.put_nowait(("gen_fail", lv, e))
             return
         lv.reported = True  # from here the coroutine itself reports how it ended
@@ -468,6 +475,7 @@ class Engine:
             self._events.put_nowait(("gen_timeout", lv, (t0, time.perf_counter())))
         except Exception as e:  # noqa: BLE001 - a dead server must not kill the run
             self._events.put_nowait(("gen_error", lv, e))
+        self._jobs.discard(lv.job)  # lv.job is this task until its event is handled
 
     async def _run_tools(self, lv: _Live, calls: list[dict[str, Any]]) -> None:
         lv.reported = True
@@ -479,6 +487,7 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - a tool bug becomes a fatal observation
             outs = [ToolOutcome(f"tool runner failed: {type(e).__name__}: {e}", error_kind="fatal")
                     for _ in calls]
+        self._jobs.discard(lv.job)
         self._events.put_nowait(("tools", lv, (outs, t0, time.perf_counter())))
 
     # -- event handling -----------------------------------------------------------------
@@ -528,23 +537,23 @@ class Engine:
             lv.ready_since = t1
             self._ready[lv.server].append(lv)
             return False
-        turn = Turn(index=len(t.turns), queue_s=t0 - lv.ready_since, gen_s=t1 - t0,
-                    gen_tokens=len(out.token_ids))
-        text = self.codec.decode(out.token_ids)
-        t.segments.append(Segment(SegmentKind.GEN, out.token_ids, turn=turn.index,
-                                  logprobs=out.logprobs, version=out.version, text=text,
-                                  finish_reason=out.finish_reason))
+        ids = out.token_ids
+        text = self.codec.decode(ids)
+        parsed = self.parser(text)
+        turn = Turn(index=len(t.turns), calls=parsed.calls, parse_errors=parsed.errors,
+                    queue_s=t0 - lv.ready_since, gen_s=t1 - t0, gen_tokens=len(ids))
+        seg = Segment(SegmentKind.GEN, ids, turn=turn.index, logprobs=out.logprobs,
+                      version=out.version, text=text, finish_reason=out.finish_reason)
+        t.segments.append(seg)
+        lv.ntok += len(seg.token_ids)
         t.turns.append(turn)
         self._account(lv, "gen", t0, t1, turn)
-        parsed = self.parser(text)
-        turn.calls, turn.parse_errors = parsed.calls, parsed.errors
         if parsed.answer is not None and not parsed.calls:
             turn.answered, t.answer = True, parsed.answer
             return self._finish(lv, Status.ANSWERED, "answer")
-        body = out.token_ids[:-1] if out.token_ids and out.token_ids[-1] in self.codec.stop_token_ids \
-            else out.token_ids
-        if len(body) >= cfg.repetition_min_tokens and is_repetitive(
-                body, cfg.repetition_max_period, cfg.repetition_min_repeats):
+        n_body = len(ids) - 1 if ids and ids[-1] in self._stops else len(ids)  # without the stop token
+        if n_body >= cfg.repetition_min_tokens and is_repetitive(
+                ids[:n_body], cfg.repetition_max_period, cfg.repetition_min_repeats):
             return self._finish(lv, Status.INTERRUPTED, "repetition")
         if self._cascade(t):
             return self._finish(lv, Status.FATAL, "fatal_cascade")
@@ -557,8 +566,7 @@ class Engine:
         if self.cfg.lockstep:
             self._tool_wait.append((lv, parsed.calls))
         else:
-            lv.reported = False
-            lv.job = self._spawn(self._run_tools(lv, parsed.calls), lv, "tools")
+            self._spawn(self._run_tools(lv, parsed.calls), lv)
             self._tool_jobs += 1
         return False
 
@@ -567,12 +575,14 @@ class Engine:
             lv.traj.turns[-1].tool_s = t1 - t0
             return self._finish(lv, Status.TRUNCATED, "timeout")
         turn = lv.traj.turns[-1]
-        turn.tool_errors = [{"name": c["name"], "kind": o.error_kind, "message": o.text}
-                            for c, o in zip(turn.calls, outs) if o.error_kind is not None]
+        errors = [{"name": c["name"], "kind": o.error_kind, "message": o.text}
+                  for c, o in zip(turn.calls, outs) if o.error_kind is not None]
+        if errors:  # else the Turn keeps its own empty list
+            turn.tool_errors = errors
         self.stats.tool_latencies.append(t1 - t0)
-        # the calls that did not parse are answered too, after the ones that ran
-        outs = outs + [ToolOutcome(f"Error in tool call {e.get('index', '?')}: {e.get('message', e.get('kind'))}",
-                                   error_kind="bad_args") for e in turn.parse_errors]
+        if turn.parse_errors:  # the calls that did not parse are answered too, after the ones that ran
+            outs = outs + [ToolOutcome(f"Error in tool call {e.get('index', '?')}: {e.get('message', e.get('kind'))}",
+                                       error_kind="bad_args") for e in turn.parse_errors]
         return self._observe(lv, outs, t0, t1)
 
     def _observe(self, lv: _Live, outs: list[ToolOutcome], t0: float, t1: float) -> bool:
@@ -584,6 +594,9 @@ class Engine:
         texts, images = [], []
         spent = False  # once an image is dropped, every later one is too: names stay in order
         for o in outs:
+            if not o.images:  # the usual observation: its text as it is
+                texts.append(o.text)
+                continue
             keep, dropped = [], []
             for k, im in enumerate(o.images):
                 cost = self.image_tokens(im)
@@ -604,9 +617,11 @@ class Engine:
             images += keep
             texts.append(text)
         text = "\n".join(texts)
-        closed = bool(t.segments[-1].token_ids) and t.segments[-1].token_ids[-1] in self.codec.stop_token_ids
+        last = t.segments[-1].token_ids
+        closed = bool(last) and last[-1] in self._stops
         ids = self.codec.encode_observation(text, images, closed, n_before + 1)
         t.segments.append(Segment(SegmentKind.OBS, ids, turn=turn.index, images=images, text=text))
+        lv.ntok += len(ids)
         turn.obs_tokens = len(ids)
         self.stats.obs_tokens += len(ids)
         if self.on_turn is not None:
@@ -615,16 +630,18 @@ class Engine:
             return self._finish(lv, Status.FATAL, "fatal_cascade")
         if lv.expired or time.perf_counter() >= lv.deadline:
             return self._finish(lv, Status.TRUNCATED, "timeout")
-        if t.num_tokens >= cfg.max_context:
+        if lv.ntok >= cfg.max_context:
             return self._finish(lv, Status.TRUNCATED, "max_context")
         lv.ready_since = time.perf_counter()
         self._ready[lv.server].append(lv)
         return False
 
     def _cascade(self, t: Trajectory) -> bool:
-        k = self.cfg.fatal_k
-        return len(t.turns) >= k and not any(x.ok for x in t.turns[-k:]) and not (
-            t.turns[-1].answered)
+        """K consecutive error steps, the last not an answer (checked last turn first: cheap)."""
+        turns, k = t.turns, self.cfg.fatal_k
+        if len(turns) < k or turns[-1].ok or turns[-1].answered:
+            return False
+        return not any(x.ok for x in turns[-k:])
 
     def _account(self, lv: _Live, kind: str, t0: float, t1: float, turn: Turn | None) -> None:
         s = self.stats

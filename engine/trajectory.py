@@ -78,7 +78,8 @@ class Segment:
     finish_reason: str = ""  # GEN: stop | length | abort
 
     def __post_init__(self) -> None:
-        self.kind = SegmentKind(self.kind)
+        if type(self.kind) is not SegmentKind:
+            self.kind = SegmentKind(self.kind)
         self.token_ids = as_ids(self.token_ids)
         if self.logprobs is not None:
             self.logprobs = array("d", self.logprobs)

@@ -113,6 +113,19 @@ class SamplingParams:
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
             raise ValueError(f"seed must be None or an int >= 0, got {self.seed!r}")
 
+    def for_turn(self, max_tokens: int, seed: int | None) -> "SamplingParams":
+        """A copy with one turn's max_tokens and seed. The other fields were validated when
+        this one was built, so only these two are checked again (the engine's per-turn path)."""
+        if type(max_tokens) is not int or max_tokens < 1:
+            raise ValueError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
+        if seed is not None and (type(seed) is not int or seed < 0):
+            raise ValueError(f"seed must be None or an int >= 0, got {seed!r}")
+        new = object.__new__(SamplingParams)
+        new.__dict__.update(self.__dict__)
+        new.max_tokens, new.seed = max_tokens, seed
+        new.stop_token_ids = list(self.stop_token_ids)  # each request owns its lists
+        return new
+
 
 @dataclass
 class GenerateRequest:
