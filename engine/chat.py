@@ -15,8 +15,9 @@ Both use the Qwen2.5-VL agent layout: tool results come back as a user turn wrap
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+from array import array
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Protocol, Sequence
 
 from PIL import Image
 
@@ -72,6 +73,14 @@ class ByteCodec:
 
     IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, EOS = range(256, 262)
     vocab_size: int = 262
+    _NAMES: ClassVar[dict[int, str]] = {
+        256: "<|im_start|>", 257: "<|im_end|>", 258: "<|vision_start|>", 259: "<|vision_end|>",
+        260: "<|image_pad|>", 261: "<|endoftext|>"}
+    _GEN_PROMPT: ClassVar[list[int]] = [256, *b"assistant\n"]
+    _OBS_HEAD: ClassVar[list[int]] = [*b"\n", 256, *b"user\n<tool_response>\n"]
+    _OBS_TAIL: ClassVar[list[int]] = [*b"\n</tool_response>", 257, *b"\n", 256, *b"assistant\n"]
+    _system_turns: dict[str, list[int]] = field(default_factory=dict, init=False, repr=False,
+                                                compare=False)  # encoded system turns
 
     @property
     def stop_token_ids(self) -> list[int]:
@@ -88,43 +97,52 @@ class ByteCodec:
 
     def encode_prompt(self, question: str, images: Sequence[Image.Image],
                       tools: Sequence[dict[str, Any]], system: str | None = None) -> list[int]:
-        ids = self._turn("system", self.encode_text((system or DEFAULT_SYSTEM) + render_tools(tools)))
+        system = (system or DEFAULT_SYSTEM) + render_tools(tools)
+        head = self._system_turns.get(system)
+        if head is None:  # every prompt of a run shares its system turn: encode it once
+            if len(self._system_turns) >= 64:
+                self._system_turns.clear()
+            head = self._system_turns[system] = self._turn("system", self.encode_text(system))
         body: list[int] = []
         for im in images:
             body += self._image(im)
-        ids += self._turn("user", body + self.encode_text(question))
-        return ids + [self.IM_START] + self.encode_text("assistant\n")
+        return head + self._turn("user", body + self.encode_text(question)) + self._GEN_PROMPT
 
     def encode_observation(self, text: str, images: Sequence[Image.Image], closed: bool,
                            first_image_index: int = 1) -> list[int]:
-        ids = [] if closed else [self.IM_END]
-        ids += self.encode_text("\n")
-        body = self.encode_text("<tool_response>\n" + text)
+        # the template's pieces around the text are constant: "\n" <|im_start|>user\n
+        # <tool_response>\n TEXT IMAGES \n</tool_response><|im_end|>\n <|im_start|>assistant\n
+        ids = self._OBS_HEAD.copy() if closed else [self.IM_END] + self._OBS_HEAD
+        ids += text.encode("utf-8")
         for im in images:
-            body += self._image(im)
-        body += self.encode_text("\n</tool_response>")
-        ids += self._turn("user", body)
-        return ids + [self.IM_START] + self.encode_text("assistant\n")
+            ids += self._image(im)
+        ids += self._OBS_TAIL
+        return ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        if not ids or max(ids) < 256:
-            return bytes(ids).decode("utf-8", errors="replace")
-        if len(ids) > 1 and ids[-1] >= 256 and max(ids[:-1]) < 256:  # text then a stop token
-            return bytes(ids[:-1]).decode("utf-8", errors="replace") + self.decode(ids[-1:])
-        names = {self.IM_START: "<|im_start|>", self.IM_END: "<|im_end|>",
-                 self.VISION_START: "<|vision_start|>", self.VISION_END: "<|vision_end|>",
-                 self.IMAGE_PAD: "<|image_pad|>", self.EOS: "<|endoftext|>"}
+        if type(ids) is not list and type(ids) is not tuple:  # bytes() of an array reads its raw buffer
+            ids = ids.tolist() if isinstance(ids, array) else list(ids)
+        end = ""
+        if ids and ids[-1] >= 256:  # the usual turn: text, then a stop token
+            end = self._NAMES.get(ids[-1]) or f"<|{ids[-1]}|>"
+            ids = ids[:-1]
+        try:
+            return bytes(ids).decode("utf-8", errors="replace") + end  # only byte tokens
+        except ValueError:
+            pass
         out: list[str] = []
         buf = bytearray()
         for i in ids:
-            if i < 256:
+            if 0 <= i < 256:
                 buf.append(i)
                 continue
+            if i < 0:
+                raise ValueError(f"token id must be >= 0, got {i}")
             out.append(buf.decode("utf-8", errors="replace"))
             buf.clear()
-            out.append(names.get(i, f"<|{i}|>"))
+            out.append(self._NAMES.get(i, f"<|{i}|>"))
         out.append(buf.decode("utf-8", errors="replace"))
-        return "".join(out)
+        return "".join(out) + end
 
 
 def _obs_content(text: str, images: Sequence[Image.Image]) -> list[dict[str, Any]]:
