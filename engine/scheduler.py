@@ -176,6 +176,7 @@ class Engine:
     """
 
     EVENTS_PER_SLICE = 32  # events handled before the loop yields (bounds event-loop lag)
+    LAUNCHES_PER_SLICE = 16
 
     def __init__(self, cfg: EngineConfig, backends: Sequence[Any], codec: Codec,
                  tools: ToolRunner, parser: TurnParser, tool_schemas: Sequence[dict] = (),
@@ -420,7 +421,7 @@ class Engine:
             if self._gen_tasks or self._tool_jobs or self._tool_wait or self._batch_open:
                 return False
         # lock-step launches the whole batch's turn at once; otherwise a bounded slice
-        budget = 1 << 62 if self.cfg.lockstep else self.EVENTS_PER_SLICE
+        budget = 1 << 62 if self.cfg.lockstep else self.LAUNCHES_PER_SLICE
         for s, q in enumerate(self._ready):
             while q and self._inflight[s] < self.cfg.max_inflight_per_server and budget > 0:
                 budget -= 1

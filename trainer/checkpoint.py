@@ -142,3 +142,19 @@ def load_checkpoint(path: str | Path, updater: Any) -> dict[str, Any]:
     _set_rng_state(torch.load(path / f"rng_rank{rt.rank}.pt", weights_only=False))
     return {"step": meta["step"], "version": meta["version"], "data_state": state["data_state"],
             "engine_state": state["engine_state"], "path": path}
+
+
+def export_model(updater: Any, model_spec: str, path: str | Path) -> Optional[Path]:
+    """The trained weights in a fresh copy of `model_spec`'s model, saved with save_tiny (a
+    model directory every command takes as --model). Every rank must call it (ZeRO-3 gathers);
+    rank 0 writes and returns the path, the others None."""
+    from spyglass.engine.tiny import load_model, save_tiny  # noqa: PLC0415
+    from spyglass.trainer.distributed import full_state_dict  # noqa: PLC0415
+
+    sd = full_state_dict(updater, rank0_only=True)
+    if updater.runtime.rank != 0:
+        return None
+    fresh = load_model(model_spec)
+    fresh.model.load_state_dict(sd)
+    return save_tiny(fresh, path)
+

@@ -269,6 +269,7 @@ class EvalConfig:
     engine: EngineConfig = field(default_factory=lambda: EngineConfig(n_samples=1, max_live=64, temperature=0.0))
     env: EnvConfig = field(default_factory=lambda: EnvConfig(questions=8, dense_search=False))
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    agentic: bool = True  # run with the tools (False: the direct baseline alone)
     direct_baseline: bool = True  # also run without tools (one turn, the model samples)
     direct_max_tokens: int = 256
     limit: int = 0  # items per benchmark (0 = all)
@@ -283,6 +284,7 @@ class EvalConfig:
             layout = b.split(":", 1)[0]
             check(":" in b and layout in LAYOUTS, f"benchmarks entry {b!r} must be layout:path with layout "
                   f"one of {sorted(LAYOUTS)}")
+        check(self.agentic or self.direct_baseline, "agentic and direct_baseline are both off: nothing to run")
         check(self.direct_max_tokens >= 1, f"direct_max_tokens must be >= 1, got {self.direct_max_tokens}")
         check(self.limit >= 0, f"limit must be >= 0, got {self.limit}")
         check(is_model_spec(self.model),
@@ -360,7 +362,8 @@ async def _evaluate(cfg: EvalConfig, env: Any, prompts: list[Prompt]) -> dict[st
         engine.policy = ReplayPolicy(engine.codec, _replay_scripts(prompts, env))
     modes: dict[str, tuple[list[Trajectory], float]] = {}
     try:
-        modes["agentic"] = await _run_mode(engine, prompts)
+        if cfg.agentic:
+            modes["agentic"] = await _run_mode(engine, prompts)
         if cfg.direct_baseline:
             codec = engine.codec
             direct_codec = HFCodec(codec.tokenizer, codec.image_processor, system=DIRECT_SYSTEM) \

@@ -29,7 +29,7 @@ from spyglass.engine.rollout import RolloutConfig, _model_and_codec, build_engin
 from spyglass.engine.scheduler import EngineConfig
 from spyglass.engine.trajectory import write_jsonl
 from spyglass.trainer.algorithm import AlgoConfig, compute_advantages
-from spyglass.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from spyglass.trainer.checkpoint import export_model, latest_checkpoint, load_checkpoint, save_checkpoint
 from spyglass.trainer.distributed import (DistConfig, full_state_dict, init_distributed, sleep_backends,
                                           sync_weights, wake_backends)
 from spyglass.trainer.reward import RewardConfig, score_group
@@ -61,6 +61,7 @@ class GRPOConfig:
     ckpt_every: int = 1
     resume: bool = True
     log_dir: str = "runs/grpo"
+    export_dir: str = ""  # "" = no export; else the final model is saved there (a --model directory)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -93,6 +94,8 @@ def run_grpo(cfg: GRPOConfig) -> dict[str, Any]:
             if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0:                  # checkpoint
                 save_checkpoint(cfg.ckpt_dir, run.updater, data_state=run.data_state(),
                                 engine_state={"version": run.updater.version})
+        if cfg.export_dir:
+            export_model(run.updater, cfg.rollout.model, cfg.export_dir)
     finally:
         run.close()
     return metrics

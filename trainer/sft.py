@@ -598,12 +598,5 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
 
 def _export(cfg: SFTConfig, updater: SFTUpdater, path: Path) -> Path | None:
     """The trained weights into a fresh copy of the model, saved with save_tiny (rank 0)."""
-    from spyglass.engine.tiny import save_tiny
-    from spyglass.trainer.distributed import full_state_dict
-
-    sd = full_state_dict(updater, rank0_only=True)  # every rank joins (ZeRO-3 gathers)
-    if updater.runtime.rank != 0:
-        return None
-    fresh = load_model(cfg.model)
-    fresh.model.load_state_dict(sd)
-    return save_tiny(fresh, path)
+    from spyglass.trainer.checkpoint import export_model
+    return export_model(updater, cfg.model, path)

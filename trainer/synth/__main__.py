@@ -49,13 +49,18 @@ def parse_args(argv: list[str] | None = None) -> SynthConfig:
     ap.add_argument("--max-tokens-per-turn", type=int, default=1024,
                     help="teacher generation limit per turn")
     ap.add_argument("--query-judge", default="", help="'' | rule_query | llm_query")
+    ap.add_argument("--tools", nargs="+", default=[], help="the teacher environment's tools (default: all)")
+    ap.add_argument("--no-prompt-schemas", action="store_true",
+                    help="teacher prompts without the tool schemas (for a model fine-tuned on the agent format)")
+    ap.add_argument("--search-top-k", type=int, default=3, help="results the solve scripts ask searches for")
     a = ap.parse_args(argv)
     llm = None
     if a.llm_url:
         llm = LLMConfig(base_url=a.llm_url, model=a.llm_model or "default", api_key_env=a.llm_key_env or None)
     teacher = TeacherConfig(model=a.teacher_model, backend=a.teacher_backend, policy=a.teacher_policy,
                             n_samples=a.samples, query_judge=a.query_judge, seed=a.seed,
-                            max_tokens_per_turn=a.max_tokens_per_turn)
+                            max_tokens_per_turn=a.max_tokens_per_turn, tools=tuple(a.tools),
+                            prompt_schemas=not a.no_prompt_schemas, search_top_k=a.search_top_k)
     return SynthConfig(out=a.out, world=a.world or "", pages=a.pages or "", images_dir=a.images_dir,
                        n_questions=a.n, seed=a.seed, graph=GraphConfig(hub_in_degree=a.hub_in_degree),
                        paths=PathConfig(seed=a.seed),

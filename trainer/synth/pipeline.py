@@ -257,11 +257,11 @@ async def run_pipeline(cfg: SynthConfig, solver: Solver | None = None) -> dict[s
 
 
 async def _trajectories(cfg: SynthConfig, records: list[dict[str, Any]], out: Path) -> dict[str, Any]:
-    from spyglass.engine.env import EnvConfig, build_env  # noqa: PLC0415
+    from spyglass.engine.env import build_env  # noqa: PLC0415
     from spyglass.engine.trajectory import write_jsonl  # noqa: PLC0415
 
     from .trajectories import teacher_rollouts  # noqa: PLC0415
-    env = build_env(EnvConfig(world_dir=cfg.world, dense_search=False))
+    env = build_env(cfg.teacher.env(cfg.world))
     kept, stats = await teacher_rollouts(records, env, cfg.teacher, out,
                                          sharegpt=out / "trajectories.sharegpt.jsonl")
     write_jsonl(out / "trajectories.jsonl", kept, append=False)

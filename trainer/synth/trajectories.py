@@ -15,6 +15,7 @@ the SFT format (ShareGPT, trainer/sft.trajectories_to_sharegpt; `spyglass sft` r
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 from PIL import Image
 
 from spyglass.engine.scheduler import Engine, EngineConfig, Prompt
-from spyglass.engine.trajectory import Status, Trajectory
+from spyglass.engine.trajectory import SegmentKind, Status, Trajectory
 from spyglass.trainer.judges import JudgeConfig, JudgeSession, LLMJudgeConfig, run_judge
 
 POLICIES = ("replay", "sample")
@@ -46,6 +47,10 @@ class TeacherConfig:
     judge_llm: LLMJudgeConfig | None = None
     keep_per_question: int = 1  # accepted trajectories written per question
     seed: int = 0
+    tools: tuple[str, ...] = ()  # the environment's tools; () = all
+    prompt_schemas: bool = True  # tool schemas in the system prompt (engine/env.EnvConfig)
+    search_top_k: int = 3  # results the solve scripts ask TextSearch / ImageSearch for
+    require_grounded: bool = True  # keep only trajectories whose typed arguments came from context
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -60,6 +65,14 @@ class TeacherConfig:
         if not 0 <= self.min_query_score <= 1:
             raise ValueError(f"TeacherConfig.min_query_score must be in [0, 1], got {self.min_query_score!r}")
         self.judges()  # validates the judge names
+        self.tools = tuple(self.tools)
+        self.env("")  # validates tools and search_top_k
+
+    def env(self, world: str) -> Any:
+        """The EnvConfig teacher rollouts run in (sparse search: reproducible, no MiniLM)."""
+        from spyglass.engine.env import ALL_TOOLS, EnvConfig  # noqa: PLC0415
+        return EnvConfig(world_dir=world or None, dense_search=False, tools=list(self.tools or ALL_TOOLS),
+                         prompt_schemas=self.prompt_schemas, search_top_k=self.search_top_k)
 
     def judges(self) -> JudgeConfig:
         return JudgeConfig(accuracy=self.accuracy_judge, query=self.query_judge or "rule_query",
@@ -96,10 +109,42 @@ def replay_scripts(records: list[dict[str, Any]], top_k: int = 3) -> dict[str, l
     return {r["id"]: solve_script(r, top_k) for r in records}
 
 
+GROUNDED_ARGS = ("query", "url")
+
+
+def ungrounded(traj: Trajectory, keys: tuple[str, ...] = GROUNDED_ARGS) -> str | None:
+    """Why the trajectory is not learnable from its own context, or None: a tool error, or a
+    typed argument (`keys`: search queries, URLs) or the answer that appears nowhere in what
+    the agent had seen before typing it (the question and earlier observations). A teacher with
+    oracle knowledge (a replay of the true path) types the true name where OCR misread it, or a
+    page id no search returned; a student cannot learn that step, so it is not kept."""
+    seen = [traj.meta.get("question", "")]
+    turns = {t.index: t for t in traj.turns}
+    for seg in traj.segments:
+        if seg.kind is SegmentKind.GEN:
+            turn = turns.get(seg.turn)
+            if turn is not None and turn.tool_errors:
+                return f"tool error at turn {seg.turn}: {turn.tool_errors[0].get('message', '')[:80]}"
+            ctx = "".join(seen)
+            typed = [json.loads(c["arguments"]).get(k) for c in (turn.calls if turn else []) for k in keys]
+            if turn is not None and turn.answered and traj.answer is not None:
+                typed.append(traj.answer)
+            for v in typed:
+                if isinstance(v, str) and v and v not in ctx:
+                    return f"turn {seg.turn} types {v[:60]!r}, not in its context"
+        else:
+            seen.append(seg.text)
+    return None
+
+
 async def judge(traj: Trajectory, cfg: TeacherConfig, session: JudgeSession) -> bool:
     """Score a trajectory into traj.reward; True when it is accepted."""
     if traj.status is not Status.ANSWERED:
         traj.reward.update(acc=0.0, accepted=False, reason=traj.status.value)
+        return False
+    why = ungrounded(traj) if cfg.require_grounded else None
+    if why is not None:
+        traj.reward.update(acc=0.0, accepted=False, reason=f"ungrounded: {why}")
         return False
     acc = await run_judge(cfg.accuracy_judge, traj, session)
     traj.reward.update(acc=acc.score, judge={"accuracy": acc.record()})

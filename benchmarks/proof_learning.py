@@ -1,0 +1,208 @@
+"""The end-to-end proof that training works, on CPU: synthesize -> SFT -> GRPO -> ablation.
+
+Every stage is the product's own entry point, called as a library; nothing here is a second
+implementation. On the bundled offline world (engine/world.py):
+
+  1. world      generate the world (seeded)
+  2. synth      the synthesis pipeline (trainer/synth): paths, grounding, template questions,
+                the degradation subset, teacher trajectories (replay of the solve script through
+                the engine, real tools), kept when the judge accepts the answer and the
+                trajectory is grounded (every query / URL it types was in its context)
+  3. split      questions split by image (an image's every question on one side); held-out
+                questions are never trained on, not by SFT, not by GRPO
+  4. sft        SFT of a tiny Qwen2-VL (random init) on the training trajectories
+  5. sft-direct the no-tool baseline: the same model, steps and seed, fine-tuned to answer the
+                training questions directly (image + question -> answer, no tools)
+  6. grpo-<arm> GRPO from the SFT model on the training questions, one run per arm of the RL
+                ablation (vanilla | fatal_mask | fatal_mask_clamp), same seeds
+  7. eval       held-out accuracy (rule judge, greedy decoding) of: the no-tool baseline,
+                the SFT model (with tools, and direct), every GRPO arm (with tools)
+
+Stages are cached under --out (a finished stage is skipped on a rerun, so a crashed run
+resumes); prints a table and one final JSON line. Figures: benchmarks/README.md.
+
+    .venv/bin/python benchmarks/proof_learning.py --out runs/proof            # ~1 h on 2 cores
+    .venv/bin/python benchmarks/proof_learning.py --out /tmp/p --n-questions 40 --sft-steps 4 \\
+        --grpo-steps 1 --arms fatal_mask_clamp                                # a smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spyglass.engine.env import EnvConfig
+from spyglass.engine.metrics import device_name, git_commit
+from spyglass.engine.rollout import RolloutConfig
+from spyglass.engine.scheduler import EngineConfig
+from spyglass.engine.trajectory import iter_jsonl, write_jsonl
+from spyglass.engine.world import WorldConfig, generate_world
+from spyglass.trainer.algorithm import MODES, AlgoConfig
+from spyglass.trainer.eval import DIRECT_SYSTEM, EvalConfig, run_eval
+from spyglass.trainer.grpo import GRPOConfig, run_grpo
+from spyglass.trainer.sft import SFTConfig, SFTDataConfig, run_sft
+from spyglass.trainer.synth.paths import PathConfig
+from spyglass.trainer.synth.pipeline import SynthConfig, run_pipeline
+from spyglass.trainer.synth.trajectories import TeacherConfig
+from spyglass.trainer.update import UpdateConfig
+
+TOOLS = ["Crop", "Sharpen", "SuperResolution", "PerspectiveCorrect", "OCR", "ImageSearch", "TextSearch", "Visit"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="runs/proof")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    ap.add_argument("--n-questions", type=int, default=300)
+    ap.add_argument("--hops", type=int, nargs="+", default=[2, 3, 4])
+    ap.add_argument("--hop-probs", type=float, nargs="+", default=[0.4, 0.4, 0.2])
+    ap.add_argument("--held-frac", type=float, default=0.2, help="fraction of images held out")
+    ap.add_argument("--model", default="tiny:qwen2_vl:128x4", help="the student (random init)")
+    ap.add_argument("--sft-steps", type=int, default=70)
+    ap.add_argument("--sft-batch", type=int, default=8)
+    ap.add_argument("--sft-lr", type=float, default=2e-3)
+    ap.add_argument("--arms", nargs="+", default=["vanilla", "fatal_mask", "fatal_mask_clamp"], choices=MODES)
+    ap.add_argument("--grpo-steps", type=int, default=6)
+    ap.add_argument("--grpo-groups", type=int, default=6, help="prompts per GRPO step")
+    ap.add_argument("--grpo-samples", type=int, default=4, help="samples per prompt (group size)")
+    ap.add_argument("--grpo-lr", type=float, default=1e-4)
+    ap.add_argument("--temperature", type=float, default=1.0, help="GRPO sampling temperature")
+    ap.add_argument("--max-turns", type=int, default=14)
+    ap.add_argument("--max-tokens-per-turn", type=int, default=96)
+    return ap.parse_args(argv)
+
+
+class Proof:
+    """The stages, their cache and the timings."""
+
+    def __init__(self, a: argparse.Namespace) -> None:
+        self.a, self.out = a, Path(a.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.world, self.synth = self.out / "world", self.out / "synth"
+        self.timings: dict[str, float] = {}
+
+    def stage(self, name: str, done: Path, fn: Any) -> None:
+        """Run `fn` unless `done` exists (a finished stage writes it last)."""
+        if done.exists():
+            print(f"[proof] {name}: cached ({done})", flush=True)
+            return
+        t0 = time.perf_counter()
+        print(f"[proof] {name} ...", flush=True)
+        fn()
+        self.timings[name] = round(time.perf_counter() - t0, 1)
+        print(f"[proof] {name}: {self.timings[name]} s", flush=True)
+
+    def env(self, questions: str) -> EnvConfig:
+        return EnvConfig(world_dir=str(self.world), tools=list(TOOLS), dense_search=False,
+                         prompt_schemas=False, search_top_k=1, questions_file=str(questions))
+
+    def engine(self, n: int, temperature: float) -> EngineConfig:
+        return EngineConfig(n_samples=n, max_live=64, max_turns=self.a.max_turns,
+                            max_tokens_per_turn=self.a.max_tokens_per_turn, temperature=temperature,
+                            seed=self.a.seed)
+
+    # ------------------------------------------------------------------------------ stages
+    def make_data(self) -> None:
+        a = self.a
+        self.stage("world", self.world / "manifest.json",
+                   lambda: generate_world(self.world, WorldConfig(seed=a.seed)))
+        teacher = TeacherConfig(model="tiny:qwen2_vl", tools=tuple(TOOLS), prompt_schemas=False,
+                                search_top_k=1, seed=a.seed)
+        paths = PathConfig(hop_lengths=tuple(a.hops), hop_probs=tuple(a.hop_probs), seed=a.seed)
+        cfg = SynthConfig(out=str(self.synth), world=str(self.world), n_questions=a.n_questions,
+                          seed=a.seed, paths=paths, teacher=teacher)
+        self.stage("synth", self.synth / "report.json", lambda: asyncio.run(run_pipeline(cfg)))
+        self.stage("split", self.synth / "split.json", self.split)
+
+    def split(self) -> None:
+        qs = [json.loads(x) for x in (self.synth / "questions.jsonl").read_text().splitlines() if x.strip()]
+        images = sorted({q["image"] for q in qs})
+        random.Random(self.a.seed).shuffle(images)
+        held = set(images[: max(1, round(len(images) * self.a.held_frac))])
+        sides = {"train": [q for q in qs if q["image"] not in held], "held": [q for q in qs if q["image"] in held]}
+        for side, rows in sides.items():
+            (self.synth / f"{side}_questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in rows))
+        train_ids = {q["id"] for q in sides["train"]}
+        trajs = [t for t in iter_jsonl(self.synth / "trajectories.jsonl") if t.group_id in train_ids]
+        write_jsonl(self.synth / "train_trajectories.jsonl", trajs, append=False)
+        with open(self.synth / "train_direct.sharegpt.jsonl", "w", encoding="utf-8") as f:
+            for q in sides["train"]:  # the no-tool baseline's data: image + question -> answer
+                f.write(json.dumps({"id": q["id"], "system": DIRECT_SYSTEM, "tools": "[]",
+                                    "images": [q["image_file"]],
+                                    "conversations": [{"from": "human", "value": "<image>" + q["question"]},
+                                                      {"from": "gpt", "value": f"<answer>{q['answer']}</answer>"}]})
+                        + "\n")
+        info = {"images": len(images), "held_images": len(held), "train_questions": len(sides["train"]),
+                "held_questions": len(sides["held"]), "train_trajectories": len(trajs)}
+        (self.synth / "split.json").write_text(json.dumps(info, indent=1) + "\n")
+
+    def sft(self, name: str, data: Path) -> Path:
+        a, d = self.a, self.out / name
+        cfg = SFTConfig(model=a.model, out_dir=str(d), data=SFTDataConfig(path=str(data)), steps=a.sft_steps,
+                        batch_size=a.sft_batch, lr=a.sft_lr, seed=a.seed)
+        self.stage(name, d / "final" / "spyglass_tiny.json", lambda: run_sft(cfg))
+        return d / "final"
+
+    def grpo(self, arm: str, init: Path) -> Path:
+        a, d = self.a, self.out / f"grpo-{arm}"
+        rollout = RolloutConfig(engine=self.engine(a.grpo_samples, a.temperature),
+                                env=self.env(self.synth / "train_questions.jsonl"), model=str(init),
+                                policy="sample", out=str(d / "rollouts.jsonl"), progress=False)
+        cfg = GRPOConfig(rollout=rollout, algo=AlgoConfig(mode=arm),
+                         update=UpdateConfig(lr=a.grpo_lr, temperature=a.temperature),
+                         steps=a.grpo_steps, groups_per_step=a.grpo_groups, ckpt_dir=str(d / "ckpt"),
+                         log_dir=str(d), export_dir=str(d / "final"), seed=a.seed)
+        self.stage(f"grpo-{arm}", d / "final" / "spyglass_tiny.json", lambda: run_grpo(cfg))
+        return d / "final"
+
+    def evaluate(self, name: str, model: Path, direct: bool, agentic: bool = True) -> dict[str, Any]:
+        d = self.out / "eval" / name
+        held = self.synth / "held_questions.jsonl"
+        cfg = EvalConfig(model=str(model), policy="sample", engine=self.engine(1, 0.0), env=self.env(held),
+                         agentic=agentic, direct_baseline=direct, direct_max_tokens=self.a.max_tokens_per_turn,
+                         out_dir=str(d))
+        self.stage(f"eval {name}", d / "report.json", lambda: run_eval(cfg))
+        rep = json.loads((d / "report.json").read_text())
+        return {mode: {"accuracy": m["average_accuracy"], "n": m["overall"]["n"],
+                       "answered": m["overall"]["answered_rate"], "calls_per_traj": m["overall"]["tool_calls_per_traj"],
+                       "fatal_rate": m["overall"]["fatal_rate"], "wall_s": m["wall_s"]}
+                for mode, m in rep["modes"].items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    p, t0 = Proof(a), time.perf_counter()
+    p.make_data()
+    sft = p.sft("sft", p.synth / "train_trajectories.jsonl")
+    sft_direct = p.sft("sft-direct", p.synth / "train_direct.sharegpt.jsonl")
+    rows: dict[str, dict[str, Any]] = {}
+    rows["no-tool SFT (direct)"] = p.evaluate("sft-direct", sft_direct, direct=True, agentic=False)["direct"]
+    r = p.evaluate("sft", sft, direct=True)
+    rows["SFT (direct, tools off)"], rows["SFT (with tools)"] = r["direct"], r["agentic"]
+    for arm in a.arms:
+        rows[f"SFT + GRPO {arm}"] = p.evaluate(f"grpo-{arm}", p.grpo(arm, sft), direct=False)["agentic"]
+    split = json.loads((p.synth / "split.json").read_text())
+    print(f"\nheld-out: {split['held_questions']} questions on {split['held_images']} unseen images; "
+          f"train: {split['train_questions']} questions, {split['train_trajectories']} teacher trajectories")
+    print("| model | held-out accuracy | answered | tool calls / traj | fatal | eval wall s |\n|---|---:|---:|---:|---:|---:|")
+    for k, v in rows.items():
+        print(f"| {k} | {100 * v['accuracy']:.1f}% | {100 * v['answered']:.0f}% | {v['calls_per_traj']:.2f} | "
+              f"{100 * v['fatal_rate']:.0f}% | {v['wall_s']:.0f} |")
+    print(json.dumps({"bench": "proof_learning", "device": device_name(), "commit": git_commit(),
+                      "threads": torch.get_num_threads(), "args": vars(a), "split": split,
+                      "accuracy": {k: round(v["accuracy"], 4) for k, v in rows.items()}, "stages_s": p.timings,
+                      "wall_s": round(time.perf_counter() - t0, 1)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
