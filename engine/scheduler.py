@@ -160,6 +160,34 @@ class _Live:
     done: bool = False
 
 
+class _Inbox:
+    """The engine's event queue: a deque and at most one waiter (the loop). asyncio.Queue does
+    the same with bookkeeping (putters, unfinished-task counts, an Event) the loop never uses."""
+
+    __slots__ = ("items", "_waiter")
+
+    def __init__(self) -> None:
+        self.items: collections.deque[tuple[str, Any, Any]] = collections.deque()
+        self._waiter: asyncio.Future | None = None
+
+    def put_nowait(self, event: tuple[str, Any, Any]) -> None:
+        self.items.append(event)
+        w = self._waiter
+        if w is not None:
+            self._waiter = None
+            if not w.done():
+                w.set_result(None)
+
+    async def wait(self) -> None:
+        """Return once an event is queued."""
+        while not self.items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+
 def _gone(ref: Any) -> bool:
     lv = ref()
     return lv is None or lv.done
@@ -176,7 +204,11 @@ class Engine:
     """
 
     EVENTS_PER_SLICE = 32  # events handled before the loop yields (bounds event-loop lag)
-    LAUNCHES_PER_SLICE = 16
+    # A turn makes up to two events (generation, tools), so launching at most half as many
+    # turns per slice as the slice handles events keeps a saturated engine's backlog in the
+    # ready queues (a bare _Live each) rather than in the event queue (each event holding its
+    # output, task and coroutine alive: more memory and more young-GC work per turn).
+    LAUNCHES_PER_SLICE = EVENTS_PER_SLICE // 2
 
     def __init__(self, cfg: EngineConfig, backends: Sequence[Any], codec: Codec,
                  tools: ToolRunner, parser: TurnParser, tool_schemas: Sequence[dict] = (),
@@ -195,7 +227,7 @@ class Engine:
         self._stops = frozenset(self._stop_ids)
         self._sampling: SamplingParams | None = None  # this engine's sampling, max_tokens/seed per turn
         self._aloop: asyncio.AbstractEventLoop | None = None
-        self._events: asyncio.Queue = asyncio.Queue()
+        self._events = _Inbox()
         self._ready: list[collections.deque[_Live]] = [collections.deque() for _ in self.backends]
         self._inflight = [0] * len(self.backends)
         self._load = [0] * len(self.backends)  # live trajectories per server (affinity)
@@ -282,10 +314,13 @@ class Engine:
         # made since are frozen every gc_freeze_interval_s, and full (generation-2) collections
         # are held off; young collections go on. Trajectories are freed by reference counting
         # as usual; run() restores the thresholds and unfreezes at the end, so any reference
-        # cycle made during the run is collected then.
+        # cycle made during the run is collected then. The start collects only the young
+        # generations (a full pass over a process with torch loaded is ~100 ms on the loop):
+        # garbage already in the old generation would wait for a full collection anyway, and
+        # full collections are held off until the run ends.
         self._gc_thresholds = gc.get_threshold()
         if self.cfg.gc_freeze:
-            gc.collect()
+            gc.collect(1)
             gc.freeze()
             t0, t1, _ = self._gc_thresholds
             gc.set_threshold(t0, t1, 1_000_000)
@@ -319,14 +354,14 @@ class Engine:
             self._sweep_deadlines()
             if more:
                 self._events.put_nowait(("wake", None, None))
-            if self._events.empty():
-                batch = [await self._events.get()]
-            else:  # yield once per slice so the loop's other tasks (I/O, timers) keep running
+            events = self._events.items
+            if events:  # yield once per slice so the loop's other tasks (I/O, timers) keep running
                 await asyncio.sleep(0)
-                batch = []
-            while not self._events.empty() and len(batch) < self.EVENTS_PER_SLICE:
-                batch.append(self._events.get_nowait())
-            for kind, lv, payload in batch:
+            else:
+                await self._events.wait()
+            take = events.popleft
+            for _ in range(min(len(events), self.EVENTS_PER_SLICE)):
+                kind, lv, payload = take()
                 if kind == "wake":
                     continue
                 if self._handle(kind, lv, payload):
