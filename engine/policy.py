@@ -35,8 +35,9 @@ class ReplayPolicy:
             if script is None:
                 raise KeyError(f"ReplayPolicy has no script for prompt {traj.group_id!r}")
             text = script[turn] if turn < len(script) else self.fallback_answer
-            ids = array("i", self.codec.encode_text(text) + [self.codec.stop_token_ids[0]])
-            self._cache[key] = ids  # compact and invisible to the cyclic GC
+            out = self.codec.encode_text(text) + [self.codec.stop_token_ids[0]]
+            self._cache[key] = array("i", out)  # compact and invisible to the cyclic GC
+            return out
         return ids.tolist()
 
     @property

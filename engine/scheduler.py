@@ -151,6 +151,7 @@ class _Live:
     deadline: float
     image_tokens: int = 0
     ntok: int = 0  # context length so far (= traj.num_tokens, kept without a walk over segments)
+    n_images: int = 0  # images in the context so far (= len(traj.images()))
     ready_since: float = 0.0
     request_id: str = ""
     moves: int = 0
@@ -419,15 +420,15 @@ class Engine:
         prompt_ids = self.codec.encode_prompt(p.question, p.images, self.tool_schemas)
         now = time.perf_counter()
         server = self._pick_server()
+        image_tokens = sum(self.image_tokens(im) for im in p.images)
         out = []
         for i in range(self.cfg.n_samples):
             t = Trajectory(id=f"{p.id}#{i}", group_id=p.id, sample_index=i,
-                           prompt_ids=list(prompt_ids), prompt_images=list(p.images),
+                           prompt_ids=prompt_ids, prompt_images=list(p.images),
                            prompt_messages=[{"role": "user", "content": p.question}],
                            meta=dict(p.meta), started_at=time.time())
             lv = _Live(t, server, now + self.cfg.timeout_s,
-                       image_tokens=sum(self.image_tokens(im) for im in p.images),
-                       ntok=len(t.prompt_ids), ready_since=now)
+                       image_tokens=image_tokens, ntok=len(t.prompt_ids), n_images=len(t.prompt_images), ready_since=now)
             heapq.heappush(self._deadlines, (lv.deadline, id(lv), weakref.ref(lv)))
             self._load[server] += 1
             if len(prompt_ids) >= self.cfg.max_context:  # finished when the event is handled
@@ -457,8 +458,9 @@ class Engine:
                 return False
         # lock-step launches the whole batch's turn at once; otherwise a bounded slice
         budget = 1 << 62 if self.cfg.lockstep else self.LAUNCHES_PER_SLICE
+        cap = self.cfg.max_inflight_per_server
         for s, q in enumerate(self._ready):
-            while q and self._inflight[s] < self.cfg.max_inflight_per_server and budget > 0:
+            while q and self._inflight[s] < cap and budget > 0:
                 budget -= 1
                 lv = q.popleft()
                 if lv.expired:  # its deadline passed while it waited for a slot
@@ -467,10 +469,10 @@ class Engine:
                 self._inflight[s] += 1
                 lv.request_id = f"{lv.traj.id}/{next(self._request_seq)}"
                 task = self._spawn(self._generate(lv), lv)
-                if not self._gen_tasks:
+                if not self._gen_tasks:  # (idle is set only while no generation is in flight)
                     self._busy_since = time.perf_counter()
+                    self._idle.clear()
                 self._gen_tasks[lv.request_id] = (task, lv)
-                self._idle.clear()
         return budget == 0
 
     # -- jobs (each ends by putting exactly one event) -------------------------------------
@@ -494,7 +496,8 @@ class Engine:
                     max_tokens=self.cfg.max_tokens_per_turn, temperature=self.cfg.temperature,
                     top_p=self.cfg.top_p, stop_token_ids=list(self._stop_ids))
             req = GenerateRequest(
-                request_id=lv.request_id, prompt_ids=t.token_array(), images=t.images(),
+                request_id=lv.request_id, prompt_ids=t.token_array(),
+                images=t.images() if lv.n_images else [],
                 sampling=self._sampling.for_turn(
                     budget, zlib.crc32(f"{self.cfg.seed}/{t.id}/{turn}".encode())),  # stable across processes
                 forced_ids=forced[:budget] if forced is not None else None)
@@ -529,6 +532,9 @@ class Engine:
     # -- event handling -----------------------------------------------------------------
     def _handle(self, kind: str, lv: _Live, payload: Any) -> bool:
         """Advance one trajectory; True when it has just finished."""
+        if kind == "tools":
+            self._tool_jobs -= 1
+            return self._on_tools(lv, *payload)
         if kind == "done":
             return self._finish(lv, *payload)
         if kind.startswith("gen"):
@@ -544,9 +550,6 @@ class Engine:
         if kind == "gen_fail":
             lv.traj.meta["engine_error"] = f"{type(payload).__name__}: {payload}"
             return self._finish(lv, Status.ERROR, "engine_error")
-        if kind == "tools":
-            self._tool_jobs -= 1
-            return self._on_tools(lv, *payload)
         raise RuntimeError(f"unknown engine event {kind!r}")
 
     def _on_server_error(self, lv: _Live, err: Exception) -> bool:
@@ -626,7 +629,7 @@ class Engine:
         turn = t.turns[-1]
         turn.tool_s = t1 - t0
         self._account(lv, "tool", t0, t1, None)
-        n_before = len(t.images())
+        n_before = lv.n_images
         texts, images = [], []
         spent = False  # once an image is dropped, every later one is too: names stay in order
         for o in outs:
@@ -658,17 +661,19 @@ class Engine:
         ids = self.codec.encode_observation(text, images, closed, n_before + 1)
         t.segments.append(Segment(SegmentKind.OBS, ids, turn=turn.index, images=images, text=text))
         lv.ntok += len(ids)
+        lv.n_images += len(images)
         turn.obs_tokens = len(ids)
         self.stats.obs_tokens += len(ids)
         if self.on_turn is not None:
             self.on_turn(t, turn)
         if self._cascade(t):
             return self._finish(lv, Status.FATAL, "fatal_cascade")
-        if lv.expired or time.perf_counter() >= lv.deadline:
+        now = time.perf_counter()
+        if lv.expired or now >= lv.deadline:
             return self._finish(lv, Status.TRUNCATED, "timeout")
         if lv.ntok >= cfg.max_context:
             return self._finish(lv, Status.TRUNCATED, "max_context")
-        lv.ready_since = time.perf_counter()
+        lv.ready_since = now
         self._ready[lv.server].append(lv)
         return False
 
