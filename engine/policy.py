@@ -36,7 +36,7 @@ class ReplayPolicy:
                 raise KeyError(f"ReplayPolicy has no script for prompt {traj.group_id!r}")
             text = script[turn] if turn < len(script) else self.fallback_answer
             out = self.codec.encode_text(text) + [self.codec.stop_token_ids[0]]
-            self._cache[key] = array("i", out)  # compact and invisible to the cyclic GC
+            self._cache[key] = array("I", out)  # compact, its ints not walked by the cyclic GC
             return out
         return ids.tolist()
 
