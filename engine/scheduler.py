@@ -40,7 +40,7 @@ from .backends.base import GenerateRequest, SamplingParams
 from .chat import Codec
 from .config import check
 from .metrics import EngineStats
-from .trajectory import Segment, SegmentKind, Status, Trajectory, Turn
+from .trajectory import Segment, SegmentKind, Status, Trajectory, Turn, as_ids
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -418,7 +418,7 @@ class Engine:
         return self._admitted_groups < steps * self.cfg.groups_per_step
 
     def _start_group(self, p: Prompt) -> list[_Live]:
-        prompt_ids = self.codec.encode_prompt(p.question, p.images, self.tool_schemas)
+        prompt_ids = as_ids(self.codec.encode_prompt(p.question, p.images, self.tool_schemas))
         now = time.perf_counter()
         server = self._pick_server()
         image_tokens = sum(self.image_tokens(im) for im in p.images)

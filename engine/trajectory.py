@@ -159,7 +159,8 @@ class Trajectory:
     finished_at: float = 0.0
 
     def __post_init__(self) -> None:
-        self.status = Status(self.status)
+        if type(self.status) is not Status:
+            self.status = Status(self.status)
         self.prompt_ids = as_ids(self.prompt_ids)
 
     # -- token views ---------------------------------------------------------------------
