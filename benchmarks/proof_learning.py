@@ -60,11 +60,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", default="runs/proof")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
-    ap.add_argument("--n-questions", type=int, default=300)
-    ap.add_argument("--hops", type=int, nargs="+", default=[2, 3, 4])
-    ap.add_argument("--hop-probs", type=float, nargs="+", default=[0.4, 0.4, 0.2])
+    ap.add_argument("--world-scale", type=int, default=2, help="world size as a multiple of the default world")
+    ap.add_argument("--n-questions", type=int, default=400)
+    ap.add_argument("--hops", type=int, nargs="+", default=[2], help="path lengths (the pipeline's default: 2 3 4)")
+    ap.add_argument("--hop-probs", type=float, nargs="+", default=[1.0], help="(the pipeline's: 0.4 0.4 0.2)")
     ap.add_argument("--held-frac", type=float, default=0.2, help="fraction of images held out")
-    ap.add_argument("--model", default="tiny:qwen2_vl:128x4", help="the student (random init)")
+    ap.add_argument("--model", default="tiny:qwen2_vl:128x2:64",
+                    help="the student, random init (hidden x layers : image tokens); also the teacher's "
+                         "tokenizer and image processor")
     ap.add_argument("--sft-steps", type=int, default=70)
     ap.add_argument("--sft-batch", type=int, default=8)
     ap.add_argument("--sft-lr", type=float, default=2e-3)
@@ -111,9 +114,11 @@ class Proof:
     # ------------------------------------------------------------------------------ stages
     def make_data(self) -> None:
         a = self.a
-        self.stage("world", self.world / "manifest.json",
-                   lambda: generate_world(self.world, WorldConfig(seed=a.seed)))
-        teacher = TeacherConfig(model="tiny:qwen2_vl", tools=tuple(TOOLS), prompt_schemas=False,
+        k = a.world_scale
+        world = WorldConfig(seed=a.seed, n_people=90 * k, n_places=60 * k, n_orgs=60 * k, n_products=50 * k,
+                            n_events=40 * k, n_sign_images=48 * k, n_scenes=8 * k, n_emblem_queries=10 * k)
+        self.stage("world", self.world / "manifest.json", lambda: generate_world(self.world, world))
+        teacher = TeacherConfig(model=a.model, tools=tuple(TOOLS), prompt_schemas=False,
                                 search_top_k=1, seed=a.seed)
         paths = PathConfig(hop_lengths=tuple(a.hops), hop_probs=tuple(a.hop_probs), seed=a.seed)
         cfg = SynthConfig(out=str(self.synth), world=str(self.world), n_questions=a.n_questions,

@@ -227,42 +227,49 @@ def _seeded(seed: int, fn: Any) -> Any:
         return fn()
 
 
-def build_tiny_vlm(family: str = "qwen2_vl", seed: int = 0, hidden: int = 64, layers: int = 2) -> TinyVLM:
+def build_tiny_vlm(family: str = "qwen2_vl", seed: int = 0, hidden: int = 64, layers: int = 2,
+                   max_image_tokens: int = 256) -> TinyVLM:
     """A seeded tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL (text: `hidden` wide, head_dim 32,
-    `layers` deep; default 64 x 2, ~0.2M parameters; a tiny vision tower)."""
+    `layers` deep; default 64 x 2, ~0.2M parameters; a tiny vision tower; images resized to at
+    most `max_image_tokens` visual tokens, 4 patches each)."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     if hidden % 32 or not 32 <= hidden <= 1024:
         raise ValueError(f"hidden must be a multiple of 32 in [32, 1024], got {hidden!r}")
     if not 1 <= layers <= 48:
         raise ValueError(f"layers must be in [1, 48], got {layers!r}")
+    if not 4 <= max_image_tokens <= 16384:
+        raise ValueError(f"max_image_tokens must be in [4, 16384], got {max_image_tokens!r}")
     tok = build_tokenizer()
     config = _vl_config(family, len(tok), special_ids(tok), hidden, layers)
     model = _seeded(seed, lambda: _model_class(family)(config)).float().eval()
-    improc = build_image_processor(family)
+    improc = build_image_processor(family, max_image_tokens)
     return TinyVLM(family, model, tok, build_processor(family, tok, improc))
 
 
-def parse_tiny_spec(spec: str) -> tuple[str, int, int]:
-    """"tiny:<family>[:<hidden>x<layers>]" -> (family, hidden, layers); e.g. tiny:qwen2_vl:128x4."""
+def parse_tiny_spec(spec: str) -> tuple[str, int, int, int]:
+    """"tiny:<family>[:<hidden>x<layers>[:<max image tokens>]]" -> (family, hidden, layers,
+    max_image_tokens); e.g. tiny:qwen2_vl:128x2:64. Defaults 64 x 2, 256 image tokens."""
     parts = spec.split(":")
-    if parts[0] != "tiny" or len(parts) not in (2, 3) or parts[1] not in FAMILIES:
-        raise ValueError(f"model spec must be tiny:<family>[:<hidden>x<layers>] with family in "
-                         f"{FAMILIES}, got {spec!r}")
+    if parts[0] != "tiny" or len(parts) not in (2, 3, 4) or parts[1] not in FAMILIES:
+        raise ValueError(f"model spec must be tiny:<family>[:<hidden>x<layers>[:<image tokens>]] with family "
+                         f"in {FAMILIES}, got {spec!r}")
     if len(parts) == 2:
-        return parts[1], 64, 2
+        return parts[1], 64, 2, 256
     size = parts[2].split("x")
     if len(size) != 2 or not all(x.isdigit() for x in size):
         raise ValueError(f"model spec size must be <hidden>x<layers> (e.g. 128x4), got {parts[2]!r} in {spec!r}")
-    return parts[1], int(size[0]), int(size[1])
+    if len(parts) == 4 and not parts[3].isdigit():
+        raise ValueError(f"model spec image tokens must be an int, got {parts[3]!r} in {spec!r}")
+    return parts[1], int(size[0]), int(size[1]), int(parts[3]) if len(parts) == 4 else 256
 
 
 def load_model(spec: str, seed: int = 0) -> TinyVLM:
-    """A TinyVLM from a spec: "tiny:<family>[:<hidden>x<layers>]" builds one in code (seeded);
+    """A TinyVLM from a spec: "tiny:<family>[:<hidden>x<layers>[:<image tokens>]]" builds one in code (seeded);
     anything else is a save_tiny() directory."""
     if spec.startswith("tiny:"):
-        family, hidden, layers = parse_tiny_spec(spec)
-        return build_tiny_vlm(family, seed=seed, hidden=hidden, layers=layers)
+        family, hidden, layers, image_tokens = parse_tiny_spec(spec)
+        return build_tiny_vlm(family, seed=seed, hidden=hidden, layers=layers, max_image_tokens=image_tokens)
     return load_tiny(spec)
 
 

@@ -94,6 +94,27 @@ def test_encoding_errors_name_the_problem(tok):
         tiny.image_token_count("img", improc)
 
 
+def test_model_spec_sets_size_and_image_token_cap(tmp_path):
+    assert tiny.parse_tiny_spec("tiny:qwen2_vl") == ("qwen2_vl", 64, 2, 256)
+    assert tiny.parse_tiny_spec("tiny:qwen3_vl:128x4") == ("qwen3_vl", 128, 4, 256)
+    assert tiny.parse_tiny_spec("tiny:qwen2_vl:96x3:64") == ("qwen2_vl", 96, 3, 64)
+    for bad in ("tiny:llava", "tiny:qwen2_vl:128", "tiny:qwen2_vl:128x2:many", "tiny:qwen2_vl:1x2:3:4"):
+        with pytest.raises(ValueError, match="model spec"):
+            tiny.parse_tiny_spec(bad)
+        assert not tiny.is_model_spec(bad)
+    big = Image.new("RGB", (640, 480), (1, 2, 3))
+    small = tiny.load_model("tiny:qwen2_vl:64x2:16")
+    assert small.model.config.text_config.num_hidden_layers == 2
+    n_small = tiny.image_token_count(big, small.image_processor)
+    assert 4 <= n_small <= 16
+    assert tiny.image_token_count(big, tiny.load_model("tiny:qwen2_vl").image_processor) > n_small
+    # the cap survives save/load (the image processor carries it)
+    loaded = tiny.load_tiny(tiny.save_tiny(small, tmp_path / "m"))
+    assert tiny.image_token_count(big, loaded.image_processor) == n_small
+    with pytest.raises(ValueError, match="max_image_tokens"):
+        tiny.build_tiny_vlm("qwen2_vl", max_image_tokens=2)
+
+
 def test_seeded_init_and_save_load_round_trip(tmp_path):
     a, b = tiny.build_tiny_vlm("qwen2_vl", seed=0), tiny.build_tiny_vlm("qwen2_vl", seed=0)
     c = tiny.build_tiny_vlm("qwen2_vl", seed=1)
