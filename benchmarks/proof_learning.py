@@ -79,6 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--temperature", type=float, default=1.0, help="GRPO sampling temperature")
     ap.add_argument("--max-turns", type=int, default=14)
     ap.add_argument("--max-tokens-per-turn", type=int, default=96)
+    ap.add_argument("--stop-after", choices=["data", "sft"], help="run the stages up to this one, then stop")
     return ap.parse_args(argv)
 
 
@@ -187,8 +188,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     p, t0 = Proof(a), time.perf_counter()
     p.make_data()
+    if a.stop_after == "data":
+        return 0
     sft = p.sft("sft", p.synth / "train_trajectories.jsonl")
     sft_direct = p.sft("sft-direct", p.synth / "train_direct.sharegpt.jsonl")
+    if a.stop_after == "sft":
+        return 0
     rows: dict[str, dict[str, Any]] = {}
     rows["no-tool SFT (direct)"] = p.evaluate("sft-direct", sft_direct, direct=True, agentic=False)["direct"]
     r = p.evaluate("sft", sft, direct=True)
