@@ -50,6 +50,16 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def _parse_flow(text: str, path: str) -> Any:
+    """A list or mapping given as text (a command-line override): YAML flow style, so JSON
+    and the unquoted `[Crop, OCR]` both work; a parse error names the key and the text."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: cannot parse {text!r} as a list or mapping ({e.__class__.__name__}: "
+                          f"{str(e).splitlines()[0]})") from None
+
+
 def _coerce(tp: Any, value: Any, path: str) -> Any:
     tp, optional = _unwrap_optional(tp)
     if optional and isinstance(value, str) and value.lower() in ("none", "null"):
@@ -87,7 +97,7 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         return value
     if origin in (list, tuple):
         if isinstance(value, str):
-            value = json.loads(value) if value.startswith("[") else [v for v in value.split(",") if v]
+            value = _parse_flow(value, path) if value.lstrip().startswith("[") else [v for v in value.split(",") if v]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
         (item_tp, *_) = typing.get_args(tp) or (Any,)
@@ -95,7 +105,7 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         return items if origin is list else tuple(items)
     if origin is dict:
         if isinstance(value, str):
-            value = json.loads(value)
+            value = _parse_flow(value, path)
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
         return dict(value)

@@ -56,3 +56,12 @@ def test_generated_cli() -> None:
     cfg = config_from_args(Outer, ns, base={"inner": {"name": "from-file"}})
     assert (cfg.inner.k, cfg.inner.name, cfg.enabled) == (4, "from-file", True)
     assert "--inner.rate" in ap.format_help()
+
+
+def test_list_overrides_in_json_or_flow_style_and_bad_ones_named() -> None:
+    assert from_dict(Outer, {"flags": '["Crop", "OCR"]'}).flags == ["Crop", "OCR"]
+    assert from_dict(Outer, {"flags": "[Crop, OCR]"}).flags == ["Crop", "OCR"]
+    with pytest.raises(ConfigError, match=r"flags: cannot parse '\[Crop, OCR' as a list"):
+        from_dict(Outer, {"flags": "[Crop, OCR"})
+    with pytest.raises(ConfigError, match=r"flags: expected a list, got \{'a': 1\}"):
+        from_dict(Outer, {"flags": {"a": 1}})
