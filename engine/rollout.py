@@ -49,7 +49,7 @@ class RolloutConfig:
         check(self.servers >= 1, f"servers must be >= 1, got {self.servers}")
         from .tiny import is_model_spec  # noqa: PLC0415
         check(is_model_spec(self.model),
-              f"model must be tiny:<family>[:<hidden>x<layers>] or an existing directory, got {self.model!r}")
+              f"model must be tiny:<family>[:<hidden>x<layers>[:<image tokens>]] or an existing directory, got {self.model!r}")
 
 
 def _model_and_codec(cfg: RolloutConfig) -> tuple[Any, Any]:

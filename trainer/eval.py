@@ -288,7 +288,7 @@ class EvalConfig:
         check(self.direct_max_tokens >= 1, f"direct_max_tokens must be >= 1, got {self.direct_max_tokens}")
         check(self.limit >= 0, f"limit must be >= 0, got {self.limit}")
         check(is_model_spec(self.model),
-              f"model must be tiny:<family>[:<hidden>x<layers>] or an existing directory, got {self.model!r}")
+              f"model must be tiny:<family>[:<hidden>x<layers>[:<image tokens>]] or an existing directory, got {self.model!r}")
 
 
 # ------------------------------------------------------------------------------ statistics

@@ -459,7 +459,7 @@ class SFTConfig:
 
     def __post_init__(self) -> None:
         check(is_model_spec(self.model),
-              f"model must be tiny:<family>[:<hidden>x<layers>] or an existing directory, got {self.model!r}")
+              f"model must be tiny:<family>[:<hidden>x<layers>[:<image tokens>]] or an existing directory, got {self.model!r}")
         for k in ("epochs", "batch_size", "micro_batch_tokens", "keep_last"):
             check(getattr(self, k) >= 1, f"{k} must be >= 1, got {getattr(self, k)!r}")
         for k in ("steps", "save_every"):
@@ -481,7 +481,7 @@ def lr_at(cfg: SFTConfig, step: int, total: int) -> float:
 
 
 def load_model(model: str) -> Any:
-    """A TinyVLM from "tiny:<family>[:<hidden>x<layers>]" (built in code) or a save_tiny() directory."""
+    """A TinyVLM from "tiny:<family>[:<hidden>x<layers>[:<image tokens>]]" (built in code) or a save_tiny() directory."""
     from spyglass.engine.tiny import load_model as load
     return load(model)
 

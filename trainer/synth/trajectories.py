@@ -57,7 +57,7 @@ class TeacherConfig:
             raise ValueError(f"TeacherConfig.policy must be one of {POLICIES}, got {self.policy!r}")
         from spyglass.engine.tiny import is_model_spec  # noqa: PLC0415
         if self.backend == "hf" and not is_model_spec(self.model):
-            raise ValueError(f"TeacherConfig.model must be tiny:<family>[:<hidden>x<layers>] or a model "
+            raise ValueError(f"TeacherConfig.model must be tiny:<family>[:<hidden>x<layers>[:<image tokens>]] or a model "
                              f"directory, got {self.model!r}")
         for k in ("n_samples", "max_turns", "max_tokens_per_turn", "keep_per_question"):
             if getattr(self, k) < 1:
