@@ -41,6 +41,7 @@ from spyglass.engine.env import EnvConfig
 from spyglass.engine.metrics import device_name, git_commit
 from spyglass.engine.rollout import RolloutConfig
 from spyglass.engine.scheduler import EngineConfig
+from spyglass.engine.tiny import parse_tiny_spec
 from spyglass.engine.trajectory import iter_jsonl, write_jsonl
 from spyglass.engine.world import WorldConfig, generate_world
 from spyglass.trainer.algorithm import MODES, AlgoConfig
@@ -60,17 +61,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", default="runs/proof")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
-    ap.add_argument("--world-scale", type=int, default=2, help="world size as a multiple of the default world")
-    ap.add_argument("--n-questions", type=int, default=400)
+    ap.add_argument("--world-scale", type=int, default=4, help="world size as a multiple of the default world")
+    ap.add_argument("--n-questions", type=int, default=1600)
     ap.add_argument("--hops", type=int, nargs="+", default=[2], help="path lengths (the pipeline's default: 2 3 4)")
     ap.add_argument("--hop-probs", type=float, nargs="+", default=[1.0], help="(the pipeline's: 0.4 0.4 0.2)")
     ap.add_argument("--held-frac", type=float, default=0.2, help="fraction of images held out")
     ap.add_argument("--model", default="tiny:qwen2_vl:128x2:64",
-                    help="the student, random init (hidden x layers : image tokens); also the teacher's "
-                         "tokenizer and image processor")
-    ap.add_argument("--sft-steps", type=int, default=70)
-    ap.add_argument("--sft-batch", type=int, default=8)
-    ap.add_argument("--sft-lr", type=float, default=2e-3)
+                    help="the student, random init (hidden x layers : image tokens)")
+    ap.add_argument("--teacher-model", default="",
+                    help="the teacher's model (it only replays the solve scripts, so its size only costs time; "
+                         "default: the student's family and image tokens at 32x1, the same tokens)")
+    ap.add_argument("--sft-steps", type=int, default=1200)
+    ap.add_argument("--sft-batch", type=int, default=4)
+    ap.add_argument("--sft-lr", type=float, default=3e-3)
     ap.add_argument("--arms", nargs="+", default=["vanilla", "fatal_mask", "fatal_mask_clamp"], choices=MODES)
     ap.add_argument("--grpo-steps", type=int, default=6)
     ap.add_argument("--grpo-groups", type=int, default=6, help="prompts per GRPO step")
@@ -81,6 +84,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-tokens-per-turn", type=int, default=96)
     ap.add_argument("--stop-after", choices=["data", "sft"], help="run the stages up to this one, then stop")
     return ap.parse_args(argv)
+
+
+def teacher_spec(student: str) -> str:
+    """The smallest tiny model with the student's tokens: same family, same image-token cap."""
+    if not student.startswith("tiny:"):
+        raise ValueError(f"--teacher-model is needed when --model is not a tiny spec, got {student!r}")
+    family, _, _, image_tokens = parse_tiny_spec(student)
+    return f"tiny:{family}:32x1:{image_tokens}"
 
 
 class Proof:
@@ -119,7 +130,7 @@ class Proof:
         world = WorldConfig(seed=a.seed, n_people=90 * k, n_places=60 * k, n_orgs=60 * k, n_products=50 * k,
                             n_events=40 * k, n_sign_images=48 * k, n_scenes=8 * k, n_emblem_queries=10 * k)
         self.stage("world", self.world / "manifest.json", lambda: generate_world(self.world, world))
-        teacher = TeacherConfig(model=a.model, tools=tuple(TOOLS), prompt_schemas=False,
+        teacher = TeacherConfig(model=a.teacher_model or teacher_spec(a.model), tools=tuple(TOOLS), prompt_schemas=False,
                                 search_top_k=1, seed=a.seed)
         paths = PathConfig(hop_lengths=tuple(a.hops), hop_probs=tuple(a.hop_probs), seed=a.seed)
         cfg = SynthConfig(out=str(self.synth), world=str(self.world), n_questions=a.n_questions,
@@ -152,7 +163,8 @@ class Proof:
     def sft(self, name: str, data: Path) -> Path:
         a, d = self.a, self.out / name
         cfg = SFTConfig(model=a.model, out_dir=str(d), data=SFTDataConfig(path=str(data)), steps=a.sft_steps,
-                        batch_size=a.sft_batch, lr=a.sft_lr, seed=a.seed)
+                        batch_size=a.sft_batch, lr=a.sft_lr, seed=a.seed,
+                        save_every=max(1, a.sft_steps // 5))  # a crashed SFT resumes from its last checkpoint
         self.stage(name, d / "final" / "spyglass_tiny.json", lambda: run_sft(cfg))
         return d / "final"
 
