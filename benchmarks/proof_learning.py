@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import json
 import random
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -41,8 +42,8 @@ from spyglass.engine.env import EnvConfig
 from spyglass.engine.metrics import device_name, git_commit
 from spyglass.engine.rollout import RolloutConfig
 from spyglass.engine.scheduler import EngineConfig
-from spyglass.engine.tiny import parse_tiny_spec
-from spyglass.engine.trajectory import iter_jsonl, write_jsonl
+from spyglass.engine.tiny import load_tiny, parse_tiny_spec, pixel_inputs
+from spyglass.engine.trajectory import SegmentKind, iter_jsonl, write_jsonl
 from spyglass.engine.world import WorldConfig, generate_world
 from spyglass.trainer.algorithm import MODES, AlgoConfig
 from spyglass.trainer.eval import DIRECT_SYSTEM, EvalConfig, run_eval
@@ -84,6 +85,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-tokens-per-turn", type=int, default=96)
     ap.add_argument("--stop-after", choices=["data", "sft"], help="run the stages up to this one, then stop")
     return ap.parse_args(argv)
+
+
+COPY = re.compile(r'"(?:query|url)": "([^"]*)"|<answer>(.*?)</answer>', re.S)
+
+
+def teacher_forced(model_dir: Path, trajectories: Path, ids: set[str], n: int = 40) -> dict[str, float]:
+    """Greedy next-token accuracy of a model on up to `n` teacher trajectories of the questions
+    `ids`: over every generated token, and over the 'copy' tokens (inside a query, URL or answer
+    value: strings the agent has to copy from what it has seen). Says what SFT learned when the
+    held-out answer accuracy is zero."""
+    vlm = load_tiny(model_dir)
+    model, tok = vlm.model, vlm.tokenizer
+    trajs = [t for t in iter_jsonl(trajectories) if t.group_id in ids][:n]
+    hits = {"gen": [0, 0], "copy": [0, 0]}
+    for t in trajs:
+        ids_t = torch.tensor([t.token_ids()])                                          # [1, L]
+        mask = torch.ones_like(ids_t)
+        kw = pixel_inputs(vlm.image_processor, t.images())
+        mm = (ids_t == model.config.image_token_id).int()
+        pos, _ = model.model.get_rope_index(ids_t, mm_token_type_ids=mm, attention_mask=mask,
+                                            image_grid_thw=kw.get("image_grid_thw"))
+        with torch.no_grad():
+            pred = model(input_ids=ids_t, attention_mask=mask, position_ids=pos, mm_token_type_ids=mm,
+                         **kw).logits[0].argmax(-1).tolist()                          # [L]
+        at = len(t.prompt_ids)
+        for seg in t.segments:
+            toks = list(seg.token_ids)
+            if seg.kind is SegmentKind.GEN:
+                starts = [len(tok.decode(toks[:i])) for i in range(len(toks))]      # char offset of each token
+                spans = [m.span(1) if m.group(1) is not None else m.span(2) for m in COPY.finditer(tok.decode(toks))]
+                for i, tid in enumerate(toks):
+                    ok = pred[at + i - 1] == tid
+                    hits["gen"][0] += ok
+                    hits["gen"][1] += 1
+                    if any(a <= starts[i] < b for a, b in spans):
+                        hits["copy"][0] += ok
+                        hits["copy"][1] += 1
+            at += len(toks)
+    return {"trajectories": len(trajs), "gen_token_acc": hits["gen"][0] / max(1, hits["gen"][1]),
+            "copy_token_acc": hits["copy"][0] / max(1, hits["copy"][1]), "copy_tokens": hits["copy"][1]}
 
 
 def teacher_spec(student: str) -> str:
@@ -213,15 +254,24 @@ def main(argv: list[str] | None = None) -> int:
     for arm in a.arms:
         rows[f"SFT + GRPO {arm}"] = p.evaluate(f"grpo-{arm}", p.grpo(arm, sft), direct=False)["agentic"]
     split = json.loads((p.synth / "split.json").read_text())
+    sides = {side: {json.loads(x)["id"] for x in (p.synth / f"{side}_questions.jsonl").read_text().splitlines() if x.strip()}
+             for side in ("train", "held")}
+    forced = {side: teacher_forced(sft, p.synth / "trajectories.jsonl", q) for side, q in sides.items()}
     print(f"\nheld-out: {split['held_questions']} questions on {split['held_images']} unseen images; "
           f"train: {split['train_questions']} questions, {split['train_trajectories']} teacher trajectories")
     print("| model | held-out accuracy | answered | tool calls / traj | fatal | eval wall s |\n|---|---:|---:|---:|---:|---:|")
     for k, v in rows.items():
         print(f"| {k} | {100 * v['accuracy']:.1f}% | {100 * v['answered']:.0f}% | {v['calls_per_traj']:.2f} | "
               f"{100 * v['fatal_rate']:.0f}% | {v['wall_s']:.0f} |")
+    print("\nSFT model, teacher-forced on the teacher's trajectories (greedy next-token accuracy):")
+    for side, f in forced.items():
+        print(f"  {side}: {100 * f['gen_token_acc']:.1f}% of generated tokens, {100 * f['copy_token_acc']:.1f}% of "
+              f"the {f['copy_tokens']} tokens copied into queries / URLs / answers ({f['trajectories']} trajectories)")
     print(json.dumps({"bench": "proof_learning", "device": device_name(), "commit": git_commit(),
                       "threads": torch.get_num_threads(), "args": vars(a), "split": split,
-                      "accuracy": {k: round(v["accuracy"], 4) for k, v in rows.items()}, "stages_s": p.timings,
+                      "accuracy": {k: round(v["accuracy"], 4) for k, v in rows.items()},
+                      "sft_teacher_forced": {k: {m: round(x, 4) for m, x in f.items()} for k, f in forced.items()},
+                      "stages_s": p.timings,
                       "wall_s": round(time.perf_counter() - t0, 1)}))
     return 0
 
