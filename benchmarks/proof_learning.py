@@ -42,6 +42,7 @@ from spyglass.engine.env import EnvConfig
 from spyglass.engine.metrics import device_name, git_commit
 from spyglass.engine.rollout import RolloutConfig
 from spyglass.engine.scheduler import EngineConfig
+from spyglass.engine.tiny import load_model as load_tiny_spec
 from spyglass.engine.tiny import load_tiny, parse_tiny_spec, pixel_inputs
 from spyglass.engine.trajectory import SegmentKind, iter_jsonl, write_jsonl
 from spyglass.engine.world import WorldConfig, generate_world
@@ -72,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--teacher-model", default="",
                     help="the teacher's model (it only replays the solve scripts, so its size only costs time; "
                          "default: the student's family and image tokens at 32x1, the same tokens)")
+    ap.add_argument("--copy-curriculum", type=int, default=0,
+                    help="text-only copy records (trainer/synth/curriculum.py) mixed into the SFT data")
     ap.add_argument("--sft-steps", type=int, default=1200)
     ap.add_argument("--sft-batch", type=int, default=4)
     ap.add_argument("--sft-lr", type=float, default=3e-3)
@@ -178,6 +181,23 @@ class Proof:
                           seed=a.seed, paths=paths, teacher=teacher)
         self.stage("synth", self.synth / "report.json", lambda: asyncio.run(run_pipeline(cfg)))
         self.stage("split", self.synth / "split.json", self.split)
+        if a.copy_curriculum:
+            self.stage("copy curriculum", self.out / "sft_data.jsonl", self.mix_copy_curriculum)
+
+    def sft_data(self) -> Path:
+        """The SFT stage's data: the training trajectories, plus the copy curriculum if asked."""
+        return self.out / "sft_data.jsonl" if self.a.copy_curriculum else self.synth / "train_trajectories.jsonl"
+
+    def mix_copy_curriculum(self) -> None:
+        from spyglass.engine.chat import HFCodec
+        from spyglass.trainer.sft import load_sharegpt
+        from spyglass.trainer.synth.curriculum import write_copy_curriculum
+        path = write_copy_curriculum(self.out / "copy.sharegpt.jsonl", self.a.copy_curriculum, seed=self.a.seed + 1)
+        copies = load_sharegpt(path, HFCodec.from_tiny(load_tiny_spec(self.a.model)))
+        mix = list(iter_jsonl(self.synth / "train_trajectories.jsonl")) + copies
+        random.Random(self.a.seed).shuffle(mix)
+        write_jsonl(self.out / "sft_data.jsonl.part", mix, append=False)
+        (self.out / "sft_data.jsonl.part").rename(self.out / "sft_data.jsonl")
 
     def split(self) -> None:
         qs = [json.loads(x) for x in (self.synth / "questions.jsonl").read_text().splitlines() if x.strip()]
@@ -243,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     p.make_data()
     if a.stop_after == "data":
         return 0
-    sft = p.sft("sft", p.synth / "train_trajectories.jsonl")
+    sft = p.sft("sft", p.sft_data())
     sft_direct = p.sft("sft-direct", p.synth / "train_direct.sharegpt.jsonl")
     if a.stop_after == "sft":
         return 0
