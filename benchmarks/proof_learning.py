@@ -10,20 +10,23 @@ implementation. On the bundled offline world (engine/world.py):
                 trajectory is grounded (every query / URL it types was in its context)
   3. split      questions split by image (an image's every question on one side); held-out
                 questions are never trained on, not by SFT, not by GRPO
-  4. sft        SFT of a tiny Qwen2-VL (random init) on the training trajectories
-  5. sft-direct the no-tool baseline: the same model, steps and seed, fine-tuned to answer the
-                training questions directly (image + question -> answer, no tools)
-  6. grpo-<arm> GRPO from the SFT model on the training questions, one run per arm of the RL
+  4. warmup     copy warm-up of the tiny Qwen2-VL (random init; trainer/warmup.py): without it
+                the SFT model learns the protocol but cannot copy unseen names
+  5. sft        SFT from the warmed model on the training trajectories (+ the optional copy
+                curriculum, trainer/synth/curriculum.py)
+  6. sft-direct the no-tool baseline: the same warmed model, steps and seed, fine-tuned to answer
+                the training questions directly (image + question -> answer, no tools)
+  7. grpo-<arm> GRPO from the SFT model on the training questions, one run per arm of the RL
                 ablation (vanilla | fatal_mask | fatal_mask_clamp), same seeds
-  7. eval       held-out accuracy (rule judge, greedy decoding) of: the no-tool baseline,
+  8. eval       held-out accuracy (rule judge, greedy decoding) of: the no-tool baseline,
                 the SFT model (with tools, and direct), every GRPO arm (with tools)
 
 Stages are cached under --out (a finished stage is skipped on a rerun, so a crashed run
 resumes); prints a table and one final JSON line. Figures: benchmarks/README.md.
 
     .venv/bin/python benchmarks/proof_learning.py --out runs/proof            # ~1 h on 2 cores
-    .venv/bin/python benchmarks/proof_learning.py --out /tmp/p --n-questions 40 --sft-steps 4 \\
-        --grpo-steps 1 --arms fatal_mask_clamp                                # a smoke run
+    .venv/bin/python benchmarks/proof_learning.py --out /tmp/p --n-questions 40 --warmup-steps 2 \\
+        --sft-steps 4 --grpo-steps 1 --arms fatal_mask_clamp                  # a smoke run
 """
 from __future__ import annotations
 
@@ -54,6 +57,7 @@ from spyglass.trainer.synth.paths import PathConfig
 from spyglass.trainer.synth.pipeline import SynthConfig, run_pipeline
 from spyglass.trainer.synth.trajectories import TeacherConfig
 from spyglass.trainer.update import UpdateConfig
+from spyglass.trainer.warmup import WarmupConfig, run_warmup
 
 TOOLS = ["Crop", "Sharpen", "SuperResolution", "PerspectiveCorrect", "OCR", "ImageSearch", "TextSearch", "Visit"]
 
@@ -75,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "default: the student's family and image tokens at 32x1, the same tokens)")
     ap.add_argument("--copy-curriculum", type=int, default=0,
                     help="text-only copy records (trainer/synth/curriculum.py) mixed into the SFT data")
+    ap.add_argument("--warmup-steps", type=int, default=700,
+                    help="copy warm-up steps before SFT (trainer/warmup.py; 0: none): the student and the "
+                         "no-tool baseline both start from the warmed model")
     ap.add_argument("--sft-steps", type=int, default=1200)
     ap.add_argument("--sft-batch", type=int, default=4)
     ap.add_argument("--sft-lr", type=float, default=3e-3)
@@ -221,9 +228,18 @@ class Proof:
                 "held_questions": len(sides["held"]), "train_trajectories": len(trajs)}
         (self.synth / "split.json").write_text(json.dumps(info, indent=1) + "\n")
 
+    def warmup(self) -> str:
+        """The SFT runs' starting model: the student spec, or the copy-warmed student."""
+        a, d = self.a, self.out / "warmup"
+        if not a.warmup_steps:
+            return a.model
+        cfg = WarmupConfig(model=a.model, out=str(d), steps=a.warmup_steps, seed=a.seed)
+        self.stage("warmup", d / "spyglass_tiny.json", lambda: run_warmup(cfg))
+        return str(d)
+
     def sft(self, name: str, data: Path) -> Path:
         a, d = self.a, self.out / name
-        cfg = SFTConfig(model=a.model, out_dir=str(d), data=SFTDataConfig(path=str(data)), steps=a.sft_steps,
+        cfg = SFTConfig(model=self.warmup(), out_dir=str(d), data=SFTDataConfig(path=str(data)), steps=a.sft_steps,
                         batch_size=a.sft_batch, lr=a.sft_lr, seed=a.seed,
                         save_every=max(1, a.sft_steps // 5))  # a crashed SFT resumes from its last checkpoint
         self.stage(name, d / "final" / "spyglass_tiny.json", lambda: run_sft(cfg))
