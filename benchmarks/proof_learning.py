@@ -45,8 +45,7 @@ from spyglass.engine.env import EnvConfig
 from spyglass.engine.metrics import device_name, git_commit
 from spyglass.engine.rollout import RolloutConfig
 from spyglass.engine.scheduler import EngineConfig
-from spyglass.engine.tiny import load_model as load_tiny_spec
-from spyglass.engine.tiny import load_tiny, parse_tiny_spec, pixel_inputs
+from spyglass.engine.tiny import load_model, load_tiny, parse_tiny_spec, pixel_inputs
 from spyglass.engine.trajectory import SegmentKind, iter_jsonl, write_jsonl
 from spyglass.engine.world import WorldConfig, generate_world
 from spyglass.trainer.algorithm import MODES, AlgoConfig
@@ -200,7 +199,7 @@ class Proof:
         from spyglass.trainer.sft import load_sharegpt
         from spyglass.trainer.synth.curriculum import write_copy_curriculum
         path = write_copy_curriculum(self.out / "copy.sharegpt.jsonl", self.a.copy_curriculum, seed=self.a.seed + 1)
-        copies = load_sharegpt(path, HFCodec.from_tiny(load_tiny_spec(self.a.model)))
+        copies = load_sharegpt(path, HFCodec.from_tiny(load_model(self.a.model)))
         mix = list(iter_jsonl(self.synth / "train_trajectories.jsonl")) + copies
         random.Random(self.a.seed).shuffle(mix)
         write_jsonl(self.out / "sft_data.jsonl.part", mix, append=False)

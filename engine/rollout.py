@@ -47,9 +47,8 @@ class RolloutConfig:
         check(self.policy in ("replay", "sample", "mixed"),
               f"policy must be replay|sample|mixed, got {self.policy!r}")
         check(self.servers >= 1, f"servers must be >= 1, got {self.servers}")
-        from .tiny import is_model_spec  # noqa: PLC0415
-        check(is_model_spec(self.model),
-              f"model must be tiny:<family>[:<hidden>x<layers>[:<image tokens>]] or an existing directory, got {self.model!r}")
+        from .tiny import check_model_spec  # noqa: PLC0415
+        check_model_spec(self.model)
 
 
 def _model_and_codec(cfg: RolloutConfig) -> tuple[Any, Any]:

@@ -273,6 +273,16 @@ def load_model(spec: str, seed: int = 0) -> TinyVLM:
     return load_tiny(spec)
 
 
+MODEL_SPEC = "tiny:<family>[:<hidden>x<layers>[:<image tokens>]]"
+
+
+def check_model_spec(spec: str, what: str = "model") -> None:
+    """Config validation: ConfigError naming `what` unless `spec` is a valid tiny spec or an
+    existing directory."""
+    from .config import check  # noqa: PLC0415
+    check(is_model_spec(spec), f"{what} must be {MODEL_SPEC} or an existing directory, got {spec!r}")
+
+
 def is_model_spec(spec: str) -> bool:
     """True for a valid tiny spec or an existing directory (config validation)."""
     if spec.startswith("tiny:"):

@@ -63,7 +63,7 @@ from spyglass.engine.config import check
 from spyglass.engine.env import EnvConfig
 from spyglass.engine.scheduler import EngineConfig, Prompt
 from spyglass.engine.trajectory import SegmentKind, Status, Trajectory, write_jsonl
-from spyglass.engine.tiny import is_model_spec
+from spyglass.engine.tiny import check_model_spec
 from spyglass.trainer.judges import JudgeConfig
 
 DIRECT_SYSTEM = ("You are a visual question answering assistant. Look at the image and answer the question "
@@ -287,8 +287,7 @@ class EvalConfig:
         check(self.agentic or self.direct_baseline, "agentic and direct_baseline are both off: nothing to run")
         check(self.direct_max_tokens >= 1, f"direct_max_tokens must be >= 1, got {self.direct_max_tokens}")
         check(self.limit >= 0, f"limit must be >= 0, got {self.limit}")
-        check(is_model_spec(self.model),
-              f"model must be tiny:<family>[:<hidden>x<layers>[:<image tokens>]] or an existing directory, got {self.model!r}")
+        check_model_spec(self.model)
 
 
 # ------------------------------------------------------------------------------ statistics

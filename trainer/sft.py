@@ -51,7 +51,7 @@ from PIL import Image
 from spyglass.engine.config import check
 from spyglass.engine.env import EnvConfig
 from spyglass.engine.trajectory import Segment, SegmentKind, Status, Trajectory, Turn, iter_jsonl, write_jsonl
-from spyglass.engine.tiny import is_model_spec
+from spyglass.engine.tiny import check_model_spec, load_model
 from spyglass.trainer.distributed import DistConfig
 from spyglass.trainer.update import PolicyUpdater, UpdateConfig
 
@@ -458,8 +458,7 @@ class SFTConfig:
     dist: DistConfig = field(default_factory=DistConfig)
 
     def __post_init__(self) -> None:
-        check(is_model_spec(self.model),
-              f"model must be tiny:<family>[:<hidden>x<layers>[:<image tokens>]] or an existing directory, got {self.model!r}")
+        check_model_spec(self.model)
         for k in ("epochs", "batch_size", "micro_batch_tokens", "keep_last"):
             check(getattr(self, k) >= 1, f"{k} must be >= 1, got {getattr(self, k)!r}")
         for k in ("steps", "save_every"):
@@ -478,12 +477,6 @@ def lr_at(cfg: SFTConfig, step: int, total: int) -> float:
         return cfg.lr
     frac = (step - warm) / max(total - warm, 1)
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
-
-
-def load_model(model: str) -> Any:
-    """A TinyVLM from "tiny:<family>[:<hidden>x<layers>[:<image tokens>]]" (built in code) or a save_tiny() directory."""
-    from spyglass.engine.tiny import load_model as load
-    return load(model)
 
 
 def make_teacher_data(env_cfg: EnvConfig, out_dir: str | Path, model: str = "tiny:qwen2_vl") -> dict[str, Any]:

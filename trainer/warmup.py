@@ -26,8 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from spyglass.engine.config import check
-from spyglass.engine.tiny import is_model_spec, load_model, save_tiny
+from spyglass.engine.config import add_dataclass_args, check, config_from_args
+from spyglass.engine.tiny import check_model_spec, load_model, save_tiny
 from spyglass.engine.world import _Namer
 
 
@@ -45,7 +45,7 @@ class WarmupConfig:
     log_every: int = 100
 
     def __post_init__(self) -> None:
-        check(is_model_spec(self.model), f"model must be a tiny spec or a save_tiny() directory, got {self.model!r}")
+        check_model_spec(self.model)
         for k in ("steps", "batch_size", "log_every"):
             check(isinstance(getattr(self, k), int) and getattr(self, k) >= 1, f"{k} must be an int >= 1, got {getattr(self, k)!r}")
         check(self.lr > 0 and math.isfinite(self.lr), f"lr must be a finite number > 0, got {self.lr!r}")
@@ -127,11 +127,8 @@ def run_warmup(cfg: WarmupConfig) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    d = WarmupConfig.__dataclass_fields__
-    for k in ("model", "out", "steps", "batch_size", "lr", "seed"):
-        ap.add_argument(f"--{k}", type=type(d[k].default), default=d[k].default)
-    a = vars(ap.parse_args(argv))
-    print(json.dumps(run_warmup(WarmupConfig(**a))))
+    add_dataclass_args(ap, WarmupConfig)
+    print(json.dumps(run_warmup(config_from_args(WarmupConfig, ap.parse_args(argv)))))
     return 0
 
 

@@ -55,10 +55,9 @@ class TeacherConfig:
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"TeacherConfig.policy must be one of {POLICIES}, got {self.policy!r}")
-        from spyglass.engine.tiny import is_model_spec  # noqa: PLC0415
-        if self.backend == "hf" and not is_model_spec(self.model):
-            raise ValueError(f"TeacherConfig.model must be tiny:<family>[:<hidden>x<layers>[:<image tokens>]] or a model "
-                             f"directory, got {self.model!r}")
+        from spyglass.engine.tiny import check_model_spec  # noqa: PLC0415
+        if self.backend == "hf":
+            check_model_spec(self.model, "TeacherConfig.model")
         for k in ("n_samples", "max_turns", "max_tokens_per_turn", "keep_per_question"):
             if getattr(self, k) < 1:
                 raise ValueError(f"TeacherConfig.{k} must be >= 1, got {getattr(self, k)!r}")
