@@ -78,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "default: the student's family and image tokens at 32x1, the same tokens)")
     ap.add_argument("--copy-curriculum", type=int, default=0,
                     help="text-only copy records (trainer/synth/curriculum.py) mixed into the SFT data")
-    ap.add_argument("--warmup-steps", type=int, default=700,
+    ap.add_argument("--warmup-steps", type=int, default=2000,
                     help="copy warm-up steps before SFT (trainer/warmup.py; 0: none): the student and the "
                          "no-tool baseline both start from the warmed model")
     ap.add_argument("--sft-steps", type=int, default=1200)
@@ -96,18 +96,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-COPY = re.compile(r'"(?:query|url)": "([^"]*)"|<answer>(.*?)</answer>', re.S)
+COPY = re.compile(r'"(?:query|url|goal)": "([^"]*)"|<answer>(.*?)</answer>', re.S)
 
 
 def teacher_forced(model_dir: Path, trajectories: Path, ids: set[str], n: int = 40) -> dict[str, float]:
     """Greedy next-token accuracy of a model on up to `n` teacher trajectories of the questions
     `ids`: over every generated token, and over the 'copy' tokens (inside a query, URL or answer
-    value: strings the agent has to copy from what it has seen). Says what SFT learned when the
-    held-out answer accuracy is zero."""
+    value: strings the agent has to copy from what it has seen), and the fraction of those
+    copies whose every token is right (what greedy decoding needs). Says what SFT learned when
+    the held-out answer accuracy is zero."""
     vlm = load_tiny(model_dir)
     model, tok = vlm.model, vlm.tokenizer
     trajs = [t for t in iter_jsonl(trajectories) if t.group_id in ids][:n]
-    hits = {"gen": [0, 0], "copy": [0, 0]}
+    hits = {"gen": [0, 0], "copy": [0, 0], "span": [0, 0]}
     for t in trajs:
         ids_t = torch.tensor([t.token_ids()])                                          # [1, L]
         mask = torch.ones_like(ids_t)
@@ -124,16 +125,23 @@ def teacher_forced(model_dir: Path, trajectories: Path, ids: set[str], n: int = 
             if seg.kind is SegmentKind.GEN:
                 starts = [len(tok.decode(toks[:i])) for i in range(len(toks))]      # char offset of each token
                 spans = [m.span(1) if m.group(1) is not None else m.span(2) for m in COPY.finditer(tok.decode(toks))]
+                span_ok = [True] * len(spans)
                 for i, tid in enumerate(toks):
                     ok = pred[at + i - 1] == tid
                     hits["gen"][0] += ok
                     hits["gen"][1] += 1
-                    if any(a <= starts[i] < b for a, b in spans):
+                    inside = [j for j, (a, b) in enumerate(spans) if a <= starts[i] < b]
+                    if inside:
                         hits["copy"][0] += ok
                         hits["copy"][1] += 1
+                    for j in inside:
+                        span_ok[j] &= ok
+                hits["span"][0] += sum(span_ok)
+                hits["span"][1] += len(spans)
             at += len(toks)
     return {"trajectories": len(trajs), "gen_token_acc": hits["gen"][0] / max(1, hits["gen"][1]),
-            "copy_token_acc": hits["copy"][0] / max(1, hits["copy"][1]), "copy_tokens": hits["copy"][1]}
+            "copy_token_acc": hits["copy"][0] / max(1, hits["copy"][1]), "copy_tokens": hits["copy"][1],
+            "copy_exact": hits["span"][0] / max(1, hits["span"][1]), "copies": hits["span"][1]}
 
 
 def teacher_spec(student: str) -> str:
@@ -301,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\nSFT model, teacher-forced on the teacher's trajectories (greedy next-token accuracy):")
     for side, f in forced.items():
         print(f"  {side}: {100 * f['gen_token_acc']:.1f}% of generated tokens, {100 * f['copy_token_acc']:.1f}% of "
-              f"the {f['copy_tokens']} tokens copied into queries / URLs / answers ({f['trajectories']} trajectories)")
+              f"the {f['copy_tokens']} tokens copied into queries / URLs / goals / answers, {100 * f['copy_exact']:.1f}% of the "
+              f"{f['copies']} copies exactly ({f['trajectories']} trajectories)")
     print(json.dumps({"bench": "proof_learning", "device": device_name(), "commit": git_commit(),
                       "threads": torch.get_num_threads(), "args": vars(a), "split": split,
                       "accuracy": {k: round(v["accuracy"], 4) for k, v in rows.items()},

@@ -8,7 +8,7 @@ import torch
 
 from spyglass.engine.config import ConfigError
 from spyglass.engine.tiny import build_tokenizer, load_model, load_tiny
-from spyglass.trainer.warmup import CopyTask, WarmupConfig, run_warmup
+from spyglass.trainer.warmup import CopyTask, MixedTask, RecallTask, WarmupConfig, copy_step, run_warmup
 
 
 def test_copy_task_labels_are_exactly_the_repeat():
@@ -26,10 +26,40 @@ def test_copy_task_labels_are_exactly_the_repeat():
     assert torch.equal(again, ids)
 
 
+def test_recall_task_labels_are_the_queried_values():
+    tok = build_tokenizer()
+    task = RecallTask(tok, (2, 4), seed=3)
+    for _ in range(20):
+        ids, m = task.sample()
+        text = tok.decode(ids)
+        block, _, asked = text.partition("\n? ")
+        lines = dict(ln[2:].rsplit(sep, 1) for ln in block.splitlines()
+                     for sep in [next(s for s in (": ", " = ", " — ", "  ") if s in ln[2:])])
+        queries = [q.split(" => ") for q in ("? " + asked).strip().split("\n")]
+        assert queries and all(q[0].startswith("? ") for q in queries)
+        assert all(lines[k[2:]] == v for k, v in queries)  # each answer is the value of its key
+        copied = tok.decode([i for i, k in zip(ids, m) if k])
+        assert copied == "".join(f" {v}\n" for _, v in queries)
+
+
+def test_copy_step_exact_is_all_tokens_right():
+    tok = build_tokenizer()
+
+    class Oracle(torch.nn.Module):  # logits that put all mass on the true next token
+        def forward(self, input_ids, attention_mask):
+            out = torch.zeros(*input_ids.shape, len(tok))
+            out[:, :-1].scatter_(-1, input_ids[:, 1:, None], 1.0)
+            return type("O", (), {"logits": out})()
+
+    loss, acc, exact = copy_step(Oracle(), MixedTask(tok, (2, 3), 0, ("copy", "recall")), 8)
+    assert acc == 1.0 and exact == 1.0 and loss.item() < 7.0
+
+
 def test_warmup_trains_saves_and_reports(tmp_path):
     cfg = WarmupConfig(model="tiny:qwen2_vl:64x1:16", out=str(tmp_path / "w"), steps=3, batch_size=4, log_every=1)
     res = run_warmup(cfg)
-    assert 0.0 <= res["held_out_copy_acc"] <= 1.0
+    assert set(res["held_out"]) == {"copy", "recall"}
+    assert all(0.0 <= v["exact"] <= v["acc"] <= 1.0 for v in res["held_out"].values())
     log = [json.loads(x) for x in (tmp_path / "w" / "warmup.jsonl").read_text().splitlines()]
     assert [x["step"] for x in log[:-1]] == [0, 1, 2] and log[-1]["config"]["steps"] == 3
     warmed, init = load_tiny(tmp_path / "w"), load_model("tiny:qwen2_vl:64x1:16")
@@ -45,3 +75,5 @@ def test_warmup_config_names_bad_values():
         WarmupConfig(model="tiny:llava")
     with pytest.raises(ConfigError, match="names must be"):
         WarmupConfig(names=(3, 2))
+    with pytest.raises(ConfigError, match="tasks must be a non-empty subset of .*got \\('copy', 'paste'\\)"):
+        WarmupConfig(tasks=("copy", "paste"))
