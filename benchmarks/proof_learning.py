@@ -10,7 +10,7 @@ implementation. On the bundled offline world (engine/world.py):
                 trajectory is grounded (every query / URL it types was in its context)
   3. split      questions split by image (an image's every question on one side); held-out
                 questions are never trained on, not by SFT, not by GRPO
-  4. warmup     copy warm-up of the tiny Qwen2-VL (random init; trainer/warmup.py): without it
+  4. warmup     copy + recall warm-up of the tiny Qwen2-VL (random init; trainer/warmup.py): without it
                 the SFT model learns the protocol but cannot copy unseen names
   5. sft        SFT from the warmed model on the training trajectories (+ the optional copy
                 curriculum, trainer/synth/curriculum.py)
@@ -24,7 +24,7 @@ implementation. On the bundled offline world (engine/world.py):
 Stages are cached under --out (a finished stage is skipped on a rerun, so a crashed run
 resumes); prints a table and one final JSON line. Figures: benchmarks/README.md.
 
-    .venv/bin/python benchmarks/proof_learning.py --out runs/proof            # ~1 h on 2 cores
+    .venv/bin/python benchmarks/proof_learning.py --out runs/proof            # ~65 min on 2 cores (stage times: benchmarks/README.md)
     .venv/bin/python benchmarks/proof_learning.py --out /tmp/p --n-questions 40 --warmup-steps 2 \\
         --sft-steps 4 --grpo-steps 1 --arms fatal_mask_clamp                  # a smoke run
 """
@@ -68,8 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     ap.add_argument("--world-scale", type=int, default=4, help="world size as a multiple of the default world")
     ap.add_argument("--n-questions", type=int, default=1600)
-    ap.add_argument("--hops", type=int, nargs="+", default=[2], help="path lengths (the pipeline's default: 2 3 4)")
-    ap.add_argument("--hop-probs", type=float, nargs="+", default=[1.0], help="(the pipeline's: 0.4 0.4 0.2)")
+    ap.add_argument("--hops", type=int, nargs="+", default=[1, 2], help="path lengths (the pipeline's default: 2 3 4)")
+    ap.add_argument("--hop-probs", type=float, nargs="+", default=[0.5, 0.5], help="(the pipeline's: 0.4 0.4 0.2)")
     ap.add_argument("--held-frac", type=float, default=0.2, help="fraction of images held out")
     ap.add_argument("--model", default="tiny:qwen2_vl:128x2:64",
                     help="the student, random init (hidden x layers : image tokens)")
@@ -85,11 +85,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--sft-batch", type=int, default=4)
     ap.add_argument("--sft-lr", type=float, default=3e-3)
     ap.add_argument("--arms", nargs="+", default=["vanilla", "fatal_mask", "fatal_mask_clamp"], choices=MODES)
-    ap.add_argument("--grpo-steps", type=int, default=6)
-    ap.add_argument("--grpo-groups", type=int, default=6, help="prompts per GRPO step")
+    ap.add_argument("--grpo-steps", type=int, default=8)
+    ap.add_argument("--grpo-groups", type=int, default=8, help="prompts per GRPO step")
     ap.add_argument("--grpo-samples", type=int, default=4, help="samples per prompt (group size)")
-    ap.add_argument("--grpo-lr", type=float, default=1e-4)
-    ap.add_argument("--temperature", type=float, default=1.0, help="GRPO sampling temperature")
+    ap.add_argument("--grpo-lr", type=float, default=2e-4)
+    ap.add_argument("--temperature", type=float, default=0.7, help="GRPO sampling temperature")
     ap.add_argument("--max-turns", type=int, default=14)
     ap.add_argument("--max-tokens-per-turn", type=int, default=96)
     ap.add_argument("--stop-after", choices=["data", "sft"], help="run the stages up to this one, then stop")
