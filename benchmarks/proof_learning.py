@@ -24,7 +24,7 @@ implementation. On the bundled offline world (engine/world.py):
 Stages are cached under --out (a finished stage is skipped on a rerun, so a crashed run
 resumes); prints a table and one final JSON line. Figures: benchmarks/README.md.
 
-    .venv/bin/python benchmarks/proof_learning.py --out runs/proof            # ~65 min on 2 cores (stage times: benchmarks/README.md)
+    .venv/bin/python benchmarks/proof_learning.py --out runs/proof            # ~1 h on 2 cores (stage times: benchmarks/README.md)
     .venv/bin/python benchmarks/proof_learning.py --out /tmp/p --n-questions 40 --warmup-steps 2 \\
         --sft-steps 4 --grpo-steps 1 --arms fatal_mask_clamp                  # a smoke run
 """
