@@ -113,11 +113,9 @@ def teacher_forced(model_dir: Path, trajectories: Path, ids: set[str], n: int = 
         ids_t = torch.tensor([t.token_ids()])                                          # [1, L]
         mask = torch.ones_like(ids_t)
         kw = pixel_inputs(vlm.image_processor, t.images())
-        mm = (ids_t == model.config.image_token_id).int()
-        pos, _ = model.model.get_rope_index(ids_t, mm_token_type_ids=mm, attention_mask=mask,
-                                            image_grid_thw=kw.get("image_grid_thw"))
+        mm = (ids_t == model.config.image_token_id).int()  # the model derives M-RoPE positions itself
         with torch.no_grad():
-            pred = model(input_ids=ids_t, attention_mask=mask, position_ids=pos, mm_token_type_ids=mm,
+            pred = model(input_ids=ids_t, attention_mask=mask, mm_token_type_ids=mm,
                          **kw).logits[0].argmax(-1).tolist()                          # [L]
         at = len(t.prompt_ids)
         for seg in t.segments:
