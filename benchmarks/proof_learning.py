@@ -48,6 +48,7 @@ from spyglass.engine.scheduler import EngineConfig
 from spyglass.engine.tiny import load_model, load_tiny, parse_tiny_spec, pixel_inputs
 from spyglass.engine.trajectory import SegmentKind, iter_jsonl, write_jsonl
 from spyglass.engine.world import WorldConfig, generate_world
+from spyglass.kernels.policy_loss import PolicyLossConfig
 from spyglass.trainer.algorithm import MODES, AlgoConfig
 from spyglass.trainer.eval import DIRECT_SYSTEM, EvalConfig, run_eval
 from spyglass.trainer.grpo import GRPOConfig, run_grpo
@@ -89,6 +90,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--grpo-groups", type=int, default=8, help="prompts per GRPO step")
     ap.add_argument("--grpo-samples", type=int, default=4, help="samples per prompt (group size)")
     ap.add_argument("--grpo-lr", type=float, default=2e-4)
+    ap.add_argument("--grpo-epochs", type=int, default=1, help="passes over each GRPO batch (PPO epochs)")
+    ap.add_argument("--grpo-kl", type=float, default=0.0, help="k3 KL coefficient to the SFT model (0: none)")
+    ap.add_argument("--grpo-estimator", default="grpo", choices=["grpo", "rloo", "drgrpo"],
+                    help="group advantage estimator (grpo: (r - mean) / std, the paper's)")
     ap.add_argument("--temperature", type=float, default=0.7, help="GRPO sampling temperature")
     ap.add_argument("--max-turns", type=int, default=14)
     ap.add_argument("--max-tokens-per-turn", type=int, default=96)
@@ -255,8 +260,9 @@ class Proof:
         rollout = RolloutConfig(engine=self.engine(a.grpo_samples, a.temperature),
                                 env=self.env(self.synth / "train_questions.jsonl"), model=str(init),
                                 policy="sample", out=str(d / "rollouts.jsonl"), progress=False)
-        cfg = GRPOConfig(rollout=rollout, algo=AlgoConfig(mode=arm),
-                         update=UpdateConfig(lr=a.grpo_lr, temperature=a.temperature),
+        cfg = GRPOConfig(rollout=rollout, algo=AlgoConfig(mode=arm, estimator=a.grpo_estimator),
+                         update=UpdateConfig(lr=a.grpo_lr, temperature=a.temperature, ppo_epochs=a.grpo_epochs,
+                                             loss=PolicyLossConfig(kl_coef=a.grpo_kl)),
                          steps=a.grpo_steps, groups_per_step=a.grpo_groups, ckpt_dir=str(d / "ckpt"),
                          log_dir=str(d), export_dir=str(d / "final"), seed=a.seed)
         self.stage(f"grpo-{arm}", d / "final" / "spyglass_tiny.json", lambda: run_grpo(cfg))

@@ -126,6 +126,87 @@ def test_forced_ids_stop_tokens_and_lengths(vlm):
     assert stopped.token_ids == free.token_ids[:k + 1] and stopped.finish_reason == "stop"
 
 
+def test_replays_batch_beside_free_rows(vlm):
+    """Replays of different lengths (one image row, one text row, one cut by max_tokens) go
+    through one teacher-forced forward while a free row decodes; each gets the logprobs of a
+    solo forward, and the free row the tokens it gets alone."""
+    p1, p2 = _prompt(vlm, "replay one", [IMG]), _prompt(vlm, "a longer text-only replay prompt")
+    f1, f2 = [50, 77, 300, 12, 9, 41, 8], [99, 3]
+
+    async def go():
+        async with HFBackend.from_tiny(vlm) as be:
+            alone = await be.generate(GenerateRequest("a", p1, GREEDY, images=[IMG]))
+        async with HFBackend.from_tiny(vlm) as be:
+            return alone, await asyncio.gather(
+                be.generate(GenerateRequest("free", p1, GREEDY, images=[IMG])),
+                be.generate(GenerateRequest("r1", p1, SamplingParams(temperature=0.7), [IMG], f1)),
+                be.generate(GenerateRequest("r2", p2, SamplingParams(temperature=1.0), [], f2)),
+                be.generate(GenerateRequest("r3", p2, SamplingParams(max_tokens=1), [], f1)))
+    alone, (free, r1, r2, r3) = _run(go())
+    assert free.token_ids == alone.token_ids
+    assert (r1.token_ids, r1.finish_reason, r2.token_ids, r2.finish_reason) == (f1, "stop", f2, "stop")
+    assert (r3.token_ids, r3.finish_reason) == (f1[:1], "length")
+    for out, prompt, ims, t in ((r1, p1, [IMG], 0.7), (r2, p2, [], 1.0), (r3, p2, [], 0.7)):
+        want = _full_logprobs(vlm, prompt, ims, out.token_ids, t)
+        assert torch.allclose(torch.tensor(out.logprobs), torch.tensor(want), atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_prefix_cache_matches_cold_prefill(family):
+    """Turn 2 extends turn 1's prompt + output with an observation holding a new image: with the
+    prefix cache only the new tokens and the new image are prefilled, and the tokens and logprobs
+    are those of a cold prefill; a weight update empties the cache."""
+    v = tiny.build_tiny_vlm(family, seed=0)
+    p1 = _prompt(v, "look", [IMG])
+    obs = _prompt(v, "then this", [IMG2])
+    sp = SamplingParams(max_tokens=10, temperature=0.8, seed=3)
+
+    async def go(cache: int):
+        async with HFBackend.from_tiny(v, prefix_cache_tokens=cache) as be:
+            first = await be.generate(GenerateRequest("t1", p1, sp, images=[IMG]))
+            p2 = p1 + first.token_ids + obs
+            second = await be.generate(GenerateRequest("t2", p2, sp, images=[IMG, IMG2]))
+            stats = (be.prefix_hits, be.prefix_tokens_reused)
+            await be.update_weights(v.model.state_dict(), 1)
+            third = await be.generate(GenerateRequest("t3", p2, sp, images=[IMG, IMG2]))
+            return first, second, third, stats, be.prefix_hits
+    first, second, third, stats, hits_after = _run(go(1 << 16))
+    cold = _run(go(0))
+    assert stats == (1, len(p1) + len(first.token_ids) - 1) and hits_after == 1 and cold[3] == (0, 0)
+    for a, b in zip((first, second, third), cold[:3]):
+        assert a.token_ids == b.token_ids
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)
+
+
+def test_prefix_cache_is_bounded_and_text_models_use_it():
+    """A text model hits the cache too; a row longer than the budget is not kept, and the least
+    recently kept prefix is evicted first (12 greedy tokens a request: a row keeps prompt + 11)."""
+    async def go(cache: int):
+        async with HFBackend.from_config(HFConfig(family="qwen2", prefix_cache_tokens=cache)) as be:
+            a = await be.generate(GenerateRequest("a", [5] * 30, GREEDY))                # keeps 41
+            b = await be.generate(GenerateRequest("b", [5] * 30 + a.token_ids + [7, 8], GREEDY))  # hit; 55: not kept
+            sizes = [be._prefix_size]
+            c = await be.generate(GenerateRequest("c", [6] * 20, GREEDY))                # keeps 31
+            e = await be.generate(GenerateRequest("e", [9] * 10, GREEDY))                # keeps 21: evicts c
+            sizes.append(be._prefix_size)
+            f = await be.generate(GenerateRequest("f", [9] * 10 + e.token_ids + [3], GREEDY))  # hit
+            d = await be.generate(GenerateRequest("d", [6] * 20 + c.token_ids, GREEDY))  # miss
+            return [x.token_ids for x in (b, d, f)], be.prefix_hits, sizes
+    warm, cold = _run(go(48)), _run(go(0))
+    assert warm[1:] == (2, [0, 21]) and cold[1] == 0
+    assert warm[0] == cold[0]
+    with pytest.raises(ValueError, match="prefix_cache_tokens"):
+        HFConfig(prefix_cache_tokens=-1)
+
+
+def test_forced_id_outside_vocab_is_named(vlm):
+    async def go():
+        async with HFBackend.from_tiny(vlm) as be:
+            await be.generate(GenerateRequest("bad", [1, 2], SamplingParams(), forced_ids=[5, 10**6]))
+    with pytest.raises(ValueError, match="forced token id 1000000"):
+        _run(go())
+
+
 def test_abort_pending_inflight_and_cancelled(vlm):
     p = _prompt(vlm, "long", [IMG])
     long = SamplingParams(max_tokens=2000, temperature=1.0, seed=1)

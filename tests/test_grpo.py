@@ -3,6 +3,7 @@
 Single process: the loss is finite, the weights change, the generator serves the new version,
 and a run resumed from a checkpoint ends bit-for-bit where the uninterrupted run ends.
 Two ranks (torchrun, gloo, ZeRO-2): the same loop trains and stays finite."""
+import dataclasses
 import json
 import os
 import shutil
@@ -64,6 +65,25 @@ def test_grpo_trains_syncs_and_resumes_exactly(world: Path, tmp_path: Path) -> N
     wb = _weights(b / "ckpt" / "step_00000002")
     assert max((w2[k] - wb[k]).abs().max().item() for k in w2) < 1e-6
     assert max((w2[k] - w1[k]).abs().max().item() for k in w2) > 1e-4  # ... far below a step
+
+
+def test_grpo_kl_to_the_initial_policy(world: Path, tmp_path: Path) -> None:
+    """update.loss.kl_coef > 0: the loop builds the frozen reference (the initial policy), the KL
+    is 0 while the policy is the reference and grows once it moved; a resumed run keeps the
+    initial model as its reference (the same KL as the uninterrupted run)."""
+    def cfg(out: Path) -> GRPOConfig:
+        c = _cfg(world, out, steps=2)
+        c.update.loss = dataclasses.replace(c.update.loss, kl_coef=0.5)
+        return c
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_grpo(cfg(a))
+    kl = [json.loads(x)["ref_kl"] for x in (a / "metrics.jsonl").read_text().splitlines()]
+    assert kl[0] < 1e-7 < kl[1]
+    (b / "ckpt").mkdir(parents=True)
+    shutil.copytree(a / "ckpt" / "step_00000001", b / "ckpt" / "step_00000001")
+    run_grpo(cfg(b))
+    again = json.loads((b / "metrics.jsonl").read_text().splitlines()[0])
+    assert again["step"] == 2 and again["ref_kl"] == pytest.approx(kl[1], rel=1e-3)
 
 
 @pytest.mark.slow

@@ -107,9 +107,12 @@ class _Run:
     def __init__(self, cfg: GRPOConfig, rank: int, loop: asyncio.AbstractEventLoop) -> None:
         self.cfg, self.rank, self.loop, self.pos, self.start = cfg, rank, loop, 0, 0
         vlm, _ = _model_and_codec(cfg.rollout)
-        # the trainer owns its own copy: DeepSpeed wraps it and train() mode must not leak
+        # the trainer owns its own copy: DeepSpeed wraps it and train() mode must not leak;
+        # with a KL term the reference is a frozen copy of the initial policy (--rollout.model,
+        # also on resume: the checkpoint restores only the trained copy)
+        ref = copy.deepcopy(vlm.model) if cfg.update.loss.kl_coef > 0 else None
         self.updater = PolicyUpdater(copy.deepcopy(vlm.model), cfg.update, image_processor=vlm.image_processor,
-                                     dist=cfg.dist)
+                                     ref_model=ref, dist=cfg.dist)
         self.backends, self.engine, self.writer, self.slept = [], None, None, []
         if rank == 0:
             self.env = build_env(cfg.rollout.env)

@@ -9,8 +9,17 @@ image tokens shift later positions). A step is:
   3. prefill: requests that arrived while the previous step ran are prefilled together as a
      left-padded micro-batch (images through the vision tower), sample their first token, and
      join the running batch (both caches left-padded to a common length and concatenated);
-  4. rows that finished (stop token, max_tokens, forced ids exhausted) leave the batch
-     (index_select on the batch dim; columns that became padding for every row are trimmed).
+  4. rows that finished (stop token, max_tokens) leave the batch (index_select on the batch
+     dim; columns that became padding for every row are trimmed).
+Prefix cache (multi-turn agents resend the whole context every turn): when a row finishes, the
+KV of every token it fed (prompt + output but the last token) is kept, up to
+`prefix_cache_tokens` tokens in all (LRU); a later request whose prompt extends one of them
+prefills only its new tokens (and only its new images) on top of that KV, with the positions a
+cold prefill would give. Exact up to float rounding; cleared on update_weights, and a row that
+saw a weight update mid-flight is not kept. `prefix_hits` / `prefix_tokens_reused` count it.
+Replay requests (forced_ids) never join the running batch: their prompt and forced tokens go
+through ONE forward together (teacher forcing), the logprobs of every forced token read off its
+logits, so a replayed turn costs one prefill instead of one decode step per token.
 So requests join at the next step boundary and decode together; the padding costs at most
 the length difference between rows. The asyncio side never touches torch: it queues requests,
 and runs one `_step` at a time in a single-thread executor, so the event loop never blocks.
@@ -28,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +62,7 @@ class HFConfig:
     max_batch: int = 32                # rows decoding together
     max_prefill_tokens: int = 16384    # prompt tokens admitted per step (>= 1 request always)
     max_model_len: int = 65536
+    prefix_cache_tokens: int = 262144  # KV kept for prompts that extend a finished request (0: off)
     num_threads: int = 0               # torch intra-op threads; 0 = leave torch's setting
 
     def __post_init__(self) -> None:
@@ -60,6 +71,8 @@ class HFConfig:
         for k in ("max_batch", "max_prefill_tokens", "max_model_len"):
             if not isinstance(getattr(self, k), int) or getattr(self, k) < 1:
                 raise ValueError(f"{k} must be an int >= 1, got {getattr(self, k)!r}")
+        if not isinstance(self.prefix_cache_tokens, int) or self.prefix_cache_tokens < 0:
+            raise ValueError(f"prefix_cache_tokens must be an int >= 0, got {self.prefix_cache_tokens!r}")
         if self.num_threads < 0:
             raise ValueError(f"num_threads must be >= 0, got {self.num_threads!r}")
         if self.model_path is not None and not Path(self.model_path).is_dir():
@@ -112,6 +125,12 @@ class _Seq:
     aborted: bool = False
 
 
+@dataclass(eq=False)
+class _Prefix:
+    tokens: tuple[int, ...]                          # the fed tokens its KV covers
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer K, V [1, H_kv, n, D]
+
+
 def _cache_from(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
     from transformers import DynamicCache
     cache = DynamicCache()
@@ -138,7 +157,7 @@ class HFBackend(Backend):
 
     def __init__(self, model: Any, image_processor: Any = None, *, name: str = "hf-0",
                  max_batch: int = 32, max_prefill_tokens: int = 16384,
-                 max_model_len: int = 65536, seed: int = 0) -> None:
+                 max_model_len: int = 65536, seed: int = 0, prefix_cache_tokens: int = 262144) -> None:
         self.name, self.model, self.image_processor = name, model.eval(), image_processor
         self.version = 0
         cfg = model.config
@@ -169,6 +188,11 @@ class HFBackend(Backend):
         self._closed = False
         self.steps = 0
         self.decode_rows = 0                          # sum over steps of rows decoded
+        self.prefix_cache_tokens = prefix_cache_tokens
+        self._prefixes: OrderedDict[tuple[int, int], _Prefix] = OrderedDict()  # (n, hash) -> KV, LRU first
+        self._prefix_size = 0
+        self.prefix_hits = 0
+        self.prefix_tokens_reused = 0
 
     @classmethod
     def from_tiny(cls, vlm: Any, **kwargs: Any) -> "HFBackend":
@@ -181,7 +205,7 @@ class HFBackend(Backend):
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         kw = dict(name=cfg.name, max_batch=cfg.max_batch, max_prefill_tokens=cfg.max_prefill_tokens,
-                  max_model_len=cfg.max_model_len, seed=cfg.seed)
+                  max_model_len=cfg.max_model_len, seed=cfg.seed, prefix_cache_tokens=cfg.prefix_cache_tokens)
         if cfg.model_path is not None and (Path(cfg.model_path) / "spyglass_tiny.json").exists():
             return cls.from_tiny(tiny.load_tiny(cfg.model_path), **kw)
         if cfg.model_path is not None:
@@ -201,6 +225,9 @@ class HFBackend(Backend):
         ids = req.prompt_ids
         if max(ids) >= self.vocab_size:
             raise ValueError(f"prompt token id {max(ids)} >= vocab size {self.vocab_size} "
+                             f"(request {req.request_id!r})")
+        if req.forced_ids is not None and max(req.forced_ids) >= self.vocab_size:
+            raise ValueError(f"forced token id {max(req.forced_ids)} >= vocab size {self.vocab_size} "
                              f"(request {req.request_id!r})")
         if len(ids) + 1 > self.max_model_len:
             raise ValueError(f"prompt of {len(ids)} tokens exceeds max_model_len {self.max_model_len}")
@@ -321,6 +348,8 @@ class HFBackend(Backend):
         self._mask = torch.zeros(0, 0, dtype=torch.long)
 
     def _load(self, weights: Weights) -> None:
+        self._prefixes.clear()  # KV of the old weights
+        self._prefix_size = 0
         if isinstance(weights, (str, Path)):
             weights = _read_checkpoint(type(self.model), Path(weights))
         if not isinstance(weights, dict):
@@ -347,15 +376,27 @@ class HFBackend(Backend):
             self._emit(self._rows, self._decode())
         live = [s for s in newcomers if not s.aborted]
         done += [s for s in newcomers if s.aborted]
-        if live:
-            now = time.perf_counter()
-            for s in live:
-                s.t_start, s.version_start = now, self.version
-            self._emit(live, self._prefill(live))
+        now = time.perf_counter()
+        for s in live:
+            s.t_start, s.version_start = now, self.version
+        replays = [s for s in live if s.req.forced_ids is not None]
+        live = [s for s in live if s.req.forced_ids is None]
+        if replays:
+            self._replay(replays)
+            done += replays
+        hits = [(s, e) for s in live if (e := self._lookup(s)) is not None]
+        if hits:
+            self._emit([s for s, _ in hits], torch.cat([self._prefill_on(s, e) for s, e in hits]))
+        cold = [s for s in live if all(s is not h for h, _ in hits)]
+        if cold:
+            self._emit(cold, self._prefill(cold))
         for s in done:
             s.finish = s.finish or "abort"
         finished = [s for s in self._rows if s.finish]
         if finished:
+            for i, s in enumerate(self._rows):
+                if s.finish in ("stop", "length") and s.version_start == self.version:
+                    self._keep(i, s)
             self._select([i for i, s in enumerate(self._rows) if not s.finish])
         return done + finished
 
@@ -373,13 +414,115 @@ class HFBackend(Backend):
             s.pos += 1
         return out.logits[:, -1, :]                                                   # [B, V]
 
-    def _prefill(self, seqs: list[_Seq]) -> torch.Tensor:
-        lens = [len(s.req.prompt_ids) for s in seqs]
+    # -- prefix cache
+    def _keep(self, i: int, s: _Seq) -> None:
+        """Keep row i's KV (its prompt and every output token but the last: what it fed)."""
+        n = int(self._mask[i].sum())
+        if not self.prefix_cache_tokens or n > self.prefix_cache_tokens:
+            return
+        tokens = tuple(s.req.prompt_ids.tolist()) + tuple(s.tokens[:-1])
+        if len(tokens) != n:  # cannot happen with left padding; never cache a misaligned row
+            return
+        layers = [(k[i:i + 1, :, -n:].clone(), v[i:i + 1, :, -n:].clone()) for k, v in self._layers]
+        key = (n, hash(tokens))
+        if key in self._prefixes:
+            self._prefix_size -= n
+        self._prefixes[key] = _Prefix(tokens, layers)
+        self._prefix_size += n
+        while self._prefix_size > self.prefix_cache_tokens:
+            (m, _), _ = self._prefixes.popitem(last=False)
+            self._prefix_size -= m
+
+    def _lookup(self, s: _Seq) -> _Prefix | None:
+        """The longest kept prefix of s's prompt (removed from the cache: s extends it), or None."""
+        if not self._prefixes:
+            return None
+        ids = tuple(s.req.prompt_ids.tolist())
+        for n in sorted({n for n, _ in self._prefixes}, reverse=True):
+            if n >= len(ids):
+                continue
+            key = (n, hash(ids[:n]))
+            e = self._prefixes.get(key)
+            if e is not None and e.tokens == ids[:n] and self._images_split(ids, n, s) is not None:
+                del self._prefixes[key]
+                self._prefix_size -= n
+                return e
+        return None
+
+    def _images_split(self, ids: tuple[int, ...], n: int, s: _Seq) -> int | None:
+        """How many of s's images lie wholly in ids[:n] (None if the cut splits an image)."""
+        if not self.is_vl or not s.req.images:
+            return 0
+        from spyglass.engine.tiny import image_token_count
+        before, j, acc = ids[:n].count(self.image_token_id), 0, 0
+        for im in s.req.images:
+            if acc >= before:
+                break
+            acc += image_token_count(im, self.image_processor)
+            j += 1
+        return j if acc == before else None
+
+    def _prefill_on(self, s: _Seq, e: _Prefix) -> torch.Tensor:
+        """Prefill s's new tokens on top of the kept KV `e`; s joins the running batch."""
+        ids, n = s.req.prompt_ids.tolist(), len(e.tokens)
+        full = torch.tensor([ids])                                                    # [1, L]
+        mask = torch.ones_like(full)                                                  # [1, L]
+        kwargs: dict[str, Any] = {}
+        if self.is_vl:
+            from spyglass.engine.tiny import pixel_inputs
+            j = self._images_split(tuple(ids), n, s)
+            px = pixel_inputs(self.image_processor, list(s.req.images))
+            mm = (full == self.image_token_id).int()
+            base = getattr(self.model, "model", self.model)
+            pos, deltas = base.get_rope_index(full, mm_token_type_ids=mm, attention_mask=mask,
+                                              image_grid_thw=px.get("image_grid_thw"))
+            pos, nxt = pos[:, :, n:], len(ids) + int(deltas[0])                       # [3, 1, L - n]
+            if px and j < len(s.req.images):  # only the new images go through the vision tower
+                grid = px["image_grid_thw"]
+                kwargs = {"pixel_values": px["pixel_values"][int(grid[:j].prod(-1).sum()):],
+                          "image_grid_thw": grid[j:]}
+            kwargs["mm_token_type_ids"] = mm[:, n:]
+        else:
+            pos, nxt = torch.arange(n, len(ids)).view(1, -1), len(ids)                # [1, L - n]
+        out = self.model(input_ids=full[:, n:], attention_mask=mask, position_ids=pos,
+                         past_key_values=_cache_from(e.layers), use_cache=True, logits_to_keep=1, **kwargs)
+        s.pos = nxt
+        self.prefix_hits += 1
+        self.prefix_tokens_reused += n
+        self._merge([s], _layers_of(out.past_key_values), mask)
+        return out.logits[:, -1, :]                                                   # [1, V]
+
+    def _replay(self, seqs: list[_Seq]) -> None:
+        """Teacher-force every row's forced ids (cut at max_tokens) in one forward over prompt +
+        forced; fill tokens / logprobs / finish as decoding them one by one would."""
+        n = [min(len(s.req.forced_ids), s.req.sampling.max_tokens) for s in seqs]
+        feed = [s.req.prompt_ids.tolist() + list(s.req.forced_ids[:k - 1]) for s, k in zip(seqs, n)]
+        width = max(n)
+        logits = self._prefill(seqs, feed, keep=width, cache=False)                # [b, F, V]
+        rows = torch.cat([logits[i, width - k:] for i, k in enumerate(n)])          # [sum n, V]
+        sp = [s.req.sampling for s, k in zip(seqs, n) for _ in range(k)]
+        forced = torch.tensor([t for s, k in zip(seqs, n) for t in s.req.forced_ids[:k]])
+        _, logps = sample_next(rows, torch.tensor([p.temperature for p in sp], dtype=torch.float32),
+                               torch.tensor([p.top_k for p in sp]),
+                               torch.tensor([p.top_p for p in sp], dtype=torch.float32),
+                               torch.zeros(len(sp)), forced, self.banned_ids)
+        at = 0
+        for s, k in zip(seqs, n):
+            s.tokens, s.logprobs = forced[at:at + k].tolist(), logps[at:at + k].tolist()
+            s.finish = "stop" if k == len(s.req.forced_ids) else "length"
+            at += k
+
+    def _prefill(self, seqs: list[_Seq], feed: list[list[int]] | None = None, keep: int = 1,
+                 cache: bool = True) -> torch.Tensor:
+        """Left-padded forward of the rows' prompts (or of `feed`); with `cache` they join the
+        running batch. Returns the logits of the last `keep` positions ([b, V] when keep is 1)."""
+        feed = feed if feed is not None else [s.req.prompt_ids.tolist() for s in seqs]
+        lens = [len(f) for f in feed]
         width = max(lens)
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)          # [b, L]
         mask = torch.zeros(len(seqs), width, dtype=torch.long)                        # [b, L]
-        for i, s in enumerate(seqs):
-            ids[i, width - lens[i]:] = torch.tensor(s.req.prompt_ids.tolist())
+        for i, f in enumerate(feed):
+            ids[i, width - lens[i]:] = torch.tensor(f)
             mask[i, width - lens[i]:] = 1
         kwargs: dict[str, Any] = {}
         if self.is_vl:
@@ -395,7 +538,10 @@ class HFBackend(Backend):
             pos = (mask.cumsum(-1) - 1).clamp_(min=0)                                 # [b, L]
             nxt = lens
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                         past_key_values=_cache_from([]), use_cache=True, logits_to_keep=1, **kwargs)
+                         past_key_values=_cache_from([]) if cache else None, use_cache=cache,
+                         logits_to_keep=keep, **kwargs)
+        if not cache:
+            return out.logits                                                         # [b, keep, V]
         for s, p in zip(seqs, nxt):
             s.pos = p
         self._merge(seqs, _layers_of(out.past_key_values), mask)
@@ -427,7 +573,7 @@ class HFBackend(Backend):
 
     def _emit(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
         sp = [s.req.sampling for s in seqs]
-        forced = [s.req.forced_ids[len(s.tokens)] if s.req.forced_ids else -1 for s in seqs]
+        forced = [-1] * len(seqs)  # replay rows never decode (_replay)
         uniform = torch.stack([torch.rand((), generator=s.gen) for s in seqs])
         tokens, logps = sample_next(
             logits, torch.tensor([p.temperature for p in sp], dtype=torch.float32),
@@ -437,12 +583,7 @@ class HFBackend(Backend):
             s.tokens.append(t)
             s.logprobs.append(lp)
             n = len(s.tokens)
-            if s.req.forced_ids is not None:
-                if n == len(s.req.forced_ids):
-                    s.finish = "stop"
-                elif n >= p.max_tokens:
-                    s.finish = "length"
-            elif t in p.stop_token_ids or t in self.eos_ids:
+            if t in p.stop_token_ids or t in self.eos_ids:
                 s.finish = "stop"
             elif n >= p.max_tokens or len(s.req.prompt_ids) + n >= self.max_model_len:
                 s.finish = "length"
