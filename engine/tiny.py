@@ -427,6 +427,17 @@ def encode_observation(tokenizer: Any, image_processor: Any, messages: list[dict
     return ChatEncoding(expand_image_pads(ids, images, tokenizer, image_processor), images)
 
 
+def image_grid(image: Image.Image, image_processor: Any) -> tuple[int, int, int]:
+    """(t, grid_h, grid_w) the processor gives `image` (its image_grid_thw row), from the size
+    alone: no pixels are processed (what a prefix-cache hit needs for the images it reuses)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+    w, h = image.size
+    patch, merge = image_processor.patch_size, image_processor.merge_size
+    rh, rw = smart_resize(h, w, patch * merge, min_pixels=image_processor.size["shortest_edge"],
+                          max_pixels=image_processor.size["longest_edge"])
+    return 1, rh // patch, rw // patch
+
+
 def pixel_inputs(image_processor: Any, images: list[Image.Image]) -> dict[str, torch.Tensor]:
     """pixel_values [n_patches, C*T*P*P] and image_grid_thw [n_images, 3] for the model."""
     if not images:

@@ -169,11 +169,16 @@ def test_prefix_cache_matches_cold_prefill(family):
             stats = (be.prefix_hits, be.prefix_tokens_reused)
             await be.update_weights(v.model.state_dict(), 1)
             third = await be.generate(GenerateRequest("t3", p2, sp, images=[IMG, IMG2]))
-            return first, second, third, stats, be.prefix_hits
-    first, second, third, stats, hits_after = _run(go(1 << 16))
-    cold = _run(go(0))
-    assert stats == (1, len(p1) + len(first.token_ids) - 1) and hits_after == 1 and cold[3] == (0, 0)
-    for a, b in zip((first, second, third), cold[:3]):
+            hits_after = be.prefix_hits
+            f, g = [50, 77, 300, 12], [9, 41, 8]  # replayed turns keep their KV too
+            r1 = await be.generate(GenerateRequest("r1", p1, sp, [IMG], f))
+            r2 = await be.generate(GenerateRequest("r2", p1 + f + obs, sp, [IMG, IMG2], g))
+            return first, second, third, r1, r2, stats, hits_after, be.prefix_hits
+    *warm, stats, hits_after, hits_end = _run(go(1 << 16))
+    *cold, cold_stats, _, cold_hits = _run(go(0))
+    assert stats == (1, len(p1) + len(warm[0].token_ids) - 1) and hits_after == 1 and hits_end == 2
+    assert cold_stats == (0, 0) and cold_hits == 0
+    for a, b in zip(warm, cold):
         assert a.token_ids == b.token_ids
         assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)
 

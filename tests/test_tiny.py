@@ -67,6 +67,13 @@ def test_encode_chat_matches_the_processor(vlm):
     assert torch.equal(px["image_grid_thw"], ref["image_grid_thw"])
 
 
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_image_grid_from_the_size_matches_the_processor(family):
+    proc = tiny.build_tiny_vlm(family).image_processor
+    ims = [Image.new("RGB", wh) for wh in ((640, 420), (37, 900), (1200, 30), (56, 56), (333, 217))]
+    assert [list(tiny.image_grid(im, proc)) for im in ims] == tiny.pixel_inputs(proc, ims)["image_grid_thw"].tolist()
+
+
 def test_observation_delta_equals_full_encoding(tok):
     improc = tiny.build_image_processor("qwen2_vl")
     user = [{"role": "user", "content": [{"type": "image", "image": IMG}, {"type": "text", "text": "Where?"}]}]

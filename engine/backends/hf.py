@@ -384,12 +384,8 @@ class HFBackend(Backend):
         if replays:
             self._replay(replays)
             done += replays
-        hits = [(s, e) for s in live if (e := self._lookup(s)) is not None]
-        if hits:
-            self._emit([s for s, _ in hits], torch.cat([self._prefill_on(s, e) for s, e in hits]))
-        cold = [s for s in live if all(s is not h for h, _ in hits)]
-        if cold:
-            self._emit(cold, self._prefill(cold))
+        if live:
+            self._emit(live, self._prefill(live))
         for s in done:
             s.finish = s.finish or "abort"
         finished = [s for s in self._rows if s.finish]
@@ -416,18 +412,21 @@ class HFBackend(Backend):
 
     # -- prefix cache
     def _keep(self, i: int, s: _Seq) -> None:
-        """Keep row i's KV (its prompt and every output token but the last: what it fed)."""
+        """Keep finished row i's KV: its prompt and every output token but the last (what it fed)."""
         n = int(self._mask[i].sum())
+        tokens = tuple(s.req.prompt_ids.tolist()) + tuple(s.tokens[:-1])
+        if len(tokens) == n:  # always so with left padding; never keep a misaligned row
+            self._store(tokens, [(k[i:i + 1, :, -n:], v[i:i + 1, :, -n:]) for k, v in self._layers])
+
+    def _store(self, tokens: tuple[int, ...], layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Keep the KV [1, H, n, D] of `tokens` (copied), evicting the least recent past the budget."""
+        n = len(tokens)
         if not self.prefix_cache_tokens or n > self.prefix_cache_tokens:
             return
-        tokens = tuple(s.req.prompt_ids.tolist()) + tuple(s.tokens[:-1])
-        if len(tokens) != n:  # cannot happen with left padding; never cache a misaligned row
-            return
-        layers = [(k[i:i + 1, :, -n:].clone(), v[i:i + 1, :, -n:].clone()) for k, v in self._layers]
         key = (n, hash(tokens))
         if key in self._prefixes:
             self._prefix_size -= n
-        self._prefixes[key] = _Prefix(tokens, layers)
+        self._prefixes[key] = _Prefix(tokens, [(k.clone(), v.clone()) for k, v in layers])
         self._prefix_size += n
         while self._prefix_size > self.prefix_cache_tokens:
             (m, _), _ = self._prefixes.popitem(last=False)
@@ -462,61 +461,39 @@ class HFBackend(Backend):
             j += 1
         return j if acc == before else None
 
-    def _prefill_on(self, s: _Seq, e: _Prefix) -> torch.Tensor:
-        """Prefill s's new tokens on top of the kept KV `e`; s joins the running batch."""
-        ids, n = s.req.prompt_ids.tolist(), len(e.tokens)
+    # -- forwards
+    def _forward_on(self, s: _Seq, e: _Prefix, ids: list[int], keep: int) -> tuple[torch.Tensor, Any, int]:
+        """Forward of ids[len(e.tokens):] on top of the kept KV `e` (only new images go through the
+        vision tower), with the positions a cold forward of `ids` gives. Returns the logits of the
+        last `keep` positions [1, keep, V], the cache over all of `ids`, and the next position."""
+        n = len(e.tokens)
         full = torch.tensor([ids])                                                    # [1, L]
         mask = torch.ones_like(full)                                                  # [1, L]
         kwargs: dict[str, Any] = {}
         if self.is_vl:
-            from spyglass.engine.tiny import pixel_inputs
+            from spyglass.engine.tiny import image_grid, pixel_inputs
             j = self._images_split(tuple(ids), n, s)
-            px = pixel_inputs(self.image_processor, list(s.req.images))
+            grid = (torch.tensor([image_grid(im, self.image_processor) for im in s.req.images])
+                    if s.req.images else None)                                        # [n_img, 3]
             mm = (full == self.image_token_id).int()
             base = getattr(self.model, "model", self.model)
-            pos, deltas = base.get_rope_index(full, mm_token_type_ids=mm, attention_mask=mask,
-                                              image_grid_thw=px.get("image_grid_thw"))
+            pos, deltas = base.get_rope_index(full, mm_token_type_ids=mm, attention_mask=mask, image_grid_thw=grid)
             pos, nxt = pos[:, :, n:], len(ids) + int(deltas[0])                       # [3, 1, L - n]
-            if px and j < len(s.req.images):  # only the new images go through the vision tower
-                grid = px["image_grid_thw"]
-                kwargs = {"pixel_values": px["pixel_values"][int(grid[:j].prod(-1).sum()):],
-                          "image_grid_thw": grid[j:]}
+            kwargs = pixel_inputs(self.image_processor, list(s.req.images[j:]))      # the new images only
             kwargs["mm_token_type_ids"] = mm[:, n:]
         else:
             pos, nxt = torch.arange(n, len(ids)).view(1, -1), len(ids)                # [1, L - n]
         out = self.model(input_ids=full[:, n:], attention_mask=mask, position_ids=pos,
-                         past_key_values=_cache_from(e.layers), use_cache=True, logits_to_keep=1, **kwargs)
-        s.pos = nxt
+                         past_key_values=_cache_from(e.layers), use_cache=True, logits_to_keep=keep, **kwargs)
         self.prefix_hits += 1
         self.prefix_tokens_reused += n
-        self._merge([s], _layers_of(out.past_key_values), mask)
-        return out.logits[:, -1, :]                                                   # [1, V]
+        return out.logits, out.past_key_values, nxt
 
-    def _replay(self, seqs: list[_Seq]) -> None:
-        """Teacher-force every row's forced ids (cut at max_tokens) in one forward over prompt +
-        forced; fill tokens / logprobs / finish as decoding them one by one would."""
-        n = [min(len(s.req.forced_ids), s.req.sampling.max_tokens) for s in seqs]
-        feed = [s.req.prompt_ids.tolist() + list(s.req.forced_ids[:k - 1]) for s, k in zip(seqs, n)]
-        width = max(n)
-        logits = self._prefill(seqs, feed, keep=width, cache=False)                # [b, F, V]
-        rows = torch.cat([logits[i, width - k:] for i, k in enumerate(n)])          # [sum n, V]
-        sp = [s.req.sampling for s, k in zip(seqs, n) for _ in range(k)]
-        forced = torch.tensor([t for s, k in zip(seqs, n) for t in s.req.forced_ids[:k]])
-        _, logps = sample_next(rows, torch.tensor([p.temperature for p in sp], dtype=torch.float32),
-                               torch.tensor([p.top_k for p in sp]),
-                               torch.tensor([p.top_p for p in sp], dtype=torch.float32),
-                               torch.zeros(len(sp)), forced, self.banned_ids)
-        at = 0
-        for s, k in zip(seqs, n):
-            s.tokens, s.logprobs = forced[at:at + k].tolist(), logps[at:at + k].tolist()
-            s.finish = "stop" if k == len(s.req.forced_ids) else "length"
-            at += k
-
-    def _prefill(self, seqs: list[_Seq], feed: list[list[int]] | None = None, keep: int = 1,
-                 cache: bool = True) -> torch.Tensor:
-        """Left-padded forward of the rows' prompts (or of `feed`); with `cache` they join the
-        running batch. Returns the logits of the last `keep` positions ([b, V] when keep is 1)."""
-        feed = feed if feed is not None else [s.req.prompt_ids.tolist() for s in seqs]
+    def _forward_cold(self, seqs: list[_Seq], feed: list[list[int]], keep: int
+                      ) -> tuple[torch.Tensor, Any, torch.Tensor, list[int]]:
+        """Left-padded forward of `feed` (one id list per row, images from each row's request).
+        Returns the logits of the last `keep` positions [b, keep, V], the cache, the mask [b, L]
+        and each row's next position."""
         lens = [len(f) for f in feed]
         width = max(lens)
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)          # [b, L]
@@ -538,14 +515,66 @@ class HFBackend(Backend):
             pos = (mask.cumsum(-1) - 1).clamp_(min=0)                                 # [b, L]
             nxt = lens
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                         past_key_values=_cache_from([]) if cache else None, use_cache=cache,
-                         logits_to_keep=keep, **kwargs)
-        if not cache:
-            return out.logits                                                         # [b, keep, V]
-        for s, p in zip(seqs, nxt):
-            s.pos = p
-        self._merge(seqs, _layers_of(out.past_key_values), mask)
-        return out.logits[:, -1, :]                                                   # [b, V]
+                         past_key_values=_cache_from([]), use_cache=True, logits_to_keep=keep, **kwargs)
+        return out.logits, out.past_key_values, mask, nxt
+
+    def _prefill(self, seqs: list[_Seq]) -> torch.Tensor:
+        """Prefill newcomers (on a kept prefix when one matches, else together, left-padded);
+        they join the running batch. Returns their next-token logits [b, V] in input order."""
+        rows: list[torch.Tensor] = []
+        hits = {id(s): e for s in seqs if (e := self._lookup(s)) is not None}
+        cold = [s for s in seqs if id(s) not in hits]
+        for s in seqs:
+            if id(s) in hits:
+                logits, cache, s.pos = self._forward_on(s, hits[id(s)], s.req.prompt_ids.tolist(), 1)
+                self._merge([s], _layers_of(cache), torch.ones(1, len(s.req.prompt_ids), dtype=torch.long))
+                rows.append(logits[:, -1])
+        if cold:
+            logits, cache, mask, nxt = self._forward_cold(cold, [s.req.prompt_ids.tolist() for s in cold], 1)
+            for s, p in zip(cold, nxt):
+                s.pos = p
+            self._merge(cold, _layers_of(cache), mask)
+            rows.append(logits[:, -1])
+        out = torch.cat(rows)                                                         # [b, V], hits first
+        order = [s for s in seqs if id(s) in hits] + cold
+        return out[torch.tensor([order.index(s) for s in seqs])]
+
+    def _replay(self, seqs: list[_Seq]) -> None:
+        """Teacher-force every row's forced ids (cut at max_tokens) in one forward over prompt +
+        forced (on a kept prefix when one matches); fill tokens / logprobs / finish as decoding
+        them one by one would, and keep the KV of what was fed for the next turn."""
+        n = [min(len(s.req.forced_ids), s.req.sampling.max_tokens) for s in seqs]
+        feed = [s.req.prompt_ids.tolist() + list(s.req.forced_ids[:k - 1]) for s, k in zip(seqs, n)]
+        rows: dict[int, torch.Tensor] = {}
+        cold = []
+        for i, s in enumerate(seqs):
+            e = self._lookup(s)
+            if e is None:
+                cold.append(i)
+                continue
+            logits, cache, _ = self._forward_on(s, e, feed[i], n[i])
+            rows[i] = logits[0]
+            self._store(tuple(feed[i]), _layers_of(cache))
+        if cold:
+            width = max(n[i] for i in cold)
+            logits, cache, _, _ = self._forward_cold([seqs[i] for i in cold], [feed[i] for i in cold], width)
+            layers = _layers_of(cache)
+            for r, i in enumerate(cold):
+                rows[i] = logits[r, width - n[i]:]
+                m = len(feed[i])
+                self._store(tuple(feed[i]), [(k[r:r + 1, :, -m:], v[r:r + 1, :, -m:]) for k, v in layers])
+        sp = [s.req.sampling for s, k in zip(seqs, n) for _ in range(k)]
+        forced = torch.tensor([t for s, k in zip(seqs, n) for t in s.req.forced_ids[:k]])
+        _, logps = sample_next(torch.cat([rows[i] for i in range(len(seqs))]),            # [sum n, V]
+                               torch.tensor([p.temperature for p in sp], dtype=torch.float32),
+                               torch.tensor([p.top_k for p in sp]),
+                               torch.tensor([p.top_p for p in sp], dtype=torch.float32),
+                               torch.zeros(len(sp)), forced, self.banned_ids)
+        at = 0
+        for s, k in zip(seqs, n):
+            s.tokens, s.logprobs = forced[at:at + k].tolist(), logps[at:at + k].tolist()
+            s.finish = "stop" if k == len(s.req.forced_ids) else "length"
+            at += k
 
     def _merge(self, seqs: list[_Seq], layers: list[tuple[torch.Tensor, torch.Tensor]],
                mask: torch.Tensor) -> None:
