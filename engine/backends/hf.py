@@ -131,11 +131,52 @@ class _Prefix:
     layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer K, V [1, H_kv, n, D]
 
 
+GROW = 128  # spare KV columns allocated at a time: decode writes in place, no per-step copy
+
+
+def _grow_layer_class() -> type:
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowLayer(DynamicLayer):
+        """A DynamicLayer whose K/V live in buffers with spare columns: an update writes the new
+        states in place (a plain DynamicLayer concatenates, copying the whole cache every decode
+        step) and reallocates GROW more columns when full. keys / values are views."""
+
+        def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
+            super().__init__()
+            self.dtype, self.device, self.is_initialized = k.dtype, k.device, True
+            self.kb, self.vb, self.n = k, v, k.shape[-2]  # adopted as is; grown (copied) on update
+            self.keys, self.values = k, v
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+            q = key_states.shape[-2]
+            if self.n + q > self.kb.shape[-2]:
+                shape = list(self.kb.shape)
+                shape[-2] = self.n + q + GROW
+                kb, vb = self.kb.new_empty(shape), self.vb.new_empty(shape)
+                kb[:, :, :self.n], vb[:, :, :self.n] = self.kb[:, :, :self.n], self.vb[:, :, :self.n]
+                self.kb, self.vb = kb, vb
+            self.kb[:, :, self.n:self.n + q], self.vb[:, :, self.n:self.n + q] = key_states, value_states
+            self.n += q
+            self.keys, self.values = self.kb[:, :, :self.n], self.vb[:, :, :self.n]
+            return self.keys, self.values
+
+    return GrowLayer
+
+
+_GrowLayer: type | None = None
+
+
 def _cache_from(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """A DynamicCache over `layers` (per layer K, V [B, H, T, D], adopted without a copy; they
+    are never written: the first update reallocates), growing in place from there."""
+    global _GrowLayer
     from transformers import DynamicCache
+    if _GrowLayer is None:
+        _GrowLayer = _grow_layer_class()
     cache = DynamicCache()
-    for i, (k, v) in enumerate(layers):
-        cache.update(k, v, i)
+    cache.layers = [_GrowLayer(k, v) for k, v in layers] + cache.layers[len(layers):]
     return cache
 
 
@@ -181,7 +222,8 @@ class HFBackend(Backend):
         self._pending: list[_Seq] = []
         self._by_id: dict[str, _Seq] = {}
         self._rows: list[_Seq] = []                  # worker-owned running batch
-        self._layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._layers: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer K, V [B, H, T, D]
+        self._cache: Any = None                       # the decode cache over _layers (None: rebuild)
         self._mask = torch.zeros(0, 0, dtype=torch.long)  # [B, T]
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -344,7 +386,7 @@ class HFBackend(Backend):
 
     # ------------------------------------------------------------------ worker side
     def _reset(self) -> None:
-        self._rows, self._layers = [], []
+        self._rows, self._layers, self._cache = [], [], None
         self._mask = torch.zeros(0, 0, dtype=torch.long)
 
     def _load(self, weights: Weights) -> None:
@@ -403,9 +445,11 @@ class HFBackend(Backend):
         pos = torch.tensor([s.pos for s in rows]).view(-1, 1)                        # [B, 1]
         if self.is_vl:
             pos = pos.view(1, -1, 1).expand(3, -1, 1)                                # [3, B, 1]
+        if self._cache is None:  # the batch changed: a fresh cache over it (the next write grows it)
+            self._cache = _cache_from(self._layers)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                         past_key_values=_cache_from(self._layers), use_cache=True, logits_to_keep=1)
-        self._layers, self._mask = _layers_of(out.past_key_values), mask
+                         past_key_values=self._cache, use_cache=True, logits_to_keep=1)
+        self._layers, self._mask = _layers_of(self._cache), mask
         for s in rows:
             s.pos += 1
         return out.logits[:, -1, :]                                                   # [B, V]
@@ -579,9 +623,10 @@ class HFBackend(Backend):
     def _merge(self, seqs: list[_Seq], layers: list[tuple[torch.Tensor, torch.Tensor]],
                mask: torch.Tensor) -> None:
         if not self._rows:
-            self._rows, self._layers, self._mask = list(seqs), layers, mask
+            self._rows, self._layers, self._mask, self._cache = list(seqs), layers, mask, None
             return
         width = max(self._mask.shape[1], mask.shape[1])
+        self._cache = None
         self._layers = [(torch.cat([_left_pad(k0, width, 2), _left_pad(k1, width, 2)]),
                          torch.cat([_left_pad(v0, width, 2), _left_pad(v1, width, 2)]))
                         for (k0, v0), (k1, v1) in zip(self._layers, layers)]
@@ -597,6 +642,7 @@ class HFBackend(Backend):
         mask = self._mask.index_select(0, idx)                                        # [B', T]
         first = int(mask.any(0).nonzero()[0])           # leading columns padded in every row
         self._mask = mask[:, first:]
+        self._cache = None
         self._layers = [(k.index_select(0, idx)[:, :, first:], v.index_select(0, idx)[:, :, first:])
                         for k, v in self._layers]
 
