@@ -81,13 +81,18 @@ def run_grpo(cfg: GRPOConfig) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     try:
         for step in range(run.start, cfg.steps):
+            t0 = time.perf_counter()
             trajs = run.broadcast(run.rollout_and_score() if run.rank == 0 else None)  # rollout, reward
             algo = compute_advantages(trajs, cfg.algo)                                 # advantage
+            t1 = time.perf_counter()
             run.colocate("sleep")
             metrics = {"step": step + 1, **run.updater.step(trajs, algo.advantages, algo.masks),
                        **{f"algo/{k}": v for k, v in algo.metrics.items()}}            # update
             run.colocate("wake")
+            t2 = time.perf_counter()
             run.sync()                                                                 # weight sync
+            metrics.update({"time/rollout_s": t1 - t0, "time/update_s": t2 - t1,
+                            "time/sync_s": time.perf_counter() - t2})
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and run.rank == 0:
                 metrics.update(run.evaluate())                                         # eval
             run.log(metrics, trajs)

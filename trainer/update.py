@@ -17,7 +17,8 @@ What one `step` does:
    tokens (count a multiple of the data-parallel world size; rank r takes micro-batches r, r+W..).
 4. Per micro-batch, the current policy's log-probs are recomputed. Attention: HF models on CPU
    cannot take packed varlen attention, so the micro-batch's sequences are run unpacked as a
-   right-padded batch [b, L] (attention mask; M-RoPE positions from `get_rope_index` with the
+   right-padded batch [b, L] (causal attention with no padding mask: no real token attends to
+   the pads after it, so SDPA keeps its causal path; M-RoPE positions from `get_rope_index` with the
    sequences' images as pixel_values / image_grid_thw, exactly as the HF backend prefills);
    only the hidden states of loss tokens are gathered back into the packed layout and turned
    into log-probs by `kernels.fused_logprob` (last hidden state x lm_head, no [T, V] logits).
@@ -133,7 +134,11 @@ class PolicyLogprobModel(nn.Module):
             kw["mm_token_type_ids"] = (input_ids == self.image_token_id).int() * attention_mask  # [b, L]
             if pixel_values is not None:
                 kw.update(pixel_values=pixel_values, image_grid_thw=image_grid_thw)
-        hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kw)[0]  # [b, L, H]
+        # The batch is right-padded: under causal attention no real token sees a pad, and the
+        # positions of real tokens do not depend on the pads after them, so the body runs with no
+        # padding mask (exact for every real token; SDPA takes its causal path instead of
+        # materialising a [b, 1, L, L] mask). Pads' outputs are never read (rows index real tokens).
+        hidden = body(input_ids=input_ids, attention_mask=None, use_cache=False, **kw)[0]  # [b, L, H]
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)  # [T', H]
         w = self.model.get_output_embeddings().weight  # [V, H]
         if self.use_fused:

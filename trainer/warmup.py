@@ -168,8 +168,8 @@ class MixedTask:
 def copy_step(model: Any, task: Any, n: int) -> tuple[torch.Tensor, float, float]:
     """Loss (with graph), greedy per-token copy accuracy and the fraction of rows whose every
     copied token is right (= greedy decoding reproduces them exactly) on one fresh batch."""
-    ids, mask, labels = task.batch(n)
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]             # [n, L-1, V]
+    ids, _, labels = task.batch(n)
+    logits = model(input_ids=ids).logits[:, :-1]  # [n, L-1, V]; right-padded: causal attention needs no pad mask
     tgt = labels[:, 1:]                                                             # [n, L-1]
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1), ignore_index=-100)
     sel = tgt != -100
