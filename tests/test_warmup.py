@@ -46,7 +46,7 @@ def test_copy_step_exact_is_all_tokens_right():
     tok = build_tokenizer()
 
     class Oracle(torch.nn.Module):  # logits that put all mass on the true next token
-        def forward(self, input_ids, attention_mask):
+        def forward(self, input_ids):
             out = torch.zeros(*input_ids.shape, len(tok))
             out[:, :-1].scatter_(-1, input_ids[:, 1:, None], 1.0)
             return type("O", (), {"logits": out})()
