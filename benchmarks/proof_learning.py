@@ -52,6 +52,7 @@ from spyglass.kernels.policy_loss import PolicyLossConfig
 from spyglass.trainer.algorithm import MODES, AlgoConfig
 from spyglass.trainer.eval import DIRECT_SYSTEM, EvalConfig, run_eval
 from spyglass.trainer.grpo import GRPOConfig, run_grpo
+from spyglass.trainer.reward import RewardConfig
 from spyglass.trainer.sft import SFTConfig, SFTDataConfig, run_sft
 from spyglass.trainer.synth.paths import PathConfig
 from spyglass.trainer.synth.pipeline import SynthConfig, run_pipeline
@@ -92,6 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--grpo-lr", type=float, default=2e-4)
     ap.add_argument("--grpo-epochs", type=int, default=1, help="passes over each GRPO batch (PPO epochs)")
     ap.add_argument("--grpo-kl", type=float, default=0.0, help="k3 KL coefficient to the SFT model (0: none)")
+    ap.add_argument("--grpo-alpha", type=float, default=0.8,
+                    help="reward r = r_fmt * (alpha * r_acc + (1 - alpha) * r_query) (the paper's 0.8; offline the "
+                         "query judge is the rule heuristic, trainer/judges.py)")
     ap.add_argument("--grpo-estimator", default="grpo", choices=["grpo", "rloo", "drgrpo"],
                     help="group advantage estimator (grpo: (r - mean) / std, the paper's)")
     ap.add_argument("--temperature", type=float, default=0.7, help="GRPO sampling temperature")
@@ -261,6 +265,7 @@ class Proof:
                                 env=self.env(self.synth / "train_questions.jsonl"), model=str(init),
                                 policy="sample", out=str(d / "rollouts.jsonl"), progress=False)
         cfg = GRPOConfig(rollout=rollout, algo=AlgoConfig(mode=arm, estimator=a.grpo_estimator),
+                         reward=RewardConfig(alpha=a.grpo_alpha),
                          update=UpdateConfig(lr=a.grpo_lr, temperature=a.temperature, ppo_epochs=a.grpo_epochs,
                                              loss=PolicyLossConfig(kl_coef=a.grpo_kl)),
                          steps=a.grpo_steps, groups_per_step=a.grpo_groups, ckpt_dir=str(d / "ckpt"),

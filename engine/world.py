@@ -197,6 +197,16 @@ def _entities(cfg: WorldConfig, rng: random.Random) -> dict[str, list[dict[str, 
     return ents
 
 
+# The infobox fields _link_facts writes, by entity kind (the synthesis pipeline's relations and
+# the warm-up / copy curriculum's keys are these names).
+FACT_FIELDS = {"person": ("born", "birthplace", "occupation", "employer"),
+               "place": ("kind", "region", "founded", "population", "mayor"),
+               "org": ("founded", "founder", "headquarters", "industry"),
+               "product": ("maker", "released", "designer", "category"),
+               "event": ("year", "location", "organiser", "guest_of_honour")}
+ENTITY_KINDS = tuple(FACT_FIELDS)
+
+
 def _link_facts(ents: dict[str, list[dict[str, Any]]], rng: random.Random) -> None:
     """Infobox facts; entity-valued facts hold the target's id (titles substituted on output)."""
     P, L, O = ents["person"], ents["place"], ents["org"]

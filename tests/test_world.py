@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from spyglass.engine.world import (VERSION, WorldConfig, ensure_world, generate_world, load_world,
+from spyglass.engine.world import (ENTITY_KINDS, FACT_FIELDS, VERSION, WorldConfig, ensure_world, generate_world, load_world,
                                    main)
 
 
@@ -56,7 +56,8 @@ def test_docs_contract(world):
             assert isinstance(v, (str, int))
         if d["image"] is not None:
             assert world.image_record(d["image"])["entity"] == d["id"]
-    assert {d["type"] for d in docs} == {"person", "place", "org", "product", "event"}
+    assert {d["type"] for d in docs} == set(ENTITY_KINDS)
+    assert all(set(d["infobox"]) == set(FACT_FIELDS[d["type"]]) for d in docs)  # the shared field list holds
 
 
 def test_images_exist_and_match_index(world):

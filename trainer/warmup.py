@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from spyglass.engine.config import add_dataclass_args, check, config_from_args
 from spyglass.engine.tiny import check_model_spec, load_model, save_tiny
 from spyglass.engine.world import _Namer
+from spyglass.trainer.synth.curriculum import FIELDS, KINDS
 
 
 @dataclass
@@ -97,9 +98,7 @@ class CopyTask:
         return ids, mask, labels
 
 
-_FIELDS = ("founded", "founder", "headquarters", "industry", "location", "organiser", "guest_of_honour",
-           "year", "maker", "released", "employer", "birth_year", "mayor", "country", "URL", "Title")
-_KINDS = ("person", "place", "org", "event", "product", "landmark")
+_KEYS = FIELDS + ("URL", "Title")  # the world's infobox fields and the page-header keys Visit prints
 
 
 class RecallTask(CopyTask):
@@ -118,13 +117,13 @@ class RecallTask(CopyTask):
         if kind < 0.55:
             return str(r.randint(1100, 2025))
         if kind < 0.75:
-            return f"corpus://{r.choice(_KINDS)}-{r.randint(0, 999):03d}"
+            return f"corpus://{r.choice(KINDS)}-{r.randint(0, 999):03d}"
         return f"{w()} {r.choice(['Regatta', 'Fair', 'Open', 'Press', 'Works', 'Institute'])} {r.randint(1800, 2025)}"
 
     def key(self, i: int) -> str:
         r, style = self.rng, self.rng.random()
         if style < 0.4:
-            return r.choice(_FIELDS) + (f"_{r.randint(2, 9)}" if r.random() < 0.3 else "")
+            return r.choice(_KEYS) + (f"_{r.randint(2, 9)}" if r.random() < 0.3 else "")
         if style < 0.7:
             x, y = r.randint(0, 600), r.randint(0, 400)
             return f"[{i + 1}] ({x},{y},{x + r.randint(40, 300)},{y + r.randint(12, 40)}) {r.uniform(0.5, 1):.2f}"

@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from spyglass.engine.chat import DEFAULT_SYSTEM
-from spyglass.engine.world import _Namer
+from spyglass.engine.world import ENTITY_KINDS, FACT_FIELDS, _Namer
 
-FIELDS = ("born", "employer", "occupation", "birthplace", "founded", "founder", "headquarters", "industry",
-          "region", "mayor", "population", "kind", "maker", "designer", "released", "category")
-KINDS = ("person", "org", "place", "product", "event")
+FIELDS = tuple(dict.fromkeys(f for fields in FACT_FIELDS.values() for f in fields))  # the world's infobox fields
+KINDS = ENTITY_KINDS
 
 
 def _call(step: int, tool: str, args: dict[str, Any]) -> str:
