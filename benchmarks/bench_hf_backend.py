@@ -57,7 +57,7 @@ def decode_ms(model: torch.nn.Module, b: int, t: int, steps: int, rebuild: bool)
     return 1000 * statistics.median(times[2:])
 
 
-def eval_wall(a: argparse.Namespace, world: str, questions: str, cache_tokens: int, out: Path) -> dict:
+def eval_wall(a: argparse.Namespace, world: str, questions: str, cache_tokens: int | None, out: Path) -> dict:
     env = EnvConfig(world_dir=world, tools=list(TOOLS), dense_search=False, prompt_schemas=False, search_top_k=1,
                     questions_file=questions, questions=0 if questions else a.limit)
     cfg = EvalConfig(model=a.model, policy="sample" if questions else "replay", env=env, agentic=True,
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {k} | {v['copy']:.2f} | {v['in_place']:.2f} | {v['copy'] / v['in_place']:.1f}x |")
     world = a.world or str(ensure_world().root)
     with tempfile.TemporaryDirectory() as tmp:
-        runs = {name: eval_wall(a, world, a.questions, c, Path(tmp) / name) for name, c in (("off", 0), ("on", 262144))}
+        runs = {name: eval_wall(a, world, a.questions, c, Path(tmp) / name) for name, c in (("off", 0), ("on", None))}
     same = runs["off"]["answers"] == runs["on"]["answers"]
     print(f"\n| prefix cache | wall s | turns | accuracy |\n|---|---:|---:|---:|")
     for k, v in runs.items():

@@ -202,6 +202,11 @@ def test_prefix_cache_is_bounded_and_text_models_use_it():
     assert warm[0] == cold[0]
     with pytest.raises(ValueError, match="prefix_cache_tokens"):
         HFConfig(prefix_cache_tokens=-1)
+    # the default budget is 1 GiB of the model's KV (K and V, every layer, fp32)
+    v = tiny.build_tiny_vlm("qwen2_vl", seed=0)
+    c = v.model.config.get_text_config()
+    per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4
+    assert (HFBackend.from_tiny(v).prefix_cache_tokens, HFConfig().prefix_cache_tokens) == ((1 << 30) // per_token, None)
 
 
 def test_forced_id_outside_vocab_is_named(vlm):

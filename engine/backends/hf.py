@@ -13,7 +13,7 @@ image tokens shift later positions). A step is:
      dim; columns that became padding for every row are trimmed).
 Prefix cache (multi-turn agents resend the whole context every turn): when a row finishes, the
 KV of every token it fed (prompt + output but the last token) is kept, up to
-`prefix_cache_tokens` tokens in all (LRU); a later request whose prompt extends one of them
+`prefix_cache_tokens` tokens in all (LRU; default: what fits in 1 GiB of this model's KV); a later request whose prompt extends one of them
 prefills only its new tokens (and only its new images) on top of that KV, with the positions a
 cold prefill would give. Exact up to float rounding; cleared on update_weights, and a row that
 saw a weight update mid-flight is not kept. `prefix_hits` / `prefix_tokens_reused` count it.
@@ -62,7 +62,8 @@ class HFConfig:
     max_batch: int = 32                # rows decoding together
     max_prefill_tokens: int = 16384    # prompt tokens admitted per step (>= 1 request always)
     max_model_len: int = 65536
-    prefix_cache_tokens: int = 262144  # KV kept for prompts that extend a finished request (0: off)
+    prefix_cache_tokens: int | None = None  # KV kept for prompts that extend a finished request
+    #                                          (None: what fits in 1 GiB of the model's KV; 0: off)
     num_threads: int = 0               # torch intra-op threads; 0 = leave torch's setting
 
     def __post_init__(self) -> None:
@@ -71,8 +72,9 @@ class HFConfig:
         for k in ("max_batch", "max_prefill_tokens", "max_model_len"):
             if not isinstance(getattr(self, k), int) or getattr(self, k) < 1:
                 raise ValueError(f"{k} must be an int >= 1, got {getattr(self, k)!r}")
-        if not isinstance(self.prefix_cache_tokens, int) or self.prefix_cache_tokens < 0:
-            raise ValueError(f"prefix_cache_tokens must be an int >= 0, got {self.prefix_cache_tokens!r}")
+        if self.prefix_cache_tokens is not None and (not isinstance(self.prefix_cache_tokens, int)
+                                                     or self.prefix_cache_tokens < 0):
+            raise ValueError(f"prefix_cache_tokens must be None or an int >= 0, got {self.prefix_cache_tokens!r}")
         if self.num_threads < 0:
             raise ValueError(f"num_threads must be >= 0, got {self.num_threads!r}")
         if self.model_path is not None and not Path(self.model_path).is_dir():
@@ -129,6 +131,18 @@ class _Seq:
 class _Prefix:
     tokens: tuple[int, ...]                          # the fed tokens its KV covers
     layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer K, V [1, H_kv, n, D]
+
+
+PREFIX_CACHE_BYTES = 1 << 30  # the default prefix-cache budget
+
+
+def kv_bytes_per_token(model: Any) -> int:
+    """Bytes of K and V one token takes in `model`'s cache (every layer)."""
+    c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    width = next(model.parameters()).element_size()
+    return max(1, 2 * c.num_hidden_layers * kv_heads * head_dim * width)
 
 
 GROW = 128  # spare KV columns allocated at a time: decode writes in place, no per-step copy
@@ -198,7 +212,7 @@ class HFBackend(Backend):
 
     def __init__(self, model: Any, image_processor: Any = None, *, name: str = "hf-0",
                  max_batch: int = 32, max_prefill_tokens: int = 16384,
-                 max_model_len: int = 65536, seed: int = 0, prefix_cache_tokens: int = 262144) -> None:
+                 max_model_len: int = 65536, seed: int = 0, prefix_cache_tokens: int | None = None) -> None:
         self.name, self.model, self.image_processor = name, model.eval(), image_processor
         self.version = 0
         cfg = model.config
@@ -230,7 +244,8 @@ class HFBackend(Backend):
         self._closed = False
         self.steps = 0
         self.decode_rows = 0                          # sum over steps of rows decoded
-        self.prefix_cache_tokens = prefix_cache_tokens
+        self.prefix_cache_tokens = (prefix_cache_tokens if prefix_cache_tokens is not None
+                                    else PREFIX_CACHE_BYTES // kv_bytes_per_token(model))
         self._prefixes: OrderedDict[tuple[int, int], _Prefix] = OrderedDict()  # (n, hash) -> KV, LRU first
         self._prefix_size = 0
         self.prefix_hits = 0
