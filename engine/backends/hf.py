@@ -194,6 +194,12 @@ def _cache_from(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
     return cache
 
 
+def _prefix_key(ids: tuple[int, ...], n: int) -> tuple[int, int]:
+    """A kept prefix's key: its length and the hash of its last 32 tokens (O(32) per candidate
+    length at lookup; a hit is then checked token for token, so a collision is only a miss)."""
+    return n, hash(ids[max(0, n - 32):n])
+
+
 def _layers_of(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
@@ -246,7 +252,7 @@ class HFBackend(Backend):
         self.decode_rows = 0                          # sum over steps of rows decoded
         self.prefix_cache_tokens = (prefix_cache_tokens if prefix_cache_tokens is not None
                                     else PREFIX_CACHE_BYTES // kv_bytes_per_token(model))
-        self._prefixes: OrderedDict[tuple[int, int], _Prefix] = OrderedDict()  # (n, hash) -> KV, LRU first
+        self._prefixes: OrderedDict[tuple[int, int], _Prefix] = OrderedDict()  # _prefix_key -> KV, LRU first
         self._prefix_size = 0
         self.prefix_hits = 0
         self.prefix_tokens_reused = 0
@@ -482,7 +488,7 @@ class HFBackend(Backend):
         n = len(tokens)
         if not self.prefix_cache_tokens or n > self.prefix_cache_tokens:
             return
-        key = (n, hash(tokens))
+        key = _prefix_key(tokens, n)
         if key in self._prefixes:
             self._prefix_size -= n
         self._prefixes[key] = _Prefix(tokens, [(k.clone(), v.clone()) for k, v in layers])
@@ -499,7 +505,7 @@ class HFBackend(Backend):
         for n in sorted({n for n, _ in self._prefixes}, reverse=True):
             if n >= len(ids):
                 continue
-            key = (n, hash(ids[:n]))
+            key = _prefix_key(ids, n)
             e = self._prefixes.get(key)
             if e is not None and e.tokens == ids[:n] and self._images_split(ids, n, s) is not None:
                 del self._prefixes[key]
