@@ -497,8 +497,9 @@ class HFBackend(Backend):
             (m, _), _ = self._prefixes.popitem(last=False)
             self._prefix_size -= m
 
-    def _lookup(self, s: _Seq) -> _Prefix | None:
-        """The longest kept prefix of s's prompt (removed from the cache: s extends it), or None."""
+    def _lookup(self, s: _Seq) -> tuple[_Prefix, int] | None:
+        """The longest kept prefix of s's prompt (removed from the cache: s extends it) and how many
+        of s's images it holds, or None."""
         if not self._prefixes:
             return None
         ids = tuple(s.req.prompt_ids.tolist())
@@ -507,10 +508,13 @@ class HFBackend(Backend):
                 continue
             key = _prefix_key(ids, n)
             e = self._prefixes.get(key)
-            if e is not None and e.tokens == ids[:n] and self._images_split(ids, n, s) is not None:
+            if e is None or e.tokens != ids[:n]:
+                continue
+            j = self._images_split(ids, n, s)
+            if j is not None:
                 del self._prefixes[key]
                 self._prefix_size -= n
-                return e
+                return e, j
         return None
 
     def _images_split(self, ids: tuple[int, ...], n: int, s: _Seq) -> int | None:
@@ -527,17 +531,19 @@ class HFBackend(Backend):
         return j if acc == before else None
 
     # -- forwards
-    def _forward_on(self, s: _Seq, e: _Prefix, ids: list[int], keep: int) -> tuple[torch.Tensor, Any, int]:
-        """Forward of ids[len(e.tokens):] on top of the kept KV `e` (only new images go through the
-        vision tower), with the positions a cold forward of `ids` gives. Returns the logits of the
+    def _forward_on(self, s: _Seq, hit: tuple[_Prefix, int], ids: list[int], keep: int
+                    ) -> tuple[torch.Tensor, Any, int]:
+        """Forward of ids[len(e.tokens):] on top of the kept KV `e` of `hit` = (e, images e holds)
+        (only the other images go through the vision tower), with the positions a cold forward of
+        `ids` gives. Returns the logits of the
         last `keep` positions [1, keep, V], the cache over all of `ids`, and the next position."""
+        e, j = hit
         n = len(e.tokens)
         full = torch.tensor([ids])                                                    # [1, L]
         mask = torch.ones_like(full)                                                  # [1, L]
         kwargs: dict[str, Any] = {}
         if self.is_vl:
             from spyglass.engine.tiny import image_grid, pixel_inputs
-            j = self._images_split(tuple(ids), n, s)
             grid = (torch.tensor([image_grid(im, self.image_processor) for im in s.req.images])
                     if s.req.images else None)                                        # [n_img, 3]
             mm = (full == self.image_token_id).int()
@@ -586,23 +592,23 @@ class HFBackend(Backend):
     def _prefill(self, seqs: list[_Seq]) -> torch.Tensor:
         """Prefill newcomers (on a kept prefix when one matches, else together, left-padded);
         they join the running batch. Returns their next-token logits [b, V] in input order."""
-        rows: list[torch.Tensor] = []
-        hits = {id(s): e for s in seqs if (e := self._lookup(s)) is not None}
-        cold = [s for s in seqs if id(s) not in hits]
-        for s in seqs:
-            if id(s) in hits:
-                logits, cache, s.pos = self._forward_on(s, hits[id(s)], s.req.prompt_ids.tolist(), 1)
-                self._merge([s], _layers_of(cache), torch.ones(1, len(s.req.prompt_ids), dtype=torch.long))
-                rows.append(logits[:, -1])
+        rows: dict[int, torch.Tensor] = {}
+        cold = []
+        for i, s in enumerate(seqs):
+            hit = self._lookup(s)
+            if hit is None:
+                cold.append(i)
+                continue
+            logits, cache, s.pos = self._forward_on(s, hit, s.req.prompt_ids.tolist(), 1)
+            self._merge([s], _layers_of(cache), torch.ones(1, len(s.req.prompt_ids), dtype=torch.long))
+            rows[i] = logits[:, -1]
         if cold:
-            logits, cache, mask, nxt = self._forward_cold(cold, [s.req.prompt_ids.tolist() for s in cold], 1)
-            for s, p in zip(cold, nxt):
-                s.pos = p
-            self._merge(cold, _layers_of(cache), mask)
-            rows.append(logits[:, -1])
-        out = torch.cat(rows)                                                         # [b, V], hits first
-        order = [s for s in seqs if id(s) in hits] + cold
-        return out[torch.tensor([order.index(s) for s in seqs])]
+            logits, cache, mask, nxt = self._forward_cold([seqs[i] for i in cold],
+                                                          [seqs[i].req.prompt_ids.tolist() for i in cold], 1)
+            for r, i in enumerate(cold):
+                seqs[i].pos, rows[i] = nxt[r], logits[r:r + 1, -1]
+            self._merge([seqs[i] for i in cold], _layers_of(cache), mask)
+        return torch.cat([rows[i] for i in range(len(seqs))])                        # [b, V]
 
     def _replay(self, seqs: list[_Seq]) -> None:
         """Teacher-force every row's forced ids (cut at max_tokens) in one forward over prompt +
@@ -613,11 +619,11 @@ class HFBackend(Backend):
         rows: dict[int, torch.Tensor] = {}
         cold = []
         for i, s in enumerate(seqs):
-            e = self._lookup(s)
-            if e is None:
+            hit = self._lookup(s)
+            if hit is None:
                 cold.append(i)
                 continue
-            logits, cache, _ = self._forward_on(s, e, feed[i], n[i])
+            logits, cache, _ = self._forward_on(s, hit, feed[i], n[i])
             rows[i] = logits[0]
             self._store(tuple(feed[i]), _layers_of(cache))
         if cold:
