@@ -35,7 +35,8 @@ from spyglass.engine.tiny import load_model
 from spyglass.engine.world import ensure_world
 from spyglass.trainer.eval import EvalConfig, run_eval
 
-TOOLS = ["Crop", "Sharpen", "SuperResolution", "PerspectiveCorrect", "OCR", "ImageSearch", "TextSearch", "Visit"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from proof_learning import TOOLS  # noqa: E402  (the proof's tool set: same workload)
 
 
 def decode_ms(model: torch.nn.Module, b: int, t: int, steps: int, rebuild: bool) -> float:
