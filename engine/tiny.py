@@ -1,6 +1,6 @@
 """Tiny Qwen-style models built offline, and the chat -> token ids (+ pixels) encoder.
 
-Nothing here downloads anything. `build_tokenizer()` trains a byte-level BPE (~1,500 tokens) with
+Nothing here downloads anything. `build_tokenizer()` trains a byte-level BPE (~800 tokens, plus whole-word tokens of the domain) with
 `tokenizers` on a small built-in corpus in the agent format (<think>, <tool_call>{json}</tool_call>,
 <answer>, tool names) in a few milliseconds, with Qwen's special tokens and a Qwen-style chat
 template (system/user/assistant/tool roles; images as <|vision_start|><|image_pad|><|vision_end|>;
@@ -100,20 +100,16 @@ def _corpus() -> list[str]:
               '"properties": {"image": {"type": "string"}}, "required": ["image"]}}}' % t
               for t in TOOL_NAMES]
     lines.append("0123456789 ,.;:!?()[]{}<>\"'-_=+*/\\ ABCDEFGHIJKLMNOPQRSTUVWXYZ")
-    from .world import FACT_FIELDS  # the infobox field names: goals, page lines, question words
-    fields = sorted({f for fs in FACT_FIELDS.values() for f in fs})
-    vocab = list(DOMAIN_WORDS) + [w for f in fields for w in f.split("_")]
-    for k in range(4):  # each word a few times, after a space and at the start of a value
-        lines += [" ".join(vocab[j] for j in range(i, len(vocab), 7)) for i in range(7)]
-        lines += [" ".join(w.capitalize() for w in vocab[i::5]) for i in range(5)]
-    lines += [f'"goal": "{f}"' for f in fields] * 4 + [f"- {f}: {f}" for f in fields] * 4
     return lines
 
 
 # Common English words of the agent's domain (the bundled world's pages, questions and tool
-# observations): a real tokenizer has such words as one or two tokens, and a tiny student that
-# must spell "occupation" in seven byte-level pieces learns to copy it far worse. Made-up names
-# are not here: they stay split, as rare names are in a real vocabulary.
+# observations) are whole-word tokens: a real tokenizer has such words as one or two tokens, and a
+# tiny student that must spell "occupation" in seven byte-level pieces picks the field a question
+# asks for far worse. Added as whole words (not BPE merges), each is ONE id in every context:
+# after a space in a question or a page line, after a quote in a Visit goal; made-up names keep
+# the plain BPE pieces, the same wherever they appear (merges that glue a space to a word start
+# would split a name differently after a space and after a quote, which makes copying harder).
 DOMAIN_WORDS = (
     "what which who whose where when how is are was were the a an of in on at to for from by with "
     "and or as that it its their has have had this these no not also about between most first "
@@ -137,7 +133,16 @@ DOMAIN_WORDS = (
     "port upper new saint lake").split()
 
 
-def build_tokenizer(vocab_size: int = 1536) -> Any:
+def domain_words() -> list[str]:
+    """DOMAIN_WORDS, their capitalised forms and the world's infobox field names (guest_of_honour
+    too), without duplicates, in a fixed order."""
+    from .world import FACT_FIELDS  # the fields are the Visit goals and the page lines' keys
+    fields = [f for fs in FACT_FIELDS.values() for f in fs]
+    words = list(DOMAIN_WORDS) + [w.capitalize() for w in DOMAIN_WORDS] + fields
+    return list(dict.fromkeys(words))
+
+
+def build_tokenizer(vocab_size: int = 800) -> Any:
     """Train the byte-level BPE offline and wrap it as a PreTrainedTokenizerFast with the template."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -152,6 +157,7 @@ def build_tokenizer(vocab_size: int = 1536) -> Any:
                                   show_progress=False)
     tok.train_from_iterator(_corpus(), trainer=trainer)
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in AGENT_TOKENS])
+    tok.add_tokens([AddedToken(w, special=False, normalized=False, single_word=True) for w in domain_words()])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, chat_template=CHAT_TEMPLATE, eos_token="<|im_end|>",
         pad_token="<|endoftext|>", bos_token=None, unk_token=None,

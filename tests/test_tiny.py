@@ -21,20 +21,25 @@ def vlm(request):
 
 
 def test_tokenizer_knows_the_worlds_field_names_as_words(tok):
-    # a goal is written after a quote, a page line and a question have it after a space: both
-    # must be one token, or the student copies field names piece by piece (see DOMAIN_WORDS)
+    # a goal is written after a quote, a page line and a question have it after a space: the
+    # field must be the same single id in every context, or the student has to learn to map
+    # between spellings (see DOMAIN_WORDS); made-up names keep their BPE pieces in any context
     from spyglass.engine.world import FACT_FIELDS
+
+    def enc(text):
+        return tok(text, add_special_tokens=False)["input_ids"]
     for f in sorted({f for fs in FACT_FIELDS.values() for f in fs}):
-        for w in f.split("_"):
-            for text in (w, " " + w):
-                assert len(tok(text, add_special_tokens=False)["input_ids"]) == 1, text
+        (fid,) = enc(f)
+        assert enc(f' "goal": "{f}"')[-2] == fid and fid in enc(f"- {f}: 1952") and fid in enc(f"the {f} of"), f
+    assert enc("Velzosk Stepford") == enc("Velzosk") + enc(" Stepford")  # no whole word inside a name
+    assert enc(" Stepford") == enc(" ") + enc("Stepford") and "Step" not in tok.convert_ids_to_tokens(enc("Stepford"))
     q = "What is the founding year of the organisation shown in the image?"
-    assert len(tok(q, add_special_tokens=False)["input_ids"]) <= 16
+    assert tok.decode(enc(q)) == q and len(enc(q)) < 30
 
 
 def test_tokenizer_is_deterministic_and_has_single_id_markers(tok):
     assert tok.get_vocab() == tiny.build_tokenizer().get_vocab()
-    assert 1200 <= len(tok) <= 1600
+    assert 900 <= len(tok) <= 1400
     ids = tiny.special_ids(tok)
     assert len(set(ids.values())) == len(tiny.SPECIAL_TOKENS)
     for t in tiny.AGENT_TOKENS + tiny.SPECIAL_TOKENS:

@@ -107,7 +107,8 @@ def test_training_moves_logprobs_with_the_advantage():
     trajs, adv, masks = make_batch(v)
     before = weights(v.model)
     lp0 = [seq_logprob(v, t) for t in trajs]
-    up = PolicyUpdater(v.model, UpdateConfig(lr=3e-3, micro_batch_tokens=200), image_processor=v.image_processor)
+    # lr 1e-3: at 3e-3 Adam's first steps from a random init overshoot and the sums oscillate
+    up = PolicyUpdater(v.model, UpdateConfig(lr=1e-3, micro_batch_tokens=200), image_processor=v.image_processor)
     for _ in range(4):
         m = up.step(trajs, adv, masks)
         assert all(torch.isfinite(torch.tensor(x)) for x in m.values()), m
