@@ -230,7 +230,10 @@ class Proof:
         for side, rows in sides.items():
             (self.synth / f"{side}_questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in rows))
         train_ids = {q["id"] for q in sides["train"]}
-        trajs = [t for t in iter_jsonl(self.synth / "trajectories.jsonl") if t.group_id in train_ids]
+        # by id, not in the order the teacher's rollouts finished (which varies with timing): the
+        # SFT data order, and so the SFT model, must not change from run to run
+        trajs = sorted((t for t in iter_jsonl(self.synth / "trajectories.jsonl") if t.group_id in train_ids),
+                       key=lambda t: t.id)
         write_jsonl(self.synth / "train_trajectories.jsonl", trajs, append=False)
         with open(self.synth / "train_direct.sharegpt.jsonl", "w", encoding="utf-8") as f:
             for q in sides["train"]:  # the no-tool baseline's data: image + question -> answer

@@ -35,6 +35,8 @@ def test_proof_smoke_runs_every_stage_and_resumes(tmp_path, capsys):
         assert f["copies"] > 0 and f["copy_tokens"] >= f["copies"]
         assert all(0.0 <= f[k] <= 1.0 for k in ("gen_token_acc", "copy_token_acc", "copy_exact"))
     assert {"warmup", "sft", "sft-direct", "grpo-fatal_mask_clamp"} <= set(res["stages_s"])
+    ids = [json.loads(x)["id"] for x in (tmp_path / "p" / "synth" / "train_trajectories.jsonl").open()]
+    assert ids and ids == sorted(ids)  # SFT data order independent of rollout completion order
     # a rerun finds every stage cached and reports the same accuracies
     assert proof.main(argv) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
