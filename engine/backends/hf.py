@@ -589,19 +589,28 @@ class HFBackend(Backend):
                          past_key_values=_cache_from([]), use_cache=True, logits_to_keep=keep, **kwargs)
         return out.logits, out.past_key_values, mask, nxt
 
-    def _prefill(self, seqs: list[_Seq]) -> torch.Tensor:
-        """Prefill newcomers (on a kept prefix when one matches, else together, left-padded);
-        they join the running batch. Returns their next-token logits [b, V] in input order."""
-        rows: dict[int, torch.Tensor] = {}
-        cold = []
+    def _on_kept(self, seqs: list[_Seq], feeds: list[list[int]], keeps: list[int]
+                 ) -> tuple[dict[int, tuple[torch.Tensor, Any, int]], list[int]]:
+        """Forward each row whose request extends a kept prefix (`_forward_on` of its feed, last
+        `keep` logits): ({row: (logits, cache, next position)}, the rows with no kept prefix)."""
+        hot, cold = {}, []
         for i, s in enumerate(seqs):
             hit = self._lookup(s)
             if hit is None:
                 cold.append(i)
-                continue
-            logits, cache, s.pos = self._forward_on(s, hit, s.req.prompt_ids.tolist(), 1)
-            self._merge([s], _layers_of(cache), torch.ones(1, len(s.req.prompt_ids), dtype=torch.long))
-            rows[i] = logits[:, -1]
+            else:
+                hot[i] = self._forward_on(s, hit, feeds[i], keeps[i])
+        return hot, cold
+
+    def _prefill(self, seqs: list[_Seq]) -> torch.Tensor:
+        """Prefill newcomers (on a kept prefix when one matches, else together, left-padded);
+        they join the running batch. Returns their next-token logits [b, V] in input order."""
+        rows: dict[int, torch.Tensor] = {}
+        hot, cold = self._on_kept(seqs, [s.req.prompt_ids.tolist() for s in seqs], [1] * len(seqs))
+        for i, (logits, cache, pos) in hot.items():
+            seqs[i].pos, rows[i] = pos, logits[:, -1]
+            ones = torch.ones(1, len(seqs[i].req.prompt_ids), dtype=torch.long)           # [1, L]
+            self._merge([seqs[i]], _layers_of(cache), ones)
         if cold:
             logits, cache, mask, nxt = self._forward_cold([seqs[i] for i in cold],
                                                           [seqs[i].req.prompt_ids.tolist() for i in cold], 1)
@@ -617,13 +626,8 @@ class HFBackend(Backend):
         n = [min(len(s.req.forced_ids), s.req.sampling.max_tokens) for s in seqs]
         feed = [s.req.prompt_ids.tolist() + list(s.req.forced_ids[:k - 1]) for s, k in zip(seqs, n)]
         rows: dict[int, torch.Tensor] = {}
-        cold = []
-        for i, s in enumerate(seqs):
-            hit = self._lookup(s)
-            if hit is None:
-                cold.append(i)
-                continue
-            logits, cache, _ = self._forward_on(s, hit, feed[i], n[i])
+        hot, cold = self._on_kept(seqs, feed, n)
+        for i, (logits, cache, _) in hot.items():
             rows[i] = logits[0]
             self._store(tuple(feed[i]), _layers_of(cache))
         if cold:
