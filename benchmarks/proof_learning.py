@@ -99,6 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "query judge is the rule heuristic, trainer/judges.py)")
     ap.add_argument("--grpo-estimator", default="grpo", choices=["grpo", "rloo", "drgrpo"],
                     help="group advantage estimator (grpo: (r - mean) / std, the paper's)")
+    ap.add_argument("--grpo-filter", default="none", choices=["none", "acc", "reward"],
+                    help="drop groups flat in this score from each update (AlgoConfig.filter_groups)")
     ap.add_argument("--temperature", type=float, default=0.7, help="GRPO sampling temperature")
     ap.add_argument("--max-turns", type=int, default=14)
     ap.add_argument("--max-tokens-per-turn", type=int, default=96)
@@ -268,7 +270,7 @@ class Proof:
         rollout = RolloutConfig(engine=self.engine(a.grpo_samples, a.temperature),
                                 env=self.env(self.synth / "train_questions.jsonl"), model=str(init),
                                 policy="sample", out=str(d / "rollouts.jsonl"), progress=False)
-        cfg = GRPOConfig(rollout=rollout, algo=AlgoConfig(mode=arm, estimator=a.grpo_estimator),
+        cfg = GRPOConfig(rollout=rollout, algo=AlgoConfig(mode=arm, estimator=a.grpo_estimator, filter_groups=a.grpo_filter),
                          reward=RewardConfig(alpha=a.grpo_alpha),
                          update=UpdateConfig(lr=a.grpo_lr, temperature=a.temperature, ppo_epochs=a.grpo_epochs,
                                              loss=PolicyLossConfig(kl_coef=a.grpo_kl)),

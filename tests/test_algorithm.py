@@ -153,6 +153,40 @@ def test_ragged_interleaved_groups_singleton_and_all_equal() -> None:
     assert out.metrics["clamped_frac"] == 0.0
 
 
+def test_filter_groups_drops_groups_flat_in_accuracy_or_reward() -> None:
+    g = group4()  # accuracy: A and D right, B and C wrong -> mixed, kept
+    for t, acc in zip(g, [1.0, 0.0, 0.0, 1.0]):
+        t.reward["acc"] = acc
+    wrong = [mk("W0", "w", ["ok", "ans"], Status.ANSWERED, 0.1),  # all wrong, totals differ
+             mk("W1", "w", ["ok", "ok", "ans"], Status.ANSWERED, 0.15)]
+    same = [mk("E0", "eq", ["ok", "ans"], Status.ANSWERED, 0.5), mk("E1", "eq", ["ans"], Status.ANSWERED, 0.5)]
+    single = mk("S", "single", ["ok", "ans"], Status.ANSWERED, 0.7)
+    for t in wrong + same + [single]:
+        t.reward["acc"] = 0.0
+    same[1].reward["acc"] = 1.0  # equal totals, different accuracy
+    trajs = [g[0], wrong[0], same[0], g[1], wrong[1], g[2], same[1], single, g[3]]
+    plain = compute_advantages(trajs, AlgoConfig(mode="fatal_mask"))
+    assert plain.keep.all() and abs(float(plain.advantages[1])) == pytest.approx(1.0, abs=1e-4)  # crumbs blown up
+
+    out = compute_advantages(trajs, AlgoConfig(mode="fatal_mask", filter_groups="acc"))
+    assert out.keep.tolist() == [True, False, True, True, False, True, True, False, True]
+    close(out.advantages, [GRPO[0], 0.0, 0.0, GRPO[1], 0.0, GRPO[2], 0.0, 0.0, GRPO[3]])
+    assert not out.masks[1].any() and not out.masks[4].any() and not out.masks[7].any()
+    assert out.masks[0].int().tolist() == GEN["A"] and out.masks[3].int().tolist() == B_FATAL
+    assert out.metrics["kept_traj_frac"] == pytest.approx(6 / 9)
+    assert out.group_mean.tolist() == plain.group_mean.tolist()  # statistics over every member
+
+    out = compute_advantages(trajs, AlgoConfig(mode="fatal_mask", filter_groups="reward"))
+    assert out.keep.tolist() == [True, True, False, True, True, True, False, False, True]
+    assert float(out.advantages[1]) == pytest.approx(float(plain.advantages[1]))
+
+    g[2].reward.pop("acc")
+    with pytest.raises(ValueError, match="'C'"):
+        compute_advantages(trajs, AlgoConfig(filter_groups="acc"))
+    with pytest.raises(ValueError, match="filter_groups"):
+        AlgoConfig(filter_groups="std")
+
+
 def test_fatal_k_is_recomputed_from_turns() -> None:
     t = mk("B", "q", ["ok", "ok", "err", "err", "err"], Status.FATAL, 0.2)
     t.fatal_step = 2  # what the scheduler wrote with k = 3

@@ -86,6 +86,26 @@ def test_grpo_kl_to_the_initial_policy(world: Path, tmp_path: Path) -> None:
     assert again["step"] == 2 and again["ref_kl"] == pytest.approx(kl[1], rel=1e-3)
 
 
+def test_grpo_filter_groups_skips_flat_steps(world: Path, tmp_path: Path) -> None:
+    """algo.filter_groups="acc": the untrained model's own samples are all wrong (a flat group):
+    no optimizer step, weights and version unchanged; with the solve script's replay in the
+    group (right) beside the samples (wrong) the group is kept and the step trains."""
+    def cfg(out: Path, policy: str) -> GRPOConfig:
+        c = _cfg(world, out, steps=1)
+        c.algo = dataclasses.replace(c.algo, filter_groups="acc")
+        c.rollout.policy = policy
+        return c
+    a, b = tmp_path / "a", tmp_path / "b"
+    m = run_grpo(cfg(a, "sample"))
+    accs = [t.reward["acc"] for t in read_jsonl(a / "rollouts.jsonl")]
+    assert accs == [0.0] * 3 and m["skipped_update"] == 1.0 and m["version"] == 0
+    assert m["algo/kept_traj_frac"] == 0.0
+    m = run_grpo(cfg(b, "mixed"))
+    accs = sorted(t.reward["acc"] for t in read_jsonl(b / "rollouts.jsonl"))
+    assert accs == [0.0, 0.0, 1.0] and m["skipped_update"] == 0.0 and m["version"] == 1
+    assert m["algo/kept_traj_frac"] == 1.0 and torch.isfinite(torch.tensor(m["loss"]))
+
+
 @pytest.mark.slow
 def test_grpo_two_ranks_zero2(world: Path, tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SPYGLASS_WORLD": str(world)}

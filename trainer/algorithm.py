@@ -21,6 +21,13 @@ groups get 0. The fatal step is recomputed from the turns with ``fatal_k`` (the 
 the first run of k consecutive error steps; an unanswered finished run is fatal at its length),
 so trajectories read back from disk follow this config; a member is *fatal* when it has one.
 
+``filter_groups`` (DAPO's dynamic-sampling criterion, without the resampling): "acc" drops every
+group whose members all have the same ``reward["acc"]`` (all right or all wrong), "reward" every
+group whose totals are all equal; a dropped group's members get advantage 0 and an all-False mask
+and ``out.keep`` is False for them, so the update skips them. Why: with rare successes most groups
+differ only in format / query-quality crumbs, and the std-normalised advantage blows those up to
+the same size as a real right-vs-wrong contrast (measured in benchmarks/README.md "Training works?").
+
     out = compute_advantages(trajs, AlgoConfig(mode="fatal_mask_clamp"))
     out.advantages  # [N] fp32;  out.masks[i]  # [T_i] bool;  out.metrics  # floats for logging
 
@@ -38,6 +45,7 @@ from spyglass.engine.trajectory import SegmentKind, Status, Trajectory
 from spyglass.kernels.advantage import AdvantageConfig, grouped_advantage
 
 MODES = ("vanilla", "hard_mask", "fatal_mask", "fatal_mask_clamp")
+FILTERS = ("none", "acc", "reward")
 IMPLS = ("auto", "triton", "torch")
 ANOMALOUS = frozenset({Status.FATAL, Status.INTERRUPTED, Status.TRUNCATED, Status.ERROR})
 
@@ -52,10 +60,13 @@ class AlgoConfig:
     eps: float = 1e-6  # delta in (r - mean) / (std + delta)
     fatal_k: int = 3  # consecutive error steps that make a cascade
     impl: str = "auto"  # advantage kernel: "auto" | "triton" | "torch"
+    filter_groups: str = "none"  # "none" | "acc" | "reward": drop groups flat in that score
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"AlgoConfig.mode must be one of {MODES}, got {self.mode!r}")
+        if self.filter_groups not in FILTERS:
+            raise ValueError(f"AlgoConfig.filter_groups must be one of {FILTERS}, got {self.filter_groups!r}")
         if not isinstance(self.fatal_k, int) or self.fatal_k < 1:
             raise ValueError(f"AlgoConfig.fatal_k must be an int >= 1, got {self.fatal_k!r}")
         if self.impl not in IMPLS:
@@ -81,6 +92,7 @@ class AlgoOutput:
     group_mean: torch.Tensor  # [G] fp32
     group_std: torch.Tensor  # [G] fp32 (population or unbiased, per the config)
     group_count: torch.Tensor  # [G] int32
+    keep: torch.Tensor  # [N] bool: False for members of groups dropped by filter_groups
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -99,6 +111,25 @@ def _reward_of(t: Trajectory) -> float:
         raise ValueError(f"trajectory {t.id!r} has no finite reward['total'] (got {r!r}); "
                          f"score it first (trainer.reward.score_group)")
     return float(r)
+
+
+def _score_of(t: Trajectory, key: str) -> float:
+    r = t.reward.get(key)
+    if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r):
+        raise ValueError(f"filter_groups={key!r} needs a finite reward[{key!r}] on every trajectory; "
+                         f"trajectory {t.id!r} has {r!r}")
+    return float(r)
+
+
+def _kept_groups(trajs: list[Trajectory], gidx: list[int], n_groups: int, how: str) -> list[bool]:
+    """[G]: the groups filter_groups keeps (all of them for "none"; else those whose members'
+    score differs; a singleton group is flat)."""
+    if how == "none":
+        return [True] * n_groups
+    scores: list[set[float]] = [set() for _ in range(n_groups)]
+    for t, g in zip(trajs, gidx):
+        scores[g].add(_score_of(t, "acc" if how == "acc" else "total"))
+    return [len(s) > 1 for s in scores]
 
 
 def _masks(trajs: list[Trajectory], cfg: AlgoConfig, fatal_steps: list[int | None]) -> list[torch.Tensor]:
@@ -126,10 +157,16 @@ def compute_advantages(trajs: list[Trajectory], cfg: AlgoConfig = AlgoConfig(),
     res = grouped_advantage(rewards, group_index, fatal, cfg.advantage_config(),
                             num_groups=len(gid_of), impl=cfg.impl)
     masks = _masks(trajs, cfg, fatal_steps)
-    out = AlgoOutput(advantages=res.advantages, masks=masks, rewards=rewards, fatal=fatal,
+    kept_groups = _kept_groups(trajs, gidx, len(gid_of), cfg.filter_groups)
+    keep = torch.tensor([kept_groups[g] for g in gidx], dtype=torch.bool)  # [N]
+    advantages = res.advantages
+    if not bool(keep.all()):
+        advantages = torch.where(keep.to(advantages.device), advantages, torch.zeros_like(advantages))
+        masks = [m if k else torch.zeros_like(m) for m, k in zip(masks, keep.tolist())]
+    out = AlgoOutput(advantages=advantages, masks=masks, rewards=rewards, fatal=fatal,
                      fatal_steps=fatal_steps, group_index=group_index, group_ids=list(gid_of),
                      group_mean=res.group_mean, group_std=res.group_std,
-                     group_count=res.group_count)
+                     group_count=res.group_count, keep=keep)
     out.metrics = _metrics(trajs, out, float(res.clamped_fraction))
     return out
 
@@ -151,6 +188,7 @@ def _metrics(trajs: list[Trajectory], out: AlgoOutput, clamped: float) -> dict[s
         "group_mean_avg": float(out.group_mean.double().mean()),
         "group_std_avg": float(out.group_std.double().mean()),
         "flat_group_frac": float((rmax == rmin).double().mean()),  # singleton or all-equal
+        "kept_traj_frac": float(out.keep.double().mean()),  # not dropped by filter_groups
         "fatal_frac": float(out.fatal.double().mean()),
         "anomalous_frac": sum(t.status in ANOMALOUS for t in trajs) / n,
         "clamped_frac": clamped,

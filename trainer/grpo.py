@@ -86,7 +86,7 @@ def run_grpo(cfg: GRPOConfig) -> dict[str, Any]:
             algo = compute_advantages(trajs, cfg.algo)                                 # advantage
             t1 = time.perf_counter()
             run.colocate("sleep")
-            metrics = {"step": step + 1, **run.updater.step(trajs, algo.advantages, algo.masks),
+            metrics = {"step": step + 1, **run.update(trajs, algo),
                        **{f"algo/{k}": v for k, v in algo.metrics.items()}}            # update
             run.colocate("wake")
             t2 = time.perf_counter()
@@ -152,6 +152,17 @@ class _Run:
         trajs = self.loop.run_until_complete(self._collect(batch))
         self.loop.run_until_complete(score_group(trajs, self.cfg.reward))
         return trajs
+
+    def update(self, trajs: list, algo: Any) -> dict[str, Any]:
+        """One policy update on the trajectories algo.filter_groups kept; none kept (every group
+        flat) skips the update: no optimizer step, the weights and their version stay."""
+        keep = algo.keep.tolist()
+        if not any(keep):
+            print("[grpo] every group is flat under filter_groups: no update this step", flush=True)
+            return {"skipped_update": 1.0, "version": self.updater.version}
+        idx = [i for i, k in enumerate(keep) if k]
+        return {**self.updater.step([trajs[i] for i in idx], algo.advantages[idx].cpu(),
+                                    [algo.masks[i] for i in idx]), "skipped_update": 0.0}
 
     def broadcast(self, obj: Any) -> Any:
         if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
