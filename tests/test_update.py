@@ -122,6 +122,30 @@ def test_training_moves_logprobs_with_the_advantage():
     assert d[0] > d[2] > d[3] and d[0] > d[1], d
 
 
+def test_lr_warmup_scales_the_first_updates():
+    """warmup_steps=4: lr/4, 2lr/4, 3lr/4, then lr; Adam's first step moves each weight by about
+    the lr itself, so the first update's largest weight change is the warmed-up lr; a restored
+    updater continues the schedule from its step counter."""
+    lrs, moved = [], []
+    for warm in (0, 4):
+        v = fresh()
+        trajs, adv, masks = make_batch(v)
+        up = PolicyUpdater(v.model, UpdateConfig(lr=1e-3, warmup_steps=warm), image_processor=v.image_processor)
+        before = weights(v.model)
+        lrs.append([up.step(trajs, adv, masks)["lr"]])
+        moved.append(max((p - before[k]).abs().max().item() for k, p in weights(v.model).items()))
+        lrs[-1] += [up.step(trajs, adv, masks)["lr"] for _ in range(4)]
+        if warm:
+            again = PolicyUpdater(fresh().model, UpdateConfig(lr=1e-3, warmup_steps=warm), image_processor=v.image_processor)
+            again.load_state_dict({"steps": 2, "version": 2})
+            assert again.lr() == pytest.approx(7.5e-4)
+    assert lrs[0] == [1e-3] * 5
+    assert lrs[1] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+    assert moved[0] == pytest.approx(1e-3, rel=0.05) and moved[1] == pytest.approx(2.5e-4, rel=0.05), moved
+    with pytest.raises(ValueError, match="warmup_steps must be"):
+        UpdateConfig(warmup_steps=-1)
+
+
 def _one_step(v, trajs, adv, masks, **cfg) -> dict[str, torch.Tensor]:
     """Weights after one update. Adam with eps=1 makes the first step ~lr*grad (no sign(grad)
     amplification of float noise in near-zero gradients), so weights compare gradients."""

@@ -163,6 +163,10 @@ class PlainRuntime:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
+    def set_lr(self, lr: float) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+
     def grads_finite(self) -> bool:
         grads = [p.grad for p in self.params if p.grad is not None]
         return not grads or bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
@@ -212,6 +216,10 @@ class DeepSpeedRuntime:
 
     def zero_grad(self) -> None:
         pass  # the engine clears gradients after each step
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.optimizer.param_groups:  # no DeepSpeed scheduler is configured: this is the lr
+            g["lr"] = lr
 
     def grads_finite(self) -> bool:
         return True  # partitioned: checked through the global norm at step() (overflow -> skipped)

@@ -64,6 +64,7 @@ class UpdateConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global grad norm; 0 = no clipping (the norm is still reported)
+    warmup_steps: int = 0  # lr rises linearly over the first N updates (lr * k / N at update k)
     micro_batch_tokens: int = 16384  # packed tokens per micro-batch (one forward/backward)
     allow_oversize: bool = True  # a longer sequence gets a micro-batch of its own instead of an error
     ppo_epochs: int = 1
@@ -93,6 +94,8 @@ class UpdateConfig:
             raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         if not (self.grad_clip >= 0 and math.isfinite(self.grad_clip)):
             raise ValueError(f"grad_clip must be a finite number >= 0 (0 = off), got {self.grad_clip!r}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
         for name in ("micro_batch_tokens", "ppo_epochs", "mini_batches"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -307,6 +310,7 @@ class PolicyUpdater:
         if cfg.mini_batches > len(trajs):
             raise ValueError(f"mini_batches={cfg.mini_batches} exceeds the {len(trajs)} trajectories")
         seqs, stale, masked_out = self._build(trajs, masks)
+        self.runtime.set_lr(self.lr())
         stats, norms, n_micro = _Stats(), [], 0
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.steps)
         for epoch in range(cfg.ppo_epochs):
@@ -316,6 +320,14 @@ class PolicyUpdater:
                 norms.append(norm)
                 n_micro += n
         return self._finish(stats, norms, n_micro, seqs, stale, masked_out)
+
+    def lr(self) -> float:
+        """This update's learning rate: cfg.lr after the linear warm-up (updates counted from 1).
+        Adam's first steps move every weight by ~lr whatever the gradient's size, so on noisy
+        RL gradients a tiny model's format breaks in one or two full-lr updates (measured in
+        benchmarks/README.md "Training works?"); the warm-up lets the moments average first."""
+        w = self.cfg.warmup_steps
+        return self.cfg.lr * min(1.0, (self.steps + 1) / w) if w else self.cfg.lr
 
     def _build(self, trajs: Sequence[Trajectory], masks: Sequence[Any]) -> tuple[list[_Seq], int, int]:
         seqs, stale, masked_out = [], 0, 0
@@ -460,7 +472,7 @@ class PolicyUpdater:
             "loss_tokens": float(sum(int(s.mask.sum()) for s in seqs)),
             "masked_tokens": float(masked_out), "stale_tokens": float(stale),
             "trajectories": float(len(seqs)), "micro_batches": float(n_micro), "optimizer_steps": float(steps),
-            "lr": self.cfg.lr,
+            "lr": self.lr(),
         }
         self.steps += 1
         self.version += 1
