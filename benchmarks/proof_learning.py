@@ -93,6 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--grpo-samples", type=int, default=4, help="samples per prompt (group size)")
     ap.add_argument("--grpo-lr", type=float, default=2e-4)
     ap.add_argument("--grpo-warmup", type=int, default=0, help="GRPO lr warm-up, in updates (UpdateConfig.warmup_steps)")
+    ap.add_argument("--grpo-adam-eps", type=float, default=1e-8, help="GRPO's AdamW eps (UpdateConfig.eps)")
+    ap.add_argument("--grpo-freeze-vision", action="store_true", help="no GRPO updates to the vision tower")
     ap.add_argument("--grpo-epochs", type=int, default=1, help="passes over each GRPO batch (PPO epochs)")
     ap.add_argument("--grpo-kl", type=float, default=0.0, help="k3 KL coefficient to the SFT model (0: none)")
     ap.add_argument("--grpo-alpha", type=float, default=0.8,
@@ -274,7 +276,8 @@ class Proof:
         cfg = GRPOConfig(rollout=rollout, algo=AlgoConfig(mode=arm, estimator=a.grpo_estimator, filter_groups=a.grpo_filter),
                          reward=RewardConfig(alpha=a.grpo_alpha),
                          update=UpdateConfig(lr=a.grpo_lr, temperature=a.temperature, ppo_epochs=a.grpo_epochs,
-                                             warmup_steps=a.grpo_warmup,
+                                             warmup_steps=a.grpo_warmup, eps=a.grpo_adam_eps,
+                                             freeze_vision=a.grpo_freeze_vision,
                                              loss=PolicyLossConfig(kl_coef=a.grpo_kl)),
                          steps=a.grpo_steps, groups_per_step=a.grpo_groups, ckpt_dir=str(d / "ckpt"),
                          log_dir=str(d), export_dir=str(d / "final"), seed=a.seed)

@@ -146,6 +146,20 @@ def test_lr_warmup_scales_the_first_updates():
         UpdateConfig(warmup_steps=-1)
 
 
+def test_freeze_vision_keeps_the_tower():
+    v = fresh()
+    trajs, adv, masks = make_batch(v)
+    before = weights(v.model)
+    up = PolicyUpdater(v.model, UpdateConfig(lr=1e-3, freeze_vision=True), image_processor=v.image_processor)
+    up.step(trajs, adv, masks)
+    changed = {k for k, p in weights(v.model).items() if not torch.equal(before[k], p)}
+    assert changed and not any(".visual." in k for k in changed), sorted(changed)[:5]
+    assert any(k.startswith("model.language_model.") for k in changed)
+    lm, _ = tiny.build_tiny_text_lm()
+    with pytest.raises(ValueError, match="freeze_vision=True but .* has no vision tower"):
+        PolicyUpdater(lm, UpdateConfig(freeze_vision=True))
+
+
 def _one_step(v, trajs, adv, masks, **cfg) -> dict[str, torch.Tensor]:
     """Weights after one update. Adam with eps=1 makes the first step ~lr*grad (no sign(grad)
     amplification of float noise in near-zero gradients), so weights compare gradients."""

@@ -75,6 +75,7 @@ class UpdateConfig:
     max_lag: Optional[int] = None  # staleness bound in policy versions; None = no bound
     seed: int = 0  # mini-batch shuffling
     gradient_checkpointing: bool = False
+    freeze_vision: bool = False  # the vision tower (and its merger) takes no updates
     check_grads_per_micro_batch: bool = True  # plain path: find the micro-batch a NaN grad came from
     impl: str = "auto"  # kernels: "auto" | "triton" | "torch"
 
@@ -110,6 +111,13 @@ class UpdateConfig:
 
 
 # ------------------------------------------------------------------------------ the model
+def vision_tower(model: nn.Module) -> Optional[nn.Module]:
+    """The Qwen-VL vision tower (`visual`, with its patch merger), or None for a text model."""
+    inner = getattr(model, "model", model)
+    tower = getattr(inner, "visual", None) or getattr(model, "visual", None)
+    return tower if isinstance(tower, nn.Module) else None
+
+
 class PolicyLogprobModel(nn.Module):
     """Wraps a HF causal LM / Qwen-VL model: padded batch in, per-token log-probs out.
 
@@ -283,6 +291,11 @@ class PolicyUpdater:
             raise ValueError(f"loss.kl_coef={cfg.loss.kl_coef} needs a ref_model")
         self.cfg, self.image_processor = cfg, image_processor
         self.version, self.steps = int(version), 0
+        if cfg.freeze_vision:
+            tower = vision_tower(model)
+            if tower is None:
+                raise ValueError(f"freeze_vision=True but {type(model).__name__} has no vision tower")
+            tower.requires_grad_(False)
         if cfg.gradient_checkpointing:
             enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
             enable()
