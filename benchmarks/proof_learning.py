@@ -102,6 +102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "query judge is the rule heuristic, trainer/judges.py)")
     ap.add_argument("--grpo-estimator", default="grpo", choices=["grpo", "rloo", "drgrpo"],
                     help="group advantage estimator (grpo: (r - mean) / std, the paper's)")
+    ap.add_argument("--grpo-replay", type=int, default=0,
+                    help="samples per GRPO group that replay the teacher's solve script (policy 'mixed'; 0: 'sample')")
     ap.add_argument("--grpo-filter", default="none", choices=["none", "acc", "reward"],
                     help="drop groups flat in this score from each update (AlgoConfig.filter_groups)")
     ap.add_argument("--temperature", type=float, default=0.7, help="GRPO sampling temperature")
@@ -272,14 +274,15 @@ class Proof:
         a, d = self.a, self.out / f"grpo-{arm}"
         rollout = RolloutConfig(engine=self.engine(a.grpo_samples, a.temperature),
                                 env=self.env(self.synth / "train_questions.jsonl"), model=str(init),
-                                policy="sample", out=str(d / "rollouts.jsonl"), progress=False)
+                                policy="mixed" if a.grpo_replay else "sample", out=str(d / "rollouts.jsonl"),
+                                progress=False)
         cfg = GRPOConfig(rollout=rollout, algo=AlgoConfig(mode=arm, estimator=a.grpo_estimator, filter_groups=a.grpo_filter),
                          reward=RewardConfig(alpha=a.grpo_alpha),
                          update=UpdateConfig(lr=a.grpo_lr, temperature=a.temperature, ppo_epochs=a.grpo_epochs,
                                              warmup_steps=a.grpo_warmup, eps=a.grpo_adam_eps,
                                              freeze_vision=a.grpo_freeze_vision,
                                              loss=PolicyLossConfig(kl_coef=a.grpo_kl)),
-                         steps=a.grpo_steps, groups_per_step=a.grpo_groups, ckpt_dir=str(d / "ckpt"),
+                         replay_per_group=a.grpo_replay, steps=a.grpo_steps, groups_per_step=a.grpo_groups, ckpt_dir=str(d / "ckpt"),
                          log_dir=str(d), export_dir=str(d / "final"), seed=a.seed)
         self.stage(f"grpo-{arm}", d / "final" / "spyglass_tiny.json", lambda: run_grpo(cfg))
         return d / "final"

@@ -26,7 +26,9 @@ What one `step` does:
    cu_seqlens). Micro-batch losses are weighted by their share of the mini-batch's normaliser
    (tokens for token-mean, non-empty sequences for the seq-mean modes, sequences for the
    Dr.GRPO mode), so accumulating over micro-batches and ranks gives exactly the gradient of the
-   mini-batch loss. Backward, then one optimizer step (AdamW, grad-norm clipping) per mini-batch.
+   mini-batch loss. Backward, then one optimizer step (AdamW, grad-norm clipping) per mini-batch,
+   at this update's lr (`warmup_steps`: linear warm-up over the first updates); with
+   `freeze_vision` the vision tower has no gradient and no optimizer state.
 6. No silent NaN: a non-finite log-prob, policy loss, KL or gradient raises `NonFiniteError`
    naming the step, the micro-batch (trajectory ids) and the term; the optimizer step is not
    applied (ZeRO skips an overflowing step, the plain path checks before stepping).
