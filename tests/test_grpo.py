@@ -17,6 +17,7 @@ import torch
 from spyglass.engine.config import from_dict
 from spyglass.engine.trajectory import SegmentKind, read_jsonl
 from spyglass.engine.world import WorldConfig, ensure_world
+from spyglass.trainer.checkpoint import latest_checkpoint
 from spyglass.trainer.grpo import GRPOConfig, run_grpo
 
 
@@ -100,6 +101,13 @@ def test_grpo_filter_groups_skips_flat_steps(world: Path, tmp_path: Path) -> Non
     accs = [t.reward["acc"] for t in read_jsonl(a / "rollouts.jsonl")]
     assert accs == [0.0] * 3 and m["skipped_update"] == 1.0 and m["version"] == 0
     assert m["algo/kept_traj_frac"] == 0.0
+    # the checkpoint is named by the loop's step, not by the (zero) updates: a resumed run goes
+    # on with step 2 and the next prompt
+    assert latest_checkpoint(a / "ckpt").name == "step_00000001"
+    again = cfg(a, "sample")
+    again.steps = 2
+    m = run_grpo(again)
+    assert m["step"] == 2 and len(read_jsonl(a / "rollouts.jsonl")) == 6
     m = run_grpo(cfg(b, "mixed"))
     accs = sorted(t.reward["acc"] for t in read_jsonl(b / "rollouts.jsonl"))
     assert accs == [0.0, 0.0, 1.0] and m["skipped_update"] == 0.0 and m["version"] == 1

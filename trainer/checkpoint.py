@@ -66,8 +66,11 @@ def latest_checkpoint(root: str | Path) -> Optional[Path]:
 
 
 def save_checkpoint(root: str | Path, updater: Any, *, data_state: Optional[dict[str, Any]] = None,
-                    engine_state: Optional[dict[str, Any]] = None, keep_last: int = 3) -> Path:
-    """Save everything needed to resume; every rank must call it. Returns the checkpoint dir."""
+                    engine_state: Optional[dict[str, Any]] = None, keep_last: int = 3,
+                    step: Optional[int] = None) -> Path:
+    """Save everything needed to resume; every rank must call it. Returns the checkpoint dir.
+    `step`: the caller's loop step it resumes after (default: the updater's update count; GRPO
+    passes its own, which runs ahead when a step had nothing to train on)."""
     if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
         raise ValueError(f"keep_last must be an int >= 1, got {keep_last!r}")
     for name, d in (("data_state", data_state), ("engine_state", engine_state)):
@@ -75,7 +78,8 @@ def save_checkpoint(root: str | Path, updater: Any, *, data_state: Optional[dict
             raise TypeError(f"{name} must be a dict or None, got {type(d).__name__}")
     rt = updater.runtime
     root = Path(root)
-    name = f"step_{updater.steps:08d}"
+    step = updater.steps if step is None else int(step)
+    name = f"step_{step:08d}"
     final, tmp = root / name, root / f".tmp-{name}"
     if rt.rank == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -91,7 +95,7 @@ def save_checkpoint(root: str | Path, updater: Any, *, data_state: Optional[dict
     if rt.rank == 0:
         torch.save({"updater": updater.state_dict(), "data_state": data_state or {},
                     "engine_state": engine_state or {}}, tmp / "state.pt")
-        meta = {"format": FORMAT, "step": updater.steps, "version": updater.version,
+        meta = {"format": FORMAT, "step": step, "version": updater.version,
                 "stage": rt.stage, "world_size": rt.world_size}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     rt.barrier()

@@ -98,7 +98,7 @@ def run_grpo(cfg: GRPOConfig) -> dict[str, Any]:
             run.log(metrics, trajs)
             if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0:                  # checkpoint
                 save_checkpoint(cfg.ckpt_dir, run.updater, data_state=run.data_state(),
-                                engine_state={"version": run.updater.version})
+                                engine_state={"version": run.updater.version}, step=step + 1)
         if cfg.export_dir:
             export_model(run.updater, cfg.rollout.model, cfg.export_dir)
     finally:
