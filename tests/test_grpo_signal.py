@@ -4,26 +4,18 @@ same and their cosine must be 1. Run: .venv/bin/python -m pytest -q tests/test_g
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from benchmod import load_bench
 from test_update import fresh, make_traj
 
 from spyglass.engine import tiny
 from spyglass.engine.trajectory import Status, Turn, write_jsonl
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _signal():
-    spec = importlib.util.spec_from_file_location("grpo_signal", ROOT / "benchmarks" / "grpo_signal.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["grpo_signal"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("grpo_signal")
 
 
 def test_identical_halves_have_cosine_one(tmp_path, capsys):

@@ -2,20 +2,13 @@
 .venv/bin/python -m pytest -q tests/test_proof_smoke.py"""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmod import load_bench
 
 
 def _proof():
-    spec = importlib.util.spec_from_file_location("proof_learning", ROOT / "benchmarks" / "proof_learning.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["proof_learning"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("proof_learning")
 
 
 def test_proof_smoke_runs_every_stage_and_resumes(tmp_path, capsys):
