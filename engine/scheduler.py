@@ -637,12 +637,18 @@ class Engine:
             if not o.images:  # the usual observation: its text as it is
                 texts.append(o.text)
                 continue
-            keep, dropped = [], []
+            keep, dropped, unusable = [], [], []
             for k, im in enumerate(o.images):
-                cost = self.image_tokens(im)
+                ref = o.image_refs[k] if o.image_refs else "an image"
+                try:
+                    cost = self.image_tokens(im)
+                except ValueError as e:  # the model's processor cannot take it (a 1-pixel-high crop)
+                    unusable.append(f"{ref} ({im.width}x{im.height}: {e})")
+                    spent = True
+                    continue
                 if spent or len(images) + len(keep) >= cfg.max_images_per_obs or \
                         lv.image_tokens + cost > cfg.max_image_tokens:
-                    dropped.append(o.image_refs[k] if o.image_refs else "an image")
+                    dropped.append(ref)
                     spent = True
                     continue
                 lv.image_tokens += cost
@@ -651,9 +657,11 @@ class Engine:
             if keep and o.image_refs is None:  # the runner left naming to the engine
                 names = ", ".join(f"img_{n_before + len(images) + i + 1}" for i in range(len(keep)))
                 text += f" [new images: {names}]"
+            if unusable:
+                text += f" ({'; '.join(unusable)} omitted: the model cannot take it)"
             if dropped:
-                text += (f" ({', '.join(dropped)} omitted: the image budget is spent;"
-                         " omitted images cannot be referenced)")
+                text += (f" ({', '.join(dropped)} omitted: the image budget is spent or an earlier"
+                         " image was omitted; omitted images cannot be referenced)")
             images += keep
             texts.append(text)
         text = "\n".join(texts)

@@ -83,3 +83,26 @@ def test_image_budget_omits_images(vlm) -> None:
     (g,) = asyncio.run(main())
     t = g[0]
     assert len(t.images()) == 1 and "image budget" in t.segments[1].text
+
+
+def test_an_image_the_model_cannot_take_is_omitted_not_fatal(vlm) -> None:
+    """A 448x1 crop (aspect ratio 448 > Qwen2-VL's 200): the processor cannot size it; the
+    observation says so and the rollout goes on (it once stopped a whole GRPO run)."""
+    codec = HFCodec.from_tiny(vlm)
+    backend = HFBackend.from_tiny(vlm)
+    scripts = {"q": script_turns([("crop", {"box": [0, 0, 448, 1]}), ("crop", {"box": [0, 0, 56, 56]})], "a")}
+    engine = Engine(EngineConfig(n_samples=1, check_tokens=True, strict_tokens=True), [backend], codec, crop_tool,
+                    parse, tool_schemas=TOOLS, policy=ReplayPolicy(codec, scripts), image_tokens=codec.image_tokens)
+
+    async def main():
+        try:
+            return [g async for g in engine.run([Prompt("q", "?", images=[Image.new("RGB", (448, 84), "red")])])]
+        finally:
+            await backend.close()
+
+    (g,) = asyncio.run(main())
+    t = g[0]
+    obs = [s.text for s in t.segments if s.kind is SegmentKind.OBS]
+    assert t.status is Status.ANSWERED and t.answer == "a"
+    assert "448x1" in obs[0] and "the model cannot take it" in obs[0] and "aspect ratio" in obs[0]
+    assert len(t.images()) == 2 and "img_2" in obs[1]  # the next crop is img_2: names stay in order
