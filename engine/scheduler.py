@@ -62,7 +62,8 @@ class EngineConfig:
     repetition_max_period: int = 64
     repetition_min_repeats: int = 8
     max_images_per_obs: int = 4
-    max_image_tokens: int = 32768  # in the whole context
+    max_image_tokens: int = 32768  # in the whole context (over it, or one the model's processor
+    #                                 cannot size, an image is omitted and the observation says why)
     max_version_lag: int = -1  # staleness bound: -1 off; else admitted groups are limited
     groups_per_step: int = 0  # ... to (version - base + lag + 1) * groups_per_step
     max_server_retries: int = 3  # a turn moves servers at most this often before ERROR
