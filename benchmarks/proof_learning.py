@@ -88,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--sft-lr", type=float, default=3e-3)
     ap.add_argument("--arms", nargs="+", default=["vanilla", "fatal_mask", "fatal_mask_clamp"], choices=MODES)
     ap.add_argument("--grpo-steps", type=int, default=32,
-                    help="GRPO steps per arm (at 16 the arms did not differ; at 32 vanilla fell in both runs)")
+                    help="GRPO steps per arm (at 16 the arms did not differ; at 32 vanilla fell in two of three runs)")
     ap.add_argument("--grpo-groups", type=int, default=8, help="prompts per GRPO step")
     ap.add_argument("--grpo-samples", type=int, default=4, help="samples per prompt (group size)")
     ap.add_argument("--grpo-lr", type=float, default=2e-4)
