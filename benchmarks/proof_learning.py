@@ -49,7 +49,7 @@ from spyglass.engine.tiny import load_model, load_tiny, parse_tiny_spec, pixel_i
 from spyglass.engine.trajectory import SegmentKind, iter_jsonl, write_jsonl
 from spyglass.engine.world import WorldConfig, generate_world
 from spyglass.kernels.policy_loss import PolicyLossConfig
-from spyglass.trainer.algorithm import MODES, AlgoConfig
+from spyglass.trainer.algorithm import FILTERS, MODES, AlgoConfig
 from spyglass.trainer.eval import DIRECT_SYSTEM, EvalConfig, run_eval
 from spyglass.trainer.grpo import GRPOConfig, run_grpo
 from spyglass.trainer.reward import RewardConfig
@@ -104,7 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="group advantage estimator (grpo: (r - mean) / std, the paper's)")
     ap.add_argument("--grpo-replay", type=int, default=0,
                     help="samples per GRPO group that replay the teacher's solve script (policy 'mixed'; 0: 'sample')")
-    ap.add_argument("--grpo-filter", default="none", choices=["none", "acc", "reward"],
+    ap.add_argument("--grpo-filter", default="none", choices=FILTERS,
                     help="drop groups flat in this score from each update (AlgoConfig.filter_groups)")
     ap.add_argument("--temperature", type=float, default=0.7, help="GRPO sampling temperature")
     ap.add_argument("--max-turns", type=int, default=14)
