@@ -231,8 +231,13 @@ def test_abort_pending_inflight_and_cancelled(vlm):
         await be.abort("run")
         await be.abort("nobody")  # unknown ids are a no-op
         a, b = await t1, await t2
+        # this seed's sample ends (EOS) at token 33, ~35 ms with the prompt's KV cached: cancel after
+        # two decode steps, not after a fixed sleep, or a fast machine finishes it first
+        before = be.steps
         t3 = asyncio.ensure_future(be.generate(GenerateRequest("cancel", p, long, images=[IMG])))
-        await asyncio.sleep(0.05)
+        while be.steps < before + 2:
+            await asyncio.sleep(0.001)
+        assert not t3.done()
         t3.cancel()
         with pytest.raises(asyncio.CancelledError):
             await t3
