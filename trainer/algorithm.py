@@ -105,19 +105,11 @@ def token_mask(traj: Trajectory, cut: int | None = None, keep: bool = True) -> t
     return torch.tensor(on, dtype=torch.bool).repeat_interleave(torch.tensor(n, dtype=torch.long))
 
 
-def _reward_of(t: Trajectory) -> float:
-    r = t.reward.get("total")
-    if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r):
-        raise ValueError(f"trajectory {t.id!r} has no finite reward['total'] (got {r!r}); "
-                         f"score it first (trainer.reward.score_group)")
-    return float(r)
-
-
-def _score_of(t: Trajectory, key: str) -> float:
+def _reward_of(t: Trajectory, key: str = "total") -> float:
     r = t.reward.get(key)
     if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r):
-        raise ValueError(f"filter_groups={key!r} needs a finite reward[{key!r}] on every trajectory; "
-                         f"trajectory {t.id!r} has {r!r}")
+        raise ValueError(f"trajectory {t.id!r} has no finite reward[{key!r}] (got {r!r}); "
+                         f"score it first (trainer.reward.score_group)")
     return float(r)
 
 
@@ -128,7 +120,7 @@ def _kept_groups(trajs: list[Trajectory], gidx: list[int], n_groups: int, how: s
         return [True] * n_groups
     scores: list[set[float]] = [set() for _ in range(n_groups)]
     for t, g in zip(trajs, gidx):
-        scores[g].add(_score_of(t, "acc" if how == "acc" else "total"))
+        scores[g].add(_reward_of(t, "acc" if how == "acc" else "total"))
     return [len(s) > 1 for s in scores]
 
 
