@@ -87,7 +87,7 @@ def test_grpo_kl_to_the_initial_policy(world: Path, tmp_path: Path) -> None:
     assert again["step"] == 2 and again["ref_kl"] == pytest.approx(kl[1], rel=1e-3)
 
 
-def test_grpo_filter_groups_skips_flat_steps(world: Path, tmp_path: Path) -> None:
+def test_grpo_filter_groups_skips_flat_steps(world: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """algo.filter_groups="acc": the untrained model's own samples are all wrong (a flat group):
     no optimizer step, weights and version unchanged; with the solve script's replay in the
     group (right) beside the samples (wrong) the group is kept and the step trains."""
@@ -101,6 +101,7 @@ def test_grpo_filter_groups_skips_flat_steps(world: Path, tmp_path: Path) -> Non
     accs = [t.reward["acc"] for t in read_jsonl(a / "rollouts.jsonl")]
     assert accs == [0.0] * 3 and m["skipped_update"] == 1.0 and m["version"] == 0
     assert m["algo/kept_traj_frac"] == 0.0
+    assert "step 1: loss skipped (no kept group)" in capsys.readouterr().out
     # the checkpoint is named by the loop's step, not by the (zero) updates: a resumed run goes
     # on with step 2 and the next prompt
     assert latest_checkpoint(a / "ckpt").name == "step_00000001"

@@ -211,7 +211,8 @@ class _Run:
         metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         metrics["reward/mean"] = sum(t.reward.get("total", 0.0) for t in trajs) / max(len(trajs), 1)
         metrics["version"] = self.updater.version
-        print(f"[grpo] step {metrics['step']}: loss {metrics.get('loss', float('nan')):.4f} "
+        loss = "skipped (no kept group)" if metrics.get("skipped_update") else f"{metrics.get('loss', float('nan')):.4f}"
+        print(f"[grpo] step {metrics['step']}: loss {loss} "
               f"reward {metrics['reward/mean']:.3f} clip {metrics.get('clip_fraction', 0):.3f} "
               f"kl {metrics.get('approx_kl', 0):.2e} grad {metrics.get('grad_norm', 0):.3f} "
               f"tokens {metrics.get('loss_tokens', 0)} version {metrics['version']}", flush=True)
