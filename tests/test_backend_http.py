@@ -113,6 +113,17 @@ def _req(rid: str, max_tokens: int = 5, **kw: Any) -> GenerateRequest:
     return GenerateRequest(rid, [1, 2, 41], SamplingParams(max_tokens=max_tokens, temperature=0.5, **kw))
 
 
+async def _arrived(s: "FakeServer", rid: str, timeout_s: float = 10.0) -> None:
+    """Wait (bounded) until the server has read request `rid`'s body: a fixed sleep let a loaded
+    machine send the abort (or stop the server) before the request it was meant for."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not any(isinstance(b, dict) and rid in (b.get("request_id"), b.get("rid")) for _, b in s.bodies):
+        if loop.time() > deadline:
+            raise AssertionError(f"request {rid!r} did not reach the fake server in {timeout_s} s: {s.bodies}")
+        await asyncio.sleep(0.005)
+
+
 def _run(fn):
     async def go():
         server = await FakeServer().start()
@@ -169,7 +180,7 @@ def test_vllm_http_abort_forced_and_weight_reload():
         be = VLLMHTTPBackend(VLLMHTTPConfig(base_url=s.url, model="m", dev_mode=True))
         try:
             slow = asyncio.ensure_future(be.generate(_req("slow", max_tokens=2000)))
-            await asyncio.sleep(0.05)
+            await _arrived(s, "slow")
             await be.abort("slow")
             aborted = await slow
             forced = await be.generate(GenerateRequest("f", [1, 2, 3], SamplingParams(temperature=1.0),
@@ -201,7 +212,7 @@ def test_sglang_generate_images_abort_and_update():
             out = await be.generate(GenerateRequest("a", [5, 6, 9], SamplingParams(max_tokens=4, top_k=5, seed=2),
                                                     images=[img]))
             slow = asyncio.ensure_future(be.generate(_req("slow", max_tokens=1000)))
-            await asyncio.sleep(0.05)
+            await _arrived(s, "slow")
             await be.abort("slow")
             aborted = await slow
             await be.update_weights("/ckpt/1", version=1)
@@ -230,7 +241,7 @@ def test_server_dying_mid_test_raises_backend_error():
         try:
             ok = await be.generate(_req("ok"))
             inflight = asyncio.ensure_future(be.generate(_req("hang", max_tokens=1000)))
-            await asyncio.sleep(0.05)
+            await _arrived(s, "hang")
             await s.stop()  # the server dies with a request in flight
             with pytest.raises(BackendError) as died:
                 await inflight
