@@ -106,6 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="samples per GRPO group that replay the teacher's solve script (policy 'mixed'; 0: 'sample')")
     ap.add_argument("--grpo-filter", default="none", choices=FILTERS,
                     help="drop groups flat in this score from each update (AlgoConfig.filter_groups)")
+    ap.add_argument("--grpo-neg-scale", type=float, default=1.0,
+                    help="weight of negative advantages (AlgoConfig.neg_scale; 1: GRPO, 0: positive only)")
     ap.add_argument("--temperature", type=float, default=0.7, help="GRPO sampling temperature")
     ap.add_argument("--max-turns", type=int, default=14)
     ap.add_argument("--max-tokens-per-turn", type=int, default=96)
@@ -276,7 +278,8 @@ class Proof:
                                 env=self.env(self.synth / "train_questions.jsonl"), model=str(init),
                                 policy="mixed" if a.grpo_replay else "sample", out=str(d / "rollouts.jsonl"),
                                 progress=False)
-        cfg = GRPOConfig(rollout=rollout, algo=AlgoConfig(mode=arm, estimator=a.grpo_estimator, filter_groups=a.grpo_filter),
+        algo = AlgoConfig(mode=arm, estimator=a.grpo_estimator, filter_groups=a.grpo_filter, neg_scale=a.grpo_neg_scale)
+        cfg = GRPOConfig(rollout=rollout, algo=algo,
                          reward=RewardConfig(alpha=a.grpo_alpha),
                          update=UpdateConfig(lr=a.grpo_lr, temperature=a.temperature, ppo_epochs=a.grpo_epochs,
                                              warmup_steps=a.grpo_warmup, eps=a.grpo_adam_eps,

@@ -187,6 +187,18 @@ def test_filter_groups_drops_groups_flat_in_accuracy_or_reward() -> None:
         AlgoConfig(filter_groups="std")
 
 
+def test_neg_scale_weights_only_the_negative_advantages() -> None:
+    g = group4()
+    out = compute_advantages(g, AlgoConfig(mode="fatal_mask", neg_scale=0.25))
+    close(out.advantages, [GRPO[0], 0.25 * GRPO[1], 0.25 * GRPO[2], GRPO[3]])
+    out = compute_advantages(g, AlgoConfig(mode="vanilla", neg_scale=0.0))
+    close(out.advantages, [GRPO[0], 0.0, 0.0, GRPO[3]])
+    assert out.masks[1].int().tolist() == GEN["B"]  # the mask is the mode's; only the weight changes
+    for bad in (-0.1, 1.5, True, "0.5"):
+        with pytest.raises(ValueError, match="neg_scale"):
+            AlgoConfig(neg_scale=bad)
+
+
 def test_fatal_k_is_recomputed_from_turns() -> None:
     t = mk("B", "q", ["ok", "ok", "err", "err", "err"], Status.FATAL, 0.2)
     t.fatal_step = 2  # what the scheduler wrote with k = 3

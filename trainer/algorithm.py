@@ -28,6 +28,12 @@ and ``out.keep`` is False for them, so the update skips them. Why: with rare suc
 differ only in format / query-quality crumbs, and the std-normalised advantage blows those up to
 the same size as a real right-vs-wrong contrast (measured in benchmarks/README.md "Training works?").
 
+``neg_scale`` multiplies the negative advantages (after the estimator and the clamp): 1 is GRPO;
+0 reinforces only the trajectories above their group's mean (online rejection-sampling
+fine-tuning, with the group mean as the bar); between, asymmetric. Why: on a small policy the
+negative half of the update (pushing sampled tokens down, their mass to every other token) is
+what breaks a fragile tool-call format first (benchmarks/README.md "Training works?").
+
     out = compute_advantages(trajs, AlgoConfig(mode="fatal_mask_clamp"))
     out.advantages  # [N] fp32;  out.masks[i]  # [T_i] bool;  out.metrics  # floats for logging
 
@@ -61,12 +67,16 @@ class AlgoConfig:
     fatal_k: int = 3  # consecutive error steps that make a cascade
     impl: str = "auto"  # advantage kernel: "auto" | "triton" | "torch"
     filter_groups: str = "none"  # "none" | "acc" | "reward": drop groups flat in that score
+    neg_scale: float = 1.0  # weight of negative advantages: 1 = GRPO; 0 = reinforce only the above-average
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"AlgoConfig.mode must be one of {MODES}, got {self.mode!r}")
         if self.filter_groups not in FILTERS:
             raise ValueError(f"AlgoConfig.filter_groups must be one of {FILTERS}, got {self.filter_groups!r}")
+        if isinstance(self.neg_scale, bool) or not isinstance(self.neg_scale, (int, float)) \
+                or not 0.0 <= self.neg_scale <= 1.0:
+            raise ValueError(f"AlgoConfig.neg_scale must be a number in [0, 1], got {self.neg_scale!r}")
         if not isinstance(self.fatal_k, int) or self.fatal_k < 1:
             raise ValueError(f"AlgoConfig.fatal_k must be an int >= 1, got {self.fatal_k!r}")
         if self.impl not in IMPLS:
@@ -152,6 +162,8 @@ def compute_advantages(trajs: list[Trajectory], cfg: AlgoConfig = AlgoConfig(),
     kept_groups = _kept_groups(trajs, gidx, len(gid_of), cfg.filter_groups)
     keep = torch.tensor([kept_groups[g] for g in gidx], dtype=torch.bool)  # [N]
     advantages = res.advantages
+    if cfg.neg_scale != 1.0:
+        advantages = torch.where(advantages < 0, advantages * cfg.neg_scale, advantages)
     if not bool(keep.all()):
         advantages = torch.where(keep.to(advantages.device), advantages, torch.zeros_like(advantages))
         masks = [m if k else torch.zeros_like(m) for m, k in zip(masks, keep.tolist())]
