@@ -189,9 +189,7 @@ def solve_script(q: dict[str, Any], top_k: int = 3) -> list[str]:
     seen: fix the image, read it (or search by image), search the text corpus for what it read,
     visit the page found; for every later hop, search for the value the last page gave and
     visit that page; answer. (A page id never comes from outside the conversation: the next
-    hop's page is found by searching for the previous hop's value, as an agent would.) The first
-    step's thought restates the field the question asks for (the last visit's), as an agent
-    states its goal before it starts."""
+    hop's page is found by searching for the previous hop's value, as an agent would.)"""
     from .policy import script_turns  # noqa: PLC0415
 
     calls: list[tuple[str, dict[str, Any]]] = []
@@ -219,5 +217,4 @@ def solve_script(q: dict[str, Any], top_k: int = 3) -> list[str]:
             last_value = h["value"]
         else:
             raise ValueError(f"question {q.get('id')!r}: unknown hop action {a!r}")
-    visits = [h for h in q["hops"] if h["action"] == "visit"]
-    return script_turns(calls, q["answer"], asks=visits[-1]["field"] if visits else "")
+    return script_turns(calls, q["answer"])

@@ -62,18 +62,13 @@ class MixedPolicy:
         return f"mixed ({self.replay_per_group} replayed per group, the rest sampled)"
 
 
-def script_turns(calls: list[tuple[str, dict[str, Any]]], answer: str, think: str = "",
-                 asks: str = "") -> list[str]:
-    """Agent turns for a scripted episode: one tool call per turn, then the answer. `think`
-    replaces every step's thought; `asks` (the field the question asks for) makes the first
-    step restate it ("Step 1: The question asks for born. I will use OCR."), so the answer's
-    field is decided right after the question and later turns can copy it from there."""
+def script_turns(calls: list[tuple[str, dict[str, Any]]], answer: str, think: str = "") -> list[str]:
+    """Agent turns for a scripted episode: one tool call per turn, then the answer."""
     import json
     turns = []
     for i, (name, args) in enumerate(calls):
         payload = json.dumps({"name": name, "arguments": args}, ensure_ascii=False)
-        t = think or (f"Step 1: The question asks for {asks}. I will use {name}." if asks and i == 0
-                      else f"Step {i + 1}: I will use {name}.")
+        t = think or f"Step {i + 1}: I will use {name}."
         turns.append(f"<think>{t}</think>\n<tool_call>{payload}</tool_call>")
     turns.append(f"<think>I have what I need.</think>\n<answer>{answer}</answer>")
     return turns

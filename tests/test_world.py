@@ -103,17 +103,6 @@ def test_questions_hops_are_consistent(world):
         assert visits[1]["doc"] in shown["links"]
 
 
-def test_solve_script_restates_the_asked_field_first(world):
-    from spyglass.engine.env import solve_script
-    for q in world.questions[:10]:
-        turns = solve_script(q)
-        asked = [h for h in q["hops"] if h["action"] == "visit"][-1]["field"]
-        assert turns[0].startswith(f"<think>Step 1: The question asks for {asked}. I will use ")
-        assert turns[1].startswith("<think>Step 2: I will use ")
-        last_visit = [t for t in turns if '"name": "Visit"' in t][-1]
-        assert f'"goal": "{asked}"' in last_visit and turns[-1].endswith(f"<answer>{q['answer']}</answer>")
-
-
 def test_ensure_world_generates_once_and_env_override(tmp_path, monkeypatch):
     monkeypatch.setenv("SPYGLASS_WORLD", str(tmp_path / "w"))
     cfg = WorldConfig(n_sign_images=6, n_scenes=1, n_emblem_queries=1)
