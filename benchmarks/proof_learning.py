@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import random
 import re
 import time
@@ -159,6 +160,25 @@ def teacher_forced(model_dir: Path, trajectories: Path, ids: set[str], n: int = 
     return {"trajectories": len(trajs), "gen_token_acc": hits["gen"][0] / max(1, hits["gen"][1]),
             "copy_token_acc": hits["copy"][0] / max(1, hits["copy"][1]), "copy_tokens": hits["copy"][1],
             "copy_exact": hits["span"][0] / max(1, hits["span"][1]), "copies": hits["span"][1]}
+
+
+def paired(base: Path, other: Path) -> dict[str, float]:
+    """Two evals of the same held-out questions (their agentic.jsonl), paired per question:
+    `gained` (right only in `other`), `lost` (right only in `base`) and the exact two-sided sign
+    test's p-value on those discordant pairs (McNemar's exact test): is `other` different?"""
+    def right(d: Path) -> dict[str, bool]:
+        rows = [json.loads(x) for x in (d / "agentic.jsonl").read_text().splitlines() if x.strip()]
+        return {r["meta"]["item_id"]: (r.get("reward") or {}).get("acc", 0.0) > 0.5 for r in rows}
+    a, b = right(base), right(other)
+    if a.keys() != b.keys():
+        raise ValueError(f"{base} and {other} judged different questions "
+                         f"(only in the first: {sorted(a.keys() - b.keys())[:5]}, "
+                         f"only in the second: {sorted(b.keys() - a.keys())[:5]})")
+    gained = sum(b[q] and not a[q] for q in a)
+    lost = sum(a[q] and not b[q] for q in a)
+    n = gained + lost
+    p = min(1.0, 2 * sum(math.comb(n, k) for k in range(min(gained, lost) + 1)) / 2 ** n) if n else 1.0
+    return {"gained": gained, "lost": lost, "p": round(p, 4)}
 
 
 def teacher_spec(student: str) -> str:
@@ -332,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in rows.items():
         print(f"| {k} | {100 * v['accuracy']:.1f}% | {100 * v['answered']:.0f}% | {v['calls_per_traj']:.2f} | "
               f"{100 * v['fatal_rate']:.0f}% | {v['wall_s']:.0f} |")
+    pairs = {arm: paired(p.out / "eval" / "sft", p.out / "eval" / f"grpo-{arm}") for arm in a.arms}
+    for arm, c in pairs.items():
+        print(f"GRPO {arm} vs the SFT model, the same questions: {c['gained']} gained, {c['lost']} lost "
+              f"(exact sign test p = {c['p']:.3f})")
     print("\nSFT model, teacher-forced on the teacher's trajectories (greedy next-token accuracy):")
     for side, f in forced.items():
         print(f"  {side}: {100 * f['gen_token_acc']:.1f}% of generated tokens, {100 * f['copy_token_acc']:.1f}% of "
@@ -340,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"bench": "proof_learning", "device": device_name(), "commit": git_commit(),
                       "threads": torch.get_num_threads(), "args": vars(a), "split": split,
                       "accuracy": {k: round(v["accuracy"], 4) for k, v in rows.items()},
+                      "grpo_vs_sft": pairs,
                       "sft_teacher_forced": {k: {m: round(x, 4) for m, x in f.items()} for k, f in forced.items()},
                       "stages_s": p.timings,
                       "wall_s": round(time.perf_counter() - t0, 1)}))

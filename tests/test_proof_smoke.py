@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmod import load_bench
 
 
@@ -34,3 +36,22 @@ def test_proof_smoke_runs_every_stage_and_resumes(tmp_path, capsys):
     assert proof.main(argv) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["accuracy"] == res["accuracy"] and "sft" not in again["stages_s"]
+
+
+def test_paired_counts_discordant_questions_and_sign_test(tmp_path):
+    proof = _proof()
+
+    def ev(name, accs):
+        d = tmp_path / name
+        d.mkdir()
+        rows = [{"meta": {"item_id": f"q{i}"}, "reward": {"acc": a}} for i, a in enumerate(accs)]
+        (d / "agentic.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return d
+    base, other = ev("sft", [1, 1, 0, 0, 0, 0]), ev("grpo", [1, 0, 1, 1, 1, 0])
+    # discordant: 3 gained, 1 lost -> p = 2 * (C(4,0) + C(4,1)) / 2^4 = 0.625
+    assert proof.paired(base, other) == {"gained": 3, "lost": 1, "p": 0.625}
+    assert proof.paired(base, base) == {"gained": 0, "lost": 0, "p": 1.0}
+    wide = ev("wide", [0] * 9 + [1] * 9)  # against 18 wrong: 9 gained, 0 lost -> p = 2 / 2^9
+    assert proof.paired(ev("zeros", [0] * 18), wide)["p"] == round(2 / 2 ** 9, 4)
+    with pytest.raises(ValueError, match="only in the second: .*'q10'"):
+        proof.paired(base, wide)
