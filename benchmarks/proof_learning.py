@@ -22,7 +22,9 @@ implementation. On the bundled offline world (engine/world.py):
                 the SFT model (with tools, and direct), every GRPO arm (with tools)
 
 Stages are cached under --out (a finished stage is skipped on a rerun, so a crashed run
-resumes); prints a table and one final JSON line. Figures: benchmarks/README.md.
+resumes); prints a table, each GRPO arm against the SFT model question by question (gained,
+lost, the exact sign test's p: run-to-run noise is as large as the effects), and one final JSON
+line. Figures: benchmarks/README.md.
 
     .venv/bin/python benchmarks/proof_learning.py --out runs/proof            # ~1 h on 2 cores (stage times: benchmarks/README.md)
     .venv/bin/python benchmarks/proof_learning.py --out /tmp/p --n-questions 40 --warmup-steps 2 \\
