@@ -22,9 +22,9 @@ implementation. On the bundled offline world (engine/world.py):
                 the SFT model (with tools, and direct), every GRPO arm (with tools)
 
 Stages are cached under --out (a finished stage is skipped on a rerun, so a crashed run
-resumes); prints a table, each GRPO arm against the SFT model question by question (gained,
-lost, the exact sign test's p: run-to-run noise is as large as the effects), and one final JSON
-line. Figures: benchmarks/README.md.
+resumes); prints a table, the SFT model against the no-tool baseline and each GRPO arm against
+the SFT model question by question (gained, lost, the exact sign test's p: run-to-run noise is as
+large as the effects), and one final JSON line. Figures: benchmarks/README.md.
 
     .venv/bin/python benchmarks/proof_learning.py --out runs/proof            # ~1 h on 2 cores (stage times: benchmarks/README.md)
     .venv/bin/python benchmarks/proof_learning.py --out /tmp/p --n-questions 40 --warmup-steps 2 \\
@@ -165,11 +165,12 @@ def teacher_forced(model_dir: Path, trajectories: Path, ids: set[str], n: int = 
 
 
 def paired(base: Path, other: Path) -> dict[str, float]:
-    """Two evals of the same held-out questions (their agentic.jsonl), paired per question:
-    `gained` (right only in `other`), `lost` (right only in `base`) and the exact two-sided sign
-    test's p-value on those discordant pairs (McNemar's exact test): is `other` different?"""
-    def right(d: Path) -> dict[str, bool]:
-        rows = [json.loads(x) for x in (d / "agentic.jsonl").read_text().splitlines() if x.strip()]
+    """Two evals of the same held-out questions (their judged trajectories: an eval's
+    agentic.jsonl or direct.jsonl), paired per question: `gained` (right only in `other`), `lost`
+    (right only in `base`) and the exact two-sided sign test's p-value on those discordant pairs
+    (McNemar's exact test): is `other` different?"""
+    def right(f: Path) -> dict[str, bool]:
+        rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
         return {r["meta"]["item_id"]: (r.get("reward") or {}).get("acc", 0.0) > 0.5 for r in rows}
     a, b = right(base), right(other)
     if a.keys() != b.keys():
@@ -354,10 +355,12 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in rows.items():
         print(f"| {k} | {100 * v['accuracy']:.1f}% | {100 * v['answered']:.0f}% | {v['calls_per_traj']:.2f} | "
               f"{100 * v['fatal_rate']:.0f}% | {v['wall_s']:.0f} |")
-    pairs = {arm: paired(p.out / "eval" / "sft", p.out / "eval" / f"grpo-{arm}") for arm in a.arms}
-    for arm, c in pairs.items():
-        print(f"GRPO {arm} vs the SFT model, the same questions: {c['gained']} gained, {c['lost']} lost "
-              f"(exact sign test p = {c['p']:.3f})")
+    ev = p.out / "eval"
+    lift = paired(ev / "sft-direct" / "direct.jsonl", ev / "sft" / "agentic.jsonl")
+    pairs = {arm: paired(ev / "sft" / "agentic.jsonl", ev / f"grpo-{arm}" / "agentic.jsonl") for arm in a.arms}
+    for what, c in [("SFT with tools vs the no-tool baseline", lift)] + \
+            [(f"GRPO {arm} vs the SFT model", c) for arm, c in pairs.items()]:
+        print(f"{what}, the same questions: {c['gained']} gained, {c['lost']} lost (exact sign test p = {c['p']:.3f})")
     print("\nSFT model, teacher-forced on the teacher's trajectories (greedy next-token accuracy):")
     for side, f in forced.items():
         print(f"  {side}: {100 * f['gen_token_acc']:.1f}% of generated tokens, {100 * f['copy_token_acc']:.1f}% of "
@@ -366,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"bench": "proof_learning", "device": device_name(), "commit": git_commit(),
                       "threads": torch.get_num_threads(), "args": vars(a), "split": split,
                       "accuracy": {k: round(v["accuracy"], 4) for k, v in rows.items()},
-                      "grpo_vs_sft": pairs,
+                      "sft_vs_no_tool": lift, "grpo_vs_sft": pairs,
                       "sft_teacher_forced": {k: {m: round(x, 4) for m, x in f.items()} for k, f in forced.items()},
                       "stages_s": p.timings,
                       "wall_s": round(time.perf_counter() - t0, 1)}))

@@ -22,6 +22,7 @@ def test_proof_smoke_runs_every_stage_and_resumes(tmp_path, capsys):
     assert proof.main(argv) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["bench"] == "proof_learning"
+    assert set(res["grpo_vs_sft"]) == {"fatal_mask_clamp"} and {"gained", "lost", "p"} <= set(res["sft_vs_no_tool"])
     assert set(res["accuracy"]) == {"no-tool SFT (direct)", "SFT (direct, tools off)", "SFT (with tools)",
                                     "SFT + GRPO fatal_mask_clamp"}
     assert all(0.0 <= v <= 1.0 for v in res["accuracy"].values())
@@ -46,7 +47,7 @@ def test_paired_counts_discordant_questions_and_sign_test(tmp_path):
         d.mkdir()
         rows = [{"meta": {"item_id": f"q{i}"}, "reward": {"acc": a}} for i, a in enumerate(accs)]
         (d / "agentic.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        return d
+        return d / "agentic.jsonl"
     base, other = ev("sft", [1, 1, 0, 0, 0, 0]), ev("grpo", [1, 0, 1, 1, 1, 0])
     # discordant: 3 gained, 1 lost -> p = 2 * (C(4,0) + C(4,1)) / 2^4 = 0.625
     assert proof.paired(base, other) == {"gained": 3, "lost": 1, "p": 0.625}
