@@ -170,8 +170,7 @@ def paired(base: Path, other: Path) -> dict[str, float]:
     (right only in `base`) and the exact two-sided sign test's p-value on those discordant pairs
     (McNemar's exact test): is `other` different?"""
     def right(f: Path) -> dict[str, bool]:
-        rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
-        return {r["meta"]["item_id"]: (r.get("reward") or {}).get("acc", 0.0) > 0.5 for r in rows}
+        return {t.meta["item_id"]: t.reward.get("acc", 0.0) > 0.5 for t in iter_jsonl(f)}
     a, b = right(base), right(other)
     if a.keys() != b.keys():
         raise ValueError(f"{base} and {other} judged different questions "

@@ -8,6 +8,8 @@ import pytest
 
 from benchmod import load_bench
 
+from spyglass.engine.trajectory import Status, Trajectory, write_jsonl
+
 
 def _proof():
     return load_bench("proof_learning")
@@ -43,11 +45,11 @@ def test_paired_counts_discordant_questions_and_sign_test(tmp_path):
     proof = _proof()
 
     def ev(name, accs):
-        d = tmp_path / name
-        d.mkdir()
-        rows = [{"meta": {"item_id": f"q{i}"}, "reward": {"acc": a}} for i, a in enumerate(accs)]
-        (d / "agentic.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        return d / "agentic.jsonl"
+        f = tmp_path / f"{name}.jsonl"
+        write_jsonl(f, [Trajectory(id=f"q{i}#0", group_id=f"q{i}", sample_index=0, prompt_ids=[1],
+                                   status=Status.ANSWERED, reward={"acc": float(a)}, meta={"item_id": f"q{i}"})
+                        for i, a in enumerate(accs)])
+        return f
     base, other = ev("sft", [1, 1, 0, 0, 0, 0]), ev("grpo", [1, 0, 1, 1, 1, 0])
     # discordant: 3 gained, 1 lost -> p = 2 * (C(4,0) + C(4,1)) / 2^4 = 0.625
     assert proof.paired(base, other) == {"gained": 3, "lost": 1, "p": 0.625}
