@@ -7,6 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
+from waiting import until
+
 from spyglass.engine import tiny
 from spyglass.engine.backends.base import BackendError, GenerateRequest, SamplingParams
 from spyglass.engine.backends.hf import HFBackend, HFConfig, sample_next
@@ -35,6 +37,10 @@ def _full_logprobs(vlm, prompt: list[int], images, tokens: list[int], temperatur
                            **tiny.pixel_inputs(vlm.image_processor, list(images))).logits[0]
     logp = torch.log_softmax(logits[len(prompt) - 1:-1] / (temperature or 1.0), -1)
     return logp.gather(1, torch.tensor(tokens)[:, None]).squeeze(1).tolist()
+
+
+async def _until_steps(be: HFBackend, n: int) -> None:
+    await until(lambda: be.steps >= n, lambda: f"the backend ran {be.steps} decode steps, waited for {n}")
 
 
 def _run(coro):
@@ -225,8 +231,7 @@ def test_abort_pending_inflight_and_cancelled(vlm):
         be = HFBackend.from_tiny(vlm, max_batch=1)  # the second request waits in the queue
         t1 = asyncio.ensure_future(be.generate(GenerateRequest("run", p, long, images=[IMG])))
         t2 = asyncio.ensure_future(be.generate(GenerateRequest("wait", p, long, images=[IMG])))
-        while be.steps < 5:
-            await asyncio.sleep(0.005)
+        await _until_steps(be, 5)
         await be.abort("wait")
         await be.abort("run")
         await be.abort("nobody")  # unknown ids are a no-op
@@ -235,8 +240,7 @@ def test_abort_pending_inflight_and_cancelled(vlm):
         # two decode steps, not after a fixed sleep, or a fast machine finishes it first
         before = be.steps
         t3 = asyncio.ensure_future(be.generate(GenerateRequest("cancel", p, long, images=[IMG])))
-        while be.steps < before + 2:
-            await asyncio.sleep(0.001)
+        await _until_steps(be, before + 2)
         assert not t3.done()
         t3.cancel()
         with pytest.raises(asyncio.CancelledError):

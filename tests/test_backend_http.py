@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from PIL import Image
+from waiting import until
 
 from spyglass.engine.backends import backend_config, make_backend
 from spyglass.engine.backends.base import BackendError, GenerateRequest, SamplingParams
@@ -113,15 +114,11 @@ def _req(rid: str, max_tokens: int = 5, **kw: Any) -> GenerateRequest:
     return GenerateRequest(rid, [1, 2, 41], SamplingParams(max_tokens=max_tokens, temperature=0.5, **kw))
 
 
-async def _arrived(s: "FakeServer", rid: str, timeout_s: float = 10.0) -> None:
+async def _arrived(s: "FakeServer", rid: str) -> None:
     """Wait (bounded) until the server has read request `rid`'s body: a fixed sleep let a loaded
     machine send the abort (or stop the server) before the request it was meant for."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not any(isinstance(b, dict) and rid in (b.get("request_id"), b.get("rid")) for _, b in s.bodies):
-        if loop.time() > deadline:
-            raise AssertionError(f"request {rid!r} did not reach the fake server in {timeout_s} s: {s.bodies}")
-        await asyncio.sleep(0.005)
+    await until(lambda: any(isinstance(b, dict) and rid in (b.get("request_id"), b.get("rid")) for _, b in s.bodies),
+                lambda: f"request {rid!r} did not reach the fake server: {s.bodies}")
 
 
 def _run(fn):

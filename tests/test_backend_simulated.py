@@ -7,6 +7,7 @@ import statistics
 import time
 
 import pytest
+from waiting import until
 
 from spyglass.engine.backends.base import BackendError, GenerateRequest, SamplingParams
 from spyglass.engine.backends.simulated import SimulatedBackend, SimulatedConfig
@@ -51,8 +52,7 @@ def test_late_request_joins_at_a_step_boundary():
     async def go():
         async with SimulatedBackend(cfg) as be:
             first = asyncio.ensure_future(be.generate(_req("a")))
-            while be.steps < 10:
-                await asyncio.sleep(0.001)
+            await until(lambda: be.steps >= 10, lambda: f"{be.steps} steps, waited for 10")
             late = await be.generate(_req("b"))
             joined = be.steps - 400  # b ran exactly 400 steps, ending at the last one
             await first
@@ -109,8 +109,7 @@ def test_abort_kill_and_weight_versions():
         be = SimulatedBackend(cfg)
         run = asyncio.ensure_future(be.generate(_req("run")))
         wait = asyncio.ensure_future(be.generate(_req("wait")))
-        while be.steps < 5:
-            await asyncio.sleep(0.001)
+        await until(lambda: be.steps >= 5, lambda: f"{be.steps} steps, waited for 5")
         await be.update_weights({}, version=3)
         await be.abort("wait")
         await be.abort("run")

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from PIL import Image
+from waiting import until
 
 from spyglass.engine.coalescer import Coalescer
 from spyglass.engine.tools.base import ErrorKind, Tool, ToolContext, ToolError, ToolResult
@@ -406,10 +407,7 @@ def test_coalescer_mode_cancelled_caller_leaves_the_others(coalescer: Any) -> No
         await asyncio.sleep(0)
         await asyncio.sleep(0)
         t3.cancel()  # still queued (the window is 0.2 s): dropped
-        for _ in range(400):  # wait until the shared call is running
-            if rec.calls:
-                break
-            await asyncio.sleep(0.005)
+        await until(lambda: bool(rec.calls), lambda: "the shared call never started", timeout_s=2.0)  # running now
         t1.cancel()  # running: t2 still gets the result
         return await t2
     res = run(main())
