@@ -111,6 +111,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="drop groups flat in this score from each update (AlgoConfig.filter_groups)")
     ap.add_argument("--grpo-neg-scale", type=float, default=1.0,
                     help="weight of negative advantages (AlgoConfig.neg_scale; 1: GRPO, 0: positive only)")
+    ap.add_argument("--grpo-sft-coef", type=float, default=0.0,
+                    help="weight of the SFT data's NLL added to each GRPO step (UpdateConfig.sft_coef, "
+                         "PPO-ptx; 0: none)")
+    ap.add_argument("--grpo-sft-batch", type=int, default=4, help="SFT trajectories in that term per step")
     ap.add_argument("--temperature", type=float, default=0.7, help="GRPO sampling temperature")
     ap.add_argument("--max-turns", type=int, default=14)
     ap.add_argument("--max-tokens-per-turn", type=int, default=96)
@@ -306,7 +310,8 @@ class Proof:
                          update=UpdateConfig(lr=a.grpo_lr, temperature=a.temperature, ppo_epochs=a.grpo_epochs,
                                              warmup_steps=a.grpo_warmup, eps=a.grpo_adam_eps,
                                              freeze_vision=a.grpo_freeze_vision,
-                                             loss=PolicyLossConfig(kl_coef=a.grpo_kl)),
+                                             loss=PolicyLossConfig(kl_coef=a.grpo_kl), sft_coef=a.grpo_sft_coef),
+                         sft_data=str(self.sft_data()) if a.grpo_sft_coef > 0 else "", sft_batch=a.grpo_sft_batch,
                          replay_per_group=a.grpo_replay, steps=a.grpo_steps, groups_per_step=a.grpo_groups, ckpt_dir=str(d / "ckpt"),
                          log_dir=str(d), export_dir=str(d / "final"), seed=a.seed)
         self.stage(f"grpo-{arm}", d / "final" / "spyglass_tiny.json", lambda: run_grpo(cfg))

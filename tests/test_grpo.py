@@ -115,6 +115,36 @@ def test_grpo_filter_groups_skips_flat_steps(world: Path, tmp_path: Path, capsys
     assert m["algo/kept_traj_frac"] == 1.0 and torch.isfinite(torch.tensor(m["loss"]))
 
 
+def test_grpo_with_the_sft_term_trains_and_resumes_its_data_position(world: Path, tmp_path: Path) -> None:
+    """update.sft_coef > 0 with sft_data: each step adds the NLL of the next sft_batch
+    demonstrations (the teacher's trajectories, trainer.sft's format); the position in them is
+    checkpointed, so a resumed run's second step takes the same demonstrations (the same NLL)."""
+    from spyglass.engine.env import EnvConfig
+    from spyglass.trainer.sft import make_teacher_data
+
+    make_teacher_data(EnvConfig(world_dir=str(world), questions=5, dense_search=False), tmp_path / "data")
+    data = tmp_path / "data" / "teacher.jsonl"
+
+    def cfg(out: Path) -> GRPOConfig:
+        c = _cfg(world, out, steps=2)
+        c.update.sft_coef, c.sft_data, c.sft_batch = 0.5, str(data), 3
+        return c
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_grpo(cfg(a))
+    nll = [json.loads(x)["sft_nll"] for x in (a / "metrics.jsonl").read_text().splitlines()]
+    assert len(nll) == 2 and all(0 < x < 20 for x in nll) and nll[0] != nll[1]
+    (b / "ckpt").mkdir(parents=True)
+    shutil.copytree(a / "ckpt" / "step_00000001", b / "ckpt" / "step_00000001")
+    run_grpo(cfg(b))
+    again = json.loads((b / "metrics.jsonl").read_text().splitlines()[0])
+    assert again["step"] == 2 and again["sft_nll"] == pytest.approx(nll[1], rel=1e-4)
+    with pytest.raises(ValueError, match=r"update.sft_coef=0.5 and sft_data='': the NLL term needs both"):
+        c = _cfg(world, a, steps=1)
+        GRPOConfig(rollout=c.rollout, update=dataclasses.replace(c.update, sft_coef=0.5))
+    with pytest.raises(ValueError, match=r"sft_data '/nope.jsonl' is not a file"):
+        GRPOConfig(update=dataclasses.replace(c.update, sft_coef=0.5), sft_data="/nope.jsonl")
+
+
 @pytest.mark.slow
 def test_grpo_two_ranks_zero2(world: Path, tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SPYGLASS_WORLD": str(world)}

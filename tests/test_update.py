@@ -327,3 +327,48 @@ def test_text_only_language_model():
     assert abs(m["ratio_max"] - 1) < 1e-4 and m["loss_tokens"] == len(gen)
     with pytest.raises(ValueError, match="has images but the model has no vision tower"):
         up.step([make_traj(fresh(), 0)], torch.tensor([1.0]), [torch.tensor(make_traj(fresh(), 0).loss_mask())])
+
+
+def _grads_of_step(up: PolicyUpdater, call) -> dict[str, torch.Tensor]:
+    """The gradient each optimizer step of `call()` applied, read just before the step."""
+    got: dict[str, torch.Tensor] = {}
+    step = up.runtime.step
+
+    def spy() -> float:
+        got.update({n: p.grad.detach().clone() for n, p in up.policy.model.named_parameters() if p.grad is not None})
+        return step()
+
+    up.runtime.step = spy
+    call()
+    return got
+
+
+def test_sft_term_adds_coef_times_the_demonstrations_nll_gradient():
+    """PPO-ptx: the step's gradient is the policy gradient plus sft_coef x the gradient of the
+    demonstrations' token-mean NLL at temperature 1 (SFTUpdater's loss), whatever the sampler's."""
+    from spyglass.trainer.sft import SFTUpdater
+
+    v = fresh()
+    trajs = [make_traj(v, i, temperature=0.7) for i in range(3)]
+    adv, masks = torch.tensor([1.0, -1.0, 0.5]), [torch.tensor(t.loss_mask()) for t in trajs]
+    demos = [make_traj(v, i) for i in (7, 8)]
+    cfg = {"lr": 1e-3, "grad_clip": 0.0, "temperature": 0.7, "micro_batch_tokens": 150}
+    pg_up = PolicyUpdater(fresh().model, UpdateConfig(**cfg), image_processor=v.image_processor)
+    pg = _grads_of_step(pg_up, lambda: pg_up.step(trajs, adv, masks))
+    nll_up = SFTUpdater(fresh().model, UpdateConfig(**{**cfg, "temperature": 1.0}), image_processor=v.image_processor)
+    nll = _grads_of_step(nll_up, lambda: nll_up.step(demos))
+    both_up = PolicyUpdater(fresh().model, UpdateConfig(**cfg, sft_coef=0.5), image_processor=v.image_processor)
+    out: dict = {}
+    both = _grads_of_step(both_up, lambda: out.update(both_up.step(trajs, adv, masks, sft=demos)))
+    assert set(both) == set(pg) == set(nll)
+    for k in both:
+        assert torch.allclose(both[k], pg[k] + 0.5 * nll[k], atol=1e-6, rtol=1e-4), k
+    assert max((0.5 * nll[k]).abs().max() for k in nll) > 1e-3  # the term is not negligible
+    tokens = sum(sum(t.loss_mask()) for t in demos)
+    assert out["sft_nll"] == pytest.approx(-sum(seq_logprob(fresh(), t) for t in demos) / tokens, rel=1e-4)
+    with pytest.raises(ValueError, match=r"sft_coef=0.5 with 0 demonstration trajectories"):
+        both_up.step(trajs, adv, masks)
+    with pytest.raises(ValueError, match=r"sft_coef=0.0 with 2 demonstration trajectories"):
+        pg_up.step(trajs, adv, masks, sft=demos)
+    with pytest.raises(ValueError, match="sft_coef must be a finite number >= 0"):
+        UpdateConfig(sft_coef=-1.0)

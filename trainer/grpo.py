@@ -33,6 +33,7 @@ from spyglass.trainer.checkpoint import export_model, latest_checkpoint, load_ch
 from spyglass.trainer.distributed import (DistConfig, full_state_dict, init_distributed, sleep_backends,
                                           sync_weights, wake_backends)
 from spyglass.trainer.reward import RewardConfig, score_group
+from spyglass.trainer.sft import SFTDataConfig, load_sft_data
 from spyglass.trainer.update import PolicyUpdater, UpdateConfig
 
 
@@ -62,12 +63,20 @@ class GRPOConfig:
     resume: bool = True
     log_dir: str = "runs/grpo"
     export_dir: str = ""  # "" = no export; else the final model is saved there (a --model directory)
+    # demonstrations for the NLL term (update.sft_coef > 0): SFT data, trajectory JSONL or
+    # ShareGPT (trainer.sft's formats); sft_batch of them, in a seeded order, each step
+    sft_data: str = ""
+    sft_batch: int = 4
     seed: int = 0
 
     def __post_init__(self) -> None:
         check(self.steps >= 0, f"steps must be >= 0, got {self.steps}")
         check(self.groups_per_step >= 1, f"groups_per_step must be >= 1, got {self.groups_per_step}")
         check(self.replay_per_group >= 0, f"replay_per_group must be >= 0, got {self.replay_per_group}")
+        check(self.sft_batch >= 1, f"sft_batch must be >= 1, got {self.sft_batch}")
+        check(bool(self.sft_data) == (self.update.sft_coef > 0),
+              f"update.sft_coef={self.update.sft_coef} and sft_data={self.sft_data!r}: the NLL term needs both or neither")
+        check(not self.sft_data or Path(self.sft_data).is_file(), f"sft_data {self.sft_data!r} is not a file")
         check(self.update.temperature == self.rollout.engine.temperature or self.rollout.policy == "replay",
               f"update.temperature {self.update.temperature} must equal the sampling temperature "
               f"{self.rollout.engine.temperature}: the old logprobs are the sampler's")
@@ -106,12 +115,23 @@ def run_grpo(cfg: GRPOConfig) -> dict[str, Any]:
     return metrics
 
 
+def _demonstrations(cfg: GRPOConfig, codec: Any) -> list:
+    """The NLL term's demonstrations in a seeded order ([] when there is none)."""
+    if not cfg.sft_data:
+        return []
+    demos = load_sft_data(SFTDataConfig(path=cfg.sft_data), cfg.sft_data, codec)
+    check(len(demos) > 0, f"sft_data {cfg.sft_data!r} holds no (answered) trajectories")
+    order = torch.randperm(len(demos), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    return [demos[i] for i in order]
+
+
 class _Run:
     """The state the loop carries: model copies, engine, updater, data position, logs."""
 
     def __init__(self, cfg: GRPOConfig, rank: int, loop: asyncio.AbstractEventLoop) -> None:
-        self.cfg, self.rank, self.loop, self.pos, self.start = cfg, rank, loop, 0, 0
-        vlm, _ = _model_and_codec(cfg.rollout)
+        self.cfg, self.rank, self.loop, self.pos, self.start, self.sft_pos = cfg, rank, loop, 0, 0, 0
+        vlm, codec = _model_and_codec(cfg.rollout)
+        self.demos = _demonstrations(cfg, codec)
         # the trainer owns its own copy: DeepSpeed wraps it and train() mode must not leak;
         # with a KL term the reference is a frozen copy of the initial policy (--rollout.model,
         # also on resume: the checkpoint restores only the trained copy)
@@ -137,6 +157,7 @@ class _Run:
         if cfg.resume and latest_checkpoint(cfg.ckpt_dir) is not None:
             state = load_checkpoint(cfg.ckpt_dir, self.updater)
             self.start, self.pos = state["step"], state["data_state"]["pos"]
+            self.sft_pos = state["data_state"].get("sft_pos", 0)
             out, size = Path(cfg.rollout.out), state["data_state"].get("rollout_bytes", 0)
             if rank == 0 and cfg.rollout.out and out.exists() and out.stat().st_size > size:
                 with open(out, "rb+") as f:  # steps after the checkpoint are redone: drop their lines
@@ -162,7 +183,16 @@ class _Run:
             return {"skipped_update": 1.0, "version": self.updater.version}
         idx = [i for i, k in enumerate(keep) if k]
         return {**self.updater.step([trajs[i] for i in idx], algo.advantages[idx].cpu(),
-                                    [algo.masks[i] for i in idx]), "skipped_update": 0.0}
+                                    [algo.masks[i] for i in idx], sft=self.next_demos()), "skipped_update": 0.0}
+
+    def next_demos(self) -> list:
+        """The next sft_batch demonstrations (every rank draws the same ones); [] without them."""
+        if not self.demos:
+            return []
+        n = len(self.demos)
+        batch = [self.demos[(self.sft_pos + i) % n] for i in range(self.cfg.sft_batch)]
+        self.sft_pos += len(batch)
+        return batch
 
     def broadcast(self, obj: Any) -> Any:
         if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
@@ -181,7 +211,8 @@ class _Run:
     def data_state(self) -> dict[str, Any]:
         """What resumes the data stream: the prompt position and the rollouts file's length."""
         out = Path(self.cfg.rollout.out) if self.cfg.rollout.out else None
-        return {"pos": self.pos, "rollout_bytes": out.stat().st_size if out and out.exists() else 0}
+        return {"pos": self.pos, "sft_pos": self.sft_pos,
+                "rollout_bytes": out.stat().st_size if out and out.exists() else 0}
 
     def sync(self) -> None:
         sd = full_state_dict(self.updater, rank0_only=True)

@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 
 from spyglass.engine.config import check
@@ -369,42 +368,23 @@ class SFTUpdater(PolicyUpdater):
              lr: float | None = None) -> dict[str, float]:
         if not trajs:
             raise ValueError("SFT step needs at least one trajectory, got none")
-        from spyglass.engine.packer import pack
-
         masks = list(masks) if masks is not None else [np.asarray(t.loss_mask(), dtype=np.int64) for t in trajs]
         seqs, _, _ = self._build(trajs, masks)
-        rt, cfg = self.runtime, self.cfg
-        total = float(sum(int(s.mask.sum()) for s in seqs))
-        if total == 0:
-            raise ValueError(f"no loss tokens in batch {[t.id for t in trajs]}")
+        rt = self.runtime
         if lr is not None:
             for g in rt.optimizer.param_groups:
                 g["lr"] = lr
-        mbs = pack([s.ids for s in seqs], [s.mask for s in seqs], cfg.micro_batch_tokens,
-                   min_micro_batches=rt.world_size, multiple_of=rt.world_size, allow_oversize=cfg.allow_oversize)
         rt.zero_grad()
-        nll = 0.0
-        for mb in mbs[rt.rank::rt.world_size]:
-            ids = [seqs[i].traj_id for i in mb.indices.tolist()]
-            inputs = self._padded_inputs(mb, [seqs[i] for i in mb.indices.tolist()])
-            inputs = {k: v.to(rt.device) for k, v in inputs.items()}
-            inputs.pop("sel")
-            logp = rt.forward(**inputs)  # [T'] fp32, the loss tokens of this micro-batch
-            self._check([("log-prob", logp)], ids, 0)
-            loss = -logp.sum() / total
-            rt.backward(loss * rt.world_size)
-            nll += float(-logp.detach().sum())
-            if cfg.check_grads_per_micro_batch and not rt.grads_finite():
-                self._raise(f"non-finite gradient after the backward of micro-batch {ids}", "grad")
+        nll, n_micro = self._nll_backward(seqs, 1.0)
         norm = rt.step()
         if not math.isfinite(norm):
             self._raise(f"non-finite grad norm {norm} in SFT batch {[t.id for t in trajs]} (step skipped)", "grad norm")
-        nll = float(rt.all_reduce(torch.tensor([nll], dtype=torch.float64), "sum")[0])
         self.steps += 1
         self.version += 1
-        return {"loss": nll / total, "ppl": math.exp(min(nll / total, 50.0)), "grad_norm": norm,
+        total = float(sum(int(s.mask.sum()) for s in seqs))
+        return {"loss": nll, "ppl": math.exp(min(nll, 50.0)), "grad_norm": norm,
                 "loss_tokens": total, "tokens": float(sum(s.ids.size for s in seqs)),
-                "trajectories": float(len(seqs)), "micro_batches": float(len(mbs)),
+                "trajectories": float(len(seqs)), "micro_batches": float(n_micro),
                 "lr": float(rt.optimizer.param_groups[0]["lr"]), "step": float(self.steps)}
 
 

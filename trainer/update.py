@@ -80,6 +80,10 @@ class UpdateConfig:
     freeze_vision: bool = False  # the vision tower (and its merger) takes no updates
     check_grads_per_micro_batch: bool = True  # plain path: find the micro-batch a NaN grad came from
     impl: str = "auto"  # kernels: "auto" | "triton" | "torch"
+    # weight of the token-mean NLL of demonstration trajectories (`step(..., sft=...)`, at
+    # temperature 1) added to every optimizer step: InstructGPT's PPO-ptx term, an anchor on the
+    # demonstrations' format while the policy gradient moves the rest; 0 = plain GRPO
+    sft_coef: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.loss, dict):
@@ -110,6 +114,8 @@ class UpdateConfig:
             raise ValueError(f"max_lag must be None or an int >= 0, got {self.max_lag!r}")
         if self.impl not in ("auto", "triton", "torch"):
             raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {self.impl!r}")
+        if not (self.sft_coef >= 0 and math.isfinite(self.sft_coef)):
+            raise ValueError(f"sft_coef must be a finite number >= 0, got {self.sft_coef!r}")
 
 
 # ------------------------------------------------------------------------------ the model
@@ -138,9 +144,10 @@ class PolicyLogprobModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
                 targets: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
-                image_grid_thw: Optional[torch.Tensor] = None) -> torch.Tensor:
+                image_grid_thw: Optional[torch.Tensor] = None, temperature: Optional[float] = None) -> torch.Tensor:
         """input_ids / attention_mask [b, L]; rows [T'] flat indices into [b*L] of the hidden
-        states predicting targets [T']. Returns log-probs [T'] fp32."""
+        states predicting targets [T']. Returns log-probs [T'] fp32 of softmax(logits / T), T =
+        `temperature` (None: the sampler's, set at construction; the NLL of demonstrations uses 1)."""
         body = self.model.model
         kw: dict[str, Any] = {}
         if self.is_vl:
@@ -154,9 +161,10 @@ class PolicyLogprobModel(nn.Module):
         hidden = body(input_ids=input_ids, attention_mask=None, use_cache=False, **kw)[0]  # [b, L, H]
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)  # [T', H]
         w = self.model.get_output_embeddings().weight  # [V, H]
+        t = self.temperature if temperature is None else temperature
         if self.use_fused:
-            return fused_logprob(h, w, targets, self.temperature, impl=self.impl)  # [T']
-        return logprob_reference(h, w, targets, self.temperature)
+            return fused_logprob(h, w, targets, t, impl=self.impl)  # [T']
+        return logprob_reference(h, w, targets, t)
 
 
 # ------------------------------------------------------------------------------ batch preparation
@@ -318,23 +326,35 @@ class PolicyUpdater:
         return self.policy.model
 
     # -- public step ----------------------------------------------------------------------
-    def step(self, trajs: Sequence[Trajectory], advantages: torch.Tensor, masks: Sequence[Any]) -> dict[str, float]:
-        """One policy update (ppo_epochs x mini_batches optimizer steps); returns metrics."""
+    def step(self, trajs: Sequence[Trajectory], advantages: torch.Tensor, masks: Sequence[Any],
+             sft: Sequence[Trajectory] = ()) -> dict[str, float]:
+        """One policy update (ppo_epochs x mini_batches optimizer steps); returns metrics.
+        `sft`: demonstration trajectories whose NLL (weight cfg.sft_coef, loss mask = their
+        assistant turns) is added to every optimizer step; needs sft_coef > 0, and the reverse."""
         cfg = self.cfg
         adv = _check_inputs(trajs, advantages, masks)
         if cfg.mini_batches > len(trajs):
             raise ValueError(f"mini_batches={cfg.mini_batches} exceeds the {len(trajs)} trajectories")
+        if bool(sft) != (cfg.sft_coef > 0):
+            raise ValueError(f"sft_coef={cfg.sft_coef} with {len(sft)} demonstration trajectories: "
+                             "the NLL term needs both or neither")
         seqs, stale, masked_out = self._build(trajs, masks)
+        demo = self._build(sft, [np.asarray(t.loss_mask(), dtype=np.int64) for t in sft], lag=False)[0] if sft else []
         self.runtime.set_lr(self.lr())
-        stats, norms, n_micro = _Stats(), [], 0
+        stats, norms, n_micro, nll = _Stats(), [], 0, []
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.steps)
         for epoch in range(cfg.ppo_epochs):
             order = torch.randperm(len(seqs), generator=g).tolist()
             for part in np.array_split(np.asarray(order, dtype=np.int64), cfg.mini_batches):
-                norm, n = self._mini_batch([seqs[i] for i in part], adv[torch.from_numpy(part)], stats, epoch)
+                norm, n, demo_nll = self._mini_batch([seqs[i] for i in part], adv[torch.from_numpy(part)], stats,
+                                                     epoch, demo)
                 norms.append(norm)
+                nll.append(demo_nll)
                 n_micro += n
-        return self._finish(stats, norms, n_micro, seqs, stale, masked_out)
+        metrics = self._finish(stats, norms, n_micro, seqs, stale, masked_out)
+        if demo:
+            metrics["sft_nll"] = sum(nll) / len(nll)  # the demonstrations' token-mean NLL, before each step
+        return metrics
 
     def lr(self) -> float:
         """This update's learning rate: cfg.lr after the linear warm-up (updates counted from 1).
@@ -344,11 +364,12 @@ class PolicyUpdater:
         w = self.cfg.warmup_steps
         return self.cfg.lr * min(1.0, (self.steps + 1) / w) if w else self.cfg.lr
 
-    def _build(self, trajs: Sequence[Trajectory], masks: Sequence[Any]) -> tuple[list[_Seq], int, int]:
+    def _build(self, trajs: Sequence[Trajectory], masks: Sequence[Any], lag: bool = True) -> tuple[list[_Seq], int, int]:
+        """The trajectories ready for training; lag=False: no staleness bound (demonstrations)."""
         seqs, stale, masked_out = [], 0, 0
         tok_id = self.policy.image_token_id if self.policy.is_vl else None
         for t, m in zip(trajs, masks):
-            ids, mask, s, mo = _prepare(t, m, self.version, self.cfg.max_lag)
+            ids, mask, s, mo = _prepare(t, m, self.version, self.cfg.max_lag if lag else None)
             stale, masked_out = stale + s, masked_out + mo
             old = np.where(mask, np.asarray(t.logprobs(), dtype=np.float32), 0.0).astype(np.float32)  # [L]
             px = _pixels(t, ids, self.image_processor, tok_id, self._merge) if self.policy.is_vl else None
@@ -358,8 +379,10 @@ class PolicyUpdater:
         return seqs, stale, masked_out
 
     # -- one mini-batch = one optimizer step ------------------------------------------------
-    def _mini_batch(self, seqs: list[_Seq], adv: torch.Tensor, stats: _Stats, epoch: int) -> tuple[float, int]:
-        """Pack, forward/backward this rank's micro-batches, step; (grad norm, micro-batches)."""
+    def _mini_batch(self, seqs: list[_Seq], adv: torch.Tensor, stats: _Stats, epoch: int,
+                    demo: Sequence[_Seq] = ()) -> tuple[float, int, float]:
+        """Pack, forward/backward this rank's micro-batches (and, with `demo`, sft_coef x the
+        demonstrations' NLL), step; (grad norm, micro-batches, the demonstrations' NLL)."""
         rt, agg = self.runtime, self.cfg.loss.agg
         mbs = pack([s.ids for s in seqs], [s.mask for s in seqs], self.cfg.micro_batch_tokens,
                    min_micro_batches=rt.world_size, multiple_of=rt.world_size,
@@ -376,11 +399,39 @@ class PolicyUpdater:
             rt.backward(res.loss * (share * rt.world_size))
             if self.cfg.check_grads_per_micro_batch and not rt.grads_finite():
                 self._raise(f"non-finite gradient after the backward of micro-batch {ids}", "grad")
+        nll = self._nll_backward(demo, self.cfg.sft_coef, temperature=1.0)[0] if demo else 0.0
         norm = rt.step()
         if not math.isfinite(norm):
             self._raise(f"non-finite grad norm {norm} in epoch {epoch}, mini-batch "
                         f"{[s.traj_id for s in seqs]} (the optimizer step was skipped)", "grad norm")
-        return norm, len(mbs)
+        return norm, len(mbs), nll
+
+    def _nll_backward(self, seqs: Sequence[_Seq], scale: float,
+                      temperature: Optional[float] = None) -> tuple[float, int]:
+        """Backward of scale x the token-mean NLL of `seqs`' loss tokens (this rank's share of
+        the packed micro-batches; gradients accumulate, no optimizer step); returns (the
+        token-mean NLL over all ranks, micro-batches)."""
+        from spyglass.engine.packer import pack
+
+        rt, cfg = self.runtime, self.cfg
+        total = float(sum(int(s.mask.sum()) for s in seqs))
+        if total == 0:
+            raise ValueError(f"no loss tokens in batch {[s.traj_id for s in seqs]}")
+        mbs = pack([s.ids for s in seqs], [s.mask for s in seqs], cfg.micro_batch_tokens,
+                   min_micro_batches=rt.world_size, multiple_of=rt.world_size, allow_oversize=cfg.allow_oversize)
+        nll = 0.0
+        for mb in mbs[rt.rank::rt.world_size]:
+            ids = [seqs[i].traj_id for i in mb.indices.tolist()]
+            inputs = self._padded_inputs(mb, [seqs[i] for i in mb.indices.tolist()])
+            inputs = {k: v.to(rt.device) for k, v in inputs.items()}
+            inputs.pop("sel")
+            logp = rt.forward(**inputs, temperature=temperature)  # [T'] fp32, this micro-batch's loss tokens
+            self._check([("log-prob", logp)], ids, 0)
+            rt.backward(-logp.sum() / total * (scale * rt.world_size))
+            nll += float(-logp.detach().sum())
+            if cfg.check_grads_per_micro_batch and not rt.grads_finite():
+                self._raise(f"non-finite gradient after the backward of micro-batch {ids}", "grad")
+        return float(rt.all_reduce(torch.tensor([nll], dtype=torch.float64), "sum")[0]) / total, len(mbs)
 
     def _micro_loss(self, mb: MicroBatch, seqs: list[_Seq], adv: torch.Tensor, ids: list[str],
                     epoch: int) -> PolicyLossResult:
