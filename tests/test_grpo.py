@@ -115,7 +115,8 @@ def test_grpo_filter_groups_skips_flat_steps(world: Path, tmp_path: Path, capsys
     assert m["algo/kept_traj_frac"] == 1.0 and torch.isfinite(torch.tensor(m["loss"]))
 
 
-def test_grpo_with_the_sft_term_trains_and_resumes_its_data_position(world: Path, tmp_path: Path) -> None:
+def test_grpo_with_the_sft_term_trains_and_resumes_its_data_position(world: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
     """update.sft_coef > 0 with sft_data: each step adds the NLL of the next sft_batch
     demonstrations (the teacher's trajectories, trainer.sft's format); the position in them is
     checkpointed, so a resumed run's second step takes the same demonstrations (the same NLL)."""
@@ -133,6 +134,7 @@ def test_grpo_with_the_sft_term_trains_and_resumes_its_data_position(world: Path
     run_grpo(cfg(a))
     nll = [json.loads(x)["sft_nll"] for x in (a / "metrics.jsonl").read_text().splitlines()]
     assert len(nll) == 2 and all(0 < x < 20 for x in nll) and nll[0] != nll[1]
+    assert f"sft_nll {nll[1]:.4f}" in capsys.readouterr().out
     (b / "ckpt").mkdir(parents=True)
     shutil.copytree(a / "ckpt" / "step_00000001", b / "ckpt" / "step_00000001")
     run_grpo(cfg(b))

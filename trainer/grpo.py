@@ -246,7 +246,8 @@ class _Run:
         print(f"[grpo] step {metrics['step']}: loss {loss} "
               f"reward {metrics['reward/mean']:.3f} clip {metrics.get('clip_fraction', 0):.3f} "
               f"kl {metrics.get('approx_kl', 0):.2e} grad {metrics.get('grad_norm', 0):.3f} "
-              f"tokens {metrics.get('loss_tokens', 0)} version {metrics['version']}", flush=True)
+              f"tokens {metrics.get('loss_tokens', 0)} version {metrics['version']}"
+              + (f" sft_nll {metrics['sft_nll']:.4f}" if "sft_nll" in metrics else ""), flush=True)
         with open(Path(self.cfg.log_dir) / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"time": time.time(), **metrics}) + "\n")
         if self.cfg.rollout.out:
