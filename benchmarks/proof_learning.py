@@ -116,6 +116,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "PPO-ptx; 0: none)")
     ap.add_argument("--grpo-sft-batch", type=int, default=4, help="SFT trajectories in that term per step")
     ap.add_argument("--temperature", type=float, default=0.7, help="GRPO sampling temperature")
+    ap.add_argument("--recite-question", action="store_true",
+                    help="every observation ends with the question (EngineConfig.recite_question), in the "
+                         "teacher's data, GRPO's rollouts and the evals")
     ap.add_argument("--max-turns", type=int, default=14)
     ap.add_argument("--max-tokens-per-turn", type=int, default=96)
     ap.add_argument("--stop-after", choices=["data", "sft"], help="run the stages up to this one, then stop")
@@ -222,7 +225,7 @@ class Proof:
     def engine(self, n: int, temperature: float) -> EngineConfig:
         return EngineConfig(n_samples=n, max_live=64, max_turns=self.a.max_turns,
                             max_tokens_per_turn=self.a.max_tokens_per_turn, temperature=temperature,
-                            seed=self.a.seed)
+                            seed=self.a.seed, recite_question=self.a.recite_question)
 
     # ------------------------------------------------------------------------------ stages
     def make_data(self) -> None:
@@ -232,7 +235,7 @@ class Proof:
                             n_events=40 * k, n_sign_images=48 * k, n_scenes=8 * k, n_emblem_queries=10 * k)
         self.stage("world", self.world / "manifest.json", lambda: generate_world(self.world, world))
         teacher = TeacherConfig(model=a.teacher_model or teacher_spec(a.model), tools=tuple(TOOLS), prompt_schemas=False,
-                                search_top_k=1, seed=a.seed)
+                                search_top_k=1, seed=a.seed, recite_question=a.recite_question)
         paths = PathConfig(hop_lengths=tuple(a.hops), hop_probs=tuple(a.hop_probs), seed=a.seed)
         cfg = SynthConfig(out=str(self.synth), world=str(self.world), n_questions=a.n_questions,
                           seed=a.seed, paths=paths, teacher=teacher)

@@ -73,6 +73,10 @@ class EngineConfig:
     lockstep: bool = False  # baseline policy: TRL-style batches (see Engine docstring)
     check_tokens: bool = False  # compare each finished context with a fresh tokenization
     strict_tokens: bool = False  # ... and raise on a mismatch (tests)
+    # recitation: every observation ends with "Question: <the prompt's question>", so the task
+    # stays in the recent context (for a small model the question is hundreds of tokens back by
+    # the last tool call); off by default, and a model must be trained and evaluated the same way
+    recite_question: bool = False
 
     def __post_init__(self) -> None:
         for name in ("n_samples", "max_turns", "max_context", "max_tokens_per_turn", "max_live",
@@ -666,6 +670,8 @@ class Engine:
             images += keep
             texts.append(text)
         text = "\n".join(texts)
+        if cfg.recite_question:
+            text += f"\nQuestion: {t.prompt_messages[0]['content']}"
         last = t.segments[-1].token_ids
         closed = bool(last) and last[-1] in self._stops
         ids = self.codec.encode_observation(text, images, closed, n_before + 1)

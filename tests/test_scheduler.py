@@ -109,6 +109,18 @@ def test_groups_stream_and_records_are_exact() -> None:
     assert engine.stats.finished == 12
 
 
+def test_recite_question_ends_every_observation_with_the_question() -> None:
+    scripts = {"p0": script_turns([("search", {"q": "a"}), ("search", {"q": "b"})], "done")}
+    for recite in (False, True):
+        engine, _ = _engine(EngineConfig(n_samples=1, recite_question=recite), scripts)
+        (t,) = asyncio.run(_collect(engine, [Prompt("p0", "What is the mayor of X?")]))[0]
+        obs = [s for s in t.segments if s.kind is SegmentKind.OBS]
+        assert len(obs) == 2 and t.status is Status.ANSWERED
+        for s in obs:
+            assert s.text.endswith("\nQuestion: What is the mayor of X?") is recite, s.text
+            assert ("Question: What is the mayor of X?" in CODEC.decode(s.token_ids)) is recite
+
+
 def test_limits_and_cascade() -> None:
     fail = ("search", {"fail": True})
     ok = ("search", {"q": "a"})

@@ -51,6 +51,7 @@ class TeacherConfig:
     prompt_schemas: bool = True  # tool schemas in the system prompt (engine/env.EnvConfig)
     search_top_k: int = 3  # results the solve scripts ask TextSearch / ImageSearch for
     require_grounded: bool = True  # keep only trajectories whose typed arguments came from context
+    recite_question: bool = False  # every observation ends with the question (EngineConfig.recite_question)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -167,7 +168,7 @@ async def teacher_rollouts(records: list[dict[str, Any]], env: Any, cfg: Teacher
     policy = ReplayPolicy(codec, replay_scripts(records, env.cfg.search_top_k)) if cfg.policy == "replay" else None
     ecfg = EngineConfig(n_samples=cfg.n_samples, max_turns=cfg.max_turns, max_live=32,
                         max_tokens_per_turn=cfg.max_tokens_per_turn, temperature=cfg.temperature,
-                        seed=cfg.seed)
+                        seed=cfg.seed, recite_question=cfg.recite_question)
     engine = Engine(ecfg, backends, codec, env.runner, make_turn_parser(env.schemas),
                     tool_schemas=env.prompt_tools, policy=policy, image_tokens=codec.image_tokens)
     kept: list[Trajectory] = []
