@@ -29,6 +29,10 @@ large as the effects), and one final JSON line. Figures: benchmarks/README.md.
     .venv/bin/python benchmarks/proof_learning.py --out runs/proof            # ~1 h on 2 cores (stage times: benchmarks/README.md)
     .venv/bin/python benchmarks/proof_learning.py --out /tmp/p --n-questions 40 --warmup-steps 2 \\
         --sft-steps 4 --grpo-steps 1 --arms fatal_mask_clamp                  # a smoke run
+    .venv/bin/python benchmarks/proof_learning.py --out runs/recite --recite-question   # the question
+        # recited at the end of every observation (data, GRPO, evals): the strongest SFT lift measured
+    .venv/bin/python benchmarks/proof_learning.py --out runs/proof --grpo-sft-coef 1.0  # GRPO steps
+        # anchored by the SFT data's NLL (PPO-ptx): keeps the tool-call format at lr up to 1e-3
 """
 from __future__ import annotations
 
