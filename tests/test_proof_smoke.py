@@ -41,6 +41,27 @@ def test_proof_smoke_runs_every_stage_and_resumes(tmp_path, capsys):
     assert again["accuracy"] == res["accuracy"] and "sft" not in again["stages_s"]
 
 
+def test_proof_smoke_recites_the_question_and_anchors_grpo(tmp_path, capsys):
+    """--recite-question reaches the teacher's data, GRPO's rollouts and the evals (every
+    observation ends with the question); --grpo-sft-coef adds the SFT data's NLL to GRPO's steps."""
+    from spyglass.engine.trajectory import SegmentKind, iter_jsonl
+
+    out = tmp_path / "p"
+    argv = ["--out", str(out), "--n-questions", "30", "--world-scale", "1", "--warmup-steps", "2",
+            "--sft-steps", "2", "--sft-batch", "2", "--grpo-steps", "1", "--grpo-groups", "1", "--grpo-samples", "2",
+            "--arms", "vanilla", "--max-turns", "4", "--max-tokens-per-turn", "16", "--threads", "2",
+            "--recite-question", "--grpo-sft-coef", "0.5", "--grpo-sft-batch", "2"]
+    assert _proof().main(argv) == 0
+    capsys.readouterr()
+    for f in (out / "synth" / "train_trajectories.jsonl", out / "grpo-vanilla" / "rollouts.jsonl",
+              out / "eval" / "sft" / "agentic.jsonl"):
+        obs = [(t, s) for t in iter_jsonl(f) for s in t.segments if s.kind is SegmentKind.OBS]
+        assert obs, f
+        assert all(s.text.endswith(f"\nQuestion: {t.prompt_messages[0]['content']}") for t, s in obs), f
+    step = json.loads((out / "grpo-vanilla" / "metrics.jsonl").read_text().splitlines()[0])
+    assert step["skipped_update"] == 0.0 and 0 < step["sft_nll"] < 20  # no filter: every step updates
+
+
 def test_paired_counts_discordant_questions_and_sign_test(tmp_path):
     proof = _proof()
 
