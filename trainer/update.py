@@ -411,7 +411,6 @@ class PolicyUpdater:
         """Backward of scale x the token-mean NLL of `seqs`' loss tokens (this rank's share of
         the packed micro-batches; gradients accumulate, no optimizer step); returns (the
         token-mean NLL over all ranks, micro-batches)."""
-        from spyglass.engine.packer import pack
 
         rt, cfg = self.runtime, self.cfg
         total = float(sum(int(s.mask.sum()) for s in seqs))
