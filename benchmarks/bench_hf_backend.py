@@ -31,8 +31,8 @@ from spyglass.engine.backends.hf import _cache_from, _layers_of
 from spyglass.engine.env import EnvConfig
 from spyglass.engine.metrics import device_name, git_commit
 from spyglass.engine.scheduler import EngineConfig
-from spyglass.engine.tiny import load_model
-from spyglass.engine.world import ensure_world
+from spyglass.engine.offline.tiny import load_model
+from spyglass.engine.offline.world import ensure_world
 from spyglass.trainer.eval import EvalConfig, run_eval
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

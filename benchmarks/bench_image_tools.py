@@ -26,7 +26,7 @@ from spyglass.engine.tools.base import Tool, ToolContext
 from spyglass.engine.tools.image_search import ImageSearchConfig, image_search_tools
 from spyglass.engine.tools.ocr import OCRConfig, ocr_tools
 from spyglass.engine.tools.visual import visual_tools
-from spyglass.engine.world import World, ensure_world
+from spyglass.engine.offline.world import World, ensure_world
 from spyglass.engine.metrics import device_name as device, git_commit as commit  # noqa: E402
 
 

@@ -9,7 +9,7 @@ Rows (medians over --repeats runs, each after a warm-up):
   search batched       ms per query when --batch queries go through batch_fn at once
   visit corpus         ms per Visit of a corpus:// page with BM25 evidence extraction
   python sandbox       ms per Python call of `print(1)` (subprocess, rlimits, audit hook, netns)
-The corpus is the offline world (engine/world.py), generated into a temp dir. Prints a table,
+The corpus is the offline world (engine/offline/world.py), generated into a temp dir. Prints a table,
 then one JSON line with the device and git commit.
 
     .venv/bin/python benchmarks/bench_tools.py [--calls 5000] [--queries 64] [--batch 16]
@@ -33,7 +33,7 @@ from spyglass.engine.tools.executor import ToolExecutor
 from spyglass.engine.tools.python_tool import PythonConfig, python_tool
 from spyglass.engine.tools.search import TextSearchConfig, build_index, text_search_tool
 from spyglass.engine.tools.web import VisitConfig, visit_tool
-from spyglass.engine.world import generate_world
+from spyglass.engine.offline.world import generate_world
 from spyglass.engine.metrics import device_name as device, git_commit as commit  # noqa: E402
 
 

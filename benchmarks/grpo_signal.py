@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from spyglass.engine.metrics import device_name, git_commit
-from spyglass.engine.tiny import load_tiny
+from spyglass.engine.offline.tiny import load_tiny
 from spyglass.engine.trajectory import iter_jsonl
 from spyglass.trainer.algorithm import FILTERS, MODES, AlgoConfig, compute_advantages
 from spyglass.trainer.update import PolicyUpdater, UpdateConfig

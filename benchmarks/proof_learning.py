@@ -1,7 +1,7 @@
 """The end-to-end proof that training works, on CPU: synthesize -> SFT -> GRPO -> ablation.
 
 Every stage is the product's own entry point, called as a library; nothing here is a second
-implementation. On the bundled offline world (engine/world.py):
+implementation. On the bundled offline world (engine/offline/world.py):
 
   1. world      generate the world (seeded)
   2. synth      the synthesis pipeline (trainer/synth): paths, grounding, template questions,
@@ -52,9 +52,9 @@ from spyglass.engine.env import EnvConfig
 from spyglass.engine.metrics import device_name, git_commit
 from spyglass.engine.rollout import RolloutConfig
 from spyglass.engine.scheduler import EngineConfig
-from spyglass.engine.tiny import load_model, load_tiny, parse_tiny_spec, pixel_inputs
+from spyglass.engine.offline.tiny import load_model, load_tiny, parse_tiny_spec, pixel_inputs
 from spyglass.engine.trajectory import SegmentKind, iter_jsonl, write_jsonl
-from spyglass.engine.world import WorldConfig, generate_world
+from spyglass.engine.offline.world import WorldConfig, generate_world
 from spyglass.kernels.policy_loss import PolicyLossConfig
 from spyglass.trainer.algorithm import FILTERS, MODES, AlgoConfig
 from spyglass.trainer.eval import DIRECT_SYSTEM, EvalConfig, run_eval

@@ -7,7 +7,7 @@ the end of the assistant's turn and the start of the next assistant turn). A Cod
 - ByteCodec: a self-contained Qwen-style template over UTF-8 bytes (ids 0..255) plus special
   tokens; used by the latency-modelled benchmarks and tests where no tokenizer is wanted.
 - HFCodec: any Hugging Face tokenizer with a Qwen-style chat template (the tiny VLMs in
-  engine/tiny.py, or a real Qwen2.5-VL tokenizer); image tokens expanded per image size.
+  engine/offline/tiny.py, or a real Qwen2.5-VL tokenizer); image tokens expanded per image size.
 
 Both use the Qwen2.5-VL agent layout: tool results come back as a user turn wrapping
 <tool_response>...</tool_response>, images as <|vision_start|><|image_pad|>*n<|vision_end|>.
@@ -150,7 +150,7 @@ def _obs_content(text: str, images: Sequence[Image.Image]) -> list[dict[str, Any
 
 
 class HFCodec:
-    """A Hugging Face tokenizer with a Qwen-style chat template (engine/tiny.py's or a real
+    """A Hugging Face tokenizer with a Qwen-style chat template (engine/offline/tiny.py's or a real
     Qwen2.5-VL one) plus its image processor, which fixes how many pad tokens an image takes."""
 
     def __init__(self, tokenizer: Any, image_processor: Any = None, system: str | None = None) -> None:
@@ -167,7 +167,7 @@ class HFCodec:
         return cls(vlm.tokenizer, vlm.image_processor, system)
 
     def image_tokens(self, img: Image.Image) -> int:
-        from .tiny import image_token_count  # noqa: PLC0415
+        from .offline.tiny import image_token_count  # noqa: PLC0415
         return image_token_count(img, self.image_processor) if self.image_processor else 0
 
     def _messages(self, question: str, images: Sequence[Image.Image],
@@ -178,13 +178,13 @@ class HFCodec:
 
     def encode_prompt(self, question: str, images: Sequence[Image.Image],
                       tools: Sequence[dict[str, Any]], system: str | None = None) -> list[int]:
-        from .tiny import encode_chat  # noqa: PLC0415
+        from .offline.tiny import encode_chat  # noqa: PLC0415
         return encode_chat(self.tokenizer, self.image_processor, self._messages(question, images, system),
                            tools=list(tools) or None).input_ids
 
     def encode_observation(self, text: str, images: Sequence[Image.Image], closed: bool,
                            first_image_index: int = 1) -> list[int]:
-        from .tiny import encode_observation  # noqa: PLC0415
+        from .offline.tiny import encode_observation  # noqa: PLC0415
         ids = encode_observation(self.tokenizer, self.image_processor,
                                  [{"role": "tool", "content": _obs_content(text, images)}]).input_ids
         return ids if closed else [self.stop_token_ids[0]] + ids
@@ -200,7 +200,7 @@ class HFCodec:
                    system: str | None = None) -> list[int]:
         """A fresh tokenization of the whole conversation: (assistant text without its stop
         token, observation text or None, observation images) per turn."""
-        from .tiny import encode_chat  # noqa: PLC0415
+        from .offline.tiny import encode_chat  # noqa: PLC0415
         msgs = self._messages(question, images, system)
         for said, obs, obs_images in turns:
             msgs.append({"role": "assistant", "content": said})

@@ -1,6 +1,6 @@
 """The default agent environment: the offline world, the nine tools, and their runner.
 
-Wires what the engine needs for a real run with no network: the world (engine/world.py) as
+Wires what the engine needs for a real run with no network: the world (engine/offline/world.py) as
 prompts and as the corpus of TextSearch / Visit / ImageSearch; the visual and OCR tools; the
 Python sandbox; one ToolExecutor (disk cache, C++ coalescer, retries, limits) behind an
 ExecutorRunner, the engine's ToolRunner; and replay scripts that solve each world question
@@ -26,7 +26,7 @@ from .config import check
 from .scheduler import Prompt, ToolOutcome
 from .tools.base import Tool, ToolContext
 from .trajectory import Trajectory
-from .world import World, ensure_world, load_world
+from .offline.world import World, ensure_world, load_world
 
 ALL_TOOLS = ("Crop", "Sharpen", "SuperResolution", "PerspectiveCorrect", "OCR", "ImageSearch",
              "TextSearch", "Visit", "Python")

@@ -47,13 +47,13 @@ class RolloutConfig:
         check(self.policy in ("replay", "sample", "mixed"),
               f"policy must be replay|sample|mixed, got {self.policy!r}")
         check(self.servers >= 1, f"servers must be >= 1, got {self.servers}")
-        from .tiny import check_model_spec  # noqa: PLC0415
+        from .offline.tiny import check_model_spec  # noqa: PLC0415
         check_model_spec(self.model)
 
 
 def _model_and_codec(cfg: RolloutConfig) -> tuple[Any, Any]:
     from .chat import HFCodec  # noqa: PLC0415
-    from .tiny import load_model  # noqa: PLC0415
+    from .offline.tiny import load_model  # noqa: PLC0415
     vlm = load_model(cfg.model)
     return vlm, HFCodec.from_tiny(vlm)
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 from waiting import until
 
-from spyglass.engine import tiny
+from spyglass.engine.offline import tiny
 from spyglass.engine.backends.base import BackendError, GenerateRequest, SamplingParams
 from spyglass.engine.backends.hf import HFBackend, HFConfig, sample_next
 

@@ -30,7 +30,7 @@ def _hf_logprobs(model, prompt: list[int], tokens: list[int], temperature: float
 async def _checks(model_dir: Path) -> None:
     import torch
 
-    from spyglass.engine import tiny
+    from spyglass.engine.offline import tiny
     from spyglass.engine.backends.base import BackendError, GenerateRequest, SamplingParams
     from spyglass.engine.backends.vllm import VLLMBackend, VLLMConfig
 

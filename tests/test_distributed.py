@@ -164,7 +164,7 @@ def test_broadcast_state_dict_and_nan_stops_every_rank(two_ranks):
 def test_sync_weights_to_hf_backend_and_http_server(tmp_path):
     from aiohttp import web
 
-    from spyglass.engine import tiny
+    from spyglass.engine.offline import tiny
     from spyglass.engine.backends.base import GenerateRequest, SamplingParams
     from spyglass.engine.backends.hf import HFBackend
     from spyglass.engine.backends.sglang import SGLangBackend, SGLangConfig

@@ -11,7 +11,7 @@ from spyglass.engine.backends.hf import HFBackend
 from spyglass.engine.chat import HFCodec
 from spyglass.engine.policy import ReplayPolicy, script_turns
 from spyglass.engine.scheduler import Engine, EngineConfig, Prompt, ToolOutcome
-from spyglass.engine.tiny import build_tiny_vlm
+from spyglass.engine.offline.tiny import build_tiny_vlm
 from spyglass.engine.trajectory import SegmentKind, Status
 
 from test_scheduler import parse  # the minimal test parser

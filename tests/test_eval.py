@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from spyglass.engine.env import EnvConfig
-from spyglass.engine.world import WorldConfig, ensure_world
+from spyglass.engine.offline.world import WorldConfig, ensure_world
 from spyglass.trainer.eval import BenchmarkError, EvalConfig, load_benchmark, run_eval
 
 

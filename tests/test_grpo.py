@@ -16,7 +16,7 @@ import torch
 
 from spyglass.engine.config import from_dict
 from spyglass.engine.trajectory import SegmentKind, read_jsonl
-from spyglass.engine.world import WorldConfig, ensure_world
+from spyglass.engine.offline.world import WorldConfig, ensure_world
 from spyglass.trainer.checkpoint import latest_checkpoint
 from spyglass.trainer.grpo import GRPOConfig, run_grpo
 

@@ -10,7 +10,7 @@ import pytest
 from benchmod import load_bench
 from test_update import fresh, make_traj
 
-from spyglass.engine import tiny
+from spyglass.engine.offline import tiny
 from spyglass.engine.trajectory import Status, Turn, write_jsonl
 
 

@@ -16,7 +16,7 @@ from spyglass.engine.tools.imgutil import publish
 from spyglass.engine.tools.image_search import (ImageSearchConfig, ImageSearchIndex,
                                                 image_search_tools)
 from spyglass.engine.tools.visual import visual_tools
-from spyglass.engine.world import ensure_world
+from spyglass.engine.offline.world import ensure_world
 
 CROP = next(t for t in visual_tools() if t.name == "Crop")
 

@@ -8,7 +8,7 @@ import pytest
 from spyglass.engine.config import from_dict
 from spyglass.engine.rollout import RolloutConfig, run_rollout
 from spyglass.engine.trajectory import iter_jsonl, read_jsonl
-from spyglass.engine.world import WorldConfig, ensure_world
+from spyglass.engine.offline.world import WorldConfig, ensure_world
 from spyglass.trainer.cli import main
 
 

@@ -10,9 +10,9 @@ from PIL import Image
 
 from spyglass.engine.chat import HFCodec
 from spyglass.engine.env import EnvConfig
-from spyglass.engine.tiny import build_tiny_vlm, load_tiny
+from spyglass.engine.offline.tiny import build_tiny_vlm, load_tiny
 from spyglass.engine.trajectory import SegmentKind, Status, iter_jsonl
-from spyglass.engine.world import WorldConfig, ensure_world
+from spyglass.engine.offline.world import WorldConfig, ensure_world
 from spyglass.trainer.sft import (RecordError, SFTConfig, SFTDataConfig, SFTUpdater, ShareGPTTags, load_sharegpt,
                                   render_call, run_sft, sharegpt_to_trajectory, trajectory_to_sharegpt)
 from spyglass.trainer.update import UpdateConfig

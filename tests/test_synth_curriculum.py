@@ -6,7 +6,7 @@ import json
 import pytest
 
 from spyglass.engine.chat import HFCodec
-from spyglass.engine.tiny import build_tiny_vlm
+from spyglass.engine.offline.tiny import build_tiny_vlm
 from spyglass.engine.trajectory import SegmentKind
 from spyglass.trainer.sft import load_sharegpt
 from spyglass.trainer.synth.curriculum import write_copy_curriculum

@@ -9,7 +9,7 @@ from PIL import Image
 
 from spyglass.engine.tools.image_search import ImageSearchConfig, image_search_tools
 from spyglass.engine.tools.llm import LLMConfig
-from spyglass.engine.world import WorldConfig, generate_world
+from spyglass.engine.offline.world import WorldConfig, generate_world
 from spyglass.trainer.synth.filters import (EngineSolver, LLMSolver, difficulty_filter, extract_answer,
                                             is_correct, tool_image_search)
 from spyglass.trainer.synth.trajectories import TeacherConfig

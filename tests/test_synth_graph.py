@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from spyglass.engine.world import WorldConfig, generate_world
+from spyglass.engine.offline.world import WorldConfig, generate_world
 from spyglass.trainer.synth.dump import convert_mediawiki, main as dump_main, parse_wikitext, read_pages
 from spyglass.trainer.synth.graph import GraphConfig, build_graph
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from spyglass.engine.tools.base import ToolContext
 from spyglass.engine.tools.visual import laplacian_variance, visual_tools
-from spyglass.engine.world import WorldConfig, generate_world
+from spyglass.engine.offline.world import WorldConfig, generate_world
 from spyglass.trainer.synth.graph import build_graph
 from spyglass.trainer.synth.grounding import (FIX_TOOL, ImageCatalog, OCRScorer, Ungrounded, degrade,
                                               fuzzy_contains, ground_anchor, pick_degraded)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from spyglass.engine.world import WorldConfig, generate_world
+from spyglass.engine.offline.world import WorldConfig, generate_world
 from spyglass.trainer.synth.graph import build_graph
 from spyglass.trainer.synth.paths import GraphPath, PathConfig, eligible_anchors, sample_paths
 

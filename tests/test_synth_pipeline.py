@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from spyglass.engine.trajectory import Status, read_jsonl
-from spyglass.engine.world import WorldConfig, generate_world
+from spyglass.engine.offline.world import WorldConfig, generate_world
 from spyglass.trainer.synth.__main__ import main, parse_args
 from spyglass.trainer.synth.dump import convert_mediawiki
 from spyglass.trainer.synth.graph import build_graph

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from spyglass.engine import tiny
+from spyglass.engine.offline import tiny
 
 IMG = Image.new("RGB", (200, 120), (10, 200, 30))
 
@@ -24,7 +24,7 @@ def test_tokenizer_knows_the_worlds_field_names_as_words(tok):
     # a goal is written after a quote, a page line and a question have it after a space: the
     # field must be the same single id in every context, or the student has to learn to map
     # between spellings (see DOMAIN_WORDS); made-up names keep their BPE pieces in any context
-    from spyglass.engine.world import FACT_FIELDS
+    from spyglass.engine.offline.world import FACT_FIELDS
 
     def enc(text):
         return tok(text, add_special_tokens=False)["input_ids"]

@@ -14,7 +14,7 @@ from spyglass.engine.tools.base import ToolContext
 from spyglass.engine.tools.imgutil import publish
 from spyglass.engine.tools.ocr import Block, OCRConfig, ocr_tools, reading_order
 from spyglass.engine.tools.visual import visual_tools
-from spyglass.engine.world import ensure_world
+from spyglass.engine.offline.world import ensure_world
 
 OCR = ocr_tools()[0]
 VISUAL = {t.name: t for t in visual_tools()}

@@ -246,7 +246,7 @@ def test_world_questions_are_answerable_by_search_then_visit(tmp_path: Path) -> 
     """On the offline world: each visit hop's doc is the top hit for the name the previous hop
     produced, and Visit with the hop's field as goal shows the hop's value."""
     from spyglass.engine.tools.web import VisitConfig, visit_tool
-    from spyglass.engine.world import generate_world
+    from spyglass.engine.offline.world import generate_world
     world = generate_world(tmp_path / "world")
     index = build_index(tmp_path / "world" / "docs.jsonl", tmp_path / "index")
     chains = []

@@ -17,7 +17,7 @@ from spyglass.engine.tools.executor import ToolExecutor
 from spyglass.engine.tools.imgutil import publish
 from spyglass.engine.tools.visual import (VisualConfig, laplacian_variance, register_visual_tools,
                                           visual_tools)
-from spyglass.engine.world import ensure_world
+from spyglass.engine.offline.world import ensure_world
 
 TOOLS = {t.name: t for t in visual_tools()}
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from spyglass.engine import tiny
+from spyglass.engine.offline import tiny
 from spyglass.engine.trajectory import Segment, Trajectory
 from spyglass.kernels.policy_loss import PolicyLossConfig
 from spyglass.trainer.update import NonFiniteError, PolicyUpdater, UpdateConfig

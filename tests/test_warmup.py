@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from spyglass.engine.config import ConfigError
-from spyglass.engine.tiny import build_tokenizer, load_model, load_tiny
+from spyglass.engine.offline.tiny import build_tokenizer, load_model, load_tiny
 from spyglass.trainer.warmup import CopyTask, MixedTask, RecallTask, WarmupConfig, copy_step, run_warmup
 
 

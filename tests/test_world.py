@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from spyglass.engine.world import (ENTITY_KINDS, FACT_FIELDS, VERSION, WorldConfig, ensure_world, generate_world, load_world,
+from spyglass.engine.offline.world import (ENTITY_KINDS, FACT_FIELDS, VERSION, WorldConfig, ensure_world, generate_world, load_world,
                                    main)
 
 

@@ -152,7 +152,7 @@ def export_model(updater: Any, model_spec: str, path: str | Path) -> Optional[Pa
     """The trained weights in a fresh copy of `model_spec`'s model, saved with save_tiny (a
     model directory every command takes as --model). Every rank must call it (ZeRO-3 gathers);
     rank 0 writes and returns the path, the others None."""
-    from spyglass.engine.tiny import load_model, save_tiny  # noqa: PLC0415
+    from spyglass.engine.offline.tiny import load_model, save_tiny  # noqa: PLC0415
     from spyglass.trainer.distributed import full_state_dict  # noqa: PLC0415
 
     sd = full_state_dict(updater, rank0_only=True)

@@ -29,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "eval": ("spyglass.trainer.eval", "EvalConfig", "run_eval", "evaluate a policy on benchmark files"),
 }
 # commands with a hand-written argparse of their own: name -> (module, help)
-PASSTHROUGH = {"world": ("spyglass.engine.world", "generate the offline world (--out DIR --seed N)"),
+PASSTHROUGH = {"world": ("spyglass.engine.offline.world", "generate the offline world (--out DIR --seed N)"),
                "synth": ("spyglass.trainer.synth.__main__", "OpenSearch-VL data synthesis (--world DIR --out DIR)")}
 
 

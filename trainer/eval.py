@@ -63,7 +63,7 @@ from spyglass.engine.config import check
 from spyglass.engine.env import EnvConfig
 from spyglass.engine.scheduler import EngineConfig, Prompt
 from spyglass.engine.trajectory import SegmentKind, Status, Trajectory, write_jsonl
-from spyglass.engine.tiny import check_model_spec
+from spyglass.engine.offline.tiny import check_model_spec
 from spyglass.trainer.judges import JudgeConfig
 
 DIRECT_SYSTEM = ("You are a visual question answering assistant. Look at the image and answer the question "

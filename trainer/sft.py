@@ -50,7 +50,7 @@ from PIL import Image
 from spyglass.engine.config import check
 from spyglass.engine.env import EnvConfig
 from spyglass.engine.trajectory import Segment, SegmentKind, Status, Trajectory, Turn, iter_jsonl, write_jsonl
-from spyglass.engine.tiny import check_model_spec, load_model
+from spyglass.engine.offline.tiny import check_model_spec, load_model
 from spyglass.trainer.distributed import DistConfig
 from spyglass.trainer.update import PolicyUpdater, UpdateConfig
 
@@ -187,7 +187,7 @@ def sharegpt_to_trajectory(rec: dict[str, Any], codec: Any, *, where: str = "rec
     plus the stop token; logprobs 0.0 and version 0: not sampled, meta["logprobs"]="none") and
     an OBS segment per observation / later user message (the template's token delta)."""
     from spyglass.engine.chat import DEFAULT_SYSTEM
-    from spyglass.engine.tiny import encode_chat, encode_observation
+    from spyglass.engine.offline.tiny import encode_chat, encode_observation
     from spyglass.engine.toolcall import make_turn_parser
 
     tags = tags or ShareGPTTags()

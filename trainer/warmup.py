@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from spyglass.engine.config import add_dataclass_args, check, config_from_args
-from spyglass.engine.tiny import check_model_spec, load_model, save_tiny
-from spyglass.engine.world import _Namer
+from spyglass.engine.offline.tiny import check_model_spec, load_model, save_tiny
+from spyglass.engine.offline.world import _Namer
 from spyglass.trainer.synth.curriculum import FIELDS, KINDS
 
 

@@ -259,12 +259,12 @@ class HFBackend(Backend):
 
     @classmethod
     def from_tiny(cls, vlm: Any, **kwargs: Any) -> "HFBackend":
-        """From a spyglass.engine.tiny.TinyVLM."""
+        """From a spyglass.engine.offline.tiny.TinyVLM."""
         return cls(vlm.model, vlm.image_processor, **kwargs)
 
     @classmethod
     def from_config(cls, cfg: HFConfig) -> "HFBackend":
-        from spyglass.engine import tiny
+        from spyglass.engine.offline import tiny
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         kw = dict(name=cfg.name, max_batch=cfg.max_batch, max_prefill_tokens=cfg.max_prefill_tokens,
@@ -295,7 +295,7 @@ class HFBackend(Backend):
         if len(ids) + 1 > self.max_model_len:
             raise ValueError(f"prompt of {len(ids)} tokens exceeds max_model_len {self.max_model_len}")
         if self.is_vl:
-            from spyglass.engine.tiny import image_token_count
+            from spyglass.engine.offline.tiny import image_token_count
             want = sum(image_token_count(im, self.image_processor) for im in req.images)
             have = ids.count(self.image_token_id)
             if want != have:
@@ -521,7 +521,7 @@ class HFBackend(Backend):
         """How many of s's images lie wholly in ids[:n] (None if the cut splits an image)."""
         if not self.is_vl or not s.req.images:
             return 0
-        from spyglass.engine.tiny import image_token_count
+        from spyglass.engine.offline.tiny import image_token_count
         before, j, acc = ids[:n].count(self.image_token_id), 0, 0
         for im in s.req.images:
             if acc >= before:
@@ -543,7 +543,7 @@ class HFBackend(Backend):
         mask = torch.ones_like(full)                                                  # [1, L]
         kwargs: dict[str, Any] = {}
         if self.is_vl:
-            from spyglass.engine.tiny import image_grid, pixel_inputs
+            from spyglass.engine.offline.tiny import image_grid, pixel_inputs
             grid = (torch.tensor([image_grid(im, self.image_processor) for im in s.req.images])
                     if s.req.images else None)                                        # [n_img, 3]
             mm = (full == self.image_token_id).int()
@@ -574,7 +574,7 @@ class HFBackend(Backend):
             mask[i, width - lens[i]:] = 1
         kwargs: dict[str, Any] = {}
         if self.is_vl:
-            from spyglass.engine.tiny import pixel_inputs
+            from spyglass.engine.offline.tiny import pixel_inputs
             kwargs = pixel_inputs(self.image_processor, [im for s in seqs for im in s.req.images])
             mm = (ids == self.image_token_id).int() * mask                            # [b, L]
             base = getattr(self.model, "model", self.model)

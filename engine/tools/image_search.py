@@ -4,7 +4,7 @@
     register_image_search_tools(ImageSearchConfig(corpus_dir="/path/to/world"))
 
 Local backend (default). The corpus is a directory with an images.jsonl index in the format
-engine/world.py writes (id, file, entity, title, page, split; only split "corpus" rows, or rows
+engine/offline/world.py writes (id, file, entity, title, page, split; only split "corpus" rows, or rows
 without a split, are indexed); corpus_dir=None means the default offline world (ensure_world()).
 The index, built once on first use, holds for each image:
   * perceptual hashes (imagehash pHash and dHash, 64 bits): find near-duplicates, rescaled or
@@ -431,7 +431,7 @@ def image_search_tools(cfg: ImageSearchConfig | None = None,
                             if cfg.embedding_model else None)
                 root = cfg.corpus_dir
                 if root is None:
-                    from ..world import ensure_world
+                    from ..offline.world import ensure_world
                     root = str(ensure_world().root)
                 state["index"] = ImageSearchIndex.from_dir(root, cfg, embedder)
             return state["index"]

@@ -22,7 +22,7 @@ from .trajectories import POLICIES, TeacherConfig
 def parse_args(argv: list[str] | None = None) -> SynthConfig:
     ap = argparse.ArgumentParser(prog="python -m spyglass.trainer.synth", description=__doc__.split("\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--world", help="world directory (engine/world.py); its docs.jsonl is the graph")
+    src.add_argument("--world", help="world directory (engine/offline/world.py); its docs.jsonl is the graph")
     src.add_argument("--pages", help="pages JSONL (trainer/synth/dump.py); questions only")
     ap.add_argument("--images-dir", default="", help="with --pages: the pages' image files")
     ap.add_argument("--out", required=True)

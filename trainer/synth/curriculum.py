@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from spyglass.engine.chat import DEFAULT_SYSTEM
-from spyglass.engine.world import ENTITY_KINDS, FACT_FIELDS, _Namer
+from spyglass.engine.offline.world import ENTITY_KINDS, FACT_FIELDS, _Namer
 
 FIELDS = tuple(dict.fromkeys(f for fields in FACT_FIELDS.values() for f in fields))  # the world's infobox fields
 KINDS = ENTITY_KINDS

@@ -4,7 +4,7 @@
     pages = list(read_pages("pages.jsonl"))
 
 The pages JSONL format: one JSON object per line, a superset of the offline world's docs.jsonl
-(engine/world.py), so a world's docs.jsonl is read as it is.
+(engine/offline/world.py), so a world's docs.jsonl is read as it is.
 
     title          str, required: the page title; links and redirects name pages by title
     id             str, optional (default: the title); links may also name pages by id

@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageFilter
 
-from spyglass.engine.world import World
+from spyglass.engine.offline.world import World
 
 from .graph import Node
 

@@ -229,7 +229,7 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 async def run_pipeline(cfg: SynthConfig, solver: Solver | None = None) -> dict[str, Any]:
     """Run everything (see module docstring); returns the report. `solver` overrides
     cfg.difficulty's solver (e.g. a stub, or a human-labelled table)."""
-    from spyglass.engine.world import load_world  # noqa: PLC0415
+    from spyglass.engine.offline.world import load_world  # noqa: PLC0415
     out = Path(cfg.out)
     if (out / "images").exists():
         shutil.rmtree(out / "images")

@@ -56,7 +56,7 @@ class TeacherConfig:
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"TeacherConfig.policy must be one of {POLICIES}, got {self.policy!r}")
-        from spyglass.engine.tiny import check_model_spec  # noqa: PLC0415
+        from spyglass.engine.offline.tiny import check_model_spec  # noqa: PLC0415
         if self.backend == "hf":
             check_model_spec(self.model, "TeacherConfig.model")
         for k in ("n_samples", "max_turns", "max_tokens_per_turn", "keep_per_question"):
@@ -84,7 +84,7 @@ def build_teacher(cfg: TeacherConfig, servers: int = 1) -> tuple[Any, list[Any]]
     from spyglass.engine.backends import backend_config, make_backend  # noqa: PLC0415
     from spyglass.engine.backends.hf import HFBackend  # noqa: PLC0415
     from spyglass.engine.chat import HFCodec  # noqa: PLC0415
-    from spyglass.engine.tiny import load_model  # noqa: PLC0415
+    from spyglass.engine.offline.tiny import load_model  # noqa: PLC0415
     vlm = load_model(cfg.model, seed=cfg.seed)
     codec = HFCodec.from_tiny(vlm)
     if cfg.backend == "hf":

@@ -14,7 +14,7 @@ work with any Qwen-VL style (tokenizer, image processor) pair. The chat template
 <|image_pad|> per image; encoding expands it to `image_token_count(image)` copies, which is
 exactly what the model's vision tower produces (grid_t*grid_h*grid_w / merge_size**2).
 
-    from spyglass.engine.tiny import build_tiny_vlm, encode_chat
+    from spyglass.engine.offline.tiny import build_tiny_vlm, encode_chat
     vlm = build_tiny_vlm("qwen2_vl", seed=0)
     enc = encode_chat(vlm.tokenizer, vlm.image_processor, [{"role": "user", "content": [
         {"type": "image", "image": img}, {"type": "text", "text": "What is this?"}]}])
@@ -322,7 +322,7 @@ MODEL_SPEC = "tiny:<family>[:<hidden>x<layers>[:<image tokens>]]"
 def check_model_spec(spec: str, what: str = "model") -> None:
     """Config validation: ConfigError naming `what` unless `spec` is a valid tiny spec or an
     existing directory."""
-    from .config import check  # noqa: PLC0415
+    from ..config import check  # noqa: PLC0415
     check(is_model_spec(spec), f"{what} must be {MODEL_SPEC} or an existing directory, got {spec!r}")
 
 

@@ -2,7 +2,7 @@
 signs and labels, and multi-hop visual questions over them. Tools and tests run against it with
 no network.
 
-    python -m spyglass.engine.world --out /tmp/world --seed 0      # writes the files below
+    python -m spyglass.engine.offline.world --out /tmp/world --seed 0      # writes the files below
     world = ensure_world()     # generate once into $SPYGLASS_WORLD or ~/.cache/spyglass/world-v1
     world = load_world(dir)    # read an existing one
 
@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .world_render import RenderKit
+from .render import RenderKit
 
 VERSION = "world-v1"
 TYPES = ("person", "place", "org", "product", "event")
@@ -455,7 +455,7 @@ def load_world(root: str | Path) -> World:
     missing = [n for n in need if not (root / n).is_file()]
     if missing:
         raise FileNotFoundError(f"{root} is not a spyglass world: missing {missing} "
-                                "(generate one with `python -m spyglass.engine.world --out DIR`)")
+                                "(generate one with `python -m spyglass.engine.offline.world --out DIR`)")
     manifest = json.loads((root / "manifest.json").read_text())
     if manifest.get("version") != VERSION:
         raise ValueError(f"{root}: world version {manifest.get('version')!r}, expected {VERSION!r}")
@@ -500,7 +500,7 @@ def ensure_world(cache_dir: str | Path | None = None, cfg: WorldConfig | None = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m spyglass.engine.world", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m spyglass.engine.offline.world", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="directory to write the world into")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)

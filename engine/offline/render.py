@@ -1,8 +1,8 @@
-"""Image rendering for the offline world (engine/world.py): sign boards with an entity's emblem
+"""Image rendering for the offline world (engine/offline/world.py): sign boards with an entity's emblem
 and text lines drawn in matplotlib's DejaVu fonts, composed on a patterned wall, then degraded
 (perspective warp, Gaussian blur, low resolution); street scenes with three small boards; and
 text-free emblem crops for reverse image search. Deterministic given the numpy Generator and
-the entity ids. Not run directly; `python -m spyglass.engine.world --out DIR` drives it.
+the entity ids. Not run directly; `python -m spyglass.engine.offline.world --out DIR` drives it.
 """
 from __future__ import annotations
 
