@@ -31,8 +31,9 @@ from spyglass.engine.backends.hf import _cache_from, _layers_of
 from spyglass.engine.env import EnvConfig
 from spyglass.engine.metrics import device_name, git_commit
 from spyglass.engine.scheduler import EngineConfig
-from spyglass.engine.offline.tiny import load_model
+from spyglass.engine.loader import load_model
 from spyglass.engine.offline.world import ensure_world
+from spyglass.engine.rollout import RolloutConfig
 from spyglass.trainer.eval import EvalConfig, run_eval
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -61,9 +62,11 @@ def decode_ms(model: torch.nn.Module, b: int, t: int, steps: int, rebuild: bool)
 def eval_wall(a: argparse.Namespace, world: str, questions: str, cache_tokens: int | None, out: Path) -> dict:
     env = EnvConfig(world_dir=world, tools=list(TOOLS), dense_search=False, prompt_schemas=False, search_top_k=1,
                     questions_file=questions, questions=0 if questions else a.limit)
-    cfg = EvalConfig(model=a.model, policy="sample" if questions else "replay", env=env, agentic=True,
-                     direct_baseline=False, limit=a.limit, out_dir=str(out), backend_options={"prefix_cache_tokens": cache_tokens},
-                     engine=EngineConfig(n_samples=1, max_live=64, max_turns=14, max_tokens_per_turn=96, temperature=0.0))
+    rollout = RolloutConfig(model=a.model, policy="sample" if questions else "replay", env=env,
+                            backend_options={"prefix_cache_tokens": cache_tokens}, out="", progress=False,
+                            engine=EngineConfig(n_samples=1, max_live=64, max_turns=14, max_tokens_per_turn=96,
+                                                temperature=0.0))
+    cfg = EvalConfig(rollout=rollout, agentic=True, direct_baseline=False, limit=a.limit, out_dir=str(out))
     t0 = time.perf_counter()
     run_eval(cfg)
     wall = time.perf_counter() - t0

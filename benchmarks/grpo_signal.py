@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from spyglass.engine.metrics import device_name, git_commit
-from spyglass.engine.offline.tiny import load_tiny
+from spyglass.engine.loader import load_model
 from spyglass.engine.trajectory import iter_jsonl
 from spyglass.trainer.algorithm import FILTERS, MODES, AlgoConfig, compute_advantages
 from spyglass.trainer.update import PolicyUpdater, UpdateConfig
@@ -49,7 +49,7 @@ class Gradients:
     by a read of the gradient, so the weights never move)."""
 
     def __init__(self, model_dir: Path, temperature: float) -> None:
-        vlm = load_tiny(model_dir)
+        vlm = load_model(str(model_dir))
         self.up = PolicyUpdater(vlm.model, UpdateConfig(lr=1e-6, temperature=temperature),
                                 image_processor=vlm.image_processor)
         rt, self.grad = self.up.runtime, None

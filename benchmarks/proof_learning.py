@@ -52,7 +52,9 @@ from spyglass.engine.env import EnvConfig
 from spyglass.engine.metrics import device_name, git_commit
 from spyglass.engine.rollout import RolloutConfig
 from spyglass.engine.scheduler import EngineConfig
-from spyglass.engine.offline.tiny import load_model, load_tiny, parse_tiny_spec, pixel_inputs
+from spyglass.engine.chat import pixel_inputs
+from spyglass.engine.loader import load_model
+from spyglass.engine.offline.tiny import parse_tiny_spec
 from spyglass.engine.trajectory import SegmentKind, iter_jsonl, write_jsonl
 from spyglass.engine.offline.world import WorldConfig, generate_world
 from spyglass.kernels.policy_loss import PolicyLossConfig
@@ -138,7 +140,7 @@ def teacher_forced(model_dir: Path, trajectories: Path, ids: set[str], n: int = 
     value: strings the agent has to copy from what it has seen), and the fraction of those
     copies whose every token is right (what greedy decoding needs). Says what SFT learned when
     the held-out answer accuracy is zero."""
-    vlm = load_tiny(model_dir)
+    vlm = load_model(str(model_dir))
     model, tok = vlm.model, vlm.tokenizer
     trajs = [t for t in iter_jsonl(trajectories) if t.group_id in ids][:n]
     hits = {"gen": [0, 0], "copy": [0, 0], "span": [0, 0]}
@@ -257,7 +259,7 @@ class Proof:
         from spyglass.trainer.sft import load_sharegpt
         from spyglass.trainer.synth.curriculum import write_copy_curriculum
         path = write_copy_curriculum(self.out / "copy.sharegpt.jsonl", self.a.copy_curriculum, seed=self.a.seed + 1)
-        copies = load_sharegpt(path, HFCodec.from_tiny(load_model(self.a.model)))
+        copies = load_sharegpt(path, HFCodec.from_model(load_model(self.a.model)))
         mix = list(iter_jsonl(self.synth / "train_trajectories.jsonl")) + copies
         random.Random(self.a.seed).shuffle(mix)
         write_jsonl(self.out / "sft_data.jsonl.part", mix, append=False)
@@ -327,8 +329,9 @@ class Proof:
     def evaluate(self, name: str, model: Path, direct: bool, agentic: bool = True) -> dict[str, Any]:
         d = self.out / "eval" / name
         held = self.synth / "held_questions.jsonl"
-        cfg = EvalConfig(model=str(model), policy="sample", engine=self.engine(1, 0.0), env=self.env(held),
-                         agentic=agentic, direct_baseline=direct, direct_max_tokens=self.a.max_tokens_per_turn,
+        rollout = RolloutConfig(model=str(model), policy="sample", engine=self.engine(1, 0.0), env=self.env(held),
+                                out="", progress=False)
+        cfg = EvalConfig(rollout=rollout, agentic=agentic, direct_baseline=direct, direct_max_tokens=self.a.max_tokens_per_turn,
                          out_dir=str(d))
         self.stage(f"eval {name}", d / "report.json", lambda: run_eval(cfg))
         rep = json.loads((d / "report.json").read_text())

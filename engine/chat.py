@@ -6,14 +6,20 @@ the end of the assistant's turn and the start of the next assistant turn). A Cod
 
 - ByteCodec: a self-contained Qwen-style template over UTF-8 bytes (ids 0..255) plus special
   tokens; used by the latency-modelled benchmarks and tests where no tokenizer is wanted.
-- HFCodec: any Hugging Face tokenizer with a Qwen-style chat template (the tiny VLMs in
-  engine/offline/tiny.py, or a real Qwen2.5-VL tokenizer); image tokens expanded per image size.
+- HFCodec: a checkpoint's own tokenizer and chat template (Qwen2-VL, Qwen2.5-VL, Qwen3-VL,
+  Qwen2/Qwen3 text; the tiny fixtures carry templates of the same shapes); image tokens expanded
+  per image size. Where the template has no tool role or ignores `tools`, the Qwen agent layout
+  fills in (HFCodec's docstring).
 
-Both use the Qwen2.5-VL agent layout: tool results come back as a user turn wrapping
+ByteCodec uses the Qwen2.5-VL agent layout: tool results come back as a user turn wrapping
 <tool_response>...</tool_response>, images as <|vision_start|><|image_pad|>*n<|vision_end|>.
+The template-level helpers (encode_chat, encode_observation, image_token_count, image_grid,
+pixel_inputs) work with any (tokenizer, Qwen-VL image processor) pair.
 """
 from __future__ import annotations
 
+import itertools
+import json
 import math
 from array import array
 from dataclasses import dataclass, field
@@ -149,44 +155,233 @@ def _obs_content(text: str, images: Sequence[Image.Image]) -> list[dict[str, Any
     return [{"type": "text", "text": text}] + [{"type": "image", "image": im} for im in images]
 
 
+# ------------------------------------------------------------------------ template-level encoding
+@dataclass
+class ChatEncoding:
+    """Prompt token ids with every image already expanded to its visual tokens."""
+
+    input_ids: list[int]
+    images: list[Image.Image] = field(default_factory=list)  # in order of appearance
+
+
+def image_token_count(image: Image.Image, image_processor: Any) -> int:
+    """How many <|image_pad|> tokens `image` occupies: grid_h*grid_w / merge_size**2 (t = 1)."""
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"image must be a PIL.Image.Image, got {type(image).__name__}")
+    w, h = image.size
+    patches = image_processor.get_number_of_image_patches(h, w, {})
+    return int(patches // image_processor.merge_size ** 2)
+
+
+def image_grid(image: Image.Image, image_processor: Any) -> tuple[int, int, int]:
+    """(t, grid_h, grid_w) the processor gives `image` (its image_grid_thw row), from the size
+    alone: no pixels are processed (what a prefix-cache hit needs for the images it reuses)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+    w, h = image.size
+    patch, merge = image_processor.patch_size, image_processor.merge_size
+    rh, rw = smart_resize(h, w, patch * merge, min_pixels=image_processor.size["shortest_edge"],
+                          max_pixels=image_processor.size["longest_edge"])
+    return 1, rh // patch, rw // patch
+
+
+def pixel_inputs(image_processor: Any, images: list[Image.Image]) -> dict[str, Any]:
+    """pixel_values [n_patches, C*T*P*P] and image_grid_thw [n_images, 3] for the model."""
+    if not images:
+        return {}
+    out = image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
+    return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+
+
+def _message_images(messages: Sequence[dict[str, Any]]) -> list[Image.Image]:
+    images = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):
+            for part in content:
+                if part.get("type") == "image" or "image" in part:
+                    img = part.get("image")
+                    if not isinstance(img, Image.Image):
+                        raise TypeError(f"image part must carry a PIL image under 'image', got "
+                                        f"{type(img).__name__} in message role={m.get('role')!r}")
+                    images.append(img)
+    return images
+
+
+def expand_image_pads(ids: list[int], images: Sequence[Image.Image], tokenizer: Any,
+                      image_processor: Any) -> list[int]:
+    """Replace each single <|image_pad|> id with image_token_count(image) copies, in order."""
+    if not images:
+        return ids
+    pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    n_pads = ids.count(pad)
+    if n_pads != len(images):
+        raise ValueError(f"text has {n_pads} image placeholders but {len(images)} images were given")
+    counts = iter([image_token_count(im, image_processor) for im in images])
+    return list(itertools.chain.from_iterable([pad] * next(counts) if t == pad else [t] for t in ids))
+
+
+def encode_chat(tokenizer: Any, image_processor: Any, messages: list[dict[str, Any]],
+                tools: list[dict[str, Any]] | None = None,
+                add_generation_prompt: bool = True) -> ChatEncoding:
+    """Render `messages` with the tokenizer's chat template and tokenize, expanding image
+    placeholders. A content is a string or a list of parts {"type": "text", "text": ...} /
+    {"type": "image", "image": PIL.Image}."""
+    if not messages:
+        raise ValueError("messages is empty")
+    text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+    images = _message_images(messages)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ChatEncoding(expand_image_pads(ids, images, tokenizer, image_processor), images)
+
+
+_SENTINEL = "SPYGLASS-ASSISTANT-TURN-7f3a"
+
+
+def encode_observation(tokenizer: Any, image_processor: Any, messages: list[dict[str, Any]],
+                       add_generation_prompt: bool = True, stop: str = "<|im_end|>") -> ChatEncoding:
+    """The token delta the template puts after an assistant turn that ended with `stop`, for the
+    new (tool/user) `messages`: the rendering of [user, assistant, *messages] after the
+    assistant's content and its `stop`. So prompt + generated tokens + delta equals what
+    encode_chat gives for the whole conversation (the model's own tokens are never
+    re-tokenized), whatever the template does around the assistant turn (Qwen3's think block)."""
+    if not messages:
+        raise ValueError("messages is empty")
+    anchor = [{"role": "user", "content": "x"}, {"role": "assistant", "content": _SENTINEL}]
+    full = tokenizer.apply_chat_template(anchor + list(messages), tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+    at = full.find(_SENTINEL)
+    after = full[at + len(_SENTINEL):] if at >= 0 else ""
+    if not after.startswith(stop):
+        raise ValueError(f"the chat template does not end an assistant turn with {stop!r} right after its "
+                         f"content; cannot compute an observation delta")
+    images = _message_images(messages)
+    ids = tokenizer(after[len(stop):], add_special_tokens=False)["input_ids"]
+    return ChatEncoding(expand_image_pads(ids, images, tokenizer, image_processor), images)
+
+
+def render_tool_block(tools: Sequence[dict[str, Any]]) -> str:
+    """The Qwen agent (Hermes) tool block appended to the system prompt, as Qwen2.5's and
+    Qwen3's own templates write it; used for a template that does not render `tools`."""
+    lines = "".join("\n" + json.dumps(t, ensure_ascii=False) for t in tools)
+    return ("\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+            "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+            f"{lines}\n</tools>\n\nFor each function call, return a json object with function name and "
+            "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, "
+            "\"arguments\": <args-json-object>}\n</tool_call>")
+
+
+def _template_traits(tokenizer: Any) -> tuple[bool, bool]:
+    """(renders `tools` itself, renders role "tool" as Qwen's <tool_response> user turn)."""
+    probe = {"type": "function", "function": {"name": "spyglass_probe_tool", "parameters": {"type": "object"}}}
+    msgs = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"},
+            {"role": "tool", "content": "spyglass-probe-result"}]
+    try:
+        with_tools = tokenizer.apply_chat_template(msgs[:1], tools=[probe], tokenize=False)
+    except Exception:  # a template that raises on `tools`
+        with_tools = ""
+    try:
+        tool_turn = tokenizer.apply_chat_template(msgs, tokenize=False)
+    except Exception:  # a template that raises on the tool role
+        tool_turn = ""
+    return "spyglass_probe_tool" in with_tools, "<tool_response>\nspyglass-probe-result" in tool_turn
+
+
 class HFCodec:
-    """A Hugging Face tokenizer with a Qwen-style chat template (engine/offline/tiny.py's or a real
-    Qwen2.5-VL one) plus its image processor, which fixes how many pad tokens an image takes."""
+    """A checkpoint's tokenizer and chat template (plus, for a VL model, its image processor,
+    which fixes how many pad tokens an image takes). The template decides every token; where it
+    lacks a feature the Qwen agent layout fills in: a template that ignores `tools` (Qwen2-VL,
+    Qwen2.5-VL) gets the Hermes tool block appended to the system prompt, and one without a
+    tool role (the same) gets tool results as a user turn wrapping <tool_response>...
+    </tool_response> (what Qwen2.5's and Qwen3's templates render for role "tool"). A text-only
+    model (no image processor) takes no images: contents are plain strings."""
 
     def __init__(self, tokenizer: Any, image_processor: Any = None, system: str | None = None) -> None:
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.system = system
         ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
         unk = getattr(tokenizer, "unk_token_id", None)
-        self.stop_token_ids = [i for i in ids if i is not None and i != unk]
+        self.stop_token_ids = list(dict.fromkeys(i for i in ids if i is not None and i != unk))
         if not self.stop_token_ids:
             raise ValueError("tokenizer has no <|im_end|>/<|endoftext|> token to stop turns on")
+        self.stop_text = tokenizer.convert_ids_to_tokens(self.stop_token_ids[0])
+        self.template_tools, self.template_tool_role = _template_traits(tokenizer)
 
     @classmethod
-    def from_tiny(cls, vlm: Any, system: str | None = None) -> "HFCodec":
-        return cls(vlm.tokenizer, vlm.image_processor, system)
+    def from_model(cls, loaded: Any, system: str | None = None) -> "HFCodec":
+        """From a loader.LoadedModel (its tokenizer and image processor)."""
+        return cls(loaded.tokenizer, loaded.image_processor, system)
+
+    @property
+    def takes_images(self) -> bool:
+        return self.image_processor is not None
 
     def image_tokens(self, img: Image.Image) -> int:
-        from .offline.tiny import image_token_count  # noqa: PLC0415
         return image_token_count(img, self.image_processor) if self.image_processor else 0
 
-    def _messages(self, question: str, images: Sequence[Image.Image],
-                  system: str | None) -> list[dict[str, Any]]:
-        user = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": question}]
-        return [{"role": "system", "content": system or self.system or DEFAULT_SYSTEM},
-                {"role": "user", "content": user}]
+    def _content(self, text: str, images: Sequence[Image.Image], images_first: bool) -> Any:
+        if not images:
+            return text if not self.takes_images else [{"type": "text", "text": text}]
+        if not self.takes_images:
+            raise ValueError(f"this model is text-only (no image processor) but {len(images)} image(s) were given")
+        parts = [{"type": "image", "image": im} for im in images]
+        return parts + [{"type": "text", "text": text}] if images_first else \
+            [{"type": "text", "text": text}] + parts
+
+    def system_message(self, system: str | None, tools: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        text = system or self.system or DEFAULT_SYSTEM
+        if tools and not self.template_tools:
+            text += render_tool_block(tools)
+        return {"role": "system", "content": text}
+
+    def tool_message(self, text: str, images: Sequence[Image.Image]) -> dict[str, Any]:
+        """A tool result (text, then its images) as the template wants it (the class docstring)."""
+        return self.tool_message_parts([{"type": "text", "text": text}] + [{"type": "image", "image": im} for im in images])
+
+    def tool_message_parts(self, parts: list[dict[str, Any]]) -> dict[str, Any]:
+        """A tool result given as content parts (text and images in any order)."""
+        return self._turn("tool", parts)
+
+    def user_message_parts(self, parts: list[dict[str, Any]]) -> dict[str, Any]:
+        return self._turn("user", parts)
+
+    def _turn(self, role: str, parts: list[dict[str, Any]]) -> dict[str, Any]:
+        images = [p for p in parts if p.get("type") == "image"]
+        if images and not self.takes_images:
+            raise ValueError(f"this model is text-only (no image processor) but {len(images)} image(s) were given")
+        if role == "tool" and not self.template_tool_role:  # the Qwen agent layout
+            role, parts = "user", [{"type": "text", "text": "<tool_response>\n"}, *parts,
+                                   {"type": "text", "text": "\n</tool_response>"}]
+        if not self.takes_images:
+            return {"role": role, "content": "".join(p["text"] for p in parts)}
+        return {"role": role, "content": parts}
+
+    def _messages(self, question: str, images: Sequence[Image.Image], system: str | None,
+                  tools: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [self.system_message(system, tools),
+                {"role": "user", "content": self._content(question, images, images_first=True)}]
+
+    def _tools_arg(self, tools: Sequence[dict[str, Any]]) -> list[dict[str, Any]] | None:
+        return list(tools) if tools and self.template_tools else None
+
+    def encode_messages(self, messages: list[dict[str, Any]], tools: Sequence[dict[str, Any]] = (),
+                        add_generation_prompt: bool = True) -> ChatEncoding:
+        """A whole conversation (messages already in this codec's layout, e.g. from
+        system_message / tool_message) through the template."""
+        return encode_chat(self.tokenizer, self.image_processor, messages, tools=self._tools_arg(tools),
+                           add_generation_prompt=add_generation_prompt)
+
+    def encode_delta(self, messages: list[dict[str, Any]]) -> ChatEncoding:
+        """The token delta after a finished assistant turn for new messages (see encode_observation)."""
+        return encode_observation(self.tokenizer, self.image_processor, messages, stop=self.stop_text)
 
     def encode_prompt(self, question: str, images: Sequence[Image.Image],
                       tools: Sequence[dict[str, Any]], system: str | None = None) -> list[int]:
-        from .offline.tiny import encode_chat  # noqa: PLC0415
-        return encode_chat(self.tokenizer, self.image_processor, self._messages(question, images, system),
-                           tools=list(tools) or None).input_ids
+        return self.encode_messages(self._messages(question, images, system, tools), tools).input_ids
 
     def encode_observation(self, text: str, images: Sequence[Image.Image], closed: bool,
                            first_image_index: int = 1) -> list[int]:
-        from .offline.tiny import encode_observation  # noqa: PLC0415
-        ids = encode_observation(self.tokenizer, self.image_processor,
-                                 [{"role": "tool", "content": _obs_content(text, images)}]).input_ids
+        ids = self.encode_delta([self.tool_message(text, images)]).input_ids
         return ids if closed else [self.stop_token_ids[0]] + ids
 
     def encode_text(self, text: str) -> list[int]:
@@ -200,15 +395,13 @@ class HFCodec:
                    system: str | None = None) -> list[int]:
         """A fresh tokenization of the whole conversation: (assistant text without its stop
         token, observation text or None, observation images) per turn."""
-        from .offline.tiny import encode_chat  # noqa: PLC0415
-        msgs = self._messages(question, images, system)
+        msgs = self._messages(question, images, system, tools)
         for said, obs, obs_images in turns:
             msgs.append({"role": "assistant", "content": said})
             if obs is not None:
-                msgs.append({"role": "tool", "content": _obs_content(obs, obs_images)})
+                msgs.append(self.tool_message(obs, obs_images))
         last_is_obs = bool(turns) and turns[-1][1] is not None
-        ids = encode_chat(self.tokenizer, self.image_processor, msgs, tools=list(tools) or None,
-                          add_generation_prompt=last_is_obs or not turns).input_ids
+        ids = self.encode_messages(msgs, tools, add_generation_prompt=last_is_obs or not turns).input_ids
         if turns and not last_is_obs:  # the run ends on the model's stop token, not the template's "\n"
             while ids and ids[-1] not in self.stop_token_ids:
                 ids.pop()

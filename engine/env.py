@@ -1,7 +1,9 @@
-"""The default agent environment: the offline world, the nine tools, and their runner.
+"""The default agent environment: the questions, the nine tools, and their runner.
 
-Wires what the engine needs for a real run with no network: the world (engine/offline/world.py) as
-prompts and as the corpus of TextSearch / Visit / ImageSearch; the visual and OCR tools; the
+Wires what the engine needs for a real run with no network: the questions (the user's dataset,
+`data.path`, read by engine/data.py; else the bundled offline world's questions, converted to the
+same records and read by the same reader); the offline world (engine/offline/world.py) as the
+corpus of TextSearch / Visit / ImageSearch; the visual and OCR tools; the
 Python sandbox; one ToolExecutor (disk cache, C++ coalescer, retries, limits) behind an
 ExecutorRunner, the engine's ToolRunner; and replay scripts that solve each world question
 the way its hops say (used by the replay policy, and as teacher trajectories).
@@ -9,7 +11,11 @@ the way its hops say (used by the replay policy, and as teacher trajectories).
     env = build_env(EnvConfig())
     engine = Engine(cfg, backends, codec, env.runner, make_turn_parser(env.schemas),
                     tool_schemas=env.prompt_tools)
-    prompts = env.prompts()             # world questions with their images
+    prompts = env.prompts()             # the questions with their images
+
+A record's own `tools` list limits what its prompt shows and what the runner executes (a call
+to another tool is refused with a bad-arguments error); its `system` replaces the system prompt.
+Replay scripts exist only for records that carry the world's `hops`.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from PIL import Image
 
 
 from .config import check
+from .data import DataConfig, DataError, Record, load_dataset, parse_record
 from .scheduler import Prompt, ToolOutcome
 from .tools.base import Tool, ToolContext
 from .trajectory import Trajectory
@@ -43,8 +50,9 @@ class EnvConfig:
     coalesce: bool = True  # identical in-flight calls run once (C++ coalescer)
     max_batch: int = 16
     max_wait_s: float = 0.002
-    questions: int = 0  # 0: all world questions
-    questions_file: str = ""  # a synthesized questions.jsonl (trainer/synth) instead of the world's
+    data: DataConfig = field(default_factory=DataConfig)  # your own questions (engine/data.py); path "" = the world's
+    questions: int = 0  # use the first N questions (0: all)
+    questions_file: str = ""  # a synthesized questions.jsonl (trainer/synth, world layout) instead of the world's
     prompt_schemas: bool = True  # the tools' JSON schemas in the system prompt (False: ~2,500
     #                              tokens shorter; for a model fine-tuned on the agent format)
     search_top_k: int = 3  # TextSearch / ImageSearch results asked for by the solve scripts
@@ -52,6 +60,8 @@ class EnvConfig:
     def __post_init__(self) -> None:
         check(not self.questions_file or Path(self.questions_file).is_file(),
               f"questions_file {self.questions_file!r} does not exist")
+        check(not (self.questions_file and self.data.path),
+              f"questions_file {self.questions_file!r} and data.path {self.data.path!r}: give one of them")
         check(self.search_top_k >= 1, f"search_top_k must be >= 1, got {self.search_top_k}")
         bad = [t for t in self.tools if t not in ALL_TOOLS]
         check(not bad, f"tools: unknown {bad}; known {list(ALL_TOOLS)}")
@@ -98,7 +108,12 @@ class ExecutorRunner:
     async def __call__(self, calls: list[dict[str, Any]], traj: Trajectory) -> list[ToolOutcome]:
         ctx = ToolContext(images=traj.images(), trajectory_id=traj.id)
         outs = []
+        allowed = traj.meta.get("tools")
         for c in calls:
+            if allowed is not None and c["name"] not in allowed:
+                outs.append(ToolOutcome(f"Error (bad_args): tool {c['name']!r} is not offered for this question "
+                                        f"(its tools: {allowed})", error_kind="bad_args"))
+                continue
             n = len(ctx.images)
             res = await self.executor.execute(c["name"], c["arguments"], ctx)
             if res.ok:
@@ -121,6 +136,7 @@ class Env:
     tools: dict[str, Tool]
     executor: Any
     runner: ExecutorRunner
+    bad_records: list = field(default_factory=list)  # the dataset's skipped records (engine/data.py)
 
     @property
     def schemas(self) -> list[dict[str, Any]]:
@@ -131,40 +147,64 @@ class Env:
         """The schemas the system prompt shows (none with prompt_schemas=False)."""
         return self.schemas if self.cfg.prompt_schemas else []
 
-    def all_questions(self) -> list[dict[str, Any]]:
-        """The question records: the world's, or those of `questions_file` (its images under
-        its directory, `image_file`)."""
-        if not self.cfg.questions_file:
-            return list(self.world.questions)
-        lines = Path(self.cfg.questions_file).read_text().splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+    @functools.cached_property
+    def records(self) -> list[Record]:
+        """Every question as a data Record: the dataset's (bad records skipped and counted,
+        engine/data.py), or the world's / questions_file's through the same reader."""
+        if self.cfg.data.path:
+            ds = load_dataset(self.cfg.data, limit=self.cfg.questions)
+            if ds.bad:
+                print(ds.summary(), flush=True)
+            self.bad_records = ds.bad
+            return ds.records
+        src = Path(self.cfg.questions_file) if self.cfg.questions_file else self.world.root / "questions.jsonl"
+        out = []
+        for i, q in enumerate(self.world_rows()):
+            raw = {k: v for k, v in q.items() if k not in ("image", "image_file")}
+            raw["images"] = [str(self.image_path(q))]
+            try:
+                out.append(parse_record(raw, f"{src}:{i + 1}", self.cfg.data, src.parent))
+            except DataError as e:  # the bundled world's or a synthesized file's: never silently skipped
+                raise DataError(f"{e} (the world or questions_file is broken: regenerate it)") from None
+        return out
+
+    def world_rows(self) -> list[dict[str, Any]]:
+        """The world's (or questions_file's) question rows as stored, cut to `questions`; [] when
+        the questions come from a dataset (data.path)."""
+        if self.cfg.data.path:
+            return []
+        rows = ([json.loads(line) for line in Path(self.cfg.questions_file).read_text().splitlines() if line.strip()]
+                if self.cfg.questions_file else list(self.world.questions))
+        return rows[: self.cfg.questions] if self.cfg.questions else rows
 
     def questions(self) -> list[dict[str, Any]]:
-        """all_questions(), cut to the first `questions` when that is set."""
-        qs = self.all_questions()
-        return qs[: self.cfg.questions] if self.cfg.questions else qs
+        """The question records as dicts (id, question, answer, aliases, and the extra fields)."""
+        return [{"id": r.id, "question": r.question, "answer": r.answer, "aliases": r.aliases, **r.meta}
+                for r in self.records]
 
     def image_path(self, q: dict[str, Any]) -> Path:
-        """The file of question `q`'s image (a synthesized question's own, possibly degraded, copy)."""
+        """The file of world question `q`'s image (a synthesized question's own, possibly degraded, copy)."""
         if self.cfg.questions_file and q.get("image_file"):
             return Path(self.cfg.questions_file).parent / q["image_file"]
         return self.world.image_path(q["image"])
 
-    def _image(self, q: dict[str, Any]) -> Image.Image:
-        with Image.open(self.image_path(q)) as im:
-            return im.convert("RGB")
-
     def prompts(self, ids: list[str] | None = None) -> list[Prompt]:
-        """Questions as engine prompts (image loaded; answer and aliases in meta)."""
+        """Records as engine prompts (images loaded; answer, aliases and extra fields in meta;
+        the record's tools and system prompt)."""
         wanted = set(ids) if ids is not None else None
-        qs = self.questions() if wanted is None else [q for q in self.all_questions() if q["id"] in wanted]
-        return [Prompt(q["id"], q["question"], images=[self._image(q)],
-                       meta={"question": q["question"], "answer": q["answer"],
-                             "aliases": q.get("aliases", []), "kind": q.get("kind", "")})
-                for q in qs]
+        recs = [r for r in self.records if wanted is None or r.id in wanted]
+        unknown = sorted({t for r in recs for t in (r.tools or []) if t not in self.tools})
+        check(not unknown, f"data: records name tools {unknown} that this run does not have; "
+                           f"its tools: {sorted(self.tools)}")
+        return [Prompt(r.id, r.question, images=list(r.images), tools=r.tools, system=r.system,
+                       meta={**r.meta, "question": r.question, "answer": r.answer, "aliases": r.aliases,
+                             "kind": r.meta.get("kind", "")})
+                for r in recs]
 
     def replay_scripts(self) -> dict[str, list[str]]:
-        return {q["id"]: solve_script(q, self.cfg.search_top_k) for q in self.all_questions()}
+        """Solve scripts of the records that carry the world's `hops` (the others have none)."""
+        return {r.id: solve_script({"id": r.id, "answer": r.answer, **r.meta}, self.cfg.search_top_k)
+                for r in self.records if r.meta.get("hops")}
 
 
 def build_env(cfg: EnvConfig | None = None) -> Env:

@@ -6,6 +6,8 @@ is duplicated or lost. bench_rollout runs the same workload twice, by the async 
 the lock-step baseline (cfg.lockstep), and prints throughput and their ratio.
 
     run_rollout(RolloutConfig(out="runs/r.jsonl"))          # tiny VLM, replay policy, world
+    run_rollout(RolloutConfig(model="/models/Qwen2.5-VL-7B-Instruct", policy="sample",
+                              env=EnvConfig(data=DataConfig(path="questions.jsonl"))))
     bench_rollout(RolloutConfig())                          # the README's main job
 """
 from __future__ import annotations
@@ -17,9 +19,10 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .config import check
+from .loader import LoadConfig, LoadedModel, check_model_spec, load_model
 from .metrics import device_name, git_commit
 from .env import Env, EnvConfig, build_env
 from .scheduler import Engine, EngineConfig
@@ -30,9 +33,12 @@ from .trajectory import Trajectory, iter_jsonl, truncate_torn_tail, write_jsonl
 class RolloutConfig:
     """One rollout run (every field is a CLI flag: --engine.n_samples 4, --env.questions 8)."""
 
+    FLAG_ALIASES: ClassVar[dict[str, str]] = {"data": "env.data.path"}
+
     engine: EngineConfig = field(default_factory=lambda: EngineConfig(n_samples=4, max_live=64))
     env: EnvConfig = field(default_factory=lambda: EnvConfig(questions=12))
-    model: str = "tiny:qwen2_vl"  # tiny:<family> builds one in code; else a save_tiny() dir
+    model: str = "tiny:qwen2_vl"  # a Hugging Face checkpoint dir, a hub id in the local HF cache, or tiny:<family> (the fixture)
+    load: LoadConfig = field(default_factory=LoadConfig)  # device, dtype, attention of the loaded model
     backend: str = "hf"  # hf | vllm | vllm-http | sglang | openai (see engine/backends)
     backend_options: dict[str, Any] = field(default_factory=dict)  # that backend's config fields
     servers: int = 1  # backend servers (affinity + failover across them)
@@ -47,23 +53,37 @@ class RolloutConfig:
         check(self.policy in ("replay", "sample", "mixed"),
               f"policy must be replay|sample|mixed, got {self.policy!r}")
         check(self.servers >= 1, f"servers must be >= 1, got {self.servers}")
-        from .offline.tiny import check_model_spec  # noqa: PLC0415
         check_model_spec(self.model)
 
 
-def _model_and_codec(cfg: RolloutConfig) -> tuple[Any, Any]:
-    from .chat import HFCodec  # noqa: PLC0415
-    from .offline.tiny import load_model  # noqa: PLC0415
-    vlm = load_model(cfg.model)
-    return vlm, HFCodec.from_tiny(vlm)
+IMAGE_TOOLS = ("Crop", "Sharpen", "SuperResolution", "PerspectiveCorrect", "OCR", "ImageSearch")
 
 
-def _backends(cfg: RolloutConfig, vlm: Any) -> list[Any]:
+def _model_and_codec(cfg: RolloutConfig) -> tuple[LoadedModel, Any]:
+    """The model (through the one loader) and its chat codec."""
+    loaded = load_model(cfg.model, cfg.load)
+    return loaded, loaded.codec()
+
+
+def check_text_only(codec: Any, env: Env, model: str) -> None:
+    """A text-only model cannot see images: image tools or questions with images are a config
+    error naming them (the engine never drops an image silently)."""
+    if getattr(codec, "takes_images", True):
+        return
+    tools = [t for t in env.tools if t in IMAGE_TOOLS]
+    check(not tools, f"model {model!r} is text-only: tools {tools} work on images; choose text tools "
+                     f"(--env.tools TextSearch,Visit,Python)")
+    with_images = [r.id for r in env.records if r.images]
+    check(not with_images, f"model {model!r} is text-only but {len(with_images)} question(s) have images "
+                           f"(first: {with_images[:3]}); use a vision-language checkpoint or text-only data")
+
+
+def _backends(cfg: RolloutConfig, vlm: LoadedModel) -> list[Any]:
     from .backends import backend_config, make_backend  # noqa: PLC0415
     from .backends.hf import HFBackend  # noqa: PLC0415
     if cfg.backend == "hf":
         opts = {k: v for k, v in cfg.backend_options.items() if k != "name"}
-        return [HFBackend.from_tiny(vlm, name=f"hf-{i}", **opts) for i in range(cfg.servers)]
+        return [HFBackend.from_model(vlm, name=f"hf-{i}", **opts) for i in range(cfg.servers)]
     return [make_backend(backend_config(cfg.backend, **{**cfg.backend_options, "name": f"{cfg.backend}-{i}"}))
             for i in range(cfg.servers)]
 
@@ -74,12 +94,17 @@ def build_engine(cfg: RolloutConfig, env: Env, engine_cfg: EngineConfig | None =
     """The engine for a config: backends, codec, env tools, the C++ parser, the policy.
     `vlm`: a model already built for this config (shared with a trainer), else built here;
     `replay_per_group`: samples per group that replay under policy "mixed"."""
-    from .chat import HFCodec  # noqa: PLC0415
     from .policy import MixedPolicy, ReplayPolicy  # noqa: PLC0415
     from .toolcall import make_turn_parser  # noqa: PLC0415
-    vlm, codec = (vlm, HFCodec.from_tiny(vlm)) if vlm is not None else _model_and_codec(cfg)
+    vlm, codec = (vlm, vlm.codec()) if vlm is not None else _model_and_codec(cfg)
+    check_text_only(codec, env, cfg.model)
     backends = _backends(cfg, vlm)
-    replay = ReplayPolicy(codec, env.replay_scripts())
+    scripts = env.replay_scripts()
+    if cfg.policy in ("replay", "mixed"):
+        missing = [r.id for r in env.records if r.id not in scripts]
+        check(not missing, f"policy {cfg.policy!r} replays solve scripts, which only the bundled world's questions "
+                           f"have; {len(missing)} question(s) have none (first: {missing[:3]}): use --policy sample")
+    replay = ReplayPolicy(codec, scripts)
     policy = {"replay": replay, "sample": None,
               "mixed": MixedPolicy(replay, replay_per_group)}[cfg.policy]
     engine = Engine(engine_cfg or cfg.engine, backends, codec, env.runner, make_turn_parser(env.schemas),
@@ -137,6 +162,7 @@ def run_rollout(cfg: RolloutConfig) -> dict[str, Any]:
     engine, _, policy = build_engine(cfg, env, record_spans=bool(cfg.timeline))
     groups = asyncio.run(_drive(engine, todo, cfg.out, cfg.progress))
     summary = {"policy": policy, "skipped_groups": len(done), "groups": len(groups),
+               "bad_records": len(env.bad_records),
                **engine.stats.summary(), "tools": env.executor.stats().get("coalescer", {})}
     if cfg.timeline:
         from .timeline import draw_timeline  # noqa: PLC0415

@@ -99,6 +99,8 @@ class Prompt:
     question: str
     images: list[Image.Image] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    tools: list[str] | None = None  # this item's tool names (None: every tool of the engine)
+    system: str | None = None  # this item's system prompt (None: the codec's)
 
 
 # ----------------------------------------------------------------------------- plug-in roles
@@ -422,8 +424,14 @@ class Engine:
         steps = self.version - self._base_version + self.cfg.max_version_lag + 1
         return self._admitted_groups < steps * self.cfg.groups_per_step
 
+    def _schemas(self, names: Sequence[str] | None) -> list[dict]:
+        """The engine's tool schemas, or those of `names` (a prompt's own tool list)."""
+        if names is None:
+            return self.tool_schemas
+        return [s for s in self.tool_schemas if s.get("function", s).get("name") in names]
+
     def _start_group(self, p: Prompt) -> list[_Live]:
-        prompt_ids = as_ids(self.codec.encode_prompt(p.question, p.images, self.tool_schemas))
+        prompt_ids = as_ids(self.codec.encode_prompt(p.question, p.images, self._schemas(p.tools), system=p.system))
         now = time.perf_counter()
         server = self._pick_server()
         image_tokens = sum(self.image_tokens(im) for im in p.images)
@@ -432,7 +440,8 @@ class Engine:
             t = Trajectory(id=f"{p.id}#{i}", group_id=p.id, sample_index=i,
                            prompt_ids=prompt_ids, prompt_images=list(p.images),
                            prompt_messages=[{"role": "user", "content": p.question}],
-                           meta=dict(p.meta), started_at=time.time())
+                           meta={**p.meta, **({"tools": list(p.tools)} if p.tools is not None else {}),
+                                 **({"system": p.system} if p.system is not None else {})}, started_at=time.time())
             lv = _Live(t, server, now + self.cfg.timeout_s,
                        image_tokens=image_tokens, ntok=len(t.prompt_ids), n_images=len(t.prompt_images), ready_since=now)
             heapq.heappush(self._deadlines, (lv.deadline, id(lv), weakref.ref(lv)))
@@ -744,7 +753,7 @@ class Engine:
                 said = turns.pop()[0]
                 turns.append((said, s.text, s.images))
         question = t.prompt_messages[0]["content"] if t.prompt_messages else ""
-        fresh = retok(question, t.prompt_images, self.tool_schemas, turns)
+        fresh = retok(question, t.prompt_images, self._schemas(t.meta.get("tools")), turns, system=t.meta.get("system"))
         ok = fresh == t.token_ids()
         self.stats.token_check["ok" if ok else "mismatch"] += 1
         if not ok and self.cfg.strict_tokens:

@@ -57,7 +57,7 @@ def test_greedy_matches_transformers_generate(family):
                            **tiny.pixel_inputs(v.image_processor, [IMG]))[0, len(prompt):].tolist()
 
     async def go():
-        async with HFBackend.from_tiny(v) as be:
+        async with HFBackend.from_model(v) as be:
             return await be.generate(GenerateRequest("r", prompt, GREEDY, images=[IMG]))
     out = _run(go())
     assert out.token_ids == ref and out.finish_reason == "length" and out.server == "hf-0"
@@ -69,12 +69,12 @@ def test_continuous_batching_matches_solo_runs_and_logprobs(vlm):
     prompts = {rid: (_prompt(vlm, text, ims), ims) for rid, text, ims in cases}
 
     async def solo():
-        async with HFBackend.from_tiny(vlm) as be:
+        async with HFBackend.from_model(vlm) as be:
             return {rid: (await be.generate(GenerateRequest(rid, p, GREEDY, images=ims))).token_ids
                     for rid, (p, ims) in prompts.items()}
 
     async def staggered():
-        async with HFBackend.from_tiny(vlm) as be:
+        async with HFBackend.from_model(vlm) as be:
             async def one(i, rid):
                 await asyncio.sleep(0.004 * i)  # arrive while earlier ones are decoding
                 p, ims = prompts[rid]
@@ -95,7 +95,7 @@ def test_seeded_sampling_is_reproducible_across_batches(vlm):
     sp = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, top_k=50, seed=123)
 
     async def go():
-        async with HFBackend.from_tiny(vlm) as be:
+        async with HFBackend.from_model(vlm) as be:
             alone = await be.generate(GenerateRequest("a", p, sp, images=[IMG]))
             crowd = await asyncio.gather(
                 be.generate(GenerateRequest("b", p, sp, images=[IMG])),
@@ -114,7 +114,7 @@ def test_forced_ids_stop_tokens_and_lengths(vlm):
     p = _prompt(vlm, "replay", [IMG])
 
     async def go():
-        async with HFBackend.from_tiny(vlm) as be:
+        async with HFBackend.from_model(vlm) as be:
             free = await be.generate(GenerateRequest("f", p, GREEDY, images=[IMG]))
             forced = [50, 77, 300, 12, 9]
             rep = await be.generate(GenerateRequest("r", p, SamplingParams(temperature=0.7), [IMG], forced))
@@ -140,9 +140,9 @@ def test_replays_batch_beside_free_rows(vlm):
     f1, f2 = [50, 77, 300, 12, 9, 41, 8], [99, 3]
 
     async def go():
-        async with HFBackend.from_tiny(vlm) as be:
+        async with HFBackend.from_model(vlm) as be:
             alone = await be.generate(GenerateRequest("a", p1, GREEDY, images=[IMG]))
-        async with HFBackend.from_tiny(vlm) as be:
+        async with HFBackend.from_model(vlm) as be:
             return alone, await asyncio.gather(
                 be.generate(GenerateRequest("free", p1, GREEDY, images=[IMG])),
                 be.generate(GenerateRequest("r1", p1, SamplingParams(temperature=0.7), [IMG], f1)),
@@ -168,7 +168,7 @@ def test_prefix_cache_matches_cold_prefill(family):
     sp = SamplingParams(max_tokens=10, temperature=0.8, seed=3)
 
     async def go(cache: int):
-        async with HFBackend.from_tiny(v, prefix_cache_tokens=cache) as be:
+        async with HFBackend.from_model(v, prefix_cache_tokens=cache) as be:
             first = await be.generate(GenerateRequest("t1", p1, sp, images=[IMG]))
             p2 = p1 + first.token_ids + obs
             second = await be.generate(GenerateRequest("t2", p2, sp, images=[IMG, IMG2]))
@@ -193,7 +193,7 @@ def test_prefix_cache_is_bounded_and_text_models_use_it():
     """A text model hits the cache too; a row longer than the budget is not kept, and the least
     recently kept prefix is evicted first (12 greedy tokens a request: a row keeps prompt + 11)."""
     async def go(cache: int):
-        async with HFBackend.from_config(HFConfig(family="qwen2", prefix_cache_tokens=cache)) as be:
+        async with HFBackend.from_config(HFConfig(model="tiny:qwen2", prefix_cache_tokens=cache)) as be:
             a = await be.generate(GenerateRequest("a", [5] * 30, GREEDY))                # keeps 41
             b = await be.generate(GenerateRequest("b", [5] * 30 + a.token_ids + [7, 8], GREEDY))  # hit; 55: not kept
             sizes = [be._prefix_size]
@@ -212,12 +212,12 @@ def test_prefix_cache_is_bounded_and_text_models_use_it():
     v = tiny.build_tiny_vlm("qwen2_vl", seed=0)
     c = v.model.config.get_text_config()
     per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4
-    assert (HFBackend.from_tiny(v).prefix_cache_tokens, HFConfig().prefix_cache_tokens) == ((1 << 30) // per_token, None)
+    assert (HFBackend.from_model(v).prefix_cache_tokens, HFConfig().prefix_cache_tokens) == ((1 << 30) // per_token, None)
 
 
 def test_forced_id_outside_vocab_is_named(vlm):
     async def go():
-        async with HFBackend.from_tiny(vlm) as be:
+        async with HFBackend.from_model(vlm) as be:
             await be.generate(GenerateRequest("bad", [1, 2], SamplingParams(), forced_ids=[5, 10**6]))
     with pytest.raises(ValueError, match="forced token id 1000000"):
         _run(go())
@@ -228,7 +228,7 @@ def test_abort_pending_inflight_and_cancelled(vlm):
     long = SamplingParams(max_tokens=2000, temperature=1.0, seed=1)
 
     async def go():
-        be = HFBackend.from_tiny(vlm, max_batch=1)  # the second request waits in the queue
+        be = HFBackend.from_model(vlm, max_batch=1)  # the second request waits in the queue
         t1 = asyncio.ensure_future(be.generate(GenerateRequest("run", p, long, images=[IMG])))
         t2 = asyncio.ensure_future(be.generate(GenerateRequest("wait", p, long, images=[IMG])))
         await _until_steps(be, 5)
@@ -259,10 +259,10 @@ def test_abort_pending_inflight_and_cancelled(vlm):
 def test_update_weights_state_dict_and_checkpoint(vlm, tmp_path):
     p = _prompt(vlm, "weights", [IMG])
     other = tiny.build_tiny_vlm("qwen2_vl", seed=7)
-    ckpt = tiny.save_tiny(other, tmp_path / "ckpt")
+    ckpt = other.save(tmp_path / "ckpt")
 
     async def go():
-        be = HFBackend.from_tiny(tiny.build_tiny_vlm("qwen2_vl", seed=0))
+        be = HFBackend.from_model(tiny.build_tiny_vlm("qwen2_vl", seed=0))
         before = await be.generate(GenerateRequest("a", p, GREEDY, images=[IMG]))
         await be.update_weights({k: v.clone() for k, v in other.model.state_dict().items()}, version=1)
         after = await be.generate(GenerateRequest("b", p, GREEDY, images=[IMG]))
@@ -286,7 +286,7 @@ def test_bad_requests_and_closed_backend(vlm):
     p = _prompt(vlm, "bad", [IMG])
 
     async def go():
-        be = HFBackend.from_tiny(vlm)
+        be = HFBackend.from_model(vlm)
         with pytest.raises(ValueError, match="image tokens"):
             await be.generate(GenerateRequest("x", p, GREEDY, images=[IMG2]))
         with pytest.raises(ValueError, match="vocab size"):
@@ -302,12 +302,12 @@ def test_bad_requests_and_closed_backend(vlm):
     with pytest.raises(ValueError, match=r"prompt_ids\[1\]"):
         GenerateRequest("q", [1, -2])
     with pytest.raises(ValueError, match="family"):
-        HFConfig(family="llama")
+        HFConfig(model="llama")
 
 
 def test_text_only_backend_from_config():
     async def go():
-        async with HFBackend.from_config(HFConfig(family="qwen2", name="txt")) as be:
+        async with HFBackend.from_config(HFConfig(model="tiny:qwen2", name="txt")) as be:
             with pytest.raises(ValueError, match="does not take images"):
                 await be.generate(GenerateRequest("i", [1, 2], GREEDY, images=[IMG]))
             outs = await asyncio.gather(*(be.generate(GenerateRequest(f"t{i}", [3 + i] * (i + 1), GREEDY))

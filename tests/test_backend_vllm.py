@@ -35,8 +35,8 @@ async def _checks(model_dir: Path) -> None:
     from spyglass.engine.backends.vllm import VLLMBackend, VLLMConfig
 
     path = tiny.save_tiny_text_lm(model_dir / "lm0", seed=0)
-    ref0, _ = tiny.build_tiny_text_lm(seed=0)
-    ref1, _ = tiny.build_tiny_text_lm(seed=1)
+    ref0 = tiny.build_tiny_text_lm(seed=0).model
+    ref1 = tiny.build_tiny_text_lm(seed=1).model
     be = VLLMBackend(VLLMConfig(model=str(path), enforce_eager=True, dtype="float32", max_model_len=512))
     try:
         prompts = [[10 + i] * (i + 1) + [20, 30] for i in range(6)]

@@ -9,7 +9,15 @@ from PIL import Image
 
 from spyglass.engine.env import EnvConfig
 from spyglass.engine.offline.world import WorldConfig, ensure_world
+from spyglass.engine.rollout import RolloutConfig
+from spyglass.engine.scheduler import EngineConfig
 from spyglass.trainer.eval import BenchmarkError, EvalConfig, load_benchmark, run_eval
+
+
+def _rollout(env: EnvConfig, **kw) -> RolloutConfig:
+    kw.setdefault("policy", "replay")
+    return RolloutConfig(engine=EngineConfig(n_samples=1, max_live=64, temperature=0.0), env=env, out="",
+                         progress=False, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +28,8 @@ def world(tmp_path_factory):
 
 
 def test_replay_is_right_and_direct_baseline_is_not(world, tmp_path):
-    cfg = EvalConfig(env=EnvConfig(world_dir=str(world), questions=2, dense_search=False), direct_max_tokens=12,
-                     out_dir=str(tmp_path))
+    cfg = EvalConfig(rollout=_rollout(EnvConfig(world_dir=str(world), questions=2, dense_search=False)),
+                     direct_max_tokens=12, out_dir=str(tmp_path))
     rep = run_eval(cfg)
     ag, di = rep["modes"]["agentic"], rep["modes"]["direct"]
     assert rep["benchmarks"] == ["world"]
@@ -108,11 +116,12 @@ def test_malformed_benchmark_files_name_the_line(tmp_path):
 def test_replay_needs_world_items_and_config_errors(world, tmp_path):
     Image.new("RGB", (64, 48), "red").save(tmp_path / "p.png")
     f = _write(tmp_path / "mm.jsonl", [{"sample_id": 1, "query": "q", "query_image": "p.png", "gt_answer": "a"}])
-    cfg = EvalConfig(benchmarks=[f"mmsearch:{f}"], env=EnvConfig(world_dir=str(world), questions=1,
-                                                                  dense_search=False), out_dir=str(tmp_path / "o"))
+    cfg = EvalConfig(benchmarks=[f"mmsearch:{f}"], rollout=_rollout(EnvConfig(world_dir=str(world), questions=1,
+                                                                                dense_search=False)),
+                     out_dir=str(tmp_path / "o"))
     with pytest.raises(BenchmarkError, match=r"no script for \['mmsearch:1'\]"):
         run_eval(cfg)
     with pytest.raises(ValueError, match="benchmarks entry 'okvqa:x.jsonl' must be layout:path"):
         EvalConfig(benchmarks=["okvqa:x.jsonl"])
-    with pytest.raises(ValueError, match="policy must be replay|sample, got 'greedy'"):
-        EvalConfig(policy="greedy")
+    with pytest.raises(ValueError, match="policy must be replay|sample for eval, got 'mixed'"):
+        EvalConfig(rollout=_rollout(EnvConfig(), policy="mixed"))

@@ -21,7 +21,7 @@ def _signal():
 def test_identical_halves_have_cosine_one(tmp_path, capsys):
     v = fresh()
     run = tmp_path / "run"
-    tiny.save_tiny(v, run / "sft" / "final")
+    v.save(run / "sft" / "final")
     pair = [make_traj(v, 0), make_traj(v, 1, images=False)]
     for t, acc in zip(pair, (1.0, 0.0)):
         t.status = Status.ANSWERED

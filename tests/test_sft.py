@@ -10,7 +10,8 @@ from PIL import Image
 
 from spyglass.engine.chat import HFCodec
 from spyglass.engine.env import EnvConfig
-from spyglass.engine.offline.tiny import build_tiny_vlm, load_tiny
+from spyglass.engine.loader import load_model
+from spyglass.engine.offline.tiny import build_tiny_vlm
 from spyglass.engine.trajectory import SegmentKind, Status, iter_jsonl
 from spyglass.engine.offline.world import WorldConfig, ensure_world
 from spyglass.trainer.sft import (RecordError, SFTConfig, SFTDataConfig, SFTUpdater, ShareGPTTags, load_sharegpt,
@@ -28,7 +29,7 @@ def vlm():
 
 @pytest.fixture(scope="module")
 def codec(vlm):
-    return HFCodec.from_tiny(vlm)
+    return HFCodec.from_model(vlm)
 
 
 def record(i: int = 0, sys_msg: bool = False) -> dict:
@@ -175,7 +176,7 @@ def test_run_sft_teacher_data_round_trip_and_resume(world, codec, tmp_path):
                      data=SFTDataConfig(path=str(data / "teacher.sharegpt.jsonl")))
     m2 = run_sft(cfg2)
     assert m2["resumed_from"] == 2 and m2["steps"] == 3 and m2["data"]["format"] == "sharegpt"
-    tuned = load_tiny(m2["model_dir"])
+    tuned = load_model(m2["model_dir"])
     assert tuned.family == "qwen2_vl"
 
 
@@ -192,7 +193,7 @@ def _ds_losses(media, strategy: str) -> tuple[list[float], float]:
     """Three SFT steps on two ShareGPT records under `strategy`; (losses, parameter sum)."""
     from spyglass.trainer.distributed import DistConfig, full_state_dict
     vlm = build_tiny_vlm("qwen2_vl", seed=0)
-    codec = HFCodec.from_tiny(vlm)
+    codec = HFCodec.from_model(vlm)
     trajs = [sharegpt_to_trajectory(record(i), codec, media_dir=media) for i in range(2)]
     up = SFTUpdater(vlm.model, UpdateConfig(lr=3e-3, micro_batch_tokens=1024), image_processor=vlm.image_processor,
                     dist=DistConfig(strategy=strategy))

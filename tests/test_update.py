@@ -155,7 +155,7 @@ def test_freeze_vision_keeps_the_tower():
     changed = {k for k, p in weights(v.model).items() if not torch.equal(before[k], p)}
     assert changed and not any(".visual." in k for k in changed), sorted(changed)[:5]
     assert any(k.startswith("model.language_model.") for k in changed)
-    lm, _ = tiny.build_tiny_text_lm()
+    lm = tiny.build_tiny_text_lm().model
     with pytest.raises(ValueError, match="freeze_vision=True but .* has no vision tower"):
         PolicyUpdater(lm, UpdateConfig(freeze_vision=True))
 
@@ -314,7 +314,8 @@ def test_gradient_checkpointing_gives_the_same_update():
 
 
 def test_text_only_language_model():
-    model, tok = tiny.build_tiny_text_lm(seed=0)
+    lm0 = tiny.build_tiny_text_lm(seed=0)
+    model, tok = lm0.model, lm0.tokenizer
     prompt = tok("<|im_start|>user\nwhat is 2?<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
     gen = tok("<answer>two</answer><|im_end|>", add_special_tokens=False)["input_ids"]
     ids = torch.tensor([prompt + gen])

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from spyglass.engine.config import ConfigError
-from spyglass.engine.offline.tiny import build_tokenizer, load_model, load_tiny
+from spyglass.engine.loader import load_model
+from spyglass.engine.offline.tiny import build_tokenizer
 from spyglass.trainer.warmup import CopyTask, MixedTask, RecallTask, WarmupConfig, copy_step, run_warmup
 
 
@@ -62,7 +63,7 @@ def test_warmup_trains_saves_and_reports(tmp_path):
     assert all(0.0 <= v["exact"] <= v["acc"] <= 1.0 for v in res["held_out"].values())
     log = [json.loads(x) for x in (tmp_path / "w" / "warmup.jsonl").read_text().splitlines()]
     assert [x["step"] for x in log[:-1]] == [0, 1, 2] and log[-1]["config"]["steps"] == 3
-    warmed, init = load_tiny(tmp_path / "w"), load_model("tiny:qwen2_vl:64x1:16")
+    warmed, init = load_model(str(tmp_path / "w")), load_model("tiny:qwen2_vl:64x1:16")
     changed = [k for k, v in init.model.state_dict().items() if not torch.equal(v, warmed.model.state_dict()[k])]
     assert any("embed_tokens" in k for k in changed)
     assert not any("visual" in k for k in changed)  # text-only sequences leave the vision tower alone

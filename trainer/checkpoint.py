@@ -149,16 +149,19 @@ def load_checkpoint(path: str | Path, updater: Any) -> dict[str, Any]:
 
 
 def export_model(updater: Any, model_spec: str, path: str | Path) -> Optional[Path]:
-    """The trained weights in a fresh copy of `model_spec`'s model, saved with save_tiny (a
-    model directory every command takes as --model). Every rank must call it (ZeRO-3 gathers);
-    rank 0 writes and returns the path, the others None."""
-    from spyglass.engine.offline.tiny import load_model, save_tiny  # noqa: PLC0415
+    """The trained weights written as a checkpoint directory like `model_spec`'s (its config,
+    tokenizer and chat template, image processor; engine/loader.save_model), which every command
+    takes as --model. Every rank must call it (ZeRO-3 gathers); rank 0 writes and returns the
+    path, the others None."""
+    from spyglass.engine.loader import LoadedModel, resolve_checkpoint, save_model  # noqa: PLC0415
+    from spyglass.engine.loader import load_image_processor, load_tokenizer, model_family  # noqa: PLC0415
     from spyglass.trainer.distributed import full_state_dict  # noqa: PLC0415
 
     sd = full_state_dict(updater, rank0_only=True)
     if updater.runtime.rank != 0:
         return None
-    fresh = load_model(model_spec)
-    fresh.model.load_state_dict(sd)
-    return save_tiny(fresh, path)
-
+    src = resolve_checkpoint(model_spec)
+    family = model_family(src)
+    model = updater.model if not hasattr(updater.model, "module") else updater.model.module
+    improc = load_image_processor(src) if hasattr(model.config, "vision_config") else None
+    return save_model(LoadedModel(family, model, load_tokenizer(src), improc, src), path, state_dict=sd)

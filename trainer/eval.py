@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import dataclasses
 import io
 import json
 import re
@@ -55,15 +56,15 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from PIL import Image
 
 from spyglass.engine.config import check
 from spyglass.engine.env import EnvConfig
+from spyglass.engine.rollout import RolloutConfig
 from spyglass.engine.scheduler import EngineConfig, Prompt
 from spyglass.engine.trajectory import SegmentKind, Status, Trajectory, write_jsonl
-from spyglass.engine.offline.tiny import check_model_spec
 from spyglass.trainer.judges import JudgeConfig
 
 DIRECT_SYSTEM = ("You are a visual question answering assistant. Look at the image and answer the question "
@@ -250,7 +251,7 @@ def write_world_benchmark(env: Any, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        for q in env.questions():
+        for q in env.world_rows():
             f.write(json.dumps({"id": q["id"], "image": str(env.image_path(q).resolve()),
                                 "question": q["question"], "answer": q["answer"],
                                 "aliases": q.get("aliases", []), "kind": q.get("kind", "")},
@@ -259,27 +260,32 @@ def write_world_benchmark(env: Any, path: str | Path) -> Path:
 
 
 # ------------------------------------------------------------------------------ config
+def _rollout_defaults() -> RolloutConfig:
+    return RolloutConfig(engine=EngineConfig(n_samples=1, max_live=64, temperature=0.0),
+                         env=EnvConfig(questions=8, dense_search=False), policy="replay", out="", resume=False,
+                         progress=False)
+
+
 @dataclass
 class EvalConfig:
-    """One evaluation run (every field is a CLI flag: --benchmarks mmsearch:f.jsonl --policy sample)."""
+    """One evaluation run (every field is a flag: --benchmarks mmsearch:f.jsonl --model DIR --data FILE)."""
 
-    benchmarks: list[str] = field(default_factory=list)  # layout:path; [] = the world's questions
-    model: str = "tiny:qwen2_vl"  # tiny:<family> or a save_tiny() dir (e.g. runs/sft/final)
-    policy: str = "replay"  # replay: forced solve scripts (world items only) | sample: the model
-    engine: EngineConfig = field(default_factory=lambda: EngineConfig(n_samples=1, max_live=64, temperature=0.0))
-    env: EnvConfig = field(default_factory=lambda: EnvConfig(questions=8, dense_search=False))
-    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    FLAG_ALIASES: ClassVar[dict[str, str]] = {"model": "rollout.model", "data": "rollout.env.data.path",
+                                              "policy": "rollout.policy"}
+    benchmarks: list[str] = field(default_factory=list)  # layout:path; [] = --data's records, else the world's questions
+    # model, load, backend, engine, env (data, tools); policy replay (world items only) | sample
+    rollout: RolloutConfig = field(default_factory=_rollout_defaults)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)  # how answers are graded (rule or model judge)
     agentic: bool = True  # run with the tools (False: the direct baseline alone)
     direct_baseline: bool = True  # also run without tools (one turn, the model samples)
-    direct_max_tokens: int = 256
+    direct_max_tokens: int = 256  # token budget of a direct-baseline answer
     limit: int = 0  # items per benchmark (0 = all)
     image_root: str = ""  # relative image paths resolve here ("" = each file's directory)
-    out_dir: str = "runs/eval"
-    backend: str = "hf"
-    backend_options: dict[str, Any] = field(default_factory=dict)
+    out_dir: str = "runs/eval"  # report.json, report.md and <mode>.jsonl go here
 
     def __post_init__(self) -> None:
-        check(self.policy in ("replay", "sample"), f"policy must be replay|sample, got {self.policy!r}")
+        check(self.rollout.policy in ("replay", "sample"),
+              f"rollout.policy must be replay|sample for eval, got {self.rollout.policy!r}")
         for b in self.benchmarks:
             layout = b.split(":", 1)[0]
             check(":" in b and layout in LAYOUTS, f"benchmarks entry {b!r} must be layout:path with layout "
@@ -287,7 +293,6 @@ class EvalConfig:
         check(self.agentic or self.direct_baseline, "agentic and direct_baseline are both off: nothing to run")
         check(self.direct_max_tokens >= 1, f"direct_max_tokens must be >= 1, got {self.direct_max_tokens}")
         check(self.limit >= 0, f"limit must be >= 0, got {self.limit}")
-        check_model_spec(self.model)
 
 
 # ------------------------------------------------------------------------------ statistics
@@ -319,6 +324,11 @@ def traj_stats(trajs: list[Trajectory]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ running
 def _prompts(cfg: EvalConfig, env: Any, out: Path) -> list[Prompt]:
     specs = list(cfg.benchmarks)
+    if not specs and env.cfg.data.path:  # the user's dataset (engine/data.py records)
+        name = Path(env.cfg.data.path).stem
+        return [dataclasses.replace(p, meta={**p.meta, "answers": [p.meta["answer"], *p.meta["aliases"]],
+                                             "benchmark": name, "item_id": p.id})
+                for p in env.prompts()][: cfg.limit or None]
     if not specs:
         specs = [f"world:{write_world_benchmark(env, out / 'world_benchmark.jsonl')}"]
     prompts = []
@@ -345,19 +355,16 @@ async def _run_mode(engine: Any, prompts: list[Prompt]) -> tuple[list[Trajectory
 
 
 async def _evaluate(cfg: EvalConfig, env: Any, prompts: list[Prompt]) -> dict[str, tuple[list[Trajectory], float]]:
-    import dataclasses
-
     from spyglass.engine.chat import HFCodec
     from spyglass.engine.policy import ReplayPolicy
-    from spyglass.engine.rollout import RolloutConfig, build_engine
+    from spyglass.engine.rollout import build_engine
     from spyglass.engine.scheduler import Engine
     from spyglass.engine.toolcall import make_turn_parser
     from spyglass.trainer.reward import RewardConfig, score_group
 
-    rcfg = RolloutConfig(engine=cfg.engine, env=cfg.env, model=cfg.model, backend=cfg.backend,
-                         backend_options=cfg.backend_options, policy="sample", resume=False, progress=False)
+    rcfg = dataclasses.replace(cfg.rollout, policy="sample", resume=False, progress=False)
     engine, backends, _ = build_engine(rcfg, env)
-    if cfg.policy == "replay":
+    if cfg.rollout.policy == "replay":
         engine.policy = ReplayPolicy(engine.codec, _replay_scripts(prompts, env))
     modes: dict[str, tuple[list[Trajectory], float]] = {}
     try:
@@ -367,7 +374,7 @@ async def _evaluate(cfg: EvalConfig, env: Any, prompts: list[Prompt]) -> dict[st
             codec = engine.codec
             direct_codec = HFCodec(codec.tokenizer, codec.image_processor, system=DIRECT_SYSTEM) \
                 if isinstance(codec, HFCodec) else codec
-            dcfg = dataclasses.replace(cfg.engine, max_turns=1, max_tokens_per_turn=cfg.direct_max_tokens)
+            dcfg = dataclasses.replace(cfg.rollout.engine, max_turns=1, max_tokens_per_turn=cfg.direct_max_tokens)
             direct = Engine(dcfg, backends, direct_codec, env.runner, make_turn_parser([]), tool_schemas=[],
                             policy=None, image_tokens=engine.image_tokens)
             modes["direct"] = await _run_mode(direct, prompts)
@@ -379,7 +386,7 @@ async def _evaluate(cfg: EvalConfig, env: Any, prompts: list[Prompt]) -> dict[st
 
 
 def _report(cfg: EvalConfig, modes: dict[str, tuple[list[Trajectory], float]], names: list[str]) -> dict[str, Any]:
-    rep: dict[str, Any] = {"model": cfg.model, "policy": cfg.policy, "benchmarks": names, "modes": {}}
+    rep: dict[str, Any] = {"model": cfg.rollout.model, "policy": cfg.rollout.policy, "benchmarks": names, "modes": {}}
     for mode, (trajs, wall) in modes.items():
         per = {b: traj_stats([t for t in trajs if t.meta["benchmark"] == b]) for b in names}
         rep["modes"][mode] = {"benchmarks": per, "overall": traj_stats(trajs),
@@ -416,14 +423,14 @@ def format_table(rep: dict[str, Any]) -> str:
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate; writes report.json, report.md and <mode>.jsonl under out_dir; returns the report.
 
-    CPU example: `run_eval(EvalConfig(env=EnvConfig(questions=2, dense_search=False),
-    direct_max_tokens=16))` evaluates the replay policy on two world questions (accuracy 1.0)
+    CPU example: `run_eval(EvalConfig(rollout=RolloutConfig(env=EnvConfig(questions=2,
+    dense_search=False)), direct_max_tokens=16))` evaluates the replay policy on two world questions (accuracy 1.0)
     and the tiny model's direct answers (accuracy 0.0)."""
     from spyglass.engine.env import build_env
 
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    env = build_env(cfg.env)
+    env = build_env(cfg.rollout.env)
     prompts = _prompts(cfg, env, out)
     names = list(dict.fromkeys(p.meta["benchmark"] for p in prompts))
     modes = asyncio.run(_evaluate(cfg, env, prompts))

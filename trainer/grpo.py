@@ -19,7 +19,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -46,6 +46,8 @@ def _rollout_defaults() -> RolloutConfig:
 @dataclass
 class GRPOConfig:
     """Every field is a flag: --algo.mode fatal_mask, --update.lr 1e-5, --dist.strategy zero2."""
+
+    FLAG_ALIASES: ClassVar[dict[str, str]] = {"model": "rollout.model", "data": "rollout.env.data.path"}
 
     rollout: RolloutConfig = field(default_factory=_rollout_defaults)
     replay_per_group: int = 1  # policy "mixed": samples per group that replay the solve script

@@ -50,7 +50,7 @@ from PIL import Image
 from spyglass.engine.config import check
 from spyglass.engine.env import EnvConfig
 from spyglass.engine.trajectory import Segment, SegmentKind, Status, Trajectory, Turn, iter_jsonl, write_jsonl
-from spyglass.engine.offline.tiny import check_model_spec, load_model
+from spyglass.engine.loader import LoadConfig, check_model_spec, load_model
 from spyglass.trainer.distributed import DistConfig
 from spyglass.trainer.update import PolicyUpdater, UpdateConfig
 
@@ -186,8 +186,6 @@ def sharegpt_to_trajectory(rec: dict[str, Any], codec: Any, *, where: str = "rec
     first user turn with its images), then a GEN segment per assistant message (its text's ids
     plus the stop token; logprobs 0.0 and version 0: not sampled, meta["logprobs"]="none") and
     an OBS segment per observation / later user message (the template's token delta)."""
-    from spyglass.engine.chat import DEFAULT_SYSTEM
-    from spyglass.engine.offline.tiny import encode_chat, encode_observation
     from spyglass.engine.toolcall import make_turn_parser
 
     tags = tags or ShareGPTTags()
@@ -201,11 +199,10 @@ def sharegpt_to_trajectory(rec: dict[str, Any], codec: Any, *, where: str = "rec
     if n_ph != len(paths):
         raise RecordError(where, tags.images, f"{len(paths)} images but {n_ph} {IMAGE} placeholders in the messages")
     images = iter([_load_image(p, Path(media_dir), where, f"{tags.images}[{k}]") for k, p in enumerate(paths)])
-    tok, improc, stop = codec.tokenizer, codec.image_processor, codec.stop_token_ids[0]
+    stop = codec.stop_token_ids[0]
     question = msgs[0][tags.content_tag]
-    head = [{"role": "system", "content": system if system is not None else (codec.system or DEFAULT_SYSTEM)},
-            {"role": "user", "content": _parts(question, images)}]
-    prompt = encode_chat(tok, improc, head, tools=tools or None)
+    head = [codec.system_message(system, tools or []), codec.user_message_parts(_parts(question, images))]
+    prompt = codec.encode_messages(head, tools or [])
     parser = make_turn_parser(tools)
     segs: list[Segment] = []
     turns: list[Turn] = []
@@ -226,8 +223,9 @@ def sharegpt_to_trajectory(rec: dict[str, Any], codec: Any, *, where: str = "rec
             segs.append(Segment(SegmentKind.GEN, ids, turn=turn.index, logprobs=[0.0] * len(ids), version=0,
                                 text=codec.decode(ids), finish_reason="stop"))
         else:
-            enc = encode_observation(tok, improc, [{"role": "tool" if role == tags.observation_tag else "user",
-                                                    "content": _parts(text, images)}])
+            parts = _parts(text, images)
+            msg = codec.tool_message_parts(parts) if role == tags.observation_tag else codec.user_message_parts(parts)
+            enc = codec.encode_delta([msg])
             turns[-1].obs_tokens = len(enc.input_ids)
             segs.append(Segment(SegmentKind.OBS, enc.input_ids, turn=turns[-1].index, images=enc.images,
                                 text=text.replace(IMAGE, "")))
@@ -417,7 +415,8 @@ class SFTDataConfig:
 class SFTConfig:
     """One SFT run (every field is a CLI flag: --steps 4, --data.path d.jsonl, --dist.strategy zero2)."""
 
-    model: str = "tiny:qwen2_vl"  # tiny:<family> builds one in code; else a save_tiny() dir
+    model: str = "tiny:qwen2_vl"  # a Hugging Face checkpoint dir, a hub id in the local HF cache, or tiny:<family> (the fixture)
+    load: LoadConfig = field(default_factory=LoadConfig)  # device, dtype, attention of the loaded model
     out_dir: str = "runs/sft"
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     steps: int = 0  # optimizer steps; 0 = epochs * ceil(N / batch_size)
@@ -434,7 +433,7 @@ class SFTConfig:
     save_every: int = 0  # checkpoint every this many steps (0: only at the end)
     keep_last: int = 2
     resume: bool = True  # continue from the newest checkpoint under out_dir/ckpt
-    export: bool = True  # write the trained model to out_dir/final (a save_tiny dir)
+    export: bool = True  # write the trained model to out_dir/final (a checkpoint dir every command takes as --model)
     dist: DistConfig = field(default_factory=DistConfig)
 
     def __post_init__(self) -> None:
@@ -459,7 +458,8 @@ def lr_at(cfg: SFTConfig, step: int, total: int) -> float:
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
-def make_teacher_data(env_cfg: EnvConfig, out_dir: str | Path, model: str = "tiny:qwen2_vl") -> dict[str, Any]:
+def make_teacher_data(env_cfg: EnvConfig, out_dir: str | Path, model: str = "tiny:qwen2_vl",
+                      load: LoadConfig | None = None) -> dict[str, Any]:
     """Roll out the world with the replay policy (forced decoding of the solve scripts), keep the
     answered-and-correct trajectories, write them as Trajectory JSONL and as ShareGPT JSONL."""
     from spyglass.engine.env import build_env
@@ -471,7 +471,7 @@ def make_teacher_data(env_cfg: EnvConfig, out_dir: str | Path, model: str = "tin
     out.mkdir(parents=True, exist_ok=True)
     env = build_env(env_cfg)
     rcfg = RolloutConfig(engine=EngineConfig(n_samples=1, max_live=64), env=env_cfg, model=model,
-                         policy="replay", out=str(out / "teacher.jsonl"), resume=False, progress=False)
+                         load=load or LoadConfig(), policy="replay", out=str(out / "teacher.jsonl"), resume=False, progress=False)
     engine, backends, _ = build_engine(rcfg, env)
 
     async def collect() -> list[Trajectory]:
@@ -526,8 +526,8 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     out = Path(cfg.out_dir)
-    vlm = load_model(cfg.model)
-    codec = HFCodec.from_tiny(vlm)
+    vlm = load_model(cfg.model, cfg.load)
+    codec = vlm.codec()
     ucfg = UpdateConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
                         micro_batch_tokens=cfg.micro_batch_tokens, gradient_checkpointing=cfg.gradient_checkpointing,
                         seed=cfg.seed)
@@ -570,6 +570,6 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
 
 
 def _export(cfg: SFTConfig, updater: SFTUpdater, path: Path) -> Path | None:
-    """The trained weights into a fresh copy of the model, saved with save_tiny (rank 0)."""
+    """The trained weights written as a checkpoint directory like the input's (rank 0)."""
     from spyglass.trainer.checkpoint import export_model
     return export_model(updater, cfg.model, path)

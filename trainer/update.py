@@ -237,7 +237,7 @@ def _pixels(traj: Trajectory, ids: np.ndarray, image_processor: Any, image_token
     if image_processor is None:
         raise ValueError(f"trajectory {traj.id!r} has {len(images)} images: PolicyUpdater needs an "
                          "image_processor")
-    from spyglass.engine.offline.tiny import pixel_inputs
+    from spyglass.engine.chat import pixel_inputs
     px = pixel_inputs(image_processor, images)
     want = int(px["image_grid_thw"].prod(-1).sum()) // merge ** 2
     if want != n_pad:
@@ -497,7 +497,7 @@ class PolicyUpdater:
                 raise ValueError("distributed training of a VLM needs an image_processor")
             from PIL import Image
 
-            from spyglass.engine.offline.tiny import pixel_inputs
+            from spyglass.engine.chat import pixel_inputs
             px = pixel_inputs(self.image_processor, [Image.new("RGB", (56, 56))])
             n = int(px["image_grid_thw"].prod(-1).sum()) // self._merge ** 2
             c = self.model.config

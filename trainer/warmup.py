@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from spyglass.engine.config import add_dataclass_args, check, config_from_args
-from spyglass.engine.offline.tiny import check_model_spec, load_model, save_tiny
+from spyglass.engine.loader import check_model_spec, load_model
 from spyglass.engine.offline.world import _Namer
 from spyglass.trainer.synth.curriculum import FIELDS, KINDS
 
@@ -43,8 +43,8 @@ from spyglass.trainer.synth.curriculum import FIELDS, KINDS
 class WarmupConfig:
     """One copy warm-up run."""
 
-    model: str = "tiny:qwen2_vl:128x2:64"  # tiny spec (random init) or a save_tiny() directory
-    out: str = "runs/warmup"                # the warmed model is written here (a save_tiny dir)
+    model: str = "tiny:qwen2_vl:128x2:64"  # tiny spec (random init) or a checkpoint directory
+    out: str = "runs/warmup"                # the warmed model is written here (a checkpoint directory)
     steps: int = 2000
     batch_size: int = 32
     lr: float = 1e-3
@@ -177,10 +177,10 @@ def copy_step(model: Any, task: Any, n: int) -> tuple[torch.Tensor, float, float
 
 
 def run_warmup(cfg: WarmupConfig) -> dict[str, Any]:
-    """Train, save the model to cfg.out (save_tiny), return the log; the last line of
+    """Train, save the model to cfg.out (a checkpoint directory), return the log; the last line of
     cfg.out/warmup.jsonl is the final step with the copy accuracy on a held-out batch."""
     torch.manual_seed(cfg.seed)
-    vlm = load_model(cfg.model, seed=cfg.seed)
+    vlm = load_model(cfg.model, seed=cfg.seed)  # on CPU in fp32 unless a GPU is there
     model = vlm.model.train()
     task = MixedTask(vlm.tokenizer, cfg.names, cfg.seed, cfg.tasks)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
@@ -207,7 +207,7 @@ def run_warmup(cfg: WarmupConfig) -> dict[str, Any]:
     log.append({"held_out": held, "config": asdict(cfg)})
     with open(out / "warmup.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(x) + "\n" for x in log)
-    save_tiny(vlm, out)
+    vlm.save(out)  # beside warmup.jsonl
     return {"held_out": held, "steps": cfg.steps, "wall_s": round(time.perf_counter() - t0, 1), "out": str(out)}
 
 

@@ -30,7 +30,7 @@ float rounding of the batched forward). Logprobs follow base.py: log_softmax(log
 update_weights runs in the same executor between steps; rows in flight keep their KV cache
 (computed with the old weights) and continue with the new ones (GenerateOutput.version_start).
 
-    backend = HFBackend.from_tiny(build_tiny_vlm("qwen2_vl"))
+    backend = HFBackend.from_model(load_model("tiny:qwen2_vl"))   # or a checkpoint dir
     out = await backend.generate(GenerateRequest("r1", ids, images=[img]))
 """
 from __future__ import annotations
@@ -46,19 +46,21 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+from spyglass.engine.loader import LoadConfig
 from spyglass.engine.backends.base import (Backend, BackendError, GenerateOutput, GenerateRequest,
                                            Weights, check_version)
 
 
 @dataclass
 class HFConfig:
-    """HF backend config; `model_path` None builds the seeded tiny model of `family`."""
+    """HF backend config: `model` is anything the loader takes (a checkpoint directory, a hub id
+    in the local cache, tiny:<family>), loaded on `load`'s device and dtype."""
 
     kind: ClassVar[str] = "hf"
     name: str = "hf-0"
-    model_path: str | None = None      # save_tiny() dir, or any saved Qwen-VL / causal LM dir
-    family: str = "qwen2_vl"           # tiny family: qwen2_vl | qwen2_5_vl | qwen3_vl | qwen2 (text)
-    seed: int = 0
+    model: str = "tiny:qwen2_vl"       # checkpoint dir | cached hub id | tiny:<family> (engine/loader.py)
+    load: LoadConfig = field(default_factory=LoadConfig)  # device, dtype, attention, image-token cap
+    seed: int = 0                      # sampling RNG (and a tiny model's init)
     max_batch: int = 32                # rows decoding together
     max_prefill_tokens: int = 16384    # prompt tokens admitted per step (>= 1 request always)
     max_model_len: int = 65536
@@ -67,8 +69,8 @@ class HFConfig:
     num_threads: int = 0               # torch intra-op threads; 0 = leave torch's setting
 
     def __post_init__(self) -> None:
-        if self.family not in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen2"):
-            raise ValueError(f"family must be qwen2_vl|qwen2_5_vl|qwen3_vl|qwen2, got {self.family!r}")
+        from spyglass.engine.loader import check_model_spec
+        check_model_spec(self.model, "hf.model")
         for k in ("max_batch", "max_prefill_tokens", "max_model_len"):
             if not isinstance(getattr(self, k), int) or getattr(self, k) < 1:
                 raise ValueError(f"{k} must be an int >= 1, got {getattr(self, k)!r}")
@@ -77,8 +79,6 @@ class HFConfig:
             raise ValueError(f"prefix_cache_tokens must be None or an int >= 0, got {self.prefix_cache_tokens!r}")
         if self.num_threads < 0:
             raise ValueError(f"num_threads must be >= 0, got {self.num_threads!r}")
-        if self.model_path is not None and not Path(self.model_path).is_dir():
-            raise ValueError(f"model_path is not a directory: {self.model_path!r}")
 
 
 def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
@@ -92,16 +92,18 @@ def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Te
     Returns tokens [B] int64 and logprobs [B] = log_softmax(logits / T)[token] (T=1 if greedy),
     over the full vocabulary (what the trainer recomputes), bans notwithstanding."""
     b, v = logits.shape
+    dev = logits.device
+    temperature, top_k, top_p, uniform, forced = (x.to(dev) for x in (temperature, top_k, top_p, uniform, forced))
     greedy = temperature <= 0
     t = torch.where(greedy, torch.ones_like(temperature), temperature)
     logp = torch.log_softmax(logits.float() / t[:, None], dim=-1)                 # [B, V]
     pick = logp
     if banned is not None and banned.numel():
-        pick = logp.index_fill(1, banned, float("-inf"))                           # [B, V]
+        pick = logp.index_fill(1, banned.to(dev), float("-inf"))                           # [B, V]
     sorted_lp, order = pick.sort(dim=-1, descending=True)                          # [B, V]
     probs = sorted_lp.exp()
     k = torch.where(top_k < 1, torch.full_like(top_k, v), top_k)
-    keep = torch.arange(v)[None, :] < k[:, None]                                   # [B, V]
+    keep = torch.arange(v, device=dev)[None, :] < k[:, None]                                   # [B, V]
     keep &= (probs.cumsum(-1) - probs) < top_p[:, None]   # the top token is always kept
     cdf = torch.where(keep, probs, 0.0).cumsum(-1)                                 # [B, V]
     u = (uniform * cdf[:, -1])[:, None]                                            # [B, 1]
@@ -244,7 +246,8 @@ class HFBackend(Backend):
         self._rows: list[_Seq] = []                  # worker-owned running batch
         self._layers: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer K, V [B, H, T, D]
         self._cache: Any = None                       # the decode cache over _layers (None: rebuild)
-        self._mask = torch.zeros(0, 0, dtype=torch.long)  # [B, T]
+        self.device = next(model.parameters()).device
+        self._mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)  # [B, T]
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._closed = False
@@ -258,30 +261,18 @@ class HFBackend(Backend):
         self.prefix_tokens_reused = 0
 
     @classmethod
-    def from_tiny(cls, vlm: Any, **kwargs: Any) -> "HFBackend":
-        """From a spyglass.engine.offline.tiny.TinyVLM."""
-        return cls(vlm.model, vlm.image_processor, **kwargs)
+    def from_model(cls, loaded: Any, **kwargs: Any) -> "HFBackend":
+        """From a loader.LoadedModel (its model, on its device, and image processor)."""
+        return cls(loaded.model, loaded.image_processor, **kwargs)
 
     @classmethod
     def from_config(cls, cfg: HFConfig) -> "HFBackend":
-        from spyglass.engine.offline import tiny
+        from spyglass.engine.loader import load_model
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
-        kw = dict(name=cfg.name, max_batch=cfg.max_batch, max_prefill_tokens=cfg.max_prefill_tokens,
-                  max_model_len=cfg.max_model_len, seed=cfg.seed, prefix_cache_tokens=cfg.prefix_cache_tokens)
-        if cfg.model_path is not None and (Path(cfg.model_path) / "spyglass_tiny.json").exists():
-            return cls.from_tiny(tiny.load_tiny(cfg.model_path), **kw)
-        if cfg.model_path is not None:
-            from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-            try:
-                model = AutoModelForImageTextToText.from_pretrained(cfg.model_path, dtype=torch.float32)
-                from transformers import Qwen2VLImageProcessorPil
-                return cls(model, Qwen2VLImageProcessorPil.from_pretrained(cfg.model_path), **kw)
-            except ValueError:
-                return cls(AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=torch.float32), **kw)
-        if cfg.family == "qwen2":
-            return cls(tiny.build_tiny_text_lm(cfg.seed)[0], **kw)
-        return cls.from_tiny(tiny.build_tiny_vlm(cfg.family, cfg.seed), **kw)
+        return cls.from_model(load_model(cfg.model, cfg.load, seed=cfg.seed), name=cfg.name, max_batch=cfg.max_batch,
+                              max_prefill_tokens=cfg.max_prefill_tokens, max_model_len=cfg.max_model_len,
+                              seed=cfg.seed, prefix_cache_tokens=cfg.prefix_cache_tokens)
 
     # ------------------------------------------------------------------ asyncio side
     def _check_prompt(self, req: GenerateRequest) -> None:
@@ -295,7 +286,7 @@ class HFBackend(Backend):
         if len(ids) + 1 > self.max_model_len:
             raise ValueError(f"prompt of {len(ids)} tokens exceeds max_model_len {self.max_model_len}")
         if self.is_vl:
-            from spyglass.engine.offline.tiny import image_token_count
+            from spyglass.engine.chat import image_token_count
             want = sum(image_token_count(im, self.image_processor) for im in req.images)
             have = ids.count(self.image_token_id)
             if want != have:
@@ -408,7 +399,7 @@ class HFBackend(Backend):
     # ------------------------------------------------------------------ worker side
     def _reset(self) -> None:
         self._rows, self._layers, self._cache = [], [], None
-        self._mask = torch.zeros(0, 0, dtype=torch.long)
+        self._mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)
 
     def _load(self, weights: Weights) -> None:
         self._prefixes.clear()  # KV of the old weights
@@ -461,9 +452,9 @@ class HFBackend(Backend):
 
     def _decode(self) -> torch.Tensor:
         rows = self._rows
-        ids = torch.tensor([[s.tokens[-1]] for s in rows])                          # [B, 1]
-        mask = torch.cat([self._mask, torch.ones(len(rows), 1, dtype=torch.long)], 1)  # [B, T+1]
-        pos = torch.tensor([s.pos for s in rows]).view(-1, 1)                        # [B, 1]
+        ids = torch.tensor([[s.tokens[-1]] for s in rows], device=self.device)                        # [B, 1]
+        mask = torch.cat([self._mask, torch.ones(len(rows), 1, dtype=torch.long, device=self.device)], 1)  # [B, T+1]
+        pos = torch.tensor([s.pos for s in rows], device=self.device).view(-1, 1)                      # [B, 1]
         if self.is_vl:
             pos = pos.view(1, -1, 1).expand(3, -1, 1)                                # [3, B, 1]
         if self._cache is None:  # the batch changed: a fresh cache over it (the next write grows it)
@@ -521,7 +512,7 @@ class HFBackend(Backend):
         """How many of s's images lie wholly in ids[:n] (None if the cut splits an image)."""
         if not self.is_vl or not s.req.images:
             return 0
-        from spyglass.engine.offline.tiny import image_token_count
+        from spyglass.engine.chat import image_token_count
         before, j, acc = ids[:n].count(self.image_token_id), 0, 0
         for im in s.req.images:
             if acc >= before:
@@ -531,6 +522,15 @@ class HFBackend(Backend):
         return j if acc == before else None
 
     # -- forwards
+    def _pixels(self, images: list[Any]) -> dict[str, torch.Tensor]:
+        """The processor's pixel_values (in the model's dtype) and image_grid_thw, on the model's device."""
+        from spyglass.engine.chat import pixel_inputs
+        out = pixel_inputs(self.image_processor, images)
+        if "pixel_values" in out:
+            out["pixel_values"] = out["pixel_values"].to(self.device, dtype=next(self.model.parameters()).dtype)
+            out["image_grid_thw"] = out["image_grid_thw"].to(self.device)
+        return out
+
     def _forward_on(self, s: _Seq, hit: tuple[_Prefix, int], ids: list[int], keep: int
                     ) -> tuple[torch.Tensor, Any, int]:
         """Forward of ids[len(e.tokens):] on top of the kept KV `e` of `hit` = (e, images e holds)
@@ -539,21 +539,21 @@ class HFBackend(Backend):
         last `keep` positions [1, keep, V], the cache over all of `ids`, and the next position."""
         e, j = hit
         n = len(e.tokens)
-        full = torch.tensor([ids])                                                    # [1, L]
+        full = torch.tensor([ids], device=self.device)                                                  # [1, L]
         mask = torch.ones_like(full)                                                  # [1, L]
         kwargs: dict[str, Any] = {}
         if self.is_vl:
-            from spyglass.engine.offline.tiny import image_grid, pixel_inputs
-            grid = (torch.tensor([image_grid(im, self.image_processor) for im in s.req.images])
+            from spyglass.engine.chat import image_grid
+            grid = (torch.tensor([image_grid(im, self.image_processor) for im in s.req.images], device=self.device)
                     if s.req.images else None)                                        # [n_img, 3]
             mm = (full == self.image_token_id).int()
             base = getattr(self.model, "model", self.model)
             pos, deltas = base.get_rope_index(full, mm_token_type_ids=mm, attention_mask=mask, image_grid_thw=grid)
             pos, nxt = pos[:, :, n:], len(ids) + int(deltas[0])                       # [3, 1, L - n]
-            kwargs = pixel_inputs(self.image_processor, list(s.req.images[j:]))      # the new images only
+            kwargs = self._pixels(list(s.req.images[j:]))                              # the new images only
             kwargs["mm_token_type_ids"] = mm[:, n:]
         else:
-            pos, nxt = torch.arange(n, len(ids)).view(1, -1), len(ids)                # [1, L - n]
+            pos, nxt = torch.arange(n, len(ids), device=self.device).view(1, -1), len(ids)                # [1, L - n]
         out = self.model(input_ids=full[:, n:], attention_mask=mask, position_ids=pos,
                          past_key_values=_cache_from(e.layers), use_cache=True, logits_to_keep=keep, **kwargs)
         self.prefix_hits += 1
@@ -567,15 +567,14 @@ class HFBackend(Backend):
         and each row's next position."""
         lens = [len(f) for f in feed]
         width = max(lens)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)          # [b, L]
-        mask = torch.zeros(len(seqs), width, dtype=torch.long)                        # [b, L]
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long, device=self.device)        # [b, L]
+        mask = torch.zeros(len(seqs), width, dtype=torch.long, device=self.device)                      # [b, L]
         for i, f in enumerate(feed):
-            ids[i, width - lens[i]:] = torch.tensor(f)
+            ids[i, width - lens[i]:] = torch.tensor(f, device=self.device)
             mask[i, width - lens[i]:] = 1
         kwargs: dict[str, Any] = {}
         if self.is_vl:
-            from spyglass.engine.offline.tiny import pixel_inputs
-            kwargs = pixel_inputs(self.image_processor, [im for s in seqs for im in s.req.images])
+            kwargs = self._pixels([im for s in seqs for im in s.req.images])
             mm = (ids == self.image_token_id).int() * mask                            # [b, L]
             base = getattr(self.model, "model", self.model)
             pos, deltas = base.get_rope_index(ids, mm_token_type_ids=mm, attention_mask=mask,
@@ -609,7 +608,7 @@ class HFBackend(Backend):
         hot, cold = self._on_kept(seqs, [s.req.prompt_ids.tolist() for s in seqs], [1] * len(seqs))
         for i, (logits, cache, pos) in hot.items():
             seqs[i].pos, rows[i] = pos, logits[:, -1]
-            ones = torch.ones(1, len(seqs[i].req.prompt_ids), dtype=torch.long)           # [1, L]
+            ones = torch.ones(1, len(seqs[i].req.prompt_ids), dtype=torch.long, device=self.device)         # [1, L]
             self._merge([seqs[i]], _layers_of(cache), ones)
         if cold:
             logits, cache, mask, nxt = self._forward_cold([seqs[i] for i in cold],
@@ -669,7 +668,7 @@ class HFBackend(Backend):
         if not keep:
             self._reset()
             return
-        idx = torch.tensor(keep)
+        idx = torch.tensor(keep, device=self.device)
         mask = self._mask.index_select(0, idx)                                        # [B', T]
         first = int(mask.any(0).nonzero()[0])           # leading columns padded in every row
         self._mask = mask[:, first:]

@@ -1,35 +1,34 @@
-"""Tiny Qwen-style models built offline, and the chat -> token ids (+ pixels) encoder.
+"""The tiny checkpoints: seeded random-weight Qwen2-VL / Qwen2.5-VL / Qwen3-VL and text
+Qwen2 / Qwen3 models, written as standard Hugging Face checkpoint directories (config.json,
+model.safetensors, tokenizer.json with the family's chat template, preprocessor_config.json)
+and loaded by the product's loader (`spyglass.engine.loader.load_model`) like any download.
 
 Nothing here downloads anything. `build_tokenizer()` trains a byte-level BPE (~800 tokens, plus
 ~450 whole-word tokens of the domain's English words: DOMAIN_WORDS) with `tokenizers` on a small
-built-in corpus in the agent format (<think>, <tool_call>{json}</tool_call>, <answer>, tool
-names) in a few milliseconds, with Qwen's special tokens and a Qwen-style chat
-template (system/user/assistant/tool roles; images as <|vision_start|><|image_pad|><|vision_end|>;
-tool results wrapped in <tool_response> inside a user turn, as Qwen2.5 does). `build_tiny_vlm()`
-makes a seeded, ~0.2M-parameter Qwen2-VL / Qwen2.5-VL / Qwen3-VL from configs in code;
-`build_tiny_text_lm()` a text-only Qwen2 causal LM (head_dim 64, as vLLM's CPU kernels need).
+built-in corpus in the agent format in a few milliseconds, with Qwen's special tokens and the
+family's chat template (engine/offline/templates.py: the real checkpoints' shapes).
+`build_tiny_vlm()` makes a seeded, ~0.2M-parameter VLM in memory (a LoadedModel);
+`materialize("tiny:qwen2_vl[:<hidden>x<layers>[:<image tokens>]]", cache_dir)` writes one as a
+checkpoint directory once (atomically) and returns its path; `--model tiny:...` goes there.
 
-The encoder is not tiny-specific: `encode_chat` / `encode_observation` / `image_token_count`
-work with any Qwen-VL style (tokenizer, image processor) pair. The chat template puts ONE
-<|image_pad|> per image; encoding expands it to `image_token_count(image)` copies, which is
-exactly what the model's vision tower produces (grid_t*grid_h*grid_w / merge_size**2).
-
-    from spyglass.engine.offline.tiny import build_tiny_vlm, encode_chat
-    vlm = build_tiny_vlm("qwen2_vl", seed=0)
-    enc = encode_chat(vlm.tokenizer, vlm.image_processor, [{"role": "user", "content": [
-        {"type": "image", "image": img}, {"type": "text", "text": "What is this?"}]}])
-    inputs = pixel_inputs(vlm.image_processor, enc.images)  # pixel_values, image_grid_thw
+    from spyglass.engine.loader import load_model
+    m = load_model("tiny:qwen3_vl")                   # materialised, then loaded from disk
+    vlm = build_tiny_vlm("qwen2_vl", seed=0)          # in memory (tests)
 """
 from __future__ import annotations
 
-import itertools
 import json
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
+
+from ..loader import LoadedModel, load_tokenizer  # noqa: F401  (load_tokenizer: tests)
+from .templates import TEMPLATES
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
@@ -41,41 +40,6 @@ TOOL_NAMES = ["crop", "sharpen", "super_resolution", "perspective_correct", "ocr
               "text_search", "image_search", "visit", "python"]
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 
-CHAT_TEMPLATE = (
-    "{% macro render(content) %}"
-    "{% if content is string %}{{ content }}"
-    "{% else %}{% for part in content %}"
-    "{% if part.type == 'image' or 'image' in part %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part.type == 'text' %}{{ part.text }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{% endmacro %}"
-    "{% if messages[0].role == 'system' %}{% set sys = render(messages[0].content) %}"
-    "{% else %}{% set sys = 'You are a helpful assistant.' %}{% endif %}"
-    "<|im_start|>system\n{{ sys }}"
-    "{% if tools %}{{ '\\n' }}\n# Tools\n\nYou may call one or more functions to assist with the user "
-    "query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>"
-    "{% for tool in tools %}{{ '\\n' }}{{ tool | tojson }}{% endfor %}{{ '\\n' }}</tools>\n\nFor each function "
-    "call, return a json object with function name and arguments within <tool_call></tool_call> "
-    "XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n"
-    "</tool_call>{% endif %}<|im_end|>\n"
-    "{% for m in messages %}"
-    "{% if m.role == 'system' and loop.first %}"
-    "{% elif m.role == 'user' or m.role == 'system' %}"
-    "<|im_start|>{{ m.role }}\n{{ render(m.content) }}<|im_end|>\n"
-    "{% elif m.role == 'assistant' %}<|im_start|>assistant\n{{ render(m.content or '') }}"
-    "{% for call in m.tool_calls or [] %}{% set f = call.function or call %}"
-    "{% if m.content or not loop.first %}{{ '\\n' }}{% endif %}"
-    "<tool_call>\n{\"name\": \"{{ f.name }}\", \"arguments\": "
-    "{{ f.arguments if f.arguments is string else f.arguments | tojson }}}\n</tool_call>"
-    "{% endfor %}<|im_end|>\n"
-    "{% elif m.role == 'tool' %}"
-    "{% if loop.first or loop.previtem.role != 'tool' %}<|im_start|>user{% endif %}"
-    "{{ '\\n' }}<tool_response>\n{{ render(m.content) }}\n</tool_response>"
-    "{% if loop.last or loop.nextitem.role != 'tool' %}<|im_end|>\n{% endif %}"
-    "{% else %}{{ raise_exception('unknown role: ' + m.role) }}"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 def _corpus() -> list[str]:
@@ -145,11 +109,14 @@ def domain_words() -> list[str]:
     return list(dict.fromkeys(words))
 
 
-def build_tokenizer(vocab_size: int = 800) -> Any:
-    """Train the byte-level BPE offline and wrap it as a PreTrainedTokenizerFast with the template."""
+def build_tokenizer(vocab_size: int = 800, family: str = "qwen2_vl") -> Any:
+    """Train the byte-level BPE offline and wrap it as a PreTrainedTokenizerFast with `family`'s
+    chat template (templates.TEMPLATES)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    if family not in TEMPLATES:
+        raise ValueError(f"family must be one of {list(TEMPLATES)}, got {family!r}")
     if not 300 <= vocab_size <= 4096:
         raise ValueError(f"vocab_size must be in [300, 4096], got {vocab_size}")
     tok = Tokenizer(models.BPE())
@@ -162,7 +129,7 @@ def build_tokenizer(vocab_size: int = 800) -> Any:
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in AGENT_TOKENS])
     tok.add_tokens([AddedToken(w, special=False, normalized=False, single_word=True) for w in domain_words()])
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, chat_template=CHAT_TEMPLATE, eos_token="<|im_end|>",
+        tokenizer_object=tok, chat_template=TEMPLATES[family], eos_token="<|im_end|>",
         pad_token="<|endoftext|>", bos_token=None, unk_token=None,
         additional_special_tokens=SPECIAL_TOKENS[1:], model_max_length=65536)
     return fast
@@ -247,21 +214,10 @@ def build_processor(family: str, tokenizer: Any, image_processor: Any) -> Any:
                              chat_template=tokenizer.chat_template)
 
 
-@dataclass
-class TinyVLM:
-    """A tiny VLM with everything needed to encode chats for it."""
-
-    family: str
-    model: Any            # *ForConditionalGeneration, eval mode, float32
-    tokenizer: Any        # PreTrainedTokenizerFast with the chat template
-    processor: Any        # the family's VL processor (video processor None)
-
-    @property
-    def image_processor(self) -> Any:
-        return self.processor.image_processor
-
-    def save(self, path: str | Path) -> Path:
-        return save_tiny(self, path)
+TinyVLM = LoadedModel  # what the builders return: the product's loaded-model record
+TEXT_FAMILIES = ("qwen2", "qwen3")
+SPEC = "tiny:<family>[:<hidden>x<layers>[:<image tokens>]]"
+FIXTURE_VERSION = 2  # bump when the files materialize() writes change
 
 
 def _seeded(seed: int, fn: Any) -> Any:
@@ -271,10 +227,10 @@ def _seeded(seed: int, fn: Any) -> Any:
 
 
 def build_tiny_vlm(family: str = "qwen2_vl", seed: int = 0, hidden: int = 64, layers: int = 2,
-                   max_image_tokens: int = 256) -> TinyVLM:
+                   max_image_tokens: int = 256) -> LoadedModel:
     """A seeded tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL (text: `hidden` wide, head_dim 32,
     `layers` deep; default 64 x 2, ~0.2M parameters; a tiny vision tower; images resized to at
-    most `max_image_tokens` visual tokens, 4 patches each)."""
+    most `max_image_tokens` visual tokens, 4 patches each), in memory."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     if hidden % 32 or not 32 <= hidden <= 1024:
@@ -283,20 +239,39 @@ def build_tiny_vlm(family: str = "qwen2_vl", seed: int = 0, hidden: int = 64, la
         raise ValueError(f"layers must be in [1, 48], got {layers!r}")
     if not 4 <= max_image_tokens <= 16384:
         raise ValueError(f"max_image_tokens must be in [4, 16384], got {max_image_tokens!r}")
-    tok = build_tokenizer()
+    tok = build_tokenizer(family=family)
     config = _vl_config(family, len(tok), special_ids(tok), hidden, layers)
     model = _seeded(seed, lambda: _model_class(family)(config)).float().eval()
-    improc = build_image_processor(family, max_image_tokens)
-    return TinyVLM(family, model, tok, build_processor(family, tok, improc))
+    return LoadedModel(family, model, tok, build_image_processor(family, max_image_tokens))
+
+
+def build_tiny_text_lm(seed: int = 0, family: str = "qwen2") -> LoadedModel:
+    """A seeded tiny text-only Qwen2 / Qwen3 causal LM (hidden 128, 2 heads of head_dim 64, 2
+    layers: head_dim 64 is what vLLM's CPU kernels need)."""
+    import transformers as tf
+    if family not in TEXT_FAMILIES:
+        raise ValueError(f"family must be one of {TEXT_FAMILIES}, got {family!r}")
+    tok = build_tokenizer(family=family)
+    ids = special_ids(tok)
+    cls, model_cls = {"qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM), "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM)}[family]
+    config = cls(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                 num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
+                 tie_word_embeddings=False, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                 pad_token_id=ids["<|endoftext|>"])
+    model = _seeded(seed, lambda: model_cls(config)).float().eval()
+    return LoadedModel(family, model, tok, None)
 
 
 def parse_tiny_spec(spec: str) -> tuple[str, int, int, int]:
     """"tiny:<family>[:<hidden>x<layers>[:<max image tokens>]]" -> (family, hidden, layers,
-    max_image_tokens); e.g. tiny:qwen2_vl:128x2:64. Defaults 64 x 2, 256 image tokens."""
+    max_image_tokens); e.g. tiny:qwen2_vl:128x2:64. Defaults 64 x 2, 256 image tokens. Text
+    families (qwen2, qwen3) take no size."""
     parts = spec.split(":")
-    if parts[0] != "tiny" or len(parts) not in (2, 3, 4) or parts[1] not in FAMILIES:
-        raise ValueError(f"model spec must be tiny:<family>[:<hidden>x<layers>[:<image tokens>]] with family "
-                         f"in {FAMILIES}, got {spec!r}")
+    families = FAMILIES + TEXT_FAMILIES
+    if parts[0] != "tiny" or len(parts) not in (2, 3, 4) or parts[1] not in families \
+            or (parts[1] in TEXT_FAMILIES and len(parts) != 2):
+        raise ValueError(f"model spec must be {SPEC} with family in {families} (text families take no size), "
+                         f"got {spec!r}")
     if len(parts) == 2:
         return parts[1], 64, 2, 256
     size = parts[2].split("x")
@@ -307,183 +282,37 @@ def parse_tiny_spec(spec: str) -> tuple[str, int, int, int]:
     return parts[1], int(size[0]), int(size[1]), int(parts[3]) if len(parts) == 4 else 256
 
 
-def load_model(spec: str, seed: int = 0) -> TinyVLM:
-    """A TinyVLM from a spec: "tiny:<family>[:<hidden>x<layers>[:<image tokens>]]" builds one in code (seeded);
-    anything else is a save_tiny() directory."""
-    if spec.startswith("tiny:"):
-        family, hidden, layers, image_tokens = parse_tiny_spec(spec)
-        return build_tiny_vlm(family, seed=seed, hidden=hidden, layers=layers, max_image_tokens=image_tokens)
-    return load_tiny(spec)
+def build_tiny(spec: str, seed: int = 0) -> LoadedModel:
+    """The in-memory model a tiny spec names (what materialize() writes)."""
+    family, hidden, layers, image_tokens = parse_tiny_spec(spec)
+    if family in TEXT_FAMILIES:
+        return build_tiny_text_lm(seed, family)
+    return build_tiny_vlm(family, seed=seed, hidden=hidden, layers=layers, max_image_tokens=image_tokens)
 
 
-MODEL_SPEC = "tiny:<family>[:<hidden>x<layers>[:<image tokens>]]"
+def materialize(spec: str, cache_dir: str | Path, seed: int = 0) -> Path:
+    """The checkpoint directory of tiny `spec` under `cache_dir`, written once (atomically:
+    built in a temporary directory, then renamed) and reused after."""
+    family, hidden, layers, image_tokens = parse_tiny_spec(spec)
+    out = Path(cache_dir) / f"tiny-{family}-{hidden}x{layers}-{image_tokens}-seed{seed}-v{FIXTURE_VERSION}"
+    if (out / "model.safetensors").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from ..loader import save_model  # noqa: PLC0415
+    tmp = save_model(build_tiny(spec, seed), out.parent / f".{out.name}.{os.getpid()}.tmp")
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process materialised it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
-def check_model_spec(spec: str, what: str = "model") -> None:
-    """Config validation: ConfigError naming `what` unless `spec` is a valid tiny spec or an
-    existing directory."""
-    from ..config import check  # noqa: PLC0415
-    check(is_model_spec(spec), f"{what} must be {MODEL_SPEC} or an existing directory, got {spec!r}")
+def save_tiny_text_lm(path: str | Path, seed: int = 0, family: str = "qwen2") -> Path:
+    """Build the tiny text LM and save it as a checkpoint directory (one vLLM can load)."""
+    from ..loader import save_model  # noqa: PLC0415
+    return save_model(build_tiny_text_lm(seed, family), path)
 
 
-def is_model_spec(spec: str) -> bool:
-    """True for a valid tiny spec or an existing directory (config validation)."""
-    if spec.startswith("tiny:"):
-        try:
-            parse_tiny_spec(spec)
-        except ValueError:
-            return False
-        return True
-    return Path(spec).is_dir()
-
-
-def save_tiny(vlm: TinyVLM, path: str | Path) -> Path:
-    """Save model, tokenizer (with template) and image processor to `path`; see load_tiny."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    vlm.model.save_pretrained(path)
-    vlm.tokenizer.save_pretrained(path)
-    vlm.image_processor.save_pretrained(path)
-    (path / "spyglass_tiny.json").write_text(json.dumps({"family": vlm.family}))
-    return path
-
-
-def load_tiny(path: str | Path) -> TinyVLM:
-    """Load what save_tiny wrote (no network)."""
-    from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessorPil
-    path = Path(path)
-    meta = path / "spyglass_tiny.json"
-    if not meta.exists():
-        raise FileNotFoundError(f"{path} is not a save_tiny directory (no spyglass_tiny.json)")
-    family = json.loads(meta.read_text())["family"]
-    model = _model_class(family).from_pretrained(path, dtype=torch.float32).eval()
-    tok = PreTrainedTokenizerFast.from_pretrained(path)
-    improc = Qwen2VLImageProcessorPil.from_pretrained(path)
-    return TinyVLM(family, model, tok, build_processor(family, tok, improc))
-
-
-def build_tiny_text_lm(seed: int = 0) -> tuple[Any, Any]:
-    """A seeded tiny text-only Qwen2ForCausalLM (hidden 128, 2 heads of head_dim 64, 2 layers)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    tok = build_tokenizer()
-    ids = special_ids(tok)
-    config = Qwen2Config(vocab_size=len(tok), hidden_size=128, intermediate_size=256,
-                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                         head_dim=64, max_position_embeddings=4096, tie_word_embeddings=False,
-                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                         pad_token_id=ids["<|endoftext|>"])
-    model = _seeded(seed, lambda: Qwen2ForCausalLM(config)).float().eval()
-    return model, tok
-
-
-def save_tiny_text_lm(path: str | Path, seed: int = 0) -> Path:
-    """Build the tiny text Qwen2 and save it with its tokenizer (a directory vLLM can load)."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    model, tok = build_tiny_text_lm(seed)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-# ---------------------------------------------------------------------------------- encoding
-@dataclass
-class ChatEncoding:
-    """Prompt token ids with every image already expanded to its visual tokens."""
-
-    input_ids: list[int]
-    images: list[Image.Image] = field(default_factory=list)  # in order of appearance
-
-
-def image_token_count(image: Image.Image, image_processor: Any) -> int:
-    """How many <|image_pad|> tokens `image` occupies: grid_h*grid_w / merge_size**2 (t = 1)."""
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"image must be a PIL.Image.Image, got {type(image).__name__}")
-    w, h = image.size
-    patches = image_processor.get_number_of_image_patches(h, w, {})
-    return int(patches // image_processor.merge_size ** 2)
-
-
-def _message_images(messages: list[dict[str, Any]]) -> list[Image.Image]:
-    images = []
-    for m in messages:
-        content = m.get("content")
-        if isinstance(content, list):
-            for part in content:
-                if part.get("type") == "image" or "image" in part:
-                    img = part.get("image")
-                    if not isinstance(img, Image.Image):
-                        raise TypeError(f"image part must carry a PIL image under 'image', got "
-                                        f"{type(img).__name__} in message role={m.get('role')!r}")
-                    images.append(img)
-    return images
-
-
-def expand_image_pads(ids: list[int], images: list[Image.Image], tokenizer: Any,
-                      image_processor: Any) -> list[int]:
-    """Replace each single <|image_pad|> id with image_token_count(image) copies, in order."""
-    pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    n_pads = ids.count(pad)
-    if n_pads != len(images):
-        raise ValueError(f"text has {n_pads} image placeholders but {len(images)} images were given")
-    counts = iter([image_token_count(im, image_processor) for im in images])
-    return list(itertools.chain.from_iterable([pad] * next(counts) if t == pad else [t] for t in ids))
-
-
-def encode_chat(tokenizer: Any, image_processor: Any, messages: list[dict[str, Any]],
-                tools: list[dict[str, Any]] | None = None,
-                add_generation_prompt: bool = True) -> ChatEncoding:
-    """Render `messages` with the chat template and tokenize, expanding image placeholders.
-
-    A message's content is a string or a list of parts {"type": "text", "text": ...} /
-    {"type": "image", "image": PIL.Image}. Roles: system, user, assistant (optional
-    `tool_calls`), tool."""
-    if not messages:
-        raise ValueError("messages is empty")
-    text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
-    images = _message_images(messages)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return ChatEncoding(expand_image_pads(ids, images, tokenizer, image_processor), images)
-
-
-def encode_observation(tokenizer: Any, image_processor: Any, messages: list[dict[str, Any]],
-                       add_generation_prompt: bool = True) -> ChatEncoding:
-    """The token delta appended after a generated assistant turn that ended with <|im_end|>.
-
-    `messages` are the new tool/user messages. The delta is the template's rendering of
-    [..., assistant, *messages] minus its rendering up to the assistant turn, so prompt +
-    generated tokens + delta equals what encode_chat would give for the whole conversation
-    (the model's own tokens are never re-tokenized)."""
-    if not messages:
-        raise ValueError("messages is empty")
-    anchor = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
-    head = tokenizer.apply_chat_template(anchor, tokenize=False, add_generation_prompt=False)
-    full = tokenizer.apply_chat_template(anchor + list(messages), tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
-    if not full.startswith(head):
-        raise ValueError("chat template is not prefix-stable; cannot compute an observation delta")
-    # the generated turn already ends with <|im_end|>; the template adds "<|im_end|>\n" after it
-    delta = full[len(head) - 1:] if head.endswith("\n") else full[len(head):]
-    images = _message_images(messages)
-    ids = tokenizer(delta, add_special_tokens=False)["input_ids"]
-    return ChatEncoding(expand_image_pads(ids, images, tokenizer, image_processor), images)
-
-
-def image_grid(image: Image.Image, image_processor: Any) -> tuple[int, int, int]:
-    """(t, grid_h, grid_w) the processor gives `image` (its image_grid_thw row), from the size
-    alone: no pixels are processed (what a prefix-cache hit needs for the images it reuses)."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-    w, h = image.size
-    patch, merge = image_processor.patch_size, image_processor.merge_size
-    rh, rw = smart_resize(h, w, patch * merge, min_pixels=image_processor.size["shortest_edge"],
-                          max_pixels=image_processor.size["longest_edge"])
-    return 1, rh // patch, rw // patch
-
-
-def pixel_inputs(image_processor: Any, images: list[Image.Image]) -> dict[str, torch.Tensor]:
-    """pixel_values [n_patches, C*T*P*P] and image_grid_thw [n_images, 3] for the model."""
-    if not images:
-        return {}
-    out = image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
-    return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+# ------------------------------------------------------------------ encoding (the product's, re-exported)
+from ..chat import (ChatEncoding, encode_chat, encode_observation, expand_image_pads,  # noqa: E402,F401
+                    image_grid, image_token_count, pixel_inputs)

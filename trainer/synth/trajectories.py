@@ -33,7 +33,7 @@ POLICIES = ("replay", "sample")
 class TeacherConfig:
     """Which teacher, how it rolls out, and what is kept."""
 
-    model: str = "tiny:qwen2_vl"  # tiny:<family> builds one in code; else a save_tiny() directory
+    model: str = "tiny:qwen2_vl"  # a checkpoint dir, a hub id in the local HF cache, or tiny:<family> (engine/loader.py)
     backend: str = "hf"  # any kind in engine/backends (hf builds from `model`)
     backend_options: dict[str, Any] = field(default_factory=dict)
     policy: str = "replay"
@@ -56,7 +56,7 @@ class TeacherConfig:
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"TeacherConfig.policy must be one of {POLICIES}, got {self.policy!r}")
-        from spyglass.engine.offline.tiny import check_model_spec  # noqa: PLC0415
+        from spyglass.engine.loader import check_model_spec  # noqa: PLC0415
         if self.backend == "hf":
             check_model_spec(self.model, "TeacherConfig.model")
         for k in ("n_samples", "max_turns", "max_tokens_per_turn", "keep_per_question"):
@@ -83,13 +83,12 @@ def build_teacher(cfg: TeacherConfig, servers: int = 1) -> tuple[Any, list[Any]]
     """(codec, backends) of the teacher."""
     from spyglass.engine.backends import backend_config, make_backend  # noqa: PLC0415
     from spyglass.engine.backends.hf import HFBackend  # noqa: PLC0415
-    from spyglass.engine.chat import HFCodec  # noqa: PLC0415
-    from spyglass.engine.offline.tiny import load_model  # noqa: PLC0415
+    from spyglass.engine.loader import load_model  # noqa: PLC0415
     vlm = load_model(cfg.model, seed=cfg.seed)
-    codec = HFCodec.from_tiny(vlm)
+    codec = vlm.codec()
     if cfg.backend == "hf":
         opts = {k: v for k, v in cfg.backend_options.items() if k != "name"}
-        return codec, [HFBackend.from_tiny(vlm, name=f"teacher-{i}", **opts) for i in range(servers)]
+        return codec, [HFBackend.from_model(vlm, name=f"teacher-{i}", **opts) for i in range(servers)]
     return codec, [make_backend(backend_config(cfg.backend, **{**cfg.backend_options, "name": f"teacher-{i}"}))
                    for i in range(servers)]
 
