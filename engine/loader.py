@@ -142,13 +142,14 @@ def resolve_checkpoint(spec: str, cfg: LoadConfig | None = None, seed: int = 0) 
 def _from_hub_cache(repo_id: str, cfg: LoadConfig) -> Path:
     from huggingface_hub import snapshot_download  # noqa: PLC0415
     from huggingface_hub.errors import LocalEntryNotFoundError  # noqa: PLC0415
+    from huggingface_hub.constants import HF_HUB_CACHE  # noqa: PLC0415
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    cache = os.environ.get("HF_HUB_CACHE") or HF_HUB_CACHE  # read now: the constant is fixed at import
     try:
-        return Path(snapshot_download(repo_id, local_files_only=offline or not cfg.allow_download))
+        return Path(snapshot_download(repo_id, cache_dir=cache, local_files_only=offline or not cfg.allow_download))
     except LocalEntryNotFoundError:
-        from huggingface_hub.constants import HF_HUB_CACHE  # noqa: PLC0415
         why = "HF_HUB_OFFLINE is set" if offline else "downloads are off (--load.allow_download true allows them)"
-        raise FileNotFoundError(f"model {repo_id!r} is not in the local Hugging Face cache ({HF_HUB_CACHE}) and "
+        raise FileNotFoundError(f"model {repo_id!r} is not in the local Hugging Face cache ({cache}) and "
                                 f"{why}; download it first (`hf download {repo_id}`) or pass its directory") from None
 
 
