@@ -89,14 +89,21 @@ def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: p.detach().clone() for k, p in model.state_dict().items()}
 
 
+@pytest.mark.parametrize("attention", ["padded", "packed"])
 @pytest.mark.parametrize("family", tiny.FAMILIES)
-def test_recomputed_logprobs_match_sampling_policy(family):
+def test_recomputed_logprobs_match_sampling_policy(family, attention):
+    """Padded and packed (one row, positions restarting per sequence: a block-diagonal causal
+    mask under SDPA, varlen under flash-attn) both give the log-probs of a plain forward."""
     v = fresh(family)
     trajs, adv, masks = make_batch(v)
-    # small micro-batches: several padded forwards, one with a text-only trajectory
-    up = PolicyUpdater(v.model, UpdateConfig(lr=1e-4, micro_batch_tokens=120), image_processor=v.image_processor)
+    # small micro-batches: several forwards, one with a text-only trajectory; packed: several
+    # sequences share a row (micro_batch_tokens fits two or three)
+    up = PolicyUpdater(v.model, UpdateConfig(lr=1e-4, micro_batch_tokens=120 if attention == "padded" else 300,
+                                             attention=attention), image_processor=v.image_processor)
+    assert up.packed == (attention == "packed")
     m = up.step(trajs, adv, masks)
-    assert m["micro_batches"] >= 2 and m["loss_tokens"] == sum(int(x.sum()) for x in masks)
+    assert m["micro_batches"] >= (2 if attention == "padded" else 1)
+    assert m["loss_tokens"] == sum(int(x.sum()) for x in masks)
     assert abs(m["ratio_min"] - 1) < 1e-4 and abs(m["ratio_max"] - 1) < 1e-4, m
     assert m["approx_kl"] < 1e-7 and m["clip_fraction"] == 0.0
     assert m["version"] == 1 and up.version == 1

@@ -1,5 +1,7 @@
 """The `spyglass` command line. Every subcommand's flags are generated from its config
-dataclass (engine/config.py); `--config run.yaml` loads a file first, flags override it.
+dataclass (engine/config.py); `--config run.yaml` loads a file first, flags override it, and
+each changes only what it names. A bad value prints one line `spyglass <cmd>: <key>: ...` and
+exits 2. `build_parser(name)` / `parse_config(name, argv)` parse without running (tests).
 
     spyglass bench rollout                       # the main job: async engine vs lock-step, CPU
     spyglass rollout --out runs/r.jsonl --engine.n_samples 8 --timeline runs/t.png
@@ -15,7 +17,7 @@ import json
 import sys
 from typing import Any, Callable
 
-from spyglass.engine.config import add_dataclass_args, config_from_args, load_config
+from spyglass.engine.config import ConfigError, ConfigParser, add_dataclass_args, config_from_args, read_config
 
 # name -> (module, config class, run function, help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
@@ -47,6 +49,25 @@ def _passthrough(name: str, argv: list[str]) -> int:
     return mod.main(argv) or 0
 
 
+def build_parser(name: str) -> tuple[argparse.ArgumentParser, type]:
+    """The parser of command `name` (flags generated from its config class) and that class."""
+    cfg_cls, _ = _load(name)
+    ap = ConfigParser(prog=f"spyglass {name}", description=COMMANDS[name][3],
+                      usage=f"spyglass {name} [-h] [--config FILE] [--section.field VALUE ...]")
+    ap.add_argument("--config", metavar="FILE",
+                    help="YAML/JSON file with (part of) the config; flags override it, the rest keeps the defaults")
+    add_dataclass_args(ap, cfg_cls)
+    return ap, cfg_cls
+
+
+def parse_config(name: str, argv: list[str]) -> Any:
+    """The config of command `name` from its flags: class defaults, then --config, then flags.
+    A bad value raises ConfigError naming the key; a bad flag exits 2 (argparse)."""
+    ap, cfg_cls = build_parser(name)
+    ns = ap.parse_args(argv)
+    return config_from_args(cfg_cls, ns, base=read_config(ns.config) if ns.config else None)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] and argv[0] in PASSTHROUGH:
@@ -57,17 +78,12 @@ def main(argv: list[str] | None = None) -> int:
                           + [f"  spyglass {k:<14} {v[1]}" for k, v in PASSTHROUGH.items()])
         print(f"usage: spyglass <command> [--config FILE] [--section.field VALUE ...]\n\n{lines}")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
-    rest = argv[len(name.split()):]
-    cfg_cls, run = _load(name)
-    ap = argparse.ArgumentParser(prog=f"spyglass {name}", description=COMMANDS[name][3])
-    ap.add_argument("--config", help="YAML file with the config (flags override it)")
-    add_dataclass_args(ap, cfg_cls)
-    ns = ap.parse_args(rest)
-    import dataclasses  # noqa: PLC0415
-    # defaults come from the class (nested default factories included), then the file, then flags
-    base = dataclasses.asdict(load_config(cfg_cls, ns.config) if ns.config else cfg_cls())
-    cfg = config_from_args(cfg_cls, ns, base=base)
-    out = run(cfg)
+    try:
+        cfg = parse_config(name, argv[len(name.split()):])
+        out = _load(name)[1](cfg)
+    except ConfigError as e:  # a bad value, in a flag, the file or found by the run: one line
+        print(f"spyglass {name}: {e}", file=sys.stderr)
+        return 2
     if isinstance(out, dict) and name != "bench rollout":
         print(json.dumps(out, default=str, indent=1))
     return 0

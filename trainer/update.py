@@ -15,8 +15,12 @@ What one `step` does:
    reproducible and identical on every rank) and split into `mini_batches`; each mini-batch is
    packed by `spyglass.engine.packer.pack` into micro-batches of at most `micro_batch_tokens`
    tokens (count a multiple of the data-parallel world size; rank r takes micro-batches r, r+W..).
-4. Per micro-batch, the current policy's log-probs are recomputed. Attention: HF models on CPU
-   cannot take packed varlen attention, so the micro-batch's sequences are run unpacked as a
+4. Per micro-batch, the current policy's log-probs are recomputed. Attention (`attention`):
+   "packed" runs the micro-batch as ONE row [1, T] with positions restarting at each sequence
+   (M-RoPE positions per sequence for Qwen-VL, the text positions as the first of four rows):
+   transformers turns restarting positions into varlen attention under flash_attention_2 and
+   into a block-diagonal causal mask under SDPA/eager; "auto" packs when the model runs
+   flash_attention_2 (a GPU with flash-attn) and otherwise runs the sequences unpacked as a
    right-padded batch [b, L] (causal attention with no padding mask: no real token attends to
    the pads after it, so SDPA keeps its causal path; M-RoPE positions from `get_rope_index` with the
    sequences' images as pixel_values / image_grid_thw, exactly as the HF backend prefills);
@@ -76,7 +80,10 @@ class UpdateConfig:
     use_fused_logprob: bool = True  # False: materialise logits (reference path, for comparison)
     max_lag: Optional[int] = None  # staleness bound in policy versions; None = no bound
     seed: int = 0  # mini-batch shuffling
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in the backward (less memory, ~30% more compute)
+    # auto: packed when the model runs flash_attention_2 (varlen kernels), else padded | packed |
+    # padded (see the module docstring, step 4)
+    attention: str = "auto"
     freeze_vision: bool = False  # the vision tower (and its merger) takes no updates
     check_grads_per_micro_batch: bool = True  # plain path: find the micro-batch a NaN grad came from
     impl: str = "auto"  # kernels: "auto" | "triton" | "torch"
@@ -112,6 +119,8 @@ class UpdateConfig:
         if self.max_lag is not None and (isinstance(self.max_lag, bool) or not isinstance(self.max_lag, int)
                                          or self.max_lag < 0):
             raise ValueError(f"max_lag must be None or an int >= 0, got {self.max_lag!r}")
+        if self.attention not in ("auto", "packed", "padded"):
+            raise ValueError(f"attention must be 'auto', 'packed' or 'padded', got {self.attention!r}")
         if self.impl not in ("auto", "triton", "torch"):
             raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {self.impl!r}")
         if not (self.sft_coef >= 0 and math.isfinite(self.sft_coef)):
@@ -144,8 +153,10 @@ class PolicyLogprobModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
                 targets: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
-                image_grid_thw: Optional[torch.Tensor] = None, temperature: Optional[float] = None) -> torch.Tensor:
-        """input_ids / attention_mask [b, L]; rows [T'] flat indices into [b*L] of the hidden
+                image_grid_thw: Optional[torch.Tensor] = None, temperature: Optional[float] = None,
+                position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """input_ids / attention_mask [b, L] (packed: b = 1 and position_ids [1, T], or [4, 1, T] for
+        Qwen-VL: text positions, then M-RoPE); rows [T'] flat indices into [b*L] of the hidden
         states predicting targets [T']. Returns log-probs [T'] fp32 of softmax(logits / T), T =
         `temperature` (None: the sampler's, set at construction; the NLL of demonstrations uses 1)."""
         body = self.model.model
@@ -158,6 +169,8 @@ class PolicyLogprobModel(nn.Module):
         # positions of real tokens do not depend on the pads after them, so the body runs with no
         # padding mask (exact for every real token; SDPA takes its causal path instead of
         # materialising a [b, 1, L, L] mask). Pads' outputs are never read (rows index real tokens).
+        if position_ids is not None:  # packed: positions restart at every sequence
+            kw["position_ids"] = position_ids
         hidden = body(input_ids=input_ids, attention_mask=None, use_cache=False, **kw)[0]  # [b, L, H]
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)  # [T', H]
         w = self.model.get_output_embeddings().weight  # [V, H]
@@ -311,6 +324,8 @@ class PolicyUpdater:
             enable()
         model.train()
         self.policy = PolicyLogprobModel(model, cfg.temperature, cfg.use_fused_logprob, cfg.impl)
+        attn = getattr(model.config, "_attn_implementation", None)
+        self.packed = cfg.attention == "packed" or (cfg.attention == "auto" and attn == "flash_attention_2")
         self.runtime = make_runtime(self.policy, cfg, dist)
         self.ref = None
         if ref_model is not None:
@@ -421,7 +436,7 @@ class PolicyUpdater:
         nll = 0.0
         for mb in mbs[rt.rank::rt.world_size]:
             ids = [seqs[i].traj_id for i in mb.indices.tolist()]
-            inputs = self._padded_inputs(mb, [seqs[i] for i in mb.indices.tolist()])
+            inputs = self._inputs(mb, [seqs[i] for i in mb.indices.tolist()])
             inputs = {k: v.to(rt.device) for k, v in inputs.items()}
             inputs.pop("sel")
             logp = rt.forward(**inputs, temperature=temperature)  # [T'] fp32, this micro-batch's loss tokens
@@ -436,7 +451,7 @@ class PolicyUpdater:
                     epoch: int) -> PolicyLossResult:
         t = mb.to_torch()
         rows_in, dev = mb.indices.tolist(), self.runtime.device
-        inputs = self._padded_inputs(mb, [seqs[i] for i in rows_in])
+        inputs = self._inputs(mb, [seqs[i] for i in rows_in])
         inputs = {k: v.to(dev) for k, v in inputs.items()}
         sel = inputs.pop("sel")  # [T'] packed positions of loss tokens
         logp_sel = self.runtime.forward(**inputs)  # [T'] fp32
@@ -455,6 +470,38 @@ class PolicyUpdater:
         terms = [("log-prob", logp_sel)] + ([("kl", res.ref_kl)] if ref is not None else [])
         self._check(terms + [("policy loss", res.loss)], ids, epoch)
         return res
+
+    def _inputs(self, mb: MicroBatch, rows: list[_Seq]) -> dict[str, torch.Tensor]:
+        return self._packed_inputs(mb, rows) if self.packed else self._padded_inputs(mb, rows)
+
+    def _packed_inputs(self, mb: MicroBatch, rows: list[_Seq]) -> dict[str, torch.Tensor]:
+        """The micro-batch as one row [1, T] with per-sequence positions (see module doc, step 4)."""
+        lens = np.diff(mb.cu_seqlens).astype(np.int64)
+        ids = torch.from_numpy(mb.input_ids.astype(np.int64)).view(1, -1)  # [1, T]
+        text_pos = torch.from_numpy(np.concatenate([np.arange(n) for n in lens])).view(1, -1)  # [1, T]
+        px = [s.pixels for s in rows if s.pixels is not None]
+        sel = np.flatnonzero(mb.loss_mask)  # packed positions with a loss token (never a sequence's first)
+        out = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": text_pos,
+               "rows": torch.from_numpy(sel - 1),  # the hidden state before the token, in the same sequence
+               "targets": torch.from_numpy(mb.input_ids[sel]), "sel": torch.from_numpy(sel)}
+        if self.policy.is_vl:
+            out["position_ids"] = torch.cat([text_pos.view(1, 1, -1), self._mrope(rows, lens)], 0)  # [4, 1, T]
+        if px:
+            out["pixel_values"] = torch.cat([p["pixel_values"] for p in px])
+            out["image_grid_thw"] = torch.cat([p["image_grid_thw"] for p in px])
+        return out
+
+    def _mrope(self, rows: list[_Seq], lens: np.ndarray) -> torch.Tensor:
+        """M-RoPE positions [3, 1, T] of the packed sequences, each computed on its own."""
+        base, parts = self.policy.model.model, []
+        for s, n in zip(rows, lens):
+            ids = torch.from_numpy(s.ids.astype(np.int64)).view(1, -1)  # [1, L]
+            mm = (ids == self.policy.image_token_id).int()
+            grid = s.pixels["image_grid_thw"] if s.pixels is not None else None
+            pos, _ = base.get_rope_index(ids, mm_token_type_ids=mm, attention_mask=torch.ones_like(ids),
+                                         image_grid_thw=grid)
+            parts.append(pos.view(3, 1, int(n)))
+        return torch.cat(parts, -1)
 
     def _padded_inputs(self, mb: MicroBatch, rows: list[_Seq]) -> dict[str, torch.Tensor]:
         """The micro-batch unpacked into a right-padded batch plus the gather rows (see module doc).
