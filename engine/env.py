@@ -44,12 +44,12 @@ class EnvConfig:
     """Which world and tools, and how calls are executed."""
 
     world_dir: str | None = None  # None: $SPYGLASS_WORLD or ~/.cache/spyglass/world-v1
-    tools: list[str] = field(default_factory=lambda: list(ALL_TOOLS))
+    tools: list[str] = field(default_factory=lambda: list(ALL_TOOLS), metadata={"choices": ALL_TOOLS})  # tools offered
     dense_search: bool = True  # MiniLM + faiss beside BM25 in TextSearch
     cache_path: str | None = None  # sqlite tool cache; None: no disk cache
     coalesce: bool = True  # identical in-flight calls run once (C++ coalescer)
-    max_batch: int = 16
-    max_wait_s: float = 0.002
+    max_batch: int = 16  # calls of one batchable tool executed together
+    max_wait_s: float = 0.002  # how long a batch waits to fill before it runs (seconds)
     data: DataConfig = field(default_factory=DataConfig)  # your own questions (engine/data.py); path "" = the world's
     questions: int = 0  # use the first N questions (0: all)
     questions_file: str = ""  # a synthesized questions.jsonl (trainer/synth, world layout) instead of the world's

@@ -23,7 +23,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +49,9 @@ class LoadConfig:
     """How a checkpoint is loaded (every field is a flag: --load.dtype bfloat16)."""
 
     device: str = "auto"  # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
-    attn_implementation: str = "auto"  # auto (flash_attention_2 on CUDA when flash-attn is installed, else sdpa) | sdpa | eager | flash_attention_2
+    dtype: str = field(default="auto", metadata={"choices": tuple(DTYPES)})  # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
+    attn_implementation: str = field(default="auto", metadata={"choices": ATTENTION})  # auto: flash_attention_2 on CUDA
+    #                                 when flash-attn is installed, else sdpa
     max_image_tokens: int = 0  # cap on visual tokens per image (0 = the checkpoint's preprocessor config)
     allow_download: bool = False  # a hub id missing from the local HF cache may be downloaded (never when HF_HUB_OFFLINE=1)
     cache_dir: str = ""  # where tiny:... fixtures are written ("" = $SPYGLASS_CACHE/models or ~/.cache/spyglass/models)
@@ -235,8 +236,9 @@ def load_model(spec: str, cfg: LoadConfig | None = None, seed: int = 0) -> Loade
 def save_model(loaded: LoadedModel, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `loaded` (or its architecture with `state_dict`'s weights) as a checkpoint directory
     every command takes as --model: weights (safetensors), config, tokenizer with its chat
-    template, image processor; the source directory's other side files are copied. Atomic: a
-    crash leaves the old directory or none."""
+    template, image processor; the source directory's other side files are copied. Written in a
+    temporary directory first; into an existing directory only the checkpoint's files are
+    replaced (other files there stay)."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
@@ -249,9 +251,13 @@ def save_model(loaded: LoadedModel, path: str | Path, state_dict: dict[str, torc
         loaded.tokenizer.save_pretrained(tmp)
         if loaded.image_processor is not None:
             loaded.image_processor.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        if not out.exists():
+            os.replace(tmp, out)
+        else:  # keep the directory's other files (logs beside the weights); replace the checkpoint's
+            for old in [*out.glob("model*.safetensors*"), *out.glob("pytorch_model*.bin*")]:
+                old.unlink()
+            for f in tmp.iterdir():
+                os.replace(f, out / f.name)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

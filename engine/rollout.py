@@ -42,12 +42,12 @@ class RolloutConfig:
     backend: str = "hf"  # hf | vllm | vllm-http | sglang | openai (see engine/backends)
     backend_options: dict[str, Any] = field(default_factory=dict)  # that backend's config fields
     servers: int = 1  # backend servers (affinity + failover across them)
-    policy: str = "replay"  # replay: forced decoding of solve scripts | sample: the model samples
+    policy: str = field(default="replay", metadata={"choices": ("replay", "sample", "mixed")})  # replay: forced decoding of solve scripts | sample: the model samples
     #                         mixed: sample 0 of each group replays, the others sample
-    out: str = "runs/rollout.jsonl"
+    out: str = "runs/rollout.jsonl"  # trajectories, one JSONL line each (appended per finished group)
     resume: bool = True  # skip groups already in `out`
     timeline: str = ""  # PNG path for the timeline picture ("" = none)
-    progress: bool = True
+    progress: bool = True  # show a progress bar of finished groups
 
     def __post_init__(self) -> None:
         check(self.policy in ("replay", "sample", "mixed"),

@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from spyglass.engine.loader import LoadConfig
 from spyglass.engine.offline import tiny
 
 IMG = Image.new("RGB", (200, 120), (10, 200, 30))
@@ -50,7 +51,10 @@ def test_tokenizer_is_deterministic_and_has_single_id_markers(tok):
         tiny.build_tokenizer(vocab_size=10)
 
 
-def test_chat_template_is_qwen_format(tok):
+def test_chat_templates_have_the_real_shapes():
+    """Qwen3-VL's shape renders tools and the tool role; Qwen2-VL's ignores both (the codec fills
+    in the Qwen agent layout: tests/test_loader.py)."""
+    tok = tiny.build_tokenizer(family="qwen3_vl")
     msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": [
         {"type": "image", "image": IMG}, {"type": "text", "text": "q"}]},
         {"role": "assistant", "content": "<think>a</think>",
@@ -65,8 +69,13 @@ def test_chat_template_is_qwen_format(tok):
         "<tool_response>\nr2\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
     plain = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
                                     tools=[{"type": "function", "function": {"name": "ocr"}}])
-    assert plain.startswith("<|im_start|>system\nYou are a helpful assistant.\n\n# Tools\n")
+    assert plain.startswith("<|im_start|>system\n# Tools\n")  # Qwen3: no default system prompt
     assert '<tools>\n{"type": "function", "function": {"name": "ocr"}}\n</tools>' in plain
+    q2 = tiny.build_tokenizer(family="qwen2_vl")
+    assert q2.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "tool", "content": "r"}], tokenize=False,
+                                  tools=[{"type": "function", "function": {"name": "ocr"}}]) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+        "<|im_start|>tool\nr<|im_end|>\n")
 
 
 def test_encode_chat_matches_the_processor(vlm):
@@ -74,7 +83,8 @@ def test_encode_chat_matches_the_processor(vlm):
                                          {"type": "text", "text": "What is this?"}]}]
     enc = tiny.encode_chat(vlm.tokenizer, vlm.image_processor, msgs)
     text = vlm.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    ref = vlm.processor(text=[text], images=[IMG], return_tensors="pt")
+    proc = tiny.build_processor(vlm.family, vlm.tokenizer, vlm.image_processor)  # the family's VL processor
+    ref = proc(text=[text], images=[IMG], return_tensors="pt")
     assert enc.input_ids == ref["input_ids"][0].tolist()
     assert enc.images == [IMG]
     n = tiny.image_token_count(IMG, vlm.image_processor)
@@ -91,7 +101,8 @@ def test_image_grid_from_the_size_matches_the_processor(family):
     assert [list(tiny.image_grid(im, proc)) for im in ims] == tiny.pixel_inputs(proc, ims)["image_grid_thw"].tolist()
 
 
-def test_observation_delta_equals_full_encoding(tok):
+def test_observation_delta_equals_full_encoding():
+    tok = tiny.build_tokenizer(family="qwen3_vl")  # a template with the tool role
     improc = tiny.build_image_processor("qwen2_vl")
     user = [{"role": "user", "content": [{"type": "image", "image": IMG}, {"type": "text", "text": "Where?"}]}]
     reply = '<think>zoom</think>\n<tool_call>\n{"name": "crop", "arguments": {"image": "img_1"}}\n</tool_call>'
@@ -125,15 +136,16 @@ def test_model_spec_sets_size_and_image_token_cap(tmp_path):
     for bad in ("tiny:llava", "tiny:qwen2_vl:128", "tiny:qwen2_vl:128x2:many", "tiny:qwen2_vl:1x2:3:4"):
         with pytest.raises(ValueError, match="model spec"):
             tiny.parse_tiny_spec(bad)
-        assert not tiny.is_model_spec(bad)
     big = Image.new("RGB", (640, 480), (1, 2, 3))
-    small = tiny.load_model("tiny:qwen2_vl:64x2:16")
+    from spyglass.engine.loader import is_model_spec, load_model
+    assert not any(is_model_spec(b) for b in ("tiny:llava", "tiny:qwen2:64x2"))
+    small = load_model("tiny:qwen2_vl:64x2:16", LoadConfig(cache_dir=str(tmp_path / "cache")))
     assert small.model.config.text_config.num_hidden_layers == 2
     n_small = tiny.image_token_count(big, small.image_processor)
     assert 4 <= n_small <= 16
-    assert tiny.image_token_count(big, tiny.load_model("tiny:qwen2_vl").image_processor) > n_small
+    assert tiny.image_token_count(big, tiny.build_tiny_vlm("qwen2_vl").image_processor) > n_small
     # the cap survives save/load (the image processor carries it)
-    loaded = tiny.load_tiny(tiny.save_tiny(small, tmp_path / "m"))
+    loaded = load_model(str(small.save(tmp_path / "m")))
     assert tiny.image_token_count(big, loaded.image_processor) == n_small
     with pytest.raises(ValueError, match="max_image_tokens"):
         tiny.build_tiny_vlm("qwen2_vl", max_image_tokens=2)
@@ -146,7 +158,8 @@ def test_seeded_init_and_save_load_round_trip(tmp_path):
     assert all(torch.equal(v, b.model.state_dict()[k]) for k, v in sa.items())
     assert not all(torch.equal(v, sc[k]) for k, v in sa.items())
     assert 100_000 < sum(p.numel() for p in a.model.parameters()) < 1_000_000
-    loaded = tiny.load_tiny(a.save(tmp_path / "m"))
+    from spyglass.engine.loader import load_model
+    loaded = load_model(str(a.save(tmp_path / "m")))
     msgs = [{"role": "user", "content": [{"type": "image", "image": IMG}, {"type": "text", "text": "hi"}]}]
     enc = tiny.encode_chat(loaded.tokenizer, loaded.image_processor, msgs)
     assert enc.input_ids == tiny.encode_chat(a.tokenizer, a.image_processor, msgs).input_ids
@@ -155,12 +168,14 @@ def test_seeded_init_and_save_load_round_trip(tmp_path):
               mm_token_type_ids=(ids == a.model.config.image_token_id).int(),
               **tiny.pixel_inputs(a.image_processor, enc.images))
     assert torch.equal(a.model.generate(**kw), loaded.model.generate(**kw))
-    with pytest.raises(FileNotFoundError, match="save_tiny"):
-        tiny.load_tiny(tmp_path)
+    (tmp_path / "empty-dir").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_model(str(tmp_path / "empty-dir"))
 
 
 def test_tiny_text_lm_for_vllm(tmp_path):
-    model, tok = tiny.build_tiny_text_lm(seed=0)
+    lm = tiny.build_tiny_text_lm(seed=0)
+    model, tok = lm.model, lm.tokenizer
     assert model.config.head_dim == 64 and model.config.vocab_size == len(tok)
     path = tiny.save_tiny_text_lm(tmp_path / "lm")
     assert (path / "config.json").exists() and (path / "tokenizer.json").exists()

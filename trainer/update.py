@@ -65,15 +65,15 @@ class NonFiniteError(RuntimeError):
 class UpdateConfig:
     """Policy-update settings (optimizer, batching, loss, log-prob recompute)."""
 
-    lr: float = 1e-6
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
+    lr: float = 1e-6  # AdamW learning rate (peak, after warm-up)
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    eps: float = 1e-8  # AdamW epsilon
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
     grad_clip: float = 1.0  # max global grad norm; 0 = no clipping (the norm is still reported)
     warmup_steps: int = 0  # lr rises linearly over the first N updates (lr * k / N at update k)
     micro_batch_tokens: int = 16384  # packed tokens per micro-batch (one forward/backward)
     allow_oversize: bool = True  # a longer sequence gets a micro-batch of its own instead of an error
-    ppo_epochs: int = 1
+    ppo_epochs: int = 1  # passes over each batch of trajectories
     mini_batches: int = 1  # optimizer steps per epoch (the batch split into this many parts)
     loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
     temperature: float = 1.0  # the sampling temperature: log-probs are of softmax(logits / T)
@@ -83,10 +83,10 @@ class UpdateConfig:
     gradient_checkpointing: bool = False  # recompute activations in the backward (less memory, ~30% more compute)
     # auto: packed when the model runs flash_attention_2 (varlen kernels), else padded | packed |
     # padded (see the module docstring, step 4)
-    attention: str = "auto"
+    attention: str = field(default="auto", metadata={"choices": ("auto", "packed", "padded")})
     freeze_vision: bool = False  # the vision tower (and its merger) takes no updates
     check_grads_per_micro_batch: bool = True  # plain path: find the micro-batch a NaN grad came from
-    impl: str = "auto"  # kernels: "auto" | "triton" | "torch"
+    impl: str = field(default="auto", metadata={"choices": ("auto", "triton", "torch")})  # kernels: "auto" | "triton" | "torch"
     # weight of the token-mean NLL of demonstration trajectories (`step(..., sft=...)`, at
     # temperature 1) added to every optimizer step: InstructGPT's PPO-ptx term, an anchor on the
     # demonstrations' format while the policy gradient moves the rest; 0 = plain GRPO
