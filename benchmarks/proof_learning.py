@@ -296,7 +296,7 @@ class Proof:
         if not a.warmup_steps:
             return a.model
         cfg = WarmupConfig(model=a.model, out=str(d), steps=a.warmup_steps, seed=a.seed)
-        self.stage("warmup", d / "spyglass_tiny.json", lambda: run_warmup(cfg))
+        self.stage("warmup", d / "warmup.jsonl", lambda: run_warmup(cfg))
         return str(d)
 
     def sft(self, name: str, data: Path) -> Path:
@@ -304,7 +304,7 @@ class Proof:
         cfg = SFTConfig(model=self.warmup(), out_dir=str(d), data=SFTDataConfig(path=str(data)), steps=a.sft_steps,
                         batch_size=a.sft_batch, lr=a.sft_lr, seed=a.seed,
                         save_every=max(1, a.sft_steps // 5))  # a crashed SFT resumes from its last checkpoint
-        self.stage(name, d / "final" / "spyglass_tiny.json", lambda: run_sft(cfg))
+        self.stage(name, d / "final" / "config.json", lambda: run_sft(cfg))  # final/ appears whole (loader.save_model)
         return d / "final"
 
     def grpo(self, arm: str, init: Path) -> Path:
@@ -323,7 +323,7 @@ class Proof:
                          sft_data=str(self.sft_data()) if a.grpo_sft_coef > 0 else "", sft_batch=a.grpo_sft_batch,
                          replay_per_group=a.grpo_replay, steps=a.grpo_steps, groups_per_step=a.grpo_groups, ckpt_dir=str(d / "ckpt"),
                          log_dir=str(d), export_dir=str(d / "final"), seed=a.seed)
-        self.stage(f"grpo-{arm}", d / "final" / "spyglass_tiny.json", lambda: run_grpo(cfg))
+        self.stage(f"grpo-{arm}", d / "final" / "config.json", lambda: run_grpo(cfg))
         return d / "final"
 
     def evaluate(self, name: str, model: Path, direct: bool, agentic: bool = True) -> dict[str, Any]:

@@ -49,27 +49,27 @@ class EngineConfig:
     """Rollout limits and admission (defaults: the papers' settings)."""
 
     n_samples: int = 8  # group size
-    max_turns: int = 50
-    max_context: int = 65536
-    max_tokens_per_turn: int = 4096
-    temperature: float = 0.7
-    top_p: float = 1.0
+    max_turns: int = 50  # assistant turns per trajectory; at the limit it ends TRUNCATED
+    max_context: int = 65536  # max context tokens (prompt, turns, observations); then TRUNCATED
+    max_tokens_per_turn: int = 4096  # generated tokens per turn (capped by what max_context leaves)
+    temperature: float = 0.7  # sampling temperature, 0 = greedy
+    top_p: float = 1.0  # nucleus sampling, in (0, 1]; 1.0 = off
     timeout_s: float = 3600.0  # wall clock per trajectory
     max_live: int = 256  # live trajectories
     max_inflight_per_server: int = 256  # generation requests in flight per backend server
     fatal_k: int = 3  # consecutive tool/format errors that make the cascade
     repetition_min_tokens: int = 256  # the detector looks only at turns at least this long
-    repetition_max_period: int = 64
-    repetition_min_repeats: int = 8
-    max_images_per_obs: int = 4
+    repetition_max_period: int = 64  # longest repeated block (tokens) the detector looks for
+    repetition_min_repeats: int = 8  # a turn whose tail repeats a block this often ends INTERRUPTED
+    max_images_per_obs: int = 4  # images kept per observation (later ones are omitted, the text says so)
     max_image_tokens: int = 32768  # in the whole context (over it, or one the model's processor
     #                                 cannot size, an image is omitted and the observation says why)
     max_version_lag: int = -1  # staleness bound: -1 off; else admitted groups are limited
     groups_per_step: int = 0  # ... to (version - base + lag + 1) * groups_per_step
     max_server_retries: int = 3  # a turn moves servers at most this often before ERROR
-    seed: int = 0
+    seed: int = 0  # sampling seed; each turn's seed derives from it, the trajectory id and the turn
     gc_freeze: bool = True  # keep long-lived objects out of full cyclic-GC passes (see _loop)
-    gc_freeze_interval_s: float = 0.1
+    gc_freeze_interval_s: float = 0.1  # seconds between gc.freeze() calls during a run (with gc_freeze)
     lockstep: bool = False  # baseline policy: TRL-style batches (see Engine docstring)
     check_tokens: bool = False  # compare each finished context with a fresh tokenization
     strict_tokens: bool = False  # ... and raise on a mismatch (tests)

@@ -37,7 +37,7 @@ Run the tests: ``.venv/bin/python -m pytest -q tests/test_kernels_policy_loss.py
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -57,12 +57,13 @@ _N_STATS = 9  # loss, grad scale, clip frac, dual frac, approx kl, ref kl, ratio
 class PolicyLossConfig:
     """PPO-clip loss settings (defaults: clip-higher 0.2 / 0.28, no dual clip, no KL)."""
 
-    clip_low: float = 0.2
-    clip_high: float = 0.28
+    clip_low: float = 0.2  # lower clip: the ratio is clipped at 1 - clip_low
+    clip_high: float = 0.28  # upper clip (clip-higher): the ratio is clipped at 1 + clip_high
     dual_clip: Optional[float] = None  # c > 1 (e.g. 3.0) enables dual clip
     log_ratio_clamp: float = 20.0  # |log ratio| bound before exp, for numerical safety
     kl_coef: float = 0.0  # beta for the k3 KL to the reference policy (needs ref_logp)
-    agg: str = "token-mean"
+    agg: str = field(default="token-mean", metadata={"choices": AGGREGATIONS})  # reduction of the per-token losses
+    #   (formulas in the kernels/policy_loss.py docstring)
     norm_length: Optional[int] = None  # the constant length of seq-mean-token-sum-norm
 
     def __post_init__(self) -> None:

@@ -140,7 +140,7 @@ def test_export_under_zero3_loads_into_a_backend(two_ranks):
     ref = torch.load(out / "zero3.pt")
 
     async def go():
-        async with HFBackend.from_tiny(fresh()) as be:
+        async with HFBackend.from_model(fresh()) as be:
             await be.update_weights(str(out / "export_zero3"), 1)
             return dict(be.model.state_dict())
     got = asyncio.run(go())
@@ -193,13 +193,13 @@ def test_sync_weights_to_hf_backend_and_http_server(tmp_path):
         port = site._server.sockets[0].getsockname()[1]
         http = SGLangBackend(SGLangConfig(base_url=f"http://127.0.0.1:{port}"))
         greedy = SamplingParams(max_tokens=16, temperature=0)
-        async with HFBackend.from_tiny(served) as hf:
+        async with HFBackend.from_model(served) as hf:
             req = lambda rid: GenerateRequest(rid, prompt, greedy, images=trajs[0].prompt_images)  # noqa: E731
             before = await hf.generate(req("a"))
             assert await sleep_backends([hf, http]) == [] and await wake_backends([hf]) == []  # no sleep on HF
             path = await sync_weights([hf, http], sd, up.version, model=v.model, export_dir=tmp_path)
             after = await hf.generate(req("b"))
-            reloaded = HFBackend.from_tiny(fresh())
+            reloaded = HFBackend.from_model(fresh())
             await reloaded.update_weights(str(path), 1)  # what an HTTP server would load
             await reloaded.close()
         await http.close()

@@ -35,8 +35,8 @@ async def crop_tool(calls, traj):
 
 
 def test_images_in_context_and_token_invariant(vlm) -> None:
-    codec = HFCodec.from_tiny(vlm)
-    backend = HFBackend.from_tiny(vlm, max_batch=8)
+    codec = HFCodec.from_model(vlm)
+    backend = HFBackend.from_model(vlm, max_batch=8)
     scripts = {f"q{i}": script_turns([("crop", {"box": [0, 0, 56 + 28 * i, 56]}),
                                       ("crop", {"box": [28, 0, 84, 56]})], f"a{i}") for i in range(2)}
     cfg = EngineConfig(n_samples=2, max_images_per_obs=1, check_tokens=True, strict_tokens=True)
@@ -66,8 +66,8 @@ def test_images_in_context_and_token_invariant(vlm) -> None:
 
 
 def test_image_budget_omits_images(vlm) -> None:
-    codec = HFCodec.from_tiny(vlm)
-    backend = HFBackend.from_tiny(vlm)
+    codec = HFCodec.from_model(vlm)
+    backend = HFBackend.from_model(vlm)
     scripts = {"q": script_turns([("crop", {"box": [0, 0, 112, 84]})], "a")}
     big = Image.new("RGB", (112, 84), "red")
     cfg = EngineConfig(n_samples=1, max_image_tokens=codec.image_tokens(big) + 1)
@@ -88,8 +88,8 @@ def test_image_budget_omits_images(vlm) -> None:
 def test_an_image_the_model_cannot_take_is_omitted_not_fatal(vlm) -> None:
     """A 448x1 crop (aspect ratio 448 > Qwen2-VL's 200): the processor cannot size it; the
     observation says so and the rollout goes on (it once stopped a whole GRPO run)."""
-    codec = HFCodec.from_tiny(vlm)
-    backend = HFBackend.from_tiny(vlm)
+    codec = HFCodec.from_model(vlm)
+    backend = HFBackend.from_model(vlm)
     scripts = {"q": script_turns([("crop", {"box": [0, 0, 448, 1]}), ("crop", {"box": [0, 0, 56, 56]})], "a")}
     engine = Engine(EngineConfig(n_samples=1, check_tokens=True, strict_tokens=True), [backend], codec, crop_tool,
                     parse, tool_schemas=TOOLS, policy=ReplayPolicy(codec, scripts), image_tokens=codec.image_tokens)

@@ -39,7 +39,7 @@ def test_copy_records_make_every_copy_from_what_was_seen(tmp_path):
 
 def test_copy_records_load_as_sft_trajectories(tmp_path):
     path = write_copy_curriculum(tmp_path / "copy.jsonl", n=5, seed=0)
-    trajs = load_sharegpt(path, HFCodec.from_tiny(build_tiny_vlm("qwen2_vl")))
+    trajs = load_sharegpt(path, HFCodec.from_model(build_tiny_vlm("qwen2_vl")))
     assert len(trajs) == 5
     for t in trajs:
         assert not t.images() and sum(s.kind is SegmentKind.GEN for s in t.segments) >= 3

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 
 from spyglass.engine.trajectory import SegmentKind, Status, Trajectory
-from spyglass.kernels.advantage import AdvantageConfig, grouped_advantage
+from spyglass.kernels.advantage import ESTIMATORS, STD_KINDS, AdvantageConfig, grouped_advantage
 
 MODES = ("vanilla", "hard_mask", "fatal_mask", "fatal_mask_clamp")
 FILTERS = ("none", "acc", "reward")
@@ -60,13 +60,17 @@ ANOMALOUS = frozenset({Status.FATAL, Status.INTERRUPTED, Status.TRUNCATED, Statu
 class AlgoConfig:
     """The ablation switch and the advantage estimator."""
 
-    mode: str = "fatal_mask_clamp"  # "vanilla" | "hard_mask" | "fatal_mask" | "fatal_mask_clamp"
-    estimator: str = "grpo"  # "grpo" | "rloo" | "drgrpo"
-    std: str = "population"  # "population" (paper) | "unbiased"
+    mode: str = field(default="fatal_mask_clamp", metadata={"choices": MODES})  # the ablation row
+    #   (loss masks and clamp: see the trainer/algorithm.py docstring)
+    estimator: str = field(default="grpo", metadata={"choices": ESTIMATORS})  # grouped advantage estimator
+    std: str = field(default="population", metadata={"choices": STD_KINDS})  # group std (grpo divides
+    #   by it): population (paper) | unbiased
     eps: float = 1e-6  # delta in (r - mean) / (std + delta)
     fatal_k: int = 3  # consecutive error steps that make a cascade
-    impl: str = "auto"  # advantage kernel: "auto" | "triton" | "torch"
-    filter_groups: str = "none"  # "none" | "acc" | "reward": drop groups flat in that score
+    impl: str = field(default="auto", metadata={"choices": IMPLS})  # advantage kernel; auto: Triton
+    #   on CUDA, else torch
+    filter_groups: str = field(default="none", metadata={"choices": FILTERS})  # drop groups flat in that
+    #   score: acc (reward["acc"]) | reward (the total); none keeps all
     neg_scale: float = 1.0  # weight of negative advantages: 1 = GRPO; 0 = reinforce only the above-average
 
     def __post_init__(self) -> None:

@@ -50,12 +50,14 @@ STRATEGIES = ("auto", "plain", "zero2", "zero3")
 class DistConfig:
     """How to train across processes (see the module docstring)."""
 
-    strategy: str = "auto"
-    backend: str = "auto"  # torch.distributed backend: auto (nccl with CUDA, else gloo) | gloo | nccl
+    strategy: str = field(default="auto", metadata={"choices": STRATEGIES})  # plain (one process) | zero2 | zero3;
+    #   auto: zero2 when WORLD_SIZE > 1, else plain
+    backend: str = field(default="auto", metadata={"choices": ("auto", "gloo", "nccl")})  # torch.distributed
+    #   backend; auto: nccl with CUDA, else gloo
     offload_optimizer: bool = False  # ZeRO: optimizer states on CPU (DeepSpeedCPUAdam, compiled on first use)
     offload_params: bool = False  # ZeRO-3: parameters on CPU
     bf16: bool = False  # ZeRO: bf16 compute with fp32 master weights
-    timeout_s: int = 1800
+    timeout_s: int = 1800  # process-group timeout for collectives, seconds (ZeRO strategies)
     ds_overrides: dict[str, Any] = field(default_factory=dict)  # merged into zero_optimization
 
     def __post_init__(self) -> None:

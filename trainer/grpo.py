@@ -55,21 +55,22 @@ class GRPOConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     update: UpdateConfig = field(default_factory=lambda: UpdateConfig(lr=1e-3, micro_batch_tokens=8192))
     dist: DistConfig = field(default_factory=DistConfig)
-    steps: int = 3
-    groups_per_step: int = 2
+    steps: int = 3  # training steps (rollout, reward, update) in all; a resumed run goes on up to it
+    groups_per_step: int = 2  # prompts (groups of rollout.engine.n_samples) rolled out per step
     colocate: bool = False  # generation sleeps (frees its memory) during each update
     eval_every: int = 0  # 0: no periodic eval
-    eval_questions: int = 4
-    ckpt_dir: str = "runs/grpo/ckpt"
-    ckpt_every: int = 1
-    resume: bool = True
-    log_dir: str = "runs/grpo"
+    eval_questions: int = 4  # the last prompts, held out of training for the eval (when eval_every > 0)
+    ckpt_dir: str = "runs/grpo/ckpt"  # checkpoints are saved in (and resumed from) this directory
+    ckpt_every: int = 1  # steps between checkpoints; 0: no checkpoints
+    resume: bool = True  # continue from the latest checkpoint in ckpt_dir, if there is one
+    log_dir: str = "runs/grpo"  # metrics.jsonl (and TensorBoard logs, if installed) go here
     export_dir: str = ""  # "" = no export; else the final model is saved there (a --model directory)
     # demonstrations for the NLL term (update.sft_coef > 0): SFT data, trajectory JSONL or
     # ShareGPT (trainer.sft's formats); sft_batch of them, in a seeded order, each step
     sft_data: str = ""
-    sft_batch: int = 4
-    seed: int = 0
+    sft_batch: int = 4  # demonstrations per step for the NLL term (with sft_data)
+    seed: int = 0  # torch seed of the trainer and the order of the demonstrations
+    #   (rollout sampling uses rollout.engine.seed)
 
     def __post_init__(self) -> None:
         check(self.steps >= 0, f"steps must be >= 0, got {self.steps}")

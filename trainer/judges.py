@@ -66,14 +66,14 @@ class LLMJudgeConfig:
     """An OpenAI-compatible chat endpoint used as a judge. api_key_env=None: no auth header."""
 
     base_url: str  # e.g. "http://127.0.0.1:8000/v1"; requests go to {base_url}/chat/completions
-    model: str
-    api_key_env: str | None = "OPENAI_API_KEY"
+    model: str  # the model name sent in each request
+    api_key_env: str | None = "OPENAI_API_KEY"  # env variable holding the API key; None = no auth header
     timeout_s: float = 60.0  # per request
     retries: int = 3  # extra attempts after the first (transient errors and unparseable replies)
     backoff_s: float = 0.5  # sleep before retry i is backoff_s * 2**(i-1)
     concurrency: int = 32  # requests in flight per session
-    max_tokens: int = 512
-    temperature: float = 0.0
+    max_tokens: int = 512  # max tokens of the judge's reply
+    temperature: float = 0.0  # sampling temperature sent with each request
     max_prompt_chars: int = 16_000  # the query list / answer text in a prompt is cut to this
 
     def __post_init__(self) -> None:
@@ -105,8 +105,8 @@ class LLMJudgeConfig:
 class JudgeConfig:
     """Which judges score accuracy and query quality, and how."""
 
-    accuracy: str = "rule_accuracy"
-    query: str = "rule_query"
+    accuracy: str = "rule_accuracy"  # accuracy judge: rule_accuracy | llm_accuracy (needs llm) | a registered one
+    query: str = "rule_query"  # query judge: rule_query | llm_query (needs llm) | a registered one
     llm: LLMJudgeConfig | None = None  # needed by the llm_* judges
     fallback: bool = True  # LLM judge unavailable -> the rule judge of the same kind (recorded)
     f1_threshold: float | None = None  # rule accuracy: None = exact match only; t = or F1 >= t

@@ -51,7 +51,7 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
 class RewardConfig:
     """Which reward function, its mixing weight, and the judges it uses."""
 
-    name: str = "opensearch_vl"
+    name: str = "opensearch_vl"  # reward function: opensearch_vl | accuracy | format_accuracy | a registered one
     alpha: float = 0.8  # weight of accuracy against query quality
     judge: JudgeConfig = field(default_factory=JudgeConfig)
 

@@ -69,17 +69,17 @@ class RecordError(ValueError):
 class ShareGPTTags:
     """Column and role names of a ShareGPT file (defaults: LLaMA-Factory's)."""
 
-    messages: str = "conversations"
-    system: str = "system"
-    tools: str = "tools"
-    images: str = "images"
-    role_tag: str = "from"
-    content_tag: str = "value"
-    user_tag: str = "human"
-    assistant_tag: str = "gpt"
-    observation_tag: str = "observation"
-    function_tag: str = "function_call"
-    system_tag: str = "system"
+    messages: str = "conversations"  # column of the message list
+    system: str = "system"  # column of the system prompt
+    tools: str = "tools"  # column of the tool schemas (a JSON string or a list)
+    images: str = "images"  # column of the image paths
+    role_tag: str = "from"  # message key holding the role
+    content_tag: str = "value"  # message key holding the text
+    user_tag: str = "human"  # role of a user message
+    assistant_tag: str = "gpt"  # role of an assistant text message
+    observation_tag: str = "observation"  # role of a tool output message
+    function_tag: str = "function_call"  # role of an assistant tool-call message
+    system_tag: str = "system"  # role of an optional leading system message
 
     def __post_init__(self) -> None:
         for k, v in vars(self).items():
@@ -392,10 +392,12 @@ class SFTDataConfig:
     """Where the SFT data comes from."""
 
     path: str = ""  # "" = teacher data: the replay policy over the world, written in both layouts
-    format: str = "auto"  # auto (by name: *.sharegpt.json[l] / *.json -> sharegpt) | trajectory | sharegpt
+    format: str = field(default="auto", metadata={"choices": ("auto", "trajectory", "sharegpt")})  # layout of
+    #   the data file; auto: by name (*.sharegpt.json[l] / *.json -> sharegpt, else trajectory)
     media_dir: str = ""  # ShareGPT image root; "" = the data file's directory
     tags: ShareGPTTags = field(default_factory=ShareGPTTags)
-    call_style: str = "compact"  # compact: <tool_call>{json}</tool_call> | qwen: newlines inside the tags
+    call_style: str = field(default="compact", metadata={"choices": CALL_STYLES})  # ShareGPT tool calls:
+    #   compact: <tool_call>{json}</tool_call> | qwen: newlines inside the tags
     answered_only: bool = True  # trajectory JSONL: train only on answered trajectories
     env: EnvConfig = field(default_factory=lambda: EnvConfig(questions=8, dense_search=False))  # teacher data
 
@@ -417,21 +419,22 @@ class SFTConfig:
 
     model: str = "tiny:qwen2_vl"  # a Hugging Face checkpoint dir, a hub id in the local HF cache, or tiny:<family> (the fixture)
     load: LoadConfig = field(default_factory=LoadConfig)  # device, dtype, attention of the loaded model
-    out_dir: str = "runs/sft"
+    out_dir: str = "runs/sft"  # run directory: data/ (teacher data), ckpt/, final/, metrics.jsonl
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     steps: int = 0  # optimizer steps; 0 = epochs * ceil(N / batch_size)
-    epochs: int = 3
+    epochs: int = 3  # passes over the data, used when steps is 0
     batch_size: int = 4  # trajectories per optimizer step (a multiple of the data-parallel world size)
-    micro_batch_tokens: int = 16384
+    micro_batch_tokens: int = 16384  # packed tokens per micro-batch (one forward/backward)
     lr: float = 1e-4  # the paper's 2e-5 is for 8B+ models; the tiny model likes more
-    lr_schedule: str = "cosine"  # cosine | constant (both after a linear warmup)
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    gradient_checkpointing: bool = False
-    seed: int = 0
+    lr_schedule: str = field(default="cosine", metadata={"choices": ("cosine", "constant")})  # cosine (to 0)
+    #   | constant, both after a linear warmup
+    warmup_ratio: float = 0.1  # share of the total steps with a linear lr warmup; 0 = none
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    grad_clip: float = 1.0  # max global grad norm; 0 = no clipping
+    gradient_checkpointing: bool = False  # recompute activations in the backward (less memory, more compute)
+    seed: int = 0  # data order: each epoch is a permutation seeded by it
     save_every: int = 0  # checkpoint every this many steps (0: only at the end)
-    keep_last: int = 2
+    keep_last: int = 2  # checkpoints kept under out_dir/ckpt (older ones are deleted)
     resume: bool = True  # continue from the newest checkpoint under out_dir/ckpt
     export: bool = True  # write the trained model to out_dir/final (a checkpoint dir every command takes as --model)
     dist: DistConfig = field(default_factory=DistConfig)

@@ -205,9 +205,9 @@ def run_warmup(cfg: WarmupConfig) -> dict[str, Any]:
             _, acc, exact = copy_step(model, TASKS[t](vlm.tokenizer, cfg.names, cfg.seed + 10_000), 128)
             held[t] = {"acc": round(acc, 4), "exact": round(exact, 4)}
     log.append({"held_out": held, "config": asdict(cfg)})
-    with open(out / "warmup.jsonl", "w", encoding="utf-8") as f:
+    vlm.save(out)
+    with open(out / "warmup.jsonl", "w", encoding="utf-8") as f:  # last: a finished run has it
         f.writelines(json.dumps(x) + "\n" for x in log)
-    vlm.save(out)  # beside warmup.jsonl
     return {"held_out": held, "steps": cfg.steps, "wall_s": round(time.perf_counter() - t0, 1), "out": str(out)}
 
 
