@@ -147,3 +147,18 @@ def test_eval_from_a_checkpoint_dir_on_own_data(world, downloads, data, tmp_path
     assert rep["benchmarks"] == ["questions"] and rep["model"] == str(downloads["qwen2_5_vl"])
     for mode in ("agentic", "direct"):
         assert rep["modes"][mode]["overall"]["n"] == 3  # one sample per good record
+
+
+def test_cli_takes_a_checkpoint_dir_and_a_data_file(world, downloads, data, tmp_path, capsys):
+    from spyglass.trainer.cli import main
+    out = tmp_path / "cli.jsonl"
+    argv = ["rollout", "--model", str(downloads["qwen3_vl"]), "--data", str(data), "--policy", "sample",
+            "--env.world_dir", str(world), "--env.dense_search", "false", "--engine.n_samples", "1",
+            "--engine.max_turns", "1", "--engine.max_tokens_per_turn", "8", "--out", str(out), "--progress", "false"]
+    assert main(argv) == 0
+    assert len(read_jsonl(out)) == 3 and '"bad_records": 2' in capsys.readouterr().out
+    # a bad value: one line naming it, exit 2
+    with pytest.raises(SystemExit) as e:  # argparse refuses a value outside the choices
+        main(argv + ["--load.dtype", "fp8"])
+    assert e.value.code == 2
+    assert "load.dtype" in capsys.readouterr().err
