@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import math
 import random
@@ -65,7 +66,7 @@ from spyglass.trainer.reward import RewardConfig
 from spyglass.trainer.sft import SFTConfig, SFTDataConfig, run_sft
 from spyglass.trainer.synth.paths import PathConfig
 from spyglass.trainer.synth.pipeline import SynthConfig, run_pipeline
-from spyglass.trainer.synth.trajectories import TeacherConfig
+from spyglass.trainer.synth.trajectories import TeacherConfig, teacher_rollout
 from spyglass.trainer.update import UpdateConfig
 from spyglass.trainer.warmup import WarmupConfig, run_warmup
 
@@ -240,8 +241,11 @@ class Proof:
         world = WorldConfig(seed=a.seed, n_people=90 * k, n_places=60 * k, n_orgs=60 * k, n_products=50 * k,
                             n_events=40 * k, n_sign_images=48 * k, n_scenes=8 * k, n_emblem_queries=10 * k)
         self.stage("world", self.world / "manifest.json", lambda: generate_world(self.world, world))
-        teacher = TeacherConfig(model=a.teacher_model or teacher_spec(a.model), tools=tuple(TOOLS), prompt_schemas=False,
-                                search_top_k=1, seed=a.seed, recite_question=a.recite_question)
+        base = teacher_rollout()
+        teacher = TeacherConfig(rollout=teacher_rollout(
+            model=a.teacher_model or teacher_spec(a.model),
+            engine=dataclasses.replace(base.engine, seed=a.seed, recite_question=a.recite_question),
+            env=dataclasses.replace(base.env, tools=list(TOOLS), prompt_schemas=False, search_top_k=1)))
         paths = PathConfig(hop_lengths=tuple(a.hops), hop_probs=tuple(a.hop_probs), seed=a.seed)
         cfg = SynthConfig(out=str(self.synth), world=str(self.world), n_questions=a.n_questions,
                           seed=a.seed, paths=paths, teacher=teacher)

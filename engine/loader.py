@@ -233,6 +233,17 @@ def load_model(spec: str, cfg: LoadConfig | None = None, seed: int = 0) -> Loade
     return LoadedModel(family, model, load_tokenizer(path), improc, path)
 
 
+def codec_only(spec: str, cfg: LoadConfig | None = None) -> Any:
+    """The chat codec of a checkpoint without its weights (tokenizer, template, image processor):
+    what a run needs when generation happens on a server."""
+    from .chat import HFCodec  # noqa: PLC0415
+    cfg = cfg or LoadConfig()
+    path = resolve_checkpoint(spec, cfg)
+    family = model_family(path)
+    improc = load_image_processor(path, cfg.max_image_tokens) if family in VL_FAMILIES else None
+    return HFCodec(load_tokenizer(path), improc)
+
+
 def save_model(loaded: LoadedModel, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `loaded` (or its architecture with `state_dict`'s weights) as a checkpoint directory
     every command takes as --model: weights (safetensors), config, tokenizer with its chat

@@ -59,8 +59,12 @@ class RolloutConfig:
 IMAGE_TOOLS = ("Crop", "Sharpen", "SuperResolution", "PerspectiveCorrect", "OCR", "ImageSearch")
 
 
-def _model_and_codec(cfg: RolloutConfig) -> tuple[LoadedModel, Any]:
-    """The model (through the one loader) and its chat codec."""
+def _model_and_codec(cfg: RolloutConfig) -> tuple[LoadedModel | None, Any]:
+    """The model (through the one loader) and its chat codec; a server backend loads no
+    weights here, only the checkpoint's tokenizer and image processor (the codec)."""
+    if cfg.backend != "hf":
+        from .loader import codec_only  # noqa: PLC0415
+        return None, codec_only(cfg.model, cfg.load)
     loaded = load_model(cfg.model, cfg.load)
     return loaded, loaded.codec()
 
@@ -78,38 +82,55 @@ def check_text_only(codec: Any, env: Env, model: str) -> None:
                            f"(first: {with_images[:3]}); use a vision-language checkpoint or text-only data")
 
 
-def _backends(cfg: RolloutConfig, vlm: LoadedModel) -> list[Any]:
+def make_backends(cfg: RolloutConfig, loaded: LoadedModel | None, prefix: str | None = None) -> list[Any]:
+    """The config's generation servers (the one place they are built): `servers` HF backends
+    over `loaded` (the model this process holds), or `servers` clients of another kind from
+    `backend_options`."""
     from .backends import backend_config, make_backend  # noqa: PLC0415
     from .backends.hf import HFBackend  # noqa: PLC0415
+    prefix = prefix or cfg.backend
     if cfg.backend == "hf":
+        check(loaded is not None, "the hf backend needs the loaded model")
         opts = {k: v for k, v in cfg.backend_options.items() if k != "name"}
-        return [HFBackend.from_model(vlm, name=f"hf-{i}", **opts) for i in range(cfg.servers)]
-    return [make_backend(backend_config(cfg.backend, **{**cfg.backend_options, "name": f"{cfg.backend}-{i}"}))
+        return [HFBackend.from_model(loaded, name=f"{prefix}-{i}", **opts) for i in range(cfg.servers)]
+    return [make_backend(backend_config(cfg.backend, **{**cfg.backend_options, "name": f"{prefix}-{i}"}))
             for i in range(cfg.servers)]
 
 
-def build_engine(cfg: RolloutConfig, env: Env, engine_cfg: EngineConfig | None = None,
-                 record_spans: bool = False, vlm: Any = None,
-                 replay_per_group: int = 1) -> tuple[Engine, list[Any], str]:
-    """The engine for a config: backends, codec, env tools, the C++ parser, the policy.
-    `vlm`: a model already built for this config (shared with a trainer), else built here;
-    `replay_per_group`: samples per group that replay under policy "mixed"."""
-    from .policy import MixedPolicy, ReplayPolicy  # noqa: PLC0415
+def make_engine(cfg: EngineConfig, backends: list[Any], codec: Any, runner: Any, schemas: list[dict[str, Any]],
+                prompt_tools: list[dict[str, Any]] | None = None, policy: Any = None,
+                record_spans: bool = False) -> Engine:
+    """The one assembly of an Engine: the C++ turn parser over `schemas`, the prompt's tool list
+    (`prompt_tools`, default the same schemas), image token counts from the codec."""
     from .toolcall import make_turn_parser  # noqa: PLC0415
+    return Engine(cfg, backends, codec, runner, make_turn_parser(schemas),
+                  tool_schemas=schemas if prompt_tools is None else prompt_tools, policy=policy,
+                  image_tokens=getattr(codec, "image_tokens", None), record_spans=record_spans)
+
+
+def build_engine(cfg: RolloutConfig, env: Env, engine_cfg: EngineConfig | None = None,
+                 record_spans: bool = False, vlm: Any = None, replay_per_group: int = 1,
+                 scripts: dict[str, list[str]] | None = None, prompts: list[Any] | None = None
+                 ) -> tuple[Engine, list[Any], str]:
+    """The engine for a config: model and codec (loaded here unless `vlm`, a model already
+    loaded for this config, e.g. shared with a trainer), backends, the env's tools, the C++
+    parser, the policy. `replay_per_group`: samples per group that replay under policy "mixed";
+    `scripts` / `prompts`: solve scripts and prompts other than the env's (synthesized questions)."""
+    from .policy import MixedPolicy, ReplayPolicy  # noqa: PLC0415
     vlm, codec = (vlm, vlm.codec()) if vlm is not None else _model_and_codec(cfg)
     check_text_only(codec, env, cfg.model)
-    backends = _backends(cfg, vlm)
-    scripts = env.replay_scripts()
+    backends = make_backends(cfg, vlm)
+    scripts = env.replay_scripts() if scripts is None else scripts
     if cfg.policy in ("replay", "mixed"):
-        missing = [r.id for r in env.records if r.id not in scripts]
+        ids = [p.id for p in prompts] if prompts is not None else [r.id for r in env.records]
+        missing = [i for i in ids if i not in scripts]
         check(not missing, f"policy {cfg.policy!r} replays solve scripts, which only the bundled world's questions "
                            f"have; {len(missing)} question(s) have none (first: {missing[:3]}): use --policy sample")
     replay = ReplayPolicy(codec, scripts)
     policy = {"replay": replay, "sample": None,
               "mixed": MixedPolicy(replay, replay_per_group)}[cfg.policy]
-    engine = Engine(engine_cfg or cfg.engine, backends, codec, env.runner, make_turn_parser(env.schemas),
-                    tool_schemas=env.prompt_tools, policy=policy, image_tokens=codec.image_tokens,
-                    record_spans=record_spans)
+    engine = make_engine(engine_cfg or cfg.engine, backends, codec, env.runner, env.schemas, env.prompt_tools,
+                         policy, record_spans)
     name = policy.name if policy is not None else "sample (the model's own policy)"
     return engine, backends, name
 

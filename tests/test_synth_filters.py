@@ -12,7 +12,8 @@ from spyglass.engine.tools.llm import LLMConfig
 from spyglass.engine.offline.world import WorldConfig, generate_world
 from spyglass.trainer.synth.filters import (EngineSolver, LLMSolver, difficulty_filter, extract_answer,
                                             is_correct, tool_image_search)
-from spyglass.trainer.synth.trajectories import TeacherConfig
+from spyglass.engine.scheduler import EngineConfig
+from spyglass.trainer.synth.trajectories import TeacherConfig, teacher_rollout
 
 from test_synth_questions import chat_reply, with_server
 
@@ -94,7 +95,7 @@ def test_llm_solver_endpoint_down_keeps_the_question() -> None:
 def test_engine_solver_runs_the_tiny_vlm(world) -> None:
     search = next(t for t in image_search_tools(ImageSearchConfig(corpus_dir=str(world.root)))
                   if t.name == "ImageSearch")
-    solver = EngineSolver(TeacherConfig(policy="sample", max_tokens_per_turn=8), search)
+    solver = EngineSolver(TeacherConfig(rollout=teacher_rollout(policy="sample", engine=EngineConfig(max_tokens_per_turn=8))), search)
 
     async def go():
         try:

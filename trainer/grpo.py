@@ -25,7 +25,8 @@ import torch
 
 from spyglass.engine.config import check
 from spyglass.engine.env import build_env
-from spyglass.engine.rollout import RolloutConfig, _model_and_codec, build_engine
+from spyglass.engine.loader import load_model
+from spyglass.engine.rollout import RolloutConfig, build_engine
 from spyglass.engine.scheduler import EngineConfig
 from spyglass.engine.trajectory import write_jsonl
 from spyglass.trainer.algorithm import AlgoConfig, compute_advantages
@@ -133,7 +134,8 @@ class _Run:
 
     def __init__(self, cfg: GRPOConfig, rank: int, loop: asyncio.AbstractEventLoop) -> None:
         self.cfg, self.rank, self.loop, self.pos, self.start, self.sft_pos = cfg, rank, loop, 0, 0, 0
-        vlm, codec = _model_and_codec(cfg.rollout)
+        vlm = load_model(cfg.rollout.model, cfg.rollout.load)  # the trainer's weights, whatever serves them
+        codec = vlm.codec()
         self.demos = _demonstrations(cfg, codec)
         # the trainer owns its own copy: DeepSpeed wraps it and train() mode must not leak;
         # with a KL term the reference is a frozen copy of the initial policy (--rollout.model,

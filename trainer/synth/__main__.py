@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 
+from spyglass.engine.env import ALL_TOOLS
 from spyglass.engine.tools.llm import LLMConfig
 
 from .graph import GraphConfig
 from .paths import PathConfig
 from .pipeline import DIFFICULTIES, GROUNDINGS, VIEWS, SynthConfig, run_pipeline
 from .questions import RewriteConfig
-from .trajectories import POLICIES, TeacherConfig
+from .trajectories import POLICIES, TeacherConfig, teacher_rollout
 
 
 def parse_args(argv: list[str] | None = None) -> SynthConfig:
@@ -57,10 +59,13 @@ def parse_args(argv: list[str] | None = None) -> SynthConfig:
     llm = None
     if a.llm_url:
         llm = LLMConfig(base_url=a.llm_url, model=a.llm_model or "default", api_key_env=a.llm_key_env or None)
-    teacher = TeacherConfig(model=a.teacher_model, backend=a.teacher_backend, policy=a.teacher_policy,
-                            n_samples=a.samples, query_judge=a.query_judge, seed=a.seed,
-                            max_tokens_per_turn=a.max_tokens_per_turn, tools=tuple(a.tools),
-                            prompt_schemas=not a.no_prompt_schemas, search_top_k=a.search_top_k)
+    base = teacher_rollout()
+    rollout = teacher_rollout(
+        model=a.teacher_model, backend=a.teacher_backend, policy=a.teacher_policy,
+        engine=dataclasses.replace(base.engine, n_samples=a.samples, seed=a.seed, max_tokens_per_turn=a.max_tokens_per_turn),
+        env=dataclasses.replace(base.env, tools=list(a.tools) or list(ALL_TOOLS), prompt_schemas=not a.no_prompt_schemas,
+                                search_top_k=a.search_top_k))
+    teacher = TeacherConfig(rollout=rollout, query_judge=a.query_judge)
     return SynthConfig(out=a.out, world=a.world or "", pages=a.pages or "", images_dir=a.images_dir,
                        n_questions=a.n, seed=a.seed, graph=GraphConfig(hub_in_degree=a.hub_in_degree),
                        paths=PathConfig(seed=a.seed),

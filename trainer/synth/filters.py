@@ -129,8 +129,8 @@ class EngineSolver:
         self.turns = 0  # engine turns run so far (all questions, all modes)
 
     async def __call__(self, rec: dict[str, Any], img: Image.Image, mode: str) -> str | None:
-        from spyglass.engine.scheduler import Engine, EngineConfig, Prompt, ToolOutcome  # noqa: PLC0415
-        from spyglass.engine.toolcall import make_turn_parser  # noqa: PLC0415
+        from spyglass.engine.rollout import make_engine  # noqa: PLC0415
+        from spyglass.engine.scheduler import EngineConfig, Prompt, ToolOutcome  # noqa: PLC0415
         if mode == "one_image_search" and self.search is None:
             raise ValueError("EngineSolver: mode one_image_search needs the ImageSearch tool")
         schemas = [self.search.schema()] if mode == "one_image_search" else []
@@ -150,11 +150,10 @@ class EngineSolver:
                             ToolOutcome(f"Error: {res.error.message}", error_kind=res.error.kind.value))
             return outs
 
+        t = self.teacher.rollout.engine
         cfg = EngineConfig(n_samples=1, max_turns=1 if mode == "no_tools" else 3,
-                           max_tokens_per_turn=self.teacher.max_tokens_per_turn,
-                           temperature=self.teacher.temperature, seed=self.teacher.seed)
-        engine = Engine(cfg, self.backends, self.codec, runner, make_turn_parser(schemas),
-                        tool_schemas=schemas, image_tokens=self.codec.image_tokens)
+                           max_tokens_per_turn=t.max_tokens_per_turn, temperature=t.temperature, seed=t.seed)
+        engine = make_engine(cfg, self.backends, self.codec, runner, schemas)
         self._n += 1
         prompt = Prompt(f"{rec['id']}-{mode}-{self._n}", rec["question"], images=[img])
         groups = [g async for g in engine.run([prompt])]

@@ -1,7 +1,7 @@
 """Teacher trajectories for synthesized questions: rollouts through the engine, judged, kept.
 
-A teacher is any engine backend (hf with a tiny VLM or a saved model directory; vllm, sglang,
-openai, ... by name with their options) driven by a policy: `sample` lets the model act;
+A teacher is a RolloutConfig (`TeacherConfig.rollout`: any checkpoint the loader takes on the hf
+backend, or vllm, sglang, openai, ... by name with their options) driven by a policy: `sample` lets the model act;
 `replay` (the offline default) force-decodes the solve script built from the question's hops
 (engine/env.solve_script: fix the image, OCR it, search, visit each hop's page, answer), so the
 backend still runs real forward passes and the tools really run. Every trajectory is judged by
@@ -22,57 +22,51 @@ from typing import Any
 
 from PIL import Image
 
-from spyglass.engine.scheduler import Engine, EngineConfig, Prompt
+from spyglass.engine.env import EnvConfig
+from spyglass.engine.rollout import RolloutConfig
+from spyglass.engine.scheduler import EngineConfig, Prompt
 from spyglass.engine.trajectory import SegmentKind, Status, Trajectory
 from spyglass.trainer.judges import JudgeConfig, JudgeSession, LLMJudgeConfig, run_judge
 
 POLICIES = ("replay", "sample")
 
 
+def teacher_rollout(**kw: Any) -> RolloutConfig:
+    """The teacher's RolloutConfig: the replay policy, one sample per question, up to 24 turns of
+    1,024 tokens at temperature 0.7, sparse search (reproducible, no MiniLM); `kw` override."""
+    engine = EngineConfig(n_samples=1, max_live=32, max_turns=24, max_tokens_per_turn=1024, temperature=0.7)
+    return RolloutConfig(**{"engine": engine, "env": EnvConfig(dense_search=False), "policy": "replay", "out": "",
+                            "resume": False, "progress": False, **kw})
+
+
 @dataclass
 class TeacherConfig:
-    """Which teacher, how it rolls out, and what is kept."""
+    """Which teacher, how it rolls out (a RolloutConfig: model, backend, policy replay | sample,
+    engine limits, env tools), and what is kept."""
 
-    model: str = "tiny:qwen2_vl"  # a checkpoint dir, a hub id in the local HF cache, or tiny:<family> (engine/loader.py)
-    backend: str = "hf"  # any kind in engine/backends (hf builds from `model`)
-    backend_options: dict[str, Any] = field(default_factory=dict)
-    policy: str = "replay"
-    n_samples: int = 1
-    max_turns: int = 24
-    max_tokens_per_turn: int = 1024
-    temperature: float = 0.7
-    accuracy_judge: str = "rule_accuracy"
+    rollout: RolloutConfig = field(default_factory=teacher_rollout)  # the teacher's rollout (engine/rollout.py RolloutConfig)
+    accuracy_judge: str = "rule_accuracy"  # judge of the answer (trainer/judges.py)
     query_judge: str = ""  # "" = not used; else rule_query | llm_query
-    min_query_score: float = 0.5
-    judge_llm: LLMJudgeConfig | None = None
+    min_query_score: float = 0.5  # with a query judge: the score a kept trajectory needs
+    judge_llm: LLMJudgeConfig | None = None  # the LLM judge's endpoint (llm_* judges)
     keep_per_question: int = 1  # accepted trajectories written per question
-    seed: int = 0
-    tools: tuple[str, ...] = ()  # the environment's tools; () = all
-    prompt_schemas: bool = True  # tool schemas in the system prompt (engine/env.EnvConfig)
-    search_top_k: int = 3  # results the solve scripts ask TextSearch / ImageSearch for
     require_grounded: bool = True  # keep only trajectories whose typed arguments came from context
-    recite_question: bool = False  # every observation ends with the question (EngineConfig.recite_question)
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ValueError(f"TeacherConfig.policy must be one of {POLICIES}, got {self.policy!r}")
-        from spyglass.engine.loader import check_model_spec  # noqa: PLC0415
-        if self.backend == "hf":
-            check_model_spec(self.model, "TeacherConfig.model")
-        for k in ("n_samples", "max_turns", "max_tokens_per_turn", "keep_per_question"):
-            if getattr(self, k) < 1:
-                raise ValueError(f"TeacherConfig.{k} must be >= 1, got {getattr(self, k)!r}")
+        if not isinstance(self.rollout, RolloutConfig):
+            raise TypeError(f"TeacherConfig.rollout must be a RolloutConfig, got {type(self.rollout).__name__}")
+        if self.rollout.policy not in POLICIES:
+            raise ValueError(f"TeacherConfig.rollout.policy must be one of {POLICIES}, got {self.rollout.policy!r}")
+        if self.keep_per_question < 1:
+            raise ValueError(f"TeacherConfig.keep_per_question must be >= 1, got {self.keep_per_question!r}")
         if not 0 <= self.min_query_score <= 1:
             raise ValueError(f"TeacherConfig.min_query_score must be in [0, 1], got {self.min_query_score!r}")
         self.judges()  # validates the judge names
-        self.tools = tuple(self.tools)
-        self.env("")  # validates tools and search_top_k
 
-    def env(self, world: str) -> Any:
-        """The EnvConfig teacher rollouts run in (sparse search: reproducible, no MiniLM)."""
-        from spyglass.engine.env import ALL_TOOLS, EnvConfig  # noqa: PLC0415
-        return EnvConfig(world_dir=world or None, dense_search=False, tools=list(self.tools or ALL_TOOLS),
-                         prompt_schemas=self.prompt_schemas, search_top_k=self.search_top_k)
+    def env(self, world: str) -> EnvConfig:
+        """The EnvConfig teacher rollouts run in: the rollout's, over `world`."""
+        import dataclasses  # noqa: PLC0415
+        return dataclasses.replace(self.rollout.env, world_dir=world or None)
 
     def judges(self) -> JudgeConfig:
         return JudgeConfig(accuracy=self.accuracy_judge, query=self.query_judge or "rule_query",
@@ -80,17 +74,13 @@ class TeacherConfig:
 
 
 def build_teacher(cfg: TeacherConfig, servers: int = 1) -> tuple[Any, list[Any]]:
-    """(codec, backends) of the teacher."""
-    from spyglass.engine.backends import backend_config, make_backend  # noqa: PLC0415
-    from spyglass.engine.backends.hf import HFBackend  # noqa: PLC0415
-    from spyglass.engine.loader import load_model  # noqa: PLC0415
-    vlm = load_model(cfg.model, seed=cfg.seed)
-    codec = vlm.codec()
-    if cfg.backend == "hf":
-        opts = {k: v for k, v in cfg.backend_options.items() if k != "name"}
-        return codec, [HFBackend.from_model(vlm, name=f"teacher-{i}", **opts) for i in range(servers)]
-    return codec, [make_backend(backend_config(cfg.backend, **{**cfg.backend_options, "name": f"teacher-{i}"}))
-                   for i in range(servers)]
+    """(codec, backends) of the teacher (engine/rollout.py's model loading and backends)."""
+    import dataclasses  # noqa: PLC0415
+
+    from spyglass.engine.rollout import _model_and_codec, make_backends  # noqa: PLC0415
+    rcfg = dataclasses.replace(cfg.rollout, servers=servers)
+    loaded, codec = _model_and_codec(rcfg)
+    return codec, make_backends(rcfg, loaded, prefix="teacher")
 
 
 def question_prompt(rec: dict[str, Any], root: Path) -> Prompt:
@@ -161,28 +151,24 @@ async def teacher_rollouts(records: list[dict[str, Any]], env: Any, cfg: Teacher
                            sharegpt: Path | None = None) -> tuple[list[Trajectory], dict[str, Any]]:
     """Roll every question out with the teacher; returns (accepted trajectories, counts).
     With `sharegpt`, the accepted ones are also written there in the SFT (ShareGPT) format."""
-    from spyglass.engine.policy import ReplayPolicy  # noqa: PLC0415
-    from spyglass.engine.toolcall import make_turn_parser  # noqa: PLC0415
-    codec, backends = build_teacher(cfg)
-    policy = ReplayPolicy(codec, replay_scripts(records, env.cfg.search_top_k)) if cfg.policy == "replay" else None
-    ecfg = EngineConfig(n_samples=cfg.n_samples, max_turns=cfg.max_turns, max_live=32,
-                        max_tokens_per_turn=cfg.max_tokens_per_turn, temperature=cfg.temperature,
-                        seed=cfg.seed, recite_question=cfg.recite_question)
-    engine = Engine(ecfg, backends, codec, env.runner, make_turn_parser(env.schemas),
-                    tool_schemas=env.prompt_tools, policy=policy, image_tokens=codec.image_tokens)
+    from spyglass.engine.rollout import build_engine  # noqa: PLC0415
+    prompts = [question_prompt(r, root) for r in records]
+    engine, backends, _ = build_engine(cfg.rollout, env, scripts=replay_scripts(records, env.cfg.search_top_k),
+                                       prompts=prompts)
     kept: list[Trajectory] = []
     stats = {"questions": len(records), "trajectories": 0, "answered": 0, "accepted": 0,
              "questions_with_accepted": 0}
     try:
         async with JudgeSession(cfg.judges()) as session:
-            async for group in engine.run([question_prompt(r, root) for r in records]):
+            async for group in engine.run(prompts):
                 ok = [t for t in group if await judge(t, cfg, session)]
                 stats["trajectories"] += len(group)
                 stats["answered"] += sum(t.status is Status.ANSWERED for t in group)
                 stats["accepted"] += len(ok)
                 stats["questions_with_accepted"] += bool(ok)
                 for t in ok[:cfg.keep_per_question]:
-                    t.meta["synth"] = {"policy": cfg.policy, "teacher": cfg.model, "backend": cfg.backend}
+                    t.meta["synth"] = {"policy": cfg.rollout.policy, "teacher": cfg.rollout.model,
+                                       "backend": cfg.rollout.backend}
                     kept.append(t)
     finally:
         for b in backends:
@@ -190,6 +176,6 @@ async def teacher_rollouts(records: list[dict[str, Any]], env: Any, cfg: Teacher
     stats["engine"] = {k: v for k, v in engine.stats.summary().items() if k != "status"}
     if sharegpt is not None:
         from spyglass.trainer.sft import trajectories_to_sharegpt  # noqa: PLC0415
-        stats["sharegpt"] = trajectories_to_sharegpt(kept, sharegpt, codec, env.prompt_tools)
+        stats["sharegpt"] = trajectories_to_sharegpt(kept, sharegpt, engine.codec, env.prompt_tools)
     return kept, stats
 
