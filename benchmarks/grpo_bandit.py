@@ -58,12 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     qfile = proof / "synth" / f"bandit_{len(rows)}.jsonl"  # beside the images the questions name
     qfile.write_text("".join(x + "\n" for x in rows))
     p = P.Proof(P.parse_args(["--out", str(proof)]))
-    rollout = P.RolloutConfig(engine=p.engine(a.samples, a.temperature), env=p.env(qfile),
+    rollout = P.RolloutConfig(engine=P.dataclasses.replace(p.engine(a.samples, a.temperature), groups_per_step=len(rows)),
+                              env=p.env(qfile),
                               model=str(proof / "sft" / "final"), policy="sample",
                               out=str(out / "rollouts.jsonl"), progress=False)
     cfg = P.GRPOConfig(rollout=rollout, algo=P.AlgoConfig(mode=a.arm),
                        update=P.UpdateConfig(lr=a.lr, temperature=a.temperature), steps=a.steps,
-                       groups_per_step=len(rows), ckpt_dir=str(out / "ckpt"), log_dir=str(out),
+                       ckpt_dir=str(out / "ckpt"), log_dir=str(out),
                        export_dir=str(out / "final"), seed=0)
     P.run_grpo(cfg)
     rewards = [round(json.loads(x)["reward/mean"], 3) for x in (out / "metrics.jsonl").read_text().splitlines()]

@@ -313,7 +313,8 @@ class Proof:
 
     def grpo(self, arm: str, init: Path) -> Path:
         a, d = self.a, self.out / f"grpo-{arm}"
-        rollout = RolloutConfig(engine=self.engine(a.grpo_samples, a.temperature),
+        rollout = RolloutConfig(engine=dataclasses.replace(self.engine(a.grpo_samples, a.temperature),
+                                                           groups_per_step=a.grpo_groups),
                                 env=self.env(self.synth / "train_questions.jsonl"), model=str(init),
                                 policy="mixed" if a.grpo_replay else "sample", out=str(d / "rollouts.jsonl"),
                                 progress=False)
@@ -325,7 +326,7 @@ class Proof:
                                              freeze_vision=a.grpo_freeze_vision,
                                              loss=PolicyLossConfig(kl_coef=a.grpo_kl), sft_coef=a.grpo_sft_coef),
                          sft_data=str(self.sft_data()) if a.grpo_sft_coef > 0 else "", sft_batch=a.grpo_sft_batch,
-                         replay_per_group=a.grpo_replay, steps=a.grpo_steps, groups_per_step=a.grpo_groups, ckpt_dir=str(d / "ckpt"),
+                         replay_per_group=a.grpo_replay, steps=a.grpo_steps, ckpt_dir=str(d / "ckpt"),
                          log_dir=str(d), export_dir=str(d / "final"), seed=a.seed)
         self.stage(f"grpo-{arm}", d / "final" / "config.json", lambda: run_grpo(cfg))
         return d / "final"

@@ -57,15 +57,17 @@ class EngineConfig:
     timeout_s: float = 3600.0  # wall clock per trajectory
     max_live: int = 256  # live trajectories
     max_inflight_per_server: int = 256  # generation requests in flight per backend server
-    fatal_k: int = 3  # consecutive tool/format errors that make the cascade
+    fatal_k: int = 3  # consecutive tool/format errors that make the cascade (also GRPO's fatal step)
     repetition_min_tokens: int = 256  # the detector looks only at turns at least this long
     repetition_max_period: int = 64  # longest repeated block (tokens) the detector looks for
     repetition_min_repeats: int = 8  # a turn whose tail repeats a block this often ends INTERRUPTED
     max_images_per_obs: int = 4  # images kept per observation (later ones are omitted, the text says so)
     max_image_tokens: int = 32768  # in the whole context (over it, or one the model's processor
     #                                 cannot size, an image is omitted and the observation says why)
-    max_version_lag: int = -1  # staleness bound: -1 off; else admitted groups are limited
-    groups_per_step: int = 0  # ... to (version - base + lag + 1) * groups_per_step
+    max_version_lag: int = -1  # staleness bound in policy versions: -1 off; else admitted groups are
+    #                            limited to (version - base + lag + 1) * groups_per_step, and GRPO's
+    #                            update masks tokens sampled more than this many versions ago
+    groups_per_step: int = 0  # prompts (groups) per policy version: GRPO's batch per step (0: no steps)
     max_server_retries: int = 3  # a turn moves servers at most this often before ERROR
     seed: int = 0  # sampling seed; each turn's seed derives from it, the trajectory id and the turn
     gc_freeze: bool = True  # keep long-lived objects out of full cyclic-GC passes (see _loop)

@@ -202,9 +202,9 @@ def test_neg_scale_weights_only_the_negative_advantages() -> None:
 def test_fatal_k_is_recomputed_from_turns() -> None:
     t = mk("B", "q", ["ok", "ok", "err", "err", "err"], Status.FATAL, 0.2)
     t.fatal_step = 2  # what the scheduler wrote with k = 3
-    out = compute_advantages([t], AlgoConfig(mode="fatal_mask", fatal_k=2))
+    out = compute_advantages([t], AlgoConfig(mode="fatal_mask"), fatal_k=2)
     assert out.fatal_steps == [2]
-    out = compute_advantages([t], AlgoConfig(mode="fatal_mask", fatal_k=4))
+    out = compute_advantages([t], AlgoConfig(mode="fatal_mask"), fatal_k=4)
     assert out.fatal_steps == [5]  # no run of 4; unanswered -> fatal at its length
 
 
@@ -235,7 +235,7 @@ def test_bad_input_and_config_errors() -> None:
     with pytest.raises(ValueError, match="eps"):
         AlgoConfig(eps=-1.0)
     with pytest.raises(ValueError, match="fatal_k"):
-        AlgoConfig(fatal_k=0)
+        compute_advantages(group4(), fatal_k=0)
     with pytest.raises(ValueError, match="impl"):
         AlgoConfig(impl="cuda")
     with pytest.raises(ValueError, match="empty"):

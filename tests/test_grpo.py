@@ -30,9 +30,9 @@ def world(tmp_path_factory) -> Path:
 
 def _cfg(world: Path, out: Path, steps: int) -> GRPOConfig:
     return from_dict(GRPOConfig, {
-        "steps": steps, "groups_per_step": 1, "ckpt_dir": str(out / "ckpt"), "log_dir": str(out),
+        "steps": steps, "ckpt_dir": str(out / "ckpt"), "log_dir": str(out),
         "rollout": {"env": {"world_dir": str(world), "questions": 2, "dense_search": False},
-                    "engine": {"n_samples": 3, "max_live": 8, "max_turns": 6, "max_tokens_per_turn": 96,
+                    "engine": {"n_samples": 3, "groups_per_step": 1, "max_live": 8, "max_turns": 6, "max_tokens_per_turn": 96,
                                "temperature": 1.0},
                     "policy": "mixed", "out": str(out / "rollouts.jsonl")},
         "update": {"lr": 1e-3, "micro_batch_tokens": 8192}})

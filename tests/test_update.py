@@ -211,7 +211,7 @@ def test_staleness_bound_masks_old_segments():
     v = fresh()
     trajs = [make_traj(v, 0, versions=(1, 3)), make_traj(v, 2, versions=(3, 3))]
     masks = [torch.tensor(t.loss_mask()) for t in trajs]
-    up = PolicyUpdater(v.model, UpdateConfig(lr=1e-4, max_lag=1), image_processor=v.image_processor, version=3)
+    up = PolicyUpdater(v.model, UpdateConfig(lr=1e-4), image_processor=v.image_processor, version=3, max_lag=1)
     m = up.step(trajs, torch.tensor([1.0, -1.0]), masks)
     stale = len(trajs[0].segments[0].token_ids)
     assert m["stale_tokens"] == stale
@@ -295,8 +295,10 @@ def test_bad_inputs_are_named():
         PolicyUpdater(v.model, UpdateConfig(mini_batches=3)).step(trajs, adv, masks)
     with pytest.raises(ValueError, match="needs an image_processor"):
         PolicyUpdater(v.model, UpdateConfig()).step(trajs, adv, masks)
+    with pytest.raises(ValueError, match="max_lag must be None or an int >= 0, got -1"):
+        PolicyUpdater(v.model, UpdateConfig(), max_lag=-1)
     for kw, msg in [({"lr": -1.0}, "lr must be"), ({"betas": (0.9, 1.0)}, "betas must be"),
-                    ({"micro_batch_tokens": 0}, "micro_batch_tokens must be"), ({"max_lag": -1}, "max_lag must be"),
+                    ({"micro_batch_tokens": 0}, "micro_batch_tokens must be"),
                     ({"temperature": 0.0}, "temperature must be"), ({"impl": "cuda"}, "impl must be")]:
         with pytest.raises(ValueError, match=msg):
             UpdateConfig(**kw)

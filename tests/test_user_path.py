@@ -115,7 +115,9 @@ def test_replay_on_user_data_says_to_sample(world, downloads, data, tmp_path):
 def test_one_grpo_step_from_a_checkpoint_dir_exports_a_loadable_dir(world, downloads, data, tmp_path):
     from spyglass.trainer.grpo import GRPOConfig, run_grpo
     src = downloads["qwen2_5_vl"]
-    cfg = GRPOConfig(rollout=_rollout(src, world, data, tmp_path / "r.jsonl"), steps=1, groups_per_step=2,
+    rollout = _rollout(src, world, data, tmp_path / "r.jsonl")
+    rollout.engine.groups_per_step = 2
+    cfg = GRPOConfig(rollout=rollout, steps=1,
                      ckpt_dir=str(tmp_path / "ckpt"), log_dir=str(tmp_path), export_dir=str(tmp_path / "export"))
     m = run_grpo(cfg)
     assert m["step"] == 1 and m["version"] == 1 and torch.isfinite(torch.tensor(m["loss"]))

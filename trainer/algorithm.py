@@ -66,7 +66,6 @@ class AlgoConfig:
     std: str = field(default="population", metadata={"choices": STD_KINDS})  # group std (grpo divides
     #   by it): population (paper) | unbiased
     eps: float = 1e-6  # delta in (r - mean) / (std + delta)
-    fatal_k: int = 3  # consecutive error steps that make a cascade
     impl: str = field(default="auto", metadata={"choices": IMPLS})  # advantage kernel; auto: Triton
     #   on CUDA, else torch
     filter_groups: str = field(default="none", metadata={"choices": FILTERS})  # drop groups flat in that
@@ -81,8 +80,6 @@ class AlgoConfig:
         if isinstance(self.neg_scale, bool) or not isinstance(self.neg_scale, (int, float)) \
                 or not 0.0 <= self.neg_scale <= 1.0:
             raise ValueError(f"AlgoConfig.neg_scale must be a number in [0, 1], got {self.neg_scale!r}")
-        if not isinstance(self.fatal_k, int) or self.fatal_k < 1:
-            raise ValueError(f"AlgoConfig.fatal_k must be an int >= 1, got {self.fatal_k!r}")
         if self.impl not in IMPLS:
             raise ValueError(f"AlgoConfig.impl must be one of {IMPLS}, got {self.impl!r}")
         self.advantage_config()  # validates estimator, std and eps with their own messages
@@ -147,8 +144,12 @@ def _masks(trajs: list[Trajectory], cfg: AlgoConfig, fatal_steps: list[int | Non
 
 
 def compute_advantages(trajs: list[Trajectory], cfg: AlgoConfig = AlgoConfig(),
-                       device: str | torch.device = "cpu") -> AlgoOutput:
-    """Advantages [N] (computed on `device`, returned there) and CPU loss masks for `trajs`."""
+                       device: str | torch.device = "cpu", fatal_k: int = 3) -> AlgoOutput:
+    """Advantages [N] (computed on `device`, returned there) and CPU loss masks for `trajs`;
+    `fatal_k`: the cascade length (the engine's EngineConfig.fatal_k, so one knob decides both
+    when a rollout is interrupted and where its fatal step is)."""
+    if isinstance(fatal_k, bool) or not isinstance(fatal_k, int) or fatal_k < 1:
+        raise ValueError(f"fatal_k must be an int >= 1, got {fatal_k!r}")
     if not trajs:
         raise ValueError("compute_advantages needs at least one trajectory, got an empty list")
     for t in trajs:
@@ -157,7 +158,7 @@ def compute_advantages(trajs: list[Trajectory], cfg: AlgoConfig = AlgoConfig(),
     gid_of: dict[str, int] = {}
     gidx = [gid_of.setdefault(t.group_id, len(gid_of)) for t in trajs]
     rewards = torch.tensor([_reward_of(t) for t in trajs], dtype=torch.float32, device=device)  # [N]
-    fatal_steps = [t.compute_fatal_step(cfg.fatal_k) for t in trajs]
+    fatal_steps = [t.compute_fatal_step(fatal_k) for t in trajs]
     fatal = torch.tensor([f is not None for f in fatal_steps], dtype=torch.bool, device=device)  # [N]
     group_index = torch.tensor(gidx, dtype=torch.long, device=device)  # [N]
     res = grouped_advantage(rewards, group_index, fatal, cfg.advantage_config(),

@@ -40,7 +40,7 @@ from spyglass.trainer.update import PolicyUpdater, UpdateConfig
 
 def _rollout_defaults() -> RolloutConfig:
     return RolloutConfig(engine=EngineConfig(n_samples=4, max_live=32, max_turns=6, max_tokens_per_turn=64,
-                                             temperature=1.0),
+                                             temperature=1.0, groups_per_step=2),
                          policy="mixed", out="runs/grpo/rollouts.jsonl")
 
 
@@ -48,7 +48,8 @@ def _rollout_defaults() -> RolloutConfig:
 class GRPOConfig:
     """Every field is a flag: --algo.mode fatal_mask, --update.lr 1e-5, --dist.strategy zero2."""
 
-    FLAG_ALIASES: ClassVar[dict[str, str]] = {"model": "rollout.model", "data": "rollout.env.data.path"}
+    FLAG_ALIASES: ClassVar[dict[str, str]] = {"model": "rollout.model", "data": "rollout.env.data.path",
+                                              "groups_per_step": "rollout.engine.groups_per_step"}
 
     rollout: RolloutConfig = field(default_factory=_rollout_defaults)
     replay_per_group: int = 1  # policy "mixed": samples per group that replay the solve script
@@ -57,7 +58,6 @@ class GRPOConfig:
     update: UpdateConfig = field(default_factory=lambda: UpdateConfig(lr=1e-3, micro_batch_tokens=8192))
     dist: DistConfig = field(default_factory=DistConfig)
     steps: int = 3  # training steps (rollout, reward, update) in all; a resumed run goes on up to it
-    groups_per_step: int = 2  # prompts (groups of rollout.engine.n_samples) rolled out per step
     colocate: bool = False  # generation sleeps (frees its memory) during each update
     eval_every: int = 0  # 0: no periodic eval
     eval_questions: int = 4  # the last prompts, held out of training for the eval (when eval_every > 0)
@@ -75,7 +75,8 @@ class GRPOConfig:
 
     def __post_init__(self) -> None:
         check(self.steps >= 0, f"steps must be >= 0, got {self.steps}")
-        check(self.groups_per_step >= 1, f"groups_per_step must be >= 1, got {self.groups_per_step}")
+        check(self.rollout.engine.groups_per_step >= 1, f"rollout.engine.groups_per_step (prompts per step) must be "
+                                                         f">= 1, got {self.rollout.engine.groups_per_step}")
         check(self.replay_per_group >= 0, f"replay_per_group must be >= 0, got {self.replay_per_group}")
         check(self.sft_batch >= 1, f"sft_batch must be >= 1, got {self.sft_batch}")
         check(bool(self.sft_data) == (self.update.sft_coef > 0),
@@ -96,7 +97,7 @@ def run_grpo(cfg: GRPOConfig) -> dict[str, Any]:
         for step in range(run.start, cfg.steps):
             t0 = time.perf_counter()
             trajs = run.broadcast(run.rollout_and_score() if run.rank == 0 else None)  # rollout, reward
-            algo = compute_advantages(trajs, cfg.algo)                                 # advantage
+            algo = compute_advantages(trajs, cfg.algo, fatal_k=cfg.rollout.engine.fatal_k)  # advantage
             t1 = time.perf_counter()
             run.colocate("sleep")
             metrics = {"step": step + 1, **run.update(trajs, algo),
@@ -142,7 +143,8 @@ class _Run:
         # also on resume: the checkpoint restores only the trained copy)
         ref = copy.deepcopy(vlm.model) if cfg.update.loss.kl_coef > 0 else None
         self.updater = PolicyUpdater(copy.deepcopy(vlm.model), cfg.update, image_processor=vlm.image_processor,
-                                     ref_model=ref, dist=cfg.dist)
+                                     ref_model=ref, dist=cfg.dist,
+                                     max_lag=lag if (lag := cfg.rollout.engine.max_version_lag) >= 0 else None)
         self.backends, self.engine, self.writer, self.slept = [], None, None, []
         if rank == 0:
             self.env = build_env(cfg.rollout.env)
@@ -173,7 +175,7 @@ class _Run:
         """Rank 0: the next groups_per_step prompts (cycling over the training split), rolled
         out and scored."""
         n = len(self.train_prompts)
-        batch = [self.train_prompts[(self.pos + i) % n] for i in range(self.cfg.groups_per_step)]
+        batch = [self.train_prompts[(self.pos + i) % n] for i in range(self.cfg.rollout.engine.groups_per_step)]
         self.pos += len(batch)
         trajs = self.loop.run_until_complete(self._collect(batch))
         self.loop.run_until_complete(score_group(trajs, self.cfg.reward))

@@ -8,7 +8,8 @@ What one `step` does:
 1. Masks. `masks[i]` is the caller's loss mask of trajectory i ([L_i] 0/1, e.g.
    `traj.loss_mask(fatal=True)` times an anomaly flag); it must lie inside the tokens the policy
    sampled (GEN segments). Staleness bound: a GEN segment whose policy version lags the current
-   version (`updater.version`) by more than `max_lag` is masked out (counted in `stale_tokens`).
+   version (`updater.version`) by more than `max_lag` (the constructor's; GRPO passes the engine's
+   EngineConfig.max_version_lag: one staleness bound) is masked out (counted in `stale_tokens`).
 2. Old log-probs are the engine's sampled ones (`Trajectory.logprobs()`), so the ratio is an
    importance ratio against the behaviour policy (off-policy / asynchronous rollouts are fine).
 3. For each of `ppo_epochs` epochs the trajectories are shuffled (seeded by seed, step, epoch:
@@ -78,7 +79,6 @@ class UpdateConfig:
     loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
     temperature: float = 1.0  # the sampling temperature: log-probs are of softmax(logits / T)
     use_fused_logprob: bool = True  # False: materialise logits (reference path, for comparison)
-    max_lag: Optional[int] = None  # staleness bound in policy versions; None = no bound
     seed: int = 0  # mini-batch shuffling
     gradient_checkpointing: bool = False  # recompute activations in the backward (less memory, ~30% more compute)
     # auto: packed when the model runs flash_attention_2 (varlen kernels), else padded | packed |
@@ -116,9 +116,6 @@ class UpdateConfig:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
-        if self.max_lag is not None and (isinstance(self.max_lag, bool) or not isinstance(self.max_lag, int)
-                                         or self.max_lag < 0):
-            raise ValueError(f"max_lag must be None or an int >= 0, got {self.max_lag!r}")
         if self.attention not in ("auto", "packed", "padded"):
             raise ValueError(f"attention must be 'auto', 'packed' or 'padded', got {self.attention!r}")
         if self.impl not in ("auto", "triton", "torch"):
@@ -305,14 +302,17 @@ class PolicyUpdater:
     Every rank must call `step` with the same global batch (each rank trains its share)."""
 
     def __init__(self, model: nn.Module, cfg: UpdateConfig, *, image_processor: Any = None,
-                 ref_model: Optional[nn.Module] = None, dist: Any = None, version: int = 0) -> None:
+                 ref_model: Optional[nn.Module] = None, dist: Any = None, version: int = 0,
+                 max_lag: Optional[int] = None) -> None:
         from spyglass.trainer.distributed import make_runtime
 
         if not isinstance(cfg, UpdateConfig):
             raise TypeError(f"cfg must be an UpdateConfig, got {type(cfg).__name__}")
         if cfg.loss.kl_coef > 0 and ref_model is None:
             raise ValueError(f"loss.kl_coef={cfg.loss.kl_coef} needs a ref_model")
-        self.cfg, self.image_processor = cfg, image_processor
+        if max_lag is not None and (isinstance(max_lag, bool) or not isinstance(max_lag, int) or max_lag < 0):
+            raise ValueError(f"max_lag must be None or an int >= 0, got {max_lag!r}")
+        self.cfg, self.image_processor, self.max_lag = cfg, image_processor, max_lag
         self.version, self.steps = int(version), 0
         if cfg.freeze_vision:
             tower = vision_tower(model)
@@ -384,7 +384,7 @@ class PolicyUpdater:
         seqs, stale, masked_out = [], 0, 0
         tok_id = self.policy.image_token_id if self.policy.is_vl else None
         for t, m in zip(trajs, masks):
-            ids, mask, s, mo = _prepare(t, m, self.version, self.cfg.max_lag if lag else None)
+            ids, mask, s, mo = _prepare(t, m, self.version, self.max_lag if lag else None)
             stale, masked_out = stale + s, masked_out + mo
             old = np.where(mask, np.asarray(t.logprobs(), dtype=np.float32), 0.0).astype(np.float32)  # [L]
             px = _pixels(t, ids, self.image_processor, tok_id, self._merge) if self.policy.is_vl else None
