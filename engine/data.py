@@ -7,7 +7,8 @@ sft, eval). Each record is one question with its images and reference answer.
 
 Where records come from (chosen by the path):
   FILE.jsonl / FILE.json   one JSON object per line (JSON lines); blank lines are ignored;
-                           a record's source is "FILE:LINE" (1-based line)
+                           a record's source is "FILE:LINE" (1-based line). A .json file
+                           that starts with '[' is one JSON array of records ("FILE:item N")
   FILE.parquet             one record per row (needs `pip install 'spyglass[data]'`);
                            source "FILE:row N" (0-based row)
   FOLDER/                  a `datasets` save_to_disk folder (holds dataset_info.json, state.json
@@ -69,7 +70,7 @@ log = logging.getLogger("spyglass.data")
 
 _JSONL = (".jsonl", ".json")
 _HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
-_SUPPORTED = ".jsonl / .json (JSON lines), .parquet, or a `datasets` save_to_disk folder"
+_SUPPORTED = ".jsonl / .json (JSON lines, or one JSON array), .parquet, or a `datasets` save_to_disk folder"
 _EXTRA = "pip install 'spyglass[data]'"
 _KNOWN = ("id", "question", "answer", "images", "image", "aliases", "tools", "system")
 _MAX_WARNINGS = 20
@@ -302,8 +303,25 @@ def parse_record(raw: dict[str, Any], source: str, cfg: DataConfig, media_dir: P
         raise DataError(e.reason, source) from None
 
 
+def _array_rows(path: Path, name: str) -> Iterator[tuple[str, Any]]:
+    """(source "FILE:item N", object) per element of a file holding one JSON array."""
+    try:
+        items = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{name}: starts with '[' but is not one valid JSON array ({e})") from None
+    for i, item in enumerate(items):
+        yield f"{name}:item {i}", item
+
+
 def _jsonl_rows(path: Path, name: str) -> Iterator[tuple[str, Any]]:
-    """(source, object) per non-blank line; an unparsable line yields a DataError as object."""
+    """(source, object) per non-blank line; an unparsable line yields a DataError as object. A
+    .json file whose first character is '[' is one JSON array instead (_array_rows)."""
+    if path.suffix.lower() == ".json":
+        with path.open("rb") as f:
+            head = f.read(4096).decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
+        if head.startswith("["):
+            yield from _array_rows(path, name)
+            return
     with path.open("rb") as f:
         for lineno, line in enumerate(f, 1):
             source = f"{name}:{lineno}"

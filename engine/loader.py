@@ -82,7 +82,8 @@ class LoadConfig:
     def resolved_attention(self, device: torch.device) -> str:
         if self.attn_implementation != "auto":
             return self.attn_implementation
-        if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        half = self.resolved_dtype(device) in (torch.bfloat16, torch.float16)  # flash-attn takes no fp32
+        if device.type == "cuda" and half and importlib.util.find_spec("flash_attn") is not None:
             return "flash_attention_2"
         return "sdpa"
 
@@ -198,7 +199,12 @@ def load_image_processor(path: Path, max_image_tokens: int = 0) -> Any:
         unit = (improc.patch_size * improc.merge_size) ** 2  # pixels per merged visual token
         size = {"shortest_edge": min(improc.size["shortest_edge"], max_image_tokens * unit),
                 "longest_edge": max_image_tokens * unit}
-        improc = Qwen2VLImageProcessorPil.from_pretrained(path, size=size)
+        # min/max_pixels too: a Qwen2(.5)-VL preprocessor config's own min_pixels/max_pixels win over `size`
+        improc = Qwen2VLImageProcessorPil.from_pretrained(path, size=size, min_pixels=size["shortest_edge"],
+                                                          max_pixels=size["longest_edge"])
+        if improc.size["longest_edge"] != size["longest_edge"]:
+            raise RuntimeError(f"{path}: could not cap the image processor at {max_image_tokens} tokens "
+                               f"(its size stays {dict(improc.size)})")
     return improc
 
 

@@ -54,6 +54,9 @@ class RolloutConfig:
               f"policy must be replay|sample|mixed, got {self.policy!r}")
         check(self.servers >= 1, f"servers must be >= 1, got {self.servers}")
         check_model_spec(self.model)
+        check(not (self.env.data.path and self.policy in ("replay", "mixed")),
+              f"policy {self.policy!r} replays the bundled world's solve scripts; questions from data.path "
+              f"{self.env.data.path!r} have none: use --policy sample")
 
 
 IMAGE_TOOLS = ("Crop", "Sharpen", "SuperResolution", "PerspectiveCorrect", "OCR", "ImageSearch")

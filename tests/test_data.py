@@ -258,7 +258,7 @@ def test_unsupported_paths(tmp_path: Path) -> None:
     (tmp_path / "folder").mkdir()
     with pytest.raises(DataError, match="must be a `datasets` save_to_disk folder"):
         load_dataset(DataConfig(path=str(tmp_path / "folder")))
-    arr = tmp_path / "arr.json"
+    arr = tmp_path / "arr.jsonl"  # an array in a .jsonl file is one bad line (.json takes arrays)
     arr.write_text(json.dumps([_rec(1), _rec(2)]))
     with pytest.raises(DataError, match=rf"no usable records in {arr} \(1 bad; first: {arr}:1: "
                                         r"record: expected a JSON object \(one per line\), got list"):
@@ -345,3 +345,16 @@ def test_config_validation(kw: dict[str, Any], needle: str) -> None:
     with pytest.raises(ConfigError) as ei:
         DataConfig(**kw)
     assert str(ei.value) == needle
+
+
+def test_json_array_file_is_read_whole(tmp_path: Path) -> None:
+    """A pretty-printed .json array is records, not lines (read as lines, most would be 'bad')."""
+    p = tmp_path / "qs.json"
+    p.write_text(json.dumps([{"id": 1, "question": "a?", "answer": "x"}, {"id": 2, "question": "b?", "answer": 3},
+                             {"id": 3, "question": ""}], indent=2))
+    ds = load_dataset(DataConfig(path=str(p)))
+    assert [r.id for r in ds.records] == ["1", "2"] and ds.records[1].answer == "3"
+    assert [b.source for b in ds.bad] == [f"{p}:item 2"] and "question" in ds.bad[0].reason
+    (tmp_path / "broken.json").write_text('[{"id": 1, "question": "a?", "answer": "x"},')
+    with pytest.raises(DataError, match="not one valid JSON array"):
+        load_dataset(DataConfig(path=str(tmp_path / "broken.json")))

@@ -138,3 +138,45 @@ def test_save_keeps_template_and_image_cap_and_loads_back(ckpts, tmp_path):
     assert back.codec().image_tokens(big) == m.codec().image_tokens(big)
     k = "lm_head.weight"
     assert torch.equal(back.model.state_dict()[k], sd[k])
+
+
+def test_image_token_cap_wins_over_a_qwen25_preprocessor_config(tmp_path):
+    """Qwen2(.5)-VL's preprocessor_config.json carries min_pixels / max_pixels: the cap must
+    still apply (a 4000x3000 photo is ~15,000 visual tokens uncapped)."""
+    from spyglass.engine.loader import load_image_processor
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "Qwen2VLImageProcessor", "min_pixels": 3136, "max_pixels": 12845056,
+        "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2, "do_resize": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}))
+    photo = Image.new("RGB", (4000, 3000))
+    codec = HFCodec(tiny.build_tokenizer(), load_image_processor(tmp_path))
+    assert codec.image_tokens(photo) > 15000
+    capped = HFCodec(tiny.build_tokenizer(), load_image_processor(tmp_path, max_image_tokens=256))
+    assert 200 <= capped.image_tokens(photo) <= 256
+
+
+def test_auto_attention_never_picks_flash_attention_for_fp32():
+    cuda = torch.device("cuda")
+    assert LoadConfig(dtype="float32").resolved_attention(cuda) == "sdpa"
+    assert LoadConfig(attn_implementation="eager").resolved_attention(cuda) == "eager"
+
+
+def test_a_bf16_model_trains_with_fp32_master_weights():
+    """Plain (one process) mixed precision: a checkpoint loaded in bf16 is upcast for the
+    optimizer and its forwards run under bf16 autocast; the step is finite and moves weights."""
+    from spyglass.trainer.update import PolicyUpdater, UpdateConfig
+    from spyglass.engine.trajectory import Segment, Trajectory
+    lm = tiny.build_tiny_text_lm(seed=0)
+    model = lm.model.to(torch.bfloat16)
+    up = PolicyUpdater(model, UpdateConfig(lr=1e-2))
+    assert up.runtime.autocast is torch.bfloat16 and next(up.model.parameters()).dtype == torch.float32
+    codec = HFCodec(lm.tokenizer)
+    trajs = []
+    for i in range(2):
+        gen = codec.encode_text(f"<answer>{i}</answer>") + [codec.stop_token_ids[0]]
+        seg = Segment("gen", gen, 0, logprobs=[-1.0] * len(gen), version=0)
+        trajs.append(Trajectory(f"t{i}", "g", i, codec.encode_prompt(f"q{i}?", [], []), segments=[seg]))
+    before = {k: p.detach().clone() for k, p in up.model.named_parameters()}
+    m = up.step(trajs, torch.tensor([1.0, -1.0]), [torch.tensor(t.loss_mask()) for t in trajs])
+    assert torch.isfinite(torch.tensor(m["loss"]))
+    assert any(not torch.equal(before[k], p) for k, p in up.model.named_parameters())

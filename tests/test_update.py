@@ -382,3 +382,25 @@ def test_sft_term_adds_coef_times_the_demonstrations_nll_gradient():
         pg_up.step(trajs, adv, masks, sft=demos)
     with pytest.raises(ValueError, match="sft_coef must be a finite number >= 0"):
         UpdateConfig(sft_coef=-1.0)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_packed_text_only_micro_batch_runs_the_vision_tower_when_distributed(family):
+    """Under ZeRO every rank must run the vision tower: a packed text-only micro-batch gets the
+    dummy image as a last sequence with no loss tokens, and its log-probs do not change."""
+    from spyglass.engine.packer import pack
+    v = fresh(family)
+    trajs = [make_traj(v, i, images=False) for i in range(2)]
+    up = PolicyUpdater(v.model, UpdateConfig(attention="packed"), image_processor=v.image_processor)
+    seqs, _, _ = up._build(trajs, [torch.tensor(t.loss_mask()) for t in trajs])
+    (mb,) = pack([s.ids for s in seqs], [s.mask for s in seqs], 4096)
+    rows = [seqs[i] for i in mb.indices.tolist()]
+    alone = up._packed_inputs(mb, rows)
+    up.runtime.world_size = 2  # what a second rank looks like to the batch builder
+    both = up._packed_inputs(mb, rows)
+    assert "pixel_values" not in alone and "pixel_values" in both
+    assert both["input_ids"].shape[1] > alone["input_ids"].shape[1] == mb.num_tokens
+    with torch.no_grad():
+        a = up.policy(**{k: t for k, t in alone.items() if k != "sel"})
+        b = up.policy(**{k: t for k, t in both.items() if k != "sel"})
+    assert torch.allclose(a, b, atol=1e-5)

@@ -164,3 +164,8 @@ def test_cli_takes_a_checkpoint_dir_and_a_data_file(world, downloads, data, tmp_
         main(argv + ["--load.dtype", "fp8"])
     assert e.value.code == 2
     assert "load.dtype" in capsys.readouterr().err
+
+
+def test_replay_with_data_fails_before_anything_loads(data):
+    with pytest.raises(ConfigError, match=r"policy 'mixed' replays .* use --policy sample"):
+        RolloutConfig(policy="mixed", env=EnvConfig(data=DataConfig(path=str(data))))

@@ -56,7 +56,7 @@ class DistConfig:
     #   backend; auto: nccl with CUDA, else gloo
     offload_optimizer: bool = False  # ZeRO: optimizer states on CPU (DeepSpeedCPUAdam, compiled on first use)
     offload_params: bool = False  # ZeRO-3: parameters on CPU
-    bf16: bool = False  # ZeRO: bf16 compute with fp32 master weights
+    bf16: bool = False  # ZeRO: bf16 compute with fp32 master weights (on anyway for a model loaded in bf16)
     timeout_s: int = 1800  # process-group timeout for collectives, seconds (ZeRO strategies)
     ds_overrides: dict[str, Any] = field(default_factory=dict)  # merged into zero_optimization
 
@@ -121,8 +121,10 @@ def init_distributed(cfg: Optional[DistConfig] = None) -> DistInfo:
     return DistInfo(tdist.get_rank(), tdist.get_world_size(), local, device)
 
 
-def build_ds_config(ucfg: "UpdateConfig", cfg: DistConfig) -> dict[str, Any]:
-    """The DeepSpeed config for `ucfg` under ZeRO stage 2 or 3."""
+def build_ds_config(ucfg: "UpdateConfig", cfg: DistConfig, param_dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """The DeepSpeed config for `ucfg` under ZeRO stage 2 or 3; a model whose parameters are bf16
+    (a checkpoint loaded in bf16 on a GPU) trains with DeepSpeed's bf16 mixed precision (fp32
+    master weights and optimizer states), as `bf16` asks for any model."""
     stage = {"zero2": 2, "zero3": 3}.get(cfg.resolved())
     if stage is None:
         raise ValueError(f"build_ds_config needs a ZeRO strategy, got {cfg.resolved()!r}")
@@ -139,17 +141,23 @@ def build_ds_config(ucfg: "UpdateConfig", cfg: DistConfig) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
         "managed_gradient_accumulation": False, "gradient_clipping": float(ucfg.grad_clip),
         "optimizer": {"type": "AdamW", "params": opt}, "zero_optimization": zero,
-        "bf16": {"enabled": cfg.bf16}, "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False,
+        "bf16": {"enabled": cfg.bf16 or param_dtype == torch.bfloat16}, "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False,
     }
 
 
 # ------------------------------------------------------------------------------ runtimes
 class PlainRuntime:
-    """Single process: AdamW, clip_grad_norm_, the step skipped on a non-finite norm."""
+    """Single process: AdamW, clip_grad_norm_, the step skipped on a non-finite norm. A model
+    loaded in bf16/fp16 trains in mixed precision: fp32 master weights (the module is upcast),
+    forwards under autocast to the loaded dtype."""
 
     stage = 0
 
     def __init__(self, module: nn.Module, ucfg: "UpdateConfig", device: torch.device) -> None:
+        low = next(module.parameters()).dtype
+        self.autocast = low if low in (torch.bfloat16, torch.float16) else None
+        if self.autocast is not None:
+            module.float()  # fp32 master weights; the optimizer steps them
         self.module, self.device, self.rank, self.world_size = module.to(device), device, 0, 1
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=ucfg.lr, betas=ucfg.betas, eps=ucfg.eps,
@@ -157,7 +165,10 @@ class PlainRuntime:
         self.max_norm = ucfg.grad_clip if ucfg.grad_clip > 0 else math.inf
 
     def forward(self, **kw: Any) -> Any:
-        return self.module(**kw)
+        if self.autocast is None:
+            return self.module(**kw)
+        with torch.autocast(self.device.type, dtype=self.autocast):
+            return self.module(**kw)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -200,7 +211,7 @@ class DeepSpeedRuntime:
         import deepspeed
 
         self.info, self.rank, self.world_size, self.device = info, info.rank, info.world_size, info.device
-        self.ds_config = build_ds_config(ucfg, cfg)
+        self.ds_config = build_ds_config(ucfg, cfg, next(module.parameters()).dtype)
         self.stage = self.ds_config["zero_optimization"]["stage"]
         module = module.to(info.device)
         if self.stage == 3:  # the fused log-prob reads lm_head.weight outside lm_head.forward

@@ -480,6 +480,14 @@ class PolicyUpdater:
         ids = torch.from_numpy(mb.input_ids.astype(np.int64)).view(1, -1)  # [1, T]
         text_pos = torch.from_numpy(np.concatenate([np.arange(n) for n in lens])).view(1, -1)  # [1, T]
         px = [s.pixels for s in rows if s.pixels is not None]
+        if not px and self.policy.is_vl and self.runtime.world_size > 1:  # every rank runs the vision tower
+            d = self._dummy_image()  # appended as a last sequence with no loss tokens (see _padded_inputs)
+            rows = [*rows, _Seq("dummy", d["ids"].numpy(), np.zeros(d["ids"].numel(), bool), np.zeros(0, np.float32),
+                                {k: d[k] for k in ("pixel_values", "image_grid_thw")})]
+            lens = np.append(lens, d["ids"].numel())
+            ids = torch.cat([ids, d["ids"].view(1, -1)], 1)  # [1, T + n]
+            text_pos = torch.cat([text_pos, torch.arange(d["ids"].numel()).view(1, -1)], 1)
+            px = [rows[-1].pixels]
         sel = np.flatnonzero(mb.loss_mask)  # packed positions with a loss token (never a sequence's first)
         out = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": text_pos,
                "rows": torch.from_numpy(sel - 1),  # the hidden state before the token, in the same sequence
