@@ -684,7 +684,8 @@ class Engine:
         if cfg.recite_question:
             text += f"\nQuestion: {t.prompt_messages[0]['content']}"
         last = t.segments[-1].token_ids
-        closed = bool(last) and last[-1] in self._stops
+        closed = bool(last) and last[-1] == self._stop_ids[0]  # ended by the turn's own end token
+        #   (a turn ended by another stop, e.g. <|endoftext|>, keeps it and gets <|im_end|> after it)
         ids = self.codec.encode_observation(text, images, closed, n_before + 1)
         t.segments.append(Segment(SegmentKind.OBS, ids, turn=turn.index, images=images, text=text))
         lv.ntok += len(ids)

@@ -307,3 +307,24 @@ def test_lockstep_launches_the_whole_batch_at_once() -> None:
                         scripts, servers=[server])
     asyncio.run(_collect(engine, [Prompt(f"p{i}", "q") for i in range(64)]))
     assert peak == 64
+
+
+class EosServer(FakeServer):
+    """Ends every turn with <|endoftext|> instead of <|im_end|> (a model's other stop token)."""
+
+    async def generate(self, req: GenerateRequest) -> GenerateOutput:
+        out = await super().generate(req)
+        if out.token_ids and out.token_ids[-1] == CODEC.IM_END:
+            out.token_ids[-1] = CODEC.EOS
+        return out
+
+
+def test_a_turn_ended_by_another_stop_token_is_closed_by_the_observation() -> None:
+    scripts = {"p": script_turns([("search", {"q": "x"})], "a")}
+    engine, _ = _engine(EngineConfig(n_samples=1), scripts, servers=[EosServer("s0")])
+    (group,) = asyncio.run(_collect(engine, [Prompt("p", "q")]))
+    t = group[0]
+    gen, obs = t.segments[0], t.segments[1]
+    assert gen.token_ids[-1] == CODEC.EOS  # the sampled stop token stays: token-in/token-out
+    assert obs.token_ids[0] == CODEC.IM_END  # and the template's turn end follows it
+    assert CODEC.decode(obs.token_ids).startswith("<|im_end|>\n<|im_start|>user\n<tool_response>")
