@@ -357,9 +357,7 @@ async def _run_mode(engine: Any, prompts: list[Prompt]) -> tuple[list[Trajectory
 async def _evaluate(cfg: EvalConfig, env: Any, prompts: list[Prompt]) -> dict[str, tuple[list[Trajectory], float]]:
     from spyglass.engine.chat import HFCodec
     from spyglass.engine.policy import ReplayPolicy
-    from spyglass.engine.rollout import build_engine
-    from spyglass.engine.scheduler import Engine
-    from spyglass.engine.toolcall import make_turn_parser
+    from spyglass.engine.rollout import build_engine, make_engine
     from spyglass.trainer.reward import RewardConfig, score_group
 
     rcfg = dataclasses.replace(cfg.rollout, policy="sample", resume=False, progress=False)
@@ -375,8 +373,7 @@ async def _evaluate(cfg: EvalConfig, env: Any, prompts: list[Prompt]) -> dict[st
             direct_codec = HFCodec(codec.tokenizer, codec.image_processor, system=DIRECT_SYSTEM) \
                 if isinstance(codec, HFCodec) else codec
             dcfg = dataclasses.replace(cfg.rollout.engine, max_turns=1, max_tokens_per_turn=cfg.direct_max_tokens)
-            direct = Engine(dcfg, backends, direct_codec, env.runner, make_turn_parser([]), tool_schemas=[],
-                            policy=None, image_tokens=engine.image_tokens)
+            direct = make_engine(dcfg, backends, direct_codec, env.runner, [])
             modes["direct"] = await _run_mode(direct, prompts)
     finally:
         for b in backends:

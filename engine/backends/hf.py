@@ -1,4 +1,5 @@
-"""HF transformers backend (CPU, or the GPU its model was loaded on): the embedded default, with continuous batching.
+"""HF transformers backend (CPU, or the GPU its model was loaded on): the embedded default,
+with continuous batching.
 
 Design (what is batched, honestly): one worker thread owns the model and ONE running batch.
 Its KV cache is left-padded: per layer K/V [B, H_kv, T, D] plus a 2-D mask [B, T] marking

@@ -100,12 +100,16 @@ DOMAIN_WORDS = (
     "port upper new saint lake").split()
 
 
+# The bundled world's infobox field names (the Visit goals and the page lines' keys), frozen here
+# so that the tokenizer reads no dataset (tests/test_tiny.py checks they cover world.FACT_FIELDS).
+FIELD_WORDS = ("born", "birthplace", "occupation", "employer", "kind", "region", "founded", "population", "mayor",
+               "founder", "headquarters", "industry", "maker", "released", "designer", "category", "year",
+               "location", "organiser", "guest_of_honour")
+
+
 def domain_words() -> list[str]:
-    """DOMAIN_WORDS, their capitalised forms and the world's infobox field names (guest_of_honour
-    too), without duplicates, in a fixed order."""
-    from .world import FACT_FIELDS  # the fields are the Visit goals and the page lines' keys
-    fields = [f for fs in FACT_FIELDS.values() for f in fs]
-    words = list(DOMAIN_WORDS) + [w.capitalize() for w in DOMAIN_WORDS] + fields
+    """DOMAIN_WORDS, their capitalised forms and FIELD_WORDS, without duplicates, in a fixed order."""
+    words = list(DOMAIN_WORDS) + [w.capitalize() for w in DOMAIN_WORDS] + list(FIELD_WORDS)
     return list(dict.fromkeys(words))
 
 
