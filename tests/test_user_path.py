@@ -112,17 +112,20 @@ def test_replay_on_user_data_says_to_sample(world, downloads, data, tmp_path):
         run_rollout(cfg)
 
 
-def test_one_grpo_step_from_a_checkpoint_dir_exports_a_loadable_dir(world, downloads, data, tmp_path):
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "qwen3"])
+def test_one_grpo_step_from_a_checkpoint_dir_exports_a_loadable_dir(world, downloads, data, text_data, tmp_path,
+                                                                   family):
     from spyglass.trainer.grpo import GRPOConfig, run_grpo
-    src = downloads["qwen2_5_vl"]
-    rollout = _rollout(src, world, data, tmp_path / "r.jsonl")
+    src, text = downloads[family], not family.endswith("_vl")
+    rollout = _rollout(src, world, text_data if text else data, tmp_path / "r.jsonl",
+                       tools=TEXT_TOOLS if text else None)
     rollout.engine.groups_per_step = 2
     cfg = GRPOConfig(rollout=rollout, steps=1,
                      ckpt_dir=str(tmp_path / "ckpt"), log_dir=str(tmp_path), export_dir=str(tmp_path / "export"))
     m = run_grpo(cfg)
     assert m["step"] == 1 and m["version"] == 1 and torch.isfinite(torch.tensor(m["loss"]))
     before, after = load_model(str(src)), load_model(str(tmp_path / "export"))
-    assert after.family == "qwen2_5_vl" and after.tokenizer.chat_template == before.tokenizer.chat_template
+    assert after.family == family and after.tokenizer.chat_template == before.tokenizer.chat_template
     # the export holds the trained weights (a random model's rewards are all 0 here: flat groups, so
     # the step may not move them; test_grpo checks that a step with signal does)
     trained = torch.load(tmp_path / "ckpt" / "step_00000001" / "model.pt", map_location="cpu", weights_only=True)
@@ -132,23 +135,27 @@ def test_one_grpo_step_from_a_checkpoint_dir_exports_a_loadable_dir(world, downl
     assert all(torch.equal(sd1[k], trained[k]) for k in trained)
 
 
-def test_sft_from_a_checkpoint_dir(world, downloads, tmp_path):
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_sft_from_a_checkpoint_dir(world, downloads, tmp_path, family):
     from spyglass.trainer.sft import SFTConfig, SFTDataConfig, run_sft
-    cfg = SFTConfig(model=str(downloads["qwen3_vl"]), steps=1, batch_size=2, out_dir=str(tmp_path),
+    cfg = SFTConfig(model=str(downloads[family]), steps=1, batch_size=2, out_dir=str(tmp_path),
                     data=SFTDataConfig(env=EnvConfig(world_dir=str(world), questions=2, dense_search=False)))
     m = run_sft(cfg)
     assert m["steps"] == 1 and m["data"]["examples"] >= 1
-    assert load_model(m["model_dir"]).family == "qwen3_vl"
+    assert load_model(m["model_dir"]).family == family
 
 
-def test_eval_from_a_checkpoint_dir_on_own_data(world, downloads, data, tmp_path):
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2"])
+def test_eval_from_a_checkpoint_dir_on_own_data(world, downloads, data, text_data, tmp_path, family):
     from spyglass.trainer.eval import EvalConfig, run_eval
-    rollout = _rollout(downloads["qwen2_5_vl"], world, data, tmp_path / "unused.jsonl")
+    text = not family.endswith("_vl")
+    rollout = _rollout(downloads[family], world, text_data if text else data, tmp_path / "unused.jsonl",
+                       tools=TEXT_TOOLS if text else None)
     rollout.engine = EngineConfig(n_samples=1, max_turns=2, max_tokens_per_turn=12, temperature=0.0)
     rep = run_eval(EvalConfig(rollout=rollout, direct_max_tokens=8, out_dir=str(tmp_path / "eval")))
-    assert rep["benchmarks"] == ["questions"] and rep["model"] == str(downloads["qwen2_5_vl"])
+    assert rep["benchmarks"] == [("q" if text else "questions")] and rep["model"] == str(downloads[family])
     for mode in ("agentic", "direct"):
-        assert rep["modes"][mode]["overall"]["n"] == 3  # one sample per good record
+        assert rep["modes"][mode]["overall"]["n"] == (2 if text else 3)  # one sample per good record
 
 
 def test_cli_takes_a_checkpoint_dir_and_a_data_file(world, downloads, data, tmp_path, capsys):
