@@ -4,7 +4,9 @@ The bookkeeping (in-flight map, waiter lists, per-tool queues, batch decisions, 
 the C++ core `spyglass.engine._core.CoalescerCore` (or its pure-Python twin
 `spyglass.engine.coalescer_ref.CoalescerCoreRef` with ``backend="python"``); this module is the
 thin asyncio adapter: one future per caller keyed by the ticket the core returns, one timer
-(`loop.call_at`) for the earliest max-wait deadline, one task per dispatched batch.
+(`loop.call_at`) for the earliest max-wait deadline, one task per dispatched batch. It owns the
+limit validator `check_limits`, which the reference imports from here; the reference itself is
+imported only when ``backend="python"`` asks for it.
 
     async def dispatch(tool: str, args: list[str]) -> list[object]: ...
     co = Coalescer(dispatch, max_batch={"ocr": 8}, max_wait_s=0.002)
@@ -16,12 +18,19 @@ Tests: `.venv/bin/python -m pytest -q tests/test_coalescer.py`.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from spyglass.engine.coalescer_ref import CoalescerCoreRef, check_limits
-
 Dispatch = Callable[[str, list[str]], Awaitable[list[object]]]
+
+
+def check_limits(max_batch: int, max_wait: float, what: str = "") -> None:
+    """Raise ValueError naming the bad value when max_batch < 1 or max_wait is not >= 0."""
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise ValueError(f"{what}max_batch must be an int >= 1, got {max_batch!r}")
+    if not isinstance(max_wait, (int, float)) or not (max_wait >= 0.0) or not math.isfinite(max_wait):
+        raise ValueError(f"{what}max_wait_s must be a finite number >= 0, got {max_wait!r}")
 
 
 def make_core(max_batch: int | dict[str, int] = 16, max_wait_s: float | dict[str, float] = 0.002,
@@ -37,6 +46,7 @@ def make_core(max_batch: int | dict[str, int] = 16, max_wait_s: float | dict[str
         from spyglass.engine import _core
         core: Any = _core.CoalescerCore(default_batch, float(default_wait))
     elif backend == "python":
+        from spyglass.engine.coalescer_ref import CoalescerCoreRef  # noqa: PLC0415
         core = CoalescerCoreRef(default_batch, float(default_wait))
     else:
         raise ValueError(f"backend must be 'cpp' or 'python', got {backend!r}")

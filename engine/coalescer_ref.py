@@ -5,7 +5,8 @@ CoalescerCore`: identical (tool, args) calls in flight share one execution; a to
 calls become a batch at max_batch (on submit) or when max_wait has passed since its oldest live
 pending call (on poll); batches are `(batch_id, tool, [args...])`. Time is an explicit argument.
 It is the oracle of the property tests in tests/test_coalescer.py and the `backend="python"`
-of `spyglass.engine.coalescer.Coalescer`. Thread-safe through one lock, like the C++ core.
+of `spyglass.engine.coalescer.Coalescer`, whose `check_limits` it imports. Thread-safe through
+one lock, like the C++ core. Tests: `.venv/bin/python -m pytest -q tests/test_coalescer.py`.
 """
 from __future__ import annotations
 
@@ -14,15 +15,9 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 
+from spyglass.engine.coalescer import check_limits
+
 Batch = tuple[int, str, list[str]]
-
-
-def check_limits(max_batch: int, max_wait: float, what: str = "") -> None:
-    """Raise ValueError naming the bad value when max_batch < 1 or max_wait is not >= 0."""
-    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-        raise ValueError(f"{what}max_batch must be an int >= 1, got {max_batch!r}")
-    if not isinstance(max_wait, (int, float)) or not (max_wait >= 0.0) or not math.isfinite(max_wait):
-        raise ValueError(f"{what}max_wait_s must be a finite number >= 0, got {max_wait!r}")
 
 
 @dataclass

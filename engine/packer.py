@@ -7,7 +7,9 @@ gather its advantage), `indices` [B] int64 (the input sequences, ascending) and 
 The plan (first-fit-decreasing for the count, worst-fit-decreasing to balance tokens, count
 raised to `min_micro_batches` and padded to a multiple of `multiple_of` for data-parallel ranks)
 is described in csrc/packer.cpp; the C++ core writes straight into numpy arrays and
-`MicroBatch.to_torch()` wraps them without copying.
+`MicroBatch.to_torch()` wraps them without copying. The option validator `check_pack_options`
+lives here and the reference (`spyglass.engine.packer_ref`) imports it; the reference itself is
+imported only when ``backend="python"`` asks for it.
 
     mbs = pack([[1, 2, 3], [4, 5]], [[0, 1, 1], [1, 1]], max_tokens=4096)
 
@@ -21,9 +23,17 @@ from typing import Any
 
 import numpy as np
 
-from spyglass.engine.packer_ref import check_pack_options, pack_flat_ref
-
 SeqLike = Sequence[int] | np.ndarray
+
+
+def check_pack_options(max_tokens: int, min_micro_batches: int, multiple_of: int) -> None:
+    """Raise ValueError naming the bad option."""
+    for name, value in (("max_tokens", max_tokens), ("min_micro_batches", min_micro_batches),
+                        ("multiple_of", multiple_of)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if max_tokens > np.iinfo(np.int32).max:
+        raise ValueError(f"max_tokens must fit int32 cu_seqlens, got {max_tokens}")
 
 
 @dataclass(frozen=True)
@@ -127,6 +137,7 @@ def pack(token_ids: Sequence[SeqLike], loss_masks: Sequence[SeqLike], max_tokens
         from spyglass.engine import _core
         flat = _core.pack(*args)
     elif backend == "python":
+        from spyglass.engine.packer_ref import pack_flat_ref  # noqa: PLC0415
         flat = pack_flat_ref(*args)
     else:
         raise ValueError(f"backend must be 'cpp' or 'python', got {backend!r}")

@@ -4,7 +4,9 @@
 as `spyglass.engine._core.pack_bins` does (the algorithm is described at the top of
 csrc/packer.cpp: first-fit-decreasing fixes the count, worst-fit-decreasing balances it, with a
 split fallback). `pack_flat_ref` builds the flat buffers with numpy. Used by the property tests
-in tests/test_packer.py and by `spyglass.engine.packer.pack(..., backend="python")`.
+in tests/test_packer.py and by `spyglass.engine.packer.pack(..., backend="python")`; its option
+check is `spyglass.engine.packer.check_pack_options`. Tests:
+`.venv/bin/python -m pytest -q tests/test_packer.py`.
 """
 from __future__ import annotations
 
@@ -12,17 +14,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from spyglass.engine.packer import check_pack_options
+
 FlatMicroBatch = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]
-
-
-def check_pack_options(max_tokens: int, min_micro_batches: int, multiple_of: int) -> None:
-    """Raise ValueError naming the bad option."""
-    for name, value in (("max_tokens", max_tokens), ("min_micro_batches", min_micro_batches),
-                        ("multiple_of", multiple_of)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    if max_tokens > np.iinfo(np.int32).max:
-        raise ValueError(f"max_tokens must fit int32 cu_seqlens, got {max_tokens}")
 
 
 def _first_fit_decreasing(order: list[int], lengths: Sequence[int], max_tokens: int) -> list[list[int]]:

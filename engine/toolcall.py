@@ -7,7 +7,10 @@
 
 ``backend="cpp"`` (default) runs ``spyglass.engine._core``; ``backend="python"`` runs the pure-
 Python reference ``spyglass.engine.toolcall_ref`` (same results, byte for byte; its result types
-are dataclasses with the same fields and methods). Tests:
+are dataclasses with the same fields and methods). This module owns the shared constants and
+validators (``ERROR_KINDS``, ``MAX_DEPTH_LIMIT``, ``check_parser_limits``), which the reference
+imports from here; the reference is imported only lazily, by the python backend and by
+``canonical_json`` (the C++ core has no standalone JSON reader). Tests:
 ``.venv/bin/python -m pytest -q tests/test_toolcall.py tests/test_toolcall_props.py``;
 speed: ``.venv/bin/python benchmarks/bench_toolcall.py``.
 
@@ -82,24 +85,46 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 from spyglass.engine import _core
-from spyglass.engine.toolcall_ref import (ERROR_KINDS, MAX_DEPTH_LIMIT, RefCallError,
-                                          RefParser, RefParseResult, RefToolCall,
-                                          canonical_json)
+
+if TYPE_CHECKING:  # annotations only: the python backend returns the reference's dataclasses
+    from spyglass.engine.toolcall_ref import RefCallError, RefParseResult, RefToolCall
+
+    AnyParseResult = Union[_core.ParseResult, RefParseResult]
+    AnyItem = Union[_core.ToolCall, _core.CallError, RefToolCall, RefCallError]
 
 ToolCall = _core.ToolCall
 CallError = _core.CallError
 ParseResult = _core.ParseResult
 StreamParser = _core.StreamParser
-AnyParseResult = Union[_core.ParseResult, RefParseResult]
-AnyItem = Union[_core.ToolCall, _core.CallError, RefToolCall, RefCallError]
 
-__all__ = ["ERROR_KINDS", "CallError", "ParseResult", "ParserConfig", "StreamParser", "ToolCall",
-           "ToolCallParser", "canonical_json", "normalize_tools"]
+__all__ = ["ERROR_KINDS", "MAX_DEPTH_LIMIT", "CallError", "ParseResult", "ParserConfig",
+           "StreamParser", "ToolCall", "ToolCallParser", "canonical_json", "check_parser_limits",
+           "normalize_tools"]
 
+ERROR_KINDS = ("unterminated_tag", "invalid_json", "too_deep", "too_large", "invalid_call",
+               "unknown_tool", "missing_argument", "invalid_argument")
+MAX_DEPTH_LIMIT = 512
+_MAX_CALL_BYTES_END = 2**32 - 15  # exclusive bound on max_call_bytes
 _TYPES = ("string", "integer", "number", "boolean", "array", "object", "null")
+
+
+def check_parser_limits(max_depth: int, max_call_bytes: int) -> None:
+    """Raise ValueError naming the bad value unless 1 <= max_depth <= MAX_DEPTH_LIMIT and
+    1 <= max_call_bytes < 2**32 (both ints)."""
+    if not isinstance(max_depth, int) or not 1 <= max_depth <= MAX_DEPTH_LIMIT:
+        raise ValueError(f"max_depth must be an int in [1, {MAX_DEPTH_LIMIT}], got {max_depth!r}")
+    if not isinstance(max_call_bytes, int) or not 1 <= max_call_bytes < _MAX_CALL_BYTES_END:
+        raise ValueError(f"max_call_bytes must be an int in [1, 2**32), got {max_call_bytes!r}")
+
+
+def canonical_json(text: str | bytes, max_depth: int = MAX_DEPTH_LIMIT) -> str:
+    """Canonical form of one JSON document (the rule above); ValueError (with the byte
+    position) if invalid. Runs the pure-Python reference's JSON reader."""
+    from spyglass.engine.toolcall_ref import canonical_json as ref_canonical_json  # noqa: PLC0415
+    return ref_canonical_json(text, max_depth)
 
 
 @dataclass(frozen=True)
@@ -110,12 +135,7 @@ class ParserConfig:
     backend: str = "cpp"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_depth, int) or not 1 <= self.max_depth <= MAX_DEPTH_LIMIT:
-            raise ValueError(f"max_depth must be an int in [1, {MAX_DEPTH_LIMIT}], "
-                             f"got {self.max_depth!r}")
-        if not isinstance(self.max_call_bytes, int) or not 1 <= self.max_call_bytes < 2**32 - 15:
-            raise ValueError(f"max_call_bytes must be an int in [1, 2**32), "
-                             f"got {self.max_call_bytes!r}")
+        check_parser_limits(self.max_depth, self.max_call_bytes)
         if self.backend not in ("cpp", "python"):
             raise ValueError(f"backend must be 'cpp' or 'python', got {self.backend!r}")
 
@@ -211,6 +231,7 @@ class ToolCallParser:
         if backend == "cpp":
             self._impl: Any = _core.Parser(self.tools, max_depth, max_call_bytes)
         else:
+            from spyglass.engine.toolcall_ref import RefParser  # noqa: PLC0415
             self._impl = RefParser(self.tools, max_depth, max_call_bytes)
 
     @property

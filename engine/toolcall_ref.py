@@ -1,11 +1,13 @@
 """Pure-Python reference of spyglass's tool-call parser (the C++ core's executable spec).
 
 It implements exactly the format, error kinds, messages, byte positions and canonical JSON
-specified in :mod:`spyglass.engine.toolcall`, written independently of the C++ (regexes and
-``bytes.decode`` where the C++ walks bytes), so the property tests in
+specified in :mod:`spyglass.engine.toolcall` (whose constants and limit check it imports; the
+production module never imports this one at load time), written independently of the C++
+(regexes and ``bytes.decode`` where the C++ walks bytes), so the property tests in
 ``tests/test_toolcall_props.py`` can check the two against each other byte for byte. It is plain
-Python and slow; its streaming form re-parses the whole buffer on every
-``feed`` (quadratic), which is fine for a reference and wrong for production.
+Python and slow; its streaming form re-parses the whole buffer on every ``feed`` (quadratic),
+which is fine for a reference and wrong for production. It also backs
+``spyglass.engine.toolcall.canonical_json``.
 
 Use it through ``ToolCallParser(tools, backend="python")``; run its tests with
 ``.venv/bin/python -m pytest -q tests/test_toolcall.py tests/test_toolcall_props.py``.
@@ -18,9 +20,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-ERROR_KINDS = ("unterminated_tag", "invalid_json", "too_deep", "too_large", "invalid_call",
-               "unknown_tool", "missing_argument", "invalid_argument")
-MAX_DEPTH_LIMIT = 512
+from spyglass.engine.toolcall import MAX_DEPTH_LIMIT, check_parser_limits
 
 _WS = re.compile(rb"[ \t\n\r]*")
 _RUN = re.compile(rb'[^"\\\x00-\x1f]*')
@@ -332,10 +332,7 @@ class RefParser:
 
     def __init__(self, tools: list[tuple[str, dict | None]], max_depth: int,
                  max_call_bytes: int) -> None:
-        if not 1 <= max_depth <= MAX_DEPTH_LIMIT:
-            raise ValueError(f"max_depth must be in [1, {MAX_DEPTH_LIMIT}], got {max_depth}")
-        if not 1 <= max_call_bytes < 2**32 - 15:
-            raise ValueError(f"max_call_bytes must be in [1, 2**32), got {max_call_bytes}")
+        check_parser_limits(max_depth, max_call_bytes)
         self.tools = {name.encode(): schema for name, schema in tools}
         self.max_depth, self.max_call_bytes = max_depth, max_call_bytes
         if sys.getrecursionlimit() < 2 * max_depth + 1000:
