@@ -22,7 +22,7 @@ from spyglass.engine.config import ConfigError, ConfigParser, add_dataclass_args
 # name -> (module, config class, run function, help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "rollout": ("spyglass.engine.rollout", "RolloutConfig", "run_rollout",
-                "roll out the world's questions into a JSONL of trajectories (resumable)"),
+                "roll out questions (--data FILE; default: the bundled world) into a JSONL of trajectories (resumable)"),
     "bench rollout": ("spyglass.engine.rollout", "RolloutConfig", "bench_rollout",
                       "the main job: async engine vs lock-step baseline on the same workload"),
     "grpo": ("spyglass.trainer.grpo", "GRPOConfig", "run_grpo",
