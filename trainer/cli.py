@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
              "fatal-aware GRPO: rollout -> reward -> advantage -> update -> sync -> eval"),
     "sft": ("spyglass.trainer.sft", "SFTConfig", "run_sft", "supervised fine-tuning on trajectories"),
     "eval": ("spyglass.trainer.eval", "EvalConfig", "run_eval", "evaluate a policy on benchmark files"),
+    "serve": ("spyglass.engine.gateway", "GatewayConfig", "run_gateway",
+              "OpenAI-compatible gateway in front of the policy; records every session as a trajectory"),
 }
 # commands with a hand-written argparse of their own: name -> (module, help)
 PASSTHROUGH = {"world": ("spyglass.engine.offline.world", "generate the offline world (--out DIR --seed N)"),

@@ -1,0 +1,253 @@
+"""The OpenAI-compatible gateway against the real `openai` client: chat with tools and images,
+a multi-turn session recorded token for token (the checkpoint's template deltas, the sampled
+ids), prefix matching without a session id, a split reported, streaming, rewards closing
+trajectories into groups, and the 4xx of bad requests."""
+import asyncio
+import base64
+import io
+import json
+import socket
+import threading
+import time
+
+import urllib.error
+import urllib.request
+import openai
+import pytest
+from aiohttp import web
+from PIL import Image
+
+from spyglass.engine.backends.base import Backend, GenerateOutput, GenerateRequest
+from spyglass.engine.gateway import Gateway, GatewayConfig, make_app, parse_messages
+from spyglass.engine.loader import load_model
+from spyglass.engine.trajectory import SegmentKind, Status, read_jsonl
+
+def post(url: str, body, headers: dict | None = None) -> tuple[int, dict]:
+    """POST `body` (bytes as is, else JSON) -> (status, JSON reply)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+TOOLS = [{"type": "function", "function": {"name": "ocr", "description": "Read the text in an image.",
+                                           "parameters": {"type": "object", "properties": {"image": {"type": "string"}},
+                                                          "required": ["image"]}}}]
+CALL = '<tool_call>\n{"name": "ocr", "arguments": {"image": "img_1"}}\n</tool_call>'
+
+
+def _data_uri(color: str = "red") -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (96, 64), color).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+class Scripted(Backend):
+    """Answers each request with the next scripted text (its token ids + the stop token) and
+    keeps what it was asked (the token ids the policy saw)."""
+
+    supports_images = True
+
+    def __init__(self, codec, script: dict[str, list[str]], delay: float = 0.0) -> None:
+        self.name, self.version, self.codec, self.script, self.delay = "scripted-0", 3, codec, script, delay
+        self.seen: list[GenerateRequest] = []
+
+    async def generate(self, req: GenerateRequest) -> GenerateOutput:
+        self.seen.append(req)
+        await asyncio.sleep(self.delay)
+        key = req.request_id.split("#")[0].split(":")[0]
+        texts = self.script.get(key) or self.script["*"]
+        text = texts[min(int(req.request_id.rsplit(":", 1)[1]), len(texts) - 1)]
+        ids = self.codec.encode_text(text) + [self.codec.stop_token_ids[0]]
+        return GenerateOutput(req.request_id, ids, [-0.25] * len(ids), "stop", self.version, self.name)
+
+    async def abort(self, request_id: str) -> None:
+        pass
+
+    async def update_weights(self, weights, version: int) -> None:
+        self.version = version
+
+    async def health(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        pass
+
+
+class Server:
+    """The gateway app on a free loopback port, in a thread with its own event loop."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw, self.loop = gw, asyncio.new_event_loop()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        ready = threading.Event()
+
+        async def start() -> None:
+            self.runner = web.AppRunner(make_app(gw))
+            await self.runner.setup()
+            await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+            ready.set()
+
+        self.thread = threading.Thread(target=lambda: (self.loop.run_until_complete(start()), self.loop.run_forever()),
+                                       daemon=True)
+        self.thread.start()
+        assert ready.wait(10), "the gateway did not start in 10 s"
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+
+    def call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
+
+    def stop(self) -> None:
+        self.call(self.runner.cleanup())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def codecs():
+    return {f: load_model(f"tiny:{f}").codec() for f in ("qwen3_vl", "qwen2_vl")}
+
+
+def _serve(codec, tmp_path, script, **kw) -> tuple[Server, Scripted]:
+    backend = Scripted(codec, script, kw.pop("delay", 0.0))
+    return Server(Gateway(GatewayConfig(out=str(tmp_path / "gw.jsonl"), **kw), codec, [backend])), backend
+
+
+@pytest.fixture
+def served(codecs, tmp_path):
+    made = []
+
+    def make(family="qwen3_vl", script=None, **kw):
+        srv, backend = _serve(codecs[family], tmp_path, script or {"*": [CALL, "<answer>HELLO</answer>"]}, **kw)
+        made.append(srv)
+        return srv, backend, openai.OpenAI(base_url=srv.url, api_key=kw.get("api_key") or "-", max_retries=0)
+    yield make
+    for s in made:
+        s.stop()
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen2_vl"])
+def test_a_tool_session_is_recorded_token_for_token(served, codecs, tmp_path, family):
+    srv, backend, client = served(family)
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "What is written on the sign?"},
+                                         {"type": "image_url", "image_url": {"url": _data_uri()}}]}]
+    r1 = client.chat.completions.create(model="policy", messages=msgs, tools=TOOLS,
+                                        extra_body={"session_id": "ep1", "group_id": "g1"})
+    (call,) = r1.choices[0].message.tool_calls
+    assert r1.choices[0].finish_reason == "tool_calls" and call.function.name == "ocr"
+    assert json.loads(call.function.arguments) == {"image": "img_1"}
+    msgs += [r1.choices[0].message, {"role": "tool", "tool_call_id": call.id, "content": "HELLO"}]
+    r2 = client.chat.completions.create(model="policy", messages=msgs, tools=TOOLS, extra_body={"session_id": "ep1"})
+    assert r2.choices[0].message.content == "<answer>HELLO</answer>" and r2.choices[0].finish_reason == "stop"
+    status, ok = post(f"{srv.url}/sessions/ep1/reward", {"reward": 1.0, "components": {"acc": 1.0}})
+    assert status == 200 and ok["status"] == "answered"
+    (t,) = read_jsonl(tmp_path / "gw.jsonl")
+    assert (t.id, t.group_id, t.status, t.answer, t.reward) == ("ep1", "g1", Status.ANSWERED, "HELLO",
+                                                               {"acc": 1.0, "total": 1.0})
+    assert [s.kind for s in t.segments] == [SegmentKind.GEN, SegmentKind.OBS, SegmentKind.GEN]
+    assert all(s.version == 3 and list(s.logprobs) == [-0.25] * len(s.token_ids)
+               for s in t.segments if s.kind is SegmentKind.GEN)
+    # what the policy saw on turn 2 is the recording, and it is the template's rendering of the
+    # whole conversation (token-in/token-out: the sampled ids are never re-tokenized)
+    second = backend.seen[1]
+    assert list(second.prompt_ids) == t.token_ids()[:len(second.prompt_ids)]
+    codec, gw = codecs[family], srv.gw
+    conv = gw.conversation(parse_messages(msgs[:1], 1 << 40), TOOLS) + [
+        {"role": "assistant", "content": t.segments[0].text}, codec.tool_message("HELLO", [])]
+    fresh = codec.encode_messages(conv, TOOLS).input_ids
+    assert list(second.prompt_ids) == fresh == t.token_ids()[:len(fresh)]
+    assert sum(t.loss_mask()) == len(t.segments[0].token_ids) + len(t.segments[2].token_ids)
+    assert len(second.images) == 1 and len(t.images()) == 1
+    delta = codec.decode(t.segments[1].token_ids)
+    assert delta.startswith("\n<|im_start|>user\n<tool_response>\nHELLO\n</tool_response><|im_end|>")
+
+
+
+def test_sessions_without_ids_are_found_by_prefix_and_a_changed_history_is_split(served, tmp_path):
+    srv, _, client = served()
+    a = [{"role": "user", "content": "Question A?"}]
+    b = [{"role": "user", "content": "Question B?"}]
+    ra = client.chat.completions.create(model="policy", messages=a, tools=TOOLS)
+    rb = client.chat.completions.create(model="policy", messages=b, tools=TOOLS)
+    sid_a, sid_b = ra.model_extra["spyglass"]["session_id"], rb.model_extra["spyglass"]["session_id"]
+    assert sid_a != sid_b
+    tool = lambda r: {"role": "tool", "tool_call_id": r.choices[0].message.tool_calls[0].id, "content": "seen"}
+    ra2 = client.chat.completions.create(model="policy", messages=a + [ra.choices[0].message, tool(ra)], tools=TOOLS)
+    assert ra2.model_extra["spyglass"]["session_id"] == sid_a and ra2.model_extra["spyglass"]["turn"] == 1
+    # b's history edited: the request no longer extends what was sampled -> a new trajectory, reported
+    edited = {"role": "assistant", "content": "I will just answer.", "tool_calls": None}
+    raw = client.chat.completions.with_raw_response.create(
+        model="policy", messages=b + [edited, {"role": "user", "content": "Go on."}], tools=TOOLS,
+        extra_body={"session_id": sid_b})
+    rb2 = raw.parse()
+    assert "does not repeat" in rb2.model_extra["spyglass"]["split"] and raw.headers["X-Spyglass-Split"]
+    assert rb2.model_extra["spyglass"]["trajectory_id"].startswith(f"{sid_b}#")
+    (old,) = read_jsonl(tmp_path / "gw.jsonl")  # the split-off trajectory is kept, marked
+    assert (old.id, old.status, old.stop_reason, len(old.turns)) == (sid_b, Status.INTERRUPTED, "split", 1)
+    assert srv.gw.stats["splits"] == 1
+
+
+def test_streaming_gives_the_same_message(served):
+    _, _, client = served()
+    msgs = [{"role": "user", "content": "Read it."}]
+    whole = client.chat.completions.create(model="policy", messages=msgs, tools=TOOLS)
+    chunks = list(client.chat.completions.create(model="policy", messages=msgs, tools=TOOLS, stream=True))
+    calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+    assert [(tc.function.name, tc.function.arguments) for tc in calls] == \
+        [(tc.function.name, tc.function.arguments) for tc in whole.choices[0].message.tool_calls]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_rewards_stream_out_as_groups(codecs, tmp_path):
+    backend = Scripted(codecs["qwen3_vl"], {"*": ["<answer>x</answer>"]})
+
+    async def run():
+        gw = Gateway(GatewayConfig(out=str(tmp_path / "g.jsonl")), codecs["qwen3_vl"], [backend])
+        for i in range(3):
+            await gw.chat({"messages": [{"role": "user", "content": "q?"}], "session_id": f"s{i}",
+                           "group_id": "g" if i < 2 else "other"})
+        gw.reward("s0", {"reward": 1.0})
+        gw.reward("s2", {"reward": 0.0})
+        gw.reward("s1", {"reward": 0.0})
+        return await asyncio.wait_for(gw.groups(2).__anext__(), 5)
+    group = asyncio.run(run())
+    assert sorted(t.id for t in group) == ["s0", "s1"] and [t.reward["total"] for t in group] == [1.0, 0.0]
+    assert len(read_jsonl(tmp_path / "g.jsonl")) == 3
+
+
+def test_bad_requests_get_one_clear_4xx(served):
+    srv, _, client = served(api_key="sekret", max_request_bytes=1 << 16)
+    url, auth = f"{srv.url}/chat/completions", {"Authorization": "Bearer sekret"}
+    assert post(url, {"messages": [{"role": "user", "content": "hi"}]})[0] == 401
+    status, err = post(url, b"{not json", auth)
+    assert status == 400 and "not valid JSON" in err["error"]["message"]
+    status, err = post(url, {"messages": []}, auth)
+    assert (status, err["error"]["param"]) == (400, "messages")
+    status, err = post(url, {"messages": [{"role": "robot", "content": "x"}]}, auth)
+    assert status == 400 and "messages[0]: role must be" in err["error"]["message"]
+    http_img = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]}]
+    status, err = post(url, {"messages": http_img}, auth)
+    assert status == 400 and "nothing is fetched" in err["error"]["message"]
+    assert post(url, {"messages": [{"role": "user", "content": "x" * (1 << 17)}]}, auth)[0] == 413
+    assert post(url, {"messages": [{"role": "user", "content": "x"}], "n": 2}, auth)[0] == 400
+    assert post(f"{srv.url}/sessions/nope/reward", {"reward": 1}, auth)[0] == 404
+    with pytest.raises(openai.BadRequestError, match="messages must be a non-empty list"):
+        openai.OpenAI(base_url=srv.url, api_key="sekret", max_retries=0).chat.completions.create(model="p", messages=[])
+    assert [m.id for m in openai.OpenAI(base_url=srv.url, api_key="sekret").models.list()] == ["policy"]
+
+
+def test_concurrency_limit_answers_429(served):
+    srv, _, _ = served(max_concurrency=1, delay=0.5)
+    url = f"{srv.url}/chat/completions"
+    out = []
+    th = threading.Thread(target=lambda: out.append(post(url, {"messages": [{"role": "user", "content": "a"}]})))
+    th.start()
+    time.sleep(0.2)
+    status, err = post(url, {"messages": [{"role": "user", "content": "b"}]})
+    th.join(10)
+    assert status == 429 and "max_concurrency 1" in err["error"]["message"] and out[0][0] == 200
