@@ -49,13 +49,9 @@ from .trajectory import Segment, SegmentKind, Status, Trajectory, Turn, write_js
 
 
 @dataclass
-class GatewayConfig:
-    """`spyglass serve` (every field is a flag; --model and --port as usual)."""
+class ServeConfig:
+    """The gateway's HTTP side: where it listens, what it writes, its limits."""
 
-    FLAG_ALIASES: ClassVar[dict[str, str]] = {"model": "rollout.model"}
-    # the policy: model, load (device, dtype), backend and servers; engine.temperature and
-    # engine.max_tokens_per_turn are the defaults of a request that names none
-    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(out="", progress=False, resume=False))
     host: str = "127.0.0.1"  # listen address (0.0.0.0 exposes the policy to the network)
     port: int = 8000  # listen port (0 = any free port)
     out: str = "runs/gateway.jsonl"  # closed trajectories, one JSONL line each ("" = not written)
@@ -65,11 +61,24 @@ class GatewayConfig:
     max_sessions: int = 4096  # open sessions kept; beyond, the idlest is closed (INTERRUPTED, abandoned)
     max_image_pixels: int = 50_000_000  # larger images in a request get 400
     model_name: str = "policy"  # the id /v1/models lists (any `model` a request names is served)
+    wait_s: float = 3600.0  # GRPO over the gateway: how long a step waits for its groups
 
     def __post_init__(self) -> None:
         check(0 <= self.port <= 65535, f"port must be in [0, 65535], got {self.port}")
         for k in ("max_request_bytes", "max_concurrency", "max_sessions", "max_image_pixels"):
             check(getattr(self, k) >= 1, f"{k} must be >= 1, got {getattr(self, k)}")
+        check(self.wait_s > 0, f"wait_s must be > 0, got {self.wait_s}")
+
+
+@dataclass
+class GatewayConfig:
+    """`spyglass serve` (every field is a flag: --model DIR --port 8000)."""
+
+    FLAG_ALIASES: ClassVar[dict[str, str]] = {"model": "rollout.model", "port": "serve.port"}
+    # the policy: model, load (device, dtype), backend and servers; engine.temperature,
+    # top_p and max_tokens_per_turn are the defaults of a request that names none
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(out="", progress=False, resume=False))
+    serve: ServeConfig = field(default_factory=ServeConfig)  # listen address, output, limits
 
 
 class RequestError(ValueError):
@@ -185,9 +194,10 @@ class _Session:
 class Gateway:
     """The recorder behind the HTTP app (usable in-process: `await gw.chat(body)`)."""
 
-    def __init__(self, cfg: GatewayConfig, codec: Any, backends: list[Any]) -> None:
+    def __init__(self, cfg: ServeConfig, engine: Any, codec: Any, backends: list[Any]) -> None:
+        """`engine`: the EngineConfig whose sampling defaults, max_context and fatal_k apply."""
         check(bool(backends), "the gateway needs at least one backend")
-        self.cfg, self.codec, self.backends = cfg, codec, backends
+        self.cfg, self.engine_cfg, self.codec, self.backends = cfg, engine, codec, backends
         self.sessions: OrderedDict[str, _Session] = OrderedDict()  # least recently used first
         self._by_prefix: dict[str, str] = {}
         self._parsers: dict[str, Any] = {}
@@ -222,7 +232,7 @@ class Gateway:
 
     def _sampling(self, body: dict[str, Any]) -> Any:
         from .backends.base import SamplingParams  # noqa: PLC0415
-        e = self.cfg.rollout.engine
+        e = self.engine_cfg
         try:
             return SamplingParams(
                 max_tokens=int(body.get("max_completion_tokens") or body.get("max_tokens") or e.max_tokens_per_turn),
@@ -322,9 +332,9 @@ class Gateway:
             t.segments.append(Segment(SegmentKind.OBS, ids, turn=len(t.turns) - 1, images=enc.images,
                                       text="\n".join(_text(m.parts) for m in new)))
             s.keys = [m.key for m in msgs]
-        if t.num_tokens + 1 > self.cfg.rollout.engine.max_context:
+        if t.num_tokens + 1 > self.engine_cfg.max_context:
             raise RequestError(f"the conversation has {t.num_tokens} tokens, over max_context "
-                               f"{self.cfg.rollout.engine.max_context}", "messages")
+                               f"{self.engine_cfg.max_context}", "messages")
         backend = self.backends[s.server]
         t0 = time.perf_counter()
         try:
@@ -338,6 +348,7 @@ class Gateway:
                     answered=parsed.answer is not None and not parsed.calls, gen_tokens=len(out.token_ids),
                     queue_s=out.queue_s, gen_s=time.perf_counter() - t0)
         t.turns.append(turn)
+        t.meta.setdefault("temperatures", []).append(sampling.temperature)  # the trainer checks its own
         t.segments.append(Segment(SegmentKind.GEN, out.token_ids, turn=turn.index, logprobs=out.logprobs,
                                   version=out.version, text=text, finish_reason=out.finish_reason))
         if turn.answered:
@@ -396,7 +407,7 @@ class Gateway:
         t.status, t.stop_reason, t.reward, t.finished_at = status, reason, reward, time.time()
         if t.answer is None and status is Status.ANSWERED:
             t.answer = next((seg.text for seg in reversed(t.segments) if seg.kind is SegmentKind.GEN), "")
-        t.fatal_step = t.compute_fatal_step(self.cfg.rollout.engine.fatal_k)
+        t.fatal_step = t.compute_fatal_step(self.engine_cfg.fatal_k)
         if drop:
             self.sessions.pop(s.id, None)
         for k in s.prefixes:
@@ -499,7 +510,7 @@ def build_gateway(cfg: GatewayConfig) -> Gateway:
     """The gateway over cfg.rollout's model and backends (engine/rollout.py's one assembly)."""
     from .rollout import _model_and_codec, make_backends  # noqa: PLC0415
     loaded, codec = _model_and_codec(cfg.rollout)
-    return Gateway(cfg, codec, make_backends(cfg.rollout, loaded, prefix="gateway"))
+    return Gateway(cfg.serve, cfg.rollout.engine, codec, make_backends(cfg.rollout, loaded, prefix="gateway"))
 
 
 def run_gateway(cfg: GatewayConfig) -> dict[str, Any]:
@@ -510,10 +521,10 @@ def run_gateway(cfg: GatewayConfig) -> dict[str, Any]:
         gw = build_gateway(cfg)
         runner = web.AppRunner(make_app(gw))
         await runner.setup()
-        site = web.TCPSite(runner, cfg.host, cfg.port)
+        site = web.TCPSite(runner, cfg.serve.host, cfg.serve.port)
         await site.start()
-        print(f"spyglass serve: {cfg.rollout.model} on http://{cfg.host}:{cfg.port}/v1 (closed trajectories -> "
-              f"{cfg.out or 'not written'})", flush=True)
+        print(f"spyglass serve: {cfg.rollout.model} on http://{cfg.serve.host}:{cfg.serve.port}/v1 (closed "
+              f"trajectories -> {cfg.serve.out or 'not written'})", flush=True)
         try:
             await asyncio.Event().wait()
         finally:

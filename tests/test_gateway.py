@@ -18,7 +18,8 @@ from aiohttp import web
 from PIL import Image
 
 from spyglass.engine.backends.base import Backend, GenerateOutput, GenerateRequest
-from spyglass.engine.gateway import Gateway, GatewayConfig, make_app, parse_messages
+from spyglass.engine.gateway import Gateway, ServeConfig, make_app, parse_messages
+from spyglass.engine.scheduler import EngineConfig
 from spyglass.engine.loader import load_model
 from spyglass.engine.trajectory import SegmentKind, Status, read_jsonl
 
@@ -115,7 +116,7 @@ def codecs():
 
 def _serve(codec, tmp_path, script, **kw) -> tuple[Server, Scripted]:
     backend = Scripted(codec, script, kw.pop("delay", 0.0))
-    return Server(Gateway(GatewayConfig(out=str(tmp_path / "gw.jsonl"), **kw), codec, [backend])), backend
+    return Server(Gateway(ServeConfig(out=str(tmp_path / "gw.jsonl"), **kw), EngineConfig(), codec, [backend])), backend
 
 
 @pytest.fixture
@@ -207,7 +208,7 @@ def test_rewards_stream_out_as_groups(codecs, tmp_path):
     backend = Scripted(codecs["qwen3_vl"], {"*": ["<answer>x</answer>"]})
 
     async def run():
-        gw = Gateway(GatewayConfig(out=str(tmp_path / "g.jsonl")), codecs["qwen3_vl"], [backend])
+        gw = Gateway(ServeConfig(out=str(tmp_path / "g.jsonl")), EngineConfig(), codecs["qwen3_vl"], [backend])
         for i in range(3):
             await gw.chat({"messages": [{"role": "user", "content": "q?"}], "session_id": f"s{i}",
                            "group_id": "g" if i < 2 else "other"})

@@ -19,14 +19,15 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 import torch
 
 from spyglass.engine.config import check
 from spyglass.engine.env import build_env
+from spyglass.engine.gateway import Gateway, ServeConfig, make_app
 from spyglass.engine.loader import load_model
-from spyglass.engine.rollout import RolloutConfig, build_engine
+from spyglass.engine.rollout import RolloutConfig, build_engine, make_backends
 from spyglass.engine.scheduler import EngineConfig
 from spyglass.engine.trajectory import write_jsonl
 from spyglass.trainer.algorithm import AlgoConfig, compute_advantages
@@ -69,6 +70,9 @@ class GRPOConfig:
     # demonstrations for the NLL term (update.sft_coef > 0): SFT data, trajectory JSONL or
     # ShareGPT (trainer.sft's formats); sft_batch of them, in a seeded order, each step
     sft_data: str = ""
+    # train an external agent: rank 0 serves the policy on this OpenAI-compatible gateway
+    # (engine/gateway.py) and each step trains on the groups its clients close with a reward
+    serve: Optional[ServeConfig] = None
     sft_batch: int = 4  # demonstrations per step for the NLL term (with sft_data)
     seed: int = 0  # torch seed of the trainer and the order of the demonstrations
     #   (rollout sampling uses rollout.engine.seed)
@@ -78,6 +82,7 @@ class GRPOConfig:
         check(self.rollout.engine.groups_per_step >= 1, f"rollout.engine.groups_per_step (prompts per step) must be "
                                                          f">= 1, got {self.rollout.engine.groups_per_step}")
         check(self.replay_per_group >= 0, f"replay_per_group must be >= 0, got {self.replay_per_group}")
+        check(self.serve is None or not self.eval_every, "eval_every needs the engine's own rollouts, not serve")
         check(self.sft_batch >= 1, f"sft_batch must be >= 1, got {self.sft_batch}")
         check(bool(self.sft_data) == (self.update.sft_coef > 0),
               f"update.sft_coef={self.update.sft_coef} and sft_data={self.sft_data!r}: the NLL term needs both or neither")
@@ -145,8 +150,10 @@ class _Run:
         self.updater = PolicyUpdater(copy.deepcopy(vlm.model), cfg.update, image_processor=vlm.image_processor,
                                      ref_model=ref, dist=cfg.dist,
                                      max_lag=lag if (lag := cfg.rollout.engine.max_version_lag) >= 0 else None)
-        self.backends, self.engine, self.writer, self.slept = [], None, None, []
-        if rank == 0:
+        self.backends, self.engine, self.writer, self.slept, self.gateway = [], None, None, [], None
+        if rank == 0 and cfg.serve is not None:  # an external agent's sessions are the rollouts
+            self.gateway = _start_gateway(self, vlm, codec)
+        elif rank == 0:
             self.env = build_env(cfg.rollout.env)
             self.prompts = self.env.prompts()
             held = cfg.eval_questions if cfg.eval_every else 0
@@ -155,6 +162,7 @@ class _Run:
             self.train_prompts = self.prompts[:len(self.prompts) - held]  # eval never trains
             self.engine, self.backends, _ = build_engine(cfg.rollout, self.env, vlm=vlm,
                                                          replay_per_group=cfg.replay_per_group)
+        if rank == 0:
             Path(cfg.log_dir).mkdir(parents=True, exist_ok=True)
             try:
                 from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
@@ -173,7 +181,10 @@ class _Run:
 
     def rollout_and_score(self) -> list:
         """Rank 0: the next groups_per_step prompts (cycling over the training split), rolled
-        out and scored."""
+        out and scored; with `serve`, the next groups_per_step groups the agent's clients closed
+        with a reward."""
+        if self.gateway is not None:
+            return self.loop.run_until_complete(_gateway_groups(self))
         n = len(self.train_prompts)
         batch = [self.train_prompts[(self.pos + i) % n] for i in range(self.cfg.rollout.engine.groups_per_step)]
         self.pos += len(batch)
@@ -265,8 +276,42 @@ class _Run:
             self.writer.flush()
 
     def close(self) -> None:
+        if self.gateway is not None:
+            self.loop.run_until_complete(self.gateway.runner.cleanup())
         for b in self.backends:
             self.loop.run_until_complete(b.close())
         if self.writer is not None:
             self.writer.close()
         self.loop.close()
+
+
+def _start_gateway(run: _Run, vlm: Any, codec: Any) -> Gateway:
+    """Rank 0 with `serve`: the gateway over the rollout config's backends, listening on the
+    run's event loop (it answers while a step waits for groups; requests queue during updates)."""
+    from aiohttp import web  # noqa: PLC0415
+    run.backends = make_backends(run.cfg.rollout, vlm, prefix="gateway")
+    gw = Gateway(run.cfg.serve, run.cfg.rollout.engine, codec, run.backends)
+    gw.group_iter = gw.groups(run.cfg.rollout.engine.n_samples)  # one stream: partial groups carry over steps
+    gw.runner = web.AppRunner(make_app(gw))
+    run.loop.run_until_complete(gw.runner.setup())
+    run.loop.run_until_complete(web.TCPSite(gw.runner, run.cfg.serve.host, run.cfg.serve.port).start())
+    print(f"[grpo] serving the policy on http://{run.cfg.serve.host}:{run.cfg.serve.port}/v1", flush=True)
+    return gw
+
+
+async def _gateway_groups(run: _Run) -> list:
+    """The next groups_per_step groups (rollout.engine.n_samples sessions each) closed with a
+    reward, within serve.wait_s; their sampling temperature must be the update's."""
+    e, want = run.cfg.rollout.engine, run.cfg.rollout.engine.groups_per_step
+    groups, it = [], run.gateway.group_iter
+    try:
+        while len(groups) < want:
+            groups.append(await asyncio.wait_for(it.__anext__(), run.cfg.serve.wait_s))
+    except asyncio.TimeoutError:
+        raise TimeoutError(f"serve: {len(groups)} of {want} groups of {e.n_samples} rewarded sessions arrived "
+                           f"in wait_s={run.cfg.serve.wait_s}") from None
+    trajs = [t for g in groups for t in g]
+    bad = [t.id for t in trajs if any(x != run.cfg.update.temperature for x in t.meta.get("temperatures", []))]
+    check(not bad, f"sessions {bad[:3]} sampled at a temperature other than update.temperature "
+                   f"{run.cfg.update.temperature}: their logprobs are not the trained policy's")
+    return trajs
