@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -233,9 +234,16 @@ class _Run:
                 "rollout_bytes": out.stat().st_size if out and out.exists() else 0}
 
     def sync(self) -> None:
+        """The new weights to every backend: in-process ones take the state dict; HTTP servers
+        reload a checkpoint dir written under log_dir/weights (only the newest is kept)."""
         sd = full_state_dict(self.updater, rank0_only=True)
         if self.rank == 0:
-            self.loop.run_until_complete(sync_weights(self.backends, sd, self.updater.version))
+            weights = Path(self.cfg.log_dir) / "weights"
+            path = self.loop.run_until_complete(sync_weights(self.backends, sd, self.updater.version,
+                                                             model=self.updater.model, export_dir=weights))
+            for old in (weights.iterdir() if path is not None else []):
+                if old != path:
+                    shutil.rmtree(old, ignore_errors=True)
 
     def evaluate(self) -> dict[str, float]:
         """The model's own sampled rollouts (no replay) of the held-out questions, one sample
