@@ -13,15 +13,16 @@ the lock-step baseline (cfg.lockstep), and prints throughput and their ratio.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
-from .config import check
+from .config import ConfigError, check
 from .loader import LoadConfig, LoadedModel, check_model_spec, load_model
 from .metrics import device_name, git_commit
 from .env import Env, EnvConfig, build_env
@@ -45,7 +46,9 @@ class RolloutConfig:
     policy: str = field(default="replay", metadata={"choices": ("replay", "sample", "mixed")})  # replay: forced decoding of solve scripts | sample: the model samples
     #                         mixed: sample 0 of each group replays, the others sample
     out: str = "runs/rollout.jsonl"  # trajectories, one JSONL line each (appended per finished group)
-    resume: bool = True  # skip groups already in `out`
+    resume: bool = True  # skip groups already in `out` (False: `out` must not exist yet)
+    max_failed_fraction: float = 0.0  # share of trajectories that may fail for infrastructure
+    #   reasons (a backend refused or died) before the run ends with an error; they are redone on resume
     timeline: str = ""  # PNG path for the timeline picture ("" = none)
     progress: bool = True  # show a progress bar of finished groups
 
@@ -53,6 +56,7 @@ class RolloutConfig:
         check(self.policy in ("replay", "sample", "mixed"),
               f"policy must be replay|sample|mixed, got {self.policy!r}")
         check(self.servers >= 1, f"servers must be >= 1, got {self.servers}")
+        check(0.0 <= self.max_failed_fraction <= 1.0, f"max_failed_fraction must be in [0, 1], got {self.max_failed_fraction}")
         check_model_spec(self.model)
         check(not (self.env.data.path and self.policy in ("replay", "mixed")),
               f"policy {self.policy!r} replays the bundled world's solve scripts; questions from data.path "
@@ -138,24 +142,63 @@ def build_engine(cfg: RolloutConfig, env: Env, engine_cfg: EngineConfig | None =
     return engine, backends, name
 
 
+INFRA_FAILURES = ("backend_error", "engine_error")  # stop reasons that are not the policy's doing
+
+
+class RolloutFailed(RuntimeError):
+    """More trajectories failed for infrastructure reasons than max_failed_fraction allows
+    (they are on disk, marked, and redone by a resumed run)."""
+
+
 def finished_groups(path: str | Path, group_size: int) -> set[str]:
-    """Group ids complete (group_size lines) in an existing output. Incomplete groups (a crash
-    between a group's lines) are removed from the file, atomically, so they are redone whole
-    and never duplicated; a torn last line is cut first."""
+    """Group ids finished in an existing output: group_size trajectories, none of them failed for
+    an infrastructure reason (INFRA_FAILURES). The others (a crash between a group's lines, a
+    backend that failed, an earlier run with fewer samples) are moved, atomically, to
+    `<out>.redo-<time>.jsonl` (never deleted) and redone whole, never duplicated; a torn last
+    line is cut first. Groups larger than group_size (an earlier run with more samples) are a
+    ConfigError: nothing is changed."""
     p = Path(path)
     if not p.exists():
         return set()
     truncate_torn_tail(p)
     counts: dict[str, int] = {}
+    failed: set[str] = set()
     for t in iter_jsonl(p):
         counts[t.group_id] = counts.get(t.group_id, 0) + 1
-    done = {g for g, c in counts.items() if c >= group_size}
+        if t.status.value == "error" and t.stop_reason in INFRA_FAILURES:
+            failed.add(t.group_id)
+    larger = sorted({c for c in counts.values() if c > group_size})
+    check(not larger, f"{p} holds groups of {larger} trajectories but engine.n_samples is {group_size}: "
+                      f"use the same n_samples or another --out (nothing was changed)")
+    done = {g for g, c in counts.items() if c == group_size} - failed
     if len(done) < len(counts):
+        aside = p.with_name(f"{p.name}.redo-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+        n = write_jsonl(aside, (t for t in iter_jsonl(p) if t.group_id not in done))
         tmp = p.with_name(p.name + ".resume-tmp")
         tmp.unlink(missing_ok=True)
         write_jsonl(tmp, (t for t in iter_jsonl(p) if t.group_id in done))
         os.replace(tmp, p)
+        print(f"[rollout] {len(counts) - len(done)} unfinished group(s) ({n} trajectories) moved to {aside}; "
+              f"they are redone", flush=True)
     return done
+
+
+@contextlib.contextmanager
+def exclusive(path: str | Path) -> Iterator[None]:
+    """An exclusive lock on `<path>.lock` for the run (a second run on the same output fails
+    with a clear error instead of duplicating its trajectories)."""
+    import fcntl  # noqa: PLC0415
+    lock = Path(f"{path}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"another run is writing {path} (it holds {lock}); wait for it or use another --out") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 async def _drive(engine: Engine, prompts: list, out: str | None, progress: bool) -> list[list[Trajectory]]:
@@ -175,23 +218,33 @@ async def _drive(engine: Engine, prompts: list, out: str | None, progress: bool)
 
 
 def run_rollout(cfg: RolloutConfig) -> dict[str, Any]:
-    """Roll out the world's questions; returns (and prints) the summary."""
+    """Roll out the questions into cfg.out; returns (and prints) the summary. Raises
+    RolloutFailed (after writing everything) when more than max_failed_fraction of the
+    trajectories failed for infrastructure reasons."""
     env = build_env(cfg.env)
     prompts = env.prompts()
-    done = finished_groups(cfg.out, cfg.engine.n_samples) if cfg.resume else set()
-    todo = [p for p in prompts if p.id not in done]
-    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-    if not cfg.resume and Path(cfg.out).exists():
-        Path(cfg.out).unlink()
-    engine, _, policy = build_engine(cfg, env, record_spans=bool(cfg.timeline))
-    groups = asyncio.run(_drive(engine, todo, cfg.out, cfg.progress))
+    with exclusive(cfg.out):
+        check(cfg.resume or not Path(cfg.out).exists(),
+              f"out {cfg.out!r} exists and resume is off: move it or choose another --out (nothing is deleted)")
+        done = finished_groups(cfg.out, cfg.engine.n_samples) if cfg.resume else set()
+        todo = [p for p in prompts if p.id not in done]
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        engine, _, policy = build_engine(cfg, env, record_spans=bool(cfg.timeline))
+        groups = asyncio.run(_drive(engine, todo, cfg.out, cfg.progress))
+    failed = [t for g in groups for t in g if t.status.value == "error" and t.stop_reason in INFRA_FAILURES]
     summary = {"policy": policy, "skipped_groups": len(done), "groups": len(groups),
-               "bad_records": len(env.bad_records),
+               "bad_records": len(env.bad_records), "infra_failed": len(failed),
                **engine.stats.summary(), "tools": env.executor.stats().get("coalescer", {})}
     if cfg.timeline:
         from .timeline import draw_timeline  # noqa: PLC0415
         draw_timeline(engine.stats.spans, cfg.timeline, title=f"{len(groups)} groups, {policy}")
         summary["timeline"] = cfg.timeline
+    n = sum(len(g) for g in groups)
+    if failed and len(failed) > cfg.max_failed_fraction * n:
+        first = failed[0].meta.get("engine_error", failed[0].stop_reason)
+        raise RolloutFailed(f"{len(failed)} of {n} trajectories failed for infrastructure reasons (first: "
+                            f"{failed[0].id}: {first}); they are in {cfg.out} and a rerun of the same command "
+                            f"redoes their groups")
     return summary
 
 

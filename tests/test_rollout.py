@@ -1,6 +1,7 @@
 """`spyglass rollout` on the embedded default: real tools over the world, the replay policy;
 a crashed run (torn last line, missing groups) resumes with nothing duplicated or lost."""
 import collections
+import json
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,50 @@ def test_incomplete_group_is_redone_whole(world: Path, tmp_path: Path) -> None:
     run_rollout(_cfg(world, out))
     per_group = collections.Counter(t.group_id for t in iter_jsonl(out))
     assert per_group == {"q-000": 2, "q-001": 2}
+
+
+def _text_cfg(world: Path, out: Path, data: Path, **kw) -> RolloutConfig:
+    return from_dict(RolloutConfig, {"model": "tiny:qwen2", "policy": "sample", "out": str(out), "progress": False,
+                                     "env": {"world_dir": str(world), "dense_search": False, "tools": ["Visit"],
+                                             "data": {"path": str(data)}},
+                                     "engine": {"n_samples": 2, "max_turns": 1, "max_tokens_per_turn": 4,
+                                                "max_server_retries": 1}, **kw})
+
+
+def test_backend_failures_are_not_finished_work(world: Path, tmp_path: Path) -> None:
+    """Trajectories a dead server failed end the run non-zero (on disk, marked) and a rerun
+    redoes their groups; the failed lines are kept aside, never deleted."""
+    from spyglass.engine.rollout import RolloutFailed
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps({"id": f"q{i}", "question": f"{i}?", "answer": "a"}) + "\n" for i in range(3)))
+    out = tmp_path / "r.jsonl"
+    dead = _text_cfg(world, out, data, backend="vllm-http", backend_options={"base_url": "http://127.0.0.1:9", "model": "m"})
+    with pytest.raises(RolloutFailed, match=r"6 of 6 trajectories failed for infrastructure reasons .* redoes"):
+        run_rollout(dead)
+    assert {t.stop_reason for t in iter_jsonl(out)} == {"backend_error"}
+    s = run_rollout(_text_cfg(world, out, data))  # the same output, a live backend
+    assert s["skipped_groups"] == 0 and s["groups"] == 3 and s["infra_failed"] == 0
+    assert sorted(collections.Counter(t.group_id for t in iter_jsonl(out)).items()) == [("q0", 2), ("q1", 2), ("q2", 2)]
+    (aside,) = tmp_path.glob("r.jsonl.redo-*.jsonl")
+    assert len(list(iter_jsonl(aside))) == 6
+
+
+def test_other_group_sizes_locks_and_no_resume_never_lose_data(world: Path, tmp_path: Path) -> None:
+    from spyglass.engine.config import ConfigError
+    from spyglass.engine.rollout import exclusive
+    data = tmp_path / "q.jsonl"
+    data.write_text(json.dumps({"id": "q0", "question": "0?", "answer": "a"}) + "\n")
+    out = tmp_path / "r.jsonl"
+    run_rollout(_text_cfg(world, out, data))
+    before = out.read_text()
+    with pytest.raises(ConfigError, match=r"groups of \[2\] trajectories but engine.n_samples is 1"):
+        run_rollout(_text_cfg(world, out, data, engine={"n_samples": 1, "max_turns": 1, "max_tokens_per_turn": 4}))
+    assert out.read_text() == before
+    with pytest.raises(ConfigError, match="exists and resume is off"):
+        run_rollout(_text_cfg(world, out, data, resume=False))
+    with exclusive(out), pytest.raises(ConfigError, match="another run is writing"):
+        run_rollout(_text_cfg(world, out, data))
+    s = run_rollout(_text_cfg(world, out, data, engine={"n_samples": 3, "max_turns": 1, "max_tokens_per_turn": 4}))
+    assert s["groups"] == 1 and len(list(iter_jsonl(out))) == 3  # the 2-sample group was set aside
+    (aside,) = tmp_path.glob("r.jsonl.redo-*.jsonl")
+    assert aside.read_text() == before

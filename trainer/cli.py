@@ -86,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # a bad value, in a flag, the file or found by the run: one line
         print(f"spyglass {name}: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # a run that ended with its work on disk but failed (RolloutFailed, ...)
+        if type(e).__name__ not in ("RolloutFailed",):
+            raise
+        print(f"spyglass {name}: {e}", file=sys.stderr)
+        return 1
     if isinstance(out, dict) and name != "bench rollout":
         print(json.dumps(out, default=str, indent=1))
     return 0
