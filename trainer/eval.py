@@ -37,7 +37,7 @@ http(s) URLs are refused (no network here: download them first). A `prompt` that
 chat messages gives its last user text, `<image>` placeholders removed.
 
     run_eval(EvalConfig())                      # CPU: the world's questions as a benchmark file,
-                                                # tiny Qwen2-VL, replay policy, direct baseline
+                                                # tiny Qwen2-VL, its own (sampled) policy, direct baseline
     spyglass eval --benchmarks mmsearch:/data/mmsearch.jsonl,fvqa:/data/fvqa.parquet \\
                   --model runs/sft/final --policy sample
 
@@ -262,7 +262,7 @@ def write_world_benchmark(env: Any, path: str | Path) -> Path:
 # ------------------------------------------------------------------------------ config
 def _rollout_defaults() -> RolloutConfig:
     return RolloutConfig(engine=EngineConfig(n_samples=1, max_live=64, temperature=0.0),
-                         env=EnvConfig(questions=8, dense_search=False), policy="replay", out="", resume=False,
+                         env=EnvConfig(questions=8, dense_search=False), policy="sample", out="", resume=False,
                          progress=False)
 
 
@@ -273,7 +273,8 @@ class EvalConfig:
     FLAG_ALIASES: ClassVar[dict[str, str]] = {"model": "rollout.model", "data": "rollout.env.data.path",
                                               "policy": "rollout.policy"}
     benchmarks: list[str] = field(default_factory=list)  # layout:path; [] = --data's records, else the world's questions
-    # model, load, backend, engine, env (data, tools); policy replay (world items only) | sample
+    # model, load, backend, engine, env (data, tools); policy sample (the model's own: the default) |
+    # replay (a diagnostic: the world's scripted solve turns through the real tools)
     rollout: RolloutConfig = field(default_factory=_rollout_defaults)
     judge: JudgeConfig = field(default_factory=JudgeConfig)  # how answers are graded (rule or model judge)
     agentic: bool = True  # run with the tools (False: the direct baseline alone)
@@ -395,7 +396,9 @@ def _report(cfg: EvalConfig, modes: dict[str, tuple[list[Trajectory], float]], n
 def format_table(rep: dict[str, Any]) -> str:
     """The report as markdown tables: accuracy per benchmark (papers' layout), tool use, cost."""
     names = rep["benchmarks"]
-    lines = [f"spyglass eval: model {rep['model']}, policy {rep['policy']}", "",
+    policy = rep["policy"] + (" (a diagnostic: scripted solve turns, not the model's own answers)"
+                              if rep["policy"] == "replay" else " (the model's own policy)")
+    lines = [f"spyglass eval: model {rep['model']}, policy {policy}", "",
              "| mode | " + " | ".join(names) + " | avg |", "|---" * (len(names) + 2) + "|"]
     for mode, m in rep["modes"].items():
         accs = [f"{100 * m['benchmarks'][b]['accuracy']:.1f}" for b in names]
