@@ -106,13 +106,14 @@ def make_backends(cfg: RolloutConfig, loaded: LoadedModel | None, prefix: str | 
 
 def make_engine(cfg: EngineConfig, backends: list[Any], codec: Any, runner: Any, schemas: list[dict[str, Any]],
                 prompt_tools: list[dict[str, Any]] | None = None, policy: Any = None,
-                record_spans: bool = False) -> Engine:
+                record_spans: bool = False, reward: Any = None) -> Engine:
     """The one assembly of an Engine: the C++ turn parser over `schemas`, the prompt's tool list
-    (`prompt_tools`, default the same schemas), image token counts from the codec."""
+    (`prompt_tools`, default the same schemas), image token counts from the codec; `reward`: an
+    async function scoring each finished group (list of Trajectory) before the engine yields it."""
     from .toolcall import make_turn_parser  # noqa: PLC0415
     return Engine(cfg, backends, codec, runner, make_turn_parser(schemas),
                   tool_schemas=schemas if prompt_tools is None else prompt_tools, policy=policy,
-                  image_tokens=getattr(codec, "image_tokens", None), record_spans=record_spans)
+                  image_tokens=getattr(codec, "image_tokens", None), record_spans=record_spans, reward=reward)
 
 
 def build_engine(cfg: RolloutConfig, env: Env, engine_cfg: EngineConfig | None = None,

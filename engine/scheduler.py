@@ -32,7 +32,7 @@ import time
 import itertools
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Iterable, Protocol, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Protocol, Sequence
 
 from PIL import Image
 
@@ -224,7 +224,8 @@ class Engine:
                  tools: ToolRunner, parser: TurnParser, tool_schemas: Sequence[dict] = (),
                  policy: Policy | None = None, image_tokens: Callable[[Image.Image], int] | None = None,
                  record_spans: bool = False,
-                 on_turn: Callable[[Trajectory, Turn], None] | None = None) -> None:
+                 on_turn: Callable[[Trajectory, Turn], None] | None = None,
+                 reward: Callable[[list[Trajectory]], Awaitable[Any]] | None = None) -> None:
         if not backends:
             raise ValueError("Engine needs at least one backend")
         self.cfg, self.backends, self.codec = cfg, list(backends), codec
@@ -232,6 +233,7 @@ class Engine:
         self.tool_schemas = list(tool_schemas)
         self.image_tokens = image_tokens or (lambda im: 0)
         self.record_spans, self.on_turn = record_spans, on_turn
+        self.reward = reward  # async hook scoring each finished group before it is yielded
         self.stats = EngineStats()
         self._stop_ids = list(codec.stop_token_ids)
         self._stops = frozenset(self._stop_ids)
@@ -291,6 +293,8 @@ class Engine:
                 group = await out.get()
                 if group is None:
                     break
+                if self.reward is not None:  # the loop task keeps generating meanwhile
+                    await self.reward(group)
                 yield group
             await task  # re-raise what stopped the loop, if anything
         finally:

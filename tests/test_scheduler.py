@@ -328,3 +328,20 @@ def test_a_turn_ended_by_another_stop_token_is_closed_by_the_observation() -> No
     assert gen.token_ids[-1] == CODEC.EOS  # the sampled stop token stays: token-in/token-out
     assert obs.token_ids[0] == CODEC.IM_END  # and the template's turn end follows it
     assert CODEC.decode(obs.token_ids).startswith("<|im_end|>\n<|im_start|>user\n<tool_response>")
+
+
+def test_a_reward_hook_scores_each_group_before_it_is_yielded() -> None:
+    scripts = {f"p{i}": script_turns([], f"ans{i}") for i in range(3)}
+    seen = []
+
+    async def reward(group):
+        await asyncio.sleep(0.01)  # an async judge
+        for t in group:
+            t.reward["total"] = float(t.answer == "ans1")
+        seen.append(group[0].group_id)
+
+    engine, _ = _engine(EngineConfig(n_samples=2, max_live=4), scripts, reward=reward)
+    groups = asyncio.run(_collect(engine, [Prompt(f"p{i}", "q") for i in range(3)]))
+    assert sorted(seen) == ["p0", "p1", "p2"] and len(groups) == 3
+    assert {g[0].group_id: [t.reward["total"] for t in g] for g in groups} == \
+        {"p0": [0.0, 0.0], "p1": [1.0, 1.0], "p2": [0.0, 0.0]}
