@@ -304,3 +304,13 @@ def test_config_validation() -> None:
         VisitConfig(max_bytes=0)
     with pytest.raises(ValueError, match="max_redirects must be >= 0, got -1"):
         VisitConfig(max_redirects=-1)
+
+
+def test_a_page_without_words_says_so_instead_of_failing() -> None:
+    """bm25s raises on an index with no terms: a page of punctuation or stopwords only is an
+    ordinary (empty) result, not a fatal tool error."""
+    from spyglass.engine.tools.web import extract_evidence
+    cfg = VisitConfig()
+    assert extract_evidence("!!! ???", "the mayor", cfg) == ("", False)
+    assert extract_evidence("the of and a", "the mayor", cfg) == ("the of and a", False)
+    assert extract_evidence("the of\n\nThe mayor is Ana.", "mayor", cfg) == ("The mayor is Ana.", True)

@@ -275,14 +275,14 @@ def extract_evidence(markdown: str, goal: str, cfg: VisitConfig) -> tuple[str, b
     """The BM25 extractive fallback: (evidence, matched) — see the module docstring."""
     import bm25s
     paras = paragraphs(markdown, cfg.paragraph_chars)
-    if not paras:
+    if not any(re.search(r"\w", p) for p in paras):  # no words at all ("!!! ???"): nothing to rank or show
         return "", False
     chosen: list[int] = []
     query = bm25s.tokenize([goal], stopwords="en", return_ids=False, show_progress=False)
-    if query[0]:
+    corpus = bm25s.tokenize(paras, stopwords="en", show_progress=False)
+    if query[0] and corpus.vocab:  # a page of stopwords only has no index (bm25s raises on it)
         retriever = bm25s.BM25()
-        retriever.index(bm25s.tokenize(paras, stopwords="en", show_progress=False),
-                        show_progress=False)
+        retriever.index(corpus, show_progress=False)
         k = min(cfg.max_paragraphs, len(paras))
         ids, scores = retriever.retrieve(query, k=k, show_progress=False)
         chosen = [int(i) for i, s in zip(ids[0], scores[0]) if s > 0]
