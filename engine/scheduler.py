@@ -36,7 +36,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Protocol, 
 
 from PIL import Image
 
-from .backends.base import GenerateRequest, SamplingParams
+from .backends.base import BackendError, GenerateRequest, SamplingParams
 from .chat import Codec
 from .config import check
 from .metrics import EngineStats
@@ -69,6 +69,8 @@ class EngineConfig:
     #                            update masks tokens sampled more than this many versions ago
     groups_per_step: int = 0  # prompts (groups) per policy version: GRPO's batch per step (0: no steps)
     max_server_retries: int = 3  # a turn moves servers at most this often before ERROR
+    request_timeout_s: float = 0.0  # a generation request unanswered this long counts as a server
+    #   failure (the turn moves to another server, as for a refused one); 0 = off (timeout_s only)
     seed: int = 0  # sampling seed; each turn's seed derives from it, the trajectory id and the turn
     gc_freeze: bool = True  # keep long-lived objects out of full cyclic-GC passes (see _loop)
     gc_freeze_interval_s: float = 0.1  # seconds between gc.freeze() calls during a run (with gc_freeze)
@@ -88,6 +90,7 @@ class EngineConfig:
         check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
         check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         check(self.timeout_s > 0, f"timeout_s must be > 0, got {self.timeout_s}")
+        check(self.request_timeout_s >= 0, f"request_timeout_s must be >= 0, got {self.request_timeout_s}")
         check(self.max_version_lag >= -1, f"max_version_lag must be >= -1, got {self.max_version_lag}")
         check(self.max_version_lag < 0 or self.groups_per_step >= 1,
               f"max_version_lag={self.max_version_lag} needs groups_per_step >= 1, got {self.groups_per_step}")
@@ -529,10 +532,14 @@ class Engine:
             return
         lv.reported = True  # from here the coroutine itself reports how it ended
         try:
-            out = await self.backends[lv.server].generate(req)
+            limit, call = self.cfg.request_timeout_s, self.backends[lv.server].generate(req)
+            out = await (asyncio.wait_for(call, limit) if limit > 0 else call)
             self._events.put_nowait(("gen", lv, (out, t0, time.perf_counter())))
         except asyncio.CancelledError:  # the deadline sweep cancelled it
             self._events.put_nowait(("gen_timeout", lv, (t0, time.perf_counter())))
+        except TimeoutError:  # a hung server: fail over like a refused request
+            name = getattr(self.backends[lv.server], "name", lv.server)
+            self._events.put_nowait(("gen_error", lv, BackendError(name, f"no reply in {limit:g} s (request_timeout_s)")))
         except Exception as e:  # noqa: BLE001 - a dead server must not kill the run
             self._events.put_nowait(("gen_error", lv, e))
         self._jobs.discard(lv.job)  # lv.job is this task until its event is handled

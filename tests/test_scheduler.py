@@ -2,6 +2,7 @@
 import asyncio
 import json
 import re
+import time
 
 import pytest
 
@@ -345,3 +346,16 @@ def test_a_reward_hook_scores_each_group_before_it_is_yielded() -> None:
     assert sorted(seen) == ["p0", "p1", "p2"] and len(groups) == 3
     assert {g[0].group_id: [t.reward["total"] for t in g] for g in groups} == \
         {"p0": [0.0, 0.0], "p1": [1.0, 1.0], "p2": [0.0, 0.0]}
+
+
+def test_a_hung_server_fails_over_in_request_timeout_s() -> None:
+    """A server that accepts requests and never answers (SIGSTOPped) costs request_timeout_s,
+    not the trajectory's timeout_s: its turns move to the live server."""
+    scripts = {f"p{i}": script_turns([("search", {"q": "x"})], f"a{i}") for i in range(4)}
+    hung, ok = FakeServer("hung", delay=60.0), FakeServer("ok")
+    engine, _ = _engine(EngineConfig(n_samples=2, max_live=8, request_timeout_s=0.3, timeout_s=30), scripts,
+                        servers=[hung, ok])
+    t0 = time.perf_counter()
+    groups = asyncio.run(_collect(engine, [Prompt(f"p{i}", "q") for i in range(4)]))
+    assert time.perf_counter() - t0 < 10
+    assert all(t.status is Status.ANSWERED for g in groups for t in g) and hung.requests >= 1
