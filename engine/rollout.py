@@ -56,6 +56,10 @@ class RolloutConfig:
         check(self.policy in ("replay", "sample", "mixed"),
               f"policy must be replay|sample|mixed, got {self.policy!r}")
         check(self.servers >= 1, f"servers must be >= 1, got {self.servers}")
+        from .backends import KINDS, backend_config  # noqa: PLC0415
+        check(self.backend in KINDS, f"backend must be one of {sorted(KINDS)}, got {self.backend!r}")
+        if self.backend != "hf":  # its options are checked now (hf's go to HFBackend's constructor)
+            backend_config(self.backend, **{**self.backend_options, "name": f"{self.backend}-0"})
         check(0.0 <= self.max_failed_fraction <= 1.0, f"max_failed_fraction must be in [0, 1], got {self.max_failed_fraction}")
         check_model_spec(self.model)
         check(not (self.env.data.path and self.policy in ("replay", "mixed")),
@@ -128,6 +132,10 @@ def build_engine(cfg: RolloutConfig, env: Env, engine_cfg: EngineConfig | None =
     vlm, codec = (vlm, vlm.codec()) if vlm is not None else _model_and_codec(cfg)
     check_text_only(codec, env, cfg.model)
     backends = make_backends(cfg, vlm)
+    blind = [b.name for b in backends if not getattr(b, "supports_images", True)]
+    with_images = [r.id for r in env.records if r.images] if blind else []
+    check(not with_images, f"backend {blind[0] if blind else ''!r} takes no images but {len(with_images)} question(s) "
+                           f"have images (first: {with_images[:3]}): use the hf backend or text-only data")
     scripts = env.replay_scripts() if scripts is None else scripts
     if cfg.policy in ("replay", "mixed"):
         ids = [p.id for p in prompts] if prompts is not None else [r.id for r in env.records]

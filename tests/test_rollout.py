@@ -109,3 +109,16 @@ def test_other_group_sizes_locks_and_no_resume_never_lose_data(world: Path, tmp_
     assert s["groups"] == 1 and len(list(iter_jsonl(out))) == 3  # the 2-sample group was set aside
     (aside,) = tmp_path.glob("r.jsonl.redo-*.jsonl")
     assert aside.read_text() == before
+
+
+def test_backend_choice_and_options_are_checked_before_anything_runs(world: Path, tmp_path: Path) -> None:
+    from spyglass.engine.config import ConfigError
+    with pytest.raises(ConfigError, match=r"backend_options: \['bogus'\] are not options of backend 'vllm-http'"):
+        _cfg(world, tmp_path / "a.jsonl", backend="vllm-http", backend_options={"bogus": 1})
+    with pytest.raises(ConfigError, match="backend must be one of"):
+        _cfg(world, tmp_path / "a.jsonl", backend="nosuch")
+    blind = _cfg(world, tmp_path / "b.jsonl", backend="vllm-http", policy="sample",
+                 backend_options={"base_url": "http://127.0.0.1:9", "model": "m"})
+    with pytest.raises(ConfigError, match=r"takes no images but 2 question\(s\) have images"):
+        run_rollout(blind)
+    assert not (tmp_path / "b.jsonl").exists()

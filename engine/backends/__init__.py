@@ -32,15 +32,24 @@ KINDS: dict[str, tuple[str, str, str]] = {
 
 def _lookup(kind: str) -> tuple[type, type]:
     if kind not in KINDS:
-        raise ValueError(f"unknown backend kind {kind!r}; choose one of {sorted(KINDS)}")
+        from spyglass.engine.config import ConfigError  # noqa: PLC0415
+        raise ConfigError(f"unknown backend kind {kind!r}; choose one of {sorted(KINDS)}")
     mod, cfg_name, backend_name = KINDS[kind]
     module = importlib.import_module(f"spyglass.engine.backends.{mod}")
     return getattr(module, cfg_name), getattr(module, backend_name)
 
 
 def backend_config(kind: str, **fields: Any) -> Any:
-    """The validated config dataclass of backend `kind` (unknown fields raise TypeError)."""
+    """The validated config dataclass of backend `kind`; an unknown field is a ConfigError
+    naming it and the known ones."""
+    import dataclasses  # noqa: PLC0415
+
+    from spyglass.engine.config import ConfigError  # noqa: PLC0415
     cfg_cls, _ = _lookup(kind)
+    known = {f.name for f in dataclasses.fields(cfg_cls) if f.init}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ConfigError(f"backend_options: {unknown} are not options of backend {kind!r}; its options: {sorted(known)}")
     return cfg_cls(**fields)
 
 
