@@ -28,8 +28,9 @@ from typing import Any
 from PIL import Image
 
 
-from .config import check
+from .config import ConfigError, check
 from .data import DataConfig, DataError, Record, load_dataset, parse_record
+from .plugins import PluginError, is_plugin_path, load_tools
 from .scheduler import Prompt, ToolOutcome
 from .tools.base import Tool, ToolContext
 from .trajectory import Trajectory
@@ -44,7 +45,9 @@ class EnvConfig:
     """Which world and tools, and how calls are executed."""
 
     world_dir: str | None = None  # None: $SPYGLASS_WORLD or ~/.cache/spyglass/world-v1
-    tools: list[str] = field(default_factory=lambda: list(ALL_TOOLS), metadata={"choices": ALL_TOOLS})  # tools offered
+    tools: list[str] = field(default_factory=lambda: list(ALL_TOOLS))  # tools offered: built-ins Crop,
+    #   Sharpen, SuperResolution, PerspectiveCorrect, OCR, ImageSearch, TextSearch, Visit, Python, and
+    #   plugins 'pkg.module:attr' (a function, a Tool or a list of them; engine/plugins.py)
     dense_search: bool = True  # MiniLM + faiss beside BM25 in TextSearch
     cache_path: str | None = None  # sqlite tool cache; None: no disk cache
     coalesce: bool = True  # identical in-flight calls run once (C++ coalescer)
@@ -63,11 +66,29 @@ class EnvConfig:
         check(not (self.questions_file and self.data.path),
               f"questions_file {self.questions_file!r} and data.path {self.data.path!r}: give one of them")
         check(self.search_top_k >= 1, f"search_top_k must be >= 1, got {self.search_top_k}")
-        bad = [t for t in self.tools if t not in ALL_TOOLS]
-        check(not bad, f"tools: unknown {bad}; known {list(ALL_TOOLS)}")
+        self._check_tools()
         check(self.max_batch >= 1, f"max_batch must be >= 1, got {self.max_batch}")
         check(self.max_wait_s >= 0, f"max_wait_s must be >= 0, got {self.max_wait_s}")
         check(self.questions >= 0, f"questions must be >= 0, got {self.questions}")
+
+    def _check_tools(self) -> None:
+        """Each entry a built-in name or a plugin path that loads (engine/plugins.py) to tools
+        whose names are new: no built-in's, no other plugin's."""
+        bad = [t for t in self.tools if t not in ALL_TOOLS and not is_plugin_path(t)]
+        check(not bad, f"tools: unknown {bad}; known {list(ALL_TOOLS)} or a plugin 'pkg.module:attr'")
+        dup = sorted({t for t in self.tools if self.tools.count(t) > 1})
+        check(not dup, f"tools: {dup} listed more than once")
+        seen: dict[str, str] = {}
+        for path in filter(is_plugin_path, self.tools):
+            try:
+                names = [t.name for t in load_tools(path)]
+            except PluginError as e:
+                raise ConfigError(f"tools: {e}") from None
+            for n in names:
+                check(n not in ALL_TOOLS, f"tools: plugin {path!r} has a tool named {n!r}, a built-in's name; "
+                                          f"rename it (tool(fn, name=...))")
+                check(n not in seen, f"tools: plugins {seen.get(n)!r} and {path!r} both have a tool named {n!r}")
+                seen[n] = path
 
 
 def _build_tools(cfg: EnvConfig, world: World) -> dict[str, Tool]:
@@ -95,7 +116,12 @@ def _build_tools(cfg: EnvConfig, world: World) -> dict[str, Tool]:
         tools.append(visit_tool(VisitConfig(corpus=str(world.root / "docs.jsonl"))))
     if "Python" in want:
         tools.append(python_tool())
-    return {t.name: t for t in tools if t.name in want}
+    built = {t.name: t for t in tools}
+    out: dict[str, Tool] = {}
+    for entry in cfg.tools:  # in the config's order, which is the prompt's
+        for t in load_tools(entry) if is_plugin_path(entry) else [built[entry]]:
+            out[t.name] = t
+    return out
 
 
 class ExecutorRunner:
@@ -140,7 +166,7 @@ class Env:
 
     @property
     def schemas(self) -> list[dict[str, Any]]:
-        return [self.tools[n].schema() for n in self.cfg.tools if n in self.tools]
+        return [t.schema() for t in self.tools.values()]
 
     @property
     def prompt_tools(self) -> list[dict[str, Any]]:

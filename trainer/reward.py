@@ -17,16 +17,23 @@ the JudgeSession (pass one to share it across groups, or let score_group open it
     cfg = RewardConfig(name="opensearch_vl", alpha=0.8, judge=JudgeConfig())
     totals = await score_group(group, cfg)          # list[float], one per trajectory
 
-Register more with ``@register_reward(name)`` on ``async fn(trajs, cfg, session) -> list[float]``.
+Register more with ``@register_reward(name)`` on ``async fn(trajs, cfg, session) -> list[float]``,
+or name a plain function by dotted path, ``RewardConfig(name="my_pkg.rewards:exact")`` (slime's
+and verl's way, engine/plugins.py): a sync or async ``fn(traj) -> float`` (or a dict of
+components with a numeric "total", e.g. {"total": 1.0, "acc": 1.0}), called once per trajectory,
+concurrently; its value is written to traj.reward["total"]. It is imported when the config is
+built, so a wrong path fails there with one line naming it.
 Tests: ``.venv/bin/python -m pytest -q tests/test_reward.py``.
 """
 from __future__ import annotations
 
 import asyncio
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
+from spyglass.engine.plugins import PluginError, is_plugin_path, load_object
 from spyglass.engine.trajectory import Status, Trajectory
 from spyglass.trainer.judges import JudgeConfig, Judgement, JudgeSession, run_judge
 
@@ -51,17 +58,59 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
 class RewardConfig:
     """Which reward function, its mixing weight, and the judges it uses."""
 
-    name: str = "opensearch_vl"  # reward function: opensearch_vl | accuracy | format_accuracy | a registered one
+    name: str = "opensearch_vl"  # reward function: opensearch_vl | accuracy | format_accuracy | a registered
+    #                              one | 'pkg.module:fn', a plain fn(traj) -> float (sync or async)
     alpha: float = 0.8  # weight of accuracy against query quality
     judge: JudgeConfig = field(default_factory=JudgeConfig)
 
     def __post_init__(self) -> None:
-        if self.name not in REWARDS:
-            raise ValueError(f"RewardConfig.name: unknown reward {self.name!r}; known: {sorted(REWARDS)}")
+        if is_plugin_path(self.name):
+            try:
+                reward_fn(self.name)  # imports and checks it now: a bad path fails here, named
+            except PluginError as e:
+                raise PluginError(f"RewardConfig.name: {e}") from None
+        elif self.name not in REWARDS:
+            raise ValueError(f"RewardConfig.name: unknown reward {self.name!r}; known: {sorted(REWARDS)} "
+                             f"or a plugin 'pkg.module:fn'")
         if not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
             raise ValueError(f"RewardConfig.alpha must be in [0, 1], got {self.alpha!r}")
         if not isinstance(self.judge, JudgeConfig):
             raise TypeError(f"RewardConfig.judge must be a JudgeConfig, got {type(self.judge).__name__}")
+
+
+def reward_fn(name: str) -> RewardFn:
+    """The group reward `name`: a registered one, or the plugin `pkg.module:fn` (a function of one
+    Trajectory) wrapped to score a group. PluginError (a ValueError) naming the path when it does
+    not load or is not a function of one trajectory."""
+    if not is_plugin_path(name):
+        return REWARDS[name]
+    fn = load_object(name, "reward function")
+    if inspect.isclass(fn) or not callable(fn):
+        raise PluginError(f"reward function {name!r}: expected a function fn(traj) -> float, got {type(fn).__name__}")
+    try:
+        inspect.signature(fn).bind(None)
+    except TypeError as e:
+        raise PluginError(f"reward function {name!r}: must take one trajectory, fn(traj) -> float; its "
+                          f"signature {inspect.signature(fn)} does not ({e})") from None
+    except ValueError:  # a builtin without a signature: let the call decide
+        pass
+
+    async def per_trajectory(trajs: list[Trajectory], cfg: RewardConfig, session: JudgeSession) -> list[float]:
+        return list(await asyncio.gather(*(_plugin_score(name, fn, t) for t in trajs)))
+    return per_trajectory
+
+
+async def _plugin_score(name: str, fn: Callable, traj: Trajectory) -> float:
+    out = fn(traj)
+    if inspect.isawaitable(out):
+        out = await out
+    parts = dict(out) if isinstance(out, dict) else {"total": out}
+    total = parts.get("total")
+    if isinstance(total, bool) or not isinstance(total, (int, float)) or not math.isfinite(total):
+        raise TypeError(f"reward function {name!r} returned {out!r:.120} for trajectory {traj.id!r}: expected a "
+                        f"finite number, or a dict with a finite numeric 'total'")
+    traj.reward.update(parts, total=float(total), plugin=name)
+    return float(total)
 
 
 def format_score(traj: Trajectory) -> float:
@@ -132,7 +181,7 @@ async def score_group(trajs: list[Trajectory], cfg: RewardConfig,
             raise ValueError(f"trajectory {t.id!r} is still running: only finished ones are scored")
     if not trajs:
         return []
-    fn = REWARDS[cfg.name]
+    fn = reward_fn(cfg.name)
     if session is not None:
         if session.cfg != cfg.judge:
             raise ValueError("the JudgeSession was opened with a different JudgeConfig than "
