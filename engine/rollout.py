@@ -172,7 +172,11 @@ def finished_groups(path: str | Path, group_size: int) -> set[str]:
     truncate_torn_tail(p)
     counts: dict[str, int] = {}
     failed: set[str] = set()
-    for t in iter_jsonl(p):
+    first: dict[str, int] = {}  # trajectory id -> the line of its first copy
+    for i, t in enumerate(iter_jsonl(p)):
+        if t.id in first:  # two runs wrote the same trajectory (before the lock): keep the first
+            continue
+        first[t.id] = i
         counts[t.group_id] = counts.get(t.group_id, 0) + 1
         if t.status.value == "error" and t.stop_reason in INFRA_FAILURES:
             failed.add(t.group_id)
@@ -180,15 +184,17 @@ def finished_groups(path: str | Path, group_size: int) -> set[str]:
     check(not larger, f"{p} holds groups of {larger} trajectories but engine.n_samples is {group_size}: "
                       f"use the same n_samples or another --out (nothing was changed)")
     done = {g for g, c in counts.items() if c == group_size} - failed
-    if len(done) < len(counts):
+    keep = {i for i, t in enumerate(iter_jsonl(p)) if t.group_id in done and first[t.id] == i}
+    total = sum(1 for _ in iter_jsonl(p))
+    if len(keep) < total:
         aside = p.with_name(f"{p.name}.redo-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
-        n = write_jsonl(aside, (t for t in iter_jsonl(p) if t.group_id not in done))
         tmp = p.with_name(p.name + ".resume-tmp")
         tmp.unlink(missing_ok=True)
-        write_jsonl(tmp, (t for t in iter_jsonl(p) if t.group_id in done))
+        write_jsonl(tmp, (t for i, t in enumerate(iter_jsonl(p)) if i in keep))
+        write_jsonl(aside, (t for i, t in enumerate(iter_jsonl(p)) if i not in keep))
         os.replace(tmp, p)
-        print(f"[rollout] {len(counts) - len(done)} unfinished group(s) ({n} trajectories) moved to {aside}; "
-              f"they are redone", flush=True)
+        print(f"[rollout] {total - len(keep)} line(s) of unfinished groups or duplicates moved to {aside}; "
+              f"{len(counts) - len(done)} group(s) are redone", flush=True)
     return done
 
 

@@ -122,3 +122,14 @@ def test_backend_choice_and_options_are_checked_before_anything_runs(world: Path
     with pytest.raises(ConfigError, match=r"takes no images but 2 question\(s\) have images"):
         run_rollout(blind)
     assert not (tmp_path / "b.jsonl").exists()
+
+
+def test_duplicated_lines_from_two_runs_are_kept_once(world: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r.jsonl"
+    run_rollout(_cfg(world, out))
+    lines = out.read_text()
+    out.write_text(lines + lines)  # what two unlocked runs on one --out left
+    s = run_rollout(_cfg(world, out))
+    assert s["skipped_groups"] == 2 and s["groups"] == 0 and out.read_text() == lines
+    (aside,) = tmp_path.glob("r.jsonl.redo-*.jsonl")
+    assert aside.read_text() == lines
