@@ -343,7 +343,16 @@ Schema schema_from_py(py::handle h, const std::string& where) {
   return sc;
 }
 
-std::shared_ptr<ToolSet> toolset_from_py(py::list tools, int max_depth, long long max_call_bytes) {
+Mode mode_from_py(const std::string& mode) {
+  if (mode == "hermes") return Mode::Hermes;
+  if (mode == "llama3_json") return Mode::Llama3Json;
+  if (mode == "mistral") return Mode::Mistral;
+  throw py::value_error("mode must be 'hermes', 'llama3_json' or 'mistral', got " +
+                        py::repr(py::str(mode)).cast<std::string>());
+}
+
+std::shared_ptr<ToolSet> toolset_from_py(py::list tools, int max_depth, long long max_call_bytes,
+                                         const std::string& mode) {
   if (max_depth < 1 || max_depth > kMaxDepthLimit)
     throw py::value_error("max_depth must be in [1, " + std::to_string(kMaxDepthLimit) +
                           "], got " + std::to_string(max_depth));
@@ -351,6 +360,7 @@ std::shared_ptr<ToolSet> toolset_from_py(py::list tools, int max_depth, long lon
     throw py::value_error("max_call_bytes must be in [1, 2**32), got " +
                           std::to_string(max_call_bytes));
   auto ts = std::make_shared<ToolSet>();
+  ts->mode = mode_from_py(mode);
   ts->max_depth = max_depth;
   ts->max_call_bytes = static_cast<size_t>(max_call_bytes);
   for (py::handle item : tools) {
@@ -541,8 +551,8 @@ py::object new_result(ParseOut*& out) {
 
 class Parser {
  public:
-  Parser(py::list tools, int max_depth, long long max_call_bytes)
-      : tools_(toolset_from_py(tools, max_depth, max_call_bytes)), scanner_(tools_.get()) {}
+  Parser(py::list tools, int max_depth, long long max_call_bytes, const std::string& mode)
+      : tools_(toolset_from_py(tools, max_depth, max_call_bytes, mode)), scanner_(tools_.get()) {}
 
   py::object parse(py::handle text) {
     py::object keep;
@@ -698,7 +708,8 @@ std::string error_repr(const PyErr& e) {
 
 void bind_toolcall(py::module_& m) {
   py::class_<PyCall>(m, "ToolCall", "A well-formed, validated tool call.")
-      .def_readonly("index", &PyCall::index, "ordinal of its <tool_call> block in the text")
+      .def_readonly("index", &PyCall::index,
+                    "ordinal of the call in the text (each element of a list counts)")
       .def_property_readonly("name", [](const PyCall& c) { return utf8_str(c.name); })
       .def_property_readonly("arguments", [](const PyCall& c) { return utf8_str(c.arguments); },
                              "canonical JSON of the arguments object")
@@ -716,7 +727,7 @@ void bind_toolcall(py::module_& m) {
       })
       .def("__repr__", &call_repr);
   py::class_<PyErr>(m, "CallError", "A typed error of one tool call (or of a think/answer tag).")
-      .def_readonly("index", &PyErr::index, "ordinal of its <tool_call> block, -1 if none")
+      .def_readonly("index", &PyErr::index, "ordinal of its call in the text, -1 for a tag error")
       .def_property_readonly("kind", [](const PyErr& e) { return err_kind_name(e.kind); })
       .def_property_readonly("message", [](const PyErr& e) { return utf8_str(e.message); })
       .def_readonly("byte_pos", &PyErr::byte_pos, "UTF-8 byte offset of the offending byte")
@@ -734,8 +745,12 @@ void bind_toolcall(py::module_& m) {
       .def("feed", &StreamParser::feed, py::arg("chunk"))
       .def("finish", &StreamParser::finish);
   py::class_<Parser>(m, "Parser", "Tool-call parser bound to a set of normalized tool schemas.")
-      .def(py::init<py::list, int, long long>(), py::arg("tools"), py::arg("max_depth"),
-           py::arg("max_call_bytes"))
+      .def(py::init<py::list, int, long long, const std::string&>(), py::arg("tools"),
+           py::arg("max_depth"), py::arg("max_call_bytes"), py::arg("mode") = "hermes")
+      .def_property_readonly("mode", [](const Parser& p) {
+        static const char* const kNames[] = {"hermes", "llama3_json", "mistral"};
+        return std::string(kNames[static_cast<int>(p.tools()->mode)]);
+      }, "how tool calls are framed: 'hermes', 'llama3_json' or 'mistral'")
       .def("parse", &Parser::parse, py::arg("text"))
       .def("parse_batch", &Parser::parse_batch, py::arg("texts"), py::arg("threads") = 0)
       .def("stream", [](const Parser& p) { return StreamParser(p.tools()); });

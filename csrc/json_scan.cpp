@@ -438,7 +438,7 @@ struct JParser {
 };
 
 bool JDoc::parse(const char* text, size_t begin, size_t end, int max_depth, JError& err,
-                 uint32_t& root) {
+                 uint32_t& root, int depth0) {
   nodes.clear();
   kids.clear();
   bytes.clear();
@@ -446,7 +446,7 @@ bool JDoc::parse(const char* text, size_t begin, size_t end, int max_depth, JErr
   src_ = text;
   JParser ps{reinterpret_cast<const uint8_t*>(text), end, max_depth, *this, err};
   size_t p = begin;
-  if (!ps.value(p, 0, root)) return false;
+  if (!ps.value(p, depth0, root)) return false;
   p = ps.ws(p);
   if (p < end) return ps.unexpected(p);
   return true;
@@ -550,6 +550,20 @@ void JDoc::canonical(uint32_t id, std::string& out) const {
       out.push_back('}');
       return;
   }
+}
+
+bool valid_utf8(const char* s, size_t n) {
+  const uint8_t* u = reinterpret_cast<const uint8_t*>(s);
+  for (size_t p = 0; p < n;) {
+    if (u[p] < 0x80) {
+      ++p;
+      continue;
+    }
+    size_t len = utf8_len(u, p, n);
+    if (!len) return false;
+    p += len;
+  }
+  return true;
 }
 
 const char* jkind_name(JKind k) {

@@ -40,8 +40,10 @@ class JDoc {
 
   // Parses exactly one JSON value (surrounded by optional whitespace) from text[begin, end).
   // On success sets `root` and returns true; on failure fills `err` and returns false.
+  // `depth0` is the nesting depth the value sits at (its own arrays/objects count from
+  // depth0 + 1 against max_depth).
   bool parse(const char* text, size_t begin, size_t end, int max_depth, JError& err,
-             uint32_t& root);
+             uint32_t& root, int depth0 = 0);
   // Parses one JSON value starting at text[begin] (after optional whitespace) that ends before
   // `end`; sets `value_end` to the byte after it. Bytes after the value are not examined.
   bool parse_prefix(const char* text, size_t begin, size_t end, int max_depth, JError& err,
@@ -65,6 +67,8 @@ class JDoc {
 
 // Appends the canonical JSON string literal (with quotes) for UTF-8 bytes s[0, n) to `out`.
 void append_json_string(const char* s, size_t n, std::string& out);
+// True if s[0, n) is well-formed UTF-8 (Unicode Table 3-7).
+bool valid_utf8(const char* s, size_t n);
 // Type name of a node as used in error messages: string, integer, number, boolean, null, array,
 // object.
 const char* jkind_name(JKind k);

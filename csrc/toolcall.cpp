@@ -10,27 +10,7 @@
 namespace spyglass {
 namespace {
 
-constexpr char kThinkO[] = "<think>";
-constexpr char kThinkC[] = "</think>";
-constexpr char kCallO[] = "<tool_call>";
-constexpr char kCallC[] = "</tool_call>";
-constexpr char kAnsO[] = "<answer>";
-constexpr char kAnsC[] = "</answer>";
-constexpr char kRespO[] = "<response>";
-constexpr char kRespC[] = "</response>";
-
-template <size_t N>
-constexpr size_t len(const char (&)[N]) {
-  return N - 1;
-}
-
-// 1: `tag` starts at buf[q]; 0: it does not; -1: buf ends inside a prefix of `tag`.
-template <size_t N>
-inline int match(const char* buf, size_t n, size_t q, const char (&tag)[N]) {
-  size_t avail = n - q, l = N - 1;
-  if (avail >= l) return std::memcmp(buf + q, tag, l) == 0 ? 1 : 0;
-  return std::memcmp(buf + q, tag, avail) == 0 ? -1 : 0;
-}
+using namespace tags;  // NOLINT: the tag constants and match()
 
 // Lexer classes inside a call body: bit 1 = '"' or '<' (outside strings), bit 2 = '"' or '\\'.
 struct LexClass {
@@ -92,18 +72,33 @@ void Scanner::reset() {
   block_tag_ = 0;
   seen_block_ = in_str_ = false;
   calls_seen_ = cur_index_ = 0;
+  outside_blank_ = true;
+  lead_args_ = val_args_ = in_id_ = semi_ = false;
+  val_start_ = depth_ = name_start_ = name_end_ = q_ = 0;
 }
 
 void Scanner::run(const char* buf, size_t n, bool final, ParseOut& out) {
   bool wait = false;
+  const bool hermes = tools_->mode == Mode::Hermes;
   while (!wait) {
-    if (st_ == St::Outside) {
-      if (p_ >= n) break;
-      outside(buf, n, final, out, wait);
-    } else if (st_ == St::Call) {
-      call(buf, n, final, out, wait);
-    } else {
-      block(buf, n, final, out, wait);
+    switch (st_) {
+      case St::Outside:
+        if (p_ >= n) {
+          wait = true;
+          break;
+        }
+        if (hermes)
+          outside(buf, n, final, out, wait);
+        else
+          outside_alt(buf, n, final, wait);
+        break;
+      case St::Call: call(buf, n, final, out, wait); break;
+      case St::Think:
+      case St::Answer: block(buf, n, final, out, wait); break;
+      case St::Lead: lead(buf, n, final, wait); break;
+      case St::Name: name(buf, n, final, out, wait); break;
+      case St::Value: value(buf, n, final, out, wait); break;
+      case St::Sep: sep(buf, n, final, wait); break;
     }
   }
   if (final) finalize(out);
@@ -127,62 +122,90 @@ void Scanner::outside(const char* buf, size_t n, bool final, ParseOut& /*out*/, 
     outside_.append(buf + p_, q - p_);
     p_ = q;
     if (q >= n) return;
-    bool partial = false;
-    int m = match(buf, n, q, kCallO);
-    if (m == 1) {
-      st_ = St::Call;
-      tag_start_ = q;
-      body_ = p_ = q + len(kCallO);
-      in_str_ = false;
-      seen_block_ = true;
-      cur_index_ = calls_seen_++;
-      return;
-    }
-    partial |= m < 0;
-    m = match(buf, n, q, kThinkO);
-    if (m == 1) {
-      st_ = St::Think;
-      tag_start_ = q;
-      body_ = p_ = q + len(kThinkO);
-      seen_block_ = true;
-      return;
-    }
-    partial |= m < 0;
-    int tag = 0;
-    m = match(buf, n, q, kAnsO);
-    partial |= m < 0;
-    if (m == 1) tag = 1;
-    m = match(buf, n, q, kRespO);
-    partial |= m < 0;
-    if (m == 1) tag = 2;
-    if (tag) {
-      st_ = St::Answer;
-      block_tag_ = tag;
-      tag_start_ = q;
-      body_ = p_ = q + (tag == 1 ? len(kAnsO) : len(kRespO));
-      seen_block_ = true;
-      return;
-    }
-    if (!seen_block_) {
-      // "...</think>" with no opening tag (the chat template put <think> in the prompt)
-      m = match(buf, n, q, kThinkC);
-      if (m == 1) {
-        think_.swap(outside_);
-        outside_.clear();
-        has_think_ = true;
-        seen_block_ = true;
-        p_ = q + len(kThinkC);
-        continue;
-      }
-      partial |= m < 0;
-    }
-    if (partial && !final) {
+    int t = tag_at(buf, n, q, final);
+    if (t < 0) {
       wait = true;
       return;
+    }
+    if (t > 0) {
+      if (st_ != St::Outside) return;
+      continue;
     }
     outside_.push_back('<');
     p_ = q + 1;
   }
+}
+
+void Scanner::open_block(size_t q) {
+  tag_start_ = q;
+  seen_block_ = true;
+  cur_index_ = calls_seen_++;
+}
+
+// A tag at buf[q] == '<' outside blocks: 1 if one was taken (state and p_ updated), 0 if the
+// '<' is plain text, -1 if the buffer ends inside a possible tag (not final).
+int Scanner::tag_at(const char* buf, size_t n, size_t q, bool final) {
+  bool partial = false;
+  int m = 0;
+  if (tools_->mode == Mode::Hermes) {
+    m = match(buf, n, q, kCallO);
+    if (m == 1) {
+      open_block(q);
+      st_ = St::Call;
+      body_ = p_ = q + len(kCallO);
+      in_str_ = false;
+      return 1;
+    }
+  } else if (tools_->mode == Mode::Llama3Json) {
+    m = match(buf, n, q, kPyTag);
+    if (m == 1) {
+      open_block(q);
+      st_ = St::Lead;
+      lead_args_ = false;
+      p_ = q + len(kPyTag);
+      return 1;
+    }
+  }
+  partial |= m < 0;
+  m = match(buf, n, q, kThinkO);
+  if (m == 1) {
+    st_ = St::Think;
+    tag_start_ = q;
+    body_ = p_ = q + len(kThinkO);
+    seen_block_ = true;
+    return 1;
+  }
+  partial |= m < 0;
+  int tag = 0;
+  m = match(buf, n, q, kAnsO);
+  partial |= m < 0;
+  if (m == 1) tag = 1;
+  m = match(buf, n, q, kRespO);
+  partial |= m < 0;
+  if (m == 1) tag = 2;
+  if (tag) {
+    st_ = St::Answer;
+    block_tag_ = tag;
+    tag_start_ = q;
+    body_ = p_ = q + (tag == 1 ? len(kAnsO) : len(kRespO));
+    seen_block_ = true;
+    return 1;
+  }
+  if (!seen_block_) {
+    // "...</think>" with no opening tag (the chat template put <think> in the prompt)
+    m = match(buf, n, q, kThinkC);
+    if (m == 1) {
+      think_.swap(outside_);
+      outside_.clear();
+      outside_blank_ = true;
+      has_think_ = true;
+      seen_block_ = true;
+      p_ = q + len(kThinkC);
+      return 1;
+    }
+    partial |= m < 0;
+  }
+  return partial && !final ? -1 : 0;
 }
 
 void Scanner::block(const char* buf, size_t n, bool final, ParseOut& out, bool& wait) {
@@ -247,7 +270,7 @@ bool Scanner::fast_call(const char* buf, size_t n, ParseOut& out) {
   if (q - body_ > tools_->max_call_bytes || n - q < len(kCallC) ||
       std::memcmp(buf + q, kCallC, len(kCallC)) != 0)
     return false;
-  complete_call(root, q + len(kCallC), out);
+  emit_block(root, q + len(kCallC), out);
   p_ = q + len(kCallC);
   st_ = St::Outside;
   return true;
@@ -333,66 +356,131 @@ void Scanner::finish_call(const char* buf, size_t body_end, size_t span_end, Par
                jerr_.pos, tag_start_, span_end, cur_index_);
     return;
   }
-  complete_call(root, span_end, out);
+  emit_block(root, span_end, out);
 }
 
-void Scanner::complete_call(uint32_t root, size_t span_end, ParseOut& out) {
-  ErrKind kind = ErrKind::InvalidCall;
-  std::string& msg = msg_;
-  msg.clear();
-  size_t pos = 0;
-  char tmp[160];
+// The call(s) of one parsed block: an object is one call, an array one call per element (each
+// with the next index; all share the block's span).
+void Scanner::emit_block(uint32_t root, size_t span_end, ParseOut& out) {
   const JNode r = doc_.nodes[root];
-  int64_t nm = -1, ar = -1;
+  if (r.kind != JKind::Arr) {
+    one_call(root, 1, span_end, out);
+    return;
+  }
+  if (r.n == 0) {
+    push_error(out, ErrKind::InvalidCall, "tool call list is empty", r.pos, tag_start_, span_end,
+               cur_index_);
+    return;
+  }
+  for (uint32_t i = 0; i < r.n; ++i) {
+    if (i) cur_index_ = calls_seen_++;
+    one_call(doc_.kids[r.a + i], 2, span_end, out);
+  }
+}
+
+// One call object (at nesting `depth`) of doc_: {"name": str, "arguments" | "parameters": ...}.
+void Scanner::one_call(uint32_t node, int depth, size_t span_end, ParseOut& out) {
+  char tmp[160];
+  const JNode r = doc_.nodes[node];
+  const char* msg = nullptr;
+  size_t pos = r.pos;
+  int64_t nm = -1, ar = -1, pa = -1;
+  for (uint32_t i = 0; r.kind == JKind::Obj && i < r.n; ++i) {  // one pass over the keys
+    const JNode& k = doc_.nodes[doc_.kids[r.a + 2 * i]];
+    const int64_t v = doc_.kids[r.a + 2 * i + 1];
+    const char* kd = doc_.data(k);
+    if (k.n == 4 && std::memcmp(kd, "name", 4) == 0) nm = v;
+    if (k.n == 9 && std::memcmp(kd, "arguments", 9) == 0) ar = v;
+    if (k.n == 10 && std::memcmp(kd, "parameters", 10) == 0) pa = v;
+  }
   if (r.kind != JKind::Obj) {
     std::snprintf(tmp, sizeof tmp, "tool call must be a JSON object, got %s", jkind_name(r.kind));
     msg = tmp;
-    pos = r.pos;
-  } else if ((nm = doc_.member(root, "name", 4)) < 0) {
+  } else if (nm < 0) {
     msg = "tool call has no \"name\"";
-    pos = r.pos;
   } else if (doc_.nodes[nm].kind != JKind::Str) {
     std::snprintf(tmp, sizeof tmp, "\"name\" must be a string, got %s",
                   jkind_name(doc_.nodes[nm].kind));
     msg = tmp;
     pos = doc_.nodes[nm].pos;
-  } else if ((ar = doc_.member(root, "arguments", 9)) >= 0 &&
-             doc_.nodes[ar].kind != JKind::Obj) {
-    std::snprintf(tmp, sizeof tmp, "\"arguments\" must be an object, got %s",
-                  jkind_name(doc_.nodes[ar].kind));
-    msg = tmp;
-    pos = doc_.nodes[ar].pos;
+  } else if (ar >= 0 && pa >= 0) {
+    msg = "tool call has both \"arguments\" and \"parameters\"";
+    pos = doc_.nodes[pa].pos;
   }
-  if (!msg.empty()) {
-    push_error(out, kind, msg, pos, tag_start_, span_end, cur_index_);
+  if (msg) {
+    push_error(out, ErrKind::InvalidCall, msg, pos, tag_start_, span_end, cur_index_);
     return;
   }
+  const char* key = ar < 0 && pa >= 0 ? "parameters" : "arguments";
+  if (ar < 0) ar = pa;
   const JNode nn = doc_.nodes[nm];
   std::string_view name(doc_.str_data(static_cast<uint32_t>(nm)), nn.n);
+  finish_args(name, nn.pos, ar, r.pos, key, depth, span_end, out);
+}
+
+// Checks a call's arguments value `ar` (a doc_ node, -1 if absent: {} at empty_pos): an object,
+// or a JSON string holding one (parsed into sdoc_; its errors are reported at the string's
+// quote). Then the tool name and the schema; emits the call or its first error.
+void Scanner::finish_args(std::string_view name, size_t name_pos, int64_t ar, uint32_t empty_pos,
+                          const char* key, int depth, size_t span_end, ParseOut& out) {
+  char tmp[200];
+  std::string& msg = msg_;
+  const JDoc* d = &doc_;
+  uint32_t args = 0;
+  int64_t at = -1;  // the string's quote when the arguments were a JSON string
+  JKind k = ar >= 0 ? doc_.nodes[ar].kind : JKind::Obj;
+  if (ar < 0) {
+    args = doc_.add_empty_object(empty_pos);
+  } else if (k == JKind::Obj) {
+    args = static_cast<uint32_t>(ar);
+  } else if (k == JKind::Str) {
+    const JNode sn = doc_.nodes[ar];
+    at = sn.pos;
+    sbuf_.assign(doc_.data(sn), sn.n);
+    if (!sdoc_.parse(sbuf_.data(), 0, sbuf_.size(), tools_->max_depth, jerr_, args, depth)) {
+      std::snprintf(tmp, sizeof tmp, "in the \"%s\" string at byte %zu: ", key, jerr_.pos);
+      msg = tmp + jerr_.message;
+      push_error(out, jerr_.too_deep ? ErrKind::TooDeep : ErrKind::InvalidJson, msg,
+                 static_cast<size_t>(at), tag_start_, span_end, cur_index_);
+      return;
+    }
+    d = &sdoc_;
+    k = sdoc_.nodes[args].kind;
+  }
+  if (k != JKind::Obj) {
+    std::snprintf(tmp, sizeof tmp, at >= 0 ? "\"%s\" string must hold a JSON object, got %s"
+                                           : "\"%s\" must be an object, got %s",
+                  key, jkind_name(k));
+    push_error(out, ErrKind::InvalidCall, tmp, at >= 0 ? at : doc_.nodes[ar].pos, tag_start_,
+               span_end, cur_index_);
+    return;
+  }
   auto it = tools_->index.find(name);
   if (it == tools_->index.end()) {
     msg = "unknown tool ";
     append_json_string(name.data(), name.size(), msg);
-    push_error(out, ErrKind::UnknownTool, msg, nn.pos, tag_start_, span_end, cur_index_);
+    push_error(out, ErrKind::UnknownTool, msg, name_pos, tag_start_, span_end, cur_index_);
     return;
   }
-  uint32_t args = ar >= 0 ? static_cast<uint32_t>(ar) : doc_.add_empty_object(r.pos);
   path_.clear();
-  if (!validate(args, tools_->schemas[it->second], msg, kind, pos)) {
-    push_error(out, kind, msg, pos, tag_start_, span_end, cur_index_);
+  ErrKind kind;
+  size_t pos;
+  if (!validate(*d, args, tools_->schemas[it->second], msg, kind, pos)) {
+    push_error(out, kind, msg, at >= 0 ? static_cast<size_t>(at) : pos, tag_start_, span_end,
+               cur_index_);
     return;
   }
   if (out.calls.capacity() == 0) out.calls.reserve(4);
   Slice sn = out.put(name.data(), name.size());
   Slice sa{static_cast<uint32_t>(out.store.size()), 0};
-  doc_.canonical(args, out.store);
+  d->canonical(args, out.store);
   sa.len = static_cast<uint32_t>(out.store.size() - sa.off);
   out.calls.push_back(CallRec{cur_index_, sn, sa, tag_start_, span_end});
 }
 
-bool Scanner::validate(uint32_t node, const Schema& sc, std::string& msg, ErrKind& kind,
-                       size_t& pos) {
-  const JNode nd = doc_.nodes[node];
+bool Scanner::validate(const JDoc& d, uint32_t node, const Schema& sc, std::string& msg,
+                       ErrKind& kind, size_t& pos) {
+  const JNode nd = d.nodes[node];
   kind = ErrKind::InvalidArgument;
   pos = nd.pos;
   if (sc.types && !(sc.types & kind_bits(nd.kind))) {
@@ -407,7 +495,7 @@ bool Scanner::validate(uint32_t node, const Schema& sc, std::string& msg, ErrKin
   }
   if (sc.has_enum) {
     canon_.clear();
-    doc_.canonical(node, canon_);
+    d.canonical(node, canon_);
     bool found = false;
     for (const std::string& v : sc.enum_canon) found = found || v == canon_;
     if (!found) {
@@ -417,7 +505,7 @@ bool Scanner::validate(uint32_t node, const Schema& sc, std::string& msg, ErrKin
   }
   if (nd.kind == JKind::Obj) {
     for (const std::string& r : sc.required) {
-      if (doc_.member(node, r.data(), r.size()) >= 0) continue;
+      if (d.member(node, r.data(), r.size()) >= 0) continue;
       std::string key;
       append_json_string(r.data(), r.size(), key);
       path_.push_back(std::move(key));
@@ -426,9 +514,9 @@ bool Scanner::validate(uint32_t node, const Schema& sc, std::string& msg, ErrKin
       return false;
     }
     for (uint32_t i = 0; i < nd.n; ++i) {
-      const JNode& k = doc_.nodes[doc_.kids[nd.a + 2 * i]];
-      uint32_t val = doc_.kids[nd.a + 2 * i + 1];
-      std::string_view key(doc_.data(k), k.n);
+      const JNode& k = d.nodes[d.kids[nd.a + 2 * i]];
+      uint32_t val = d.kids[nd.a + 2 * i + 1];
+      std::string_view key(d.data(k), k.n);
       auto it = sc.props.find(key);
       if (it == sc.props.end() && sc.additional) continue;
       std::string elem;
@@ -436,16 +524,16 @@ bool Scanner::validate(uint32_t node, const Schema& sc, std::string& msg, ErrKin
       path_.push_back(std::move(elem));
       if (it == sc.props.end()) {
         msg = "argument " + path_string(path_) + ": unexpected argument";
-        pos = doc_.nodes[val].pos;
+        pos = d.nodes[val].pos;
         return false;
       }
-      if (!validate(val, it->second, msg, kind, pos)) return false;
+      if (!validate(d, val, it->second, msg, kind, pos)) return false;
       path_.pop_back();
     }
   } else if (nd.kind == JKind::Arr && sc.items) {
     for (uint32_t i = 0; i < nd.n; ++i) {
       path_.push_back(std::to_string(i));
-      if (!validate(doc_.kids[nd.a + i], *sc.items, msg, kind, pos)) return false;
+      if (!validate(d, d.kids[nd.a + i], *sc.items, msg, kind, pos)) return false;
       path_.pop_back();
     }
   }

@@ -1,10 +1,13 @@
-// spyglass tool-call parser core: scans Qwen/Hermes-format model output
-// (<think>..</think>, <tool_call>{json}</tool_call>, <answer>/<response>) in one pass, parses
-// and validates each call against its tool's JSON schema, and reports typed errors per call.
-// The format, error kinds, positions and canonical JSON are specified in engine/toolcall.py.
+// spyglass tool-call parser core: scans model output (<think>..</think>, <answer>/<response>,
+// and tool calls framed per mode: Hermes/Qwen <tool_call>{json}</tool_call>, Llama-3 JSON,
+// Mistral [TOOL_CALLS]) in one pass, parses and validates each call against its tool's JSON
+// schema, and reports typed errors per call. The format, error kinds, positions and canonical
+// JSON are specified in engine/toolcall.py. toolcall.cpp holds the scanner and the call-object
+// rules shared by all modes; toolcall_modes.cpp the Llama-3 JSON and Mistral front-ends.
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <string>
@@ -45,12 +48,16 @@ struct Schema {
   bool additional = true;
 };
 
+// How tool calls are framed in the text (chosen when the parser is built).
+enum class Mode : uint8_t { Hermes, Llama3Json, Mistral };
+
 struct ToolSet {
   std::vector<std::string> names;
   std::vector<Schema> schemas;  // parallel to names; a schema with types 0 accepts anything
   std::unordered_map<std::string_view, size_t> index;  // views into `names` (build it last)
   int max_depth = 64;
   size_t max_call_bytes = 1 << 20;
+  Mode mode = Mode::Hermes;
 };
 
 // [off, off+len) in ParseOut::store.
@@ -65,7 +72,7 @@ struct CallRec {
 };
 
 struct ErrRec {
-  int64_t index;  // ordinal of the <tool_call> block, -1 for think/answer tag errors
+  int64_t index;  // ordinal of the call in the text, -1 for think/answer tag errors
   ErrKind kind;
   Slice message;
   uint64_t byte_pos, start, end;
@@ -90,6 +97,37 @@ struct ParseOut {
   Slice put(const std::string& v) { return put(v.data(), v.size()); }
 };
 
+// Tags and tag matching shared by the scanner's front-ends.
+namespace tags {
+constexpr char kThinkO[] = "<think>";
+constexpr char kThinkC[] = "</think>";
+constexpr char kCallO[] = "<tool_call>";
+constexpr char kCallC[] = "</tool_call>";
+constexpr char kAnsO[] = "<answer>";
+constexpr char kAnsC[] = "</answer>";
+constexpr char kRespO[] = "<response>";
+constexpr char kRespC[] = "</response>";
+constexpr char kPyTag[] = "<|python_tag|>";
+constexpr char kToolCalls[] = "[TOOL_CALLS]";
+constexpr char kArgs[] = "[ARGS]";
+constexpr char kCallId[] = "[CALL_ID]";
+
+template <size_t N>
+constexpr size_t len(const char (&)[N]) {
+  return N - 1;
+}
+
+// 1: `tag` starts at buf[q]; 0: it does not; -1: buf ends inside a prefix of `tag`.
+template <size_t N>
+inline int match(const char* buf, size_t n, size_t q, const char (&tag)[N]) {
+  size_t avail = n - q, l = N - 1;
+  if (avail >= l) return std::memcmp(buf + q, tag, l) == 0 ? 1 : 0;
+  return std::memcmp(buf + q, tag, avail) == 0 ? -1 : 0;
+}
+
+inline bool is_ws(char c) { return c == ' ' || c == '\n' || c == '\r' || c == '\t'; }
+}  // namespace tags
+
 // Resumable single-pass scanner. run() may be called repeatedly on a growing buffer (streaming);
 // it never looks back before its saved position except to copy out completed blocks.
 class Scanner {
@@ -102,22 +140,40 @@ class Scanner {
   void run(const char* buf, size_t n, bool final, ParseOut& out);
 
  private:
-  enum class St { Outside, Think, Answer, Call };
+  // Outside: text; Think/Answer: inside a block; Call: a Hermes <tool_call> body; Lead: blanks
+  // after <|python_tag|> / [TOOL_CALLS] / [ARGS]; Name: a Mistral v11 name (and call id);
+  // Value: a lexically delimited JSON value (Llama / Mistral); Sep: Llama's "; " between calls.
+  enum class St { Outside, Think, Answer, Call, Lead, Name, Value, Sep };
   void outside(const char* buf, size_t n, bool final, ParseOut& out, bool& wait);
+  int tag_at(const char* buf, size_t n, size_t q, bool final);
+  void open_block(size_t q);
   void block(const char* buf, size_t n, bool final, ParseOut& out, bool& wait);
   void call(const char* buf, size_t n, bool final, ParseOut& out, bool& wait);
   void finish_call(const char* buf, size_t body_end, size_t span_end, ParseOut& out);
   bool fast_call(const char* buf, size_t n, ParseOut& out);
-  void complete_call(uint32_t root, size_t span_end, ParseOut& out);
-  bool validate(uint32_t node, const Schema& sc, std::string& msg, ErrKind& kind, size_t& pos);
+  void emit_block(uint32_t root, size_t span_end, ParseOut& out);
+  void one_call(uint32_t node, int depth, size_t span_end, ParseOut& out);
+  void finish_args(std::string_view name, size_t name_pos, int64_t args, uint32_t empty_pos,
+                   const char* key, int depth, size_t span_end, ParseOut& out);
+  bool validate(const JDoc& d, uint32_t node, const Schema& sc, std::string& msg, ErrKind& kind,
+                size_t& pos);
   void push_error(ParseOut& out, ErrKind kind, const std::string& msg, size_t pos, size_t start,
                   size_t end, int64_t index);
   void finalize(ParseOut& out);
+  // toolcall_modes.cpp
+  void outside_alt(const char* buf, size_t n, bool final, bool& wait);
+  void add_outside(const char* p, size_t len);
+  void lead(const char* buf, size_t n, bool final, bool& wait);
+  void name(const char* buf, size_t n, bool final, ParseOut& out, bool& wait);
+  void begin_value(size_t at, bool args);
+  void value(const char* buf, size_t n, bool final, ParseOut& out, bool& wait);
+  void finish_value(const char* buf, size_t end, ParseOut& out);
+  void sep(const char* buf, size_t n, bool final, bool& wait);
 
   const ToolSet* tools_;
-  JDoc doc_;
+  JDoc doc_, sdoc_;  // sdoc_: the document inside an "arguments" JSON string
   JError jerr_;
-  std::string canon_, msg_, think_, outside_;
+  std::string canon_, msg_, think_, outside_, sbuf_;
   bool has_think_ = false;
   std::vector<std::string> path_;  // canonical JSON of each path element
   St st_ = St::Outside;
@@ -125,6 +181,13 @@ class Scanner {
   int block_tag_ = 0;  // Think: 0; Answer: 1 answer, 2 response
   bool seen_block_ = false, in_str_ = false;
   int64_t calls_seen_ = 0, cur_index_ = 0;
+  // Llama / Mistral front-ends
+  bool outside_blank_ = true;   // text_outside so far is only " \t\n\r"
+  bool lead_args_ = false;      // Lead: before a Mistral [ARGS] value (else after the opener)
+  bool val_args_ = false;       // Value: a Mistral v11 arguments value (else a call block)
+  bool in_id_ = false;          // Name: past [CALL_ID]
+  bool semi_ = false;           // Sep: the ';' has been seen
+  size_t val_start_ = 0, depth_ = 0, name_start_ = 0, name_end_ = 0, q_ = 0;
 };
 
 // One-shot parse of a whole text.

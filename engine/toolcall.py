@@ -1,6 +1,8 @@
-"""Tool-call parsing for Qwen/Hermes-format model output (public API over the C++ core).
+"""Tool-call parsing of model output: Hermes/Qwen ``<tool_call>`` blocks (default), Llama-3 JSON
+tool calls, Mistral ``[TOOL_CALLS]`` (public API over the C++ core).
 
     parser = ToolCallParser(tools)                      # OpenAI-style or bare {"name","parameters"}
+    parser = ToolCallParser(tools, mode="llama3_json")  # or "mistral"; default "hermes"
     r = parser.parse(text)                              # -> ParseResult
     rs = parser.parse_batch(texts, threads=2)           # GIL released, N worker threads
     s = parser.stream(); s.feed(chunk) -> [ToolCall | CallError, ...]; s.finish() -> ParseResult
@@ -8,36 +10,72 @@
 ``backend="cpp"`` (default) runs ``spyglass.engine._core``; ``backend="python"`` runs the pure-
 Python reference ``spyglass.engine.toolcall_ref`` (same results, byte for byte; its result types
 are dataclasses with the same fields and methods). This module owns the shared constants and
-validators (``ERROR_KINDS``, ``MAX_DEPTH_LIMIT``, ``check_parser_limits``), which the reference
-imports from here; the reference is imported only lazily, by the python backend and by
-``canonical_json`` (the C++ core has no standalone JSON reader). Tests:
-``.venv/bin/python -m pytest -q tests/test_toolcall.py tests/test_toolcall_props.py``;
+validators (``ERROR_KINDS``, ``MAX_DEPTH_LIMIT``, ``MODES``, ``check_parser_limits``), which the
+reference imports from here; the reference is imported only lazily, by the python backend and
+by ``canonical_json`` (the C++ core has no standalone JSON reader). Tests: ``.venv/bin/python
+-m pytest -q tests/test_toolcall.py tests/test_toolcall_props.py tests/test_toolcall_modes.py``;
 speed: ``.venv/bin/python benchmarks/bench_toolcall.py``.
 
 Format (all positions are byte offsets into the UTF-8 text; a ``str`` is encoded with
 "surrogatepass", so lone surrogates become ill-formed UTF-8)
-- Tags are exact and case-sensitive: ``<think>``, ``<tool_call>``, ``<answer>``, ``<response>``
-  and their closing forms. Outside any block, a ``<`` that starts none of them is plain text.
+- Tags are exact and case-sensitive: ``<think>``, ``<answer>``, ``<response>``, the mode's call
+  opener (below) and their closing forms. Outside any block, a ``<`` that starts none of them
+  is plain text. Think/answer/response blocks work the same in every mode.
 - ``<think>…</think>``: only ``</think>`` ends it. ``think`` is the contents of all think blocks
   joined with "\\n" (None if there is none). If ``</think>`` comes before any block opened,
   everything before it is think (the chat template put ``<think>`` in the prompt).
 - ``<answer>…</answer>`` / ``<response>…</response>``: only the matching close ends it. The
   first such block gives ``answer`` and ``answer_tag`` ("answer" | "response"); later ones are
   skipped. Blocks and tags are never recognised inside think or answer blocks.
-- ``<tool_call>BODY</tool_call>``: BODY ends at the first ``</tool_call>`` outside a JSON string,
-  where strings are found lexically (``"`` opens/closes, ``\\`` skips the next byte inside one).
+- hermes mode: ``<tool_call>BODY</tool_call>``; BODY ends at the first ``</tool_call>`` outside
+  a JSON string, where strings are found lexically (``"`` opens/closes, ``\\`` skips the next byte inside one).
   So a literal ``</tool_call>`` inside a JSON string does not end the call. If there is no such
   closing tag before the end (unbalanced quotes), BODY ends at the first literal
   ``</tool_call>`` after it if any (so the calls after it survive), else the call is an
   ``unterminated_tag`` error. (Cost: the lexer runs to the end of the text for each such
-  call, so k calls with unbalanced quotes cost O(k·n); everything else is one pass.) Every ``<tool_call>`` gets the next ordinal ``index`` (0, 1, …),
-  good or bad, and ``span`` = [its ``<``, end of its ``</tool_call>``) (or end of text).
+  call, so k calls with unbalanced quotes cost O(k·n); everything else is one pass.) ``span`` =
+  [its ``<``, end of its ``</tool_call>``) (or end of text). Other modes: see "Modes" below.
+- Calls: every call gets the next ordinal ``index`` (0, 1, …), good or bad, in text order. A
+  block whose value is a JSON array holds one call per element (each its own index and check,
+  all sharing the block's span; ``[]`` is one ``invalid_call`` "tool call list is empty" at its
+  ``[``); a block that fails before its elements are known takes one index.
 - ``text_outside``: the bytes outside all blocks, concatenated. think / answer / text_outside are
   decoded with ``errors="replace"`` (Python's U+FFFD rule); nothing else is ever replaced.
 - An unterminated think/answer block keeps its contents up to the end and adds an
   ``unterminated_tag`` error with index -1.
 
-A call BODY is checked in this order; the first failure is its one ``CallError``:
+Modes (``mode=``, chosen when the parser is built; the call-object rules below are shared):
+- ``hermes`` (default; Qwen 2.5/3, Hermes, vLLM's ``hermes`` parser): ``<tool_call>`` as above.
+- ``llama3_json`` (Llama 3.1/3.2/3.3 "JSON based tool calling", vLLM's ``llama3_json``): a block
+  is a VALUE (below) that starts at a ``{`` outside blocks while text_outside so far is only
+  " \\t\\n\\r" (the assistant text *begins* with the call, after any think blocks: JSON after
+  prose is prose), or after ``<|python_tag|>`` and blanks anywhere outside blocks (the tag is in
+  that block's span). After a block, blanks ``;`` blanks and a ``{`` open the next block (those
+  separator bytes belong to no output); anything else ends the run and the bytes from the
+  value's end on are scanned as text (so a newline-separated ``{`` still opens a block while
+  text_outside is blank). ``span`` = [the ``{`` or ``<|python_tag|>``, the value's end).
+  ``<tool_call>`` is plain text in this mode. Typical: ``{"name": "f", "parameters": {...}}``.
+- ``mistral`` (mistral-common tokenizers, vLLM's ``mistral``): ``[TOOL_CALLS]`` outside blocks
+  opens a block ending at its value's end (``span`` from the ``[``); after blanks:
+  ``{`` or a ``[`` that does not start ``[ARGS]``/``[CALL_ID]``/``[TOOL_CALLS]``: a VALUE, an
+  object or a list of call objects (tokenizers < v11: ``[TOOL_CALLS] [{"name": "f",
+  "arguments": {...}}, ...]``); otherwise the v11+ form ``NAME[ARGS]ARGS``,
+  ``NAME[CALL_ID]ID[ARGS]ARGS`` (v11 with ids; v13 drops them) or ``NAME{...}`` (the special
+  tokens decoded away), one call per ``[TOOL_CALLS]``: NAME = the bytes up to the first ``[`` or
+  ``{``, ID = the bytes up to the next ``[``, blanks allowed after ``[ARGS]``, ARGS = a VALUE
+  that is the call's arguments (the rules of "arguments" below; its object sits at depth 2,
+  as inside a call object). If ``[ARGS]`` is not where expected the block is an
+  ``invalid_call`` "expected [ARGS] after the tool name" (or "... after the call id") at that
+  byte and ends there; otherwise NAME is checked first: empty -> "tool call has no name",
+  ill-formed UTF-8 -> "tool name is not valid UTF-8" (``invalid_call`` at NAME's first byte),
+  then ARGS from step 1 below, ``unknown_tool`` at NAME's first byte.
+- VALUE (llama3_json, mistral): found lexically, then parsed as one JSON document. From ``{`` or
+  ``[``: to the bracket that brings the count of open brackets (either kind, outside strings;
+  strings found as in hermes) back to zero; from ``"``: to its closing quote; from anything
+  else, or if it never closes: to the end of the text. A streamed call is emitted when its
+  value closes; one running to the end of the text only at ``finish()``.
+
+A call BODY (hermes) or VALUE is checked in this order; the first failure is its one error:
 1. ``too_large``: more than ``max_call_bytes`` bytes (byte_pos = body start + max_call_bytes).
 2. JSON (RFC 8259, whitespace " \\t\\n\\r" around the value): ``invalid_json`` at the first byte
    that cannot continue a valid document ("unexpected end of input" at the body end); invalid
@@ -45,9 +83,19 @@ A call BODY is checked in this order; the first failure is its one ``CallError``
    escape, bad ``\\u`` hex, or lone surrogate escape (low alone, or high not followed by
    ``\\u``+low) at its backslash; a raw byte < 0x20 in a string at that byte; an exponent with
    more than 9 significant digits at the number's first byte. ``too_deep``: an array/object
-   opened at depth > ``max_depth`` (the call object is depth 1), at its bracket.
-3. ``invalid_call``: not an object, no string ``"name"``, or ``"arguments"`` present but not an
-   object (absent means ``{}``). Other keys are ignored. Duplicate keys: the last one wins.
+   opened at depth > ``max_depth`` (the call object is depth 1, 2 inside a list), at its bracket.
+3. ``invalid_call`` (per call object): not an object ("tool call must be a JSON object, got
+   T"), no ``"name"``, ``"name"`` not a string. The arguments are under ``"arguments"``, or
+   under ``"parameters"`` when ``"arguments"`` is absent (Llama's key, accepted in every mode;
+   neither means ``{}``); both present -> "tool call has both "arguments" and "parameters""
+   at the ``"parameters"`` value. The arguments value must be an object, or a JSON string whose
+   contents are one JSON document holding an object (the double-encoded form Qwen's reference
+   and vLLM's hermes parser accept), parsed as if it sat where the string is (depth) with the
+   rules of step 2: its errors are ``invalid_json``/``too_deep`` "in the "KEY" string at byte
+   K: MESSAGE" (K = offset in the decoded string) at the string's opening quote; a non-object
+   document -> ""KEY" string must hold a JSON object, got T" at the quote; any other value ->
+   ""KEY" must be an object, got T" at the value (KEY = the key the text used). Other keys are
+   ignored. Duplicate keys: the last one wins.
 4. ``unknown_tool``: name not among the tools (byte_pos = the name string's quote).
 5. Schema (JSON Schema subset): ``type`` (string, integer, number, boolean, array, object, null,
    or a list), ``enum``/``const`` (compared as canonical JSON), ``required``, ``properties``,
@@ -57,7 +105,8 @@ A call BODY is checked in this order; the first failure is its one ``CallError``
    ``invalid_argument`` at the value (unexpected key when additionalProperties is false), then
    (arrays) elements in order. Paths in messages are canonical JSON arrays, e.g.
    ``argument ["box",2]: expected integer, got number``. An integral number (canonical exponent
-   >= 0, e.g. ``2.0``) is an integer.
+   >= 0, e.g. ``2.0``) is an integer. Inside string-encoded arguments every schema error is
+   reported at the string's opening quote.
 
 Canonical JSON (``ToolCall.arguments``): no whitespace, separators "," and ":", object keys
 sorted by their UTF-8 bytes (= code point order), strings with only ``"`` ``\\`` and bytes < 0x20
@@ -76,9 +125,10 @@ to 21 digits (like JavaScript's Number-to-string, but exact).
 
 Limits: 1 <= max_depth <= 512; 1 <= max_call_bytes < 2**32; texts < 4 GiB.
 
-Streaming: ``feed`` costs O(len(chunk)) amortised (nothing before the scanner's position is
-scanned again; a tag split across chunks is held back until it completes); the stream keeps the
-whole text, so ``finish()`` equals ``parse()`` of the concatenation, byte for byte.
+Streaming: ``feed`` costs O(len(chunk)) amortised in every mode (nothing before the scanner's
+position is scanned again; a tag split across chunks is held back until it completes); the
+stream keeps the whole text, so ``finish()`` equals ``parse()`` of the concatenation, byte for
+byte.
 """
 from __future__ import annotations
 
@@ -100,20 +150,23 @@ CallError = _core.CallError
 ParseResult = _core.ParseResult
 StreamParser = _core.StreamParser
 
-__all__ = ["ERROR_KINDS", "MAX_DEPTH_LIMIT", "CallError", "ParseResult", "ParserConfig",
+__all__ = ["ERROR_KINDS", "MAX_DEPTH_LIMIT", "MODES", "CallError", "ParseResult", "ParserConfig",
            "StreamParser", "ToolCall", "ToolCallParser", "canonical_json", "check_parser_limits",
            "normalize_tools"]
 
 ERROR_KINDS = ("unterminated_tag", "invalid_json", "too_deep", "too_large", "invalid_call",
                "unknown_tool", "missing_argument", "invalid_argument")
 MAX_DEPTH_LIMIT = 512
+MODES = ("hermes", "llama3_json", "mistral")
 _MAX_CALL_BYTES_END = 2**32 - 15  # exclusive bound on max_call_bytes
 _TYPES = ("string", "integer", "number", "boolean", "array", "object", "null")
 
 
-def check_parser_limits(max_depth: int, max_call_bytes: int) -> None:
-    """Raise ValueError naming the bad value unless 1 <= max_depth <= MAX_DEPTH_LIMIT and
-    1 <= max_call_bytes < 2**32 (both ints)."""
+def check_parser_limits(max_depth: int, max_call_bytes: int, mode: str = "hermes") -> None:
+    """Raise ValueError naming the bad value unless 1 <= max_depth <= MAX_DEPTH_LIMIT,
+    1 <= max_call_bytes < 2**32 (both ints) and mode is one of MODES."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be 'hermes', 'llama3_json' or 'mistral', got {mode!r}")
     if not isinstance(max_depth, int) or not 1 <= max_depth <= MAX_DEPTH_LIMIT:
         raise ValueError(f"max_depth must be an int in [1, {MAX_DEPTH_LIMIT}], got {max_depth!r}")
     if not isinstance(max_call_bytes, int) or not 1 <= max_call_bytes < _MAX_CALL_BYTES_END:
@@ -129,13 +182,14 @@ def canonical_json(text: str | bytes, max_depth: int = MAX_DEPTH_LIMIT) -> str:
 
 @dataclass(frozen=True)
 class ParserConfig:
-    """Limits and backend of a ToolCallParser (validated on construction)."""
+    """Limits, backend and call format (mode) of a ToolCallParser (validated on construction)."""
     max_depth: int = 64
     max_call_bytes: int = 1 << 20
     backend: str = "cpp"
+    mode: str = "hermes"
 
     def __post_init__(self) -> None:
-        check_parser_limits(self.max_depth, self.max_call_bytes)
+        check_parser_limits(self.max_depth, self.max_call_bytes, self.mode)
         if self.backend not in ("cpp", "python"):
             raise ValueError(f"backend must be 'cpp' or 'python', got {self.backend!r}")
 
@@ -225,14 +279,20 @@ class ToolCallParser:
     """
 
     def __init__(self, tools: Sequence[Mapping[str, Any]], max_depth: int = 64,
-                 max_call_bytes: int = 1 << 20, backend: str = "cpp") -> None:
-        self.config = ParserConfig(max_depth, max_call_bytes, backend)
+                 max_call_bytes: int = 1 << 20, backend: str = "cpp",
+                 mode: str = "hermes") -> None:
+        self.config = ParserConfig(max_depth, max_call_bytes, backend, mode)
         self.tools = normalize_tools(tools)
         if backend == "cpp":
-            self._impl: Any = _core.Parser(self.tools, max_depth, max_call_bytes)
+            self._impl: Any = _core.Parser(self.tools, max_depth, max_call_bytes, mode)
         else:
             from spyglass.engine.toolcall_ref import RefParser  # noqa: PLC0415
-            self._impl = RefParser(self.tools, max_depth, max_call_bytes)
+            self._impl = RefParser(self.tools, max_depth, max_call_bytes, mode)
+
+    @property
+    def mode(self) -> str:
+        """How tool calls are framed: "hermes", "llama3_json" or "mistral"."""
+        return self.config.mode
 
     @property
     def tool_names(self) -> list[str]:
@@ -258,7 +318,8 @@ class ToolCallParser:
 
 def make_turn_parser(tools: Sequence[Mapping[str, Any]], **kw: Any) -> Any:
     """The engine's TurnParser over this parser: calls as {"name", "arguments"} (canonical
-    JSON), every CallError as a dict (format errors of the turn), and the answer."""
+    JSON), every CallError as a dict (format errors of the turn), and the answer. ``kw`` are
+    ToolCallParser's (``mode="llama3_json"``/``"mistral"``, limits, backend)."""
     from .scheduler import ParsedTurn  # noqa: PLC0415 - the engine imports this module lazily
 
     parser = ToolCallParser(tools, **kw)

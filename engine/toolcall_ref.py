@@ -7,10 +7,12 @@ production module never imports this one at load time), written independently of
 ``tests/test_toolcall_props.py`` can check the two against each other byte for byte. It is plain
 Python and slow; its streaming form re-parses the whole buffer on every ``feed`` (quadratic),
 which is fine for a reference and wrong for production. It also backs
-``spyglass.engine.toolcall.canonical_json``.
+``spyglass.engine.toolcall.canonical_json``. All parser modes (hermes, llama3_json, mistral)
+are here; C++ splits them between csrc/toolcall.cpp and csrc/toolcall_modes.cpp.
 
-Use it through ``ToolCallParser(tools, backend="python")``; run its tests with
-``.venv/bin/python -m pytest -q tests/test_toolcall.py tests/test_toolcall_props.py``.
+Use it through ``ToolCallParser(tools, backend="python", mode=...)``; run its tests with
+``.venv/bin/python -m pytest -q tests/test_toolcall.py tests/test_toolcall_props.py
+tests/test_toolcall_modes.py``.
 """
 from __future__ import annotations
 
@@ -25,8 +27,7 @@ from spyglass.engine.toolcall import MAX_DEPTH_LIMIT, check_parser_limits
 _WS = re.compile(rb"[ \t\n\r]*")
 _RUN = re.compile(rb'[^"\\\x00-\x1f]*')
 _DIGITS = re.compile(rb"[0-9]*")
-_OUT_STR = re.compile(rb'"|</tool_call>')
-_IN_STR = re.compile(rb'["\\]')
+_CALL_LEX = re.compile(rb'"(?:[^"\\]|\\.)*(")?|</tool_call>', re.S)
 _ESC_OUT = re.compile(rb'["\\\x00-\x1f]')
 _SIMPLE_ESC = {ord('"'): b'"', ord("\\"): b"\\", ord("/"): b"/", ord("b"): b"\b",
                ord("f"): b"\f", ord("n"): b"\n", ord("r"): b"\r", ord("t"): b"\t"}
@@ -37,7 +38,13 @@ _KIND_NAME = {"null": "null", "false": "boolean", "true": "boolean", "int": "int
 _KIND_TYPES = {"null": {"null"}, "false": {"boolean"}, "true": {"boolean"},
                "int": {"integer", "number"}, "num": {"number"}, "str": {"string"},
                "arr": {"array"}, "obj": {"object"}}
-_OPEN_TAGS = (b"<tool_call>", b"<think>", b"<answer>", b"<response>")
+_OPEN_TAGS = (b"<think>", b"<answer>", b"<response>")
+_BLANKS = b" \t\n\r"
+_LEX = re.compile(rb'"(?:[^"\\]|\\.)*(")?|[{}\[\]]', re.S)  # a string or a bracket
+_M_TAGS = (b"[ARGS]", b"[CALL_ID]", b"[TOOL_CALLS]")
+_SEP = re.compile(rb"[ \t\n\r]*(;[ \t\n\r]*)?")
+_NAME = re.compile(rb"[^\[{]*")
+_ID = re.compile(rb"[^\[]*")
 _CLOSE = {"think": b"</think>", "answer": b"</answer>", "response": b"</response>"}
 
 
@@ -146,8 +153,8 @@ class _Json:
     def ws(self, p: int) -> int:
         return _WS.match(self.s, p, self.end).end()
 
-    def parse(self, begin: int) -> tuple:
-        node, p = self.value(begin, 0)
+    def parse(self, begin: int, depth0: int = 0) -> tuple:
+        node, p = self.value(begin, depth0)
         p = self.ws(p)
         if p < self.end:
             raise self.unexpected(p)
@@ -325,16 +332,34 @@ class _Out:
     answer: bytes | None = None
     answer_tag: str | None = None
     outside: bytes = b""
+    blank: bool = True  # outside is only " \t\n\r"
+    seen_block: bool = False
+    ncalls: int = 0
+
+    def text(self, b: bytes) -> None:
+        self.outside += b
+        self.blank = self.blank and not b.strip(_BLANKS)
+
+    def open(self) -> int:
+        """Opens a call block: its first index."""
+        self.seen_block, self.ncalls = True, self.ncalls + 1
+        return self.ncalls - 1
+
+    def add(self, item: RefToolCall | RefCallError) -> None:
+        (self.calls if isinstance(item, RefToolCall) else self.errors).append(item)
 
 
 class RefParser:
     """Reference parser over normalized tools (see ``toolcall.normalize_tools``)."""
 
     def __init__(self, tools: list[tuple[str, dict | None]], max_depth: int,
-                 max_call_bytes: int) -> None:
-        check_parser_limits(max_depth, max_call_bytes)
+                 max_call_bytes: int, mode: str = "hermes") -> None:
+        check_parser_limits(max_depth, max_call_bytes, mode)
         self.tools = {name.encode(): schema for name, schema in tools}
-        self.max_depth, self.max_call_bytes = max_depth, max_call_bytes
+        self.max_depth, self.max_call_bytes, self.mode = max_depth, max_call_bytes, mode
+        self._next = re.compile({"hermes": rb"<", "llama3_json": rb"[<{]",
+                                 "mistral": rb"[<\[]"}[mode])
+        self._call_tag = {"hermes": b"<tool_call>", "llama3_json": b"<|python_tag|>"}.get(mode)
         if sys.getrecursionlimit() < 2 * max_depth + 1000:
             sys.setrecursionlimit(2 * max_depth + 1000)
 
@@ -352,33 +377,45 @@ class RefParser:
     def scan(self, s: bytes, final: bool) -> _Out:
         """Scans s; with final=False stops at the first construct later bytes could change."""
         out, p, n = _Out(), 0, len(s)
-        seen_block, calls_seen = False, 0
-        while p < n:
-            q = s.find(b"<", p)
-            if q < 0:
-                out.outside += s[p:]
-                break
-            out.outside += s[p:q]
-            p = q
-            if s.startswith(b"<tool_call>", q):
-                seen_block, calls_seen = True, calls_seen + 1
-                p = self._call(s, q, calls_seen - 1, final, out)
-            elif s.startswith(b"<think>", q) or s.startswith(b"<answer>", q) \
-                    or s.startswith(b"<response>", q):
-                seen_block = True
-                p = self._block(s, q, final, out)
-            elif not seen_block and s.startswith(b"</think>", q):
-                out.think, out.outside = out.outside, b""
-                seen_block, p = True, q + len(b"</think>")
+        while p is not None and p < n:
+            m = self._next.search(s, p)
+            q = n if m is None else m.start()
+            out.text(s[p:q])
+            if q < n:
+                p = self._tag(s, q, final, out) if s[q] == 0x3C else self._opener(s, q, final, out)
             else:
-                tags = _OPEN_TAGS + (() if seen_block else (b"</think>",))
-                if not final and any(t.startswith(s[q:]) and n - q < len(t) for t in tags):
-                    return out
-                out.outside += b"<"
-                p = q + 1
-            if p is None:
-                return out
+                p = n
         return out
+
+    def _tag(self, s: bytes, q: int, final: bool, out: _Out) -> int | None:
+        ct = self._call_tag
+        if ct and s.startswith(ct, q):
+            if self.mode == "hermes":
+                return self._call(s, q, out.open(), final, out)
+            return self._lead(s, q, q + len(ct), out.open(), final, out)
+        if s.startswith((b"<think>", b"<answer>", b"<response>"), q):
+            out.seen_block = True
+            return self._block(s, q, final, out)
+        if not out.seen_block and s.startswith(b"</think>", q):
+            out.think, out.outside, out.blank, out.seen_block = out.outside, b"", True, True
+            return q + len(b"</think>")
+        tags = ((ct,) if ct else ()) + _OPEN_TAGS + (() if out.seen_block else (b"</think>",))
+        if not final and _partial(s, q, tags):
+            return None
+        out.text(b"<")
+        return q + 1
+
+    def _opener(self, s: bytes, q: int, final: bool, out: _Out) -> int | None:
+        """A '{' (llama3_json) or '[' (mistral) outside blocks."""
+        if self.mode == "llama3_json":
+            if out.blank:
+                return self._seq(s, q, q, out.open(), final, out)
+        elif s.startswith(b"[TOOL_CALLS]", q):
+            return self._lead(s, q, q + len(b"[TOOL_CALLS]"), out.open(), final, out)
+        elif not final and _partial(s, q, (b"[TOOL_CALLS]",)):
+            return None
+        out.text(s[q:q + 1])
+        return q + 1
 
     def _block(self, s: bytes, q: int, final: bool, out: _Out) -> int | None:
         kind = s[q + 1:s.index(b">", q)].decode()
@@ -399,18 +436,10 @@ class RefParser:
         return len(s)
 
     def _call(self, s: bytes, q: int, index: int, final: bool, out: _Out) -> int | None:
-        body, n = q + len(b"<tool_call>"), len(s)
-        p, in_str, close = body, False, -1
-        while True:
-            m = (_IN_STR if in_str else _OUT_STR).search(s, p)
-            if m is None:
-                break
-            if m.group() == b'"':
-                in_str, p = not in_str, m.end()
-            elif m.group() == b"\\":
-                p = m.start() + 2
-            else:
-                close = m.start()
+        body, n, close = q + len(b"<tool_call>"), len(s), -1
+        for m in _CALL_LEX.finditer(s, body):  # strings (maybe unclosed) and close tags
+            if m.group(1) is None:  # a close tag, or an unclosed string (then there is none)
+                close = -1 if s[m.start()] == 0x22 else m.start()
                 break
         if close < 0:
             if not final:
@@ -421,40 +450,162 @@ class RefParser:
                                                "unterminated <tool_call>", q, (q, n)))
                 return n
         span = (q, close + len(b"</tool_call>"))
-        item = self._finish_call(s, body, close, index, span)
-        (out.calls if isinstance(item, RefToolCall) else out.errors).append(item)
+        self._value(s, body, close, 0, index, span, out)
         return span[1]
 
-    def _finish_call(self, s: bytes, body: int, end: int, index: int,
-                     span: tuple[int, int]) -> RefToolCall | RefCallError:
-        def err(kind: str, message: str, pos: int) -> RefCallError:
-            return RefCallError(index, kind, message, pos, span)
-        if end - body > self.max_call_bytes:
-            return err("too_large", f"tool call body is {end - body} bytes, more than "
-                       f"max_call_bytes={self.max_call_bytes}", body + self.max_call_bytes)
+    def _value(self, s: bytes, v: int, end: int, depth: int, index: int, span: tuple[int, int],
+               out: _Out, name: tuple[bytes, int] | None = None) -> None:
+        """Parses s[v:end] as a call block (name None) or a Mistral v11 arguments value."""
+        def err(kind: str, message: str, pos: int) -> None:
+            out.add(RefCallError(index, kind, message, pos, span))
+        if end - v > self.max_call_bytes:
+            return err("too_large", f"tool call body is {end - v} bytes, more than "
+                       f"max_call_bytes={self.max_call_bytes}", v + self.max_call_bytes)
         try:
-            root = _Json(s, end, self.max_depth).parse(body)
+            root = _Json(s, end, self.max_depth).parse(v, depth)
         except _JsonError as e:
             return err("too_deep" if e.too_deep else "invalid_json", e.message, e.pos)
-        if root[0] != "obj":
-            return err("invalid_call", f"tool call must be a JSON object, got "
-                       f"{_KIND_NAME[root[0]]}", root[1])
-        name, args = root[2].get(b"name"), root[2].get(b"arguments")
+        if name is not None:
+            return out.add(self._args(name[0], name[1], root, 0, "arguments", 1, index, span))
+        if root[0] != "arr":
+            return out.add(self._one(root, 1, index, span))
+        if not root[2]:
+            return err("invalid_call", "tool call list is empty", root[1])
+        for i, node in enumerate(root[2]):
+            out.add(self._one(node, 2, out.open() if i else index, span))
+
+    def _one(self, node: tuple, depth: int, index: int,
+             span: tuple[int, int]) -> RefToolCall | RefCallError:
+        """One call object: {"name": str, "arguments" | "parameters": object or JSON string}."""
+        def err(message: str, pos: int) -> RefCallError:
+            return RefCallError(index, "invalid_call", message, pos, span)
+        if node[0] != "obj":
+            return err(f"tool call must be a JSON object, got {_KIND_NAME[node[0]]}", node[1])
+        members = node[2]
+        name = members.get(b"name")
         if name is None:
-            return err("invalid_call", 'tool call has no "name"', root[1])
+            return err('tool call has no "name"', node[1])
         if name[0] != "str":
-            return err("invalid_call", f'"name" must be a string, got {_KIND_NAME[name[0]]}',
-                       name[1])
-        if args is not None and args[0] != "obj":
-            return err("invalid_call",
-                       f'"arguments" must be an object, got {_KIND_NAME[args[0]]}', args[1])
-        if name[2] not in self.tools:
-            return err("unknown_tool", "unknown tool " + json_string(name[2]).decode(), name[1])
-        args = args if args is not None else ("obj", root[1], {})
-        bad = _validate(args, self.tools[name[2]], [])
+            return err(f'"name" must be a string, got {_KIND_NAME[name[0]]}', name[1])
+        if b"arguments" in members and b"parameters" in members:
+            return err('tool call has both "arguments" and "parameters"',
+                       members[b"parameters"][1])
+        key = "arguments" if b"arguments" in members or b"parameters" not in members \
+            else "parameters"
+        return self._args(name[2], name[1], members.get(key.encode()), node[1], key, depth,
+                          index, span)
+
+    def _args(self, name: bytes, name_pos: int, args: tuple | None, empty_pos: int, key: str,
+              depth: int, index: int, span: tuple[int, int]) -> RefToolCall | RefCallError:
+        """Arguments (an object, or a JSON string holding one), tool name, then schema."""
+        def err(kind: str, message: str, pos: int) -> RefCallError:
+            return RefCallError(index, kind, message, pos, span)
+        at = None  # the string's quote when the arguments were a JSON string
+        if args is None:
+            args = ("obj", empty_pos, {})
+        elif args[0] == "str":
+            at = args[1]
+            try:
+                args = _Json(args[2], len(args[2]), self.max_depth).parse(0, depth)
+            except _JsonError as e:
+                return err("too_deep" if e.too_deep else "invalid_json",
+                           f'in the "{key}" string at byte {e.pos}: {e.message}', at)
+        if args[0] != "obj":
+            what = f'"{key}" string must hold a JSON object' if at is not None \
+                else f'"{key}" must be an object'
+            return err("invalid_call", f"{what}, got {_KIND_NAME[args[0]]}",
+                       args[1] if at is None else at)
+        if name not in self.tools:
+            return err("unknown_tool", "unknown tool " + json_string(name).decode(), name_pos)
+        bad = _validate(args, self.tools[name], [])
         if bad is not None:
-            return err(*bad)
-        return RefToolCall(index, name[2].decode(), canonical(args).decode(), span)
+            return err(bad[0], bad[1], bad[2] if at is None else at)
+        return RefToolCall(index, name.decode(), canonical(args).decode(), span)
+
+    def _lead(self, s: bytes, start: int, p: int, index: int, final: bool,
+              out: _Out) -> int | None:
+        """After <|python_tag|> (llama3_json) or [TOOL_CALLS] (mistral) and its blanks."""
+        p, n = _WS.match(s, p).end(), len(s)
+        if p >= n and not final:
+            return None
+        if self.mode == "mistral" and not s.startswith(b"{", p):
+            if not s.startswith(b"[", p) or s.startswith(_M_TAGS, p):
+                return self._named(s, start, p, index, final, out)
+            if not final and _partial(s, p, _M_TAGS):
+                return None
+        return self._seq(s, start, p, index, final, out)
+
+    def _seq(self, s: bytes, start: int, v: int, index: int, final: bool,
+             out: _Out) -> int | None:
+        """A block's value; llama3_json: then (blanks ';' blanks '{' value)*, the rest is text."""
+        while True:
+            end = _extent(s, v, final)
+            if end is None:
+                return None
+            self._value(s, v, end, 0, index, (start, end), out)
+            m = _SEP.match(s, end)
+            if self.mode == "mistral" or m.end() < len(s) and (m.group(1) is None
+                                                               or s[m.end()] != 0x7B):
+                return end
+            if m.end() >= len(s):
+                return end if final else None
+            start = v = m.end()
+            index = out.open()
+
+    def _named(self, s: bytes, start: int, p: int, index: int, final: bool,
+               out: _Out) -> int | None:
+        """Mistral v11+: NAME[ARGS]value, NAME[CALL_ID]ID[ARGS]value or NAME{...}."""
+        n, in_id = len(s), False
+        name_end = q = _NAME.match(s, p).end()
+        if s.startswith(b"[CALL_ID]", q):
+            in_id, q = True, _ID.match(s, q + len(b"[CALL_ID]")).end()
+        if q >= n and not final:
+            return None
+        if s.startswith(b"[ARGS]", q):
+            v = _WS.match(s, q + len(b"[ARGS]")).end()
+            if v >= n and not final:
+                return None
+        elif q < n and s[q] == 0x7B and not in_id:
+            v = q
+        elif not final and _partial(s, q, (b"[ARGS]",) + (() if in_id else (b"[CALL_ID]",))):
+            return None
+        else:
+            message = f"expected [ARGS] after the {'call id' if in_id else 'tool name'}"
+            out.add(RefCallError(index, "invalid_call", message, q, (start, q)))
+            return q
+        end = _extent(s, v, final)
+        if end is None:
+            return None
+        name = s[p:name_end]
+        try:
+            bad = None if name.decode("utf-8") else "tool call has no name"
+        except UnicodeDecodeError:
+            bad = "tool name is not valid UTF-8"
+        if bad:
+            out.add(RefCallError(index, "invalid_call", bad, p, (start, end)))
+        else:
+            self._value(s, v, end, 1, index, (start, end), out, (name, p))
+        return end
+
+
+def _partial(s: bytes, q: int, tags: tuple[bytes, ...]) -> bool:
+    """s ends inside a prefix of one of the tags starting at q."""
+    return any(t.startswith(s[q:]) and len(s) - q < len(t) for t in tags)
+
+
+def _extent(s: bytes, v: int, final: bool) -> int | None:
+    """End of the value at v (llama3_json / mistral): '{'/'[' to the bracket closing the first
+    (either kind counted, outside strings), '"' to its closing quote; else (or never closed)
+    the end of s, or None when more bytes could still close it (final=False)."""
+    if v < len(s) and s[v] in b'{["':
+        depth = 0
+        for m in _LEX.finditer(s, v):
+            if s[m.start()] == 0x22 and m.group(1) is None:
+                break  # an unclosed string
+            depth += {0x22: 0, 0x7B: 1, 0x5B: 1}.get(s[m.start()], -1)
+            if depth == 0:
+                return m.end()
+    return len(s) if final else None
 
 
 def _validate(node: tuple, sc: dict | None, path: list[bytes]) -> tuple[str, str, int] | None:

@@ -1,12 +1,14 @@
 """Property tests: the C++ parser agrees with the Python reference byte for byte on random and
-adversarial input, streaming equals one-shot parsing, and canonical JSON round-trips."""
+adversarial input in every mode (hermes, llama3_json, mistral), streaming equals one-shot
+parsing, and canonical JSON round-trips."""
 import json
 import random
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spyglass.engine.toolcall import ToolCallParser
+from spyglass.engine.toolcall import MODES, ToolCallParser
 
 TOOLS = [
     {"name": "crop", "parameters": {
@@ -25,6 +27,10 @@ TOOLS = [
 CPP = ToolCallParser(TOOLS, max_depth=8, max_call_bytes=4096)
 REF = ToolCallParser(TOOLS, max_depth=8, max_call_bytes=4096, backend="python")
 TIGHT = [ToolCallParser(TOOLS, max_depth=2, max_call_bytes=40, backend=b) for b in ("cpp", "python")]
+BY_MODE = {m: [ToolCallParser(TOOLS, max_depth=8, max_call_bytes=4096, backend=b, mode=m)
+               for b in ("cpp", "python")] for m in MODES}
+TIGHT_BY_MODE = {m: [ToolCallParser(TOOLS, max_depth=3, max_call_bytes=60, backend=b, mode=m)
+                     for b in ("cpp", "python")] for m in MODES}
 SETTINGS = settings(max_examples=150, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -37,11 +43,12 @@ json_values = st.recursive(
 PIECES = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<answer>", "</answer>",
           "<response>", "</response>", "<", "<tool_", "</tool_call", '"', "\\", "{", "}", "[",
           "]", ":", ",", " ", "\n", "1e5", "-0.50", "true", "nul", "\\u00e9", "\\ud83d\\ude00",
-          "\\udc00", '"name"', '"arguments"', '"crop"', '"box"', '"python"', '"query"', "é", "x"]
+          "\\udc00", '"name"', '"arguments"', '"crop"', '"box"', '"python"', '"query"', "é", "x",
+          '"parameters"', "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]", "<|python_tag|>", ";", "[TOOL_",
+          "<|python", "[ARG", "crop"]
 
 
-def call_body(draw: st.DrawFn) -> str:
-    name = draw(st.sampled_from(["crop", "text_search", "python", "nope"]))
+def call_args(draw: st.DrawFn, name: str) -> dict:
     if name == "crop":
         args = {"box": draw(st.lists(st.integers(-5, 5) | st.floats(-3, 3), max_size=4))}
         if draw(st.booleans()):
@@ -53,8 +60,24 @@ def call_body(draw: st.DrawFn) -> str:
                                                 max_size=2))
     else:
         args = draw(st.dictionaries(st.text(max_size=5), json_values, max_size=3))
-    body = json.dumps({"name": name, "arguments": args}, ensure_ascii=draw(st.booleans()),
-                      indent=draw(st.sampled_from([None, 1])))
+    return args
+
+
+def call_object(draw: st.DrawFn) -> dict:
+    """A call object, sometimes with "parameters", both keys, or string-encoded arguments."""
+    name = draw(st.sampled_from(["crop", "text_search", "python", "nope"]))
+    args: object = call_args(draw, name)
+    variant = draw(st.sampled_from(["plain"] * 4 + ["string", "parameters", "both", "none"]))
+    if variant == "string":
+        args = json.dumps(args) if draw(st.integers(0, 3)) else draw(json_values)
+    if variant == "none":
+        return {"name": name}
+    if variant == "both":
+        return {"name": name, "arguments": args, "parameters": args}
+    return {"name": name, "parameters" if variant == "parameters" else "arguments": args}
+
+
+def mutate(draw: st.DrawFn, body: str) -> str:
     mutation = draw(st.sampled_from(["none"] * 4 + ["truncate", "insert", "delete"]))
     if mutation != "none" and body:
         i = draw(st.integers(0, len(body) - 1))
@@ -64,15 +87,45 @@ def call_body(draw: st.DrawFn) -> str:
     return body
 
 
+def dumps(draw: st.DrawFn, v: object) -> str:
+    return json.dumps(v, ensure_ascii=draw(st.booleans()), indent=draw(st.sampled_from([None, 1])))
+
+
+def call_body(draw: st.DrawFn) -> str:
+    """One JSON call block: an object, or (sometimes) a list of 0-3 call objects."""
+    if draw(st.integers(0, 5)) == 0:
+        v: object = [call_object(draw) for _ in range(draw(st.integers(0, 3)))]
+    else:
+        v = call_object(draw)
+    return mutate(draw, dumps(draw, v))
+
+
+def framed_call(draw: st.DrawFn, mode: str) -> str:
+    """A call as the mode frames it (llama3_json: a JSON value, maybe after <|python_tag|>,
+    maybe several joined by ';'; mistral: [TOOL_CALLS] + a list, or the v11 name form)."""
+    if mode == "hermes":
+        return f"<tool_call>{call_body(draw)}</tool_call>"
+    if mode == "llama3_json":
+        bodies = [call_body(draw) for _ in range(draw(st.integers(1, 3)))]
+        sep = draw(st.sampled_from(["; ", ";", " ; ", "\n", ";\n"]))
+        return draw(st.sampled_from(["", "<|python_tag|>", "<|python_tag|> "])) + sep.join(bodies)
+    if draw(st.booleans()):
+        return "[TOOL_CALLS]" + draw(st.sampled_from(["", " "])) + call_body(draw)
+    obj = call_object(draw)
+    args = mutate(draw, dumps(draw, obj.get("arguments", obj.get("parameters", {}))))
+    mid = draw(st.sampled_from(["[ARGS]", "[ARGS]", "", "[CALL_ID]a1B2c3D4e[ARGS]", "[CALL_ID]x"]))
+    return f"[TOOL_CALLS]{obj['name']}{mid}{args}"
+
+
 @st.composite
-def outputs(draw: st.DrawFn) -> bytes:
+def outputs(draw: st.DrawFn, mode: str = "hermes") -> bytes:
     parts = []
     for _ in range(draw(st.integers(0, 6))):
         kind = draw(st.sampled_from(["think", "call", "call", "answer", "noise", "text"]))
         if kind == "think":
             parts.append(f"<think>{draw(st.text(max_size=30))}</think>")
         elif kind == "call":
-            parts.append(f"<tool_call>{call_body(draw)}</tool_call>")
+            parts.append(framed_call(draw, mode))
         elif kind == "answer":
             tag = draw(st.sampled_from(["answer", "response"]))
             parts.append(f"<{tag}>{draw(st.text(max_size=10))}</{tag}>")
@@ -139,6 +192,34 @@ def test_huge_strings_and_many_calls() -> None:
     assert [c["index"] for c in r["calls"]][:3] == [1, 2, 3]
 
 
+def agree_in(parsers: list[ToolCallParser], text: bytes | str) -> dict:
+    a, b = (p.parse(text).to_dict() for p in parsers)
+    assert a == b, text
+    return a
+
+
+OPENERS = {"hermes": [b"<tool_call>"], "llama3_json": [b"<|python_tag|>", b"{", b" {"],
+           "mistral": [b"[TOOL_CALLS]", b"[TOOL_CALLS] [", b"[TOOL_CALLS]python[ARGS]",
+                       b"[TOOL_CALLS]crop[CALL_ID]"]}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@SETTINGS
+@given(data=st.binary(max_size=300))
+def test_modes_random_bytes_agree(mode: str, data: bytes) -> None:
+    for opener in [b""] + OPENERS[mode]:
+        agree_in(BY_MODE[mode], opener + data)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@SETTINGS
+@given(data=st.data())
+def test_modes_structured_outputs_agree(mode: str, data: st.DataObject) -> None:
+    text = data.draw(outputs(mode))
+    agree_in(BY_MODE[mode], text)
+    agree_in(TIGHT_BY_MODE[mode], text)
+
+
 def stream_items(parser: ToolCallParser, data: bytes, rnd: random.Random) -> tuple[list, dict]:
     s, got, i = parser.stream(), [], 0
     while i < len(data):
@@ -159,6 +240,21 @@ def test_streaming_equals_one_shot(data: bytes, seed: int) -> None:
     assert got == items[:len(got)]  # emitted early, in order, never retracted
     ref_got, ref_final = stream_items(REF, data, random.Random(seed))
     assert (ref_got, ref_final) == (got, final)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@SETTINGS
+@given(data=st.data(), seed=st.integers(0, 2**32))
+def test_modes_streaming_equals_one_shot(mode: str, data: st.DataObject, seed: int) -> None:
+    text = data.draw(outputs(mode))
+    cpp, ref = BY_MODE[mode]
+    one = cpp.parse(text).to_dict()
+    items = sorted(one["calls"] + [e for e in one["errors"] if e["index"] >= 0],
+                   key=lambda x: x["index"])
+    got, final = stream_items(cpp, text, random.Random(seed))
+    assert final == one
+    assert got == items[:len(got)]  # emitted early, in order, never retracted
+    assert stream_items(ref, text, random.Random(seed)) == (got, final)
 
 
 @SETTINGS
