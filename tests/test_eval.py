@@ -91,26 +91,47 @@ def test_layouts_map_their_fields(tmp_path):
 
 
 def test_malformed_benchmark_files_name_the_line(tmp_path):
+    """strict=True: the first bad row raises, naming FILE:LINE and the field."""
     Image.new("RGB", (64, 48), "red").save(tmp_path / "p.png")
     good = {"sample_id": 1, "query": "q", "query_image": "p.png", "gt_answer": "a"}
     bad_json = tmp_path / "b.jsonl"
     bad_json.write_text(json.dumps(good) + "\n{not json\n")
     with pytest.raises(BenchmarkError, match=r"b\.jsonl:2: not valid JSON"):
-        load_benchmark("mmsearch", bad_json)
+        load_benchmark("mmsearch", bad_json, strict=True)
     missing = _write(tmp_path / "m.jsonl", [good, {"sample_id": 2, "query_image": "p.png", "gt_answer": "a"}])
     with pytest.raises(BenchmarkError, match=r"m\.jsonl:2: mmsearch record has no question \(tried \['query'\]\)"):
-        load_benchmark("mmsearch", missing)
+        load_benchmark("mmsearch", missing, strict=True)
     url = _write(tmp_path / "u.jsonl", [{**good, "query_image": "https://x.org/a.png"}])
     with pytest.raises(BenchmarkError, match=r"u\.jsonl:1: field 'query_image': .*no network"):
-        load_benchmark("mmsearch", url)
+        load_benchmark("mmsearch", url)  # its only row is bad: an error even when not strict
     gone = _write(tmp_path / "g.jsonl", [good, {**good, "sample_id": 2, "query_image": "nope.png"}])
     with pytest.raises(BenchmarkError, match=r"g\.jsonl:2: field 'query_image': image file .*nope\.png"):
-        load_benchmark("mmsearch", gone)
+        load_benchmark("mmsearch", gone, strict=True)
     dup = _write(tmp_path / "d.jsonl", [good, good])
     with pytest.raises(BenchmarkError, match=r"d\.jsonl:2: duplicate id '1'"):
-        load_benchmark("mmsearch", dup)
+        load_benchmark("mmsearch", dup, strict=True)
     with pytest.raises(BenchmarkError, match="unknown benchmark layout 'okvqa'"):
         load_benchmark("okvqa", dup)
+
+
+def test_bad_rows_are_skipped_counted_and_warned(tmp_path, caplog):
+    """Not strict (the default, what `spyglass eval` uses): each bad row is skipped with one
+    warning naming FILE:LINE; the good rows load; a file with no good row is still an error."""
+    from spyglass.trainer.eval import read_benchmark
+    Image.new("RGB", (64, 48), "red").save(tmp_path / "p.png")
+    good = {"sample_id": 1, "query": "q", "query_image": "p.png", "gt_answer": "a"}
+    f = tmp_path / "mixed.jsonl"
+    f.write_text("\n".join([json.dumps(good), "{not json", json.dumps({**good, "sample_id": 2, "query_image": "nope.png"}),
+                            json.dumps(good), json.dumps({**good, "sample_id": 3})]) + "\n")
+    with caplog.at_level("WARNING", logger="spyglass.eval"):
+        got = read_benchmark("mmsearch", f)
+    assert [p.id for p in got.prompts] == ["mmsearch:1", "mmsearch:3"]
+    assert [w.rsplit(":", 1)[1] for w, _ in got.bad] == ["2", "3", "4"]
+    assert "not valid JSON" in got.bad[0][1] and "nope.png" in got.bad[1][1] and "duplicate id '1'" in got.bad[2][1]
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum(f"skipping bad benchmark row {f}:" in m for m in lines) == 3
+    assert any("2 items, 3 rows skipped" in m for m in lines)
+    assert [p.id for p in load_benchmark("mmsearch", f, limit=1)] == ["mmsearch:1"]
 
 
 def test_replay_needs_world_items_and_config_errors(world, tmp_path):

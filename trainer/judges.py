@@ -31,7 +31,9 @@ or per group; use it as ``async with``). Register more with ``@register_judge(na
         j = await run_judge(cfg.accuracy, traj, s)   # j.score, j.record()
 
 Dataset fields read from ``traj.meta``: ``question`` (else the first prompt message), and
-``answers`` (list or str) or ``answer`` plus ``aliases``.
+``answers`` (list or str) or ``answer`` plus ``aliases``; optionally ``answer_ranges`` ([[lo, hi],
+...], numeric references such as InfoSeek's): rule_accuracy also accepts an answer whose number
+lies in one of them (``in_numeric_range``, InfoSeek's own numerical metric).
 Tests: ``.venv/bin/python -m pytest -q tests/test_judges.py``.
 """
 from __future__ import annotations
@@ -438,6 +440,33 @@ def clip_score(x: float, snap: bool) -> float:
     return min(QUERY_ANCHORS, key=lambda a: (round(abs(a - x), 9), a))
 
 
+_RANGE_NUM = re.compile(r"[-+]?\.?\d+(?:,\d{3})*\.?\d*(?:[eE][-+]?\d+)?")
+
+
+def in_numeric_range(answer: str, ranges: Any) -> bool:
+    """InfoSeek's numerical scoring (edchengg/infoseek_eval ``metric_numerical_range``) against
+    ``ranges``, a list of [lo, hi] (meta["answer_ranges"], from InfoSeek's answer_eval
+    {"wikidata", "range"}): the answer's first number lies in some [lo, hi] (inclusive); or, when
+    the answer is itself a range ("9-10", "9 to 10": its first two numbers, ascending), that range
+    lies inside [lo, hi] or overlaps it with IoU >= 0.5. No ranges or no number: False."""
+    if not ranges or not isinstance(answer, str):
+        return False
+    text = re.sub(r"(?<=\d)-", " - ", answer)  # "9-10" is a range, "-3" a negative number
+    nums = [float(n.replace(",", "").strip(".")) for n in _RANGE_NUM.findall(text)][:2]
+    if not nums:
+        return False
+    pred = nums if len(nums) == 2 and nums[0] <= nums[1] else nums[:1]
+    for lo, hi in ((float(r[0]), float(r[1])) for r in ranges):
+        if all(lo <= x <= hi for x in pred):
+            return True
+        if len(pred) == 2:
+            overlap = max(0.0, min(pred[1], hi) - max(pred[0], lo))
+            union = (pred[1] - pred[0]) + (hi - lo) + 2e-12 - overlap
+            if overlap / union >= 0.5 - 1e-12:
+                return True
+    return False
+
+
 def _cut(s: str, n: int) -> str:
     return s if len(s) <= n else s[:n] + " [...]"
 
@@ -454,8 +483,11 @@ async def rule_accuracy(traj: Trajectory, session: JudgeSession) -> Judgement:
     f1, best = max((token_f1(traj.answer, r), r) for r in refs)
     thr = session.cfg.f1_threshold
     ok = bool(em) or (thr is not None and f1 >= thr)
-    return Judgement(float(ok), "rule_accuracy",
-                     details={"em": bool(em), "f1": f1, "matched": em[0] if em else best})
+    details: dict[str, Any] = {"em": bool(em), "f1": f1, "matched": em[0] if em else best}
+    if traj.meta.get("answer_ranges"):  # numeric references (InfoSeek): a number in range counts
+        details["in_range"] = in_numeric_range(traj.answer, traj.meta["answer_ranges"])
+        ok = ok or details["in_range"]
+    return Judgement(float(ok), "rule_accuracy", details=details)
 
 
 _ACC_SYSTEM = "You are a strict, impartial grader of short answers. You reply with one word."
