@@ -8,7 +8,7 @@ Rows (medians over --repeats runs, each after a warm-up):
   search single        ms per TextSearch query, one query per call (hybrid BM25 + MiniLM)
   search batched       ms per query when --batch queries go through batch_fn at once
   visit corpus         ms per Visit of a corpus:// page with BM25 evidence extraction
-  python sandbox       ms per Python call of `print(1)` (subprocess, rlimits, audit hook, netns)
+  python sandbox       ms per Python call of `print(1)` (bubblewrap: namespaces, seccomp, rlimits, cgroup)
 The corpus is the offline world (engine/offline/world.py), generated into a temp dir. Prints a table,
 then one JSON line with the device and git commit.
 

@@ -1,31 +1,53 @@
-"""The Python tool: run model-written code in a subprocess sandbox and return its output.
+"""The Python tool: run model-written code in an OS sandbox (bubblewrap) and return its output.
 
-Each call runs `python -I -c <bootstrap>` in a fresh scratch directory (its cwd, HOME and
-TMPDIR), in its own session/process group, with a minimal environment and:
-  * resource limits set in preexec: RLIMIT_CPU, RLIMIT_AS (memory), RLIMIT_NPROC, RLIMIT_FSIZE,
-    RLIMIT_NOFILE, RLIMIT_CORE=0;
-  * a wall-clock timeout, after which the whole process group is SIGKILLed (the group is also
-    killed when the code ends, so nothing it started outlives the call);
-  * an audit hook (sys.addaudithook, installed by the bootstrap before the user's code runs)
-    that refuses: socket creation and name resolution; opening files for reading outside the
-    scratch dir and Python's own stdlib/site-packages; writing, deleting, renaming, chmod-ing
-    anything outside the scratch dir; listing directories outside those roots; fork, exec,
-    spawn, subprocess, os.system, and signalling other processes;
-  * a network namespace of its own (`unshare -n`, or `unshare -r -n` when not root) when the
-    `unshare` binary works here (`netns="auto"`, probed once): inside, there is no interface
-    but a down loopback, so even code that gets past the audit hook has no network;
+Each call runs the configured interpreter under `bwrap` (Debian's `bubblewrap`) with:
+  * fresh user, PID, mount, IPC, UTS, network and cgroup namespaces (--unshare-all, and
+    --disable-userns: no nested user namespaces); inside, uid/gid 65534 (nobody), no
+    capabilities. When the engine is root and the interpreter's paths are readable by others,
+    bwrap itself runs as an unused uid of its own per call (UID_BASE + a slot), so the code is
+    nobody on the host too and RLIMIT_NPROC counts that call's processes only; otherwise (say a
+    pyenv under /root) bwrap runs as root and nobody inside is root outside, still with no
+    capabilities and nothing writable of the host's;
+  * a root holding only: /usr (and the /bin, /lib* links), the interpreter's base prefix, a
+    venv's pyvenv.cfg, bin and (site_packages=True) site-packages, /etc/ld.so.cache,
+    /etc/localtime and /etc/fonts, all read-only; a /proc of its own PID namespace (the host's processes are
+    invisible: no /proc/<pid>/environ, kill, pidfd or ptrace of them); a minimal /dev; `/`,
+    /proc and /dev remounted read-only (a root-run bwrap's nobody is root to sysctl's
+    permission check: /proc/sys must not be writable). The only writable places are a tmpfs of `scratch_mb` at /tmp (the
+    cwd, HOME and TMPDIR; the code is /tmp/main.py) and one of SHM_MB at /dev/shm: nothing goes
+    to the host's disk and all of it is gone when the call ends;
+  * no network: an empty network namespace (the host's unix sockets are not in its mount
+    namespace; abstract ones belong to the network namespace);
+  * a cleared environment, --new-session (no TIOCSTI), --die-with-parent;
+  * a seccomp filter, built with libseccomp through ctypes where libseccomp.so.2 is installed
+    (meta["seccomp"]), failing ptrace, mount, bpf, kexec, perf_event_open, keyctl, userfaultfd,
+    io_uring, modules, namespaces and socket families but unix/inet/inet6. It shrinks the
+    kernel surface; the namespaces and the uid are the boundary;
+  * rlimits set before bwrap execs (CPU, AS, FSIZE, NOFILE, NPROC, CORE=0) and, where the engine
+    may make cgroups (v1, or v2 with pids and memory), a cgroup per call with pids.max and a
+    memory cap over all its processes (meta["cgroup"]). RLIMIT_NPROC does not bind root, so a
+    root-run bwrap without a cgroup has no process cap and is refused;
+  * a wall-clock timeout, then bwrap's process group is SIGKILLed. When bwrap dies, or the
+    code's main process ends, its PID namespace's init dies and the kernel kills every process
+    left in it: nothing the code started (setsid, daemons) outlives the call;
   * stdout/stderr captured up to `max_capture_bytes` each (beyond that the run is killed) and
     shown truncated (head and tail) to `max_output_chars` each.
 
-The audit hook is defence in depth against mistakes, not a security boundary against hostile
-code (ctypes can bypass it); the namespace, the rlimits and the process-group kill are the
-hard limits. RLIMIT_NPROC counts every process of the real user and is not enforced for root;
-the hook's fork ban is what stops fork bombs there.
+Packages: exactly the configured interpreter's environment: its standard library and, with
+site_packages=True, its site-packages (by default the engine's own venv: numpy, Pillow, OpenCV,
+pandas, ...). For a curated set, point `python` at a venv made for it; site_packages=False is
+the standard library only.
 
-Outcomes: exit status 0 or an ordinary exception in the user's code -> a normal result (the
-model reads its traceback; meta["exit_code"] says which). A sandbox refusal -> bad_args
-("sandbox: ..."); wall-clock timeout, CPU limit, memory limit, file-size limit, output flood or
-death by a signal -> fatal. Nothing raises.
+The sandbox is probed once per (python, site_packages). If bwrap is missing, the probe run fails
+or no process cap is possible, every call returns a fatal error and runs nothing, unless the
+user sets unsafe_no_sandbox=True: a plain subprocess with the rlimits, a host scratch dir and
+the process-group kill only (meta["sandbox"] says so). The bootstrap's audit hook only turns
+network attempts into a clear message; nothing depends on it.
+
+Outcomes: exit status 0 or an ordinary exception in the user's code (a file outside the sandbox
+is simply not there) -> a normal result with its traceback (meta["exit_code"]). A network
+attempt -> bad_args ("sandbox: ..."). Wall-clock timeout, CPU, memory or file-size limit, output
+flood, death by a signal, a sandbox that failed to start -> fatal. Nothing raises.
 
     tool = python_tool(PythonConfig(timeout_s=10))
     res = await tool.fn({"code": "print(6*7)"}, ToolContext())   # res.text -> "42\n[exit status 0]"
@@ -34,6 +56,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
+import json
 import os
 import resource
 import shutil
@@ -47,95 +71,66 @@ from typing import Any
 
 from spyglass.engine.tools.args import check_args
 from spyglass.engine.tools.base import ErrorKind, Tool, ToolContext, ToolError, ToolResult
+from spyglass.engine.tools.sandbox_os import Cgroups, _CallCgroup, _kill, cgroups, seccomp_program
 
 EXIT_VIOLATION = 86  # the bootstrap's exit status when a sandbox refusal went uncaught
 EXIT_MEMORY = 87     # ... when MemoryError went uncaught
 EXIT_FSIZE = 88      # ... when a write failed with EFBIG (RLIMIT_FSIZE)
+NOBODY = 65534       # uid and gid inside the sandbox
+UID_BASE = 1_800_000_000  # outside uids of root-started sandboxes: UID_BASE + (pid, call) slot
+SHM_MB = 8           # the /dev/shm tmpfs
+REFUSAL = "the Python tool needs bubblewrap (apt-get install bubblewrap); refusing to run code"
 
-# Runs before the user's code: computes the allowed roots, installs the audit hook, then execs
-# main.py from the scratch dir (so tracebacks show the user's lines).
+# Runs before the user's code (cwd = the scratch dir, argv[1] = the status fd): installs the
+# network-message hook, then execs main.py (so tracebacks show the user's lines). It writes
+# "exit" to the status fd when the code ended on its own, so a status over 128 is told apart
+# from bwrap's 128+signal.
 _BOOTSTRAP = r'''
-import os, sys, sysconfig, traceback
-_realpath, _fspath, _isinstance, _str, _bytes = os.path.realpath, os.fspath, isinstance, str, bytes
-SCRATCH = _realpath(os.getcwd())
-_paths = sysconfig.get_paths()
-READ = tuple(sorted({_realpath(p) for p in (_paths["stdlib"], _paths["platstdlib"],
-        _paths["purelib"], _paths["platlib"], *[q for q in sys.path if q.endswith(".zip")])}))
-READ_FILES = ("/dev/null", "/dev/urandom", "/dev/zero")
-WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+import os, sys, traceback
+MAIN, STATUS = os.path.join(os.getcwd(), "main.py"), int(sys.argv[1])
 class SandboxViolation(PermissionError):
     pass
-def _under(p, roots):
-    return any(p == r or p.startswith(r + "/") for r in roots)
-def _resolve(path):
-    if _isinstance(path, int):
-        return None
-    p = _fspath(path)
-    if _isinstance(p, _bytes):
-        p = os.fsdecode(p)
-    return _realpath(p)
-def _check_read(event, path):
-    p = _resolve(path)
-    if p is not None and not (_under(p, (SCRATCH,) + READ) or p in READ_FILES):
-        raise SandboxViolation(f"sandbox: {event} of {p!r} is outside the scratch directory")
-def _check_write(event, path):
-    p = _resolve(path)
-    if p is not None and not _under(p, (SCRATCH,)) and p != "/dev/null":
-        raise SandboxViolation(f"sandbox: {event} of {p!r} is outside the scratch directory")
-BANNED = {"os.fork", "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn", "os.system",
-          "subprocess.Popen", "pty.spawn", "os.startfile"}
-NET = {"socket.__new__", "socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyname_ex",
-       "socket.gethostbyaddr", "socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg"}
-WRITES = {"os.remove", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.truncate",
-          "os.utime", "os.link", "os.symlink", "os.chflags", "os.lchown", "os.setxattr",
-          "os.removexattr", "shutil.rmtree", "shutil.chown"}
-def _hook(event, args):
-    if event == "open":
-        path, mode, flags = args
-        if (mode and any(c in mode for c in "wax+")) or (flags or 0) & WRITE_FLAGS:
-            _check_write("writing", path)
-        else:
-            _check_read("reading", path)
-    elif event in NET:
-        raise SandboxViolation(f"sandbox: network access ({event}) is not allowed")
-    elif event in BANNED:
-        raise SandboxViolation(f"sandbox: starting processes ({event}) is not allowed")
-    elif event in WRITES:
-        _check_write(event, args[0])
-    elif event == "os.rename":
-        _check_write(event, args[0]); _check_write(event, args[1])
-    elif event in ("os.listdir", "os.scandir"):
-        _check_read(event, args[0] if args[0] is not None else ".")
-    elif event in ("os.kill", "os.killpg") and args[0] not in (0, os.getpid()):
-        raise SandboxViolation(f"sandbox: signalling other processes ({event}) is not allowed")
-def _chain(e):
-    for _ in range(64):
-        if e is None:
-            return
-        yield e
-        e = e.__cause__ or e.__context__
-MAIN = os.path.join(SCRATCH, "main.py")
+NET = {"socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyname_ex",
+       "socket.gethostbyaddr"}
+def _hook(event, args):  # the message only: the sandbox has no network whatever this does
+    if event in NET or (event in ("socket.connect", "socket.sendto") and isinstance(args[1], tuple)):
+        raise SandboxViolation(f"sandbox: network access ({event}) is not available")
+def _done(write=os.write, STATUS=STATUS):
+    try:
+        write(STATUS, b"exit\n")
+    except OSError:
+        pass
+def _report(e, isinstance=isinstance, any=any, format_exception=traceback.format_exception,
+            err=sys.stderr, out=sys.stdout, done=_done, exit=os._exit, Violation=SandboxViolation):
+    # names bound at definition: code that rebinds this module's globals (as an unhook does)
+    # still has its failure classified
+    if isinstance(e, MemoryError):
+        msg, rc = "MemoryError: the code ran out of memory\n", 87
+    elif isinstance(e, OSError) and e.errno == 27:  # EFBIG (RLIMIT_FSIZE; SIGXFSZ is ignored)
+        msg, rc = f"OSError: {e}\n", 88
+    else:  # the traceback without the bootstrap's own frames
+        msg = "".join(x for x in format_exception(e) if not x.startswith('  File "<string>"'))
+        chain, c = [], e
+        while c is not None and len(chain) < 64:
+            chain.append(c)
+            c = c.__cause__ or c.__context__
+        rc = 86 if any(isinstance(x, Violation) for x in chain) else 1
+    err.write(msg)
+    err.flush(); out.flush(); done(); exit(rc)
 with open(MAIN, encoding="utf-8") as f:
     SRC = f.read()
 sys.argv = [MAIN]
-sys.path[:0] = [SCRATCH]
+sys.path[:0] = [os.getcwd()]
 sys.addaudithook(_hook)
 _g = {"__name__": "__main__", "__file__": MAIN, "__builtins__": __builtins__}
 try:
     exec(compile(SRC, MAIN, "exec"), _g)
 except SystemExit:
+    _done()
     raise
 except BaseException as e:
-    if _isinstance(e, MemoryError):
-        _msg, _rc = "MemoryError: the code ran out of memory\n", 87
-    elif _isinstance(e, OSError) and e.errno == 27:  # EFBIG (RLIMIT_FSIZE; SIGXFSZ is ignored)
-        _msg, _rc = f"OSError: {e}\n", 88
-    else:  # the traceback without the bootstrap's own frames
-        _msg = "".join(x for x in traceback.format_exception(e)
-                       if not x.startswith('  File "<string>"'))
-        _rc = 86 if any(_isinstance(x, SandboxViolation) for x in _chain(e)) else 1
-    sys.stderr.write(_msg)
-    sys.stderr.flush(); sys.stdout.flush(); os._exit(_rc)
+    _report(e)
+_done()
 '''
 
 
@@ -143,48 +138,156 @@ except BaseException as e:
 class PythonConfig:
     """Limits of the Python sandbox (see the module docstring)."""
 
-    python: str = sys.executable
-    timeout_s: float = 10.0          # wall clock, then the process group is killed
+    python: str = sys.executable     # the interpreter the code runs on (its env = the packages)
+    site_packages: bool = True       # expose the interpreter's site-packages (False: stdlib only)
+    timeout_s: float = 10.0          # wall clock, then the whole sandbox is killed
     cpu_s: int = 10                  # RLIMIT_CPU (SIGXCPU)
-    memory_mb: int = 1024            # RLIMIT_AS
-    max_procs: int = 512             # RLIMIT_NPROC (per real user; not enforced for root)
+    memory_mb: int = 1024            # RLIMIT_AS per process; the cgroup's cap over all of them
+    max_procs: int = 64              # RLIMIT_NPROC and the cgroup's pids.max (threads count)
     file_size_mb: int = 16           # RLIMIT_FSIZE
+    scratch_mb: int = 64             # size of the /tmp tmpfs (cwd): the code's disk
     max_open_files: int = 64         # RLIMIT_NOFILE
     max_output_chars: int = 8000     # shown per stream (head + tail)
     max_capture_bytes: int = 1 << 20  # read per stream; more and the run is killed
     max_code_chars: int = 100_000
-    netns: str = "auto"              # "auto" | "always" | "never": unshare -n
-    audit: bool = True               # the audit hook (off only to test the other layers)
-    scratch_root: str | None = None  # parent of the per-call scratch dirs (default: tempdir)
-    keep_scratch: bool = False
+    unsafe_no_sandbox: bool = False  # run without bubblewrap (rlimits only): NOT a sandbox
 
     def __post_init__(self) -> None:
         for name in ("timeout_s", "cpu_s", "memory_mb", "max_procs", "file_size_mb",
-                     "max_open_files", "max_output_chars", "max_capture_bytes", "max_code_chars"):
+                     "scratch_mb", "max_open_files", "max_output_chars", "max_capture_bytes",
+                     "max_code_chars"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"PythonConfig.{name} must be > 0, got {getattr(self, name)!r}")
-        if self.netns not in ("auto", "always", "never"):
-            raise ValueError(f"PythonConfig.netns must be auto|always|never, got {self.netns!r}")
         if not Path(self.python).is_file():
             raise ValueError(f"PythonConfig.python {self.python!r} is not a file")
 
 
-@functools.lru_cache(maxsize=1)
-def unshare_prefix() -> tuple[str, ...] | None:
-    """The command prefix that gives a child its own network namespace, or None if none works."""
-    exe = shutil.which("unshare")
+# ---------------------------------------------------------------------------------- the sandbox
+
+@dataclass(frozen=True)
+class Sandbox:
+    """The probed sandbox for one interpreter: how to start it, or why it cannot be had."""
+
+    ok: bool
+    why: str = ""                          # when not ok
+    bwrap: str = ""
+    python: str = ""
+    binds: tuple[str, ...] = ()            # host paths bound read-only at the same path
+    links: tuple[tuple[str, str], ...] = ()  # (target, path) symlinks such as /lib -> usr/lib
+    own_uid: bool = False                  # bwrap runs as a per-call unprivileged uid
+    seccomp: bytes | None = None
+    cgroups: Cgroups | None = None
+
+
+_calls = itertools.count()
+_removing: set[asyncio.Future[None]] = set()  # per-call cgroups being removed
+
+
+def _layout(python: str, site_packages: bool) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """The read-only binds and links the interpreter needs (asked of the interpreter itself)."""
+    q = ("import sys, sysconfig, json; p = sysconfig.get_paths(); print(json.dumps([sys.prefix, "
+         "sys.base_prefix, sys.base_exec_prefix, p['purelib'], p['platlib']]))")
+    prefix, base, base_exec, purelib, platlib = json.loads(subprocess.run(
+        [python, "-I", "-c", q], capture_output=True, timeout=30, check=True, env={}).stdout)
+    binds = ["/usr", base, base_exec]
+    if prefix != base:  # a venv: its marker, its bin (the interpreter's symlinks)
+        binds += [os.path.join(prefix, "pyvenv.cfg"), os.path.dirname(os.path.abspath(python))]
+    if site_packages:
+        binds += [purelib, platlib]
+    binds += [p for p in ("/etc/ld.so.cache", "/etc/localtime", "/etc/fonts") if os.path.exists(p)]
+    links = []
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(top):
+            links.append((os.readlink(top), top))
+        elif os.path.isdir(top):
+            binds.append(top)
+    out: list[str] = []
+    for b in binds:  # drop duplicates and paths already under another bind
+        if os.path.exists(b) and not any(b == o or b.startswith(o.rstrip("/") + "/") for o in out):
+            out = [o for o in out if not o.startswith(b.rstrip("/") + "/")] + [b]
+    return tuple(out), tuple(links)
+
+
+def _world_traversable(path: str) -> bool:
+    """Whether an unprivileged uid can reach `path` (every ancestor searchable by others)."""
+    for p in (Path(path), Path(os.path.realpath(path))):
+        if not all(os.stat(a).st_mode & 0o001 for a in [*p.parents, p] if a.is_dir()):
+            return False
+    return True
+
+
+_PROBE = ("import os; assert os.getuid() == 65534 and os.getpid() < 10, os.getpid(); "
+          "open('/tmp/w', 'w').write('x'); print('sandbox ok')")
+
+
+@functools.lru_cache(maxsize=8)
+def sandbox(python: str, site_packages: bool = True) -> Sandbox:
+    """Probe (once per interpreter) how to run code under bwrap here; see the module docstring."""
+    exe = shutil.which("bwrap") or shutil.which("bwrap", path="/usr/bin:/bin:/usr/local/bin")
     if exe is None:
-        return None
-    prefix = (exe, "-n") if os.geteuid() == 0 else (exe, "-r", "-n")
+        return Sandbox(False, "`bwrap` is not installed")
     try:
-        ok = subprocess.run([*prefix, "true"], capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        ok = False
-    return prefix if ok else None
+        binds, links = _layout(python, site_packages)
+    except (OSError, subprocess.SubprocessError, ValueError) as e:
+        return Sandbox(False, f"cannot ask {python} for its paths: {e}")
+    base = Sandbox(True, bwrap=exe, python=os.path.abspath(python), binds=binds, links=links,
+                   seccomp=seccomp_program(), cgroups=cgroups())
+    modes = [True, False] if os.geteuid() == 0 else [False]
+    if not all(_world_traversable(b) for b in binds):
+        modes = [m for m in modes if not m]
+    errors = []
+    for own_uid in modes:
+        box = Sandbox(**{**base.__dict__, "own_uid": own_uid})
+        if os.geteuid() == 0 and not own_uid and box.cgroups is None:
+            errors.append("bwrap would run as root (the interpreter's paths are not readable by "
+                          "others) and no cgroup can be made here, so nothing would cap the "
+                          "code's processes")
+            continue
+        cfg = PythonConfig(python=python, site_packages=site_packages, timeout_s=30)
+        run = asyncio.run(run_code(_PROBE, cfg, box))
+        if run["exit_code"] == 0 and run["stdout"].startswith(b"sandbox ok"):
+            return box
+        errors.append(f"the probe run failed ({run['exit_code']}): "
+                      f"{run['stderr'].decode(errors='replace').strip()[-500:]}")
+    return Sandbox(False, "; ".join(errors))
 
 
-def _limits(cfg: PythonConfig) -> None:
-    """preexec_fn: runs in the child between fork and exec."""
+def _bwrap_argv(box: Sandbox, cfg: PythonConfig, fds: dict[str, int]) -> list[str]:
+    argv = [box.bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
+            "--new-session", "--uid", str(NOBODY), "--gid", str(NOBODY), "--hostname", "sandbox",
+            "--clearenv"]
+    for k, v in _env("/tmp").items():
+        argv += ["--setenv", k, v]
+    for b in box.binds:
+        argv += ["--ro-bind", b, b]
+    for target, path in box.links:
+        argv += ["--symlink", target, path]
+    argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(SHM_MB << 20), "--tmpfs", "/dev/shm",
+             "--size", str(cfg.scratch_mb << 20), "--tmpfs", "/tmp",
+             "--file", str(fds["code"]), "/tmp/main.py", "--chdir", "/tmp",
+             "--remount-ro", "/proc", "--remount-ro", "/dev", "--remount-ro", "/"]
+    if "seccomp" in fds:
+        argv += ["--seccomp", str(fds["seccomp"])]
+    return [*argv, "--", box.python, "-I", *([] if cfg.site_packages else ["-S"]),
+            "-c", _BOOTSTRAP, str(fds["status"])]
+
+
+def _env(home: str) -> dict[str, str]:
+    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": home,
+            "MPLCONFIGDIR": home, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "USER": "nobody",
+            "LOGNAME": "nobody", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1"}
+
+
+def _child_setup(cfg: PythonConfig, uid: int | None, cg: _CallCgroup | None) -> None:
+    """preexec_fn: runs in the child between fork and exec (cgroup, uid, then rlimits)."""
+    if cg is not None:
+        cg.join()
+    if uid is not None:
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+
     def cap(which: int, value: int) -> None:
         _soft, hard = resource.getrlimit(which)
         if hard != resource.RLIM_INFINITY:
@@ -198,21 +301,11 @@ def _limits(cfg: PythonConfig) -> None:
     cap(resource.RLIMIT_CORE, 0)
 
 
-def _command(cfg: PythonConfig) -> list[str]:
-    prefix: tuple[str, ...] = ()
-    if cfg.netns != "never":
-        found = unshare_prefix()
-        if found is None and cfg.netns == "always":
-            raise RuntimeError("PythonConfig.netns='always' but `unshare -n` does not work here")
-        prefix = found or ()
-    boot = _BOOTSTRAP if cfg.audit else _BOOTSTRAP.replace("sys.addaudithook(_hook)", "pass")
-    return [*prefix, cfg.python, "-I", "-c", boot]
-
-
-def _env(scratch: str) -> dict[str, str]:
-    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": scratch, "TMPDIR": scratch,
-            "MPLCONFIGDIR": scratch, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
-            "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+def _memfd(name: str, data: bytes) -> int:
+    fd = os.memfd_create(name)
+    os.write(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
 
 
 async def _drain(stream: asyncio.StreamReader, buf: bytearray, cap: int,
@@ -225,23 +318,37 @@ async def _drain(stream: asyncio.StreamReader, buf: bytearray, cap: int,
             buf += chunk
 
 
-def _kill_group(pid: int) -> None:
+async def run_code(code: str, cfg: PythonConfig, box: Sandbox | None,
+                   scratch_parent: str | None = None) -> dict[str, Any]:
+    """Run `code` in `box` (None: unsafe, a plain subprocess); returns stdout, stderr (bytes),
+    exit_code (-signal when a signal killed it), and what hit a limit."""
+    n = next(_calls)
+    status_r, status_w = os.pipe()
+    fds = {"status": status_w}
+    scratch = cg = uid = None
     try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-async def run_code(code: str, cfg: PythonConfig, scratch_parent: str | None = None
-                   ) -> dict[str, Any]:
-    """Run `code` in the sandbox; returns stdout, stderr (bytes), exit_code, and what hit a limit."""
-    scratch = tempfile.mkdtemp(prefix="spyglass-py-", dir=scratch_parent or cfg.scratch_root)
-    try:
-        Path(scratch, "main.py").write_text(code, encoding="utf-8")
+        if box is None:
+            scratch = tempfile.mkdtemp(prefix="spyglass-py-", dir=scratch_parent)
+            Path(scratch, "main.py").write_text(code, encoding="utf-8")
+            argv, cwd, env = [cfg.python, "-I", "-c", _BOOTSTRAP, str(status_w)], scratch, _env(scratch)
+        else:
+            fds["code"] = _memfd("main.py", code.encode("utf-8"))
+            if box.seccomp is not None:
+                fds["seccomp"] = _memfd("seccomp", box.seccomp)
+            argv, cwd, env = _bwrap_argv(box, cfg, fds), "/", _env("/tmp")
+            if box.own_uid:
+                uid = UID_BASE + ((os.getpid() & 0xFFFF) << 10) + (n & 0x3FF)
+            if box.cgroups is not None:
+                cg = _CallCgroup(box.cgroups, f"spyglass-py-{os.getpid()}-{n}")
+                cg.create(cfg.max_procs, (cfg.memory_mb + cfg.scratch_mb + SHM_MB + 32) << 20)
         proc = await asyncio.create_subprocess_exec(
-            *_command(cfg), cwd=scratch, env=_env(scratch), stdin=asyncio.subprocess.DEVNULL,
+            *argv, cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            start_new_session=True, preexec_fn=functools.partial(_limits, cfg))
+            start_new_session=True, pass_fds=tuple(fds.values()),
+            preexec_fn=functools.partial(_child_setup, cfg, uid, cg))
+        for fd in fds.values():
+            os.close(fd)
+        fds.clear()
         flooded, out, err = asyncio.Event(), bytearray(), bytearray()
         readers = asyncio.gather(_drain(proc.stdout, out, cfg.max_capture_bytes, flooded),  # type: ignore[arg-type]
                                  _drain(proc.stderr, err, cfg.max_capture_bytes, flooded))  # type: ignore[arg-type]
@@ -252,18 +359,31 @@ async def run_code(code: str, cfg: PythonConfig, scratch_parent: str | None = No
                                          return_when=asyncio.FIRST_COMPLETED)
             timed_out = not done
         finally:
-            _kill_group(proc.pid)  # always: nothing the code started outlives the call
+            _kill(proc.pid, group=True)  # always: bwrap (init) dies, and with it the namespace
             flood_wait.cancel()
-        try:  # the group is dead; pipes close unless something escaped it
+        try:  # everything is dead; pipes close unless something escaped
             await asyncio.wait_for(readers, 5.0)
         except asyncio.TimeoutError:
             pass
-        code_ = await proc.wait()
-        return {"stdout": bytes(out), "stderr": bytes(err), "exit_code": code_,
+        rc = await proc.wait()
+        os.set_blocking(status_r, False)
+        try:
+            exited = os.read(status_r, 64).startswith(b"exit")
+        except OSError:
+            exited = False
+        if box is not None and not exited and rc > 128:  # bwrap reports 128 + signal
+            rc = -(rc - 128)
+        return {"stdout": bytes(out), "stderr": bytes(err), "exit_code": rc, "exited": exited,
                 "timed_out": timed_out, "flooded": flooded.is_set() and not timed_out,
-                "scratch": scratch}
+                "oom": cg is not None and not exited and cg.oom_killed()}
     finally:
-        if not cfg.keep_scratch:
+        for fd in [*fds.values(), status_r]:
+            os.close(fd)
+        if cg is not None:  # in the background: the last tasks leave the group a little later
+            fut = asyncio.get_running_loop().run_in_executor(None, cg.remove)
+            _removing.add(fut)
+            fut.add_done_callback(_removing.discard)
+        if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
@@ -286,10 +406,11 @@ def _render(run: dict[str, Any], cfg: PythonConfig) -> str:
     return "\n".join(parts)
 
 
-def classify(run: dict[str, Any], cfg: PythonConfig) -> ToolResult:
+def classify(run: dict[str, Any], cfg: PythonConfig, meta: dict[str, Any] | None = None
+             ) -> ToolResult:
     """Turn a finished run into a result: normal output, a sandbox refusal, or a limit hit."""
     text, rc = _render(run, cfg), run["exit_code"]
-    meta = {"exit_code": rc}
+    meta = {"exit_code": rc, **(meta or {})}
     if run["timed_out"]:
         why = f"the code ran past the {cfg.timeout_s:g}s wall-clock limit and was killed"
     elif run["flooded"]:
@@ -297,7 +418,7 @@ def classify(run: dict[str, Any], cfg: PythonConfig) -> ToolResult:
     elif rc == EXIT_VIOLATION:
         return ToolResult(error=_err(ErrorKind.BAD_ARGS, "the sandbox refused an operation", text),
                           meta=meta)
-    elif rc == EXIT_MEMORY:
+    elif rc == EXIT_MEMORY or run.get("oom"):
         why = f"the code ran out of memory (limit {cfg.memory_mb} MB)"
     elif rc == -signal.SIGXCPU:
         why = f"the code used more than {cfg.cpu_s}s of CPU time and was killed"
@@ -305,6 +426,8 @@ def classify(run: dict[str, Any], cfg: PythonConfig) -> ToolResult:
         why = f"the code wrote a file over the {cfg.file_size_mb} MB limit and was killed"
     elif rc < 0:
         why = f"the code died from signal {signal.Signals(-rc).name}"
+    elif rc != 0 and not run.get("exited", True) and run["stderr"].startswith(b"bwrap:"):
+        why = "the sandbox failed to start"
     else:
         return ToolResult(text=text, meta=meta)
     return ToolResult(error=_err(ErrorKind.FATAL, why, text), meta=meta)
@@ -331,13 +454,27 @@ def python_tool(cfg: PythonConfig | None = None) -> Tool:
 
     async def fn(args: dict[str, Any], ctx: ToolContext) -> ToolResult:
         a = check_args("Python", schema, args)
-        parent = str(ctx.scratch_dir) if ctx.scratch_dir is not None else None
-        if parent is not None:
-            os.makedirs(parent, exist_ok=True)
-        return classify(await run_code(a["code"], cfg, parent), cfg)
+        if cfg.unsafe_no_sandbox:
+            parent = str(ctx.scratch_dir) if ctx.scratch_dir is not None else None
+            if parent is not None:
+                os.makedirs(parent, exist_ok=True)
+            return classify(await run_code(a["code"], cfg, None, parent), cfg,
+                            {"sandbox": "none (unsafe_no_sandbox=True)"})
+        box = await asyncio.to_thread(sandbox, cfg.python, cfg.site_packages)
+        if not box.ok:
+            return ToolResult(error=ToolError(ErrorKind.FATAL, f"Python: {REFUSAL}: {box.why}.",
+                                              "Python"), meta={"sandbox": "unavailable"})
+        meta = {"sandbox": "bwrap", "seccomp": box.seccomp is not None,
+                "cgroup": box.cgroups.version if box.cgroups else None,
+                "outer_uid": "per-call" if box.own_uid else os.geteuid()}
+        try:
+            return classify(await run_code(a["code"], cfg, box), cfg, meta)
+        except (OSError, subprocess.SubprocessError) as e:  # a cgroup or the spawn failed
+            return ToolResult(error=_err(ErrorKind.FATAL, "the sandbox failed to start", str(e)),
+                              meta=meta)
 
     return Tool(name="Python", description=(
-        "Run Python 3 code in a sandbox (no network, no files outside its scratch directory, "
-        f"{cfg.timeout_s:g}s wall clock, {cfg.memory_mb} MB) and return stdout, stderr and the "
-        "exit status."), parameters=schema, fn=fn, timeout_s=cfg.timeout_s + 10.0,
+        "Run Python 3 code in a sandbox (no network; its cwd, a fresh scratch directory, is the "
+        f"only writable place; {cfg.timeout_s:g}s wall clock, {cfg.memory_mb} MB) and return "
+        "stdout, stderr and the exit status."), parameters=schema, fn=fn, timeout_s=cfg.timeout_s + 10.0,
         max_concurrency=max(1, os.cpu_count() or 1), retries=0, cacheable=False)
