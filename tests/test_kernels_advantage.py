@@ -4,12 +4,22 @@ Run: .venv/bin/python -m pytest -q tests/test_kernels_advantage.py
 """
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors run Triton's interpreter (read at launch, see _dispatch)
-
 import pytest
 import torch
 
 from spyglass.kernels.advantage import AdvantageConfig, grouped_advantage, grouped_advantage_reference
+
+# Triton reads TRITON_INTERPRET when a kernel module is imported: set there, CUDA tensors would run
+# interpreted too. So only a machine without CUDA sets it at import (tests/conftest.py does so
+# first); CPU-tensor cases get it at call time (_dispatch wraps the kernel for them).
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+@pytest.fixture(autouse=True)
+def _interpret_cpu_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 BLOCK = 8192  # big blocks, small grids: the interpreter costs ~0.6 ms per program

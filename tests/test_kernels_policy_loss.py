@@ -5,12 +5,22 @@ Run: .venv/bin/python -m pytest -q tests/test_kernels_policy_loss.py
 import math
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors run Triton's interpreter (read at launch, see _dispatch)
-
 import pytest
 import torch
 
 from spyglass.kernels.policy_loss import AGGREGATIONS, PolicyLossConfig, masked_policy_loss, policy_loss_reference
+
+# Triton reads TRITON_INTERPRET when a kernel module is imported: set there, CUDA tensors would run
+# interpreted too. So only a machine without CUDA sets it at import (tests/conftest.py does so
+# first); CPU-tensor cases get it at call time (_dispatch wraps the kernel for them).
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+@pytest.fixture(autouse=True)
+def _interpret_cpu_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 METRICS = ("clip_fraction", "dual_clip_fraction", "approx_kl", "ref_kl", "ratio_min", "ratio_max", "num_tokens")
