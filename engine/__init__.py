@@ -36,7 +36,9 @@ trainer: a checkpoint, a backend, your tools as plain functions, finished groups
 `loss_mask(fatal=True)` is OpenSearch-VL's mask (also 0 from the fatal step on). Other
 backends: `make_backend(backend_config("vllm-http", base_url=..., model=...))`; the bundled
 environment and the CLI's assembly: `build_env(EnvConfig(...))`, `build_engine`.
-Tools and rewards from your own modules by dotted path: engine/plugins.py.
+Tools and rewards from your own modules by dotted path: engine/plugins.py. Your own environment
+(`AgentEnv`: `async step(traj, parsed_turn) -> EnvStep(observation, images, done, reward)`)
+steps every turn instead of the tools: `Engine(..., env=MyEnv())`, or `--agent_env pkg.mod:Class`.
 Tests: `.venv/bin/python -m pytest -q tests/test_public_api.py`.
 """
 from __future__ import annotations
@@ -47,7 +49,7 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (5 ms): m
 
 # public name -> the submodule that defines it
 _EXPORTS: dict[str, str] = {
-    **dict.fromkeys(("Engine", "EngineConfig", "Prompt"), "scheduler"),
+    **dict.fromkeys(("Engine", "EngineConfig", "Prompt", "AgentEnv", "EnvStep", "ParsedTurn"), "scheduler"),
     **dict.fromkeys(("Trajectory", "Segment", "SegmentKind", "Status"), "trajectory"),
     **dict.fromkeys(("Tool", "tool", "ToolResult", "ToolContext", "ToolError", "ErrorKind"), "tools.base"),
     "ToolExecutor": "tools.executor",
@@ -87,7 +89,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from .loader import LoadConfig, LoadedModel, load_model
     from .plugins import PluginError, load_object, load_tools
     from .rollout import RolloutConfig, build_engine, make_backends, make_engine
-    from .scheduler import Engine, EngineConfig, Prompt
+    from .scheduler import AgentEnv, Engine, EngineConfig, EnvStep, ParsedTurn, Prompt
     from .toolcall import ToolCallParser, make_turn_parser
     from .tools.base import ErrorKind, Tool, ToolContext, ToolError, ToolResult, tool
     from .tools.executor import ToolExecutor

@@ -43,6 +43,8 @@ class RolloutConfig:
     backend: str = "hf"  # hf | vllm | vllm-http | sglang | openai (see engine/backends)
     backend_options: dict[str, Any] = field(default_factory=dict)  # that backend's config fields
     servers: int = 1  # backend servers (affinity + failover across them)
+    agent_env: str = ""  # a custom environment by dotted path (pkg.mod:Class, made with no arguments;
+    #   engine/scheduler.py AgentEnv): it steps every turn instead of the tools ("" = the tools)
     policy: str = field(default="replay", metadata={"choices": ("replay", "sample", "mixed")})  # replay: forced decoding of solve scripts | sample: the model samples
     #                         mixed: sample 0 of each group replays, the others sample
     out: str = "runs/rollout.jsonl"  # trajectories, one JSONL line each (appended per finished group)
@@ -62,6 +64,9 @@ class RolloutConfig:
             backend_config(self.backend, **{**self.backend_options, "name": f"{self.backend}-0"})
         check(0.0 <= self.max_failed_fraction <= 1.0, f"max_failed_fraction must be in [0, 1], got {self.max_failed_fraction}")
         check_model_spec(self.model)
+        if self.agent_env:  # importable now (made per engine)
+            from .plugins import load_object  # noqa: PLC0415
+            load_object(self.agent_env, "agent_env")
         check(not (self.env.data.path and self.policy in ("replay", "mixed")),
               f"policy {self.policy!r} replays the bundled world's solve scripts; questions from data.path "
               f"{self.env.data.path!r} have none: use --policy sample")
@@ -110,14 +115,27 @@ def make_backends(cfg: RolloutConfig, loaded: LoadedModel | None, prefix: str | 
 
 def make_engine(cfg: EngineConfig, backends: list[Any], codec: Any, runner: Any, schemas: list[dict[str, Any]],
                 prompt_tools: list[dict[str, Any]] | None = None, policy: Any = None,
-                record_spans: bool = False, reward: Any = None) -> Engine:
+                record_spans: bool = False, reward: Any = None, env: Any = None) -> Engine:
     """The one assembly of an Engine: the C++ turn parser over `schemas`, the prompt's tool list
     (`prompt_tools`, default the same schemas), image token counts from the codec; `reward`: an
     async function scoring each finished group (list of Trajectory) before the engine yields it."""
     from .toolcall import make_turn_parser  # noqa: PLC0415
     return Engine(cfg, backends, codec, runner, make_turn_parser(schemas),
                   tool_schemas=schemas if prompt_tools is None else prompt_tools, policy=policy,
-                  image_tokens=getattr(codec, "image_tokens", None), record_spans=record_spans, reward=reward)
+                  image_tokens=getattr(codec, "image_tokens", None), record_spans=record_spans, reward=reward,
+                  env=env)
+
+
+def agent_env(path: str) -> Any:
+    """The custom environment a dotted path names (a class or factory called with no arguments,
+    giving an object with an async `step`), or None for ""."""
+    if not path:
+        return None
+    from .plugins import PluginError, load_object  # noqa: PLC0415
+    made = load_object(path, "agent_env")()
+    if not callable(getattr(made, "step", None)):
+        raise PluginError(f"agent_env {path!r}: {type(made).__name__} has no step(traj, turn) method")
+    return made
 
 
 def build_engine(cfg: RolloutConfig, env: Env, engine_cfg: EngineConfig | None = None,
@@ -146,7 +164,7 @@ def build_engine(cfg: RolloutConfig, env: Env, engine_cfg: EngineConfig | None =
     policy = {"replay": replay, "sample": None,
               "mixed": MixedPolicy(replay, replay_per_group)}[cfg.policy]
     engine = make_engine(engine_cfg or cfg.engine, backends, codec, env.runner, env.schemas, env.prompt_tools,
-                         policy, record_spans)
+                         policy, record_spans, env=agent_env(cfg.agent_env))
     name = policy.name if policy is not None else "sample (the model's own policy)"
     return engine, backends, name
 

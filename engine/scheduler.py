@@ -119,6 +119,27 @@ class ParsedTurn:
 
 
 @dataclass
+class EnvStep:
+    """A custom environment's answer to one assistant turn (Engine(env=...))."""
+
+    observation: str = ""  # the next observation shown to the model (when not done)
+    images: list[Image.Image] = field(default_factory=list)  # images of that observation
+    done: bool = False  # the episode ends with this turn
+    reward: float | None = None  # when done: written to traj.reward["total"]
+    answer: str | None = None  # when done: the final answer (None: the turn's own <answer>)
+    ok: bool = True  # the step counts as well-formed (r_fmt and the K-error cascade)
+
+
+class AgentEnv(Protocol):
+    """Bring your own environment (SkyRL's BaseTextEnv, rLLM's BaseEnv shape): the prompt is the
+    reset observation; after every assistant turn `step` says what the model sees next, or that
+    the episode is done and its reward. The engine keeps its limits (turns, context, time,
+    repetition, the cascade) and its token-faithful observations."""
+
+    async def step(self, traj: Trajectory, turn: ParsedTurn) -> EnvStep: ...
+
+
+@dataclass
 class ToolOutcome:
     """One call's observation: text and images, or an error with its class."""
 
@@ -228,7 +249,8 @@ class Engine:
                  policy: Policy | None = None, image_tokens: Callable[[Image.Image], int] | None = None,
                  record_spans: bool = False,
                  on_turn: Callable[[Trajectory, Turn], None] | None = None,
-                 reward: Callable[[list[Trajectory]], Awaitable[Any]] | None = None) -> None:
+                 reward: Callable[[list[Trajectory]], Awaitable[Any]] | None = None,
+                 env: AgentEnv | None = None) -> None:
         if not backends:
             raise ValueError("Engine needs at least one backend")
         self.cfg, self.backends, self.codec = cfg, list(backends), codec
@@ -237,6 +259,7 @@ class Engine:
         self.image_tokens = image_tokens or (lambda im: 0)
         self.record_spans, self.on_turn = record_spans, on_turn
         self.reward = reward  # async hook scoring each finished group before it is yielded
+        self.env = env  # a custom environment steps every turn instead of the tools (AgentEnv)
         self.stats = EngineStats()
         self._stop_ids = list(codec.stop_token_ids)
         self._stops = frozenset(self._stop_ids)
@@ -557,12 +580,27 @@ class Engine:
         self._jobs.discard(lv.job)
         self._events.put_nowait(("tools", lv, (outs, t0, time.perf_counter())))
 
+    async def _run_env(self, lv: _Live, parsed: ParsedTurn) -> None:
+        lv.reported = True
+        t0 = time.perf_counter()
+        try:
+            step: EnvStep | None = await self.env.step(lv.traj, parsed)
+        except asyncio.CancelledError:  # the deadline sweep cancelled it
+            step = None
+        except Exception as e:  # noqa: BLE001 - an environment bug becomes a failed step, not a dead run
+            step = EnvStep(f"environment failed: {type(e).__name__}: {e}", ok=False)
+        self._jobs.discard(lv.job)
+        self._events.put_nowait(("env", lv, (step, parsed.answer, t0, time.perf_counter())))
+
     # -- event handling -----------------------------------------------------------------
     def _handle(self, kind: str, lv: _Live, payload: Any) -> bool:
         """Advance one trajectory; True when it has just finished."""
         if kind == "tools":
             self._tool_jobs -= 1
             return self._on_tools(lv, *payload)
+        if kind == "env":
+            self._tool_jobs -= 1
+            return self._on_env(lv, *payload)
         if kind == "done":
             return self._finish(lv, *payload)
         if kind.startswith("gen"):
@@ -615,6 +653,14 @@ class Engine:
         lv.ntok += len(seg.token_ids)
         t.turns.append(turn)
         self._account(lv, "gen", t0, t1, turn)
+        if self.env is not None:  # the environment decides what comes next (after the repetition check)
+            n_body = len(ids) - 1 if ids and ids[-1] in self._stops else len(ids)
+            if n_body >= cfg.repetition_min_tokens and is_repetitive(
+                    ids[:n_body], cfg.repetition_max_period, cfg.repetition_min_repeats):
+                return self._finish(lv, Status.INTERRUPTED, "repetition")
+            self._spawn(self._run_env(lv, parsed), lv)
+            self._tool_jobs += 1
+            return False
         if parsed.answer is not None and not parsed.calls:
             turn.answered, t.answer = True, parsed.answer
             return self._finish(lv, Status.ANSWERED, "answer")
@@ -636,6 +682,25 @@ class Engine:
             self._spawn(self._run_tools(lv, parsed.calls), lv)
             self._tool_jobs += 1
         return False
+
+    def _on_env(self, lv: _Live, step: EnvStep | None, parsed_answer: str | None, t0: float, t1: float) -> bool:
+        t, turn = lv.traj, lv.traj.turns[-1]
+        turn.tool_s = t1 - t0
+        if step is None:
+            return self._finish(lv, Status.TRUNCATED, "timeout")
+        turn.env_ok = bool(step.ok)
+        if step.done:
+            if step.reward is not None:
+                t.reward["total"] = float(step.reward)
+            t.answer = step.answer if step.answer is not None else parsed_answer
+            turn.answered = t.answer is not None
+            return self._finish(lv, Status.ANSWERED if turn.answered else Status.TRUNCATED, "env_done")
+        if self._cascade(t):
+            return self._finish(lv, Status.FATAL, "fatal_cascade")
+        if len(t.turns) >= self.cfg.max_turns:
+            return self._finish(lv, Status.TRUNCATED, "max_turns")
+        return self._observe(lv, [ToolOutcome(step.observation, images=list(step.images),
+                                              error_kind=None if step.ok else "bad_args")], t0, t1)
 
     def _on_tools(self, lv: _Live, outs: list[ToolOutcome] | None, t0: float, t1: float) -> bool:
         if outs is None:

@@ -126,12 +126,16 @@ class Turn:
     tool_s: float = 0.0
     gen_tokens: int = 0
     obs_tokens: int = 0
+    env_ok: bool | None = None  # a custom environment's verdict on the step (Engine(env=...)); None: none
 
     @property
     def ok(self) -> bool:
         """Well-formed and every tool ran: 1 in r_fmt; otherwise an error step for the cascade.
 
-        A step with no call and no answer is a format error."""
+        A step with no call and no answer is a format error. Under a custom environment its
+        verdict (EnvStep.ok) decides."""
+        if self.env_ok is not None:
+            return self.env_ok
         if self.parse_errors or self.tool_errors:
             return False
         return bool(self.calls) or self.answered

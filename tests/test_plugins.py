@@ -275,6 +275,18 @@ def Crop(image: str) -> str:
 
 BAD_LIST = [word_count, "Visit"]
 EMPTY = []
+
+
+class TwoTurns:
+    """An AgentEnv: a nudge after the first turn, done after the second (reward 0.5)."""
+
+    def __init__(self):
+        self.turns = 0
+
+    async def step(self, traj, turn):
+        from spyglass.engine.scheduler import EnvStep
+        self.turns += 1
+        return EnvStep(done=True, reward=0.5, answer="done") if self.turns % 2 == 0 else EnvStep("go on")
 '''
 
 
@@ -401,3 +413,20 @@ def test_rollout_on_the_world_with_a_plugin_tool(plugin: str, world: Path, tmp_p
     assert outs[1].images[0].tobytes() == first.transpose(Image.Transpose.FLIP_LEFT_RIGHT).tobytes()
     assert outs[2].text == "HI"
     assert outs[3].error_kind == "bad_args" and "unknown argument(s) ['words']" in outs[3].text
+
+
+def test_a_custom_environment_by_dotted_path(plugin: str, world: Path, tmp_path: Path) -> None:
+    from spyglass.engine.rollout import RolloutConfig, run_rollout
+    from spyglass.engine.scheduler import EngineConfig
+    from spyglass.engine.trajectory import read_jsonl
+
+    env_cfg = EnvConfig(world_dir=str(world), dense_search=False, questions=1, tools=["TextSearch"])
+    cfg = RolloutConfig(model="tiny:qwen2_vl", policy="sample", env=env_cfg, out=str(tmp_path / "r.jsonl"),
+                        progress=False, agent_env=f"{plugin}:TwoTurns",
+                        engine=EngineConfig(n_samples=1, max_turns=4, max_tokens_per_turn=4))
+    run_rollout(cfg)
+    (t,) = read_jsonl(cfg.out)
+    assert (t.stop_reason, t.answer, t.reward, len(t.turns)) == ("env_done", "done", {"total": 0.5}, 2)
+    assert "go on" in t.segments[1].text
+    with pytest.raises(ValueError, match="agent_env .*has no attribute 'Nothing'"):  # a PluginError
+        RolloutConfig(agent_env=f"{plugin}:Nothing")

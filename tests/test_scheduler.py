@@ -359,3 +359,38 @@ def test_a_hung_server_fails_over_in_request_timeout_s() -> None:
     groups = asyncio.run(_collect(engine, [Prompt(f"p{i}", "q") for i in range(4)]))
     assert time.perf_counter() - t0 < 10
     assert all(t.status is Status.ANSWERED for g in groups for t in g) and hung.requests >= 1
+
+
+class GuessEnv:
+    """A custom environment (AgentEnv): guess the secret number; 'higher' / 'lower' until right."""
+
+    def __init__(self, secret: int) -> None:
+        self.secret, self.calls = secret, 0
+
+    async def step(self, traj, turn):
+        from spyglass.engine.scheduler import EnvStep
+        self.calls += 1
+        m = re.search(r"guess (\d+)", traj.segments[-1].text)
+        if m is None:
+            return EnvStep("say: guess N", ok=False)
+        n = int(m.group(1))
+        if n == self.secret:
+            return EnvStep(done=True, reward=1.0, answer=str(n))
+        return EnvStep("higher" if n < self.secret else "lower")
+
+
+def test_a_custom_environment_drives_the_turns() -> None:
+    scripts = {"p": ["guess 5", "hmm", "guess 2", "guess 3"]}
+    env = GuessEnv(3)
+    engine, _ = _engine(EngineConfig(n_samples=1, max_turns=6), scripts, env=env)
+    (group,) = asyncio.run(_collect(engine, [Prompt("p", "Guess my number.")]))
+    t = group[0]
+    assert (t.status, t.stop_reason, t.answer, t.reward) == (Status.ANSWERED, "env_done", "3", {"total": 1.0})
+    assert env.calls == 4 and len(t.turns) == 4
+    assert [tr.ok for tr in t.turns] == [True, False, True, True] and t.fatal_step is None
+    obs = [CODEC.decode(s.token_ids) for s in t.segments if s.kind is SegmentKind.OBS]
+    assert len(obs) == 3 and "lower" in obs[0] and "say: guess N" in obs[1] and "higher" in obs[2]
+    # the engine's limits still hold: an environment that never ends stops at max_turns
+    engine, _ = _engine(EngineConfig(n_samples=1, max_turns=2), {"p": ["guess 9"] * 5}, env=GuessEnv(3))
+    (group,) = asyncio.run(_collect(engine, [Prompt("p", "Guess.")]))
+    assert (group[0].status, group[0].stop_reason, len(group[0].turns)) == (Status.TRUNCATED, "max_turns", 2)
