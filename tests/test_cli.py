@@ -35,3 +35,15 @@ def test_config_file_then_flags(tmp_path, capsys) -> None:
     cfg.write_text("engine:\n  max_turns: 0\n")
     assert _rc(["rollout", "--config", str(cfg)]) == 2
     assert "max_turns must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_user_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys) -> None:
+    bad = tmp_path / "d.jsonl"
+    bad.write_text("{bad\n")
+    assert main(["rollout", "--data", str(bad), "--policy", "sample", "--out", str(tmp_path / "r.jsonl")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("spyglass rollout: no usable records in") and ":1: invalid JSON" in err[0]
+    assert main(["rollout", "--model", "acme/not-cached", "--out", str(tmp_path / "r.jsonl")]) == 2
+    assert "not in the local Hugging Face cache" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError):
+        main(["rollout", "--model", "acme/not-cached", "--out", str(tmp_path / "r.jsonl"), "--debug"])

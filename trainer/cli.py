@@ -62,6 +62,13 @@ def build_parser(name: str) -> tuple[argparse.ArgumentParser, type]:
     return ap, cfg_cls
 
 
+def _user_errors() -> tuple[type, ...]:
+    """Errors that name a user's bad input (data records, plugin paths), not a bug."""
+    from spyglass.engine.data import DataError  # noqa: PLC0415
+    from spyglass.engine.plugins import PluginError  # noqa: PLC0415
+    return (DataError, PluginError)
+
+
 def parse_config(name: str, argv: list[str]) -> Any:
     """The config of command `name` from its flags: class defaults, then --config, then flags.
     A bad value raises ConfigError naming the key; a bad flag exits 2 (argparse)."""
@@ -78,16 +85,21 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         lines = "\n".join([f"  spyglass {k:<14} {v[3]}" for k, v in COMMANDS.items()]
                           + [f"  spyglass {k:<14} {v[1]}" for k, v in PASSTHROUGH.items()])
-        print(f"usage: spyglass <command> [--config FILE] [--section.field VALUE ...]\n\n{lines}")
+        print(f"usage: spyglass <command> [--config FILE] [--section.field VALUE ...] [--debug]\n\n{lines}")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    rest = argv[len(name.split()):]
+    debug = "--debug" in rest  # tracebacks are for bugs: --debug shows them for user errors too
+    rest = [a for a in rest if a != "--debug"]
     try:
-        cfg = parse_config(name, argv[len(name.split()):])
+        cfg = parse_config(name, rest)
         out = _load(name)[1](cfg)
-    except ConfigError as e:  # a bad value, in a flag, the file or found by the run: one line
+    except (ConfigError, FileNotFoundError) + _user_errors() as e:  # a bad value, file, model or record: one line
+        if debug:
+            raise
         print(f"spyglass {name}: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # a run that ended with its work on disk but failed (RolloutFailed, ...)
-        if type(e).__name__ not in ("RolloutFailed",):
+        if debug or type(e).__name__ not in ("RolloutFailed",):
             raise
         print(f"spyglass {name}: {e}", file=sys.stderr)
         return 1
