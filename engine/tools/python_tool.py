@@ -258,13 +258,15 @@ def _bwrap_argv(box: Sandbox, cfg: PythonConfig, fds: dict[str, int]) -> list[st
             "--clearenv"]
     for k, v in _env("/tmp").items():
         argv += ["--setenv", k, v]
+    # the tmpfs mounts first, then the binds: an interpreter or venv that lives under /tmp (a CI
+    # clone) stays visible on top of the scratch tmpfs instead of being hidden by it
+    argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(SHM_MB << 20), "--tmpfs", "/dev/shm",
+             "--size", str(cfg.scratch_mb << 20), "--tmpfs", "/tmp"]
     for b in box.binds:
         argv += ["--ro-bind", b, b]
     for target, path in box.links:
         argv += ["--symlink", target, path]
-    argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(SHM_MB << 20), "--tmpfs", "/dev/shm",
-             "--size", str(cfg.scratch_mb << 20), "--tmpfs", "/tmp",
-             "--file", str(fds["code"]), "/tmp/main.py", "--chdir", "/tmp",
+    argv += ["--file", str(fds["code"]), "/tmp/main.py", "--chdir", "/tmp",
              "--remount-ro", "/proc", "--remount-ro", "/dev", "--remount-ro", "/"]
     if "seccomp" in fds:
         argv += ["--seccomp", str(fds["seccomp"])]
