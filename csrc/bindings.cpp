@@ -716,8 +716,10 @@ void bind_toolcall(py::module_& m) {
       .def_property_readonly("span", [](const PyCall& c) { return span_of(c.start, c.end); },
                              "UTF-8 byte span [start, end) of the whole <tool_call> block")
       .def("args", [](const PyCall& c) {
-        return py::module_::import("json").attr("loads")(utf8_str(c.arguments));
-      }, "the arguments as a dict (json.loads of `arguments`)")
+        return py::module_::import("spyglass.engine.toolcall")
+            .attr("load_arguments")(utf8_str(c.arguments));
+      }, "the arguments as a dict (json.loads of `arguments`; integers beyond Python's "
+         "int-string limit as decimal.Decimal)")
       .def("to_dict", &call_dict)
       .def("__eq__", [](const PyCall& a, py::object b) {
         if (!py::isinstance<PyCall>(b)) return false;

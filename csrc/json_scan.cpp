@@ -13,6 +13,9 @@ namespace {
 
 inline bool is_digit(uint8_t c) { return c >= '0' && c <= '9'; }
 
+// Largest |decimal exponent| of a nonzero number (engine/toolcall.py: 10**18 - 1).
+constexpr int64_t kMaxExp10 = 999999999999999999LL;
+
 // Byte classes: bit 1 = ends a plain run inside a string being parsed ('"', '\\', < 0x20,
 // >= 0x80); bit 2 = must be escaped when writing a string ('"', '\\', < 0x20).
 struct ByteClass {
@@ -106,6 +109,7 @@ struct JParser {
 
   bool fail(const char* msg, size_t pos) {
     err.too_deep = false;
+    err.in_string_end = false;
     err.message = msg;
     err.pos = pos;
     return false;
@@ -204,7 +208,11 @@ struct JParser {
       q = plain_run(s, q, end);
       b.append(reinterpret_cast<const char*>(s + p), q - p);
       p = q;
-      if (p >= end) return fail("unexpected end of input", end);
+      if (p >= end) {
+        fail("unexpected end of input", end);
+        err.in_string_end = true;
+        return false;
+      }
       uint8_t c = s[p];
       if (c == '"') {
         ++p;
@@ -250,6 +258,7 @@ struct JParser {
       f1 = p;
     }
     int64_t exp = 0;
+    bool huge_exp = false;  // more than 18 significant exponent digits
     if (p < end && (s[p] == 'e' || s[p] == 'E')) {
       ++p;
       bool eneg = false;
@@ -258,8 +267,8 @@ struct JParser {
       size_t e0 = p;
       while (p < end && is_digit(s[p])) ++p;
       while (e0 < p && s[e0] == '0') ++e0;
-      if (p - e0 > 9) return fail("number exponent out of range", start);
-      for (size_t k = e0; k < p; ++k) exp = exp * 10 + (s[k] - '0');
+      huge_exp = p - e0 > 18;
+      for (size_t k = e0; k < p && !huge_exp; ++k) exp = exp * 10 + (s[k] - '0');
       if (eneg) exp = -exp;
     }
     // canonical form: value = D * 10^E with D's leading and trailing zeros stripped
@@ -281,6 +290,13 @@ struct JParser {
     int64_t n = static_cast<int64_t>(last - lead);
     int64_t E = exp - static_cast<int64_t>(f1 - f0) + static_cast<int64_t>(dg.size() - last);
     int64_t k = n + E;
+    // The value's decimal exponent (k - 1) must fit 18 digits, so that its canonical text
+    // (which may move the exponent by up to the digit count) always parses again. A literal
+    // exponent of more than 18 digits cannot be brought back in range: texts are < 4 GiB.
+    if (huge_exp || k - 1 > kMaxExp10 || k - 1 < -kMaxExp10) {
+      b.resize(off);
+      return fail("number exponent out of range", start);
+    }
     if (neg) b.push_back('-');
     int64_t int_lim = std::max<int64_t>(21, static_cast<int64_t>(i1 - i0));
     if (E >= 0 && k <= int_lim) {

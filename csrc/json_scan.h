@@ -28,6 +28,8 @@ struct JNode {
 
 struct JError {
   bool too_deep = false;  // true: nesting limit; false: syntax error (kind invalid_json)
+  // The input ended inside a string (plain bytes, not an escape): more bytes could continue it.
+  bool in_string_end = false;
   std::string message;
   size_t pos = 0;
 };

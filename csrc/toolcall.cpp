@@ -1,6 +1,6 @@
 // Tool-call scanner and validator (see toolcall.h; the format is specified in
-// engine/toolcall.py). One forward pass: memchr for '<' outside calls, a quote/backslash lexer
-// inside calls to find the closing tag, then one JSON parse of the call body.
+// engine/toolcall.py). One forward pass: memchr for '<' outside calls, and inside a call one
+// JSON parse from the body start that also finds its closing tag (see Scanner::call).
 #include "toolcall.h"
 
 #include <algorithm>
@@ -11,17 +11,6 @@ namespace spyglass {
 namespace {
 
 using namespace tags;  // NOLINT: the tag constants and match()
-
-// Lexer classes inside a call body: bit 1 = '"' or '<' (outside strings), bit 2 = '"' or '\\'.
-struct LexClass {
-  uint8_t t[256];
-  constexpr LexClass() : t() {
-    t[static_cast<uint8_t>('"')] = 3;
-    t[static_cast<uint8_t>('<')] = 1;
-    t[static_cast<uint8_t>('\\')] = 2;
-  }
-};
-constexpr LexClass kLex{};
 
 std::string path_string(const std::vector<std::string>& path) {
   std::string s = "[";
@@ -68,7 +57,8 @@ void Scanner::reset() {
   outside_.clear();
   has_think_ = false;
   st_ = St::Outside;
-  p_ = tag_start_ = body_ = 0;
+  p_ = tag_start_ = body_ = find_ = 0;
+  c1_ = xl_ = parsed_xl_ = kNone;
   block_tag_ = 0;
   seen_block_ = in_str_ = false;
   calls_seen_ = cur_index_ = 0;
@@ -152,8 +142,8 @@ int Scanner::tag_at(const char* buf, size_t n, size_t q, bool final) {
     if (m == 1) {
       open_block(q);
       st_ = St::Call;
-      body_ = p_ = q + len(kCallO);
-      in_str_ = false;
+      body_ = p_ = find_ = q + len(kCallO);
+      c1_ = xl_ = parsed_xl_ = kNone;
       return 1;
     }
   } else if (tools_->mode == Mode::Llama3Json) {
@@ -255,89 +245,65 @@ void Scanner::block(const char* buf, size_t n, bool final, ParseOut& out, bool& 
   push_error(out, ErrKind::UnterminatedTag, msg, tag_start_, tag_start_, n, -1);
 }
 
-// One-shot fast path: parse the JSON straight from the body start; if a value followed by
-// whitespace and </tool_call> is found, that closing tag is exactly the one the lexer would find
-// (valid JSON has no '<' outside strings and the lexer tracks its strings exactly), so the
-// result is identical and the lexer pass is skipped. Anything else falls back to the lexer.
-bool Scanner::fast_call(const char* buf, size_t n, ParseOut& out) {
-  constexpr size_t kFastLimit = 1 << 16;  // bounds the work wasted on a failed attempt
-  size_t lim = body_ + std::min(tools_->max_call_bytes, kFastLimit);
-  if (lim > n) lim = n;
+// A Hermes call body: the bytes up to the </tool_call> that follows a complete JSON value and
+// whitespace, if the body before it is valid JSON within max_depth and max_call_bytes (that tag
+// is the first one outside a JSON string); otherwise up to the first literal </tool_call>. The
+// parse runs from the body start to min(body + max_call_bytes, E), E = the end of the text
+// (final) or, streaming, the last literal </tool_call> so far: a `<` there can only continue a
+// string, so the outcome is final unless the parse ended inside a string before the size limit.
+// Cost: parses that outlive the next block's start are inside a string there, so the two are
+// complementary and the next literal </tool_call> ends one of them: at most two parses cover
+// any byte, and the text is scanned O(1) times overall (streaming: plus one parse per literal
+// </tool_call> arriving inside a pending call's strings).
+void Scanner::call(const char* buf, size_t n, bool final, ParseOut& out, bool& wait) {
+  const size_t cl = len(kCallC);
+  if (!final) {  // streaming: the first (c1_) and last (xl_) literal closing tag so far
+    size_t from = find_;
+    while (from < n) {
+      const void* f = memmem(buf + from, n - from, kCallC, cl);
+      if (!f) break;
+      size_t q = static_cast<size_t>(static_cast<const char*>(f) - buf);
+      if (c1_ == kNone) c1_ = q;
+      xl_ = q;
+      from = q + cl;  // "</tool_call>" cannot overlap itself
+    }
+    find_ = std::max(from, n >= cl ? n - cl + 1 : size_t{0});
+    if (c1_ == kNone || xl_ == parsed_xl_) {
+      wait = true;
+      return;
+    }
+    parsed_xl_ = xl_;
+  }
+  const size_t lim = body_ + tools_->max_call_bytes;
+  const size_t e = std::min(lim, final ? n : xl_);
   uint32_t root;
   size_t q;
-  if (!doc_.parse_prefix(buf, body_, lim, tools_->max_depth, jerr_, root, q)) return false;
-  while (q < n && (buf[q] == ' ' || buf[q] == '\n' || buf[q] == '\r' || buf[q] == '\t')) ++q;
-  if (q - body_ > tools_->max_call_bytes || n - q < len(kCallC) ||
-      std::memcmp(buf + q, kCallC, len(kCallC)) != 0)
-    return false;
-  emit_block(root, q + len(kCallC), out);
-  p_ = q + len(kCallC);
-  st_ = St::Outside;
-  return true;
-}
-
-void Scanner::call(const char* buf, size_t n, bool final, ParseOut& out, bool& wait) {
-  if (final && p_ == body_ && fast_call(buf, n, out)) return;
-  const uint8_t* s = reinterpret_cast<const uint8_t*>(buf);
-  size_t p = p_;
-  while (p < n) {
-    if (!in_str_) {
-      while (p < n && !(kLex.t[s[p]] & 1)) ++p;
-      if (p >= n) break;
-      if (s[p] == '"') {
-        in_str_ = true;
-        ++p;
-        continue;
-      }
-      int m = match(buf, n, p, kCallC);
-      if (m == 1) {
-        finish_call(buf, p, p + len(kCallC), out);
-        p_ = p + len(kCallC);
-        st_ = St::Outside;
-        return;
-      }
-      if (m < 0 && !final) {
-        p_ = p;
-        wait = true;
-        return;
-      }
-      ++p;
-    } else {
-      while (p < n && !(kLex.t[s[p]] & 2)) ++p;
-      if (p >= n) break;
-      if (s[p] == '"') {
-        in_str_ = false;
-        ++p;
-        continue;
-      }
-      if (p + 1 >= n) {
-        if (!final) {
-          p_ = p;
-          wait = true;
-          return;
-        }
-        p = n;
-        break;
-      }
-      p += 2;
+  if (doc_.parse_prefix(buf, body_, e, tools_->max_depth, jerr_, root, q)) {
+    while (q < e && is_ws(buf[q])) ++q;
+    if (n - q >= cl && std::memcmp(buf + q, kCallC, cl) == 0) {
+      emit_block(root, q + cl, out);
+      p_ = q + cl;
+      st_ = St::Outside;
+      return;
     }
-  }
-  p_ = n;
-  if (!final) {
-    wait = true;
+  } else if (!final && jerr_.in_string_end && e < lim) {
+    wait = true;  // inside a string at the last closing tag: later bytes decide
     return;
+  }
+  // Not a valid body up to a closing tag: recover at the first literal one.
+  if (final && c1_ == kNone) {
+    const void* f = memmem(buf + body_, n - body_, kCallC, cl);
+    if (f) c1_ = static_cast<size_t>(static_cast<const char*>(f) - buf);
   }
   st_ = St::Outside;
-  // No closing tag outside a JSON string (unbalanced quotes): end at the first literal one.
-  const void* f = memmem(buf + body_, n - body_, kCallC, len(kCallC));
-  if (f) {
-    size_t q = static_cast<const char*>(f) - buf;
-    finish_call(buf, q, q + len(kCallC), out);
-    p_ = q + len(kCallC);
+  if (c1_ == kNone) {
+    p_ = n;
+    push_error(out, ErrKind::UnterminatedTag, "unterminated <tool_call>", tag_start_, tag_start_,
+               n, cur_index_);
     return;
   }
-  push_error(out, ErrKind::UnterminatedTag, "unterminated <tool_call>", tag_start_, tag_start_, n,
-             cur_index_);
+  finish_call(buf, c1_, c1_ + cl, out);
+  p_ = c1_ + cl;
 }
 
 void Scanner::finish_call(const char* buf, size_t body_end, size_t span_end, ParseOut& out) {

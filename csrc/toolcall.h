@@ -150,7 +150,6 @@ class Scanner {
   void block(const char* buf, size_t n, bool final, ParseOut& out, bool& wait);
   void call(const char* buf, size_t n, bool final, ParseOut& out, bool& wait);
   void finish_call(const char* buf, size_t body_end, size_t span_end, ParseOut& out);
-  bool fast_call(const char* buf, size_t n, ParseOut& out);
   void emit_block(uint32_t root, size_t span_end, ParseOut& out);
   void one_call(uint32_t node, int depth, size_t span_end, ParseOut& out);
   void finish_args(std::string_view name, size_t name_pos, int64_t args, uint32_t empty_pos,
@@ -178,8 +177,12 @@ class Scanner {
   std::vector<std::string> path_;  // canonical JSON of each path element
   St st_ = St::Outside;
   size_t p_ = 0, tag_start_ = 0, body_ = 0;
+  // Hermes call: first / last literal </tool_call> after the body start (kNone: none yet), the
+  // search frontier, and xl_ when the body was last parsed (streaming).
+  static constexpr size_t kNone = ~size_t{0};
+  size_t c1_ = kNone, xl_ = kNone, find_ = 0, parsed_xl_ = kNone;
   int block_tag_ = 0;  // Think: 0; Answer: 1 answer, 2 response
-  bool seen_block_ = false, in_str_ = false;
+  bool seen_block_ = false, in_str_ = false;  // in_str_: Value lexer
   int64_t calls_seen_ = 0, cur_index_ = 0;
   // Llama / Mistral front-ends
   bool outside_blank_ = true;   // text_outside so far is only " \t\n\r"

@@ -27,14 +27,20 @@ Format (all positions are byte offsets into the UTF-8 text; a ``str`` is encoded
 - ``<answer>…</answer>`` / ``<response>…</response>``: only the matching close ends it. The
   first such block gives ``answer`` and ``answer_tag`` ("answer" | "response"); later ones are
   skipped. Blocks and tags are never recognised inside think or answer blocks.
-- hermes mode: ``<tool_call>BODY</tool_call>``; BODY ends at the first ``</tool_call>`` outside
-  a JSON string, where strings are found lexically (``"`` opens/closes, ``\\`` skips the next byte inside one).
-  So a literal ``</tool_call>`` inside a JSON string does not end the call. If there is no such
-  closing tag before the end (unbalanced quotes), BODY ends at the first literal
-  ``</tool_call>`` after it if any (so the calls after it survive), else the call is an
-  ``unterminated_tag`` error. (Cost: the lexer runs to the end of the text for each such
-  call, so k calls with unbalanced quotes cost O(k·n); everything else is one pass.) ``span`` =
-  [its ``<``, end of its ``</tool_call>``) (or end of text). Other modes: see "Modes" below.
+- hermes mode: ``<tool_call>BODY</tool_call>``. BODY ends at the ``</tool_call>`` that follows
+  a JSON value and blanks when the bytes before it are one valid JSON document of at most
+  ``max_call_bytes`` bytes nested at most ``max_depth`` deep (steps 1-2 below; that tag is the
+  first ``</tool_call>`` outside a JSON string, so one inside a string does not end the call).
+  Otherwise (the body is known to be invalid: unbalanced quotes, bad syntax, too large or too
+  deep) BODY ends at the first literal ``</tool_call>`` after the opener, so one bad call never
+  hides the calls after it; with none at all the call is an ``unterminated_tag`` error to the
+  end of the text. Cost: linear (a parse that runs past the next call's opener is inside a
+  string there, and the next literal ``</tool_call>`` ends it or the next call's parse).
+  Streaming decides a call once the bytes up to the last literal ``</tool_call>`` received
+  decide it (the parse failed, or completed, or hit ``max_call_bytes``; a parse still inside a
+  string there waits), so a pending call is parsed again once per ``</tool_call>`` that arrives
+  inside its strings. ``span`` = [its ``<``, end of its ``</tool_call>``) (or end of text).
+  Other modes: see "Modes" below.
 - Calls: every call gets the next ordinal ``index`` (0, 1, …), good or bad, in text order. A
   block whose value is a JSON array holds one call per element (each its own index and check,
   all sharing the block's span; ``[]`` is one ``invalid_call`` "tool call list is empty" at its
@@ -81,9 +87,11 @@ A call BODY (hermes) or VALUE is checked in this order; the first failure is its
    that cannot continue a valid document ("unexpected end of input" at the body end); invalid
    UTF-8 in a string at the first byte of the ill-formed sequence (Unicode Table 3-7); a bad
    escape, bad ``\\u`` hex, or lone surrogate escape (low alone, or high not followed by
-   ``\\u``+low) at its backslash; a raw byte < 0x20 in a string at that byte; an exponent with
-   more than 9 significant digits at the number's first byte. ``too_deep``: an array/object
-   opened at depth > ``max_depth`` (the call object is depth 1, 2 inside a list), at its bracket.
+   ``\\u``+low) at its backslash; a raw byte < 0x20 in a string at that byte; a nonzero number
+   whose decimal exponent (k - 1 below) is beyond +-(10**18 - 1) ("number exponent out of
+   range", e.g. a literal exponent of more than 18 significant digits) at the number's first
+   byte. ``too_deep``: an array/object opened at depth > ``max_depth`` (the call object is
+   depth 1, 2 inside a list), at its bracket.
 3. ``invalid_call`` (per call object): not an object ("tool call must be a JSON object, got
    T"), no ``"name"``, ``"name"`` not a string. The arguments are under ``"arguments"``, or
    under ``"parameters"`` when ``"arguments"`` is absent (Llama's key, accepted in every mode;
@@ -121,7 +129,13 @@ digits before the decimal point), L = the number of digits in the literal's inte
   otherwise                  -> D[0] ["." D[1:]] "e" (k-1)   (1e21 -> 1e21, 1.5e-7 -> 1.5e-7)
 with "-" in front of negative values. So an integer literal always keeps its digit string
 (any length), and integral values written with a fraction or exponent become plain integers up
-to 21 digits (like JavaScript's Number-to-string, but exact).
+to 21 digits (like JavaScript's Number-to-string, but exact). The canonical text of every
+accepted document parses again to itself (the exponent bound is on the value, which canonical
+form keeps). ``args()`` (``load_arguments``) is ``json.loads`` of it, except that an integer
+longer than Python's int-string limit (``sys.get_int_max_str_digits()``, 4300 by default)
+becomes an exact ``decimal.Decimal`` instead of raising (converting it to int would be
+quadratic); non-integers are floats as ``json.loads`` makes them (nearest double: ``1e999999999``
+-> inf, ``1E-400`` -> 0.0); ``arguments`` keeps the exact text.
 
 Limits: 1 <= max_depth <= 512; 1 <= max_call_bytes < 2**32; texts < 4 GiB.
 
@@ -132,6 +146,7 @@ byte.
 """
 from __future__ import annotations
 
+import decimal
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -150,14 +165,15 @@ CallError = _core.CallError
 ParseResult = _core.ParseResult
 StreamParser = _core.StreamParser
 
-__all__ = ["ERROR_KINDS", "MAX_DEPTH_LIMIT", "MODES", "CallError", "ParseResult", "ParserConfig",
-           "StreamParser", "ToolCall", "ToolCallParser", "canonical_json", "check_parser_limits",
-           "normalize_tools"]
+__all__ = ["ERROR_KINDS", "MAX_DEPTH_LIMIT", "MAX_EXP10", "MODES", "CallError", "ParseResult",
+           "ParserConfig", "StreamParser", "ToolCall", "ToolCallParser", "canonical_json",
+           "check_parser_limits", "load_arguments", "normalize_tools"]
 
 ERROR_KINDS = ("unterminated_tag", "invalid_json", "too_deep", "too_large", "invalid_call",
                "unknown_tool", "missing_argument", "invalid_argument")
 MAX_DEPTH_LIMIT = 512
 MODES = ("hermes", "llama3_json", "mistral")
+MAX_EXP10 = 10**18 - 1  # largest |decimal exponent| (k - 1) of a nonzero number
 _MAX_CALL_BYTES_END = 2**32 - 15  # exclusive bound on max_call_bytes
 _TYPES = ("string", "integer", "number", "boolean", "array", "object", "null")
 
@@ -171,6 +187,19 @@ def check_parser_limits(max_depth: int, max_call_bytes: int, mode: str = "hermes
         raise ValueError(f"max_depth must be an int in [1, {MAX_DEPTH_LIMIT}], got {max_depth!r}")
     if not isinstance(max_call_bytes, int) or not 1 <= max_call_bytes < _MAX_CALL_BYTES_END:
         raise ValueError(f"max_call_bytes must be an int in [1, 2**32), got {max_call_bytes!r}")
+
+
+def _parse_int(text: str) -> int | decimal.Decimal:
+    try:
+        return int(text)
+    except ValueError:  # over sys.get_int_max_str_digits(): exact, and linear to build
+        return decimal.Decimal(text)
+
+
+def load_arguments(arguments: str) -> Any:
+    """``json.loads`` of canonical arguments that never raises on a valid document: integers
+    beyond Python's int-string limit become exact ``decimal.Decimal`` (see "Canonical JSON")."""
+    return json.loads(arguments, parse_int=_parse_int)
 
 
 def canonical_json(text: str | bytes, max_depth: int = MAX_DEPTH_LIMIT) -> str:

@@ -16,18 +16,17 @@ tests/test_toolcall_modes.py``.
 """
 from __future__ import annotations
 
-import json
 import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from spyglass.engine.toolcall import MAX_DEPTH_LIMIT, check_parser_limits
+from spyglass.engine.toolcall import (MAX_DEPTH_LIMIT, MAX_EXP10, check_parser_limits,
+                                      load_arguments)
 
 _WS = re.compile(rb"[ \t\n\r]*")
 _RUN = re.compile(rb'[^"\\\x00-\x1f]*')
 _DIGITS = re.compile(rb"[0-9]*")
-_CALL_LEX = re.compile(rb'"(?:[^"\\]|\\.)*(")?|</tool_call>', re.S)
 _ESC_OUT = re.compile(rb'["\\\x00-\x1f]')
 _SIMPLE_ESC = {ord('"'): b'"', ord("\\"): b"\\", ord("/"): b"/", ord("b"): b"\b",
                ord("f"): b"\f", ord("n"): b"\n", ord("r"): b"\r", ord("t"): b"\t"}
@@ -57,7 +56,7 @@ class RefToolCall:
     span: tuple[int, int]
 
     def args(self) -> dict[str, Any]:
-        return json.loads(self.arguments)
+        return load_arguments(self.arguments)
 
     def to_dict(self) -> dict[str, Any]:
         return {"index": self.index, "name": self.name, "arguments": self.arguments,
@@ -100,15 +99,20 @@ class RefParseResult:
 
 
 class _JsonError(Exception):
-    def __init__(self, message: str, pos: int, too_deep: bool = False) -> None:
+    """A JSON error; in_string: the input ended inside a string (plain bytes, not an escape)."""
+
+    def __init__(self, message: str, pos: int, too_deep: bool = False,
+                 in_string: bool = False) -> None:
         super().__init__(message)
-        self.message, self.pos, self.too_deep = message, pos, too_deep
+        self.message, self.pos, self.too_deep, self.in_string = message, pos, too_deep, in_string
 
 
-def canonical_number(neg: bool, digits: bytes, int_len: int, exp: int) -> tuple[str, bool]:
+def canonical_number(neg: bool, digits: bytes, int_len: int,
+                     exp: int) -> tuple[str | None, bool]:
     """Canonical text of the number ``(-1)**neg * int(digits) * 10**(exp - frac_len)``, where
     the first ``int_len`` digits were the literal's integer part, and whether it is integral
-    (the rule is spelled out in spyglass.engine.toolcall)."""
+    (the rule is spelled out in spyglass.engine.toolcall); None when its decimal exponent is
+    out of range (beyond +-MAX_EXP10)."""
     frac_len = len(digits) - int_len
     d = digits.lstrip(b"0")
     if not d:
@@ -117,6 +121,8 @@ def canonical_number(neg: bool, digits: bytes, int_len: int, exp: int) -> tuple[
     e = exp - frac_len + (len(d) - len(stripped))
     d = stripped.decode()
     n, k = len(d), len(d) + e
+    if abs(k - 1) > MAX_EXP10:
+        return None, False
     sign = "-" if neg else ""
     if e >= 0 and k <= max(21, int_len):
         return sign + d + "0" * e, True
@@ -223,7 +229,7 @@ class _Json:
             out += run
             p = q
             if p >= end:
-                raise _JsonError("unexpected end of input", end)
+                raise _JsonError("unexpected end of input", end, in_string=True)
             c = s[p]
             if c == 0x22:
                 return ("str", start, bytes(out)), p + 1
@@ -293,11 +299,15 @@ class _Json:
             if q == p:
                 raise self.unexpected(p)
             e = s[p:q].lstrip(b"0")
-            if len(e) > 9:
-                raise _JsonError("number exponent out of range", start)
-            exp = -int(e or b"0") if eneg else int(e or b"0")
+            # > 18 digits: out of range for any nonzero value (texts are < 4 GiB); int() of it
+            # could also hit Python's int-string limit
+            exp = None if len(e) > 18 else -int(e or b"0") if eneg else int(e or b"0")
             p = q
-        text, integral = canonical_number(neg, digits, int_len, exp)
+        if exp is None and digits.strip(b"0"):
+            raise _JsonError("number exponent out of range", start)
+        text, integral = canonical_number(neg, digits, int_len, exp or 0)
+        if text is None:
+            raise _JsonError("number exponent out of range", start)
         return ("int" if integral else "num", start, text), p
 
 
@@ -436,19 +446,30 @@ class RefParser:
         return len(s)
 
     def _call(self, s: bytes, q: int, index: int, final: bool, out: _Out) -> int | None:
-        body, n, close = q + len(b"<tool_call>"), len(s), -1
-        for m in _CALL_LEX.finditer(s, body):  # strings (maybe unclosed) and close tags
-            if m.group(1) is None:  # a close tag, or an unclosed string (then there is none)
-                close = -1 if s[m.start()] == 0x22 else m.start()
-                break
-        if close < 0:
-            if not final:
+        """A hermes body: up to the </tool_call> after a JSON value and blanks if the body is
+        valid JSON within the limits, else up to the first literal </tool_call>. Streaming, the
+        parse ends at the last literal </tool_call> (a '<' there only continues a string)."""
+        body, n, cl = q + len(b"<tool_call>"), len(s), b"</tool_call>"
+        first = s.find(cl, body)
+        if first < 0 and not final:
+            return None
+        lim = body + self.max_call_bytes
+        end = min(lim, n if final else s.rfind(cl, body))
+        j = _Json(s, end, self.max_depth)
+        try:
+            p = j.ws(j.value(body, 0)[1])
+            if s.startswith(cl, p):
+                return self._body(s, q, body, p, index, out)
+        except _JsonError as e:
+            if not final and e.in_string and end < lim:
                 return None
-            close = s.find(b"</tool_call>", body)  # unbalanced quotes: first literal close tag
-            if close < 0:
-                out.errors.append(RefCallError(index, "unterminated_tag",
-                                               "unterminated <tool_call>", q, (q, n)))
-                return n
+        if first < 0:
+            out.errors.append(RefCallError(index, "unterminated_tag", "unterminated <tool_call>",
+                                           q, (q, n)))
+            return n
+        return self._body(s, q, body, first, index, out)
+
+    def _body(self, s: bytes, q: int, body: int, close: int, index: int, out: _Out) -> int:
         span = (q, close + len(b"</tool_call>"))
         self._value(s, body, close, 0, index, span, out)
         return span[1]
