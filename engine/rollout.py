@@ -43,6 +43,8 @@ class RolloutConfig:
     backend: str = "hf"  # hf | vllm | vllm-http | sglang | openai (see engine/backends)
     backend_options: dict[str, Any] = field(default_factory=dict)  # that backend's config fields
     servers: int = 1  # backend servers (affinity + failover across them)
+    server_urls: str = ""  # a fleet of servers: URL[,URL...] or @FILE (one URL a line); each is one backend
+    #   of `backend` (its backend_options with that base_url), health-checked at start ("" = none)
     agent_env: str = ""  # a custom environment by dotted path (pkg.mod:Class, made with no arguments;
     #   engine/scheduler.py AgentEnv): it steps every turn instead of the tools ("" = the tools)
     policy: str = field(default="replay", metadata={"choices": ("replay", "sample", "mixed")})  # replay: forced decoding of solve scripts | sample: the model samples
@@ -62,6 +64,11 @@ class RolloutConfig:
         check(self.backend in KINDS, f"backend must be one of {sorted(KINDS)}, got {self.backend!r}")
         if self.backend != "hf":  # its options are checked now (hf's go to HFBackend's constructor)
             backend_config(self.backend, **{**self.backend_options, "name": f"{self.backend}-0"})
+        check(not self.server_urls or self.backend != "hf", "server_urls needs a server backend (vllm-http, sglang, "
+                                                            f"openai), not {self.backend!r}")
+        check(not self.server_urls or self.servers == 1, f"server_urls names the fleet: leave servers at 1, got {self.servers}")
+        for u in fleet_urls(self.server_urls):
+            backend_config(self.backend, **{**self.backend_options, "base_url": u, "name": "x"})
         check(0.0 <= self.max_failed_fraction <= 1.0, f"max_failed_fraction must be in [0, 1], got {self.max_failed_fraction}")
         check_model_spec(self.model)
         if self.agent_env:  # importable now (made per engine)
@@ -98,6 +105,29 @@ def check_text_only(codec: Any, env: Env, model: str) -> None:
                            f"(first: {with_images[:3]}); use a vision-language checkpoint or text-only data")
 
 
+def fleet_urls(spec: str) -> list[str]:
+    """The URLs of `server_urls`: a comma-separated list, or @FILE with one URL a line (# comments)."""
+    if not spec:
+        return []
+    if spec.startswith("@"):
+        path = Path(spec[1:])
+        check(path.is_file(), f"server_urls: {path} is not a file")
+        lines = [x.split("#", 1)[0].strip() for x in path.read_text().splitlines()]
+    else:
+        lines = [x.strip() for x in spec.split(",")]
+    urls = [x for x in lines if x]
+    check(bool(urls), f"server_urls {spec!r} names no URL")
+    check(len(set(urls)) == len(urls), f"server_urls repeats a URL: {urls}")
+    return urls
+
+
+async def check_fleet(backends: list[Any]) -> None:
+    """Every server answers its health check, or one ConfigError names those that do not."""
+    ok = await asyncio.gather(*(b.health() for b in backends))
+    dead = [getattr(b, "name", str(i)) for i, (b, up) in enumerate(zip(backends, ok)) if not up]
+    check(not dead, f"servers not answering their health check: {dead} (of {len(backends)})")
+
+
 def make_backends(cfg: RolloutConfig, loaded: LoadedModel | None, prefix: str | None = None) -> list[Any]:
     """The config's generation servers (the one place they are built): `servers` HF backends
     over `loaded` (the model this process holds), or `servers` clients of another kind from
@@ -109,6 +139,9 @@ def make_backends(cfg: RolloutConfig, loaded: LoadedModel | None, prefix: str | 
         check(loaded is not None, "the hf backend needs the loaded model")
         opts = {k: v for k, v in cfg.backend_options.items() if k != "name"}
         return [HFBackend.from_model(loaded, name=f"{prefix}-{i}", **opts) for i in range(cfg.servers)]
+    if cfg.server_urls:  # a fleet: one backend per URL, named by it
+        return [make_backend(backend_config(cfg.backend, **{**cfg.backend_options, "base_url": u, "name": u}))
+                for u in fleet_urls(cfg.server_urls)]
     return [make_backend(backend_config(cfg.backend, **{**cfg.backend_options, "name": f"{prefix}-{i}"}))
             for i in range(cfg.servers)]
 
@@ -238,6 +271,7 @@ async def _drive(engine: Engine, prompts: list, out: str | None, progress: bool)
     from tqdm import tqdm  # noqa: PLC0415
     groups = []
     try:
+        await check_fleet(engine.backends)  # a dead server is one line before any work, not a failed run
         with tqdm(total=len(prompts), desc="groups", disable=not progress, leave=False) as bar:
             async for g in engine.run(prompts):
                 if out:

@@ -50,3 +50,45 @@ def test_grpo_steps_reload_a_vllm_server_from_disk(server, tmp_path):
     assert [p.name for p in (tmp_path / "log" / "weights").iterdir()] == ["v00000002"]  # the newest only
     assert (Path(reloads[-1]) / "config.json").is_file() and any(Path(reloads[-1]).glob("*.safetensors"))
     assert sum(p == "/reset_prefix_cache" for p, _ in server.bodies) == 2
+
+
+@pytest.fixture
+def servers():
+    loop = asyncio.new_event_loop()
+    fakes = [FakeServer(), FakeServer()]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    for f in fakes:
+        asyncio.run_coroutine_threadsafe(f.start(), loop).result(10)
+    yield fakes
+    for f in fakes:
+        asyncio.run_coroutine_threadsafe(f.stop(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+
+
+def test_a_fleet_of_named_servers_is_health_checked_and_shared(servers, tmp_path):
+    from spyglass.engine.config import ConfigError
+    from spyglass.engine.rollout import RolloutConfig, run_rollout
+    world = tmp_path / "world"
+    ensure_world(world, WorldConfig())
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps({"id": i, "question": f"{i}?", "answer": "a"}) + "\n" for i in range(4)))
+
+    def cfg(urls: str, out: str) -> RolloutConfig:
+        return from_dict(RolloutConfig, {
+            "model": "tiny:qwen2", "policy": "sample", "out": str(tmp_path / out), "progress": False,
+            "backend": "vllm-http", "backend_options": {"model": "m"}, "server_urls": urls,
+            "env": {"world_dir": str(world), "dense_search": False, "tools": ["Visit"], "data": {"path": str(data)}},
+            "engine": {"n_samples": 2, "max_turns": 1, "max_tokens_per_turn": 4}})
+    urls = f"{servers[0].url},{servers[1].url}"
+    run_rollout(cfg(urls, "a.jsonl"))
+    assert len(read_jsonl(tmp_path / "a.jsonl")) == 8
+    assert all(any(p == "/v1/completions" for p, _ in s.bodies) for s in servers)  # both served
+    listed = tmp_path / "fleet.txt"
+    listed.write_text(f"# the fleet\n{servers[0].url}\nhttp://127.0.0.1:9\n")
+    with pytest.raises(ConfigError, match=r"not answering their health check: \['http://127.0.0.1:9'\] \(of 2\)"):
+        run_rollout(cfg(f"@{listed}", "b.jsonl"))
+    assert not (tmp_path / "b.jsonl").exists() or not read_jsonl(tmp_path / "b.jsonl")
+    with pytest.raises(ConfigError, match="server_urls needs a server backend"):
+        RolloutConfig(server_urls=urls)

@@ -72,14 +72,34 @@ def _text_cfg(world: Path, out: Path, data: Path, **kw) -> RolloutConfig:
                                                 "max_server_retries": 1}, **kw})
 
 
-def test_backend_failures_are_not_finished_work(world: Path, tmp_path: Path) -> None:
-    """Trajectories a dead server failed end the run non-zero (on disk, marked) and a rerun
-    redoes their groups; the failed lines are kept aside, never deleted."""
+@pytest.fixture
+def refusing_server():
+    """A vLLM-style server that is up (its health check answers) but refuses every request (503)."""
+    import asyncio
+    import threading
+
+    from test_backend_http import FakeServer
+    loop, fake = asyncio.new_event_loop(), FakeServer()
+    fake.fail_next = 10**6
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(fake.start(), loop).result(10)
+    yield fake
+    asyncio.run_coroutine_threadsafe(fake.stop(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+
+
+def test_backend_failures_are_not_finished_work(world: Path, tmp_path: Path, refusing_server) -> None:
+    """Trajectories a failing server failed end the run non-zero (on disk, marked) and a rerun
+    redoes their groups; the failed lines are kept aside, never deleted. (A server that is down
+    at the start is one config error before any work: tests/test_grpo_server.py.)"""
     from spyglass.engine.rollout import RolloutFailed
     data = tmp_path / "q.jsonl"
     data.write_text("".join(json.dumps({"id": f"q{i}", "question": f"{i}?", "answer": "a"}) + "\n" for i in range(3)))
     out = tmp_path / "r.jsonl"
-    dead = _text_cfg(world, out, data, backend="vllm-http", backend_options={"base_url": "http://127.0.0.1:9", "model": "m"})
+    dead = _text_cfg(world, out, data, backend="vllm-http",
+                     backend_options={"base_url": refusing_server.url, "model": "m", "retries": 0})
     with pytest.raises(RolloutFailed, match=r"6 of 6 trajectories failed for infrastructure reasons .* redoes"):
         run_rollout(dead)
     assert {t.stop_reason for t in iter_jsonl(out)} == {"backend_error"}

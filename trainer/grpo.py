@@ -28,7 +28,7 @@ from spyglass.engine.config import check
 from spyglass.engine.env import build_env
 from spyglass.engine.gateway import Gateway, ServeConfig, make_app
 from spyglass.engine.loader import load_model
-from spyglass.engine.rollout import RolloutConfig, build_engine, make_backends
+from spyglass.engine.rollout import RolloutConfig, build_engine, check_fleet, make_backends
 from spyglass.engine.scheduler import EngineConfig
 from spyglass.engine.trajectory import write_jsonl
 from spyglass.trainer.algorithm import AlgoConfig, compute_advantages
@@ -163,6 +163,7 @@ class _Run:
             self.train_prompts = self.prompts[:len(self.prompts) - held]  # eval never trains
             self.engine, self.backends, _ = build_engine(cfg.rollout, self.env, vlm=vlm,
                                                          replay_per_group=cfg.replay_per_group)
+            self.loop.run_until_complete(check_fleet(self.backends))  # every server answers, or one line
         if rank == 0:
             Path(cfg.log_dir).mkdir(parents=True, exist_ok=True)
             try:
