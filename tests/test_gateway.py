@@ -252,3 +252,37 @@ def test_concurrency_limit_answers_429(served):
     status, err = post(url, {"messages": [{"role": "user", "content": "b"}]})
     th.join(10)
     assert status == 429 and "max_concurrency 1" in err["error"]["message"] and out[0][0] == 200
+
+
+def test_spyglass_serve_from_the_command_line(tmp_path):
+    """`spyglass serve` as a user starts it: a tiny text checkpoint on the HF backend, a real chat
+    request through the openai client, then interrupted (Ctrl-C) cleanly."""
+    import signal
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "spyglass.trainer.cli", "serve", "--model", "tiny:qwen2",
+                             "--port", str(port), "--serve.out", str(tmp_path / "gw.jsonl")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0)
+        for _ in range(300):  # the model loads, then the server listens
+            try:
+                models = client.models.list()
+                break
+            except openai.APIConnectionError:
+                assert proc.poll() is None, proc.stdout.read()
+                time.sleep(0.1)
+        assert [m.id for m in models] == ["policy"]
+        r = client.chat.completions.create(model="policy", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                           extra_body={"session_id": "cli"})
+        assert r.choices[0].finish_reason in ("stop", "length") and r.model_extra["spyglass"]["session_id"] == "cli"
+        status, body = post(f"http://127.0.0.1:{port}/v1/sessions/cli/reward", {"reward": 0.0})
+        assert status == 200 and len(read_jsonl(tmp_path / "gw.jsonl")) == 1
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert f"on http://127.0.0.1:{port}/v1" in out
