@@ -469,7 +469,7 @@ bool JDoc::parse(const char* text, size_t begin, size_t end, int max_depth, JErr
 }
 
 bool JDoc::parse_prefix(const char* text, size_t begin, size_t end, int max_depth, JError& err,
-                        uint32_t& root, size_t& value_end) {
+                        uint32_t& root, size_t& value_end, int depth0) {
   nodes.clear();
   kids.clear();
   bytes.clear();
@@ -477,7 +477,7 @@ bool JDoc::parse_prefix(const char* text, size_t begin, size_t end, int max_dept
   src_ = text;
   JParser ps{reinterpret_cast<const uint8_t*>(text), end, max_depth, *this, err};
   value_end = begin;
-  return ps.value(value_end, 0, root);
+  return ps.value(value_end, depth0, root);
 }
 
 uint32_t JDoc::add_empty_object(uint32_t pos) {

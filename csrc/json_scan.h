@@ -48,8 +48,9 @@ class JDoc {
              uint32_t& root, int depth0 = 0);
   // Parses one JSON value starting at text[begin] (after optional whitespace) that ends before
   // `end`; sets `value_end` to the byte after it. Bytes after the value are not examined.
+  // `depth0` as in parse().
   bool parse_prefix(const char* text, size_t begin, size_t end, int max_depth, JError& err,
-                    uint32_t& root, size_t& value_end);
+                    uint32_t& root, size_t& value_end, int depth0 = 0);
   // Appends the canonical serialisation of `node` to `out`.
   void canonical(uint32_t node, std::string& out) const;
   // Value node of member `key` of object `obj`, or -1.

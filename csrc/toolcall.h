@@ -165,6 +165,7 @@ class Scanner {
   void lead(const char* buf, size_t n, bool final, bool& wait);
   void name(const char* buf, size_t n, bool final, ParseOut& out, bool& wait);
   void begin_value(size_t at, bool args);
+  int opener_at(const char* buf, size_t n, size_t p);
   void value(const char* buf, size_t n, bool final, ParseOut& out, bool& wait);
   void finish_value(const char* buf, size_t end, ParseOut& out);
   void sep(const char* buf, size_t n, bool final, bool& wait);
@@ -191,6 +192,11 @@ class Scanner {
   bool in_id_ = false;          // Name: past [CALL_ID]
   bool semi_ = false;           // Sep: the ';' has been seen
   size_t val_start_ = 0, depth_ = 0, name_start_ = 0, name_end_ = 0, q_ = 0;
+  // Value: esc_ after a backslash in a string; open_at_: the first opener of a next block inside
+  // the lexical extent (kNone: none yet); try_n_: the buffer size at which a pending parse is
+  // retried; semi_at_ / semi_q_: a llama ';' at the buffer end and the blanks scanned after it.
+  bool esc_ = false;
+  size_t open_at_ = kNone, try_n_ = 0, semi_at_ = kNone, semi_q_ = 0;
 };
 
 // One-shot parse of a whole text.

@@ -2,6 +2,7 @@
 // specified in engine/toolcall.py). Both find a call's JSON value lexically (brackets counted
 // outside strings) so that streaming stays one pass, then hand the parsed value to the shared
 // call-object rules in toolcall.cpp.
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <string_view>
@@ -139,45 +140,111 @@ void Scanner::begin_value(size_t at, bool args) {
   val_start_ = p_ = at;
   val_args_ = args;
   depth_ = 0;
-  in_str_ = false;
+  in_str_ = esc_ = false;
+  open_at_ = semi_at_ = kNone;
+  try_n_ = 0;
 }
 
-// A value's extent: from '{' or '[' to the bracket that closes the first one (brackets of
-// either kind counted outside strings); from '"' to its closing quote; otherwise, or if it
-// never closes, to the end of the text.
+// 1: the mode's next-block opener starts at buf[p] (mistral: "[TOOL_CALLS]"; llama3_json:
+// "<|python_tag|>", or ';' blanks '{'); 0: it does not; -1: buf may end inside one.
+int Scanner::opener_at(const char* buf, size_t n, size_t p) {
+  if (tools_->mode == Mode::Mistral) return match(buf, n, p, kToolCalls);
+  if (buf[p] == '<') return match(buf, n, p, kPyTag);
+  size_t q = p == semi_at_ ? semi_q_ : p + 1;  // blanks already seen after this ';'
+  while (q < n && is_ws(buf[q])) ++q;
+  if (q >= n) {
+    semi_at_ = p;
+    semi_q_ = q;
+    return -1;
+  }
+  return buf[q] == '{' ? 1 : 0;
+}
+
+// A value's extent. Lexically: from '{' or '[' to the bracket that closes the first one
+// (brackets of either kind counted outside strings); from '"' to its closing quote; otherwise,
+// or if it never closes, to the end of the text. If the first literal opener of the next block
+// (opener_at, any byte after the value's first) comes before that, the value is the JSON value
+// parsed from its start if that is valid within the limits (the opener sits in one of its
+// strings), else it ends at that opener. Cost: a parse that outlives the next block's start is
+// inside a string there (an opener outside strings is invalid JSON), so it and the next block's
+// parse have opposite string states from there on and the next opener ends one of them: at
+// most two parses cover any byte. Streaming: the parse runs to the end of the bytes received
+// (or the size limit) and is final once it succeeds, reaches the limit, or fails more than 7
+// bytes before the end (a failure that close to the end may be a cut UTF-8 sequence or
+// surrogate pair); otherwise it is retried once max(16, a quarter of the bytes since the value's
+// start) more have arrived, so the retries cost O(the value's final parse) in all.
 void Scanner::value(const char* buf, size_t n, bool final, ParseOut& out, bool& wait) {
+  const bool llama = tools_->mode == Mode::Llama3Json;
+  const char c0 = val_start_ < n ? buf[val_start_] : 0;
+  const bool lex = c0 == '{' || c0 == '[' || c0 == '"';
   size_t p = p_;
   bool closed = false;
-  const char c0 = val_start_ < n ? buf[val_start_] : 0;
-  if (c0 == '{' || c0 == '[' || c0 == '"') {
-    while (p < n && !closed) {
-      const char c = buf[p];
-      if (in_str_) {
-        if (c == '\\') {
-          if (p + 1 >= n) break;
-          p += 2;
-          continue;
-        }
-        if (c == '"') {
-          in_str_ = false;
-          closed = depth_ == 0;
-        }
-      } else if (c == '"') {
-        in_str_ = true;
-      } else if (c == '{' || c == '[') {
-        ++depth_;
-      } else if (c == '}' || c == ']') {
-        closed = --depth_ == 0;
+  while (open_at_ == kNone && p < n && !closed) {
+    const char c = buf[p];
+    if (p > val_start_ && (llama ? c == '<' || c == ';' : c == '[')) {
+      int m = opener_at(buf, n, p);
+      if (m < 0 && !final) {
+        p_ = p;
+        wait = true;
+        return;
       }
-      ++p;
+      if (m > 0) {
+        open_at_ = p;
+        break;
+      }
+    }
+    ++p;
+    if (!lex) continue;
+    if (esc_) {
+      esc_ = false;
+    } else if (in_str_) {
+      if (c == '\\') {
+        esc_ = true;
+      } else if (c == '"') {
+        in_str_ = false;
+        closed = depth_ == 0;
+      }
+    } else if (c == '"') {
+      in_str_ = true;
+    } else if (c == '{' || c == '[') {
+      ++depth_;
+    } else if (c == '}' || c == ']') {
+      closed = --depth_ == 0;
     }
   }
-  if (!closed && !final) {
-    p_ = p;
-    wait = true;
+  p_ = p;
+  if (closed) {
+    finish_value(buf, p, out);
     return;
   }
-  finish_value(buf, closed ? p : n, out);
+  if (open_at_ == kNone) {
+    if (!final) {
+      wait = true;
+      return;
+    }
+    finish_value(buf, n, out);
+    return;
+  }
+  size_t end = open_at_;
+  if (lex) {
+    if (!final && n < try_n_) {
+      wait = true;
+      return;
+    }
+    const size_t lim = val_start_ + tools_->max_call_bytes;
+    const size_t e = std::min(lim, n);
+    uint32_t root;
+    size_t q;
+    if (doc_.parse_prefix(buf, val_start_, e, tools_->max_depth, jerr_, root, q,
+                          val_args_ ? 1 : 0)) {
+      end = q;
+    } else if (!final && e < lim && jerr_.pos + 7 >= n) {
+      try_n_ = n + std::max<size_t>(16, (n - val_start_) / 4);
+      wait = true;
+      return;
+    }
+  }
+  finish_value(buf, end, out);
 }
 
 // Parses the value buf[val_start_, end) and emits its call(s); then the mode's next state.

@@ -78,8 +78,23 @@ Modes (``mode=``, chosen when the parser is built; the call-object rules below a
 - VALUE (llama3_json, mistral): found lexically, then parsed as one JSON document. From ``{`` or
   ``[``: to the bracket that brings the count of open brackets (either kind, outside strings;
   strings found as in hermes) back to zero; from ``"``: to its closing quote; from anything
-  else, or if it never closes: to the end of the text. A streamed call is emitted when its
-  value closes; one running to the end of the text only at ``finish()``.
+  else, or if it never closes: to the end of the text. But if a literal OPENER of the mode
+  (mistral: ``[TOOL_CALLS]``; llama3_json: ``<|python_tag|>``, or ``;`` then blanks then ``{``)
+  starts after the value's first byte and before that end, then: a value from ``{``, ``[`` or
+  ``"`` whose JSON value (parsed from its first byte) is valid within ``max_call_bytes`` and
+  ``max_depth`` keeps its end (the opener is inside one of its strings); any other value ends
+  at the first such opener, which then opens the next block as usual (a ``;`` one through the
+  llama3_json separator rule), so one bad call never hides the calls after it (the value is
+  checked as usual: typically ``invalid_json`` "unexpected end of input" at the opener). Cost:
+  linear, as in hermes (a parse that runs past the next opener is inside a string there, since
+  an opener outside strings is invalid JSON; from there it and the next block's parse have
+  opposite string states, so the next opener ends one of them). A streamed call is emitted when
+  its value's end is known: when it closes before any opener, or once its parse after an opener
+  is decided (it succeeded, reached ``max_call_bytes``, or failed more than 7 bytes before the
+  end of the bytes received: closer, a cut UTF-8 sequence or surrogate pair could still
+  continue; the C++ core retries a pending parse after max(16, a quarter of its bytes) more
+  bytes, so the retries stay linear); one running to the end of the text only at ``finish()``.
+  Calls after an undecided value wait for it.
 
 A call BODY (hermes) or VALUE is checked in this order; the first failure is its one error:
 1. ``too_large``: more than ``max_call_bytes`` bytes (byte_pos = body start + max_call_bytes).

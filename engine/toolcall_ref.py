@@ -44,6 +44,9 @@ _M_TAGS = (b"[ARGS]", b"[CALL_ID]", b"[TOOL_CALLS]")
 _SEP = re.compile(rb"[ \t\n\r]*(;[ \t\n\r]*)?")
 _NAME = re.compile(rb"[^\[{]*")
 _ID = re.compile(rb"[^\[]*")
+# Literal openers of the next block, where a value that is not valid JSON ends.
+_OPENERS = {"llama3_json": re.compile(rb"<\|python_tag\|>|;[ \t\n\r]*\{"),
+            "mistral": re.compile(rb"\[TOOL_CALLS\]")}
 _CLOSE = {"think": b"</think>", "answer": b"</answer>", "response": b"</response>"}
 
 
@@ -560,7 +563,7 @@ class RefParser:
              out: _Out) -> int | None:
         """A block's value; llama3_json: then (blanks ';' blanks '{' value)*, the rest is text."""
         while True:
-            end = _extent(s, v, final)
+            end = self._end(s, v, 0, final)
             if end is None:
                 return None
             self._value(s, v, end, 0, index, (start, end), out)
@@ -594,7 +597,7 @@ class RefParser:
             message = f"expected [ARGS] after the {'call id' if in_id else 'tool name'}"
             out.add(RefCallError(index, "invalid_call", message, q, (start, q)))
             return q
-        end = _extent(s, v, final)
+        end = self._end(s, v, 1, final)
         if end is None:
             return None
         name = s[p:name_end]
@@ -609,24 +612,52 @@ class RefParser:
         return end
 
 
-def _partial(s: bytes, q: int, tags: tuple[bytes, ...]) -> bool:
-    """s ends inside a prefix of one of the tags starting at q."""
-    return any(t.startswith(s[q:]) and len(s) - q < len(t) for t in tags)
+    def _end(self, s: bytes, v: int, depth: int, final: bool) -> int | None:
+        """End of the value at v: its lexical extent (``_close``) if that ends before the first
+        literal opener of a next block after v (or there is none); else the end of the JSON
+        value parsed from v if that is valid within the limits (the opener is inside one of its
+        strings); else that opener. Streaming, the parse runs to the end of the bytes received
+        and is final once it succeeds, reaches max_call_bytes or fails more than 7 bytes before
+        the end (closer, a cut UTF-8 sequence or surrogate pair could still continue). None:
+        more bytes are needed (final=False)."""
+        n = len(s)
+        m = _OPENERS[self.mode].search(s, v + 1)
+        o = n if m is None else m.start()
+        close = _close(s, v, o)
+        if close is not None:
+            return close
+        if m is None:
+            return n if final else None
+        if s[v] not in b'{["':
+            return o
+        lim = v + self.max_call_bytes
+        e = min(lim, n)
+        try:
+            return _Json(s, e, self.max_depth).value(v, depth)[1]
+        except _JsonError as err:
+            if not final and e < lim and err.pos + 7 >= n:
+                return None
+        return o
 
 
-def _extent(s: bytes, v: int, final: bool) -> int | None:
-    """End of the value at v (llama3_json / mistral): '{'/'[' to the bracket closing the first
-    (either kind counted, outside strings), '"' to its closing quote; else (or never closed)
-    the end of s, or None when more bytes could still close it (final=False)."""
-    if v < len(s) and s[v] in b'{["':
+def _close(s: bytes, v: int, stop: int) -> int | None:
+    """End of the lexical value at v within s[:stop]: '{'/'[' to the bracket closing the first
+    (either kind counted, outside strings), '"' to its closing quote; None if it does not close
+    there (or v starts neither)."""
+    if v < stop and s[v] in b'{["':
         depth = 0
-        for m in _LEX.finditer(s, v):
+        for m in _LEX.finditer(s, v, stop):
             if s[m.start()] == 0x22 and m.group(1) is None:
-                break  # an unclosed string
+                return None  # an unclosed string
             depth += {0x22: 0, 0x7B: 1, 0x5B: 1}.get(s[m.start()], -1)
             if depth == 0:
                 return m.end()
-    return len(s) if final else None
+    return None
+
+
+def _partial(s: bytes, q: int, tags: tuple[bytes, ...]) -> bool:
+    """s ends inside a prefix of one of the tags starting at q."""
+    return any(t.startswith(s[q:]) and len(s) - q < len(t) for t in tags)
 
 
 def _validate(node: tuple, sc: dict | None, path: list[bytes]) -> tuple[str, str, int] | None:

@@ -1,6 +1,7 @@
 """Hostile inputs a fuzzer found (both backends): a call whose JSON string never closes must not
 swallow the good calls after it (hermes recovers at the first literal ``</tool_call>`` once the
-quote-aware body is known to be invalid), the k-unbalanced-calls case stays linear (asserted on
+quote-aware body is known to be invalid; llama3_json / mistral end such a value at the next
+literal opener of their mode), the k-unbalanced-calls case stays linear (asserted on
 a 390 KB input here; its speed is measured outside unit tests), and canonical JSON of any
 accepted number re-parses to itself while ``args()`` never raises."""
 import json
@@ -203,3 +204,141 @@ def test_canonical_numbers_are_idempotent(neg: bool, ip: str, fp: str, e: str, e
         '<tool_call>{"name": "f", "arguments": {"v": %s}}</tool_call>' % num)
     assert r.calls[0].arguments == '{"v":%s}' % canon
     r.calls[0].args()
+
+
+# llama3_json / mistral: a value that is not valid JSON within the limits ends at the next
+# literal opener of its mode ([TOOL_CALLS]; <|python_tag|> or ';' blanks '{'), so the calls after
+# it are still parsed.
+M_BAD = '[TOOL_CALLS][{"name": "a", "arguments": {"q": "oops}}]'
+M_GOOD = '[TOOL_CALLS][{"name": "b", "arguments": {}}]'
+UNCLOSED = {
+    "mistral": [M_BAD + " text " + M_GOOD,
+                '[TOOL_CALLS]a[ARGS]{"q": "oops}] text [TOOL_CALLS]b[ARGS]{}',
+                M_BAD + ' he said "hi ' + M_GOOD],
+    "llama3_json": ['<|python_tag|>{"name": "a", "parameters": {"q": "oops}} text '
+                    '<|python_tag|>{"name": "b", "parameters": {}}',
+                    '{"name": "a", "parameters": {"q": "oops}}; {"name": "b", "parameters": {}}',
+                    '{"name": "a", "parameters": {"q": "oops}} ;\n {"name": "b", "parameters": {}}',
+                    '{"name": "a", "parameters": {"q": "oops}} "x" <|python_tag|>{"name": "b"}'],
+}
+OPENER = {"mistral": "[TOOL_CALLS]", "llama3_json": None}
+
+
+@pytest.mark.parametrize("mode,text", [(m, t) for m in UNCLOSED for t in UNCLOSED[m]])
+def test_unclosed_value_ends_at_the_next_opener(backend: str, mode: str, text: str) -> None:
+    p = ToolCallParser(TOOLS, mode=mode, backend=backend)
+    r = p.parse(text)
+    assert summary(r) == ([(1, "b")], [(0, "invalid_json")])
+    e = r.errors[0]
+    if mode == "mistral":
+        o = text.index("[TOOL_CALLS]", 1)
+    elif "<|python_tag|>" in text[1:]:
+        o = text.index("<|python_tag|>", 1)
+    else:
+        o = text.index(";")
+    assert e.span == (0, o) and e.byte_pos <= o
+    if "oops}" + ("}] text " if mode == "mistral" else "} text ") in text:
+        assert (e.message, e.byte_pos) == ("unexpected end of input", o)
+    assert r.text_outside == ""
+    s, got = p.stream(), []
+    for ch in text:
+        got += [(type(x).__name__.replace("Ref", ""), x.index) for x in s.feed(ch)]
+    assert got == [("CallError", 0), ("ToolCall", 1)][:len(got)]
+    assert s.finish().to_dict() == r.to_dict()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.mark.parametrize("mode,text", [
+    ("mistral", '[TOOL_CALLS][{"name": "b", "arguments": {"q": "x [TOOL_CALLS] y"}}] after'),
+    ("mistral", '[TOOL_CALLS]b[ARGS]{"q": "[TOOL_CALLS]"} after'),
+    ("llama3_json", '{"name": "b", "parameters": {"q": "a; {b} <|python_tag|>"}} after'),
+    ("llama3_json", '<|python_tag|>{"name": "b", "parameters": {"q": "; {"}} after'),
+])
+def test_opener_in_a_string_of_a_valid_value_still_works(backend: str, mode: str,
+                                                         text: str) -> None:
+    p = ToolCallParser(TOOLS, mode=mode, backend=backend)
+    r = p.parse(text)
+    assert r.ok and [c.name for c in r.calls] == ["b"] and r.text_outside == " after"
+    s = p.stream()
+    for ch in text:
+        s.feed(ch)
+    assert s.finish().to_dict() == r.to_dict()
+
+
+def test_invalid_value_with_opener_in_a_string_recovers_at_the_first_one(backend: str) -> None:
+    text = '[TOOL_CALLS]{"name": "b", "q": "[TOOL_CALLS]", } junk ' + M_GOOD
+    r = ToolCallParser(TOOLS, mode="mistral", backend=backend).parse(text)
+    assert summary(r) == ([(2, "b")], [(0, "invalid_json"), (1, "invalid_call")])
+    assert (r.errors[0].byte_pos, r.errors[0].span) == (32, (0, 32))
+
+
+@pytest.mark.parametrize("mode,block", [
+    ("mistral", M_BAD + "\n"), ("mistral", M_BAD + '"\n'), ("mistral", M_BAD + "\n" + M_GOOD),
+    ("llama3_json", '<|python_tag|>{"name": "a", "parameters": {"q": "oops}}\n'),
+    ("llama3_json", '<|python_tag|>{"name": "a", "parameters": {"q": "oops}}"\n'),
+])
+def test_many_unclosed_values_390kb(mode: str, block: str) -> None:
+    text = block * (390_000 // len(block))
+    k = text.count(OPENER[mode] or "<|python_tag|>")
+    r = ToolCallParser(TOOLS, mode=mode).parse(text)
+    bad = text.count('"oops}')
+    assert len(r.errors) == bad and len(r.calls) == k - bad
+    small = block * 40
+    assert ToolCallParser(TOOLS, mode=mode, backend="python").parse(small).to_dict() == \
+        ToolCallParser(TOOLS, mode=mode).parse(small).to_dict()
+
+
+MODE_PROSE = {"mistral": st.sampled_from(["", " ", "\n", ' he said "', '"', "\\", "text", "[",
+                                          "[TOOL_CALLS]", "[TOOL", '\\"']),
+              "llama3_json": st.sampled_from(["", " ", "\n", ' he said "', '"', "\\", "; ", ";",
+                                              "<|python_tag|>", "<", '\\"', "text"])}
+
+
+@st.composite
+def unbalanced_mode_outputs(draw: st.DrawFn, mode: str) -> str:
+    """Calls framed for `mode`, some with a quote, backslash or opener inserted or removed."""
+    parts = []
+    for i in range(draw(st.integers(1, 6))):
+        obj = {"name": draw(st.sampled_from(["a", "b", "c"])),
+               "parameters" if mode == "llama3_json" else "arguments":
+               {"q": draw(st.text(max_size=6)), "n": draw(st.integers(-5, 5))}}
+        v11 = mode == "mistral" and draw(st.booleans())
+        body = json.dumps(obj[list(obj)[1]] if v11 else obj)
+        if mode == "mistral" and not v11 and draw(st.booleans()):
+            body = f"[{body}]"
+        opener = "[TOOL_CALLS]" if mode == "mistral" else draw(
+            st.sampled_from(["<|python_tag|>", "; " if i else "", ";" if i else ""]))
+        ops = ['"', "\\", "del", opener or ";"]
+        for _ in range(draw(st.integers(0, 2))):
+            j = draw(st.integers(0, len(body)))
+            op = draw(st.sampled_from(ops))
+            body = body[:j] + body[j + 1:] if op == "del" else body[:j] + op + body[j:]
+        head = opener + (obj["name"] + "[ARGS]" if v11 else "")
+        parts.append(head + body + draw(MODE_PROSE[mode]))
+    return "".join(parts)
+
+
+@pytest.mark.parametrize("mode", ["mistral", "llama3_json"])
+@SETTINGS
+@given(data=st.data(), seed=st.integers(0, 2**32))
+def test_unclosed_values_agree_and_stream(mode: str, data: st.DataObject, seed: int) -> None:
+    text = data.draw(unbalanced_mode_outputs(mode))
+    for mcb in (70, 1 << 20):
+        cpp, ref = (ToolCallParser(TOOLS, max_call_bytes=mcb, backend=b, mode=mode)
+                    for b in BACKENDS)
+        one = cpp.parse(text).to_dict()
+        assert one == ref.parse(text).to_dict(), (mode, text)
+        for p in (cpp, ref):
+            rnd, s, got, i = random.Random(seed), p.stream(), [], 0
+            while i < len(text):
+                k = rnd.choice([1, 2, 5, 16])
+                got += [x.to_dict() for x in s.feed(text[i:i + k])]
+                i += k
+            assert s.finish().to_dict() == one, (mode, text)
+            items = sorted(one["calls"] + [e for e in one["errors"] if e["index"] >= 0],
+                           key=lambda x: x["index"])
+            assert got == items[:len(got)]

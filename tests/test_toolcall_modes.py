@@ -161,9 +161,9 @@ def test_llama3_json_errors() -> None:
     assert errors(llama('{"parameters": {}}')) == [("invalid_call", 'tool call has no "name"')]
     assert calls(llama('{"name": "getOpenIncidentsTool"}')) == [("getOpenIncidentsTool", {})]
     text = '{"name": "ocr", "parameters": {"a": "unclosed}}; {"name": "ocr"}'
-    r = llama(text)  # the quotes pair up differently: the value runs to the end of the text
-    assert r["calls"] == [] and errors(r) == [("invalid_json", "unexpected character 'n'")]
-    assert r["errors"][0]["span"] == (0, len(text))
+    r = llama(text)  # invalid JSON (the quotes pair up differently): it ends at the "; {"
+    assert calls(r) == [("ocr", {})] and errors(r) == [("invalid_json", "unexpected end of input")]
+    assert r["errors"][0]["span"] == (0, text.index(";"))
     r = llama('<|python_tag|>brave_search.call(query="x")')  # a built-in tool, not JSON
     assert errors(r) == [("invalid_json", "unexpected character 'b'")]
     r = llama('{"name": "ocr", "parameters": {"a": 1]}}; {"name": "ocr"}')
