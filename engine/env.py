@@ -29,7 +29,7 @@ from PIL import Image
 
 
 from .config import ConfigError, check
-from .data import DataConfig, DataError, Record, load_dataset, parse_record
+from .data import BadRecord, DataConfig, DataError, Record, load_dataset, parse_record
 from .plugins import PluginError, is_plugin_path, load_tools
 from .scheduler import Prompt, ToolOutcome
 from .tools.base import Tool, ToolContext
@@ -162,7 +162,6 @@ class Env:
     tools: dict[str, Tool]
     executor: Any
     runner: ExecutorRunner
-    bad_records: list = field(default_factory=list)  # the dataset's skipped records (engine/data.py)
 
     @property
     def schemas(self) -> list[dict[str, Any]]:
@@ -173,16 +172,24 @@ class Env:
         """The schemas the system prompt shows (none with prompt_schemas=False)."""
         return self.schemas if self.cfg.prompt_schemas else []
 
-    @functools.cached_property
+    @property
     def records(self) -> list[Record]:
         """Every question as a data Record: the dataset's (bad records skipped and counted,
         engine/data.py), or the world's / questions_file's through the same reader."""
+        return self._loaded[0]
+
+    @property
+    def bad_records(self) -> list[BadRecord]:
+        """The dataset's skipped records (engine/data.py); [] for the world's questions."""
+        return self._loaded[1]
+
+    @functools.cached_property
+    def _loaded(self) -> tuple[list[Record], list[BadRecord]]:
         if self.cfg.data.path:
             ds = load_dataset(self.cfg.data, limit=self.cfg.questions)
             if ds.bad:
                 print(ds.summary(), flush=True)
-            self.bad_records = ds.bad
-            return ds.records
+            return ds.records, ds.bad
         src = Path(self.cfg.questions_file) if self.cfg.questions_file else self.world.root / "questions.jsonl"
         out = []
         for i, q in enumerate(self.world_rows()):
@@ -192,7 +199,7 @@ class Env:
                 out.append(parse_record(raw, f"{src}:{i + 1}", self.cfg.data, src.parent))
             except DataError as e:  # the bundled world's or a synthesized file's: never silently skipped
                 raise DataError(f"{e} (the world or questions_file is broken: regenerate it)") from None
-        return out
+        return out, []
 
     def world_rows(self) -> list[dict[str, Any]]:
         """The world's (or questions_file's) question rows as stored, cut to `questions`; [] when
@@ -202,11 +209,6 @@ class Env:
         rows = ([json.loads(line) for line in Path(self.cfg.questions_file).read_text().splitlines() if line.strip()]
                 if self.cfg.questions_file else list(self.world.questions))
         return rows[: self.cfg.questions] if self.cfg.questions else rows
-
-    def questions(self) -> list[dict[str, Any]]:
-        """The question records as dicts (id, question, answer, aliases, and the extra fields)."""
-        return [{"id": r.id, "question": r.question, "answer": r.answer, "aliases": r.aliases, **r.meta}
-                for r in self.records]
 
     def image_path(self, q: dict[str, Any]) -> Path:
         """The file of world question `q`'s image (a synthesized question's own, possibly degraded, copy)."""
