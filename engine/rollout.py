@@ -223,11 +223,13 @@ def finished_groups(path: str | Path, group_size: int) -> set[str]:
     truncate_torn_tail(p)
     counts: dict[str, int] = {}
     failed: set[str] = set()
-    first: dict[str, int] = {}  # trajectory id -> the line of its first copy
-    for i, t in enumerate(iter_jsonl(p)):
-        if t.id in first:  # two runs wrote the same trajectory (before the lock): keep the first
+    seen: set[str] = set()
+    lines: list[tuple[str, bool]] = []  # per line: its group, and whether it is a trajectory's first copy
+    for t in iter_jsonl(p):  # one pass for the bookkeeping; the file is read again only to move lines
+        lines.append((t.group_id, t.id not in seen))
+        if t.id in seen:  # two runs wrote the same trajectory (before the lock): keep the first
             continue
-        first[t.id] = i
+        seen.add(t.id)
         counts[t.group_id] = counts.get(t.group_id, 0) + 1
         if t.status.value == "error" and t.stop_reason in INFRA_FAILURES:
             failed.add(t.group_id)
@@ -235,8 +237,8 @@ def finished_groups(path: str | Path, group_size: int) -> set[str]:
     check(not larger, f"{p} holds groups of {larger} trajectories but engine.n_samples is {group_size}: "
                       f"use the same n_samples or another --out (nothing was changed)")
     done = {g for g, c in counts.items() if c == group_size} - failed
-    keep = {i for i, t in enumerate(iter_jsonl(p)) if t.group_id in done and first[t.id] == i}
-    total = sum(1 for _ in iter_jsonl(p))
+    keep = {i for i, (g, first) in enumerate(lines) if first and g in done}
+    total = len(lines)
     if len(keep) < total:
         aside = p.with_name(f"{p.name}.redo-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
         tmp = p.with_name(p.name + ".resume-tmp")
