@@ -654,9 +654,7 @@ class Engine:
         t.turns.append(turn)
         self._account(lv, "gen", t0, t1, turn)
         if self.env is not None:  # the environment decides what comes next (after the repetition check)
-            n_body = len(ids) - 1 if ids and ids[-1] in self._stops else len(ids)
-            if n_body >= cfg.repetition_min_tokens and is_repetitive(
-                    ids[:n_body], cfg.repetition_max_period, cfg.repetition_min_repeats):
+            if self._repetitive(ids):
                 return self._finish(lv, Status.INTERRUPTED, "repetition")
             self._spawn(self._run_env(lv, parsed), lv)
             self._tool_jobs += 1
@@ -664,9 +662,7 @@ class Engine:
         if parsed.answer is not None and not parsed.calls:
             turn.answered, t.answer = True, parsed.answer
             return self._finish(lv, Status.ANSWERED, "answer")
-        n_body = len(ids) - 1 if ids and ids[-1] in self._stops else len(ids)  # without the stop token
-        if n_body >= cfg.repetition_min_tokens and is_repetitive(
-                ids[:n_body], cfg.repetition_max_period, cfg.repetition_min_repeats):
+        if self._repetitive(ids):
             return self._finish(lv, Status.INTERRUPTED, "repetition")
         if self._cascade(t):
             return self._finish(lv, Status.FATAL, "fatal_cascade")
@@ -682,6 +678,13 @@ class Engine:
             self._spawn(self._run_tools(lv, parsed.calls), lv)
             self._tool_jobs += 1
         return False
+
+    def _repetitive(self, ids: Sequence[int]) -> bool:
+        """A long turn whose tail (without the stop token) repeats a block (the detector's rule)."""
+        cfg = self.cfg
+        n_body = len(ids) - 1 if ids and ids[-1] in self._stops else len(ids)
+        return n_body >= cfg.repetition_min_tokens and is_repetitive(
+            ids[:n_body], cfg.repetition_max_period, cfg.repetition_min_repeats)
 
     def _on_env(self, lv: _Live, step: EnvStep | None, parsed_answer: str | None, t0: float, t1: float) -> bool:
         t, turn = lv.traj, lv.traj.turns[-1]
