@@ -3,7 +3,9 @@ on 127.0.0.1: .venv/bin/python -m pytest -q tests/test_backend_http.py"""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import contextlib
+import threading
+from typing import Any, Iterator
 
 import pytest
 from aiohttp import web
@@ -108,6 +110,25 @@ class FakeServer:
                 "completion_tokens": len(ids),
                 "output_token_logprobs": [[-0.25, t, None] for t in ids] if b.get("return_logprob") else []}
         return web.json_response({"text": "", "output_ids": ids, "meta_info": meta})
+
+
+@contextlib.contextmanager
+def in_thread(*fakes: FakeServer) -> Iterator[list[FakeServer]]:
+    """The fake servers started on an event loop of their own in a background thread (for code
+    under test that runs its own loop, as a trainer does); stopped on exit."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        for f in fakes:
+            asyncio.run_coroutine_threadsafe(f.start(), loop).result(10)
+        yield list(fakes)
+    finally:
+        for f in fakes:
+            if f.runner is not None:
+                asyncio.run_coroutine_threadsafe(f.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
 
 
 def _req(rid: str, max_tokens: int = 5, **kw: Any) -> GenerateRequest:

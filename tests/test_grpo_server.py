@@ -1,13 +1,11 @@
 """GRPO with a generation server over HTTP (a fake vLLM server speaking the real endpoints):
 each step's weights reach the server as a checkpoint dir it reloads (the disk path), the
 newest one kept; no crash at the first sync."""
-import asyncio
 import json
-import threading
 from pathlib import Path
 
 import pytest
-from test_backend_http import FakeServer
+from test_backend_http import FakeServer, in_thread
 
 from spyglass.engine.config import from_dict
 from spyglass.engine.offline.world import WorldConfig, ensure_world
@@ -17,15 +15,8 @@ from spyglass.trainer.grpo import GRPOConfig, run_grpo
 
 @pytest.fixture
 def server():
-    loop = asyncio.new_event_loop()
-    fake = FakeServer()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    asyncio.run_coroutine_threadsafe(fake.start(), loop).result(10)
-    yield fake
-    asyncio.run_coroutine_threadsafe(fake.stop(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
+    with in_thread(FakeServer()) as (fake,):
+        yield fake
 
 
 def test_grpo_steps_reload_a_vllm_server_from_disk(server, tmp_path):
@@ -54,17 +45,8 @@ def test_grpo_steps_reload_a_vllm_server_from_disk(server, tmp_path):
 
 @pytest.fixture
 def servers():
-    loop = asyncio.new_event_loop()
-    fakes = [FakeServer(), FakeServer()]
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    for f in fakes:
-        asyncio.run_coroutine_threadsafe(f.start(), loop).result(10)
-    yield fakes
-    for f in fakes:
-        asyncio.run_coroutine_threadsafe(f.stop(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
+    with in_thread(FakeServer(), FakeServer()) as fakes:
+        yield fakes
 
 
 def test_a_fleet_of_named_servers_is_health_checked_and_shared(servers, tmp_path):

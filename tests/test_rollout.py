@@ -75,19 +75,11 @@ def _text_cfg(world: Path, out: Path, data: Path, **kw) -> RolloutConfig:
 @pytest.fixture
 def refusing_server():
     """A vLLM-style server that is up (its health check answers) but refuses every request (503)."""
-    import asyncio
-    import threading
-
-    from test_backend_http import FakeServer
-    loop, fake = asyncio.new_event_loop(), FakeServer()
+    from test_backend_http import FakeServer, in_thread
+    fake = FakeServer()
     fake.fail_next = 10**6
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    asyncio.run_coroutine_threadsafe(fake.start(), loop).result(10)
-    yield fake
-    asyncio.run_coroutine_threadsafe(fake.stop(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
+    with in_thread(fake):
+        yield fake
 
 
 def test_backend_failures_are_not_finished_work(world: Path, tmp_path: Path, refusing_server) -> None:
