@@ -173,8 +173,13 @@ def parse_messages(messages: Any, max_pixels: int) -> list[_Msg]:
     return out
 
 
-def _prefix_key(keys: list[str]) -> str:
-    return hashlib.sha1("\n".join(keys).encode()).hexdigest()
+def _prefix_keys(keys: list[str]) -> list[str]:
+    """The session index's key of every prefix keys[:1], keys[:2], ... (one running digest)."""
+    h, out = hashlib.sha1(), []
+    for k in keys:
+        h.update(k.encode() + b"\n")
+        out.append(h.hexdigest())
+    return out
 
 
 # ------------------------------------------------------------------------------ sessions
@@ -188,7 +193,6 @@ class _Session:
     server: int
     prefixes: list[str] = field(default_factory=list)  # its entries in Gateway._by_prefix
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    last_used: float = field(default_factory=time.monotonic)
 
 
 class Gateway:
@@ -203,7 +207,6 @@ class Gateway:
         self._parsers: dict[str, Any] = {}
         self._sem = asyncio.Semaphore(cfg.max_concurrency)
         self._finished: asyncio.Queue[Trajectory] = asyncio.Queue()
-        self._splits = 0
         self.stats = {"requests": 0, "sessions": 0, "splits": 0, "closed": 0}
 
     # -- the chat request ----------------------------------------------------------------
@@ -249,9 +252,10 @@ class Gateway:
         keys = [m.key for m in msgs]
         s = self.sessions.get(sid) if sid is not None else None
         if s is None and sid is None:  # the longest recorded prefix this request repeats
+            digests = _prefix_keys(keys)
             for i in range(len(msgs) - 1, 0, -1):
-                if msgs[i - 1].role == "assistant" and _prefix_key(keys[:i]) in self._by_prefix:
-                    s = self.sessions.get(self._by_prefix[_prefix_key(keys[:i])])
+                if msgs[i - 1].role == "assistant" and digests[i - 1] in self._by_prefix:
+                    s = self.sessions.get(self._by_prefix[digests[i - 1]])
                     break
         split = ""
         if s is not None:
@@ -264,7 +268,6 @@ class Gateway:
                 split = "the request changes the tools"
             if not split:
                 self.sessions.move_to_end(s.id)
-                s.last_used = time.monotonic()
                 return s, ""
             self._close(s, Status.INTERRUPTED, "split", {})
             self.stats["splits"] += 1
@@ -356,7 +359,7 @@ class Gateway:
         reply = self._reply(t, turn, text)
         key = canonical(reply, _parts(reply["content"], "reply", 1 << 62), _calls_of(reply, "reply"))
         s.keys.append(key)
-        s.prefixes.append(_prefix_key(s.keys))
+        s.prefixes.append(_prefix_keys(s.keys)[-1])
         self._by_prefix[s.prefixes[-1]] = s.id
         finish = "tool_calls" if turn.calls else ("length" if out.finish_reason == "length" else "stop")
         resp = {"id": f"chatcmpl-{t.id}-{turn.index}", "object": "chat.completion", "created": int(time.time()),
