@@ -371,9 +371,13 @@ class HFCodec:
         return encode_chat(self.tokenizer, self.image_processor, messages, tools=self._tools_arg(tools),
                            add_generation_prompt=add_generation_prompt)
 
-    def encode_delta(self, messages: list[dict[str, Any]]) -> ChatEncoding:
-        """The token delta after a finished assistant turn for new messages (see encode_observation)."""
-        return encode_observation(self.tokenizer, self.image_processor, messages, stop=self.stop_text)
+    def encode_delta(self, messages: list[dict[str, Any]], closed: bool = True) -> ChatEncoding:
+        """The token delta after an assistant turn for new messages (see encode_observation);
+        `closed=False`: the turn did not end with the turn's end token, which the delta then begins with."""
+        enc = encode_observation(self.tokenizer, self.image_processor, messages, stop=self.stop_text)
+        if not closed:
+            enc.input_ids = [self.stop_token_ids[0], *enc.input_ids]
+        return enc
 
     def encode_prompt(self, question: str, images: Sequence[Image.Image],
                       tools: Sequence[dict[str, Any]], system: str | None = None) -> list[int]:
@@ -381,8 +385,7 @@ class HFCodec:
 
     def encode_observation(self, text: str, images: Sequence[Image.Image], closed: bool,
                            first_image_index: int = 1) -> list[int]:
-        ids = self.encode_delta([self.tool_message(text, images)]).input_ids
-        return ids if closed else [self.stop_token_ids[0]] + ids
+        return self.encode_delta([self.tool_message(text, images)], closed).input_ids
 
     def encode_text(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -328,11 +328,10 @@ class Gateway:
         t = s.traj
         new = msgs[len(s.keys):] if t.segments else []
         if new:  # the observation: the template's delta after our last turn (never re-tokenized)
-            enc = self.codec.encode_delta(self._codec_messages(new, s.tools))
             last = t.segments[-1].token_ids
-            ids = enc.input_ids if len(last) and last[-1] == self.codec.stop_token_ids[0] else \
-                [self.codec.stop_token_ids[0], *enc.input_ids]
-            t.segments.append(Segment(SegmentKind.OBS, ids, turn=len(t.turns) - 1, images=enc.images,
+            closed = len(last) > 0 and last[-1] == self.codec.stop_token_ids[0]
+            enc = self.codec.encode_delta(self._codec_messages(new, s.tools), closed)
+            t.segments.append(Segment(SegmentKind.OBS, enc.input_ids, turn=len(t.turns) - 1, images=enc.images,
                                       text="\n".join(_text(m.parts) for m in new)))
             s.keys = [m.key for m in msgs]
         if t.num_tokens + 1 > self.engine_cfg.max_context:
