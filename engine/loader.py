@@ -135,10 +135,15 @@ def resolve_checkpoint(spec: str, cfg: LoadConfig | None = None, seed: int = 0) 
         if not (p / "config.json").is_file():
             raise FileNotFoundError(f"model {spec!r}: the directory has no config.json (not a Hugging Face checkpoint)")
         return p
-    if spec.count("/") != 1 or spec.startswith((".", "/", "~")):
+    if not _hub_id_shaped(spec):
         raise FileNotFoundError(f"model {spec!r} is neither a checkpoint directory nor a hub id (org/name) "
                                 f"nor tiny:<family>")
     return _from_hub_cache(spec, cfg)
+
+
+def _hub_id_shaped(spec: str) -> bool:
+    """`org/name` (not a path: no leading . / ~, both parts non-empty)."""
+    return spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and all(spec.split("/"))
 
 
 def _from_hub_cache(repo_id: str, cfg: LoadConfig) -> Path:
@@ -168,7 +173,7 @@ def is_model_spec(spec: str) -> bool:
     p = Path(spec).expanduser()
     if p.is_dir():
         return (p / "config.json").is_file()
-    return spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and all(spec.split("/"))
+    return _hub_id_shaped(spec)
 
 
 def check_model_spec(spec: str, what: str = "model") -> None:
