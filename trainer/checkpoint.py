@@ -148,8 +148,9 @@ def load_checkpoint(path: str | Path, updater: Any) -> dict[str, Any]:
             "engine_state": state["engine_state"], "path": path}
 
 
-def export_model(updater: Any, model_spec: str, path: str | Path) -> Optional[Path]:
-    """The trained weights written as a checkpoint directory like `model_spec`'s (its config,
+def export_model(updater: Any, model_spec: str, path: str | Path, load: Any = None) -> Optional[Path]:
+    """The trained weights written as a checkpoint directory like `model_spec`'s, resolved with the
+    run's LoadConfig `load` (so a tiny fixture is found where the run made it) (its config,
     tokenizer and chat template, image processor; engine/loader.save_model), which every command
     takes as --model. Every rank must call it (ZeRO-3 gathers); rank 0 writes and returns the
     path, the others None."""
@@ -160,7 +161,7 @@ def export_model(updater: Any, model_spec: str, path: str | Path) -> Optional[Pa
     sd = full_state_dict(updater, rank0_only=True)
     if updater.runtime.rank != 0:
         return None
-    src = resolve_checkpoint(model_spec)
+    src = resolve_checkpoint(model_spec, load)
     family = model_family(src)
     model = updater.model if not hasattr(updater.model, "module") else updater.model.module
     improc = load_image_processor(src) if hasattr(model.config, "vision_config") else None

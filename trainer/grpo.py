@@ -120,7 +120,7 @@ def run_grpo(cfg: GRPOConfig) -> dict[str, Any]:
                 save_checkpoint(cfg.ckpt_dir, run.updater, data_state=run.data_state(),
                                 engine_state={"version": run.updater.version}, step=step + 1)
         if cfg.export_dir:
-            export_model(run.updater, cfg.rollout.model, cfg.export_dir)
+            export_model(run.updater, cfg.rollout.model, cfg.export_dir, cfg.rollout.load)
     finally:
         run.close()
     return metrics

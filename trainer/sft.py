@@ -267,4 +267,4 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
 def _export(cfg: SFTConfig, updater: SFTUpdater, path: Path) -> Path | None:
     """The trained weights written as a checkpoint directory like the input's (rank 0)."""
     from spyglass.trainer.checkpoint import export_model
-    return export_model(updater, cfg.model, path)
+    return export_model(updater, cfg.model, path, cfg.load)
