@@ -491,6 +491,16 @@ def make_app(gw: Gateway) -> Any:
     return app
 
 
+async def serve(gw: Gateway) -> Any:
+    """Listen on gw.cfg's host and port on the running event loop; returns the aiohttp runner
+    (`await runner.cleanup()` stops it)."""
+    from aiohttp import web  # noqa: PLC0415
+    runner = web.AppRunner(make_app(gw))
+    await runner.setup()
+    await web.TCPSite(runner, gw.cfg.host, gw.cfg.port).start()
+    return runner
+
+
 def stream_chunks(resp: dict[str, Any]) -> list[dict[str, Any]]:
     """A finished response as chat.completion.chunk events (the turn is generated whole, then
     sent as role, content, each tool call, and the finish reason)."""
@@ -517,14 +527,10 @@ def build_gateway(cfg: GatewayConfig) -> Gateway:
 
 def run_gateway(cfg: GatewayConfig) -> dict[str, Any]:
     """`spyglass serve`: serve until interrupted (Ctrl-C); returns the counters."""
-    from aiohttp import web  # noqa: PLC0415
 
     async def main() -> None:
         gw = build_gateway(cfg)
-        runner = web.AppRunner(make_app(gw))
-        await runner.setup()
-        site = web.TCPSite(runner, cfg.serve.host, cfg.serve.port)
-        await site.start()
+        runner = await serve(gw)
         print(f"spyglass serve: {cfg.rollout.model} on http://{cfg.serve.host}:{cfg.serve.port}/v1 (closed "
               f"trajectories -> {cfg.serve.out or 'not written'})", flush=True)
         try:

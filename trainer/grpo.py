@@ -26,7 +26,7 @@ import torch
 
 from spyglass.engine.config import check
 from spyglass.engine.env import build_env
-from spyglass.engine.gateway import Gateway, ServeConfig, make_app
+from spyglass.engine.gateway import Gateway, ServeConfig, serve
 from spyglass.engine.loader import load_model
 from spyglass.engine.rollout import RolloutConfig, build_engine, check_fleet, make_backends
 from spyglass.engine.scheduler import EngineConfig
@@ -297,13 +297,10 @@ class _Run:
 def _start_gateway(run: _Run, vlm: Any, codec: Any) -> Gateway:
     """Rank 0 with `serve`: the gateway over the rollout config's backends, listening on the
     run's event loop (it answers while a step waits for groups; requests queue during updates)."""
-    from aiohttp import web  # noqa: PLC0415
     run.backends = make_backends(run.cfg.rollout, vlm, prefix="gateway")
     gw = Gateway(run.cfg.serve, run.cfg.rollout.engine, codec, run.backends)
     gw.group_iter = gw.groups(run.cfg.rollout.engine.n_samples)  # one stream: partial groups carry over steps
-    gw.runner = web.AppRunner(make_app(gw))
-    run.loop.run_until_complete(gw.runner.setup())
-    run.loop.run_until_complete(web.TCPSite(gw.runner, run.cfg.serve.host, run.cfg.serve.port).start())
+    gw.runner = run.loop.run_until_complete(serve(gw))
     print(f"[grpo] serving the policy on http://{run.cfg.serve.host}:{run.cfg.serve.port}/v1", flush=True)
     return gw
 
