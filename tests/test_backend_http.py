@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from typing import Any, Iterator
 
 import pytest
@@ -284,3 +289,74 @@ def test_configs_and_factory_validate():
     assert OpenAIConfig(base_url="http://h:1/v1/").base_url == "http://h:1"
     sim = make_backend(backend_config("simulated", name="s0", time_scale=0.5))
     assert sim.name == "s0"
+
+
+_SERVE = """
+import asyncio, sys
+from test_backend_http import FakeServer
+async def main():
+    s = await FakeServer().start()
+    print(s.url, flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
+@pytest.fixture
+def server_process() -> Iterator[tuple[Any, str]]:
+    """A fake vLLM server in a process of its own (so the test can SIGSTOP it); killed on exit."""
+    proc = subprocess.Popen([sys.executable, "-c", _SERVE], cwd=os.path.dirname(__file__),
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        url = ""
+        deadline = time.monotonic() + 30
+        while not url.startswith("http") and time.monotonic() < deadline and proc.poll() is None:
+            url = proc.stdout.readline().strip()
+        assert url.startswith("http"), f"the fake server did not start (exit {proc.poll()})"
+        yield proc, url
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_a_stopped_server_fails_its_requests_in_seconds_and_a_slow_one_does_not(server_process: Any) -> None:
+    proc, url = server_process
+
+    async def go() -> tuple[float, str, str, list[int]]:
+        be = make_backend(backend_config("vllm-http", base_url=url, timeout_s=120,
+                                         stall_timeout_s=0.6, stall_probe_s=0.1))
+        try:
+            # alive but slow (a long generation): probes are answered, nothing is failed
+            slow = asyncio.ensure_future(be.generate(_req("long", max_tokens=2000)))
+            await asyncio.sleep(1.5)
+            assert not slow.done(), slow
+            await be.abort("long")
+            alive = (await slow).finish_reason
+            # hung (SIGSTOP): the in-flight request fails after ~stall_timeout_s, not timeout_s
+            stuck = asyncio.ensure_future(be.generate(_req("stuck", max_tokens=2000)))
+            await asyncio.sleep(0.3)
+            proc.send_signal(signal.SIGSTOP)
+            t0 = time.perf_counter()
+            with pytest.raises(BackendError) as err:
+                await asyncio.wait_for(stuck, 30)
+            took = time.perf_counter() - t0
+            proc.send_signal(signal.SIGCONT)  # back: the same backend serves again
+            back = await be.generate(_req("back"))
+            return took, alive, str(err.value), back.token_ids
+        finally:
+            proc.send_signal(signal.SIGCONT)
+            await be.close()
+
+    took, alive, why, back = asyncio.run(go())
+    assert alive == "abort"
+    assert "stalled" in why and "stall_timeout_s" in why and url in why, why
+    assert took < 5, took
+    assert back == [42, 43, 44, 45, 46]
+
+
+def test_stall_settings_are_validated() -> None:
+    with pytest.raises(ValueError, match="stall_timeout_s"):
+        VLLMHTTPConfig(stall_timeout_s=-1)
+    with pytest.raises(ValueError, match="stall_probe_s"):
+        VLLMHTTPConfig(stall_timeout_s=1, stall_probe_s=2)
+    VLLMHTTPConfig(stall_timeout_s=0)  # off

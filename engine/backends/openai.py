@@ -14,7 +14,11 @@ Two modes:
 
 Retries: connection errors, HTTP 429 and 5xx are retried `retries` times with exponential
 backoff; then (or on any other failure) BackendError with the server's name. A generation
-longer than `timeout_s` raises BackendError (not retried). abort() cancels the in-flight HTTP
+longer than `timeout_s` raises BackendError (not retried). Stalls: while requests are in flight
+the backend probes `health_path` every `stall_probe_s` on a connection pool of its own; a server
+that answers nothing at all (a hung or SIGSTOPped process: any HTTP status counts as an answer)
+for `stall_timeout_s` fails its in-flight requests with BackendError, so the engine moves them to
+another server in seconds instead of waiting out `timeout_s`. abort() cancels the in-flight HTTP
 request (vLLM and SGLang abort a request whose connection closes) and the call returns
 finish_reason "abort" with no tokens: partial tokens are not recoverable over non-streaming
 HTTP. update_weights is not part of the OpenAI API and raises BackendError.
@@ -51,6 +55,9 @@ class HTTPConfig:
     max_connections: int = 1024
     api_key_env: str = "OPENAI_API_KEY"  # bearer token read from this env var, if set
     health_path: str = "/health"
+    stall_timeout_s: float = 20.0      # in-flight requests fail when the server answers no probe
+    #                                    for this long (a hung process); 0 = off (timeout_s only)
+    stall_probe_s: float = 2.0         # seconds between health probes while requests are in flight
 
     def __post_init__(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):
@@ -64,6 +71,13 @@ class HTTPConfig:
                 raise ValueError(f"{k} must be > 0, got {getattr(self, k)!r}")
         if not isinstance(self.retries, int) or self.retries < 0:
             raise ValueError(f"retries must be an int >= 0, got {self.retries!r}")
+        if not self.stall_timeout_s >= 0:
+            raise ValueError(f"stall_timeout_s must be >= 0 (0 = off), got {self.stall_timeout_s!r}")
+        if not self.stall_probe_s > 0:
+            raise ValueError(f"stall_probe_s must be > 0, got {self.stall_probe_s!r}")
+        if self.stall_timeout_s and self.stall_probe_s > self.stall_timeout_s:
+            raise ValueError(f"stall_probe_s ({self.stall_probe_s}) must not exceed stall_timeout_s "
+                             f"({self.stall_timeout_s})")
         if self.backoff_s < 0 or self.max_connections < 1:
             raise ValueError(f"bad backoff_s={self.backoff_s!r} / max_connections={self.max_connections!r}")
 
@@ -94,6 +108,9 @@ class HTTPBackend(Backend):
         self._session: aiohttp.ClientSession | None = None
         self._inflight: dict[str, asyncio.Task] = {}
         self._aborted: set[str] = set()
+        self._stalled: dict[str, str] = {}  # request id -> why the watchdog failed it
+        self._probe: aiohttp.ClientSession | None = None
+        self._watchdog: asyncio.Task | None = None
         self._closed = False
 
     def _headers(self) -> dict[str, str]:
@@ -140,9 +157,13 @@ class HTTPBackend(Backend):
         t0 = time.perf_counter()
         task = asyncio.ensure_future(self._generate(req))
         self._inflight[req.request_id] = task
+        if self.http.stall_timeout_s > 0 and (self._watchdog is None or self._watchdog.done()):
+            self._watchdog = asyncio.ensure_future(self._watch_stalls())
         try:
             out = await task
         except asyncio.CancelledError:
+            if req.request_id in self._stalled:
+                raise BackendError(self.name, self._stalled[req.request_id]) from None
             if req.request_id not in self._aborted:
                 task.cancel()
                 raise
@@ -150,11 +171,48 @@ class HTTPBackend(Backend):
         finally:
             self._inflight.pop(req.request_id, None)
             self._aborted.discard(req.request_id)
+            self._stalled.pop(req.request_id, None)
         out.gen_s = time.perf_counter() - t0
         return out
 
     async def _generate(self, req: GenerateRequest) -> GenerateOutput:
         raise NotImplementedError
+
+    def _prober(self) -> aiohttp.ClientSession:
+        """A small pool of its own: probes never queue behind a full pool of generations."""
+        if self._probe is None or self._probe.closed:
+            self._probe = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=2),
+                                                headers=self._headers())
+        return self._probe
+
+    async def _answers(self, timeout_s: float) -> bool:
+        """Whether the server sends any HTTP response to a health probe within `timeout_s`."""
+        try:
+            async with self._prober().get(self.http.base_url + self.http.health_path,
+                                          timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+                await resp.read()
+                return True
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return False
+
+    async def _watch_stalls(self) -> None:
+        """While requests are in flight, probe the server; after `stall_timeout_s` with no
+        answer, fail every in-flight request (generate raises BackendError naming the stall)."""
+        limit, every = self.http.stall_timeout_s, self.http.stall_probe_s
+        alive = time.monotonic()
+        while self._inflight and not self._closed:
+            left = limit - (time.monotonic() - alive)
+            if left <= 0:
+                why = (f"stalled: no answer to {self.http.health_path} for {limit:g} s with "
+                       f"{len(self._inflight)} requests in flight (stall_timeout_s)")
+                for rid, task in list(self._inflight.items()):
+                    self._stalled[rid] = why
+                    task.cancel()
+                return
+            t = time.monotonic()
+            if await self._answers(left):
+                alive = time.monotonic()
+            await asyncio.sleep(max(0.0, every - (time.monotonic() - t)))
 
     async def _server_abort(self, request_id: str) -> None:
         """Server-side abort hook (closing the connection already aborts on vLLM/SGLang)."""
@@ -178,7 +236,7 @@ class HTTPBackend(Backend):
         if self._closed:
             return False
         try:
-            async with self._client().get(self.http.base_url + self.http.health_path,
+            async with self._prober().get(self.http.base_url + self.http.health_path,
                                           timeout=aiohttp.ClientTimeout(total=5)) as resp:
                 return resp.status == 200
         except (aiohttp.ClientError, asyncio.TimeoutError):
@@ -189,8 +247,11 @@ class HTTPBackend(Backend):
         for rid, task in list(self._inflight.items()):
             self._aborted.add(rid)
             task.cancel()
-        if self._session is not None:
-            await self._session.close()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        for s in (self._session, self._probe):
+            if s is not None:
+                await s.close()
 
 
 def _loads(server: str, path: str, body: str) -> Any:
