@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,11 +32,11 @@ from spyglass.engine.scheduler import EngineConfig
 from spyglass.engine.trajectory import write_jsonl
 from spyglass.trainer.algorithm import AlgoConfig, compute_advantages
 from spyglass.trainer.checkpoint import export_model, latest_checkpoint, load_checkpoint, save_checkpoint
-from spyglass.trainer.distributed import (DistConfig, full_state_dict, init_distributed, sleep_backends,
-                                          sync_weights, wake_backends)
+from spyglass.trainer.distributed import DistConfig, init_distributed, sleep_backends, wake_backends
 from spyglass.trainer.reward import RewardConfig, score_group
 from spyglass.trainer.sft import SFTDataConfig, load_sft_data
 from spyglass.trainer.update import PolicyUpdater, UpdateConfig
+from spyglass.trainer.weight_sync import WeightSync, WeightSyncConfig
 
 
 def _rollout_defaults() -> RolloutConfig:
@@ -59,6 +58,7 @@ class GRPOConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     update: UpdateConfig = field(default_factory=lambda: UpdateConfig(lr=1e-3, micro_batch_tokens=8192))
     dist: DistConfig = field(default_factory=DistConfig)
+    sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)  # trainer -> servers after each update
     steps: int = 3  # training steps (rollout, reward, update) in all; a resumed run goes on up to it
     colocate: bool = False  # generation sleeps (frees its memory) during each update
     eval_every: int = 0  # 0: no periodic eval
@@ -110,7 +110,7 @@ def run_grpo(cfg: GRPOConfig) -> dict[str, Any]:
                        **{f"algo/{k}": v for k, v in algo.metrics.items()}}            # update
             run.colocate("wake")
             t2 = time.perf_counter()
-            run.sync()                                                                 # weight sync
+            metrics.update(run.sync())                                                 # weight sync
             metrics.update({"time/rollout_s": t1 - t0, "time/update_s": t2 - t1,
                             "time/sync_s": time.perf_counter() - t2})
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and run.rank == 0:
@@ -152,6 +152,7 @@ class _Run:
                                      ref_model=ref, dist=cfg.dist,
                                      max_lag=lag if (lag := cfg.rollout.engine.max_version_lag) >= 0 else None)
         self.backends, self.engine, self.writer, self.slept, self.gateway = [], None, None, [], None
+        self.syncer: WeightSync | None = None
         if rank == 0 and cfg.serve is not None:  # an external agent's sessions are the rollouts
             self.gateway = _start_gateway(self, vlm, codec)
         elif rank == 0:
@@ -234,17 +235,15 @@ class _Run:
         return {"pos": self.pos, "sft_pos": self.sft_pos,
                 "rollout_bytes": out.stat().st_size if out and out.exists() else 0}
 
-    def sync(self) -> None:
-        """The new weights to every backend: in-process ones take the state dict; HTTP servers
-        reload a checkpoint dir written under log_dir/weights (only the newest is kept)."""
-        sd = full_state_dict(self.updater, rank0_only=True)
-        if self.rank == 0:
-            weights = Path(self.cfg.log_dir) / "weights"
-            path = self.loop.run_until_complete(sync_weights(self.backends, sd, self.updater.version,
-                                                             model=self.updater.model, export_dir=weights))
-            for old in (weights.iterdir() if path is not None else []):
-                if old != path:
-                    shutil.rmtree(old, ignore_errors=True)
+    def sync(self) -> dict[str, float]:
+        """The new weights to every backend (every rank calls it; see trainer/weight_sync.py):
+        servers that can join a weight-update group get bucketed broadcasts (sync.transport),
+        the others reload a checkpoint dir under log_dir/weights (the newest kept), in-process
+        ones take the state dict. The engine is idle here (each step's rollout has finished),
+        so no turn is in flight and no group is dropped. Returns sync/<transport>_s metrics."""
+        if self.syncer is None:
+            self.syncer = WeightSync(self.cfg.sync, self.backends, self.rank, Path(self.cfg.log_dir) / "weights")
+        return self.syncer(self.updater, self.updater.version, self.loop, self.broadcast)
 
     def evaluate(self) -> dict[str, float]:
         """The model's own sampled rollouts (no replay) of the held-out questions, one sample
@@ -285,6 +284,8 @@ class _Run:
             self.writer.flush()
 
     def close(self) -> None:
+        if self.syncer is not None:
+            self.syncer.close(self.loop)
         if self.gateway is not None:
             self.loop.run_until_complete(self.gateway.runner.cleanup())
         for b in self.backends:

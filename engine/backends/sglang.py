@@ -14,8 +14,19 @@ raw, T = 1); start the server with it to match base.py's contract.
 abort: cancels the HTTP call and POSTs /abort_request {"rid"}. update_weights: a checkpoint dir
 via POST /update_weights_from_disk {"model_path"} (the server answers {"success", "message"});
 state dicts only in-process (Engine.update_weights_from_tensor). forced_ids: not supported
-(BackendError). Images: sent as base64 PNG data URLs in order.
-Checked only against a protocol-faithful aiohttp server in tests (sglang needs CUDA torch).
+(BackendError). Images: sent as base64 PNG data URLs in order. A response's
+meta_info.weight_version, when the server reports one, is the output's version.
+
+Weight sync over a process group (trainer/weight_sync.py drives it; SGLang's own endpoints):
+GET /get_server_info (tp_size: how many workers join), POST /init_weights_update_group
+{master_address, master_port, rank_offset, world_size, group_name, backend}, then per bucket
+POST /update_weights_from_distributed {names, dtypes, shapes, group_name, flush_cache (last
+bucket only), weight_version}, each answered {"success", "message"} once the server has
+received the trainer's broadcast; POST /destroy_weights_update_group {group_name} at the end.
+These calls block on the server until the trainer joins, so they are sent once (no retry)
+with the sync's own timeout.
+Checked only against a protocol-faithful aiohttp server in tests (sglang needs CUDA torch):
+tests/test_weight_sync.py runs one that really joins a gloo group in its own process.
 """
 from __future__ import annotations
 
@@ -25,6 +36,7 @@ import io
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import aiohttp
 from PIL import Image
 
 from spyglass.engine.backends.base import (Backend, BackendError, GenerateOutput, GenerateRequest,
@@ -111,7 +123,7 @@ class SGLangBackend(HTTPBackend):
     async def _generate(self, req: GenerateRequest) -> GenerateOutput:
         data = await self.request_json("POST", "/generate", generate_payload(req))
         ids, lps, finish = parse_generate(self.name, data, req.sampling.logprobs)
-        return GenerateOutput(req.request_id, ids, lps, finish, self.version, self.name)
+        return GenerateOutput(req.request_id, ids, lps, finish, _served_version(data, self.version), self.name)
 
     async def _server_abort(self, request_id: str) -> None:
         await self.request_json("POST", "/abort_request", {"rid": request_id})
@@ -125,6 +137,62 @@ class SGLangBackend(HTTPBackend):
         if not isinstance(data, dict) or not data.get("success", False):
             raise BackendError(self.name, f"update_weights_from_disk failed: {str(data)[:300]}")
         self.version = version
+
+    # -- weight sync over a process group (trainer/weight_sync.py) ---------------------------
+    async def weight_group_size(self) -> int:
+        info = await self.request_json("GET", "/get_server_info")
+        tp = info.get("tp_size") if isinstance(info, dict) else None
+        if not isinstance(tp, int) or tp < 1:
+            raise BackendError(self.name, f"/get_server_info gives no tp_size: {str(info)[:200]}")
+        return tp
+
+    async def open_weight_group(self, master_addr: str, master_port: int, rank_offset: int, world_size: int,
+                                group_name: str, backend: str, timeout_s: float) -> None:
+        body = {"master_address": master_addr, "master_port": master_port, "rank_offset": rank_offset,
+                "world_size": world_size, "group_name": group_name, "backend": backend}
+        await self._succeeds("/init_weights_update_group", body, timeout_s)
+
+    async def receive_weights(self, meta: dict[str, Any], group_name: str, version: int, last: bool,
+                              timeout_s: float = 600.0) -> None:
+        check_version(self, version)
+        body = {**meta, "group_name": group_name, "flush_cache": last, "weight_version": str(version)}
+        await self._succeeds("/update_weights_from_distributed", body, timeout_s)
+        if last:
+            self.version = version
+
+    async def close_weight_group(self, group_name: str) -> None:
+        await self._succeeds("/destroy_weights_update_group", {"group_name": group_name}, 30.0)
+
+    async def _succeeds(self, path: str, body: dict[str, Any], timeout_s: float) -> None:
+        data = await post_once(self, path, body, timeout_s)
+        if not isinstance(data, dict) or not data.get("success", False):
+            raise BackendError(self.name, f"{path} failed: {str(data)[:300]}")
+
+
+def _served_version(data: Any, default: int) -> int:
+    """meta_info.weight_version when the server reports an integer one, else `default`."""
+    data = data[0] if isinstance(data, list) else data
+    try:
+        return int(data["meta_info"]["weight_version"])
+    except (KeyError, TypeError, ValueError):
+        return default
+
+
+async def post_once(backend: HTTPBackend, path: str, body: Any, timeout_s: float) -> Any:
+    """One POST without retries under its own timeout (calls that block on the server until a
+    collective completes must not be sent twice); BackendError naming the server on failure."""
+    from spyglass.engine.backends.openai import _loads  # noqa: PLC0415
+    try:
+        async with backend._client().post(backend.http.base_url + path, json=body,
+                                          timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            text = await resp.text()
+            if resp.status >= 400:
+                raise BackendError(backend.name, f"POST {path} -> HTTP {resp.status}: {text[:500]}")
+            return _loads(backend.name, path, text) if text else None
+    except asyncio.TimeoutError as e:
+        raise BackendError(backend.name, f"POST {path} timed out after {timeout_s}s") from e
+    except aiohttp.ClientError as e:
+        raise BackendError(backend.name, f"POST {path} failed: {type(e).__name__}: {e}") from e
 
 
 class SGLangEngineBackend(Backend):

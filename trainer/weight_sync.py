@@ -1,0 +1,499 @@
+"""Weight sync from trainer rank 0 to generation servers over a torch process group.
+
+One group spans trainer rank 0 (rank 0) and every worker of every server (rank_offset + the
+worker's own rank, so tensor-parallel servers work); it is built on both sides by
+`init_update_group` (a TCPStore at master_addr:master_port, a PrefixStore named after the
+group, torch's own ProcessGroupGloo / ProcessGroupNCCL: the construction SGLang's
+`init_weights_update_group` uses), separate from the trainer's ZeRO group. An update is a
+stream of buckets (`bucket_mb` each, floating tensors cast to the wire dtype, bf16 by
+default): per bucket one server call carries (names, dtypes, shapes, version) and rank 0 then
+broadcasts the bucket's tensors in that order; the servers load them as they arrive. The
+server call blocks until the broadcast, so it is started as a task and awaited together with
+the broadcast (run in a thread), under `timeout_s`; a failure names the server.
+
+Server backends that take part implement (duck-typed, see `GroupReceiver`): SGLangBackend
+(its real /init_weights_update_group and /update_weights_from_distributed), VLLMHTTPBackend
+with dev_mode and VLLMBackend (vLLM's collective_rpc into
+`spyglass.engine.backends.vllm_ext.WeightSyncWorker`). Under ZeRO-3 `iter_weight_buckets`
+gathers parameters module group by module group up to the bucket size (every trainer rank
+joins the gathers; only rank 0 keeps the bucket), so no rank ever holds the whole model.
+
+Transport (`WeightSyncConfig.transport`): "group" sends to every server over the group (a
+server that cannot is a config error naming it); "disk" writes a HF checkpoint dir that
+servers reload; "auto" uses the group for servers that answer its capability probe and disk
+for the others. In-process backends (HFBackend) always take the state dict. NCCL needs CUDA on
+both ends (a clear error here without it); the gloo path runs on CPU and is what the tests use:
+
+    .venv/bin/python -m pytest -q tests/test_weight_sync.py
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import inspect
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, Protocol
+
+import torch
+from torch import nn
+
+TRANSPORTS = ("auto", "disk", "group")
+WIRE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+GROUP_BACKENDS = ("auto", "gloo", "nccl")
+
+
+@dataclass
+class WeightSyncConfig:
+    """How the trainer's weights reach the generation servers after each update."""
+
+    transport: str = field(default="auto", metadata={"choices": TRANSPORTS})  # group: a torch process
+    #   group to every server's workers; disk: a checkpoint dir they reload; auto: group where the server can
+    bucket_mb: int = 256  # tensors per server call and broadcast round, in MB on the wire
+    dtype: str = field(default="bf16", metadata={"choices": tuple(WIRE_DTYPES)})  # floating tensors on the wire
+    backend: str = field(default="auto", metadata={"choices": GROUP_BACKENDS})  # auto: nccl with CUDA, else gloo
+    master_addr: str = ""  # where the servers reach trainer rank 0; "" = $MASTER_ADDR, else 127.0.0.1
+    master_port: int = 0  # the group's TCPStore port on trainer rank 0; 0 = a free port
+    group_name: str = "spyglass-weights"
+    timeout_s: float = 600.0  # bound on opening the group and on each bucket (server call + broadcast)
+
+    def __post_init__(self) -> None:
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"sync.transport must be one of {TRANSPORTS}, got {self.transport!r}")
+        if not isinstance(self.bucket_mb, int) or self.bucket_mb < 1:
+            raise ValueError(f"sync.bucket_mb must be an int >= 1, got {self.bucket_mb!r}")
+        if self.dtype not in WIRE_DTYPES:
+            raise ValueError(f"sync.dtype must be one of {tuple(WIRE_DTYPES)}, got {self.dtype!r}")
+        if self.backend not in GROUP_BACKENDS:
+            raise ValueError(f"sync.backend must be one of {GROUP_BACKENDS}, got {self.backend!r}")
+        if not isinstance(self.master_port, int) or not 0 <= self.master_port < 65536:
+            raise ValueError(f"sync.master_port must be in [0, 65536), got {self.master_port!r}")
+        if not self.group_name:
+            raise ValueError("sync.group_name must be non-empty")
+        if not self.timeout_s > 0:
+            raise ValueError(f"sync.timeout_s must be > 0, got {self.timeout_s!r}")
+
+    @property
+    def bucket_bytes(self) -> int:
+        return self.bucket_mb << 20
+
+    @property
+    def wire_dtype(self) -> torch.dtype:
+        return WIRE_DTYPES[self.dtype]
+
+    def group_backend(self) -> str:
+        """gloo or nccl after "auto"; nccl without CUDA is an error saying so."""
+        backend = self.backend if self.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
+        if backend == "nccl" and not torch.cuda.is_available():
+            raise ValueError("sync.backend 'nccl' needs CUDA on trainer rank 0 (this machine has none); use 'gloo'")
+        return backend
+
+
+# ------------------------------------------------------------------------------ the group
+def init_update_group(master_addr: str, master_port: int, rank: int, world_size: int, *,
+                      backend: str = "gloo", group_name: str = "spyglass-weights",
+                      timeout_s: float = 600.0) -> Any:
+    """Join the weight-update group (blocks until all `world_size` ranks joined): rank 0 hosts
+    the TCPStore. The same call on the trainer, in vLLM workers and in test servers; SGLang's
+    init_weights_update_group builds the same group (tcp:// rendezvous, PrefixStore(group_name))."""
+    from torch.distributed.distributed_c10d import (Backend, PrefixStore, _new_process_group_helper,  # noqa: PLC0415
+                                                    _world, rendezvous)
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise RuntimeError("the weight-update group over NCCL needs CUDA on every member; this process has none")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside the group's world_size {world_size}")
+    timeout = timedelta(seconds=timeout_s)
+    store, rank, world_size = next(rendezvous(f"tcp://{master_addr}:{master_port}", rank, world_size,
+                                              timeout=timeout))
+    store.set_timeout(timeout)
+    opts = "backend_options" if "backend_options" in inspect.signature(_new_process_group_helper).parameters \
+        else "pg_options"
+    pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), PrefixStore(group_name, store),
+                                      group_name=group_name, timeout=timeout, **{opts: None})
+    _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
+    return pg
+
+
+def close_update_group(group: Any) -> None:
+    """Leave the group (no collective: a peer that is gone does not block it)."""
+    import torch.distributed as tdist  # noqa: PLC0415
+    try:
+        tdist.destroy_process_group(group)
+    except (ValueError, RuntimeError):
+        pass
+
+
+def group_device(group: Any) -> torch.device:
+    """Where tensors travel for `group`: the current CUDA device for nccl, else CPU."""
+    import torch.distributed as tdist  # noqa: PLC0415
+    if tdist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """A torch dtype as the wire names it ("bfloat16"; SGLang does getattr(torch, name))."""
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r} in a weight update")
+    return dtype
+
+
+def receive_bucket(group: Any, names: list[str], dtypes: list[str], shapes: list[list[int]],
+                   device: Optional[torch.device] = None) -> list[tuple[str, torch.Tensor]]:
+    """Server side of one bucket: receive each tensor from rank 0, in order."""
+    import torch.distributed as tdist  # noqa: PLC0415
+    if not len(names) == len(dtypes) == len(shapes):
+        raise ValueError(f"a bucket has {len(names)} names, {len(dtypes)} dtypes and {len(shapes)} shapes")
+    device = device or group_device(group)
+    out = []
+    for name, dt, shape in zip(names, dtypes, shapes):
+        t = torch.empty(tuple(shape), dtype=parse_dtype(dt), device=device)
+        tdist.broadcast(t, src=0, group=group)
+        out.append((name, t))
+    return out
+
+
+def send_bucket(group: Any, tensors: list[torch.Tensor]) -> None:
+    """Trainer side of one bucket: broadcast each tensor from rank 0, in order."""
+    import torch.distributed as tdist  # noqa: PLC0415
+    for t in tensors:
+        tdist.broadcast(t, src=0, group=group)
+
+
+# ------------------------------------------------------------------------------ buckets
+@dataclass
+class Bucket:
+    """Tensors in wire dtype on the group's device, with their checkpoint names."""
+
+    names: list[str]
+    tensors: list[torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors)
+
+    def meta(self) -> dict[str, Any]:
+        return {"names": self.names, "dtypes": [dtype_name(t.dtype) for t in self.tensors],
+                "shapes": [list(t.shape) for t in self.tensors]}
+
+
+def _wire(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    t = t.detach()
+    out = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+    return out.clone() if out.data_ptr() == t.data_ptr() else out  # never alias the trained weights
+
+
+def _checkpoint_names(model: nn.Module, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The bucket under the names a HF checkpoint of `model` uses (transformers' own reverse
+    key mapping, e.g. Qwen2-VL's model.language_model.* -> model.*)."""
+    if not hasattr(model, "config"):  # not a transformers model: its own names
+        return named
+    try:
+        from transformers.core_model_loading import revert_weight_conversion  # noqa: PLC0415
+    except ImportError:
+        return named
+    return dict(revert_weight_conversion(model, named))
+
+
+def _chunks(named: Iterable[tuple[str, torch.Tensor]], limit: int, dtype: torch.dtype,
+            device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+    bucket: dict[str, torch.Tensor] = {}
+    size = 0
+    for name, t in named:
+        n = t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
+        if bucket and size + n > limit:
+            yield bucket
+            bucket, size = {}, 0
+        bucket[name] = _wire(t, dtype, device)
+        size += n
+    if bucket:
+        yield bucket
+
+
+def iter_weight_buckets(updater: Any, bucket_bytes: int, dtype: torch.dtype,
+                        device: torch.device) -> Iterator[Optional[Bucket]]:
+    """The trained model's weights as buckets of at most `bucket_bytes` (a tensor larger than
+    that is a bucket of its own), floating tensors in `dtype`, on `device`. Every trainer rank
+    iterates (under ZeRO-3 each bucket is gathered with a collective); rank 0 gets the buckets,
+    the others None. Tied parameters go once (under their first name)."""
+    rt = getattr(updater, "runtime", updater)
+    model = rt.module.model
+    rank0 = rt.rank == 0
+    persistent = set(model.state_dict().keys())
+    buffers = [(n, b) for n, b in model.named_buffers() if n in persistent]
+    if rt.stage != 3:
+        if not rank0:
+            return
+        named = list(model.named_parameters()) + buffers  # named_parameters drops tied duplicates
+        for b in _chunks(named, bucket_bytes, dtype, device):
+            yield _bucket(model, b)
+        return
+    import deepspeed  # noqa: PLC0415
+    groups: list[list[tuple[str, nn.Parameter]]] = [[]]
+    size, seen = 0, set()
+    for prefix, mod in model.named_modules():
+        for name, p in mod.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            n = p.ds_numel * (dtype.itemsize if p.dtype.is_floating_point else p.element_size())
+            if groups[-1] and size + n > bucket_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append((f"{prefix}.{name}" if prefix else name, p))
+            size += n
+    for group in groups:
+        if not group:
+            continue
+        with deepspeed.zero.GatheredParameters([p for _, p in group], modifier_rank=None):
+            wire = {name: _wire(p, dtype, device) for name, p in group} if rank0 else None
+        yield _bucket(model, wire) if rank0 else None
+    if buffers:
+        for b in _chunks(buffers, bucket_bytes, dtype, device) if rank0 else [None]:
+            yield _bucket(model, b) if rank0 else None
+
+
+def _bucket(model: nn.Module, named: dict[str, torch.Tensor]) -> Bucket:
+    named = _checkpoint_names(model, named)
+    return Bucket(list(named), list(named.values()))
+
+
+# ------------------------------------------------------------------------------ trainer side
+class GroupReceiver(Protocol):
+    """What a server backend implements to take weights over the group (SGLangBackend,
+    VLLMHTTPBackend with dev_mode, VLLMBackend)."""
+
+    name: str
+    version: int
+
+    async def weight_group_size(self) -> int:
+        """How many of the server's workers join the group; BackendError if it cannot."""
+
+    async def open_weight_group(self, master_addr: str, master_port: int, rank_offset: int, world_size: int,
+                                group_name: str, backend: str, timeout_s: float) -> None:
+        """Have every worker join (returns once they did)."""
+
+    async def receive_weights(self, meta: dict[str, Any], group_name: str, version: int, last: bool,
+                              timeout_s: float) -> None:
+        """Receive and load one bucket (returns once loaded); `last`: reset caches, set version."""
+
+    async def close_weight_group(self, group_name: str) -> None:
+        """Leave the group."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+async def probe_group_servers(backends: Iterable[Any], transport: str) -> tuple[list[Any], dict[str, str]]:
+    """The backends that take the group (with the disk ones' reasons): "group" requires every
+    server backend to, "auto" keeps those whose probe answers, "disk" none."""
+    from spyglass.engine.backends.base import BackendError  # noqa: PLC0415
+    servers = [b for b in backends if callable(getattr(b, "weight_group_size", None))]
+    if transport == "disk":
+        return [], {}
+    ok, why = [], {}
+    sizes = await asyncio.gather(*(b.weight_group_size() for b in servers), return_exceptions=True)
+    for b, size in zip(servers, sizes):
+        if isinstance(size, BaseException):
+            if not isinstance(size, BackendError):
+                raise size
+            why[b.name] = size.message
+        else:
+            ok.append(b)
+    if transport == "group" and why:
+        from spyglass.engine.config import ConfigError  # noqa: PLC0415
+        name, reason = next(iter(why.items()))
+        raise ConfigError(f"sync.transport 'group': server {name!r} cannot join a weight-update group ({reason})")
+    return ok, why
+
+
+class GroupSender:
+    """Trainer rank 0's end of the group: opened once over `servers`, then one `send` per
+    bucket and `finish` per update."""
+
+    def __init__(self, cfg: WeightSyncConfig, servers: list[Any]) -> None:
+        self.cfg, self.servers = cfg, servers
+        self.group: Any = None
+        self.backend = cfg.group_backend()
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="spyglass-weight-sync")
+        self.bytes_sent = 0
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+
+    async def _together(self, what: str, calls: list[tuple[Any, Any]], local: Any) -> None:
+        """Run the servers' calls and rank 0's own blocking collective (in a thread) together;
+        the first failure (or the timeout) raises naming the server."""
+        from spyglass.engine.backends.base import BackendError  # noqa: PLC0415
+        loop = asyncio.get_running_loop()
+        tasks = {asyncio.ensure_future(c): be for be, c in calls}
+        mine = loop.run_in_executor(self._pool, local)
+        pending = set(tasks) | {mine}
+        deadline = loop.time() + self.cfg.timeout_s
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, timeout=max(deadline - loop.time(), 0),
+                                                   return_when=asyncio.FIRST_EXCEPTION)
+                if not done:
+                    slow = [tasks[t].name for t in pending if t in tasks] or ["trainer rank 0"]
+                    raise BackendError(slow[0], f"{what}: no answer within sync.timeout_s={self.cfg.timeout_s}s "
+                                                f"(waiting on {slow})")
+                for t in done:
+                    if t.exception() is not None:
+                        e = t.exception()
+                        server = tasks[t].name if t in tasks else "trainer rank 0"
+                        if isinstance(e, BackendError):
+                            raise e
+                        raise BackendError(server, f"{what} failed: {e!r}") from e
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            self.group = None  # a half-done collective leaves the group unusable
+            raise
+
+    async def open(self) -> None:
+        if self.group is not None:
+            return
+        sizes = [await s.weight_group_size() for s in self.servers]
+        world = 1 + sum(sizes)
+        addr = self.cfg.master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1")
+        port = self.cfg.master_port or _free_port()
+        offsets = [1 + sum(sizes[:i]) for i in range(len(sizes))]
+        box: list[Any] = []
+        calls = [(s, s.open_weight_group(addr, port, off, world, self.cfg.group_name, self.backend, self.cfg.timeout_s))
+                 for s, off in zip(self.servers, offsets)]
+        await self._together(f"opening weight-update group {self.cfg.group_name!r} at {addr}:{port}", calls,
+                             lambda: box.append(init_update_group(addr, port, 0, world, backend=self.backend,
+                                                                  group_name=self.cfg.group_name,
+                                                                  timeout_s=self.cfg.timeout_s)))
+        self.group = box[0]
+
+    async def send(self, bucket: Bucket, version: int, last: bool) -> None:
+        """One bucket to every server: their receive calls and the broadcast, together."""
+        if self.group is None:
+            raise RuntimeError("GroupSender.send before open() (or after a failed sync)")
+        meta = bucket.meta()
+        calls = [(s, s.receive_weights(meta, self.cfg.group_name, version, last,
+                                                     timeout_s=self.cfg.timeout_s)) for s in self.servers]
+        group = self.group
+        await self._together(f"weight update v{version} ({len(bucket.names)} tensors)", calls,
+                             lambda: send_bucket(group, bucket.tensors))
+        self.bytes_sent += bucket.nbytes
+
+    async def close(self) -> None:
+        if self.group is not None:
+            await asyncio.gather(*(s.close_weight_group(self.cfg.group_name) for s in self.servers),
+                                 return_exceptions=True)
+            close_update_group(self.group)
+            self.group = None
+        self._pool.shutdown(wait=False)
+
+
+def empty_bucket() -> Bucket:
+    """A bucket with no tensors: closes an update whose weights all went in earlier buckets."""
+    return Bucket([], [])
+
+
+async def stream_update(sender: GroupSender, buckets: Iterable[Optional[Bucket]], version: int) -> float:
+    """Send every bucket (the last one flagged, so servers reset caches and take `version`);
+    returns the seconds spent. A generator of buckets is advanced here (on rank 0)."""
+    t0 = time.perf_counter()
+    await sender.open()
+    prev: Optional[Bucket] = None
+    for b in buckets:
+        if b is None:
+            continue
+        if prev is not None:
+            await sender.send(prev, version, last=False)
+        prev = b
+    await sender.send(prev or empty_bucket(), version, last=True)
+    return time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------------------ the trainer's sync
+@dataclass(frozen=True)
+class SyncPlan:
+    """Decided on rank 0 at the first sync, shared with every rank: whether the bucket stream
+    (group) and the full state dict (disk / in-process) are needed."""
+
+    group: bool
+    state_dict: bool
+    disk: bool
+
+
+class WeightSync:
+    """The trainer's weight sync (GRPO's `sync` step), called on every rank after each update:
+    group-capable servers get the bucket stream, the others a checkpoint dir (disk) and
+    in-process backends the state dict. Returns metrics: sync/<transport>_s and sync/group_gb."""
+
+    def __init__(self, cfg: WeightSyncConfig, backends: list[Any], rank: int, export_dir: str | os.PathLike) -> None:
+        self.cfg, self.backends, self.rank, self.export_dir = cfg, backends, rank, export_dir
+        self.plan: Optional[SyncPlan] = None
+        self.sender: Optional[GroupSender] = None
+        self.rest: list[Any] = []  # backends served from the state dict (disk or in-process)
+
+    async def _decide(self) -> SyncPlan:
+        group, why = await probe_group_servers(self.backends, self.cfg.transport)
+        for name, reason in why.items():
+            print(f"[sync] {name}: disk ({reason})", flush=True)
+        self.rest = [b for b in self.backends if b not in group]
+        if group:
+            self.sender = GroupSender(self.cfg, group)
+        from spyglass.trainer.distributed import _takes_path  # noqa: PLC0415
+        return SyncPlan(bool(group), bool(self.rest), any(_takes_path(b) for b in self.rest))
+
+    def __call__(self, updater: Any, version: int, loop: asyncio.AbstractEventLoop,
+                 broadcast: Any = lambda x: x) -> dict[str, float]:
+        from spyglass.trainer.distributed import full_state_dict, sync_weights  # noqa: PLC0415
+        if self.plan is None:
+            self.plan = broadcast(loop.run_until_complete(self._decide()) if self.rank == 0 else None)
+        out: dict[str, float] = {}
+        if self.plan.group:
+            t0 = time.perf_counter()
+            device = self.sender.device if self.sender is not None else torch.device("cpu")
+            buckets = iter_weight_buckets(updater, self.cfg.bucket_bytes, self.cfg.wire_dtype, device)
+            if self.rank == 0:
+                sent = self.sender.bytes_sent
+                loop.run_until_complete(stream_update(self.sender, buckets, version))
+                out["sync/group_gb"] = (self.sender.bytes_sent - sent) / 1e9
+            else:
+                for _ in buckets:  # the ZeRO-3 gathers are collectives every rank joins
+                    pass
+            out["sync/group_s"] = time.perf_counter() - t0
+        if self.plan.state_dict:
+            t0 = time.perf_counter()
+            sd = full_state_dict(updater, rank0_only=True)
+            if self.rank == 0:
+                weights = Path(self.export_dir)
+                path = loop.run_until_complete(sync_weights(self.rest, sd, version, model=updater.model,
+                                                            export_dir=weights))
+                for old in (weights.iterdir() if path is not None else []):
+                    if old != path:  # only the newest checkpoint dir is kept
+                        shutil.rmtree(old, ignore_errors=True)
+            out["sync/disk_s" if self.plan.disk else "sync/memory_s"] = time.perf_counter() - t0
+        return out
+
+    def close(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.sender is not None:
+            loop.run_until_complete(self.sender.close())
+            self.sender = None
+
+
+__all__ = ["Bucket", "GroupSender", "SyncPlan", "WeightSync", "WeightSyncConfig", "close_update_group", "init_update_group",
+           "iter_weight_buckets", "probe_group_servers", "receive_bucket", "send_bucket", "stream_update"]
