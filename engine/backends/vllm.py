@@ -142,8 +142,8 @@ class _GroupSync:
     async def receive_weights(self, meta: dict[str, Any], group_name: str, version: int, last: bool,
                               timeout_s: float = 600.0) -> None:
         check_version(self, version)  # type: ignore[arg-type]
-        await self._rpc("spyglass_receive_weights", {**meta, "group_name": group_name, "version": version},
-                        timeout_s)
+        await self._rpc("spyglass_receive_weights",
+                        {**meta, "group_name": group_name, "version": version, "last": last}, timeout_s)
         if last:
             await self._reset_cache()  # no KV computed with the old weights is reused
             self.version = version

