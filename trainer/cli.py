@@ -8,6 +8,7 @@ exits 2. `build_parser(name)` / `parse_config(name, argv)` parse without running
     spyglass grpo --steps 3                      # fatal-aware GRPO on the tiny VLM, CPU
     spyglass sft ...   |   spyglass eval ...     # thin layers (see README)
     spyglass world --out /tmp/world              # generate the offline world
+    spyglass launch --config examples/cluster.yaml   # servers + trainer ranks on a Ray cluster
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "eval": ("spyglass.trainer.eval", "EvalConfig", "run_eval", "evaluate a policy on benchmark files"),
     "serve": ("spyglass.engine.gateway", "GatewayConfig", "run_gateway",
               "OpenAI-compatible gateway in front of the policy; records every session as a trajectory"),
+    "launch": ("spyglass.trainer.launch", "LaunchConfig", "run_launch",
+               "a GRPO run on a Ray cluster: inference servers, then `spyglass grpo` ranks pointed at them"),
 }
 # commands with a hand-written argparse of their own: name -> (module, help)
 PASSTHROUGH = {"world": ("spyglass.engine.offline.world", "generate the offline world (--out DIR --seed N)"),
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spyglass {name}: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # a run that ended with its work on disk but failed (RolloutFailed, ...)
-        if debug or type(e).__name__ not in ("RolloutFailed",):
+        if debug or type(e).__name__ not in ("RolloutFailed", "LaunchFailed"):
             raise
         print(f"spyglass {name}: {e}", file=sys.stderr)
         return 1

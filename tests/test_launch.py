@@ -1,0 +1,235 @@
+"""`spyglass launch` on a local two-node Ray cluster (a head with 2 CPUs and a worker node with 1,
+started by the test through ray.cluster_utils, both on 127.0.0.1): a stand-in vLLM server (the
+fake of test_backend_http.py run as its own process by a `kind: command` argv template) and a
+2-rank GRPO trainer on gloo (ZeRO-2), one rank per node; then, through the command line, a server
+that dies mid-run and a Ctrl-C, each leaving no process behind.
+
+    .venv/bin/python -m pytest -q tests/test_launch.py
+
+Run as a script (`python tests/test_launch.py --port P`), this file is the stand-in server.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+HERE = Path(__file__).resolve()
+
+
+# ------------------------------------------------------------------------------ the stand-in server
+def _serve(argv: list[str]) -> None:
+    """The fake vLLM server of test_backend_http.py on --host/--port until killed; with
+    --die-on-generate it exits with status 3 at its first completion request."""
+    import argparse  # noqa: PLC0415
+    import asyncio  # noqa: PLC0415
+    import logging  # noqa: PLC0415
+
+    from aiohttp import web  # noqa: PLC0415
+    from test_backend_http import FakeServer  # noqa: PLC0415
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--die-on-generate", action="store_true")
+    ap.add_argument("--tag", default="")  # names the test run in the process list
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)  # aiohttp's access log
+
+    class Server(FakeServer):
+        async def completions(self, request: web.Request) -> web.Response:
+            if a.die_on_generate:
+                print("stand-in server: dying on its first generation request", flush=True)
+                os._exit(3)
+            return await super().completions(request)
+
+    async def main() -> None:
+        fake = await Server().start()  # its routes, on an ephemeral port; then the launcher's port too
+        await web.TCPSite(fake.runner, a.host, a.port).start()
+        print(f"stand-in server: listening on http://{a.host}:{a.port}", flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+if __name__ == "__main__":
+    _serve(sys.argv[1:])
+    raise SystemExit(0)
+
+# ------------------------------------------------------------------------------ the tests
+# Ray's single-machine mode, read when ray is imported: every node on 127.0.0.1 (its multi-node
+# mode resolves 127.0.0.1 to the machine's own address). Only Ray reads this variable.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+ray = pytest.importorskip("ray", reason="spyglass launch needs the `cluster` extra (pip install -e '.[cluster]')")
+
+from spyglass.engine.config import ConfigError, from_dict, to_dict  # noqa: E402
+from spyglass.engine.offline.world import WorldConfig, ensure_world  # noqa: E402
+from spyglass.trainer.launch import LaunchConfig, LaunchFailed, ServerSpec, TrainerSpec, run_launch, trainer_args  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Two Ray nodes on this machine (head: 2 CPUs, worker: 1 CPU), loopback only; torn down."""
+    from ray.cluster_utils import Cluster  # noqa: PLC0415
+    saved = os.environ.get("RAY_TMPDIR")
+    tmp = tempfile.mkdtemp(prefix="rl", dir="/tmp")  # short: Ray's socket paths live under it
+    os.environ["RAY_TMPDIR"] = tmp
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    try:
+        c.add_node(num_cpus=1)
+        c.wait_for_nodes(timeout=60)
+        yield c
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        c.shutdown()
+        os.environ.pop("RAY_TMPDIR") if saved is None else os.environ.__setitem__("RAY_TMPDIR", saved)
+        subprocess.run(["rm", "-rf", tmp], check=False)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("world") / "w"
+    ensure_world(root, WorldConfig())
+    return root
+
+
+def _cfg(cluster, world: Path, tmp: Path, *server_flags: str) -> LaunchConfig:
+    data = tmp / "q.jsonl"
+    data.write_text("".join(json.dumps({"id": i, "question": f"What is {i} + {i}?", "answer": 2 * i}) + "\n"
+                            for i in range(2)))
+    return from_dict(LaunchConfig, {
+        "address": cluster.address, "log_dir": str(tmp / "launch"), "stop_grace_s": 5, "poll_s": 0.2,
+        "servers": {"kind": "command", "backend": "vllm-http", "gpus": 0, "cpus": 1, "ports": "20000-29999",
+                    "command": ["{python}", str(HERE), "--host", "{host}", "--port", "{port}", "--tag", str(tmp),
+                                *server_flags],
+                    "startup_timeout_s": 60},
+        "trainer": {"nodes": 2, "ranks_per_node": 1, "gpus_per_rank": 0, "cpus_per_rank": 1,
+                    "env": {"OMP_NUM_THREADS": "1"},
+                    "grpo": {"steps": 1, "ckpt_every": 0, "log_dir": str(tmp / "grpo"),
+                             "dist": {"strategy": "zero2", "backend": "gloo", "timeout_s": 120},
+                             "rollout": {"model": "tiny:qwen2", "policy": "sample", "out": str(tmp / "r.jsonl"),
+                                         "backend_options": {"model": "m", "dev_mode": True},
+                                         "env": {"world_dir": str(world), "dense_search": False,
+                                                 "tools": ["TextSearch", "Visit"], "data": {"path": str(data)}},
+                                         "engine": {"n_samples": 2, "groups_per_step": 1, "max_turns": 2,
+                                                    "max_tokens_per_turn": 8, "temperature": 1.0}},
+                             "update": {"lr": 1e-3, "temperature": 1.0}}}})
+
+
+def _left(tag: Path) -> list[str]:
+    """Processes whose command line names this test's directory (servers, ranks) or that are one
+    of the launcher's actors."""
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if d.name.isdigit() and int(d.name) != os.getpid() and (str(tag) in cmd or cmd.startswith("ray::ProcessActor")):
+            out.append(f"{d.name}: {cmd[:160]}")
+    return out
+
+
+def _none_left(tag: Path, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _left(tag) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _left(tag), _left(tag)
+
+
+def test_two_nodes_servers_then_two_ranks_one_grpo_step(cluster, world, tmp_path, capsys):
+    cfg = _cfg(cluster, world, tmp_path)
+    out = run_launch(cfg)
+    # the plan: one server, two ranks on the two nodes, rank 0 the master
+    assert len(out["servers"]) == 1 and out["servers"][0].startswith("http://127.0.0.1:")
+    assert [r["rank"] for r in out["ranks"]] == [0, 1] and all(r["local_rank"] == 0 for r in out["ranks"])
+    assert json.loads((tmp_path / "launch" / "launch.json").read_text())["servers"] == out["servers"]
+    i = out["argv"].index("--rollout.server_urls")
+    assert out["argv"][i + 1] == out["servers"][0] and out["argv"][out["argv"].index("--rollout.backend") + 1] == "vllm-http"
+    # the trainer ran its step against the server: metrics, rollouts, the weight reload it was sent
+    rows = [json.loads(x) for x in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1] and rows[0]["version"] == 1
+    assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 2
+    server_log = (tmp_path / "launch" / "server-0.log").read_text()
+    assert "stand-in server: listening" in server_log and "POST /v1/completions" in server_log
+    assert "POST /collective_rpc" in server_log  # the step's weights, reloaded from disk (dev mode)
+    rank0 = (tmp_path / "launch" / "rank-0.log").read_text()
+    assert "[grpo] step 1:" in rank0 and "[grpo] step" not in (tmp_path / "launch" / "rank-1.log").read_text()
+    printed = capsys.readouterr().out
+    assert "[server-0] stand-in server: listening" in printed and "[rank-0] [grpo] step 1:" in printed
+    _none_left(tmp_path)
+
+
+def _cli(cfg: LaunchConfig, tmp: Path) -> subprocess.Popen:
+    """`spyglass launch --config run.yaml` in a subprocess (the command a user types)."""
+    run_yaml = tmp / "run.yaml"
+    run_yaml.write_text(yaml.safe_dump(to_dict(cfg)))
+    return subprocess.Popen([sys.executable, "-m", "spyglass.trainer.cli", "launch", "--config", str(run_yaml)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_server_that_dies_stops_the_run_naming_it(cluster, world, tmp_path):
+    p = _cli(_cfg(cluster, world, tmp_path, "--die-on-generate"), tmp_path)
+    out, err = p.communicate(timeout=180)
+    assert p.returncode == 1, err[-3000:]
+    assert re.fullmatch(r"spyglass launch: server-0 \(http://127\.0\.0\.1:\d+\) exited with status 3; its last line: "
+                        r"'stand-in server: dying on its first generation request' \(log: .*server-0\.log\)\n", err), err[-3000:]
+    assert "[rank-0]" in out  # the trainer was running (it sent the request): it was stopped with the server
+    _none_left(tmp_path)
+
+
+def test_ctrl_c_stops_every_process(cluster, world, tmp_path):
+    cfg = _cfg(cluster, world, tmp_path)
+    cfg.trainer.grpo["steps"] = 1000  # still training when interrupted
+    p = _cli(cfg, tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "launch" / "launch.json").exists():  # the servers are up, the ranks started
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate(timeout=30)
+            time.sleep(0.2)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=90)
+    finally:
+        p.kill()
+    assert p.returncode == 1 and err.strip().splitlines()[-1] == \
+        "spyglass launch: interrupted: every server and trainer rank was stopped", err[-3000:]
+    _none_left(tmp_path)
+
+
+def test_the_config_is_checked_before_anything_starts(tmp_path):
+    with pytest.raises(ConfigError, match=r"servers.kind: 'slurm' is not one of"):
+        from_dict(LaunchConfig, {"servers": {"kind": "slurm"}})
+    with pytest.raises(ConfigError, match=r"servers: command \[.srv.\] never uses \{port\}"):
+        from_dict(LaunchConfig, {"servers": {"kind": "command", "backend": "openai", "command": ["srv"]}})
+    with pytest.raises(ConfigError, match=r"unknown placeholder \{gpu\}"):
+        ServerSpec(args=["--device", "{gpu}"])
+    with pytest.raises(ConfigError, match=r"ports must be within 1024-65535 with LO <= HI, got '9-3'"):
+        ServerSpec(ports="9-3")
+    with pytest.raises(ConfigError, match=r"args \['--rollout.server_urls'\]: the launcher sets"):
+        TrainerSpec(args=["--rollout.server_urls", "http://x:1"])
+    # the grpo side is parsed as a rank parses it: a bad value or flag is one line, before Ray
+    bad = LaunchConfig(trainer=TrainerSpec(grpo={"steps": -1}), servers=ServerSpec(model="/m"))
+    with pytest.raises(ConfigError, match=r"steps must be >= 0, got -1"):
+        trainer_args(bad)
+    with pytest.raises(ConfigError, match=r"trainer: .*unrecognized arguments: --nope"):
+        trainer_args(LaunchConfig(trainer=TrainerSpec(args=["--nope", "1"]), servers=ServerSpec(model="/m")))
+    with pytest.raises(ConfigError, match=r"a vllm server needs a checkpoint directory"):
+        trainer_args(LaunchConfig(trainer=TrainerSpec(grpo={"rollout": {"model": "tiny:qwen2"}})))
+    # vLLM: the served model and dev mode reach the trainer's backend; the server gets the weight-sync worker
+    args, model = trainer_args(LaunchConfig(servers=ServerSpec(model="/models/q", tensor_parallel_size=2)))
+    assert model == "/models/q" and args[args.index("--rollout.backend") + 1] == "vllm-http"
+    assert json.loads(args[args.index("--rollout.backend_options") + 1]) == {"model": "/models/q", "dev_mode": True}
+    spec = ServerSpec(tensor_parallel_size=2, args=["--max-model-len", "8192"])
+    argv = spec.argv("/models/q", "/venv/bin/python")
+    assert argv[:3] == ["vllm", "serve", "/models/q"] and "spyglass.engine.backends.vllm_ext.WeightSyncWorker" in argv
+    assert spec.env_for_kind() == {"VLLM_SERVER_DEV_MODE": "1"} and spec.gpus_each() == 2
