@@ -1,11 +1,14 @@
-"""GRPO with a generation server over HTTP (a fake vLLM server speaking the real endpoints):
-each step's weights reach the server as a checkpoint dir it reloads (the disk path), the
-newest one kept; no crash at the first sync."""
+"""GRPO with generation servers over HTTP: a fake vLLM server speaking the real endpoints takes
+each step's weights as a checkpoint dir it reloads (the disk path, the newest one kept); a fake
+SGLang server in its own process (tests/test_weight_sync.py) takes them over a gloo
+weight-update group and samples the second step with version 1 weights."""
 import json
 from pathlib import Path
 
 import pytest
+import torch
 from test_backend_http import FakeServer, in_thread
+from test_weight_sync import fake_sglang
 
 from spyglass.engine.config import from_dict
 from spyglass.engine.offline.world import WorldConfig, ensure_world
@@ -35,8 +38,11 @@ def test_grpo_steps_reload_a_vllm_server_from_disk(server, tmp_path):
                                "temperature": 1.0}},
         "update": {"lr": 1e-3, "temperature": 1.0}})
     m = run_grpo(cfg)
-    assert m["version"] == 2 and len(read_jsonl(tmp_path / "r.jsonl")) == 4
-    reloads = [b["kwargs"]["weights_path"] for p, b in server.bodies if p == "/collective_rpc"]
+    assert m["version"] == 2 and len(read_jsonl(tmp_path / "r.jsonl")) == 4 and m["sync/disk_s"] > 0
+    rpcs = [b for p, b in server.bodies if p == "/collective_rpc"]
+    # sync.transport auto: the probe for the worker extension finds none, so the disk path runs
+    assert [b["method"] for b in rpcs] == ["spyglass_weight_group_size"] + ["reload_weights"] * 2
+    reloads = [b["kwargs"]["weights_path"] for b in rpcs[1:]]
     assert [Path(p).name for p in reloads] == ["v00000001", "v00000002"]
     assert [p.name for p in (tmp_path / "log" / "weights").iterdir()] == ["v00000002"]  # the newest only
     assert (Path(reloads[-1]) / "config.json").is_file() and any(Path(reloads[-1]).glob("*.safetensors"))
@@ -74,3 +80,52 @@ def test_a_fleet_of_named_servers_is_health_checked_and_shared(servers, tmp_path
     assert not (tmp_path / "b.jsonl").exists() or not read_jsonl(tmp_path / "b.jsonl")
     with pytest.raises(ConfigError, match="server_urls needs a server backend"):
         RolloutConfig(server_urls=urls)
+
+
+def test_grpo_syncs_an_sglang_server_over_a_weight_update_group(tmp_path):
+    """Two GRPO steps against a fake SGLang server (HF weights behind SGLang's endpoints, in its
+    own process): every sync goes over the group (fp32 on the wire), none through disk, and
+    the second step's rollouts were sampled by version 1: their logprobs are the trainer's
+    recomputation with the step-1 checkpoint's weights."""
+    from spyglass.engine.loader import load_model
+    from spyglass.engine.offline import tiny
+    from spyglass.engine.trajectory import SegmentKind
+    from spyglass.trainer.checkpoint import list_checkpoints
+
+    world, model = tmp_path / "world", tiny.save_tiny_text_lm(tmp_path / "lm", seed=0)
+    ensure_world(world, WorldConfig())
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps({"id": i, "question": f"What is {i} + {i}?", "answer": 2 * i}) + "\n"
+                            for i in range(2)))
+    with fake_sglang(model, tmp_path) as url:
+        cfg = from_dict(GRPOConfig, {
+            "steps": 2, "ckpt_dir": str(tmp_path / "ckpt"), "log_dir": str(tmp_path / "log"),
+            "sync": {"transport": "group", "dtype": "fp32", "bucket_mb": 1, "timeout_s": 120},
+            "rollout": {"model": str(model), "policy": "sample", "out": str(tmp_path / "r.jsonl"), "backend": "sglang",
+                        "server_urls": url, "env": {"world_dir": str(world), "dense_search": False,
+                                                    "tools": ["TextSearch", "Visit"], "data": {"path": str(data)}},
+                        "engine": {"n_samples": 2, "groups_per_step": 1, "max_turns": 2, "max_tokens_per_turn": 8,
+                                   "temperature": 1.0}},
+            "update": {"lr": 1e-2, "temperature": 1.0}})
+        m = run_grpo(cfg)
+    assert m["version"] == 2 and m["sync/group_s"] > 0 and "sync/disk_s" not in m
+    assert not (tmp_path / "log" / "weights").exists()
+    logged = [json.loads(x) for x in (tmp_path / "log" / "metrics.jsonl").read_text().splitlines()]
+    assert [("sync/group_s" in x, "sync/disk_s" in x) for x in logged] == [(True, False)] * 2
+    trajs = read_jsonl(tmp_path / "r.jsonl")
+    v1 = load_model(str(model)).model
+    v1.load_state_dict(torch.load(list_checkpoints(tmp_path / "ckpt")[0] / "model.pt"))
+    checked = 0
+    for t in trajs[2:]:
+        ctx = t.prompt_ids.tolist()
+        for seg in t.segments:
+            if seg.kind is SegmentKind.GEN:
+                assert seg.version == 1
+                ids = seg.token_ids.tolist()
+                with torch.no_grad():
+                    lp = torch.log_softmax(v1(torch.tensor([ctx + ids])).logits[0, len(ctx) - 1:-1], -1)
+                want = lp.gather(1, torch.tensor(ids)[:, None]).squeeze(1)
+                assert torch.allclose(torch.tensor(seg.logprobs), want, atol=1e-4), (seg.logprobs, want)
+                checked += len(ids)
+            ctx += seg.token_ids.tolist()
+    assert checked > 0
