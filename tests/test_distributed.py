@@ -41,6 +41,7 @@ def _data():
 def _worker(out: Path) -> None:
     from spyglass.trainer.checkpoint import load_checkpoint, save_checkpoint
     from spyglass.trainer.distributed import DistConfig, broadcast_state_dict, export_hf, full_state_dict
+    from spyglass.trainer.weight_sync import iter_weight_buckets
 
     rank = int(os.environ["RANK"])
     report: dict = {}
@@ -51,6 +52,13 @@ def _worker(out: Path) -> None:
         up = PolicyUpdater(v.model, UpdateConfig(**CFG), image_processor=v.image_processor, dist=dist)
         report[strategy] = [up.step(trajs, adv, masks) for _ in range(STEPS)]
         sd = full_state_dict(up, rank0_only=True)
+        # the weight-sync stream: buckets gathered one module group at a time on every rank
+        buckets = list(iter_weight_buckets(up, 64 << 10, torch.float32, torch.device("cpu")))
+        if rank == 0:
+            torch.save({"tensors": {k: v for b in buckets for k, v in zip(b.names, b.tensors)},
+                        "sizes": [(b.nbytes, len(b.names)) for b in buckets]}, out / f"buckets_{strategy}.pt")
+        else:
+            report[f"{strategy}_buckets_off_rank0"] = sum(b is not None for b in buckets)
         if rank == 0:
             torch.save(sd, out / f"{strategy}.pt")
             export_hf(up.model, sd, out / f"export_{strategy}")  # what HTTP servers reload
@@ -131,6 +139,21 @@ def test_zero_on_two_ranks_matches_single_process(two_ranks, reference, strategy
             for k in ("loss", "grad_norm", "clip_fraction", "approx_kl", "loss_tokens", "tokens"):
                 assert m[k] == pytest.approx(rm[k], rel=1e-4, abs=1e-6), (strategy, r, k)
     assert reports[0][f"{strategy}_resume_max_diff"] < 1e-6
+
+
+@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
+def test_weight_sync_buckets_are_the_full_weights(two_ranks, strategy):
+    """iter_weight_buckets under ZeRO (gathered bucket by bucket under ZeRO-3, every rank
+    joining): rank 0's buckets hold exactly the full state dict (fp32 wire, checkpoint names),
+    each within the bucket size unless one tensor alone exceeds it; the other rank gets none."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    out, reports = two_ranks
+    got = torch.load(out / f"buckets_{strategy}.pt")
+    ref = dict(revert_weight_conversion(fresh().model, torch.load(out / f"{strategy}.pt")))
+    assert set(got["tensors"]) == set(ref) and all(torch.equal(got["tensors"][k], ref[k]) for k in ref)
+    assert len(got["sizes"]) > 3 and all(n <= 64 << 10 or k == 1 for n, k in got["sizes"])
+    assert reports[1][f"{strategy}_buckets_off_rank0"] == 0
 
 
 def test_export_under_zero3_loads_into_a_backend(two_ranks):

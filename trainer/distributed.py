@@ -14,12 +14,14 @@ Strategies (`DistConfig.strategy`):
 
 Run two ranks on CPU:  `torchrun --nproc_per_node=2 your_script.py` (see tests/test_distributed.py).
 
-Weight sync (`sync_weights`): rank 0 gathers full weights (`full_state_dict`: under ZeRO-3 each
-module's parameters are gathered with `GatheredParameters`, a collective every rank joins), then
-passes the state dict in-process to backends that take one (HFBackend, in-process vLLM/SGLang)
-and a saved HF checkpoint dir to HTTP backends (vLLM/SGLang servers reload from disk).
-`broadcast_state_dict` sends a state dict from one rank to the others of a process group
-(bucketed per dtype; NCCL on GPU, gloo on CPU) for inference engines on other nodes.
+Weight sync: servers that can join a weight-update group take bucketed broadcasts from rank 0
+(trainer/weight_sync.py, which streams ZeRO-3 parameters gathered bucket by bucket). The
+fallback here, `sync_weights`: rank 0 gathers full weights (`full_state_dict`: under ZeRO-3 each
+module's parameters are gathered with `GatheredParameters`, a collective every rank joins; also
+what exports and checkpoints use), then passes the state dict in-process to backends that take
+one (HFBackend, in-process vLLM/SGLang) and a saved HF checkpoint dir to HTTP backends
+(vLLM/SGLang servers reload from disk). `broadcast_state_dict` sends a state dict from one rank
+to the others of the default process group (bucketed per dtype; NCCL on GPU, gloo on CPU).
 Colocated mode: `sleep_backends` / `wake_backends` call a backend's `sleep()` / `wake_up()`
 when it has them (none of spyglass's backends do yet: for HF this is a no-op; vLLM's AsyncLLM
 and SGLang expose sleep/wake or release/resume memory that a backend can forward).
