@@ -182,7 +182,8 @@ def test_prefix_cache_matches_cold_prefill(family):
             return first, second, third, r1, r2, stats, hits_after, be.prefix_hits
     *warm, stats, hits_after, hits_end = _run(go(1 << 16))
     *cold, cold_stats, _, cold_hits = _run(go(0))
-    assert stats == (1, len(p1) + len(warm[0].token_ids) - 1) and hits_after == 1 and hits_end == 2
+    # r1's prompt p1 is a prefix of what t3 kept (all but its last token is reused), r2 extends r1
+    assert stats == (1, len(p1) + len(warm[0].token_ids) - 1) and hits_after == 1 and hits_end == 3
     assert cold_stats == (0, 0) and cold_hits == 0
     for a, b in zip(warm, cold):
         assert a.token_ids == b.token_ids
@@ -190,21 +191,24 @@ def test_prefix_cache_matches_cold_prefill(family):
 
 
 def test_prefix_cache_is_bounded_and_text_models_use_it():
-    """A text model hits the cache too; a row longer than the budget is not kept, and the least
-    recently kept prefix is evicted first (12 greedy tokens a request: a row keeps prompt + 11)."""
+    """A text model hits the cache too; a kept prefix that a new one extends is dropped, the least
+    recently used is evicted past the budget, and a row longer than the budget is not kept (12
+    greedy tokens a request: a row keeps prompt + 11)."""
     async def go(cache: int):
         async with HFBackend.from_config(HFConfig(model="tiny:qwen2", prefix_cache_tokens=cache)) as be:
-            a = await be.generate(GenerateRequest("a", [5] * 30, GREEDY))                # keeps 41
-            b = await be.generate(GenerateRequest("b", [5] * 30 + a.token_ids + [7, 8], GREEDY))  # hit; 55: not kept
+            a = await be.generate(GenerateRequest("a", [5] * 40, GREEDY))                # keeps 51
+            b = await be.generate(GenerateRequest("b", [5] * 40 + a.token_ids + [7, 8], GREEDY))  # hit; 65 replaces a
             sizes = [be._prefix_size]
-            c = await be.generate(GenerateRequest("c", [6] * 20, GREEDY))                # keeps 31
-            e = await be.generate(GenerateRequest("e", [9] * 10, GREEDY))                # keeps 21: evicts c
+            c = await be.generate(GenerateRequest("c", [6] * 40, GREEDY))                # keeps 51: evicts b
+            e = await be.generate(GenerateRequest("e", [9] * 45, GREEDY))                # keeps 56: evicts c
             sizes.append(be._prefix_size)
-            f = await be.generate(GenerateRequest("f", [9] * 10 + e.token_ids + [3], GREEDY))  # hit
-            d = await be.generate(GenerateRequest("d", [6] * 20 + c.token_ids, GREEDY))  # miss
-            return [x.token_ids for x in (b, d, f)], be.prefix_hits, sizes
-    warm, cold = _run(go(48)), _run(go(0))
-    assert warm[1:] == (2, [0, 21]) and cold[1] == 0
+            f = await be.generate(GenerateRequest("f", [9] * 45 + e.token_ids + [3], GREEDY))  # hit; 69 replaces e
+            d = await be.generate(GenerateRequest("d", [6] * 40 + c.token_ids, GREEDY))  # miss; 63 evicts f
+            g = await be.generate(GenerateRequest("g", [4] * 95, GREEDY))                # 106: not kept
+            sizes.append(be._prefix_size)
+            return [x.token_ids for x in (b, d, f, g)], be.prefix_hits, sizes
+    warm, cold = _run(go(100)), _run(go(0))
+    assert warm[1:] == (2, [65, 56, 63]) and cold[1] == 0
     assert warm[0] == cold[0]
     with pytest.raises(ValueError, match="prefix_cache_tokens"):
         HFConfig(prefix_cache_tokens=-1)
@@ -213,6 +217,38 @@ def test_prefix_cache_is_bounded_and_text_models_use_it():
     c = v.model.config.get_text_config()
     per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4
     assert (HFBackend.from_model(v).prefix_cache_tokens, HFConfig().prefix_cache_tokens) == ((1 << 30) // per_token, None)
+
+
+def test_prefix_cache_shares_a_common_prefix_but_never_another_image(vlm):
+    """Requests that share only a long system prompt reuse it; a prompt whose tokens equal a kept
+    one's but whose image differs (same size: same placeholder tokens) reuses only up to that
+    image; a sibling with the same prompt reuses all but its last token. Outputs equal a cold
+    backend's."""
+    system = "you are a careful visual search agent; think, then call tools, then answer. " * 3
+    other = Image.new("RGB", IMG.size, (240, 240, 240))   # IMG's size: the same image tokens
+    def prompt(text, images):
+        content = [{"type": "text", "text": system}] + [{"type": "image", "image": im} for im in images] + \
+                  [{"type": "text", "text": text}]
+        return tiny.encode_chat(vlm.tokenizer, vlm.image_processor, [{"role": "user", "content": content}]).input_ids
+    p1, p2, p3 = prompt("what is written here?", [IMG]), prompt("what colour is it?", [IMG2]), \
+        prompt("what is written here?", [other])
+    first_image = p1.index(vlm.model.config.image_token_id)
+    assert p1 == p3 and first_image == p2.index(vlm.model.config.image_token_id) >= 32
+    sp = SamplingParams(max_tokens=6, temperature=0.9, seed=5)
+
+    async def go(cache):
+        async with HFBackend.from_model(vlm, prefix_cache_tokens=cache) as be:
+            outs, reused = [], []
+            for rid, p, ims in (("a", p1, [IMG]), ("b", p2, [IMG2]), ("c", p3, [other]), ("d", p1, [IMG])):
+                before = be.prefix_tokens_reused
+                outs.append(await be.generate(GenerateRequest(rid, p, sp, images=ims)))
+                reused.append(be.prefix_tokens_reused - before)
+            return outs, reused
+    (warm, reused), (cold, none) = _run(go(1 << 16)), _run(go(0))
+    assert reused == [0, first_image, first_image, len(p1) - 1] and none == [0] * 4
+    for a, b in zip(warm, cold):
+        assert a.token_ids == b.token_ids
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)
 
 
 def test_forced_id_outside_vocab_is_named(vlm):

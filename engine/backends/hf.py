@@ -12,12 +12,18 @@ image tokens shift later positions). A step is:
      join the running batch (both caches left-padded to a common length and concatenated);
   4. rows that finished (stop token, max_tokens) leave the batch (index_select on the batch
      dim; columns that became padding for every row are trimmed).
-Prefix cache (multi-turn agents resend the whole context every turn): when a row finishes, the
-KV of every token it fed (prompt + output but the last token) is kept, up to
-`prefix_cache_tokens` tokens in all (LRU; default: what fits in 1 GiB of this model's KV); a later request whose prompt extends one of them
-prefills only its new tokens (and only its new images) on top of that KV, with the positions a
-cold prefill would give. Exact up to float rounding; cleared on update_weights, and a row that
-saw a weight update mid-flight is not kept. `prefix_hits` / `prefix_tokens_reused` count it.
+Prefix cache (multi-turn agents resend the whole context every turn, and every request starts
+with the same system prompt and tool schemas): when a row finishes, the KV of every token it fed
+(prompt + output but the last token) is kept, up to `prefix_cache_tokens` tokens in all (LRU;
+default: what fits in 1 GiB of this model's KV); a kept entry that the new one extends is
+dropped. A later request reuses the longest prefix it shares with any kept entry (its own last
+turn, a sibling sample's, or just the system prompt of another question), cut back so that no
+image is split and every image in it is the same image (content hash, not only the same
+placeholder tokens), when that prefix is at least MIN_PREFIX_REUSE tokens: it prefills only the
+rest (and only the images in the rest) on top of that KV, with the positions a cold prefill
+would give. Entries stay after a hit (siblings share them). Exact up to float rounding; cleared
+on update_weights, and a row that saw a weight update mid-flight is not kept. `prefix_hits` /
+`prefix_tokens_reused` count it.
 Replay requests (forced_ids) never join the running batch: their prompt and forced tokens go
 through ONE forward together (teacher forcing), the logprobs of every forced token read off its
 logits, so a replayed turn costs one prefill instead of one decode step per token.
@@ -37,6 +43,7 @@ update_weights runs in the same executor between steps; rows in flight keep thei
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -128,15 +136,37 @@ class _Seq:
     pos: int = 0                       # rope position of the next fed token
     finish: str = ""
     aborted: bool = False
+    image_keys: tuple[bytes, ...] | None = None  # content keys of req.images (computed on demand)
+
+    def keys(self) -> tuple[bytes, ...]:
+        if self.image_keys is None:
+            self.image_keys = tuple(_image_key(im) for im in self.req.images)
+        return self.image_keys
 
 
 @dataclass(eq=False)
 class _Prefix:
-    tokens: tuple[int, ...]                          # the fed tokens its KV covers
+    tokens: np.ndarray                               # [n] int64: the fed tokens its KV covers
+    image_keys: tuple[bytes, ...]                    # the images among them, in order
     layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer K, V [1, H_kv, n, D]
 
 
 PREFIX_CACHE_BYTES = 1 << 30  # the default prefix-cache budget
+MIN_PREFIX_REUSE = 32  # shorter shared prefixes are prefilled with the batch instead (one forward)
+
+
+def _image_key(im: Any) -> bytes:
+    """What makes two images the same image for the KV cache: mode, size and pixels."""
+    h = hashlib.blake2b(f"{im.mode}{im.size}".encode(), digest_size=16)
+    h.update(im.tobytes())
+    return h.digest()
+
+
+def _common(a: np.ndarray, b: np.ndarray, limit: int) -> int:
+    """Length of the common prefix of a and b, at most `limit`."""
+    n = min(len(a), len(b), limit)
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if len(diff) else n
 
 
 def kv_bytes_per_token(model: Any) -> int:
@@ -197,12 +227,6 @@ def _cache_from(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
     return cache
 
 
-def _prefix_key(ids: tuple[int, ...], n: int) -> tuple[int, int]:
-    """A kept prefix's key: its length and the hash of its last 32 tokens (O(32) per candidate
-    length at lookup; a hit is then checked token for token, so a collision is only a miss)."""
-    return n, hash(ids[max(0, n - 32):n])
-
-
 def _layers_of(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
@@ -256,7 +280,7 @@ class HFBackend(Backend):
         self.decode_rows = 0                          # sum over steps of rows decoded
         self.prefix_cache_tokens = (prefix_cache_tokens if prefix_cache_tokens is not None
                                     else PREFIX_CACHE_BYTES // kv_bytes_per_token(model))
-        self._prefixes: OrderedDict[tuple[int, int], _Prefix] = OrderedDict()  # _prefix_key -> KV, LRU first
+        self._prefixes: OrderedDict[bytes, _Prefix] = OrderedDict()  # hash of tokens + images -> KV, LRU first
         self._prefix_size = 0
         self.prefix_hits = 0
         self.prefix_tokens_reused = 0
@@ -471,56 +495,68 @@ class HFBackend(Backend):
     def _keep(self, i: int, s: _Seq) -> None:
         """Keep finished row i's KV: its prompt and every output token but the last (what it fed)."""
         n = int(self._mask[i].sum())
-        tokens = tuple(s.req.prompt_ids.tolist()) + tuple(s.tokens[:-1])
+        tokens = s.req.prompt_ids.tolist() + s.tokens[:-1]
         if len(tokens) == n:  # always so with left padding; never keep a misaligned row
-            self._store(tokens, [(k[i:i + 1, :, -n:], v[i:i + 1, :, -n:]) for k, v in self._layers])
+            self._store(tokens, s, [(k[i:i + 1, :, -n:], v[i:i + 1, :, -n:]) for k, v in self._layers])
 
-    def _store(self, tokens: tuple[int, ...], layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Keep the KV [1, H, n, D] of `tokens` (copied), evicting the least recent past the budget."""
+    def _store(self, tokens: list[int], s: _Seq, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Keep the KV [1, H, n, D] of `tokens` (copied; fed by s, so its images are s's), drop
+        kept entries it extends, evict the least recent past the budget."""
         n = len(tokens)
         if not self.prefix_cache_tokens or n > self.prefix_cache_tokens:
             return
-        key = _prefix_key(tokens, n)
-        if key in self._prefixes:
-            self._prefix_size -= n
-        self._prefixes[key] = _Prefix(tokens, [(k.clone(), v.clone()) for k, v in layers])
+        arr = np.asarray(tokens, dtype=np.int64)
+        keys = s.keys() if self.is_vl else ()
+        for key, e in list(self._prefixes.items()):
+            if (len(e.tokens) <= n and e.image_keys == keys[:len(e.image_keys)]
+                    and _common(e.tokens, arr, n) == len(e.tokens)):
+                del self._prefixes[key]
+                self._prefix_size -= len(e.tokens)
+        key = hashlib.blake2b(arr.tobytes() + b"".join(keys), digest_size=16).digest()
+        self._prefixes[key] = _Prefix(arr, keys, [(k.clone(), v.clone()) for k, v in layers])
         self._prefix_size += n
         while self._prefix_size > self.prefix_cache_tokens:
-            (m, _), _ = self._prefixes.popitem(last=False)
-            self._prefix_size -= m
+            _, old = self._prefixes.popitem(last=False)
+            self._prefix_size -= len(old.tokens)
 
-    def _lookup(self, s: _Seq) -> tuple[_Prefix, int] | None:
-        """The longest kept prefix of s's prompt (removed from the cache: s extends it) and how many
-        of s's images it holds, or None."""
+    def _lookup(self, s: _Seq) -> tuple[_Prefix, int, int] | None:
+        """The kept entry sharing the longest reusable prefix with s's prompt (at least one prompt
+        token is left to feed; no image split; the same images), that length, and how many of s's
+        images lie in it; or None when no entry shares MIN_PREFIX_REUSE tokens."""
         if not self._prefixes:
             return None
-        ids = tuple(s.req.prompt_ids.tolist())
-        for n in sorted({n for n, _ in self._prefixes}, reverse=True):
-            if n >= len(ids):
-                continue
-            key = _prefix_key(ids, n)
-            e = self._prefixes.get(key)
-            if e is None or e.tokens != ids[:n]:
-                continue
-            j = self._images_split(ids, n, s)
-            if j is not None:
-                del self._prefixes[key]
-                self._prefix_size -= n
-                return e, j
-        return None
+        ids = np.asarray(s.req.prompt_ids, dtype=np.int64)
+        best, m = None, 0
+        for key, e in self._prefixes.items():
+            if min(len(e.tokens), len(ids) - 1) > m:
+                c = _common(e.tokens, ids, len(ids) - 1)
+                if c > m:
+                    best, m = key, c
+        if best is None or m < MIN_PREFIX_REUSE:
+            return None
+        e = self._prefixes[best]
+        m, j = self._image_cut(ids, m, s, e)
+        if m < MIN_PREFIX_REUSE:
+            return None
+        self._prefixes.move_to_end(best)
+        return e, m, j
 
-    def _images_split(self, ids: tuple[int, ...], n: int, s: _Seq) -> int | None:
-        """How many of s's images lie wholly in ids[:n] (None if the cut splits an image)."""
+    def _image_cut(self, ids: np.ndarray, m: int, s: _Seq, e: _Prefix) -> tuple[int, int]:
+        """Cut a shared prefix of m tokens back to before the first image that it splits or that
+        is not the same image in s and in e; returns (tokens, images of s in them)."""
         if not self.is_vl or not s.req.images:
-            return 0
+            return m, 0
         from spyglass.engine.chat import image_token_count
-        before, j, acc = ids[:n].count(self.image_token_id), 0, 0
-        for im in s.req.images:
-            if acc >= before:
-                break
-            acc += image_token_count(im, self.image_processor)
-            j += 1
-        return j if acc == before else None
+        at = np.flatnonzero(ids[:m] == self.image_token_id)  # positions of image tokens in the prefix
+        acc, keys = 0, s.keys()
+        for j, im in enumerate(s.req.images):
+            if acc >= len(at):
+                return m, j
+            size = image_token_count(im, self.image_processor)
+            if acc + size > len(at) or j >= len(e.image_keys) or e.image_keys[j] != keys[j]:
+                return int(at[acc]), j  # up to this image's first token
+            acc += size
+        return m, len(s.req.images)
 
     # -- forwards
     def _pixels(self, images: list[Any]) -> dict[str, torch.Tensor]:
@@ -532,14 +568,13 @@ class HFBackend(Backend):
             out["image_grid_thw"] = out["image_grid_thw"].to(self.device)
         return out
 
-    def _forward_on(self, s: _Seq, hit: tuple[_Prefix, int], ids: list[int], keep: int
+    def _forward_on(self, s: _Seq, hit: tuple[_Prefix, int, int], ids: list[int], keep: int
                     ) -> tuple[torch.Tensor, Any, int]:
-        """Forward of ids[len(e.tokens):] on top of the kept KV `e` of `hit` = (e, images e holds)
-        (only the other images go through the vision tower), with the positions a cold forward of
-        `ids` gives. Returns the logits of the
-        last `keep` positions [1, keep, V], the cache over all of `ids`, and the next position."""
-        e, j = hit
-        n = len(e.tokens)
+        """Forward of ids[n:] on top of the first n tokens of the kept KV `e` of `hit` = (e, n,
+        images of s in them) (only the other images go through the vision tower), with the positions
+        a cold forward of `ids` gives. Returns the logits of the last `keep` positions [1, keep, V],
+        the cache over all of `ids`, and the next position."""
+        e, n, j = hit
         full = torch.tensor([ids], device=self.device)                                                  # [1, L]
         mask = torch.ones_like(full)                                                  # [1, L]
         kwargs: dict[str, Any] = {}
@@ -556,7 +591,8 @@ class HFBackend(Backend):
         else:
             pos, nxt = torch.arange(n, len(ids), device=self.device).view(1, -1), len(ids)                # [1, L - n]
         out = self.model(input_ids=full[:, n:], attention_mask=mask, position_ids=pos,
-                         past_key_values=_cache_from(e.layers), use_cache=True, logits_to_keep=keep, **kwargs)
+                         past_key_values=_cache_from([(k[:, :, :n], v[:, :, :n]) for k, v in e.layers]),
+                         use_cache=True, logits_to_keep=keep, **kwargs)
         self.prefix_hits += 1
         self.prefix_tokens_reused += n
         return out.logits, out.past_key_values, nxt
@@ -629,7 +665,7 @@ class HFBackend(Backend):
         hot, cold = self._on_kept(seqs, feed, n)
         for i, (logits, cache, _) in hot.items():
             rows[i] = logits[0]
-            self._store(tuple(feed[i]), _layers_of(cache))
+            self._store(feed[i], seqs[i], _layers_of(cache))
         if cold:
             width = max(n[i] for i in cold)
             logits, cache, _, _ = self._forward_cold([seqs[i] for i in cold], [feed[i] for i in cold], width)
@@ -637,7 +673,7 @@ class HFBackend(Backend):
             for r, i in enumerate(cold):
                 rows[i] = logits[r, width - n[i]:]
                 m = len(feed[i])
-                self._store(tuple(feed[i]), [(k[r:r + 1, :, -m:], v[r:r + 1, :, -m:]) for k, v in layers])
+                self._store(feed[i], seqs[i], [(k[r:r + 1, :, -m:], v[r:r + 1, :, -m:]) for k, v in layers])
         sp = [s.req.sampling for s, k in zip(seqs, n) for _ in range(k)]
         forced = torch.tensor([t for s, k in zip(seqs, n) for t in s.req.forced_ids[:k]])
         _, logps = sample_next(torch.cat([rows[i] for i in range(len(seqs))]),            # [sum n, V]
