@@ -49,9 +49,10 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (5 ms): m
 
 # public name -> the submodule that defines it
 _EXPORTS: dict[str, str] = {
-    **dict.fromkeys(("Engine", "EngineConfig", "Prompt", "AgentEnv", "EnvStep", "ParsedTurn"), "scheduler"),
-    **dict.fromkeys(("Trajectory", "Segment", "SegmentKind", "Status"), "trajectory"),
-    **dict.fromkeys(("Tool", "tool", "ToolResult", "ToolContext", "ToolError", "ErrorKind"), "tools.base"),
+    **dict.fromkeys(("Engine", "EngineConfig", "AgentEnv"), "scheduler"),
+    **dict.fromkeys(("Trajectory", "Segment", "SegmentKind", "Status", "Prompt", "EnvStep", "ParsedTurn",
+                     "ToolResult", "ToolError", "ErrorKind"), "trajectory"),
+    **dict.fromkeys(("Tool", "tool", "ToolContext"), "tools.base"),
     "ToolExecutor": "tools.executor",
     **dict.fromkeys(("make_turn_parser", "ToolCallParser"), "toolcall"),
     **dict.fromkeys(("load_model", "LoadConfig", "LoadedModel"), "loader"),
@@ -89,8 +90,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from .loader import LoadConfig, LoadedModel, load_model
     from .plugins import PluginError, load_object, load_tools
     from .rollout import RolloutConfig, build_engine, make_backends, make_engine
-    from .scheduler import AgentEnv, Engine, EngineConfig, EnvStep, ParsedTurn, Prompt
+    from .scheduler import AgentEnv, Engine, EngineConfig
     from .toolcall import ToolCallParser, make_turn_parser
-    from .tools.base import ErrorKind, Tool, ToolContext, ToolError, ToolResult, tool
+    from .tools.base import Tool, ToolContext, tool
     from .tools.executor import ToolExecutor
-    from .trajectory import Segment, SegmentKind, Status, Trajectory
+    from .trajectory import (EnvStep, ErrorKind, ParsedTurn, Prompt, Segment, SegmentKind, Status, ToolError,
+                             ToolResult, Trajectory)

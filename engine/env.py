@@ -19,6 +19,7 @@ Replay scripts exist only for records that carry the world's `hops`.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from dataclasses import dataclass, field
@@ -31,9 +32,8 @@ from PIL import Image
 from .config import ConfigError, check
 from .data import BadRecord, DataConfig, DataError, Record, load_dataset, parse_record
 from .plugins import PluginError, is_plugin_path, load_tools
-from .scheduler import Prompt, ToolOutcome
 from .tools.base import Tool, ToolContext
-from .trajectory import Trajectory
+from .trajectory import ErrorKind, Prompt, ToolResult, Trajectory
 from .offline.world import World, ensure_world, load_world
 
 ALL_TOOLS = ("Crop", "Sharpen", "SuperResolution", "PerspectiveCorrect", "OCR", "ImageSearch",
@@ -126,30 +126,31 @@ def _build_tools(cfg: EnvConfig, world: World) -> dict[str, Tool]:
 
 class ExecutorRunner:
     """The engine's ToolRunner over a ToolExecutor: a turn's calls run in order against the
-    trajectory's visual context, so new images are named img_N consistently."""
+    trajectory's visual context, so new images are named img_N consistently. Each result is
+    the executor's ToolResult with the images this call added to the context (named in its
+    text: image_refs), or for an error its observation text "Error (<kind>): <message>"."""
 
     def __init__(self, executor: Any) -> None:
         self.executor = executor
 
-    async def __call__(self, calls: list[dict[str, Any]], traj: Trajectory) -> list[ToolOutcome]:
+    async def __call__(self, calls: list[dict[str, Any]], traj: Trajectory) -> list[ToolResult]:
         ctx = ToolContext(images=traj.images(), trajectory_id=traj.id)
         outs = []
         allowed = traj.meta.get("tools")
         for c in calls:
             if allowed is not None and c["name"] not in allowed:
-                outs.append(ToolOutcome(f"Error (bad_args): tool {c['name']!r} is not offered for this question "
-                                        f"(its tools: {allowed})", error_kind="bad_args"))
+                outs.append(ToolResult(f"Error (bad_args): tool {c['name']!r} is not offered for this question "
+                                       f"(its tools: {allowed})", error=ErrorKind.BAD_ARGS))
                 continue
             n = len(ctx.images)
             res = await self.executor.execute(c["name"], c["arguments"], ctx)
             if res.ok:
                 new = ctx.images[n:]
                 refs = [f"img_{n + i + 1}" for i in range(len(new))] if new else None
-                outs.append(ToolOutcome(res.text, images=list(new), image_refs=refs))
-            else:
+                outs.append(dataclasses.replace(res, images=list(new), image_refs=refs))
+            else:  # a copy: the executor may share one result between callers
                 err = res.error
-                assert err is not None
-                outs.append(ToolOutcome(f"Error ({err.kind.value}): {err.message}", error_kind=err.kind.value))
+                outs.append(dataclasses.replace(res, text=f"Error ({err.kind.value}): {err.message}", images=[]))
         return outs
 
 

@@ -18,6 +18,11 @@ timeout, repetition) is fatal at its own length.
     traj.loss_mask(fatal=True)    # ... and the token's step precedes the fatal step
     write_jsonl(path, trajs); read_jsonl(path)   # lossless, images as PNG base64
     traj.messages()               # OpenAI-style chat view for people
+
+The records that lead into a trajectory live here too: the dataset item (Prompt), what the
+parser made of a turn (ParsedTurn), what a tool call produced (ToolResult, from the tool through
+the runner to the observation; ToolOutcome builds one the engine's former way), and a custom
+environment's answer to a turn (EnvStep).
 """
 from __future__ import annotations
 
@@ -50,6 +55,112 @@ class Status(str, enum.Enum):
 class SegmentKind(str, enum.Enum):
     GEN = "gen"
     OBS = "obs"
+
+
+# ----------------------------------------------------------------------------- the records leading in
+@dataclass
+class Prompt:
+    """One dataset item: a question with its images; `meta` travels to the reward."""
+
+    id: str
+    question: str
+    images: list[Image.Image] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+    tools: list[str] | None = None  # this item's tool names (None: every tool of the engine)
+    system: str | None = None  # this item's system prompt (None: the codec's)
+
+
+@dataclass
+class ParsedTurn:
+    """What the parser made of one assistant turn."""
+
+    calls: list[dict[str, Any]]  # {"name", "arguments" (canonical JSON)}
+    errors: list[dict[str, Any]]  # {"kind", "message", ...}
+    answer: str | None
+
+
+class ErrorKind(str, enum.Enum):
+    """How a tool failure is treated (engine/tools/base.py): bad_args -- the call was wrong, the
+    model is told; transient -- the world failed, retried; fatal -- the tool could not run."""
+
+    BAD_ARGS = "bad_args"
+    TRANSIENT = "transient"
+    FATAL = "fatal"
+
+
+class ToolError(Exception):
+    """A classified tool failure; its message is shown to the model as the observation."""
+
+    def __init__(self, kind: ErrorKind | str, message: str, tool: str = "") -> None:
+        super().__init__(message)
+        self.kind = ErrorKind(kind)
+        self.message = message
+        self.tool = tool
+
+    def __repr__(self) -> str:
+        return f"ToolError({self.kind.value}, {self.tool!r}, {self.message!r})"
+
+
+@dataclass
+class ToolResult:
+    """What one tool call produced, from the tool to the trajectory: text and/or new images, or
+    an error.
+
+    A tool returns its images unpublished; the runner that hands results to the engine sets
+    `image_refs` to the names it already gave them in `text` (None: the engine names them
+    img_N). `error` may be given as a kind (ErrorKind or its value): it becomes a ToolError whose
+    message is `text`. What the model is shown is `shown`: the text, or for an error without
+    text "Error (<kind>): <message>"."""
+
+    text: str = ""
+    images: list[Image.Image] = field(default_factory=list)
+    error: ToolError | None = None
+    meta: dict[str, Any] = field(default_factory=dict)  # e.g. which backend ran, cache hit
+    image_refs: list[str] | None = None  # names the runner already gave `images` in `text`
+
+    def __post_init__(self) -> None:
+        if self.error is not None and not isinstance(self.error, ToolError):
+            self.error = ToolError(self.error, self.text)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def error_kind(self) -> str | None:
+        """bad_args | transient | fatal, or None for a result that is not an error."""
+        return None if self.error is None else self.error.kind.value
+
+    @property
+    def shown(self) -> str:
+        """The observation text the model is shown for this call."""
+        e = self.error
+        if e is None or self.text:
+            return self.text
+        return f"Error ({e.kind.value}): {e.message}"
+
+    @classmethod
+    def fail(cls, kind: ErrorKind | str, message: str, tool: str = "") -> "ToolResult":
+        return cls(error=ToolError(kind, message, tool))
+
+
+def ToolOutcome(text: str, images: list[Image.Image] | None = None,  # noqa: N802 - the former record's name
+                error_kind: ErrorKind | str | None = None, image_refs: list[str] | None = None) -> ToolResult:
+    """A ToolResult built as the engine's former ToolOutcome record was: the observation `text`
+    (and images), and with `error_kind` an error of that kind whose message is `text`."""
+    return ToolResult(text, images if images is not None else [], error_kind, image_refs=image_refs)
+
+
+@dataclass
+class EnvStep:
+    """A custom environment's answer to one assistant turn (Engine(env=...))."""
+
+    observation: str = ""  # the next observation shown to the model (when not done)
+    images: list[Image.Image] = field(default_factory=list)  # images of that observation
+    done: bool = False  # the episode ends with this turn
+    reward: float | None = None  # when done: written to traj.reward["total"]
+    answer: str | None = None  # when done: the final answer (None: the turn's own <answer>)
+    ok: bool = True  # the step counts as well-formed (r_fmt and the K-error cascade)
 
 
 def _img_to_json(img: Image.Image) -> dict[str, Any]:

@@ -18,6 +18,9 @@ result names the right img_N in every trajectory.
 
     from spyglass.engine.tools.base import Tool, ToolResult, ToolContext, register, get_tool
 
+ToolResult (with ToolError and ErrorKind) is the trajectory's record (engine/trajectory.py): the
+same type goes from the tool through the runner into the observation.
+
 A tool from a plain function (sync or async): `tool` reads the schema from the type hints and
 the description from the docstring (first paragraph; per-argument text from a Google-style
 `Args:` section). Arguments are checked against that schema before the function runs (a wrong
@@ -45,7 +48,6 @@ model its call was wrong).
 from __future__ import annotations
 
 import asyncio
-import enum
 import hashlib
 import inspect
 import io
@@ -59,46 +61,10 @@ from typing import Any, Awaitable, Callable, Literal, Union
 
 from PIL import Image
 
+# the result type is the trajectory's record: one type from the tool to the observation
+from ..trajectory import ErrorKind, ToolError, ToolResult  # noqa: F401 - the tool contract's names
+
 _IMG_REF = re.compile(r"^img_(\d+)$")
-
-
-class ErrorKind(str, enum.Enum):
-    """How a tool failure is treated: see the module docstring."""
-
-    BAD_ARGS = "bad_args"
-    TRANSIENT = "transient"
-    FATAL = "fatal"
-
-
-class ToolError(Exception):
-    """A classified tool failure; its message is shown to the model as the observation."""
-
-    def __init__(self, kind: ErrorKind | str, message: str, tool: str = "") -> None:
-        super().__init__(message)
-        self.kind = ErrorKind(kind)
-        self.message = message
-        self.tool = tool
-
-    def __repr__(self) -> str:
-        return f"ToolError({self.kind.value}, {self.tool!r}, {self.message!r})"
-
-
-@dataclass
-class ToolResult:
-    """What a tool call produced: text and/or new images, or an error (never both)."""
-
-    text: str = ""
-    images: list[Image.Image] = field(default_factory=list)
-    error: ToolError | None = None
-    meta: dict[str, Any] = field(default_factory=dict)  # e.g. which backend ran, cache hit
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    @classmethod
-    def fail(cls, kind: ErrorKind | str, message: str, tool: str = "") -> "ToolResult":
-        return cls(error=ToolError(kind, message, tool))
 
 
 def image_digest(img: Image.Image) -> str:
