@@ -1,0 +1,197 @@
+"""Weight sync, seconds per GB by transport: trainer weights -> a generation server's model.
+
+The server is a process of its own speaking SGLang's weight endpoints (this script with
+`--serve`): /update_weights_from_disk reads the checkpoint dir into its model, and
+/init_weights_update_group + /update_weights_from_distributed receive over a torch process
+group and copy each bucket into its model. The trainer side is spyglass's own sync
+(`trainer.weight_sync.WeightSync` through `SGLangBackend`), so each figure is the whole path
+GRPO's `sync` step takes, from the trained model to the weights loaded in the server:
+
+* disk: gather a full state dict, write the HF checkpoint dir (fp32 safetensors), the server
+  reloads it (what servers without the group do);
+* group: the weight-update group, bucketed broadcasts in the wire dtype (gloo on CPU; NCCL
+  between GPUs, and CUDA IPC when colocated, are for a GPU check, which needs two GPUs: NCCL
+  cannot put two ranks on one device).
+
+The model is a random-weight Qwen2 of the size asked (no downloads). Each transport is run once
+to warm up (the group is opened then), then timed `--repeats` times; the median is reported.
+
+    .venv/bin/python benchmarks/bench_weight_sync.py                 # ~0.4 GB fp32 model
+    .venv/bin/python benchmarks/bench_weight_sync.py --hidden 512 --layers 4 --repeats 2   # quick
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+
+def build_model(hidden: int, layers: int, seed: int = 0) -> torch.nn.Module:
+    """A random-weight Qwen2 causal LM (vocab 32K) with `layers` layers of width `hidden`."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=32000, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+                      num_hidden_layers=layers, num_attention_heads=max(hidden // 64, 1),
+                      num_key_value_heads=max(hidden // 256, 1), tie_word_embeddings=False)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+# ------------------------------------------------------------------------------ the server
+def serve(hidden: int, layers: int, port_file: str) -> None:
+    """SGLang's weight endpoints over a model of the same shape, on 127.0.0.1."""
+    from aiohttp import web
+    from safetensors.torch import load_file
+
+    from spyglass.trainer.weight_sync import close_update_group, init_update_group, receive_bucket
+
+    model = build_model(hidden, layers, seed=1)
+    params = dict(model.named_parameters())
+    groups: dict[str, Any] = {}
+
+    def load(named: Any) -> int:
+        with torch.no_grad():
+            for k, t in named:
+                params[k].copy_(t)
+        return len(params)
+
+    async def in_thread(fn: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(None, fn)
+
+    async def ok(data: Any = None) -> web.Response:
+        return web.json_response(data or {"success": True, "message": ""})
+
+    async def info(_: web.Request) -> web.Response:
+        return await ok({"tp_size": 1})
+
+    async def health(_: web.Request) -> web.Response:
+        return await ok()
+
+    async def from_disk(request: web.Request) -> web.Response:
+        path = (await request.json())["model_path"]
+        await in_thread(lambda: [load(load_file(str(f)).items()) for f in sorted(Path(path).glob("*.safetensors"))])
+        return await ok()
+
+    async def init_group(request: web.Request) -> web.Response:
+        b = await request.json()
+        groups[b["group_name"]] = await in_thread(lambda: init_update_group(
+            b["master_address"], b["master_port"], b["rank_offset"], b["world_size"], backend=b["backend"],
+            group_name=b["group_name"], timeout_s=300))
+        return await ok()
+
+    async def from_group(request: web.Request) -> web.Response:
+        b = await request.json()
+        await in_thread(lambda: load(receive_bucket(groups[b["group_name"]], b["names"], b["dtypes"], b["shapes"])))
+        return await ok()
+
+    async def destroy(request: web.Request) -> web.Response:
+        g = groups.pop((await request.json())["group_name"], None)
+        if g is not None:
+            close_update_group(g)
+        return await ok()
+
+    async def main() -> None:
+        app = web.Application(client_max_size=1 << 20)
+        app.router.add_get("/health", health)
+        app.router.add_get("/get_server_info", info)
+        app.router.add_post("/update_weights_from_disk", from_disk)
+        app.router.add_post("/init_weights_update_group", init_group)
+        app.router.add_post("/update_weights_from_distributed", from_group)
+        app.router.add_post("/destroy_weights_update_group", destroy)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        Path(port_file + ".tmp").write_text(str(site._server.sockets[0].getsockname()[1]))
+        os.replace(port_file + ".tmp", port_file)
+        while os.getppid() != 1:
+            await asyncio.sleep(0.5)
+
+    asyncio.run(main())
+
+
+# ------------------------------------------------------------------------------ the trainer
+def start_server(a: argparse.Namespace, tmp: Path) -> tuple[subprocess.Popen, str]:
+    port_file = tmp / "port"
+    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port_file), "--hidden", str(a.hidden),
+                             "--layers", str(a.layers)], env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    deadline = time.monotonic() + 120
+    while not port_file.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit("the weight server did not start")
+        time.sleep(0.1)
+    return proc, f"http://127.0.0.1:{port_file.read_text()}"
+
+
+def measure(url: str, model: torch.nn.Module, transport: str, dtype: str, a: argparse.Namespace,
+            tmp: Path) -> list[float]:
+    from spyglass.engine.backends.sglang import SGLangBackend, SGLangConfig
+    from spyglass.trainer.weight_sync import WeightSync, WeightSyncConfig
+
+    updater = SimpleNamespace(runtime=SimpleNamespace(module=SimpleNamespace(model=model), rank=0, stage=0),
+                              model=model)
+    loop = asyncio.new_event_loop()
+    be = SGLangBackend(SGLangConfig(base_url=url, name="bench", timeout_s=600))
+    sync = WeightSync(WeightSyncConfig(transport=transport, dtype=dtype, bucket_mb=a.bucket_mb, timeout_s=600),
+                      [be], 0, tmp / "weights")
+    key = "sync/group_s" if transport == "group" else "sync/disk_s"
+    try:
+        times = [sync(updater, v, loop)[key] for v in range(1 + a.repeats)]
+    finally:
+        sync.close(loop)
+        loop.run_until_complete(be.close())
+        loop.close()
+    return times[1:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--bucket-mb", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--serve", default="", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.serve:
+        serve(a.hidden, a.layers, a.serve)
+        return 0
+    from spyglass.engine.metrics import device_name, git_commit
+
+    model = build_model(a.hidden, a.layers)
+    n = sum(t.numel() for t in model.parameters())
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="spyglass-bench-sync-") as d:
+        proc, url = start_server(a, Path(d))
+        try:
+            for transport, dtype, wire in [("disk", "fp32", 4), ("group", "bf16", 2), ("group", "fp32", 4)]:
+                s = statistics.median(measure(url, model, transport, dtype, a, Path(d)))
+                rows.append({"transport": transport if transport == "disk" else f"group (gloo, {dtype})",
+                             "wire_gb": n * wire / 1e9, "seconds": s, "s_per_gb_wire": s / (n * wire / 1e9),
+                             "s_per_gb_fp32_model": s / (n * 4 / 1e9)})
+        finally:
+            proc.kill()
+            proc.wait(10)
+    print(f"weight sync of a {n / 1e6:.0f}M-parameter model ({n * 4 / 1e9:.2f} GB fp32), trainer -> server "
+          f"process, bucket {a.bucket_mb} MB, median of {a.repeats}")
+    print(f"{'transport':<20} {'wire GB':>8} {'seconds':>8} {'s/GB wire':>10} {'s/GB fp32 model':>16}")
+    for r in rows:
+        print(f"{r['transport']:<20} {r['wire_gb']:>8.2f} {r['seconds']:>8.2f} {r['s_per_gb_wire']:>10.2f} "
+              f"{r['s_per_gb_fp32_model']:>16.2f}")
+    print(json.dumps({"bench": "weight_sync", "device": device_name(), "commit": git_commit(), "params": n,
+                      "bucket_mb": a.bucket_mb, "repeats": a.repeats, "rows": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
