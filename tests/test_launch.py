@@ -1,8 +1,9 @@
 """`spyglass launch` on a local two-node Ray cluster (a head with 2 CPUs and a worker node with 1,
 started by the test through ray.cluster_utils, both on 127.0.0.1): a stand-in vLLM server (the
 fake of test_backend_http.py run as its own process by a `kind: command` argv template) and a
-2-rank GRPO trainer on gloo (ZeRO-2), one rank per node; then, through the command line, a server
-that dies mid-run and a Ctrl-C, each leaving no process behind.
+GRPO trainer of 2 nodes x 2 ranks on gloo (ZeRO-2), placed on Ray's logical GPUs as on GPU nodes;
+then, through the command line with one CPU rank per node, a server that dies mid-run and a
+Ctrl-C, each leaving no process behind.
 
     .venv/bin/python -m pytest -q tests/test_launch.py
 
@@ -55,7 +56,8 @@ def _serve(argv: list[str]) -> None:
     async def main() -> None:
         fake = await Server().start()  # its routes, on an ephemeral port; then the launcher's port too
         await web.TCPSite(fake.runner, a.host, a.port).start()
-        print(f"stand-in server: listening on http://{a.host}:{a.port}", flush=True)
+        print(f"stand-in server: listening on http://{a.host}:{a.port} "
+              f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')})", flush=True)
         await asyncio.Event().wait()
 
     asyncio.run(main())
@@ -78,14 +80,16 @@ from spyglass.trainer.launch import LaunchConfig, LaunchFailed, ServerSpec, Trai
 
 @pytest.fixture(scope="module")
 def cluster():
-    """Two Ray nodes on this machine (head: 2 CPUs, worker: 1 CPU), loopback only; torn down."""
+    """Two Ray nodes on this machine, loopback only, torn down: head 3 CPUs, worker 2 CPUs, and 3
+    logical GPUs each (Ray's own resource accounting: actors get GPU ids and CUDA_VISIBLE_DEVICES
+    as on a GPU node, which places servers and ranks exactly as there; nothing touches CUDA)."""
     from ray.cluster_utils import Cluster  # noqa: PLC0415
     saved = os.environ.get("RAY_TMPDIR")
     tmp = tempfile.mkdtemp(prefix="rl", dir="/tmp")  # short: Ray's socket paths live under it
     os.environ["RAY_TMPDIR"] = tmp
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "num_gpus": 3, "include_dashboard": False})
     try:
-        c.add_node(num_cpus=1)
+        c.add_node(num_cpus=2, num_gpus=3)
         c.wait_for_nodes(timeout=60)
         yield c
     finally:
@@ -103,7 +107,8 @@ def world(tmp_path_factory) -> Path:
     return root
 
 
-def _cfg(cluster, world: Path, tmp: Path, *server_flags: str) -> LaunchConfig:
+def _cfg(cluster, world: Path, tmp: Path, *server_flags: str, servers: dict | None = None,
+         trainer: dict | None = None) -> LaunchConfig:
     data = tmp / "q.jsonl"
     data.write_text("".join(json.dumps({"id": i, "question": f"What is {i} + {i}?", "answer": 2 * i}) + "\n"
                             for i in range(2)))
@@ -112,7 +117,7 @@ def _cfg(cluster, world: Path, tmp: Path, *server_flags: str) -> LaunchConfig:
         "servers": {"kind": "command", "backend": "vllm-http", "gpus": 0, "cpus": 1, "ports": "20000-29999",
                     "command": ["{python}", str(HERE), "--host", "{host}", "--port", "{port}", "--tag", str(tmp),
                                 *server_flags],
-                    "startup_timeout_s": 60},
+                    "startup_timeout_s": 60, **(servers or {})},
         "trainer": {"nodes": 2, "ranks_per_node": 1, "gpus_per_rank": 0, "cpus_per_rank": 1,
                     "env": {"OMP_NUM_THREADS": "1"},
                     "grpo": {"steps": 1, "ckpt_every": 0, "log_dir": str(tmp / "grpo"),
@@ -123,7 +128,7 @@ def _cfg(cluster, world: Path, tmp: Path, *server_flags: str) -> LaunchConfig:
                                                  "tools": ["TextSearch", "Visit"], "data": {"path": str(data)}},
                                          "engine": {"n_samples": 2, "groups_per_step": 1, "max_turns": 2,
                                                     "max_tokens_per_turn": 8, "temperature": 1.0}},
-                             "update": {"lr": 1e-3, "temperature": 1.0}}}})
+                             "update": {"lr": 1e-3, "temperature": 1.0}}, **(trainer or {})}})
 
 
 def _left(tag: Path) -> list[str]:
@@ -147,24 +152,40 @@ def _none_left(tag: Path, timeout_s: float = 20.0) -> None:
     assert not _left(tag), _left(tag)
 
 
-def test_two_nodes_servers_then_two_ranks_one_grpo_step(cluster, world, tmp_path, capsys):
-    cfg = _cfg(cluster, world, tmp_path)
+def test_two_nodes_by_two_ranks_against_a_server_one_grpo_step(cluster, world, tmp_path, capsys):
+    """Placed as on GPU nodes (Ray's logical GPUs): ranks numbered node by node, each node's ranks
+    sharing its trainer GPUs as CUDA_VISIBLE_DEVICES with LOCAL_RANK indexing them, the server's
+    GPU its own; four gloo ranks (ZeRO-2) train one step against the server rank 0 rolls out on."""
+    cfg = _cfg(cluster, world, tmp_path, servers={"gpus": 1},
+               trainer={"ranks_per_node": 2, "gpus_per_rank": 1, "cpus_per_rank": 0.5,
+                        "args": ["--rollout.engine.n_samples", "4"]})  # a sequence for each rank's micro-batch
     out = run_launch(cfg)
-    # the plan: one server, two ranks on the two nodes, rank 0 the master
-    assert len(out["servers"]) == 1 and out["servers"][0].startswith("http://127.0.0.1:")
-    assert [r["rank"] for r in out["ranks"]] == [0, 1] and all(r["local_rank"] == 0 for r in out["ranks"])
-    assert json.loads((tmp_path / "launch" / "launch.json").read_text())["servers"] == out["servers"]
-    i = out["argv"].index("--rollout.server_urls")
-    assert out["argv"][i + 1] == out["servers"][0] and out["argv"][out["argv"].index("--rollout.backend") + 1] == "vllm-http"
-    # the trainer ran its step against the server: metrics, rollouts, the weight reload it was sent
+    # the plan: one server, four ranks two per node, rank 0 the master
+    (url,) = out["servers"]
+    assert url.startswith("http://127.0.0.1:") and out["master"].startswith("127.0.0.1:")
+    assert json.loads((tmp_path / "launch" / "launch.json").read_text())["servers"] == [url]
+    assert out["argv"][out["argv"].index("--rollout.server_urls") + 1] == url
+    assert out["argv"][out["argv"].index("--rollout.backend") + 1] == "vllm-http"
+    ranks = out["ranks"]
+    assert [r["env"]["RANK"] for r in ranks] == ["0", "1", "2", "3"]
+    assert all(r["env"]["WORLD_SIZE"] == "4" and r["env"]["MASTER_ADDR"] == "127.0.0.1" for r in ranks)
+    assert ranks[0]["node"] == ranks[1]["node"] != ranks[2]["node"] == ranks[3]["node"]
+    for node in (ranks[:2], ranks[2:]):
+        cvd = node[0]["env"]["CUDA_VISIBLE_DEVICES"]
+        assert cvd == node[1]["env"]["CUDA_VISIBLE_DEVICES"] and len(cvd.split(",")) == 2
+        assert [cvd.split(",").index(r["gpus"][0]) for r in node] == [0, 1] == [int(r["env"]["LOCAL_RANK"]) for r in node]
+        assert [r["env"]["NODE_RANK"] for r in node] == [node[0]["env"]["NODE_RANK"]] * 2
+    (srv,) = out["server_nodes"]
+    assert len(srv["gpus"]) == 1 and not any(srv["gpus"][0] in r["gpus"] for r in ranks if r["node"] == srv["node"])
+    # the trainer ran its step against the server: metrics, rollouts, the weights it was sent
     rows = [json.loads(x) for x in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1] and rows[0]["version"] == 1
-    assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 2
+    assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 4
     server_log = (tmp_path / "launch" / "server-0.log").read_text()
-    assert "stand-in server: listening" in server_log and "POST /v1/completions" in server_log
-    assert "POST /collective_rpc" in server_log  # the step's weights, reloaded from disk (dev mode)
-    rank0 = (tmp_path / "launch" / "rank-0.log").read_text()
-    assert "[grpo] step 1:" in rank0 and "[grpo] step" not in (tmp_path / "launch" / "rank-1.log").read_text()
+    assert f"(CUDA_VISIBLE_DEVICES={srv['gpus'][0]})" in server_log and "POST /v1/completions" in server_log
+    assert "POST /collective_rpc" in server_log  # the step's weights (dev-mode endpoint)
+    assert "[grpo] step 1:" in (tmp_path / "launch" / "rank-0.log").read_text()
+    assert "[grpo] step" not in (tmp_path / "launch" / "rank-3.log").read_text()
     printed = capsys.readouterr().out
     assert "[server-0] stand-in server: listening" in printed and "[rank-0] [grpo] step 1:" in printed
     _none_left(tmp_path)

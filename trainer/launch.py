@@ -253,7 +253,8 @@ class ProcessActor:
     def where(self) -> dict[str, Any]:
         import ray  # noqa: PLC0415
         return {"ip": ray.util.get_node_ip_address(), "node": ray.get_runtime_context().get_node_id(),
-                "gpus": sorted(str(g) for g in ray.get_gpu_ids()), "python": sys.executable, "pid": os.getpid()}
+                "gpus": sorted((str(g) for g in ray.get_gpu_ids()), key=_gpu_key), "python": sys.executable,
+                "pid": os.getpid()}
 
     def free_port(self, host: str, candidates: list[int]) -> int:
         """The first of `candidates` free on `host` ([]: any free port)."""
@@ -288,8 +289,8 @@ class ProcessActor:
         return out, rc, self.last
 
     def healthy(self, url: str) -> bool:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as r:
+        try:  # directly, never through an http_proxy of the node's environment
+            with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=5) as r:
                 return r.status == 200
         except (OSError, ValueError):
             return False
@@ -332,6 +333,11 @@ class _Proc:
     last: str = ""
 
 
+def _gpu_key(g: str) -> tuple[int, int, str]:
+    """GPU ids in numeric order (Ray reports them as strings; a UUID sorts after the numbers)."""
+    return (0, int(g), "") if g.isdigit() else (1, 0, g)
+
+
 def _bundle(cpus: float, gpus: int) -> dict[str, float]:
     return {"CPU": float(cpus), **({"GPU": float(gpus)} if gpus else {})}
 
@@ -340,7 +346,7 @@ class Launcher:
     """The run's Ray state: placement groups, actors, log files; `close()` tears all of it down."""
 
     def __init__(self, cfg: LaunchConfig, ray: Any) -> None:
-        self.cfg, self.ray, self.procs, self.pgs = cfg, ray, [], []
+        self.cfg, self.ray, self.procs, self.pgs, self.placed = cfg, ray, [], [], []
         self.log_dir = Path(cfg.log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.cwd = cfg.cwd or os.getcwd()
@@ -384,6 +390,7 @@ class Launcher:
             argv = fill(s.argv(model, w["python"]), {"python": w["python"], "model": model, "host": host,
                                                       "port": port, "tp": s.tensor_parallel_size, "index": i})
             p.url = f"http://{host}:{port}"
+            self.placed.append({"name": p.name, "url": p.url, "ip": w["ip"], "node": w["node"], "gpus": w["gpus"]})
             self._get([p.actor.start.remote(argv, s.env_for_kind(), self.cwd)], p.name)
             self._say(p.name, f"started on {w['ip']} (GPUs {w['gpus'] or 'none'}): {' '.join(argv)}")
         return [p.url for p in self.procs]
@@ -419,8 +426,8 @@ class Launcher:
             nodes.setdefault(w["node"], []).append(i)
         order: list[tuple[int, int, int, list[str]]] = []  # (actor, node rank, local rank, node's GPUs)
         for node_rank, idx in enumerate(nodes.values()):
-            idx.sort(key=lambda i: (int(wheres[i]["gpus"][0]) if wheres[i]["gpus"] else -1, i))
-            gpus = sorted({g for i in idx for g in wheres[i]["gpus"]}, key=int)
+            idx.sort(key=lambda i: (_gpu_key(wheres[i]["gpus"][0]) if wheres[i]["gpus"] else (-1, 0, ""), i))
+            gpus = sorted({g for i in idx for g in wheres[i]["gpus"]}, key=_gpu_key)
             order += [(i, node_rank, local, gpus) for local, i in enumerate(idx)]
         master_ip = wheres[order[0][0]]["ip"]
         master_port = self._get([actors[order[0][0]].free_port.remote(master_ip, [])], "rank 0's port")[0]
@@ -428,13 +435,14 @@ class Launcher:
         for rank, (i, node_rank, local, gpus) in enumerate(order):
             p = _Proc(f"rank-{rank}", actors[i], "rank")
             self.procs.append(p)
-            env = {**t.env, "RANK": str(rank), "WORLD_SIZE": str(t.world_size), "LOCAL_RANK": str(local),
-                   "LOCAL_WORLD_SIZE": str(len(nodes[wheres[i]["node"]])), "NODE_RANK": str(node_rank),
-                   "MASTER_ADDR": master_ip, "MASTER_PORT": str(master_port),
-                   **({"CUDA_VISIBLE_DEVICES": ",".join(gpus)} if gpus else {})}
+            dist = {"RANK": str(rank), "WORLD_SIZE": str(t.world_size), "LOCAL_RANK": str(local),
+                    "LOCAL_WORLD_SIZE": str(len(nodes[wheres[i]["node"]])), "NODE_RANK": str(node_rank),
+                    "MASTER_ADDR": master_ip, "MASTER_PORT": str(master_port),
+                    **({"CUDA_VISIBLE_DEVICES": ",".join(gpus)} if gpus else {})}  # the node's trainer GPUs
             argv = [wheres[i]["python"], "-m", "spyglass.trainer.cli", "grpo", *args]
-            self._get([p.actor.start.remote(argv, env, self.cwd)], p.name)
-            ranks.append({"rank": rank, "ip": wheres[i]["ip"], "local_rank": local, "gpus": wheres[i]["gpus"]})
+            self._get([p.actor.start.remote(argv, {**t.env, **dist}, self.cwd)], p.name)
+            ranks.append({"rank": rank, "ip": wheres[i]["ip"], "node": wheres[i]["node"], "gpus": wheres[i]["gpus"],
+                          "env": dist})
         self._say("launch", f"{t.world_size} trainer rank(s) started; rank 0 on {master_ip}:{master_port}")
         return {"master": f"{master_ip}:{master_port}", "ranks": ranks, "argv": ["spyglass", "grpo", *args]}
 
@@ -540,7 +548,8 @@ def run_launch(cfg: LaunchConfig) -> dict[str, Any]:
     try:
         urls = launcher.start_servers(model)
         launcher.wait_healthy()
-        plan = {"servers": urls, **launcher.start_trainer(args + ["--rollout.server_urls", ",".join(urls)])}
+        plan = {"servers": urls, "server_nodes": launcher.placed,
+                **launcher.start_trainer(args + ["--rollout.server_urls", ",".join(urls)])}
         (launcher.log_dir / "launch.json").write_text(json.dumps(plan, indent=1))
         launcher.run_until_done()
     except KeyboardInterrupt:
