@@ -73,7 +73,7 @@ if __name__ == "__main__":
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 ray = pytest.importorskip("ray", reason="spyglass launch needs the `cluster` extra (pip install -e '.[cluster]')")
 
-from spyglass.engine.config import ConfigError, from_dict, to_dict  # noqa: E402
+from spyglass.engine.config import ConfigError, from_dict, load_config, to_dict  # noqa: E402
 from spyglass.engine.offline.world import WorldConfig, ensure_world  # noqa: E402
 from spyglass.trainer.launch import LaunchConfig, LaunchFailed, ServerSpec, TrainerSpec, run_launch, trainer_args  # noqa: E402
 
@@ -250,6 +250,8 @@ def test_the_config_is_checked_before_anything_starts(tmp_path):
     args, model = trainer_args(LaunchConfig(servers=ServerSpec(model="/models/q", tensor_parallel_size=2)))
     assert model == "/models/q" and args[args.index("--rollout.backend") + 1] == "vllm-http"
     assert json.loads(args[args.index("--rollout.backend_options") + 1]) == {"model": "/models/q", "dev_mode": True}
+    ex = load_config(LaunchConfig, HERE.parents[1] / "examples" / "cluster.yaml")  # the README's 2 x 8 GPU run
+    assert ex.trainer.world_size == 8 and ex.servers.count * ex.servers.gpus_each() == 8 and ex.servers.kind == "vllm"
     spec = ServerSpec(tensor_parallel_size=2, args=["--max-model-len", "8192"])
     argv = spec.argv("/models/q", "/venv/bin/python")
     assert argv[:3] == ["vllm", "serve", "/models/q"] and "spyglass.engine.backends.vllm_ext.WeightSyncWorker" in argv

@@ -3,19 +3,20 @@
     ray start --head --port 6379                  # node 0; on every other node: ray start --address NODE0:6379
     spyglass launch --config examples/cluster.yaml  # from any node of the cluster (address: auto)
 
-In order: connect to Ray (`address`; "" starts a local one on this machine), reserve every
-placement group (each server: one bundle of its tensor-parallel GPUs, STRICT_PACK, so one node
-holds them all; the trainer: one bundle of `ranks_per_node` GPUs per node, spread by
-`trainer.placement`), start each server as a Ray actor that runs the server's own command line as
-a subprocess (`vllm serve MODEL ... --worker-extension-cls ...` with VLLM_SERVER_DEV_MODE=1,
-`python -m sglang.launch_server ...`, or any argv template for `kind: command`), wait until every
-one answers its health path (bounded by `startup_timeout_s`), then start `nodes x ranks_per_node`
-actors that each run `spyglass grpo` as a subprocess with RANK / WORLD_SIZE / LOCAL_RANK /
-MASTER_ADDR / MASTER_PORT set and `--rollout.server_urls` naming the servers (rank 0 runs the
-rollout engine and talks to them). Each process's lines are printed with its name as the prefix
-and written to `<log_dir>/<name>.log`. The run ends when every rank exits 0; a server or rank that
-exits early, or an actor that dies, stops everything with one line naming it (LaunchFailed), as
-does Ctrl-C: every subprocess group is killed, actors and placement groups removed.
+In order: connect to Ray (`address`; "" starts a local one on this machine); reserve every
+placement group before anything starts (the trainer's first: one bundle of `ranks_per_node` GPUs
+per node, spread by `trainer.placement`; then one STRICT_PACK bundle of its tensor-parallel GPUs
+per server, since the server's own CLI runs its TP workers on one node); start each server as a
+Ray actor that runs the server's own command line as a subprocess (`vllm serve MODEL ...
+--worker-extension-cls ...` with VLLM_SERVER_DEV_MODE=1, `python -m sglang.launch_server ...`, or
+any argv template for `kind: command`); wait until every one answers its health path (bounded by
+`startup_timeout_s`); start `nodes x ranks_per_node` actors that each run `spyglass grpo` as a
+subprocess with RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT set and
+`--rollout.server_urls` naming the servers (rank 0 runs the rollout engine and talks to them).
+Each process's lines are printed with its name as the prefix and written to
+`<log_dir>/<name>.log`. The run ends when every rank exits 0; a server or rank that exits early,
+or an actor that dies, stops everything with one line naming it (LaunchFailed), as does Ctrl-C:
+every subprocess group is killed, actors and placement groups removed.
 
 Ray is optional (`pip install -e ".[cluster]"`); without it, start the servers by their own CLIs
 and the trainer with torchrun, and pass the URLs (README, "On a GPU cluster").
@@ -354,6 +355,15 @@ class Launcher:
         self.Actor = ray.remote(ProcessActor)
 
     # ---- placement
+    def reserve(self) -> None:
+        """Every placement group, reserved before anything starts: the trainer's first (one bundle
+        per node, the most constrained), then one STRICT_PACK bundle per server on what is left."""
+        t, s = self.cfg.trainer, self.cfg.servers
+        node = _bundle(t.cpus_per_rank * t.ranks_per_node, t.gpus_per_rank * t.ranks_per_node)
+        self.trainer_pg, *self.server_pgs = self._groups(
+            [("trainer", [node] * t.nodes, t.placement)]
+            + [(f"server-{i}", [_bundle(s.cpus, s.gpus_each())], "STRICT_PACK") for i in range(s.count)])
+
     def _groups(self, specs: list[tuple[str, list[dict[str, float]], str]]) -> list[Any]:
         """One placement group per (name, bundles, strategy), all reserved within the timeout."""
         from ray.util.placement_group import placement_group  # noqa: PLC0415
@@ -378,9 +388,8 @@ class Launcher:
     def start_servers(self, model: str) -> list[str]:
         """Every server placed, given a port and started; returns their URLs (index order)."""
         s = self.cfg.servers
-        pgs = self._groups([(f"server-{i}", [_bundle(s.cpus, s.gpus_each())], "STRICT_PACK") for i in range(s.count)])
         lo, hi = s.port_range()
-        for i, pg in enumerate(pgs):
+        for i, pg in enumerate(self.server_pgs):
             p = _Proc(f"server-{i}", self._actor(f"server-{i}", pg, 0, s.cpus, s.gpus_each()), "server")
             self.procs.append(p)
         wheres = self._get([p.actor.where.remote() for p in self.procs], "locating the servers")
@@ -416,9 +425,7 @@ class Launcher:
         """nodes x ranks_per_node actors, ranks numbered node by node (by GPU id within a node),
         each running `spyglass grpo` with the torch.distributed environment; returns the plan."""
         t = self.cfg.trainer
-        (pg,) = self._groups([("trainer", [_bundle(t.cpus_per_rank * t.ranks_per_node, t.gpus_per_rank * t.ranks_per_node)]
-                               * t.nodes, t.placement)])
-        actors = [self._actor(f"rank-{i}", pg, i // t.ranks_per_node, t.cpus_per_rank, t.gpus_per_rank)
+        actors = [self._actor(f"rank-{i}", self.trainer_pg, i // t.ranks_per_node, t.cpus_per_rank, t.gpus_per_rank)
                   for i in range(t.world_size)]
         wheres = self._get([a.where.remote() for a in actors], "locating the trainer ranks")
         nodes: dict[str, list[int]] = {}  # node id -> actor indices, nodes in bundle order
@@ -546,6 +553,7 @@ def run_launch(cfg: LaunchConfig) -> dict[str, Any]:
     launcher = Launcher(cfg, ray)
     plan: dict[str, Any] = {}
     try:
+        launcher.reserve()
         urls = launcher.start_servers(model)
         launcher.wait_healthy()
         plan = {"servers": urls, "server_nodes": launcher.placed,
