@@ -189,10 +189,14 @@ class Bucket:
                 "shapes": [list(t.shape) for t in self.tensors]}
 
 
-def _wire(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _wire(t: torch.Tensor, dtype: torch.dtype, device: torch.device, own: bool) -> torch.Tensor:
+    """`t` as sent: cast to the wire dtype (floating tensors) on the group's device. `own`: a
+    copy even when no cast is needed (a ZeRO-3 gathered parameter is freed after its bucket);
+    otherwise an fp32 wire sends the trained tensor itself (only read, and only until the sync
+    returns)."""
     t = t.detach()
-    out = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-    return out.clone() if out.data_ptr() == t.data_ptr() else out  # never alias the trained weights
+    out = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype).contiguous()
+    return out.clone() if own and out.data_ptr() == t.data_ptr() else out
 
 
 def _checkpoint_names(model: nn.Module, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -208,7 +212,7 @@ def _checkpoint_names(model: nn.Module, named: dict[str, torch.Tensor]) -> dict[
 
 
 def _chunks(named: Iterable[tuple[str, torch.Tensor]], limit: int, dtype: torch.dtype,
-            device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+            device: torch.device, own: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     bucket: dict[str, torch.Tensor] = {}
     size = 0
     for name, t in named:
@@ -216,7 +220,7 @@ def _chunks(named: Iterable[tuple[str, torch.Tensor]], limit: int, dtype: torch.
         if bucket and size + n > limit:
             yield bucket
             bucket, size = {}, 0
-        bucket[name] = _wire(t, dtype, device)
+        bucket[name] = _wire(t, dtype, device, own)
         size += n
     if bucket:
         yield bucket
@@ -258,7 +262,7 @@ def iter_weight_buckets(updater: Any, bucket_bytes: int, dtype: torch.dtype,
         if not group:
             continue
         with deepspeed.zero.GatheredParameters([p for _, p in group], modifier_rank=None):
-            wire = {name: _wire(p, dtype, device) for name, p in group} if rank0 else None
+            wire = {name: _wire(p, dtype, device, own=True) for name, p in group} if rank0 else None
         yield _bucket(model, wire) if rank0 else None
     if buffers:
         for b in _chunks(buffers, bucket_bytes, dtype, device) if rank0 else [None]:
