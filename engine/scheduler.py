@@ -19,8 +19,9 @@ Weight updates: `pause()` stops launches (and optionally aborts in-flight turns,
 redone at the turn boundary under the new version), `resume()` restarts; no group is dropped.
 
 The parts are objects (engine/sched/): Admission (the rule), a LaunchPolicy (Continuous, or
-LockStep for the baseline), Placement (servers, failover), Limits and Deadlines, the
-ObservationBuilder with its hooks (recitation is one), FrozenGC around the run, typed events.
+LockStep for the baseline), Placement (servers, failover), Limits and Deadlines, Jobs (the
+tasks that generate, run tools, step an environment), the ObservationBuilder with its hooks
+(recitation is one), FrozenGC around the run, typed events with one handler each here.
 The records (Prompt, ParsedTurn, ToolResult, EnvStep) live with the Trajectory
 (engine/trajectory.py) and are importable from here as before.
 

@@ -110,7 +110,7 @@ class ToolResult:
     `image_refs` to the names it already gave them in `text` (None: the engine names them
     img_N). `error` may be given as a kind (ErrorKind or its value): it becomes a ToolError whose
     message is `text`. What the model is shown is `shown`: the text, or for an error without
-    text "Error (<kind>): <message>"."""
+    text (a tool's own ToolResult.fail) "Error (<kind>): <message>"."""
 
     text: str = ""
     images: list[Image.Image] = field(default_factory=list)
@@ -135,7 +135,7 @@ class ToolResult:
     def shown(self) -> str:
         """The observation text the model is shown for this call."""
         e = self.error
-        if e is None or self.text:
+        if e is None or self.text or not e.message:
             return self.text
         return f"Error ({e.kind.value}): {e.message}"
 

@@ -318,6 +318,7 @@ def test_one_tool_result_type_from_tool_to_trajectory() -> None:
     assert type(r) is ToolResult and not r.ok and r.error_kind == "transient" and r.shown == "boom"
     assert r.error.message == "boom" and ToolOutcome("x", image_refs=["img_2"]).image_refs == ["img_2"]
     assert ToolResult("a").error_kind is None and ToolResult.fail("bad_args", "no").shown == "Error (bad_args): no"
+    assert ToolOutcome("", error_kind="bad_args").shown == ""  # a failed environment step with nothing to say
     with pytest.raises(ValueError):
         ToolResult("x", error="not-a-kind")
 
