@@ -1,6 +1,6 @@
 """Rollout throughput: the async engine vs a lock-step batch loop vs the zero-overhead bound.
 
-One multi-turn workload (benchmarks/rollout_sim.py: turns 1 + geometric, ~300 generated tokens
+One multi-turn workload (engine/simfleet.py: turns 1 + geometric, ~300 generated tokens
 per turn, lognormal tool latency, a server whose decode step takes a + b * n_active) is run
   (a) by spyglass's Engine over a latency-modelled server (engine/backends/simulated.py) and
       sleeping tools, with the same limit on live trajectories;
@@ -18,87 +18,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import random
-import sys
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from rollout_sim import Workload, des_bound, lockstep_makespan  # noqa: E402
-
-from spyglass.engine.backends.simulated import SimulatedBackend, SimulatedConfig  # noqa: E402
-from spyglass.engine.metrics import device_name, git_commit  # noqa: E402
-from spyglass.engine.chat import ByteCodec  # noqa: E402
-from spyglass.engine.scheduler import Engine, EngineConfig, ParsedTurn, Prompt, ToolOutcome  # noqa: E402
-from spyglass.engine.trajectory import Trajectory  # noqa: E402
-
-CODEC = ByteCodec()
-
-
-def turn_text(j: int, k: int, tokens: int, last: bool, rng: random.Random) -> str:
-    """A turn of exactly `tokens` bytes (ByteCodec: one byte, one token) ending in a call or
-    the answer, with non-repetitive filler thinking before it."""
-    tail = (f"<answer>a{j}</answer>" if last else
-            f'<tool_call>{{"name": "sim", "arguments": {{"j": {j}, "k": {k}}}}}</tool_call>')
-    n = max(tokens - 1 - len(tail) - len("<think></think>"), 0)  # -1: the stop token
-    filler = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(n))
-    return f"<think>{filler}</think>{tail}"
-
-
-class WorkloadPolicy:
-    """Replays the workload: turn k of trajectory j has the workload's token count."""
-
-    def __init__(self, work: list[list[tuple[int, float]]]) -> None:
-        self.work, self.cache = work, {}
-
-    def forced_ids(self, traj: Trajectory, turn: int) -> list[int]:
-        j = int(traj.group_id[1:])
-        key = (j, turn)
-        if key not in self.cache:
-            turns = self.work[j]
-            text = turn_text(j, turn, turns[turn][0], turn == len(turns) - 1, random.Random(j * 1000 + turn))
-            self.cache[key] = CODEC.encode_text(text) + [CODEC.IM_END]
-        return self.cache[key]
-
-
-def parse(text: str) -> ParsedTurn:
-    """The production parser when the C++ core has it; the workload's format is fixed."""
-    if "<answer>" in text:
-        return ParsedTurn([], [], text.split("<answer>", 1)[1].split("</answer>", 1)[0])
-    body = text.split("<tool_call>", 1)[1].split("</tool_call>", 1)[0]
-    return ParsedTurn([{"name": "sim", "arguments": json.dumps(json.loads(body)["arguments"])}], [], None)
-
-
-def make_tools(work, scale: float):
-    async def tools(calls, traj):
-        out = []
-        for c in calls:
-            a = json.loads(c["arguments"])
-            await asyncio.sleep(work[a["j"]][a["k"]][1] * scale)
-            out.append(ToolOutcome("ok"))
-        return out
-    return tools
-
-
-def server(w: Workload, scale: float) -> SimulatedBackend:
-    return SimulatedBackend(SimulatedConfig(step_base_s=w.step_a_s, step_per_seq_s=w.step_b_s,
-                                            max_seqs=w.live, time_scale=scale, vocab_size=CODEC.vocab_size))
-
-
-async def run_engine(w: Workload, work, scale: float, lockstep: bool = False) -> tuple[float, Engine]:
-    """The engine over the workload; lockstep=True is the same loop as TRL-style batches."""
-    backend = server(w, scale)
-    cfg = EngineConfig(n_samples=1, max_live=w.live, max_inflight_per_server=w.live, lockstep=lockstep,
-                       max_turns=w.max_turns, timeout_s=1e9, repetition_min_tokens=10**9)
-    engine = Engine(cfg, [backend], CODEC, make_tools(work, scale), parse, policy=WorkloadPolicy(work))
-    t0 = time.perf_counter()
-    n = 0
-    async for g in engine.run(Prompt(f"p{j}", "q") for j in range(len(work))):
-        n += len(g)
-    wall = time.perf_counter() - t0
-    await backend.close()
-    assert n == len(work), (n, len(work))
-    return wall, engine
+from spyglass.engine.metrics import device_name, git_commit
+from spyglass.engine.simfleet import Workload, des_bound, lockstep_makespan, run_engine
 
 
 def main() -> None:
@@ -123,9 +45,10 @@ def main() -> None:
     work = w.sample()
     bound = des_bound(work, w.live, w.step_a_s, w.step_b_s)
     lock_model = lockstep_makespan(work, w.live, w.step_a_s, w.step_b_s)
-    eng_wall, engine = asyncio.run(run_engine(w, work, a.time_scale))
+    run = dict(live=w.live, step_a_s=w.step_a_s, step_b_s=w.step_b_s, time_scale=a.time_scale)
+    eng_wall, engine = asyncio.run(run_engine(work, **run))
     eng = eng_wall / a.time_scale
-    lock = None if a.skip_lockstep else asyncio.run(run_engine(w, work, a.time_scale, lockstep=True))[0] / a.time_scale
+    lock = None if a.skip_lockstep else asyncio.run(run_engine(work, **run, lockstep=True))[0] / a.time_scale
     n = len(work)
     rows = [("zero-overhead bound (DES)", bound), ("spyglass engine", eng),
             ("lock-step loop (run)", lock), ("lock-step loop (model)", lock_model)]

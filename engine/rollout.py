@@ -317,44 +317,87 @@ def run_rollout(cfg: RolloutConfig) -> dict[str, Any]:
     return summary
 
 
+FLEET = {"step_a_s": 0.020, "step_b_s": 0.00005, "tool_median_s": 1.5, "tool_sigma": 1.0, "time_scale": 0.05}
+
+
 def bench_rollout(cfg: RolloutConfig) -> dict[str, Any]:
-    """The main job: the same workload by the async engine and by the lock-step baseline."""
+    """The main job: the same workload by the async engine and by the lock-step baseline on this
+    machine, then the same trajectories on a latency-modelled fleet (engine/simfleet.py)."""
     import tempfile  # noqa: PLC0415
     rows = {}
     scratch = tempfile.TemporaryDirectory(prefix="spyglass-bench-")  # removed when collected
+    t0 = time.perf_counter()
+    _bench_mode(cfg, scratch.name, "warmup", limit=1)  # loads the tools' models, first forwards: untimed
+    warm = time.perf_counter() - t0
+    trajs: list[Trajectory] = []
     for mode in ("async", "lockstep"):
-        # a fresh executor per mode: its own coalescer and its own empty disk cache (as in
-        # production, a call repeated after the first finished is a cache hit, not a re-run)
-        env = build_env(dataclasses.replace(cfg.env, cache_path=cfg.env.cache_path or
-                                            str(Path(scratch.name) / f"{mode}.sqlite")))
-        prompts = env.prompts()
-        ecfg = dataclasses.replace(cfg.engine, lockstep=(mode == "lockstep"))
-        engine, _, policy = build_engine(cfg, env, ecfg, record_spans=bool(cfg.timeline) and mode == "async")
-        t0 = time.perf_counter()
-        groups = asyncio.run(_drive(engine, prompts, None, cfg.progress))
-        wall = time.perf_counter() - t0
-        trajs = [t for g in groups for t in g]
-        ok = sum(t.status.value == "answered" and t.answer == t.meta.get("answer") for t in trajs)
-        rows[mode] = {"wall_s": wall, "trajectories": len(trajs), "turns": engine.stats.turns,
-                      "gen_tokens": engine.stats.gen_tokens, "trajectories_per_s": len(trajs) / wall,
-                      "tokens_per_s": engine.stats.gen_tokens / wall, "answered_right": ok,
-                      "tool_calls": (ts := env.executor.stats())["calls"], "cache_hits": ts["cache_hits"],
-                      "coalescing_ratio": ts.get("coalescer", {}).get("coalescing_ratio")}
-        if mode == "async" and cfg.timeline:
-            from .timeline import draw_timeline  # noqa: PLC0415
-            draw_timeline(engine.stats.spans, cfg.timeline, title=f"async engine, {policy}")
+        rows[mode], policy, n_prompts, got = _bench_mode(cfg, scratch.name, mode)
+        trajs = trajs or got
     ratio = rows["lockstep"]["wall_s"] / rows["async"]["wall_s"]
+    fleet = bench_fleet(trajs, cfg.engine.max_live)
     print(f"spyglass bench rollout: backend {cfg.backend} ({cfg.model}), policy: {policy}")
-    print(f"workload: {len(prompts)} world questions x {cfg.engine.n_samples} samples, real tools, "
-          f"live <= {cfg.engine.max_live}")
+    print(f"workload: {n_prompts} world questions x {cfg.engine.n_samples} samples, real tools, "
+          f"live <= {cfg.engine.max_live} (warm-up first, untimed: {warm:.1f} s)")
+    print(f"\non this machine ({device_name()}; the model and the tools share its cores):")
     print(f"{'schedule':<12}{'wall s':>9}{'traj/s':>9}{'tok/s':>9}{'turns':>7}{'calls':>7}{'right':>7}")
     for mode, r in rows.items():
         print(f"{mode:<12}{r['wall_s']:>9.2f}{r['trajectories_per_s']:>9.2f}{r['tokens_per_s']:>9.0f}"
               f"{r['turns']:>7}{r['tool_calls']:>7}{r['answered_right']:>4}/{r['trajectories']}")
     print(f"async / lock-step speed-up: {ratio:.2f}x")
-    commit = git_commit()
-    line = {"bench": "rollout_hf", "device": device_name(), "commit": commit,
-            "policy": policy, "speedup_vs_lockstep": ratio, **{f"{m}_{k}": v for m, r in rows.items()
-                                                                for k, v in r.items()}}
+    f = FLEET
+    print(f"\nthe same {len(trajs)} trajectories on a latency-modelled fleet (a server whose decode step "
+          f"takes {f['step_a_s'] * 1e3:g} ms + {f['step_b_s'] * 1e3:g} ms a sequence; web tools, "
+          f"lognormal latency, median {f['tool_median_s']:g} s), model seconds:")
+    print(f"{'schedule':<28}{'makespan s':>11}{'vs bound':>10}")
+    for name, key in (("zero-overhead bound (DES)", "bound_s"), ("async engine", "async_s"), ("lock-step", "lockstep_s")):
+        print(f"{name:<28}{fleet[key]:>11.1f}{fleet[key] / fleet['bound_s']:>10.3f}")
+    print(f"async / lock-step speed-up: {fleet['lockstep_s'] / fleet['async_s']:.2f}x")
+    if cfg.timeline:
+        print(f"timeline: {cfg.timeline}")
+    line = {"bench": "rollout_hf", "device": device_name(), "commit": git_commit(), "policy": policy,
+            "speedup_vs_lockstep": ratio, "warmup_s": warm,
+            **{f"{m}_{k}": v for m, r in rows.items() for k, v in r.items()},
+            **{f"fleet_{k}": v for k, v in fleet.items()},
+            "fleet_speedup_vs_lockstep": fleet["lockstep_s"] / fleet["async_s"]}
     print(json.dumps(line))
     return line
+
+
+def _bench_mode(cfg: RolloutConfig, scratch: str, mode: str, limit: int = 0
+                ) -> tuple[dict[str, Any], str, int, list[Trajectory]]:
+    """One timed pass of the main job. A fresh executor per mode: its own coalescer and its own
+    empty disk cache (as in production, a call repeated after the first finished is a cache hit,
+    not a re-run)."""
+    env = build_env(dataclasses.replace(cfg.env, cache_path=cfg.env.cache_path or
+                                        str(Path(scratch) / f"{mode}.sqlite")))
+    prompts = env.prompts()[:limit or None]
+    ecfg = dataclasses.replace(cfg.engine, lockstep=(mode == "lockstep"), n_samples=1 if limit else cfg.engine.n_samples)
+    engine, _, policy = build_engine(cfg, env, ecfg, record_spans=bool(cfg.timeline) and mode == "async")
+    t0 = time.perf_counter()
+    groups = asyncio.run(_drive(engine, prompts, None, cfg.progress and not limit))
+    wall = time.perf_counter() - t0
+    trajs = [t for g in groups for t in g]
+    ok = sum(t.status.value == "answered" and t.answer == t.meta.get("answer") for t in trajs)
+    ts = env.executor.stats()
+    row = {"wall_s": wall, "trajectories": len(trajs), "turns": engine.stats.turns,
+           "gen_tokens": engine.stats.gen_tokens, "trajectories_per_s": len(trajs) / wall,
+           "tokens_per_s": engine.stats.gen_tokens / wall, "answered_right": ok,
+           "tool_calls": ts["calls"], "cache_hits": ts["cache_hits"],
+           "coalescing_ratio": ts.get("coalescer", {}).get("coalescing_ratio")}
+    if mode == "async" and cfg.timeline:
+        from .timeline import draw_timeline  # noqa: PLC0415
+        draw_timeline(engine.stats.spans, cfg.timeline, title=f"async engine, {policy}")
+    return row, policy, len(prompts), trajs
+
+
+def bench_fleet(trajs: list[Trajectory], live: int) -> dict[str, float]:
+    """The turn structure of `trajs` on the latency-modelled fleet of FLEET: the zero-overhead
+    bound, the async engine and lock-step, in model seconds."""
+    from .simfleet import des_bound, from_trajectories, run_engine  # noqa: PLC0415
+    f = FLEET
+    work = from_trajectories(trajs, f["tool_median_s"], f["tool_sigma"])
+    live = min(live, len(work))
+    run = dict(live=live, step_a_s=f["step_a_s"], step_b_s=f["step_b_s"], time_scale=f["time_scale"])
+    return {"bound_s": des_bound(work, live, f["step_a_s"], f["step_b_s"]),
+            "async_s": asyncio.run(run_engine(work, **run))[0] / f["time_scale"],
+            "lockstep_s": asyncio.run(run_engine(work, **run, lockstep=True))[0] / f["time_scale"]}
