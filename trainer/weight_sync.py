@@ -59,7 +59,7 @@ class WeightSyncConfig:
     backend: str = field(default="auto", metadata={"choices": GROUP_BACKENDS})  # auto: nccl with CUDA, else gloo
     master_addr: str = ""  # where the servers reach trainer rank 0; "" = $MASTER_ADDR, else 127.0.0.1
     master_port: int = 0  # the group's TCPStore port on trainer rank 0; 0 = a free port
-    group_name: str = "spyglass-weights"
+    group_name: str = "spyglass-weights"  # the group's name on every member (SGLang's group_name)
     timeout_s: float = 600.0  # bound on opening the group and on each bucket (server call + broadcast)
 
     def __post_init__(self) -> None:
@@ -170,6 +170,8 @@ def send_bucket(group: Any, tensors: list[torch.Tensor]) -> None:
     import torch.distributed as tdist  # noqa: PLC0415
     for t in tensors:
         tdist.broadcast(t, src=0, group=group)
+    if tensors and tensors[0].is_cuda:
+        torch.cuda.synchronize()  # the bucket may be freed once this returns: NCCL must be done with it
 
 
 # ------------------------------------------------------------------------------ buckets
