@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -227,6 +228,12 @@ def _cache_from(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
     return cache
 
 
+def _cache_of(out: Any) -> Any:
+    """The cache a forward returned (`cache` in transformers 5.x, `past_key_values` before)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 def _layers_of(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
@@ -284,6 +291,8 @@ class HFBackend(Backend):
         self._prefix_size = 0
         self.prefix_hits = 0
         self.prefix_tokens_reused = 0
+        # transformers 5.x calls the KV cache argument `cache` (`past_key_values` is deprecated there)
+        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     @classmethod
     def from_model(cls, loaded: Any, **kwargs: Any) -> "HFBackend":
@@ -485,7 +494,7 @@ class HFBackend(Backend):
         if self._cache is None:  # the batch changed: a fresh cache over it (the next write grows it)
             self._cache = _cache_from(self._layers)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                         past_key_values=self._cache, use_cache=True, logits_to_keep=1)
+                         **{self._cache_kw: self._cache}, use_cache=True, logits_to_keep=1)
         self._layers, self._mask = _layers_of(self._cache), mask
         for s in rows:
             s.pos += 1
@@ -591,11 +600,11 @@ class HFBackend(Backend):
         else:
             pos, nxt = torch.arange(n, len(ids), device=self.device).view(1, -1), len(ids)                # [1, L - n]
         out = self.model(input_ids=full[:, n:], attention_mask=mask, position_ids=pos,
-                         past_key_values=_cache_from([(k[:, :, :n], v[:, :, :n]) for k, v in e.layers]),
+                         **{self._cache_kw: _cache_from([(k[:, :, :n], v[:, :, :n]) for k, v in e.layers])},
                          use_cache=True, logits_to_keep=keep, **kwargs)
         self.prefix_hits += 1
         self.prefix_tokens_reused += n
-        return out.logits, out.past_key_values, nxt
+        return out.logits, _cache_of(out), nxt
 
     def _forward_cold(self, seqs: list[_Seq], feed: list[list[int]], keep: int
                       ) -> tuple[torch.Tensor, Any, torch.Tensor, list[int]]:
@@ -622,8 +631,8 @@ class HFBackend(Backend):
             pos = (mask.cumsum(-1) - 1).clamp_(min=0)                                 # [b, L]
             nxt = lens
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                         past_key_values=_cache_from([]), use_cache=True, logits_to_keep=keep, **kwargs)
-        return out.logits, out.past_key_values, mask, nxt
+                         **{self._cache_kw: _cache_from([])}, use_cache=True, logits_to_keep=keep, **kwargs)
+        return out.logits, _cache_of(out), mask, nxt
 
     def _on_kept(self, seqs: list[_Seq], feeds: list[list[int]], keeps: list[int]
                  ) -> tuple[dict[int, tuple[torch.Tensor, Any, int]], list[int]]:
