@@ -227,7 +227,18 @@ def test_ctrl_c_stops_every_process(cluster, world, tmp_path):
     _none_left(tmp_path)
 
 
-def test_the_config_is_checked_before_anything_starts(tmp_path):
+def test_a_layout_the_cluster_cannot_hold_fails_in_bounded_time(cluster, world, tmp_path):
+    cfg = _cfg(cluster, world, tmp_path, trainer={"gpus_per_rank": 4}, servers={"gpus": 1})  # 3 GPUs a node
+    cfg.placement_timeout_s = 3
+    with pytest.raises(LaunchFailed, match=r"^placement group trainer \(\[\{'CPU': 1\.0, 'GPU': 4\.0\}, \{.*\}\], "
+                                           r"STRICT_SPREAD\) not reserved within 3 s \(placement_timeout_s\); "
+                                           r"the cluster has .*'GPU': 6\.0"):
+        run_launch(cfg)
+    assert not (tmp_path / "launch" / "launch.json").exists()
+    _none_left(tmp_path)
+
+
+def test_the_config_is_checked_before_anything_starts(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"servers.kind: 'slurm' is not one of"):
         from_dict(LaunchConfig, {"servers": {"kind": "slurm"}})
     with pytest.raises(ConfigError, match=r"servers: command \[.srv.\] never uses \{port\}"):
@@ -250,6 +261,10 @@ def test_the_config_is_checked_before_anything_starts(tmp_path):
     args, model = trainer_args(LaunchConfig(servers=ServerSpec(model="/models/q", tensor_parallel_size=2)))
     assert model == "/models/q" and args[args.index("--rollout.backend") + 1] == "vllm-http"
     assert json.loads(args[args.index("--rollout.backend_options") + 1]) == {"model": "/models/q", "dev_mode": True}
+    with monkeypatch.context() as m:  # without the extra: one line naming it
+        m.setitem(sys.modules, "ray", None)
+        with pytest.raises(ConfigError, match=r"^Ray is not installed: pip install -e '\.\[cluster\]'"):
+            run_launch(LaunchConfig())
     ex = load_config(LaunchConfig, HERE.parents[1] / "examples" / "cluster.yaml")  # the README's 2 x 8 GPU run
     assert ex.trainer.world_size == 8 and ex.servers.count * ex.servers.gpus_each() == 8 and ex.servers.kind == "vllm"
     spec = ServerSpec(tensor_parallel_size=2, args=["--max-model-len", "8192"])

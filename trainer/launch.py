@@ -273,7 +273,8 @@ class ProcessActor:
         full = {**os.environ, "PATH": f"{bindir}:{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1", **env}
         self.proc = subprocess.Popen(argv, env=full, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
-        threading.Thread(target=self._read, daemon=True).start()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
         return self.proc.pid
 
     def _read(self) -> None:
@@ -284,7 +285,7 @@ class ProcessActor:
         """(new output lines, exit status or None while running, the last line ever seen)."""
         rc = self.proc.poll() if self.proc is not None else None
         if rc is not None:
-            time.sleep(0.05)  # the reader drains what the pipe still holds
+            self.reader.join(5)  # what the pipe still holds (unless a grandchild keeps it open)
         out = [self.lines.popleft() for _ in range(len(self.lines))]
         self.last = next((x for x in reversed(out) if x.strip()), self.last)
         return out, rc, self.last
@@ -319,8 +320,8 @@ def _ray() -> Any:
     try:
         import ray  # noqa: PLC0415
     except ImportError:
-        raise ConfigError("spyglass launch needs Ray: pip install -e \".[cluster]\" (or start the servers and "
-                          "torchrun yourself: README, 'On a GPU cluster')") from None
+        raise ConfigError("Ray is not installed: pip install -e '.[cluster]' (the cluster extra), or start the "
+                          "servers and torchrun yourself (README, 'On a GPU cluster')") from None
     return ray
 
 
@@ -501,10 +502,10 @@ class Launcher:
             print(f"[{name}] {line}", flush=True)
 
     def close(self) -> None:
-        """Stop every process (ranks first), drain their last lines, kill the actors, free the
-        placement groups. Never raises: teardown goes on past a dead actor."""
+        """Stop every process (all at once, each SIGTERM then SIGKILL), drain their last lines,
+        kill the actors, free the placement groups. Never raises: it goes on past a dead actor."""
         from ray.util.placement_group import remove_placement_group  # noqa: PLC0415
-        procs = sorted(self.procs, key=lambda p: p.role == "server")
+        procs = self.procs
         refs = [p.actor.stop.remote(self.cfg.stop_grace_s) for p in procs]
         for p, ref in zip(procs, refs):
             try:
@@ -528,11 +529,11 @@ class Launcher:
             f.close()
 
 
-def _sigterm_as_interrupt() -> Any:
-    """SIGTERM (a scheduler cancelling the job) tears down like Ctrl-C; returns the old handler."""
+def _signals(term: Any, interrupt: Any) -> dict[int, Any]:
+    """Set the SIGTERM and SIGINT handlers (main thread only); returns the old ones."""
     if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, signal.default_int_handler)
+        return {}
+    return {sig: signal.signal(sig, h) for sig, h in ((signal.SIGTERM, term), (signal.SIGINT, interrupt))}
 
 
 def run_launch(cfg: LaunchConfig) -> dict[str, Any]:
@@ -549,7 +550,8 @@ def run_launch(cfg: LaunchConfig) -> dict[str, Any]:
         except Exception as e:  # noqa: BLE001 - ConnectionError, a version mismatch: one line
             raise LaunchFailed(f"cannot join the Ray cluster at address {cfg.address or '(a new local one)'!r}: "
                                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    old = _sigterm_as_interrupt()
+    # SIGTERM (a scheduler cancelling the job) stops the run as Ctrl-C does
+    old = _signals(signal.default_int_handler, signal.default_int_handler)
     launcher = Launcher(cfg, ray)
     plan: dict[str, Any] = {}
     try:
@@ -563,9 +565,12 @@ def run_launch(cfg: LaunchConfig) -> dict[str, Any]:
     except KeyboardInterrupt:
         raise LaunchFailed("interrupted: every server and trainer rank was stopped") from None
     finally:
-        launcher.close()
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
-        if own:
-            ray.shutdown()
+        _signals(signal.SIG_IGN, signal.SIG_IGN)  # a second Ctrl-C does not cut the teardown short
+        try:
+            launcher.close()
+            if own:
+                ray.shutdown()
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
     return {**plan, "wall_s": round(time.monotonic() - t0, 1), "log_dir": str(launcher.log_dir)}
