@@ -374,22 +374,23 @@ class Engine:
         return [s for s in self.tool_schemas if s.get("function", s).get("name") in names]
 
     def _start_group(self, p: Prompt) -> None:
+        cfg = self._cfg
         prompt_ids = as_ids(self.codec.encode_prompt(p.question, p.images, self._schemas(p.tools), system=p.system))
         now = time.perf_counter()
         server = self.placement.pick()
         image_tokens = sum(self.image_tokens(im) for im in p.images)
         group = self._groups[p.id] = []
-        for i in range(self.cfg.n_samples):
+        for i in range(cfg.n_samples):
             t = Trajectory(id=f"{p.id}#{i}", group_id=p.id, sample_index=i,
                            prompt_ids=prompt_ids, prompt_images=list(p.images),
                            prompt_messages=[{"role": "user", "content": p.question}],
                            meta={**p.meta, **({"tools": list(p.tools)} if p.tools is not None else {}),
                                  **({"system": p.system} if p.system is not None else {})}, started_at=time.time())
-            lv = Live(t, server, now + self.cfg.timeout_s,
+            lv = Live(t, server, now + cfg.timeout_s,
                       image_tokens=image_tokens, ntok=len(t.prompt_ids), n_images=len(t.prompt_images), ready_since=now)
             self.deadlines.add(lv)
             self.placement.load[server] += 1
-            if len(prompt_ids) >= self.cfg.max_context:  # finished when the event is handled
+            if len(prompt_ids) >= cfg.max_context:  # finished when the event is handled
                 self._events.put_nowait(Ended(lv, Status.TRUNCATED, "max_context"))
             else:
                 self.placement.ready_up(lv)
@@ -441,7 +442,7 @@ class Engine:
         lv.ntok += len(seg.token_ids)
         t.turns.append(turn)
         self._account(lv, "gen", t0, t1, turn)
-        if self.env is not None:  # the environment decides what comes next (after the repetition check)
+        if self.jobs.env is not None:  # the environment decides what comes next (after the repetition check)
             if self.limits.repetitive(ids):
                 return self._finish(lv, Status.INTERRUPTED, "repetition")
             self.jobs.step_env(lv, parsed)
@@ -540,10 +541,11 @@ class Engine:
         lv.done = True
         t = lv.traj
         t.status, t.stop_reason, t.finished_at = status, reason, time.time()
-        t.fatal_step = t.compute_fatal_step(self.cfg.fatal_k)
-        if self.cfg.check_tokens:
+        cfg = self._cfg
+        t.fatal_step = t.compute_fatal_step(cfg.fatal_k)
+        if cfg.check_tokens:
             check_tokens(self.codec, t, self._schemas(t.meta.get("tools")), self.stats.token_check,
-                         strict=self.cfg.strict_tokens)
+                         strict=cfg.strict_tokens)
         self.stats.finished += 1
         self.stats.by_status[status.value] += 1
         return True
