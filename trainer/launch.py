@@ -80,7 +80,8 @@ class ServerSpec:
     #   {python} {model} {host} {port} {tp} {index} are filled per server
     command: list[str] = field(default_factory=list)  # kind command: the argv template (needs {port})
     env: dict[str, str] = field(default_factory=dict)  # extra environment of each server process
-    host: str = ""  # the address a server binds and is reached at ("" = its node's Ray IP)
+    host: str = ""  # the address a server binds and is reached at ("" = its node's Ray IP; 0.0.0.0 binds
+    #   every interface and is reached at the node's Ray IP)
     ports: str = "8000-8999"  # port range; server i takes the first free of lo+i, lo+i+count, ...
     health_path: str = "/health"  # GET it until 200
     startup_timeout_s: float = 1800.0  # every server answers its health path within this, or the run stops
@@ -415,7 +416,7 @@ class Launcher:
             python = s.python or w["python"]
             argv = fill(s.argv(model, python), {"python": python, "model": model, "host": host, "port": port,
                                                 "tp": s.tensor_parallel_size, "index": i})
-            p.url = f"http://{host}:{port}"
+            p.url = f"http://{w['ip'] if host in ('0.0.0.0', '::') else host}:{port}"  # bound everywhere: the node's IP
             self.placed.append({"name": p.name, "url": p.url, "ip": w["ip"], "node": w["node"], "gpus": w["gpus"]})
             self._get([p.actor.start.remote(argv, s.env_for_kind(), self.cwd)], p.name)
             self._say(p.name, f"started on {w['ip']} (GPUs {w['gpus'] or 'none'}): {' '.join(argv)}")
