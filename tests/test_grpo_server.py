@@ -2,6 +2,7 @@
 each step's weights as a checkpoint dir it reloads (the disk path, the newest one kept); a fake
 SGLang server in its own process (tests/test_weight_sync.py) takes them over a gloo
 weight-update group and samples the second step with version 1 weights."""
+import asyncio
 import json
 from pathlib import Path
 
@@ -106,16 +107,17 @@ def test_grpo_syncs_an_sglang_server_over_a_weight_update_group(tmp_path):
                                                     "tools": ["TextSearch", "Visit"], "data": {"path": str(data)}},
                         "engine": {"n_samples": 2, "groups_per_step": 1, "max_turns": 2, "max_tokens_per_turn": 8,
                                    "temperature": 1.0}},
-            "update": {"lr": 1e-2, "temperature": 1.0}})
+            # rewards are all 0 with a random model: weight decay is what moves the weights (2% a step)
+            "update": {"lr": 1e-2, "weight_decay": 2.0, "temperature": 1.0}})
         m = run_grpo(cfg)
     assert m["version"] == 2 and m["sync/group_s"] > 0 and "sync/disk_s" not in m
     assert not (tmp_path / "log" / "weights").exists()
     logged = [json.loads(x) for x in (tmp_path / "log" / "metrics.jsonl").read_text().splitlines()]
     assert [("sync/group_s" in x, "sync/disk_s" in x) for x in logged] == [(True, False)] * 2
     trajs = read_jsonl(tmp_path / "r.jsonl")
-    v1 = load_model(str(model)).model
+    v0, v1 = load_model(str(model)).model, load_model(str(model)).model
     v1.load_state_dict(torch.load(list_checkpoints(tmp_path / "ckpt")[0] / "model.pt"))
-    checked = 0
+    checked, moved = 0, 0.0
     for t in trajs[2:]:
         ctx = t.prompt_ids.tolist()
         for seg in t.segments:
@@ -124,8 +126,66 @@ def test_grpo_syncs_an_sglang_server_over_a_weight_update_group(tmp_path):
                 ids = seg.token_ids.tolist()
                 with torch.no_grad():
                     lp = torch.log_softmax(v1(torch.tensor([ctx + ids])).logits[0, len(ctx) - 1:-1], -1)
+                    lp0 = torch.log_softmax(v0(torch.tensor([ctx + ids])).logits[0, len(ctx) - 1:-1], -1)
                 want = lp.gather(1, torch.tensor(ids)[:, None]).squeeze(1)
                 assert torch.allclose(torch.tensor(seg.logprobs), want, atol=1e-4), (seg.logprobs, want)
+                moved = max(moved, float((lp0.gather(1, torch.tensor(ids)[:, None]).squeeze(1) - want).abs().max()))
                 checked += len(ids)
             ctx += seg.token_ids.tolist()
-    assert checked > 0
+    assert checked > 0 and moved > 1e-2  # version 1 is not the initial policy
+
+
+@pytest.mark.slow
+def test_grpo_two_ranks_zero3_stream_buckets_to_an_sglang_server(tmp_path):
+    """torchrun, 2 ranks, ZeRO-3 (every parameter partitioned): each sync gathers bucket by
+    bucket on both ranks and rank 0 streams them to the fake SGLang server over the group. The
+    server ends up with the exported final weights: its logprobs equal their recomputation."""
+    import os
+    import subprocess
+    import sys
+
+    from spyglass.engine.backends.base import GenerateRequest, SamplingParams
+    from spyglass.engine.backends.sglang import SGLangBackend, SGLangConfig
+    from spyglass.engine.loader import load_model
+    from spyglass.engine.offline import tiny
+
+    world, model = tmp_path / "world", tiny.save_tiny_text_lm(tmp_path / "lm", seed=0)
+    ensure_world(world, WorldConfig())
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps({"id": i, "question": f"{i} + {i}?", "answer": 2 * i}) + "\n" for i in range(2)))
+    with fake_sglang(model, tmp_path) as url:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "spyglass.trainer.cli", "grpo", "--steps", "2", "--groups_per_step", "1", "--model", str(model),
+               "--dist.strategy", "zero3", "--dist.ds_overrides", '{"stage3_param_persistence_threshold": 0}',
+               "--sync.transport", "group", "--sync.dtype", "fp32", "--sync.bucket_mb", "1", "--sync.timeout_s", "120",
+               "--rollout.backend", "sglang", "--rollout.server_urls", url, "--rollout.policy", "sample",
+               "--rollout.env.world_dir", str(world), "--rollout.env.data.path", str(data),
+               "--rollout.env.tools", "TextSearch,Visit", "--rollout.env.dense_search", "false",
+               "--rollout.engine.n_samples", "2", "--rollout.engine.max_turns", "2",
+               "--rollout.engine.max_tokens_per_turn", "8", "--update.lr", "1e-2", "--update.weight_decay", "2.0",
+               "--ckpt_every", "0", "--log_dir", str(tmp_path / "log"), "--export_dir", str(tmp_path / "final"),
+               "--rollout.out", str(tmp_path / "r.jsonl")]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        prompt = [5, 17, 33, 2, 9]
+        be = SGLangBackend(SGLangConfig(base_url=url))
+        out = asyncio.run(_generate_and_close(be, GenerateRequest("x", prompt, SamplingParams(max_tokens=6, temperature=0))))
+    rows = [json.loads(x) for x in (tmp_path / "log" / "metrics.jsonl").read_text().splitlines()]
+    assert [("sync/group_s" in r, "sync/disk_s" in r, r["version"]) for r in rows] == [(True, False, 1), (True, False, 2)]
+    assert {s.version for t in read_jsonl(tmp_path / "r.jsonl")[2:] for s in t.segments if s.version is not None} == {1}
+    final = load_model(str(tmp_path / "final")).model
+    with torch.no_grad():
+        lp = torch.log_softmax(final(torch.tensor([prompt + out.token_ids])).logits[0, len(prompt) - 1:-1], -1)
+    want = lp.gather(1, torch.tensor(out.token_ids)[:, None]).squeeze(1)
+    assert out.version == 2 and torch.allclose(torch.tensor(out.logprobs), want, atol=1e-4), (out.logprobs, want)
+    with torch.no_grad():
+        lp0 = torch.log_softmax(load_model(str(model)).model(torch.tensor([prompt + out.token_ids])).logits[0, len(prompt) - 1:-1], -1)
+    assert float((lp0.gather(1, torch.tensor(out.token_ids)[:, None]).squeeze(1) - want).abs().max()) > 1e-2
+
+
+async def _generate_and_close(be, req):
+    try:
+        return await be.generate(req)
+    finally:
+        await be.close()

@@ -100,9 +100,11 @@ def init_update_group(master_addr: str, master_port: int, rank: int, world_size:
                       timeout_s: float = 600.0) -> Any:
     """Join the weight-update group (blocks until all `world_size` ranks joined): rank 0 hosts
     the TCPStore. The same call on the trainer, in vLLM workers and in test servers; SGLang's
-    init_weights_update_group builds the same group (tcp:// rendezvous, PrefixStore(group_name))."""
+    init_weights_update_group builds the same group (a TCPStore client through its tcp://
+    rendezvous, PrefixStore(group_name), the same process-group helper)."""
+    from torch.distributed import TCPStore  # noqa: PLC0415
     from torch.distributed.distributed_c10d import (Backend, PrefixStore, _new_process_group_helper,  # noqa: PLC0415
-                                                    _world, rendezvous)
+                                                    _world)
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
     if backend == "nccl" and not torch.cuda.is_available():
@@ -110,9 +112,10 @@ def init_update_group(master_addr: str, master_port: int, rank: int, world_size:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside the group's world_size {world_size}")
     timeout = timedelta(seconds=timeout_s)
-    store, rank, world_size = next(rendezvous(f"tcp://{master_addr}:{master_port}", rank, world_size,
-                                              timeout=timeout))
-    store.set_timeout(timeout)
+    # the store itself, not rendezvous("tcp://..."): under torchrun that makes rank 0 a client
+    # of the launcher's agent store, and nothing would listen on master_port
+    store = TCPStore(master_addr, master_port, world_size, is_master=rank == 0, timeout=timeout,
+                     wait_for_workers=False)
     opts = "backend_options" if "backend_options" in inspect.signature(_new_process_group_helper).parameters \
         else "pg_options"
     pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), PrefixStore(group_name, store),
@@ -357,9 +360,9 @@ class GroupSender:
                 done, pending = await asyncio.wait(pending, timeout=max(deadline - loop.time(), 0),
                                                    return_when=asyncio.FIRST_EXCEPTION)
                 if not done:
-                    slow = [tasks[t].name for t in pending if t in tasks] or ["trainer rank 0"]
+                    slow = [tasks[t].name if t in tasks else "trainer rank 0" for t in pending]
                     raise BackendError(slow[0], f"{what}: no answer within sync.timeout_s={self.cfg.timeout_s}s "
-                                                f"(waiting on {slow})")
+                                                f"(still waiting: {sorted(slow)})")
                 for t in done:
                     if t.exception() is not None:
                         e = t.exception()
