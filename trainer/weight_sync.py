@@ -333,7 +333,8 @@ async def probe_group_servers(backends: Iterable[Any], transport: str) -> tuple[
 
 class GroupSender:
     """Trainer rank 0's end of the group: opened once over `servers`, then one `send` per
-    bucket and `finish` per update."""
+    bucket (the update's last one flagged). A failed or timed-out call leaves the group unusable:
+    it is dropped, and the next update opens a new one."""
 
     def __init__(self, cfg: WeightSyncConfig, servers: list[Any]) -> None:
         self.cfg, self.servers = cfg, servers
@@ -373,7 +374,9 @@ class GroupSender:
         except BaseException:
             for t in tasks:
                 t.cancel()
-            self.group = None  # a half-done collective leaves the group unusable
+            if self.group is not None:  # a half-done collective leaves the group unusable
+                close_update_group(self.group)
+                self.group = None
             raise
 
     async def open(self) -> None:
