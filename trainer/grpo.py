@@ -152,7 +152,6 @@ class _Run:
                                      ref_model=ref, dist=cfg.dist,
                                      max_lag=lag if (lag := cfg.rollout.engine.max_version_lag) >= 0 else None)
         self.backends, self.engine, self.writer, self.slept, self.gateway = [], None, None, [], None
-        self.syncer: WeightSync | None = None
         if rank == 0 and cfg.serve is not None:  # an external agent's sessions are the rollouts
             self.gateway = _start_gateway(self, vlm, codec)
         elif rank == 0:
@@ -172,6 +171,7 @@ class _Run:
                 self.writer = SummaryWriter(cfg.log_dir)
             except ImportError:  # tensorboard is in the `train` extra; the console log stays
                 self.writer = None
+        self.syncer = WeightSync(cfg.sync, self.backends, rank, Path(cfg.log_dir) / "weights")
         if cfg.resume and latest_checkpoint(cfg.ckpt_dir) is not None:
             state = load_checkpoint(cfg.ckpt_dir, self.updater)
             self.start, self.pos = state["step"], state["data_state"]["pos"]
@@ -241,8 +241,6 @@ class _Run:
         the others reload a checkpoint dir under log_dir/weights (the newest kept), in-process
         ones take the state dict. The engine is idle here (each step's rollout has finished),
         so no turn is in flight and no group is dropped. Returns sync/<transport>_s metrics."""
-        if self.syncer is None:
-            self.syncer = WeightSync(self.cfg.sync, self.backends, self.rank, Path(self.cfg.log_dir) / "weights")
         return self.syncer(self.updater, self.updater.version, self.loop, self.broadcast)
 
     def evaluate(self) -> dict[str, float]:
@@ -284,8 +282,7 @@ class _Run:
             self.writer.flush()
 
     def close(self) -> None:
-        if self.syncer is not None:
-            self.syncer.close(self.loop)
+        self.syncer.close(self.loop)
         if self.gateway is not None:
             self.loop.run_until_complete(self.gateway.runner.cleanup())
         for b in self.backends:

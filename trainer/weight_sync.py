@@ -455,6 +455,8 @@ class WeightSync:
     in-process backends the state dict. Returns metrics: sync/<transport>_s and sync/group_gb."""
 
     def __init__(self, cfg: WeightSyncConfig, backends: list[Any], rank: int, export_dir: str | os.PathLike) -> None:
+        if cfg.transport != "disk":
+            cfg.group_backend()  # nccl without CUDA: the error now, not after the first update
         self.cfg, self.backends, self.rank, self.export_dir = cfg, backends, rank, export_dir
         self.plan: Optional[SyncPlan] = None
         self.sender: Optional[GroupSender] = None
