@@ -264,33 +264,35 @@ def test_buckets_mixed_dtypes_bf16_wire_reproduce_the_weights(tmp_path):
 
 
 def test_vllm_worker_extension_loads_buckets_through_load_weights(tmp_path):
-    """The extension on a fake worker (rank 0 of its server, rank_offset 1): joins, receives
-    each bucket and loads it with the model's load_weights; the weights equal the trainer's
-    (bf16-rounded) exactly."""
+    """The extension on the two fake workers of a TP=2 server (ranks 0 and 1, rank_offset 1):
+    each joins as rank_offset + its rank, receives every bucket and loads it with the model's
+    load_weights; both hold the trainer's (bf16-rounded) weights exactly."""
     from spyglass.engine.offline import tiny
     from spyglass.trainer.weight_sync import iter_weight_buckets
 
     trained = tiny.build_tiny_text_lm(seed=1).model
     buckets = list(iter_weight_buckets(_runtime(trained), 512 << 10, torch.bfloat16, torch.device("cpu")))
-    port = _port()
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"worker_rank": 0, "buckets": [b.meta() for b in buckets], "open": {
-        "master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2,
-        "group_name": "t", "backend": "gloo", "timeout_s": 60}}))
-    proc = _child("vllm-worker", str(spec), str(tmp_path / "out.pt"))
-    _send_over_group(port, buckets)
-    _finish(proc)
-    out = torch.load(tmp_path / "out.pt")
-    assert len(buckets) >= 2 and out["opened"] == {"rank": 1} and out["version"] == 7 and out["closed"]["closed"]
-    assert [a["tensors"] for a in out["answers"]] == [len(b.names) for b in buckets]
+    port, procs = _port(), []
+    for worker in (0, 1):
+        spec = tmp_path / f"spec{worker}.json"
+        spec.write_text(json.dumps({"worker_rank": worker, "buckets": [b.meta() for b in buckets], "open": {
+            "master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 3,
+            "group_name": "t", "backend": "gloo", "timeout_s": 60}}))
+        procs.append(_child("vllm-worker", str(spec), str(tmp_path / f"out{worker}.pt")))
+    _send_over_group(port, buckets, world=3)
     want = _rounded(trained)
-    assert all(torch.equal(out["state"][k], want[k]) for k in want)
+    for worker, proc in enumerate(procs):
+        _finish(proc)
+        out = torch.load(tmp_path / f"out{worker}.pt")
+        assert out["opened"] == {"rank": 1 + worker} and out["version"] == 7 and out["closed"]["closed"]
+        assert [a["tensors"] for a in out["answers"]] == [len(b.names) for b in buckets] and len(buckets) >= 2
+        assert all(torch.equal(out["state"][k], want[k]) for k in want)
 
 
-def test_sglang_server_takes_weights_over_the_group(tmp_path):
-    """GRPO's sync against a fake SGLang server in its own process: the group transport runs,
-    /generate then answers with version 1, and its logprobs are the trainer's recomputation
-    with the bf16-rounded new weights (not the old ones)."""
+def test_sglang_servers_take_weights_over_the_group(tmp_path):
+    """GRPO's sync against two fake SGLang servers, each in its own process, in one group
+    (rank offsets 1 and 2): /generate then answers with version 1 on both, and the logprobs are
+    the trainer's recomputation with the bf16-rounded new weights (not the old ones)."""
     import pytest
 
     from spyglass.engine.backends.base import BackendError, GenerateRequest, SamplingParams
@@ -312,25 +314,27 @@ def test_sglang_server_takes_weights_over_the_group(tmp_path):
     rounded = tiny.build_tiny_text_lm(seed=0).model
     rounded.load_state_dict(_rounded(trained))
     loop = asyncio.new_event_loop()
-    with fake_sglang(path, tmp_path) as url:
-        be = SGLangBackend(SGLangConfig(base_url=url, name="sg-0"))
-        sync = WeightSync(WeightSyncConfig(transport="group", bucket_mb=1, timeout_s=60), [be], 0, tmp_path / "w")
+    with fake_sglang(path, tmp_path) as url0, fake_sglang(path, tmp_path) as url1:
+        fleet = [SGLangBackend(SGLangConfig(base_url=u, name=f"sg-{i}")) for i, u in enumerate((url0, url1))]
+        sync = WeightSync(WeightSyncConfig(transport="group", bucket_mb=1, timeout_s=60), fleet, 0, tmp_path / "w")
         greedy = SamplingParams(max_tokens=8, temperature=0)
         try:
-            before = loop.run_until_complete(be.generate(GenerateRequest("a", prompt, greedy)))
+            before = loop.run_until_complete(fleet[0].generate(GenerateRequest("a", prompt, greedy)))
             metrics = sync(_runtime(trained), 1, loop)
-            after = loop.run_until_complete(be.generate(GenerateRequest("b", prompt, greedy)))
-            info = loop.run_until_complete(be.request_json("GET", "/get_server_info"))
+            after = [loop.run_until_complete(be.generate(GenerateRequest("b", prompt, greedy))) for be in fleet]
+            info = [loop.run_until_complete(be.request_json("GET", "/get_server_info")) for be in fleet]
         finally:
             sync.close(loop)
-            loop.run_until_complete(be.close())
-    assert before.version == 0 and after.version == 1 == be.version
+            for be in fleet:
+                loop.run_until_complete(be.close())
+    assert before.version == 0 and [a.version for a in after] == [1, 1] and [be.version for be in fleet] == [1, 1]
     assert set(metrics) == {"sync/group_s", "sync/group_gb"} and metrics["sync/group_gb"] > 0
-    assert info["calls"][0] == "init" and info["calls"].count("update") == 2  # 1.3 MB in 1 MB buckets
+    assert all(i["calls"][0] == "init" and i["calls"].count("update") == 2 for i in info)  # 1.3 MB in 1 MB buckets
     assert torch.allclose(torch.tensor(before.logprobs), logprobs(old, before.token_ids), atol=1e-4)
-    got, want = torch.tensor(after.logprobs), logprobs(rounded, after.token_ids)
-    assert torch.allclose(got, want, atol=1e-4), (got, want)
-    assert not torch.allclose(got, logprobs(old, after.token_ids), atol=1e-2)
+    for a in after:
+        got, want = torch.tensor(a.logprobs), logprobs(rounded, a.token_ids)
+        assert torch.allclose(got, want, atol=1e-4), (got, want)
+        assert not torch.allclose(got, logprobs(old, a.token_ids), atol=1e-2)
     # a server that cannot join: "group" refuses naming it, "auto" falls back to disk
     http = VLLMHTTPBackend(VLLMHTTPConfig(base_url="http://127.0.0.1:9", model="m", name="vl-0"))
     with pytest.raises(ConfigError, match="'vl-0' cannot join a weight-update group.*VLLM_SERVER_DEV_MODE"):
