@@ -6,7 +6,8 @@ arguments, some final answers; about 7 MB) and reports MB/s and calls/s for the 
 N threads), the C++ single-call loop, the pure-Python reference, a regex + json.loads parser of
 the same format (how vLLM's Hermes parser works), and, with --hermes-python, vLLM's real
 Hermes2ProToolParser run by that interpreter in a subprocess. Then checks that streaming cost
-is linear: time per byte for 1 KB .. 1 MB outputs fed in 16-byte chunks. Prints a table, then
+is linear: time per byte for 1 KB .. 1 MB outputs fed in 16-byte chunks, and for one call whose
+strings each hold a closing tag (4 KB .. 256 KB). Prints a table, then
 one JSON line with the device and git commit.
 
     .venv/bin/python benchmarks/bench_toolcall.py
@@ -187,6 +188,24 @@ def stream_linearity(parser: ToolCallParser, corpus: list[str], chunk: int) -> l
     return rows
 
 
+def stream_tags_in_strings(parser: ToolCallParser, chunk: int) -> list[dict]:
+    """One call whose strings hold a closing tag each (`["</tool_call>", ...]`), streamed: the
+    hostile case for a parser that re-parses a pending call at every closing tag."""
+    rows = []
+    for size in (1 << 12, 1 << 14, 1 << 16, 1 << 18):
+        tags = ",".join(['"</tool_call>"'] * (size // 15))
+        text = f'<tool_call>{{"name": "crop", "arguments": {{"r": [{tags}]}}}}</tool_call>'.encode()
+        chunks = [text[i:i + chunk] for i in range(0, len(text), chunk)]
+
+        def run() -> int:
+            s = parser.stream()
+            n = sum(len(s.feed(c)) for c in chunks)
+            return n + len(s.finish().calls)
+        sec, _, _ = timed(run, 3)
+        rows.append({"bytes": len(text), "chunk": chunk, "ns_per_byte": sec / len(text) * 1e9})
+    return rows
+
+
 
 
 
@@ -275,9 +294,14 @@ def main() -> None:
     print(f"\nstreaming, {a.chunk}-byte chunks (C++): time per byte should stay flat")
     for r in stream:
         print(f"  {r['bytes']:>9,} B  {r['ns_per_byte']:8.2f} ns/B")
+    hostile = stream_tags_in_strings(cpp, a.chunk)
+    print("streaming one call whose strings each hold a </tool_call> (C++): flat = linear")
+    for r in hostile:
+        print(f"  {r['bytes']:>9,} B  {r['ns_per_byte']:8.2f} ns/B")
     print(json.dumps({"bench": "toolcall", "device": cpu_model(), "cpus": os.cpu_count(),
                       "commit": git_commit(), "outputs": len(texts), "mb": round(nbytes / 1e6, 3),
-                      "results": table, "vllm": vllm_note, "streaming": stream}))
+                      "results": table, "vllm": vllm_note, "streaming": stream,
+                      "streaming_tags_in_strings": hostile}))
 
 
 if __name__ == "__main__":

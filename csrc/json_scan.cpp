@@ -568,6 +568,10 @@ void JDoc::canonical(uint32_t id, std::string& out) const {
   }
 }
 
+size_t json_plain_run(const char* s, size_t p, size_t end) {
+  return plain_run(reinterpret_cast<const uint8_t*>(s), p, end);
+}
+
 bool valid_utf8(const char* s, size_t n) {
   const uint8_t* u = reinterpret_cast<const uint8_t*>(s);
   for (size_t p = 0; p < n;) {

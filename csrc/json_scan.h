@@ -70,6 +70,9 @@ class JDoc {
 
 // Appends the canonical JSON string literal (with quotes) for UTF-8 bytes s[0, n) to `out`.
 void append_json_string(const char* s, size_t n, std::string& out);
+// End of the run of plain string bytes from s[p] (printable ASCII other than '"' and '\\'), at
+// most `end`: a string that is open at p is still open, with nothing to check, at that point.
+size_t json_plain_run(const char* s, size_t p, size_t end);
 // True if s[0, n) is well-formed UTF-8 (Unicode Table 3-7).
 bool valid_utf8(const char* s, size_t n);
 // Type name of a node as used in error messages: string, integer, number, boolean, null, array,

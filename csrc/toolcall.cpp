@@ -58,7 +58,9 @@ void Scanner::reset() {
   has_think_ = false;
   st_ = St::Outside;
   p_ = tag_start_ = body_ = find_ = 0;
-  c1_ = xl_ = parsed_xl_ = kNone;
+  c1_ = xl_ = parsed_xl_ = pend_to_ = kNone;
+  pend_len_ = 0;
+  pend_parses_ = 0;
   block_tag_ = 0;
   seen_block_ = in_str_ = false;
   calls_seen_ = cur_index_ = 0;
@@ -143,7 +145,9 @@ int Scanner::tag_at(const char* buf, size_t n, size_t q, bool final) {
       open_block(q);
       st_ = St::Call;
       body_ = p_ = find_ = q + len(kCallO);
-      c1_ = xl_ = parsed_xl_ = kNone;
+      c1_ = xl_ = parsed_xl_ = pend_to_ = kNone;
+      pend_len_ = 0;
+      pend_parses_ = 0;
       return 1;
     }
   } else if (tools_->mode == Mode::Llama3Json) {
@@ -253,8 +257,13 @@ void Scanner::block(const char* buf, size_t n, bool final, ParseOut& out, bool& 
 // string, so the outcome is final unless the parse ended inside a string before the size limit.
 // Cost: parses that outlive the next block's start are inside a string there, so the two are
 // complementary and the next literal </tool_call> ends one of them: at most two parses cover
-// any byte, and the text is scanned O(1) times overall (streaming: plus one parse per literal
-// </tool_call> arriving inside a pending call's strings).
+// any byte, and the text is scanned O(1) times overall. Streaming, a call pending inside a
+// string is parsed again at a new closing tag only when the bytes since could decide it (not
+// all plain string bytes) and, after kFreeParses parses, only once its body has grown by a
+// quarter since the last one (else at a later tag or at the end), so the parses of one call
+// cost O(its bytes) however many closing tags its strings hold.
+static constexpr int kFreeParses = 8;
+
 void Scanner::call(const char* buf, size_t n, bool final, ParseOut& out, bool& wait) {
   const size_t cl = len(kCallC);
   if (!final) {  // streaming: the first (c1_) and last (xl_) literal closing tag so far
@@ -272,6 +281,18 @@ void Scanner::call(const char* buf, size_t n, bool final, ParseOut& out, bool& w
       wait = true;
       return;
     }
+    if (pend_to_ != kNone && xl_ < body_ + tools_->max_call_bytes) {
+      pend_to_ = json_plain_run(buf, pend_to_, xl_);
+      if (pend_to_ == xl_) {  // still in the same string: the parse would end there again
+        parsed_xl_ = xl_;
+        wait = true;
+        return;
+      }
+      if (pend_parses_ >= kFreeParses && xl_ - body_ < pend_len_ + std::max<size_t>(16, pend_len_ / 4)) {
+        wait = true;  // amortised: the next closing tag (or the end) looks again
+        return;
+      }
+    }
     parsed_xl_ = xl_;
   }
   const size_t lim = body_ + tools_->max_call_bytes;
@@ -287,7 +308,10 @@ void Scanner::call(const char* buf, size_t n, bool final, ParseOut& out, bool& w
       return;
     }
   } else if (!final && jerr_.in_string_end && e < lim) {
-    wait = true;  // inside a string at the last closing tag: later bytes decide
+    pend_to_ = e;  // inside a string at the last closing tag: later bytes decide
+    pend_len_ = e - body_;
+    ++pend_parses_;
+    wait = true;
     return;
   }
   // Not a valid body up to a closing tag: recover at the first literal one.

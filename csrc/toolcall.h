@@ -182,6 +182,10 @@ class Scanner {
   // search frontier, and xl_ when the body was last parsed (streaming).
   static constexpr size_t kNone = ~size_t{0};
   size_t c1_ = kNone, xl_ = kNone, find_ = 0, parsed_xl_ = kNone;
+  // Streaming, a call whose last parse ended inside a string: where that parse ended (grown over
+  // plain string bytes since, kNone: not pending), the body length it parsed, how many parses.
+  size_t pend_to_ = kNone, pend_len_ = 0;
+  int pend_parses_ = 0;
   int block_tag_ = 0;  // Think: 0; Answer: 1 answer, 2 response
   bool seen_block_ = false, in_str_ = false;  // in_str_: Value lexer
   int64_t calls_seen_ = 0, cur_index_ = 0;

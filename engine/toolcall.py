@@ -38,8 +38,13 @@ Format (all positions are byte offsets into the UTF-8 text; a ``str`` is encoded
   string there, and the next literal ``</tool_call>`` ends it or the next call's parse).
   Streaming decides a call once the bytes up to the last literal ``</tool_call>`` received
   decide it (the parse failed, or completed, or hit ``max_call_bytes``; a parse still inside a
-  string there waits), so a pending call is parsed again once per ``</tool_call>`` that arrives
-  inside its strings. ``span`` = [its ``<``, end of its ``</tool_call>``) (or end of text).
+  string there waits). A pending call is not parsed again while only plain string bytes
+  (printable ASCII but ``"`` and ``\\``) arrived after its last parse (they cannot decide it);
+  after 8 parses the C++ core parses it again only once its body has grown by a quarter since
+  the last one, or at ``finish()`` (the reference parses at every tag), so one call's parses cost
+  O(its bytes) however many closing tags its strings hold, and such a call may stream out later
+  than the reference's, never differently. ``span`` = [its ``<``, end of its ``</tool_call>``)
+  (or end of text).
   Other modes: see "Modes" below.
 - Calls: every call gets the next ordinal ``index`` (0, 1, …), good or bad, in text order. A
   block whose value is a JSON array holds one call per element (each its own index and check,

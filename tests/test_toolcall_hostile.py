@@ -80,6 +80,40 @@ def test_streaming_emits_the_good_call_at_its_close(parser: ToolCallParser) -> N
     assert s.finish().to_dict() == parser.parse(text).to_dict()
 
 
+def _streamed(parser: ToolCallParser, text: str, chunk: int) -> list[dict]:
+    s, got = parser.stream(), []
+    for i in range(0, len(text), chunk):
+        got += [x.to_dict() for x in s.feed(text[i:i + chunk])]
+    assert s.finish().to_dict() == parser.parse(text).to_dict()
+    return got
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_closing_tags_in_one_string_stream_out_at_the_real_close(parser: ToolCallParser, chunk: int) -> None:
+    """500 closing tags inside one string of a pending call (the C++ core skips re-parsing while
+    only plain string bytes arrived): the call still comes out at its real close."""
+    body = json.dumps({"name": "a", "arguments": {"q": "x" * 40 + "</tool_call>" * 500}})
+    text = f"<tool_call>{body}</tool_call>" + GOOD + " done"
+    one = parser.parse(text).to_dict()
+    assert [c["index"] for c in one["calls"]] == [0, 1] and not one["errors"]
+    assert _streamed(parser, text, chunk) == one["calls"]  # both before finish()
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_closing_tags_in_many_strings_stream_a_prefix_of_the_one_shot_parse(parser: ToolCallParser,
+                                                                            chunk: int) -> None:
+    """Hundreds of strings each holding a closing tag, and non-ASCII ones: after a few parses the
+    C++ core parses such a call again only once it has grown by a quarter (linear cost), so it
+    may come out later than the reference's (at the latest at finish()), never differently."""
+    body = json.dumps({"name": "a", "arguments": {"r": ["</tool_call>"] * 300, "s": "é</tool_call>" * 30}},
+                      ensure_ascii=False)
+    text = f"<tool_call>{body}</tool_call>" + GOOD + " done"
+    one = parser.parse(text).to_dict()
+    assert [c["index"] for c in one["calls"]] == [0, 1] and not one["errors"]
+    got = _streamed(parser, text, chunk)
+    assert got == one["calls"][:len(got)]
+
+
 @pytest.mark.parametrize("block", [BAD + "\n", BAD + '"\n', BAD[:-12] + '\\"}}</tool_call>"\n',
                                    BAD + "\n" + GOOD + "\n"])
 def test_many_unbalanced_calls_390kb(block: str) -> None:
