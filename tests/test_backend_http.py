@@ -44,7 +44,7 @@ class FakeServer:
         self.runner: web.AppRunner | None = None
         self.url = ""
 
-    async def start(self) -> "FakeServer":
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> "FakeServer":
         app = web.Application()
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat)
@@ -55,7 +55,7 @@ class FakeServer:
         app.router.add_get("/health", self.health)
         self.runner = web.AppRunner(app, shutdown_timeout=0.2)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        site = web.TCPSite(self.runner, host, port)
         await site.start()
         host, port = self.runner.addresses[0][:2]
         self.url = f"http://{host}:{port}"

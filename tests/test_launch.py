@@ -54,8 +54,7 @@ def _serve(argv: list[str]) -> None:
             return await super().completions(request)
 
     async def main() -> None:
-        fake = await Server().start()  # its routes, on an ephemeral port; then the launcher's port too
-        await web.TCPSite(fake.runner, a.host, a.port).start()
+        await Server().start(a.host, a.port)
         print(f"stand-in server: listening on http://{a.host}:{a.port} "
               f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')})", flush=True)
         await asyncio.Event().wait()
