@@ -163,11 +163,19 @@ def test_grpo_two_ranks_zero3_stream_buckets_to_an_sglang_server(tmp_path):
                "--rollout.env.tools", "TextSearch,Visit", "--rollout.env.dense_search", "false",
                "--rollout.engine.n_samples", "2", "--rollout.engine.max_turns", "2",
                "--rollout.engine.max_tokens_per_turn", "8", "--update.lr", "1e-2", "--update.weight_decay", "2.0",
+               "--dist.timeout_s", "120",
                "--ckpt_every", "0", "--log_dir", str(tmp_path / "log"), "--export_dir", str(tmp_path / "final"),
                "--rollout.out", str(tmp_path / "r.jsonl")]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
-        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)  # a timeout ends torchrun and both ranks
+        try:
+            log, _ = p.communicate(timeout=400)
+        finally:
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
+                p.wait(30)
+        assert p.returncode == 0, log[-6000:]
         prompt = [5, 17, 33, 2, 9]
         be = SGLangBackend(SGLangConfig(base_url=url))
         out = asyncio.run(_generate_and_close(be, GenerateRequest("x", prompt, SamplingParams(max_tokens=6, temperature=0))))
