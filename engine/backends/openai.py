@@ -128,27 +128,34 @@ class HTTPBackend(Backend):
                 headers=self._headers())
         return self._session
 
-    async def request_json(self, method: str, path: str, payload: Any = None) -> Any:
-        """One JSON call with retries; BackendError when the server cannot answer."""
+    async def request_json(self, method: str, path: str, payload: Any = None, *, retry: bool = True,
+                           timeout_s: float | None = None) -> Any:
+        """One JSON call (None for an empty body); BackendError when the server cannot answer.
+        Retried on connection errors, 429 and 5xx unless `retry` is False (a call that blocks on
+        the server until a collective completes must not be sent twice); `timeout_s` replaces the
+        session's `timeout_s` for this call."""
         url = self.http.base_url + path
-        for attempt in range(self.http.retries + 1):
+        tries = self.http.retries + 1 if retry else 1
+        timeout = aiohttp.ClientTimeout(total=timeout_s) if timeout_s else None
+        for attempt in range(tries):
             retry_why = ""
             try:
-                async with self._client().request(method, url, json=payload) as resp:
+                async with self._client().request(method, url, json=payload, timeout=timeout) as resp:
                     body = await resp.text()
-                    if resp.status in _RETRY_STATUS:
+                    if resp.status in _RETRY_STATUS and retry:
                         retry_why = f"HTTP {resp.status}: {body[:200]}"
                     elif resp.status >= 400:
                         raise BackendError(self.name, f"{method} {path} -> HTTP {resp.status}: {body[:500]}")
                     else:
-                        return _loads(self.name, path, body)
+                        return _loads(self.name, path, body) if body else None
             except asyncio.TimeoutError as e:
-                raise BackendError(self.name, f"{method} {path} timed out after {self.http.timeout_s}s") from e
+                raise BackendError(self.name, f"{method} {path} timed out after "
+                                              f"{timeout_s or self.http.timeout_s}s") from e
             except aiohttp.ClientError as e:
                 retry_why = f"{type(e).__name__}: {e}"
-            if attempt < self.http.retries:
+            if attempt < tries - 1:
                 await asyncio.sleep(self.http.backoff_s * 2 ** attempt)
-        raise BackendError(self.name, f"{method} {path} failed after {self.http.retries + 1} tries: {retry_why}")
+        raise BackendError(self.name, f"{method} {path} failed after {tries} tries: {retry_why}")
 
     async def generate(self, req: GenerateRequest) -> GenerateOutput:
         self.check_request(req)

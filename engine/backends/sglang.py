@@ -36,7 +36,6 @@ import io
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import aiohttp
 from PIL import Image
 
 from spyglass.engine.backends.base import (Backend, BackendError, GenerateOutput, GenerateRequest,
@@ -164,7 +163,7 @@ class SGLangBackend(HTTPBackend):
         await self._succeeds("/destroy_weights_update_group", {"group_name": group_name}, 30.0)
 
     async def _succeeds(self, path: str, body: dict[str, Any], timeout_s: float) -> None:
-        data = await post_once(self, path, body, timeout_s)
+        data = await self.request_json("POST", path, body, retry=False, timeout_s=timeout_s)
         if not isinstance(data, dict) or not data.get("success", False):
             raise BackendError(self.name, f"{path} failed: {str(data)[:300]}")
 
@@ -176,23 +175,6 @@ def _served_version(data: Any, default: int) -> int:
         return int(data["meta_info"]["weight_version"])
     except (KeyError, TypeError, ValueError):
         return default
-
-
-async def post_once(backend: HTTPBackend, path: str, body: Any, timeout_s: float) -> Any:
-    """One POST without retries under its own timeout (calls that block on the server until a
-    collective completes must not be sent twice); BackendError naming the server on failure."""
-    from spyglass.engine.backends.openai import _loads  # noqa: PLC0415
-    try:
-        async with backend._client().post(backend.http.base_url + path, json=body,
-                                          timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
-            text = await resp.text()
-            if resp.status >= 400:
-                raise BackendError(backend.name, f"POST {path} -> HTTP {resp.status}: {text[:500]}")
-            return _loads(backend.name, path, text) if text else None
-    except asyncio.TimeoutError as e:
-        raise BackendError(backend.name, f"POST {path} timed out after {timeout_s}s") from e
-    except aiohttp.ClientError as e:
-        raise BackendError(backend.name, f"POST {path} failed: {type(e).__name__}: {e}") from e
 
 
 class SGLangEngineBackend(Backend):

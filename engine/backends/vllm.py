@@ -58,7 +58,6 @@ from typing import Any, ClassVar
 from spyglass.engine.backends.base import (Backend, BackendError, GenerateOutput, GenerateRequest,
                                            Weights, check_version)
 from spyglass.engine.backends.openai import OpenAIBackend, OpenAIConfig, _finish, parse_completion
-from spyglass.engine.backends.sglang import post_once
 from spyglass.engine.backends.vllm_ext import WORKER_EXTENSION
 
 
@@ -352,7 +351,7 @@ class VLLMHTTPBackend(_GroupSync, OpenAIBackend):
                                           "VLLM_SERVER_DEV_MODE=1 (VLLMHTTPConfig.dev_mode=True)")
         body = {"method": method, "args": [json.dumps(payload)] if payload is not None else [],
                 "timeout": timeout_s}
-        data = await post_once(self, "/collective_rpc", body, timeout_s + 30)
+        data = await self.request_json("POST", "/collective_rpc", body, retry=False, timeout_s=timeout_s + 30)
         if not isinstance(data, dict) or not isinstance(data.get("results"), list):
             raise BackendError(self.name, f"/collective_rpc {method}: no results in {str(data)[:200]}")
         return data["results"]
