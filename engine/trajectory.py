@@ -11,8 +11,9 @@ memory with int objects nor stall the event loop in garbage collection.
 
 Per-turn records (Turn) hold what the parser and the tools said about each assistant step; the
 fatal step (OpenSearch-VL Sec. 4.2) is derived from them: the first step of the first run of K
-consecutive error steps; a run that stopped without an answer and without a cascade (max turns,
-timeout, repetition) is fatal at its own length.
+consecutive error steps (the cascade). Only a cascade is fatal: a run that stopped without an
+answer for another reason (max turns, context, timeout, repetition, an engine error) has no
+fatal step; it is an anomaly, which the trainer penalises or masks (AlgoConfig.anomalies).
 
     traj.loss_mask()              # [prompt + segments] 1 where the policy sampled the token
     traj.loss_mask(fatal=True)    # ... and the token's step precedes the fatal step
@@ -323,10 +324,8 @@ class Trajectory:
     # -- the fatal step ------------------------------------------------------------------
     def compute_fatal_step(self, k: int = 3) -> int | None:
         """First step of the first run of k consecutive error steps (a success resets the
-        count); else, if the run ended unanswered (not running), its number of turns."""
-        return fatal_step_of([t.ok for t in self.turns], k=k,
-                             answered=self.status is Status.ANSWERED,
-                             finished=self.status is not Status.RUNNING)
+        count), or None: only a cascade is fatal (see the module docstring)."""
+        return fatal_step_of([t.ok for t in self.turns], k=k)
 
     def is_done(self) -> bool:
         return self.status is not Status.RUNNING
@@ -386,8 +385,7 @@ def as_ids(ids: Any) -> array:
         raise ValueError(f"token ids must be ints in [0, 2**32): {e}") from None
 
 
-def fatal_step_of(step_ok: list[bool], k: int = 3, answered: bool = False,
-                  finished: bool = True) -> int | None:
+def fatal_step_of(step_ok: list[bool], k: int = 3) -> int | None:
     """The fatal step from per-step success flags (see Trajectory.compute_fatal_step)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -396,8 +394,6 @@ def fatal_step_of(step_ok: list[bool], k: int = 3, answered: bool = False,
         run = 0 if ok else run + 1
         if run == k:
             return i - k + 1
-    if finished and not answered:
-        return len(step_ok)
     return None
 
 

@@ -30,7 +30,8 @@ def mk(tid: str, gid: str, steps: list[str], status: Status, reward: float) -> T
 
 def group4() -> list[Trajectory]:
     """The worked example: rewards [1, 0.2, 0, 0.8]; B has a cascade from step 2 (f=2);
-    C is truncated at max turns without an answer (fatal at its length, f=3)."""
+    C is truncated at max turns without an answer: no cascade, so not fatal (an anomaly, penalised
+    by default, masked with anomalies="mask")."""
     return [
         mk("A", "q", ["ok", "ans"], Status.ANSWERED, 1.0),
         mk("B", "q", ["ok", "ok", "err", "err", "err"], Status.FATAL, 0.2),
@@ -69,7 +70,7 @@ def close(t: torch.Tensor, expected: list[float]) -> None:
 
 def test_fixture_is_what_the_paper_says() -> None:
     trajs = group4()
-    assert [t.compute_fatal_step(3) for t in trajs] == [None, 2, 3, None]
+    assert [t.compute_fatal_step(3) for t in trajs] == [None, 2, None, None]
     assert [t.loss_mask() for t in trajs] == [GEN[k] for k in "ABCD"]
 
 
@@ -78,7 +79,7 @@ def test_vanilla_grpo() -> None:
     close(out.advantages, GRPO)
     assert masks_of(out) == [GEN[k] for k in "ABCD"]
     assert out.metrics["clamped_frac"] == 0.0 and out.metrics["masked_token_frac"] == 0.0
-    assert out.fatal.tolist() == [False, True, True, False] and out.fatal_steps == [None, 2, 3, None]
+    assert out.fatal.tolist() == [False, True, False, False] and out.fatal_steps == [None, 2, None, None]
     close(out.group_mean, [0.5])
     close(out.group_std, [0.4123106])
 
@@ -101,18 +102,40 @@ def test_fatal_mask_without_clamp() -> None:
 
 def test_fatal_mask_clamp_default() -> None:
     out = compute_advantages(group4())  # default mode
-    close(out.advantages, [GRPO[0], 0.0, 0.0, GRPO[3]])  # max(r~, 0) for fatal B and C
+    close(out.advantages, GRPO[:1] + [0.0] + GRPO[2:])  # max(r~, 0) for fatal B; truncated C penalised
     assert masks_of(out) == [GEN["A"], B_FATAL, GEN["C"], GEN["D"]]
-    assert out.metrics["clamped_frac"] == 0.5
-    assert out.metrics["fatal_frac"] == 0.5
+    assert out.metrics["clamped_frac"] == 0.25
+    assert out.metrics["fatal_frac"] == 0.25
+
+
+def test_anomalies_are_penalised_or_masked_but_never_clamped() -> None:
+    """Running out of turns (C), a repetition stop and an engine error are the model's or the
+    run's, not a tool cascade: never clamped; `anomalies="mask"` takes them out of the loss
+    (they still count in the group statistics)."""
+    g = group4()
+    rep = mk("R", "q2", ["ok", "ok"], Status.INTERRUPTED, 0.0)
+    err = mk("X", "q2", ["err", "ok"], Status.ERROR, 0.0)
+    ok = mk("O", "q2", ["ok", "ans"], Status.ANSWERED, 1.0)
+    trajs = g + [rep, err, ok]
+    # group q2: rewards [0, 0, 1], mean 1/3, population std sqrt(2)/3 = 0.4714045
+    q2 = [-0.3333333 / 0.4714055, -0.3333333 / 0.4714055, 0.6666667 / 0.4714055]
+    out = compute_advantages(trajs)
+    close(out.advantages, GRPO[:1] + [0.0] + GRPO[2:] + q2)
+    assert all(bool(m.any()) for m in out.masks)
+    masked = compute_advantages(trajs, AlgoConfig(anomalies="mask"))
+    close(masked.advantages, out.advantages.tolist())  # the same statistics
+    assert [bool(m.any()) for m in masked.masks] == [True, True, False, True, False, False, True]
+    assert masks_of(masked)[1] == B_FATAL
+    with pytest.raises(ValueError, match="anomalies"):
+        AlgoConfig(anomalies="clamp")
 
 
 def test_clamp_keeps_a_fatal_member_above_the_mean() -> None:
     trajs = group4()
     trajs[1].reward["total"] = 0.9  # B fatal with reward above the mean 0.675
     out = compute_advantages(trajs, AlgoConfig(mode="fatal_mask_clamp", estimator="drgrpo"))
-    close(out.advantages, [0.325, 0.225, 0.0, 0.125])  # C: -0.675 clamped; B positive stays
-    assert out.metrics["clamped_frac"] == 0.25
+    close(out.advantages, [0.325, 0.225, -0.675, 0.125])  # B (fatal) positive stays; C is not fatal
+    assert out.metrics["clamped_frac"] == 0.0
 
 
 def test_unbiased_std() -> None:
@@ -126,7 +149,7 @@ def test_rloo_and_drgrpo(estimator: str, expected: list[float]) -> None:
     out = compute_advantages(group4(), AlgoConfig(mode="fatal_mask", estimator=estimator))
     close(out.advantages, expected)
     clamped = compute_advantages(group4(), AlgoConfig(estimator=estimator))
-    close(clamped.advantages, [expected[0], 0.0, 0.0, expected[3]])
+    close(clamped.advantages, [expected[0], 0.0, expected[2], expected[3]])
 
 
 def test_ragged_interleaved_groups_singleton_and_all_equal() -> None:
@@ -141,7 +164,7 @@ def test_ragged_interleaved_groups_singleton_and_all_equal() -> None:
             out = compute_advantages(trajs, AlgoConfig(mode=mode, estimator=est))
             full = {"grpo": GRPO, "rloo": RLOO, "drgrpo": DRGRPO}[est]
             if mode == "fatal_mask_clamp":
-                full = [full[0], 0.0, 0.0, full[3]]
+                full = [full[0], 0.0, full[2], full[3]]
             # order: A, S, E0, B, E1, C, E2, D; singleton and all-equal groups get 0
             close(out.advantages, [full[0], 0.0, 0.0, full[1], 0.0, full[2], 0.0, full[3]])
             assert out.group_ids == ["q", "single", "eq"]
@@ -205,7 +228,7 @@ def test_fatal_k_is_recomputed_from_turns() -> None:
     out = compute_advantages([t], AlgoConfig(mode="fatal_mask"), fatal_k=2)
     assert out.fatal_steps == [2]
     out = compute_advantages([t], AlgoConfig(mode="fatal_mask"), fatal_k=4)
-    assert out.fatal_steps == [5]  # no run of 4; unanswered -> fatal at its length
+    assert out.fatal_steps == [None]  # no run of 4: unanswered without a cascade is not fatal
 
 
 def test_masks_feed_the_packer() -> None:

@@ -78,16 +78,15 @@ def test_torn_tail_is_skipped_but_corruption_elsewhere_is_named(tmp_path) -> Non
 def test_fatal_step_rules() -> None:
     # K=3 consecutive errors: f is the first of the run; a success resets the count
     assert fatal_step_of([True, False, False, True, False, False, False, True], k=3) == 4
-    assert fatal_step_of([False, False, True, False, False], k=3, answered=True) is None
-    # no cascade, no answer: fatal at its own length
-    assert fatal_step_of([True, False, True], k=3, answered=False, finished=True) == 3
-    assert fatal_step_of([True, False], k=3, answered=False, finished=False) is None
+    assert fatal_step_of([False, False, True, False, False], k=3) is None
+    # no cascade: never fatal, answered or not (max turns, repetition: an anomaly, not a cascade)
+    assert fatal_step_of([True, False, True], k=3) is None
     with pytest.raises(ValueError):
         fatal_step_of([], k=0)
     t = _traj()
     assert t.compute_fatal_step() is None
     t.status = Status.TRUNCATED
-    assert t.compute_fatal_step() == 3
+    assert t.compute_fatal_step() is None  # truncated without a cascade: an anomaly, not fatal
 
 
 def test_turn_ok() -> None:

@@ -18,8 +18,14 @@ One switch, ``AlgoConfig.mode``, selects the row of OpenSearch-VL's RL ablation:
 r~ is the grouped estimator over ALL members: ``grpo`` (r - mean) / (std + eps) with the
 population (paper) or unbiased std, ``rloo`` n/(n-1) (r - mean), ``drgrpo`` r - mean; singleton
 groups get 0. The fatal step is recomputed from the turns with ``fatal_k`` (the first step of
-the first run of k consecutive error steps; an unanswered finished run is fatal at its length),
-so trajectories read back from disk follow this config; a member is *fatal* when it has one.
+the first run of k consecutive error steps), so trajectories read back from disk follow this
+config; a member is *fatal* when it has one. Only tool-caused cascades are fatal: the clamp
+protects reasoning from penalties for tool failures, not the model's own loops.
+
+``anomalies``: a member that ended unanswered without a cascade (max turns, context, timeout,
+repetition, an engine error) is ``penalize``d (the default: its mask and advantage as the mode
+gives any member, so running out of turns costs reward) or ``mask``ed (Vision-DeepResearch's
+choice: M = 0 everywhere; it still counts in the group statistics).
 
 ``filter_groups`` (DAPO's dynamic-sampling criterion, without the resampling): "acc" drops every
 group whose members all have the same ``reward["acc"]`` (all right or all wrong), "reward" every
@@ -52,6 +58,7 @@ from spyglass.kernels.advantage import ESTIMATORS, STD_KINDS, AdvantageConfig, g
 
 MODES = ("vanilla", "hard_mask", "fatal_mask", "fatal_mask_clamp")
 FILTERS = ("none", "acc", "reward")
+ANOMALIES = ("penalize", "mask")
 IMPLS = ("auto", "triton", "torch")
 ANOMALOUS = frozenset({Status.FATAL, Status.INTERRUPTED, Status.TRUNCATED, Status.ERROR})
 
@@ -71,6 +78,8 @@ class AlgoConfig:
     filter_groups: str = field(default="none", metadata={"choices": FILTERS})  # drop groups flat in that
     #   score: acc (reward["acc"]) | reward (the total); none keeps all
     neg_scale: float = 1.0  # weight of negative advantages: 1 = GRPO; 0 = reinforce only the above-average
+    anomalies: str = field(default="penalize", metadata={"choices": ANOMALIES})  # unanswered without
+    #   a cascade (max turns, timeout, repetition, error): penalize (trained on) | mask (M = 0)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -80,6 +89,8 @@ class AlgoConfig:
         if isinstance(self.neg_scale, bool) or not isinstance(self.neg_scale, (int, float)) \
                 or not 0.0 <= self.neg_scale <= 1.0:
             raise ValueError(f"AlgoConfig.neg_scale must be a number in [0, 1], got {self.neg_scale!r}")
+        if self.anomalies not in ANOMALIES:
+            raise ValueError(f"AlgoConfig.anomalies must be one of {ANOMALIES}, got {self.anomalies!r}")
         if self.impl not in IMPLS:
             raise ValueError(f"AlgoConfig.impl must be one of {IMPLS}, got {self.impl!r}")
         self.advantage_config()  # validates estimator, std and eps with their own messages
@@ -135,12 +146,18 @@ def _kept_groups(trajs: list[Trajectory], gidx: list[int], n_groups: int, how: s
     return [len(s) > 1 for s in scores]
 
 
+def anomalous(t: Trajectory, fatal_step: int | None) -> bool:
+    """Ended unanswered without a cascade: max turns, context, timeout, repetition, an error."""
+    return t.status is not Status.ANSWERED and fatal_step is None
+
+
 def _masks(trajs: list[Trajectory], cfg: AlgoConfig, fatal_steps: list[int | None]) -> list[torch.Tensor]:
+    keep = [cfg.anomalies == "penalize" or not anomalous(t, f) for t, f in zip(trajs, fatal_steps)]
     if cfg.mode == "vanilla":
-        return [token_mask(t) for t in trajs]
+        return [token_mask(t, keep=k) for t, k in zip(trajs, keep)]
     if cfg.mode == "hard_mask":
         return [token_mask(t, keep=t.status not in ANOMALOUS) for t in trajs]
-    return [token_mask(t, cut=f) for t, f in zip(trajs, fatal_steps)]
+    return [token_mask(t, cut=f, keep=k) for t, f, k in zip(trajs, fatal_steps, keep)]
 
 
 def compute_advantages(trajs: list[Trajectory], cfg: AlgoConfig = AlgoConfig(),
