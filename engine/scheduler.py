@@ -441,7 +441,7 @@ class Engine:
         t.segments.append(seg)
         lv.ntok += len(seg.token_ids)
         t.turns.append(turn)
-        self._account(lv, "gen", t0, t1, turn)
+        self._account(lv, "gen", t0, t1, turn, server_queue_s=min(max(out.queue_s, 0.0), t1 - t0))
         if self.jobs.env is not None:  # the environment decides what comes next (after the repetition check)
             if self.limits.repetitive(ids):
                 return self._finish(lv, Status.INTERRUPTED, "repetition")
@@ -522,7 +522,8 @@ class Engine:
         self.placement.ready_up(lv)
         return False
 
-    def _account(self, lv: Live, kind: str, t0: float, t1: float, turn: Turn | None) -> None:
+    def _account(self, lv: Live, kind: str, t0: float, t1: float, turn: Turn | None,
+                 server_queue_s: float = 0.0) -> None:
         s = self.stats
         if kind == "gen" and turn is not None:
             s.turns += 1
@@ -533,8 +534,13 @@ class Engine:
         else:
             s.tool_s += t1 - t0
         if self.record_spans:
-            if kind == "gen" and turn is not None and turn.queue_s > 0:
-                s.spans.append((lv.traj.id, "wait", t0 - turn.queue_s, t0))
+            if kind == "gen" and turn is not None and turn.queue_s + server_queue_s > 0:
+                # waiting for a slot: in the engine's ready queue, then in the server's own queue
+                s.spans.append((lv.traj.id, "wait", t0 - turn.queue_s, t0 + server_queue_s))
+                t0 += server_queue_s
+            if kind == "tool" and lv.traj.turns:  # "tool:Crop+OCR": the timeline colours by tool
+                names = sorted({str(c.get("name", "?")) for c in lv.traj.turns[-1].calls})
+                kind = "tool:" + "+".join(names) if names else kind
             s.spans.append((lv.traj.id, kind, t0, t1))
 
     def _finish(self, lv: Live, status: Status, reason: str) -> bool:

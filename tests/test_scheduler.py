@@ -253,7 +253,7 @@ def test_lockstep_baseline_runs_turns_in_batches() -> None:
     assert len(groups) == 6 and all(g[0].status is Status.ANSWERED for g in groups)
     spans = engine.stats.spans
     gens = [(t0, t1) for _, k, t0, t1 in spans if k == "gen"]
-    tools = [(t0, t1) for _, k, t0, t1 in spans if k == "tool"]
+    tools = [(t0, t1) for _, k, t0, t1 in spans if k.startswith("tool")]
     # lock-step: no generation overlaps any tool span, and batches of 3 never interleave
     assert not any(g0 < t1 and t0 < g1 for g0, g1 in gens for t0, t1 in tools)
     first_batch = {f"p{i}#0" for i in range(3)}
