@@ -4,16 +4,16 @@ the group in its own process, and the vLLM worker extension driven without vLLM.
 
     .venv/bin/python -m pytest -q tests/test_weight_sync.py
 
-This file is also the fake servers' program: `python tests/test_weight_sync.py sglang MODEL
-PORTFILE` serves SGLang's endpoints over an HF backend; `... vllm-worker SPEC OUT` runs the
-vLLM worker extension on a fake worker.
+The fake SGLang server is tests/fake_sglang.py (its own process). This file is also the other
+children's program: `python tests/test_weight_sync.py vllm-worker SPEC OUT` runs the vLLM worker
+extension on a fake worker; `... recv`, `... trainer-rank` and `... trainer-exit` are the
+group's other ends below.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -26,14 +26,10 @@ import torch
 from test_backend_http import in_thread
 from torch import nn
 
+from spyglass.trainer.distributed import free_port
+
 HERE = Path(__file__).resolve().parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _runtime(model: nn.Module) -> Any:
@@ -60,84 +56,6 @@ class Mixed(nn.Module):
 
 
 # ------------------------------------------------------------------------------ child programs
-def _serve_sglang(model_dir: str, port_file: str) -> None:
-    """A fake SGLang server: SGLang's HTTP endpoints over spyglass's HF backend; the weight
-    endpoints join / receive on a real gloo group (in threads, so /health keeps answering)."""
-    from aiohttp import web
-
-    from spyglass.engine.backends.base import GenerateRequest, SamplingParams
-    from spyglass.engine.backends.hf import HFBackend
-    from spyglass.engine.loader import load_model
-    from spyglass.trainer.weight_sync import close_update_group, init_update_group, receive_bucket
-
-    hf = HFBackend.from_model(load_model(model_dir), name="fake-sglang")
-    groups: dict[str, Any] = {}
-    calls: list[str] = []
-
-    async def run(fn: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(None, fn)
-
-    async def health(_: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
-    async def info(_: web.Request) -> web.Response:
-        return web.json_response({"tp_size": 1, "calls": calls})
-
-    async def generate(request: web.Request) -> web.Response:
-        body = await request.json()
-        sp = body["sampling_params"]
-        out = await hf.generate(GenerateRequest(body["rid"], body["input_ids"], SamplingParams(
-            max_tokens=sp["max_new_tokens"], temperature=sp["temperature"], top_p=sp["top_p"], top_k=sp["top_k"],
-            stop_token_ids=sp["stop_token_ids"], seed=sp.get("sampling_seed"))))
-        return web.json_response({"text": "", "output_ids": out.token_ids, "meta_info": {
-            "finish_reason": {"type": out.finish_reason}, "completion_tokens": len(out.token_ids),
-            "output_token_logprobs": [[lp, t, None] for lp, t in zip(out.logprobs, out.token_ids)],
-            "weight_version": str(hf.version)}})
-
-    async def init_group(request: web.Request) -> web.Response:
-        b = await request.json()
-        calls.append("init")
-        groups[b["group_name"]] = await run(lambda: init_update_group(
-            b["master_address"], b["master_port"], b["rank_offset"], b["world_size"], backend=b["backend"],
-            group_name=b["group_name"], timeout_s=60))
-        return web.json_response({"success": True, "message": "joined"})
-
-    async def update(request: web.Request) -> web.Response:
-        b = await request.json()
-        calls.append("update")
-        got = await run(lambda: receive_bucket(groups[b["group_name"]], b["names"], b["dtypes"], b["shapes"]))
-        last = b.get("flush_cache", True)
-        version = int(b["weight_version"]) if last and b.get("weight_version") is not None else hf.version
-        await hf.update_weights(dict(got), version)
-        return web.json_response({"success": True, "message": f"{len(got)} tensors"})
-
-    async def destroy(request: web.Request) -> web.Response:
-        b = await request.json()
-        group = groups.pop(b["group_name"], None)
-        if group is not None:
-            close_update_group(group)
-        return web.json_response({"success": group is not None, "message": ""})
-
-    async def main() -> None:
-        app = web.Application()
-        app.router.add_get("/health", health)
-        app.router.add_get("/get_server_info", info)
-        app.router.add_post("/generate", generate)
-        app.router.add_post("/init_weights_update_group", init_group)
-        app.router.add_post("/update_weights_from_distributed", update)
-        app.router.add_post("/destroy_weights_update_group", destroy)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        Path(port_file + ".tmp").write_text(str(site._server.sockets[0].getsockname()[1]))
-        os.replace(port_file + ".tmp", port_file)
-        while os.getppid() != 1:  # ends with its parent
-            await asyncio.sleep(0.5)
-
-    asyncio.run(main())
-
-
 class _FakeModel:
     """vLLM's model surface the extension uses: load_weights(weights=[(name, tensor), ...])."""
 
@@ -186,6 +104,66 @@ def _receiver(spec_file: str, out_file: str) -> None:
     torch.save(got, out_file)
 
 
+def _trainer_rank(rank: str, port: str, url: str, out_file: str) -> None:
+    """One of two trainer ranks under a default gloo group (a ZeRO trainer's), rank 0 also
+    syncing to a fake SGLang server. Its default group binds a device, as DeepSpeed's does on
+    CUDA; torch would then build a registered group by splitting the default communicator
+    (`_get_split_source`), which only rank 0 would call: here that split is an error."""
+    from datetime import timedelta
+
+    import torch.distributed as tdist
+    from torch.distributed import distributed_c10d as c10d
+
+    from spyglass.engine.backends.sglang import SGLangBackend, SGLangConfig
+    from spyglass.trainer.weight_sync import WeightSync, WeightSyncConfig
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=int(rank), world_size=2,
+                             timeout=timedelta(seconds=60))
+    if rank == "0":
+        default = c10d._get_default_group()
+        default.bound_device_id = torch.device("cuda", 0)
+
+        def no_split(_: Any) -> None:
+            raise AssertionError("the weight-update group was split from the trainer's default group")
+        c10d._get_split_source = no_split
+        loop = asyncio.new_event_loop()
+        be = SGLangBackend(SGLangConfig(base_url=url, name="sg-0", retries=0))
+        sync = WeightSync(WeightSyncConfig(transport="group", timeout_s=60), [be], 0, Path(out_file).parent / "w")
+        try:
+            metrics = sync(_runtime(Mixed()), 1, loop)
+            info = loop.run_until_complete(be.request_json("GET", "/get_server_info"))
+        finally:
+            sync.close(loop)
+            loop.run_until_complete(be.close())
+            loop.close()
+        default.bound_device_id = None
+        Path(out_file).write_text(json.dumps({"metrics": metrics, "info": info}))
+    tdist.barrier()  # the default group still works beside the weight-update group
+    tdist.destroy_process_group()
+
+
+def _trainer_exit(url0: str, url1: str) -> None:
+    """Trainer rank 0 syncing a 64 MB tensor to two servers, the first of which refuses the
+    bucket while the second stays in the broadcast: prints the BackendError's time, then exits."""
+    from spyglass.engine.backends.base import BackendError
+    from spyglass.engine.backends.sglang import SGLangBackend, SGLangConfig
+    from spyglass.trainer.weight_sync import WeightSync, WeightSyncConfig
+    model = nn.Module()
+    model.w = nn.Parameter(torch.ones(16 << 20))  # [16M] fp32: more than the sockets buffer
+    loop = asyncio.new_event_loop()
+    fleet = [SGLangBackend(SGLangConfig(base_url=u, name=f"sg-{i}", retries=0)) for i, u in enumerate((url0, url1))]
+    sync = WeightSync(WeightSyncConfig(transport="group", dtype="fp32", timeout_s=90), fleet, 0, "unused")
+    try:
+        sync(_runtime(model), 1, loop)
+        print("SYNCED", flush=True)
+    except BackendError as e:
+        print(f"FAILED {time.time()} {e}", flush=True)
+    finally:
+        sync.close(loop)
+        for be in fleet:
+            loop.run_until_complete(be.close())
+        loop.close()
+
+
 # ------------------------------------------------------------------------------ helpers
 def _child(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, __file__, *args], env=ENV, stdout=subprocess.PIPE,
@@ -193,15 +171,22 @@ def _child(*args: str) -> subprocess.Popen:
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 60) -> None:
-    out, _ = proc.communicate(timeout=timeout)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
     assert proc.returncode == 0, out[-4000:]
 
 
 @contextmanager
-def fake_sglang(model_dir: str | Path, tmp: Path) -> Iterator[str]:
-    """A fake SGLang server process on 127.0.0.1; yields its URL."""
+def fake_sglang(model_dir: str | Path | None, tmp: Path, *flags: str) -> Iterator[str]:
+    """A fake SGLang server process (tests/fake_sglang.py) on 127.0.0.1; yields its URL."""
     port_file = tmp / f"port-{time.monotonic_ns()}"
-    proc = _child("sglang", str(model_dir), str(port_file))
+    proc = subprocess.Popen([sys.executable, str(HERE / "fake_sglang.py"), str(port_file), *flags,
+                             *(["--model", str(model_dir)] if model_dir else [])], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 90
         while not port_file.exists():
@@ -246,7 +231,7 @@ def test_buckets_mixed_dtypes_bf16_wire_reproduce_the_weights(tmp_path):
     model = Mixed()
     buckets = list(iter_weight_buckets(_runtime(model), 8 << 10, torch.bfloat16, torch.device("cpu")))
     assert len(buckets) >= 3 and all(b.nbytes <= 8 << 10 or len(b.names) == 1 for b in buckets)
-    port = _port()
+    port = free_port()
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"port": port, "buckets": [b.meta() for b in buckets]}))
     proc = _child("recv", str(spec), str(tmp_path / "got.pt"))
@@ -272,7 +257,7 @@ def test_vllm_worker_extension_loads_buckets_through_load_weights(tmp_path):
 
     trained = tiny.build_tiny_text_lm(seed=1).model
     buckets = list(iter_weight_buckets(_runtime(trained), 512 << 10, torch.bfloat16, torch.device("cpu")))
-    port, procs = _port(), []
+    port, procs = free_port(), []
     for worker in (0, 1):
         spec = tmp_path / f"spec{worker}.json"
         spec.write_text(json.dumps({"worker_rank": worker, "buckets": [b.meta() for b in buckets], "open": {
@@ -321,6 +306,7 @@ def test_sglang_servers_take_weights_over_the_group(tmp_path):
         try:
             before = loop.run_until_complete(fleet[0].generate(GenerateRequest("a", prompt, greedy)))
             metrics = sync(_runtime(trained), 1, loop)
+            skipped = sync(_runtime(trained), 1, loop)  # no new version (a skipped update): nothing sent
             after = [loop.run_until_complete(be.generate(GenerateRequest("b", prompt, greedy))) for be in fleet]
             info = [loop.run_until_complete(be.request_json("GET", "/get_server_info")) for be in fleet]
         finally:
@@ -329,7 +315,11 @@ def test_sglang_servers_take_weights_over_the_group(tmp_path):
                 loop.run_until_complete(be.close())
     assert before.version == 0 and [a.version for a in after] == [1, 1] and [be.version for be in fleet] == [1, 1]
     assert set(metrics) == {"sync/group_s", "sync/group_gb"} and metrics["sync/group_gb"] > 0
-    assert all(i["calls"][0] == "init" and i["calls"].count("update") == 2 for i in info)  # 1.3 MB in 1 MB buckets
+    assert skipped == {"sync/skipped": 1.0}
+    assert all(i["calls"] == ["init", "update", "update"] for i in info)  # 1.3 MB in 1 MB buckets, one sync
+    # the version is sent with the last bucket only: SGLang applies one whenever it is sent,
+    # and would label outputs v1 while the first bucket's weights alone are in
+    assert all(i["versions"] == [None, "1"] for i in info), info
     assert torch.allclose(torch.tensor(before.logprobs), logprobs(old, before.token_ids), atol=1e-4)
     for a in after:
         got, want = torch.tensor(a.logprobs), logprobs(rounded, a.token_ids)
@@ -342,7 +332,7 @@ def test_sglang_servers_take_weights_over_the_group(tmp_path):
     auto = WeightSync(WeightSyncConfig(transport="auto"), [http], 0, tmp_path / "w")
     assert loop.run_until_complete(auto._decide()) == SyncPlan(group=False, state_dict=True, disk=True)
     # a server that refuses to join: an error naming it at once, not a hang until the timeout
-    with in_thread(_Refuses()) as (refuses,):
+    with in_thread(_Refuses({"tp_size": 1})) as (refuses,):
         bad = SGLangBackend(SGLangConfig(base_url=refuses.url, name="sg-bad", retries=0))
         t0 = time.monotonic()
         with pytest.raises(BackendError, match=r"\[sg-bad\] /init_weights_update_group failed"):
@@ -354,15 +344,127 @@ def test_sglang_servers_take_weights_over_the_group(tmp_path):
     loop.close()
 
 
+def test_group_never_splits_from_a_trainer_default_group(tmp_path):
+    """Two trainer ranks under a default gloo group whose default group binds a device (as
+    DeepSpeed's does on CUDA): rank 0 syncs a fake SGLang server over its own group, built
+    without torch's group registry (no split from the default communicator), and both ranks
+    then still use their default group."""
+    url_port = free_port()
+    with fake_sglang(None, tmp_path) as url:
+        procs = [_child("trainer-rank", str(r), str(url_port), url, str(tmp_path / "out.json")) for r in (0, 1)]
+        for p in procs:
+            _finish(p, 120)
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["info"]["calls"] == ["init", "update"] and out["info"]["received"] == 5
+    assert out["info"]["weight_version"] == "1" and out["metrics"]["sync/group_gb"] > 0
+
+
+def test_reopen_after_a_failed_sync_and_after_a_trainer_restart(tmp_path):
+    """A server keeps a group until it is destroyed and refuses its name again (torch does):
+    after a refused bucket the next sync destroys the dropped group and opens one under a new
+    name; a second trainer (the first never closed) opens its own against the same server."""
+    import pytest
+
+    from spyglass.engine.backends.base import BackendError
+    from spyglass.engine.backends.sglang import SGLangBackend, SGLangConfig
+    from spyglass.trainer.weight_sync import WeightSync, WeightSyncConfig
+
+    loop = asyncio.new_event_loop()
+    with fake_sglang(None, tmp_path, "--refuse-updates", "1") as url:
+        be = SGLangBackend(SGLangConfig(base_url=url, name="sg-0", retries=0))
+        first = WeightSync(WeightSyncConfig(transport="group", timeout_s=30), [be], 0, tmp_path / "w")
+        with pytest.raises(BackendError, match=r"\[sg-0\] POST /update_weights_from_distributed -> HTTP 400"):
+            first(_runtime(Mixed()), 1, loop)
+        assert first(_runtime(Mixed()), 1, loop)["sync/group_gb"] > 0  # reopened
+        restarted = WeightSync(WeightSyncConfig(transport="group", timeout_s=30), [be], 0, tmp_path / "w")
+        assert restarted(_runtime(Mixed()), 2, loop)["sync/group_gb"] > 0
+        info = loop.run_until_complete(be.request_json("GET", "/get_server_info"))
+        restarted.close(loop)
+        loop.run_until_complete(be.close())
+    loop.close()
+    assert info["calls"] == ["init", "update", "destroy", "init", "update", "init", "update"], info["calls"]
+    assert info["versions"] == [None, "1", "2"] and len(info["groups"]) == 2 and info["received"] == 10
+
+
+def test_trainer_exits_soon_after_a_failed_sync(tmp_path):
+    """A server refuses a bucket while its peer stays in the broadcast: trainer rank 0 raises
+    naming it, and its process then exits within seconds (the broadcast left waiting runs on a
+    daemon thread and the group is aborted), not after sync.timeout_s."""
+    with fake_sglang(None, tmp_path, "--refuse-updates", "1") as url0, fake_sglang(None, tmp_path) as url1:
+        proc = _child("trainer-exit", url0, url1)
+        try:
+            out, _ = proc.communicate(timeout=80)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        ended = time.time()
+    failed = [line for line in out.splitlines() if line.startswith("FAILED ")]
+    assert failed and "[sg-0] POST /update_weights_from_distributed -> HTTP 400" in failed[0], out[-3000:]
+    assert ended - float(failed[0].split()[1]) < 10, out[-3000:]
+
+
+def test_servers_that_cannot_join_as_tp_ranks_are_refused():
+    """SGLang joins as rank_offset + tp_rank: pipeline or data parallel servers are refused
+    naming the server and the value; vLLM workers must report ranks 0..n-1."""
+    import pytest
+
+    from spyglass.engine.backends.base import BackendError
+    from spyglass.engine.backends.sglang import SGLangBackend, SGLangConfig
+    from spyglass.trainer.weight_sync import check_worker_ranks
+
+    loop = asyncio.new_event_loop()
+    for key in ("pp_size", "dp_size"):
+        with in_thread(_Refuses({"tp_size": 2, key: 2})) as (srv,):
+            be = SGLangBackend(SGLangConfig(base_url=srv.url, name="sg-pp", retries=0))
+            with pytest.raises(BackendError, match=rf"\[sg-pp\] {key}=2"):
+                loop.run_until_complete(be.weight_group_size())
+            loop.run_until_complete(be.close())
+    with in_thread(_Refuses({"tp_size": 2, "pp_size": 1, "dp_size": 1})) as (srv,):
+        be = SGLangBackend(SGLangConfig(base_url=srv.url, name="sg-tp", retries=0))
+        assert loop.run_until_complete(be.weight_group_size()) == 2
+        loop.run_until_complete(be.close())
+    loop.close()
+    assert check_worker_ranks("vl", [1, 0, 2]) == 3
+    with pytest.raises(BackendError, match=r"\[vl\] its workers report ranks \[0, 1, 0, 1\]"):
+        check_worker_ranks("vl", [0, 1, 0, 1])
+
+
+def test_loopback_group_address_with_a_remote_server_is_a_config_error(monkeypatch):
+    import pytest
+
+    from spyglass.engine.backends.sglang import SGLangBackend, SGLangConfig
+    from spyglass.engine.config import ConfigError
+    from spyglass.trainer.weight_sync import WeightSyncConfig, group_address
+
+    local = SGLangBackend(SGLangConfig(base_url="http://127.0.0.1:30000", name="here"))
+    remote = SGLangBackend(SGLangConfig(base_url="http://10.1.2.3:30000", name="there"))
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    assert group_address(WeightSyncConfig(), [local]) == "127.0.0.1"
+    with pytest.raises(ConfigError, match=r"address '127.0.0.1' is loopback but server 'there' is at "
+                                          r"'http://10.1.2.3:30000'"):
+        group_address(WeightSyncConfig(), [local, remote])
+    monkeypatch.setenv("MASTER_ADDR", "localhost")
+    with pytest.raises(ConfigError, match="'localhost' is loopback"):
+        group_address(WeightSyncConfig(), [remote])
+    assert group_address(WeightSyncConfig(master_addr="10.1.2.4"), [remote]) == "10.1.2.4"
+    for be in (local, remote):
+        asyncio.run(be.close())
+
+
 class _Refuses:
-    """An SGLang-shaped server whose /init_weights_update_group answers success: false."""
+    """An SGLang-shaped server with this /get_server_info whose /init_weights_update_group
+    answers success: false."""
 
     runner: Any = None
+
+    def __init__(self, info: dict[str, Any]) -> None:
+        self.info = info
 
     async def start(self) -> None:
         from aiohttp import web
         async def info(_: web.Request) -> web.Response:
-            return web.json_response({"tp_size": 1})
+            return web.json_response(self.info)
 
         async def refuse(_: web.Request) -> web.Response:
             return web.json_response({"success": False, "message": "no NCCL here"})
@@ -382,4 +484,5 @@ class _Refuses:
 
 if __name__ == "__main__":
     role = sys.argv[1]
-    {"sglang": _serve_sglang, "vllm-worker": _vllm_worker, "recv": _receiver}[role](*sys.argv[2:])
+    {"vllm-worker": _vllm_worker, "recv": _receiver, "trainer-rank": _trainer_rank,
+     "trainer-exit": _trainer_exit}[role](*sys.argv[2:])

@@ -23,8 +23,8 @@ one (HFBackend, in-process vLLM/SGLang) and a saved HF checkpoint dir to HTTP ba
 (vLLM/SGLang servers reload from disk). `broadcast_state_dict` sends a state dict from one rank
 to the others of the default process group (bucketed per dtype; NCCL on GPU, gloo on CPU).
 Colocated mode: `sleep_backends` / `wake_backends` call a backend's `sleep()` / `wake_up()`
-when it has them (none of spyglass's backends do yet: for HF this is a no-op; vLLM's AsyncLLM
-and SGLang expose sleep/wake or release/resume memory that a backend can forward).
+when it has them (the in-process VLLMBackend does, through vLLM's sleep mode; for HF, which
+has none, this is a no-op).
 """
 from __future__ import annotations
 
@@ -89,9 +89,10 @@ class DistInfo:
     device: torch.device
 
 
-def _free_port() -> int:
+def free_port(host: str = "") -> int:
+    """A TCP port free on `host` ("": every interface, what a TCPStore listens on)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
@@ -115,7 +116,7 @@ def init_distributed(cfg: Optional[DistConfig] = None) -> DistInfo:
     if not tdist.is_initialized():
         if "RANK" not in os.environ:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(_free_port()))
+                              MASTER_PORT=str(free_port()))
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,

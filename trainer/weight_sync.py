@@ -1,10 +1,12 @@
 """Weight sync from trainer rank 0 to generation servers over a torch process group.
 
 One group spans trainer rank 0 (rank 0) and every worker of every server (rank_offset + the
-worker's own rank, so tensor-parallel servers work); it is built on both sides by
-`init_update_group` (a TCPStore at master_addr:master_port, a PrefixStore named after the
-group, torch's own ProcessGroupGloo / ProcessGroupNCCL: the construction SGLang's
-`init_weights_update_group` uses), separate from the trainer's ZeRO group. An update is a
+worker's own rank, so tensor-parallel servers work); the trainer and vLLM workers build it with
+`init_update_group` (a TCPStore at master_addr:master_port, torch's ProcessGroupGloo /
+ProcessGroupNCCL constructed directly on the prefixed stores SGLang's
+`init_weights_update_group` uses, so both ends meet), never registered with torch.distributed
+and so never split from the trainer's ZeRO group. Each open has its own name
+(sync.group_name-port-pid-n; SGLang refuses a name it still holds). An update is a
 stream of buckets (`bucket_mb` each, floating tensors cast to the wire dtype, bf16 by
 default): per bucket one server call carries (names, dtypes, shapes, version) and rank 0 then
 broadcasts the bucket's tensors in that order; the servers load them as they arrive. The
@@ -29,11 +31,11 @@ both ends (a clear error here without it); the gloo path runs on CPU and is what
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import inspect
+import ipaddress
 import os
 import shutil
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -58,8 +60,9 @@ class WeightSyncConfig:
     dtype: str = field(default="bf16", metadata={"choices": tuple(WIRE_DTYPES)})  # floating tensors on the wire
     backend: str = field(default="auto", metadata={"choices": GROUP_BACKENDS})  # auto: nccl with CUDA, else gloo
     master_addr: str = ""  # where the servers reach trainer rank 0; "" = $MASTER_ADDR, else 127.0.0.1
+    #   (loopback with a server elsewhere is a config error)
     master_port: int = 0  # the group's TCPStore port on trainer rank 0; 0 = a free port
-    group_name: str = "spyglass-weights"  # the group's name on every member (SGLang's group_name)
+    group_name: str = "spyglass-weights"  # prefix of the group's name (each open adds -port-pid-n)
     timeout_s: float = 600.0  # bound on opening the group and on each bucket (server call + broadcast)
 
     def __post_init__(self) -> None:
@@ -95,50 +98,99 @@ class WeightSyncConfig:
 
 
 # ------------------------------------------------------------------------------ the group
+class UpdateGroup:
+    """A weight-update group: torch's ProcessGroupGloo / ProcessGroupNCCL built directly on a
+    TCPStore with fresh options, and its collectives called directly. It is never registered
+    with torch.distributed, so it is never split from a default group that bound a device
+    (DeepSpeed binds one on CUDA; torch then builds new groups with ncclCommSplit from the
+    default communicator, which only this rank would call: the first broadcast would hang)."""
+
+    def __init__(self, pg: Any, backend: str, rank: int, world_size: int, store: Any) -> None:
+        self.pg, self.backend, self.rank, self.world_size = pg, backend, rank, world_size
+        self.store = store  # rank 0 hosts it: it lives as long as the group
+
+    @property
+    def device(self) -> torch.device:
+        """Where tensors travel: the current CUDA device for nccl, else CPU."""
+        return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+
+    def broadcast(self, t: torch.Tensor) -> None:
+        """Broadcast `t` from rank 0 (in place on the others); returns once this rank's part is
+        enqueued (gloo: done; nccl: ordered before later work on the current stream)."""
+        from torch.distributed import BroadcastOptions  # noqa: PLC0415
+        opts = BroadcastOptions()
+        opts.rootRank, opts.rootTensor = 0, 0
+        self.pg.broadcast([t], opts).wait()
+
+    def abort(self) -> None:
+        """Abort the communicator (a blocked NCCL collective returns); the group is unusable."""
+        fn = getattr(self.pg, "abort", None)
+        if callable(fn):
+            try:
+                fn()
+            except RuntimeError:
+                pass
+
+    def close(self) -> None:
+        """Leave the group (no collective: a peer that is gone does not block it)."""
+        fn = getattr(self.pg, "shutdown", None) if self.backend == "nccl" else None
+        if callable(fn):
+            try:
+                fn()
+            except RuntimeError:
+                pass
+
+
 def init_update_group(master_addr: str, master_port: int, rank: int, world_size: int, *,
                       backend: str = "gloo", group_name: str = "spyglass-weights",
-                      timeout_s: float = 600.0) -> Any:
-    """Join the weight-update group (blocks until all `world_size` ranks joined): rank 0 hosts
-    the TCPStore. The same call on the trainer, in vLLM workers and in test servers; SGLang's
-    init_weights_update_group builds the same group (a TCPStore client through its tcp://
-    rendezvous, PrefixStore(group_name), the same process-group helper)."""
-    from torch.distributed import TCPStore  # noqa: PLC0415
-    from torch.distributed.distributed_c10d import (Backend, PrefixStore, _new_process_group_helper,  # noqa: PLC0415
-                                                    _world)
+                      timeout_s: float = 600.0) -> UpdateGroup:
+    """Join the weight-update group (rank 0 hosts the TCPStore at master_addr:master_port). The
+    same call on the trainer and in vLLM workers. SGLang builds its end with torch's
+    `_new_process_group_helper` over PrefixStore(group_name, store): the stores here are the
+    ones that helper uses (PrefixStore "<name>/" then "<device>/"), so both ends meet."""
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
     if backend == "nccl" and not torch.cuda.is_available():
         raise RuntimeError("the weight-update group over NCCL needs CUDA on every member; this process has none")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside the group's world_size {world_size}")
+    from torch.distributed import PrefixStore, TCPStore  # noqa: PLC0415
     timeout = timedelta(seconds=timeout_s)
     # the store itself, not rendezvous("tcp://..."): under torchrun that makes rank 0 a client
     # of the launcher's agent store, and nothing would listen on master_port
     store = TCPStore(master_addr, master_port, world_size, is_master=rank == 0, timeout=timeout,
                      wait_for_workers=False)
-    opts = "backend_options" if "backend_options" in inspect.signature(_new_process_group_helper).parameters \
-        else "pg_options"
-    pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), PrefixStore(group_name, store),
-                                      group_name=group_name, timeout=timeout, **{opts: None})
-    _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
-    return pg
+    device = "cuda" if backend == "nccl" else "cpu"
+    prefixed = PrefixStore(f"{device}/", PrefixStore(f"{group_name}/", PrefixStore(group_name, store)))
+    if backend == "gloo":
+        from torch.distributed.distributed_c10d import ProcessGroupGloo  # noqa: PLC0415
+        pg = ProcessGroupGloo(prefixed, rank, world_size, timeout)
+        pg.options.global_ranks_in_group = []
+        pg.options.group_name = group_name
+    else:
+        from torch.distributed import is_nccl_available  # noqa: PLC0415
+        if not is_nccl_available():
+            raise RuntimeError(f"this torch ({torch.__version__}) has no NCCL: the weight-update group cannot use it")
+        from torch.distributed.distributed_c10d import ProcessGroupNCCL  # noqa: PLC0415 - CUDA builds only
+        opts = ProcessGroupNCCL.Options()  # fresh: no split_from, no bound device (lazy init)
+        opts.is_high_priority_stream = False
+        opts._timeout = timeout
+        opts.global_ranks_in_group = []
+        opts.group_name = group_name
+        pg = ProcessGroupNCCL(prefixed, rank, world_size, opts)
+    pg._set_sequence_number_for_group()  # as torch's helper does (gloo: rank 0 publishes it in the store)
+    return UpdateGroup(pg, backend, rank, world_size, store)
 
 
 def close_update_group(group: Any) -> None:
     """Leave the group (no collective: a peer that is gone does not block it)."""
-    import torch.distributed as tdist  # noqa: PLC0415
-    try:
-        tdist.destroy_process_group(group)
-    except (ValueError, RuntimeError):
-        pass
+    if isinstance(group, UpdateGroup):
+        group.close()
 
 
-def group_device(group: Any) -> torch.device:
+def group_device(group: UpdateGroup) -> torch.device:
     """Where tensors travel for `group`: the current CUDA device for nccl, else CPU."""
-    import torch.distributed as tdist  # noqa: PLC0415
-    if tdist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    return group.device
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -153,28 +205,26 @@ def parse_dtype(name: str) -> torch.dtype:
     return dtype
 
 
-def receive_bucket(group: Any, names: list[str], dtypes: list[str], shapes: list[list[int]],
+def receive_bucket(group: UpdateGroup, names: list[str], dtypes: list[str], shapes: list[list[int]],
                    device: Optional[torch.device] = None) -> list[tuple[str, torch.Tensor]]:
     """Server side of one bucket: receive each tensor from rank 0, in order."""
-    import torch.distributed as tdist  # noqa: PLC0415
     if not len(names) == len(dtypes) == len(shapes):
         raise ValueError(f"a bucket has {len(names)} names, {len(dtypes)} dtypes and {len(shapes)} shapes")
-    device = device or group_device(group)
+    device = device or group.device
     out = []
     for name, dt, shape in zip(names, dtypes, shapes):
         t = torch.empty(tuple(shape), dtype=parse_dtype(dt), device=device)
-        tdist.broadcast(t, src=0, group=group)
+        group.broadcast(t)
         out.append((name, t))
     return out
 
 
-def send_bucket(group: Any, tensors: list[torch.Tensor]) -> None:
+def send_bucket(group: UpdateGroup, tensors: list[torch.Tensor]) -> None:
     """Trainer side of one bucket: broadcast each tensor from rank 0, in order."""
-    import torch.distributed as tdist  # noqa: PLC0415
     for t in tensors:
-        tdist.broadcast(t, src=0, group=group)
-    if tensors and tensors[0].is_cuda:
-        torch.cuda.synchronize()  # the bucket may be freed once this returns: NCCL must be done with it
+        group.broadcast(t)
+    if tensors and tensors[0].is_cuda:  # the bucket may be freed once this returns: NCCL must be done
+        torch.cuda.synchronize(tensors[0].device)  # with it (its own device, not this thread's default)
 
 
 # ------------------------------------------------------------------------------ buckets
@@ -302,10 +352,46 @@ class GroupReceiver(Protocol):
         """Leave the group."""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])
+def check_worker_ranks(server: str, ranks: list[Any]) -> int:
+    """How many workers a server joins with, from the ranks its workers report: exactly
+    0..n-1 (each joins as rank_offset + its rank), else BackendError naming the server (data
+    parallel engines answer 0..tp-1 once each, which would put two workers on one rank)."""
+    from spyglass.engine.backends.base import BackendError  # noqa: PLC0415
+    if sorted(ranks) != list(range(len(ranks))):
+        raise BackendError(server, f"its workers report ranks {ranks}, not 0..{len(ranks) - 1}: a weight-update "
+                                   "group needs one engine (no data parallelism) whose workers join once each")
+    return len(ranks)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    if host == "localhost":
+        return True
+    try:  # a name: loopback when it resolves only there (Debian maps its own hostname to 127.0.1.1)
+        return all(ipaddress.ip_address(a[4][0]).is_loopback for a in socket.getaddrinfo(host, None))
+    except (OSError, ValueError):
+        return False
+
+
+def group_address(cfg: WeightSyncConfig, servers: Iterable[Any]) -> str:
+    """Where the servers reach trainer rank 0: sync.master_addr, else $MASTER_ADDR, else
+    127.0.0.1; a loopback address with a server elsewhere is a ConfigError naming both."""
+    from urllib.parse import urlparse  # noqa: PLC0415
+
+    from spyglass.engine.config import ConfigError  # noqa: PLC0415
+    addr = cfg.master_addr or os.environ.get("MASTER_ADDR", "") or "127.0.0.1"
+    if _is_loopback(addr):
+        for s in servers:
+            url = getattr(getattr(s, "cfg", None), "base_url", "")
+            host = urlparse(url).hostname if url else None
+            if host and not _is_loopback(host):
+                raise ConfigError(f"the weight-update group's address {addr!r} is loopback but server "
+                                  f"{getattr(s, 'name', url)!r} is at {url!r}: set sync.master_addr (or "
+                                  "MASTER_ADDR) to an address of trainer rank 0 that server can reach")
+    return addr
 
 
 async def probe_group_servers(backends: Iterable[Any], transport: str) -> tuple[list[Any], dict[str, str]]:
@@ -331,29 +417,59 @@ async def probe_group_servers(backends: Iterable[Any], transport: str) -> tuple[
     return ok, why
 
 
+def _in_daemon_thread(loop: asyncio.AbstractEventLoop, fn: Any) -> asyncio.Future:
+    """`fn()` on a daemon thread, as a future of `loop`: a collective stuck after a failed sync
+    neither blocks the event loop nor the interpreter's exit (a pool thread would be joined)."""
+    fut = loop.create_future()
+
+    def deliver(value: Any, error: Optional[BaseException]) -> None:
+        if fut.done():
+            return
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(value)
+
+    def run() -> None:
+        try:
+            value, error = fn(), None
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting task
+            value, error = None, e
+        try:
+            loop.call_soon_threadsafe(deliver, value, error)
+        except RuntimeError:  # the loop closed meanwhile: nobody waits for this any more
+            pass
+
+    threading.Thread(target=run, name="spyglass-weight-sync", daemon=True).start()
+    return fut
+
+
 class GroupSender:
     """Trainer rank 0's end of the group: opened once over `servers`, then one `send` per
     bucket (the update's last one flagged). A failed or timed-out call leaves the group unusable:
-    it is dropped, and the next update opens a new one."""
+    it is aborted and dropped, and the next update opens a new one under a new name (after
+    asking the servers, best effort, to destroy the old one)."""
 
     def __init__(self, cfg: WeightSyncConfig, servers: list[Any]) -> None:
         self.cfg, self.servers = cfg, servers
-        self.group: Any = None
+        self.group: Optional[UpdateGroup] = None
+        self.group_name = ""  # this open's name: cfg.group_name + port, pid and a counter
         self.backend = cfg.group_backend()
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="spyglass-weight-sync")
         self.bytes_sent = 0
+        self._opens = 0
+        self._stale: list[str] = []  # names of dropped groups the servers may still hold
 
     @property
     def device(self) -> torch.device:
         return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
 
     async def _together(self, what: str, calls: list[tuple[Any, Any]], local: Any) -> None:
-        """Run the servers' calls and rank 0's own blocking collective (in a thread) together;
-        the first failure (or the timeout) raises naming the server."""
+        """Run the servers' calls and rank 0's own blocking collective (on a daemon thread)
+        together; the first failure (or the timeout) raises naming the server."""
         from spyglass.engine.backends.base import BackendError  # noqa: PLC0415
         loop = asyncio.get_running_loop()
         tasks = {asyncio.ensure_future(c): be for be, c in calls}
-        mine = loop.run_in_executor(self._pool, local)
+        mine = _in_daemon_thread(loop, local)
         pending = set(tasks) | {mine}
         deadline = loop.time() + self.cfg.timeout_s
         try:
@@ -374,26 +490,40 @@ class GroupSender:
         except BaseException:
             for t in tasks:
                 t.cancel()
-            if self.group is not None:  # a half-done collective leaves the group unusable
-                close_update_group(self.group)
-                self.group = None
+            mine.cancel()
+            self._drop()
             raise
+
+    def _drop(self) -> None:
+        """A half-done collective leaves the group unusable: abort it (a blocked NCCL call
+        returns) and forget it; the thread still in it holds it until that call ends."""
+        if self.group is not None:
+            self.group.abort()
+            self.group = None
+        if self.group_name:
+            self._stale.append(self.group_name)
 
     async def open(self) -> None:
         if self.group is not None:
             return
+        from spyglass.trainer.distributed import free_port  # noqa: PLC0415
+        if self._stale:  # best effort: a server that kept a dropped group frees its name
+            stale, self._stale = self._stale, []
+            await asyncio.gather(*(asyncio.wait_for(s.close_weight_group(n), 30) for s in self.servers
+                                   for n in stale), return_exceptions=True)
         sizes = [await s.weight_group_size() for s in self.servers]
         world = 1 + sum(sizes)
-        addr = self.cfg.master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1")
-        port = self.cfg.master_port or _free_port()
+        addr = group_address(self.cfg, self.servers)
+        port = self.cfg.master_port or free_port()
+        self._opens += 1
+        name = self.group_name = f"{self.cfg.group_name}-{port}-{os.getpid()}-{self._opens}"
         offsets = [1 + sum(sizes[:i]) for i in range(len(sizes))]
         box: list[Any] = []
-        calls = [(s, s.open_weight_group(addr, port, off, world, self.cfg.group_name, self.backend, self.cfg.timeout_s))
+        calls = [(s, s.open_weight_group(addr, port, off, world, name, self.backend, self.cfg.timeout_s))
                  for s, off in zip(self.servers, offsets)]
-        await self._together(f"opening weight-update group {self.cfg.group_name!r} at {addr}:{port}", calls,
+        await self._together(f"opening weight-update group {name!r} at {addr}:{port}", calls,
                              lambda: box.append(init_update_group(addr, port, 0, world, backend=self.backend,
-                                                                  group_name=self.cfg.group_name,
-                                                                  timeout_s=self.cfg.timeout_s)))
+                                                                  group_name=name, timeout_s=self.cfg.timeout_s)))
         self.group = box[0]
 
     async def send(self, bucket: Bucket, version: int, last: bool) -> None:
@@ -401,8 +531,8 @@ class GroupSender:
         if self.group is None:
             raise RuntimeError("GroupSender.send before open() (or after a failed sync)")
         meta = bucket.meta()
-        calls = [(s, s.receive_weights(meta, self.cfg.group_name, version, last,
-                                                     timeout_s=self.cfg.timeout_s)) for s in self.servers]
+        calls = [(s, s.receive_weights(meta, self.group_name, version, last, timeout_s=self.cfg.timeout_s))
+                 for s in self.servers]
         group = self.group
         await self._together(f"weight update v{version} ({len(bucket.names)} tensors)", calls,
                              lambda: send_bucket(group, bucket.tensors))
@@ -410,11 +540,10 @@ class GroupSender:
 
     async def close(self) -> None:
         if self.group is not None:
-            await asyncio.gather(*(s.close_weight_group(self.cfg.group_name) for s in self.servers),
-                                 return_exceptions=True)
-            close_update_group(self.group)
+            await asyncio.gather(*(asyncio.wait_for(s.close_weight_group(self.group_name), 30)
+                                   for s in self.servers), return_exceptions=True)
+            self.group.close()
             self.group = None
-        self._pool.shutdown(wait=False)
 
 
 def empty_bucket() -> Bucket:
@@ -441,8 +570,8 @@ async def stream_update(sender: GroupSender, buckets: Iterable[Optional[Bucket]]
 # ------------------------------------------------------------------------------ the trainer's sync
 @dataclass(frozen=True)
 class SyncPlan:
-    """Decided on rank 0 at the first sync, shared with every rank: whether the bucket stream
-    (group) and the full state dict (disk / in-process) are needed."""
+    """Decided on rank 0 at start-up (`WeightSync.prepare`), shared with every rank: whether the
+    bucket stream (group) and the full state dict (disk / in-process) are needed."""
 
     group: bool
     state_dict: bool
@@ -451,34 +580,46 @@ class SyncPlan:
 
 class WeightSync:
     """The trainer's weight sync (GRPO's `sync` step), called on every rank after each update:
-    group-capable servers get the bucket stream, the others a checkpoint dir (disk) and
-    in-process backends the state dict. Returns metrics: sync/<transport>_s and sync/group_gb."""
+    group-capable servers get the bucket stream, the others a checkpoint dir under
+    `weights_dir` (disk) and in-process backends the state dict. Returns metrics:
+    sync/<transport>_s and sync/group_gb; a version already synced is skipped (sync/skipped)."""
 
-    def __init__(self, cfg: WeightSyncConfig, backends: list[Any], rank: int, export_dir: str | os.PathLike) -> None:
+    def __init__(self, cfg: WeightSyncConfig, backends: list[Any], rank: int, weights_dir: str | os.PathLike) -> None:
         if cfg.transport != "disk":
             cfg.group_backend()  # nccl without CUDA: the error now, not after the first update
-        self.cfg, self.backends, self.rank, self.export_dir = cfg, backends, rank, export_dir
+        self.cfg, self.backends, self.rank, self.weights_dir = cfg, backends, rank, weights_dir
         self.plan: Optional[SyncPlan] = None
         self.sender: Optional[GroupSender] = None
         self.rest: list[Any] = []  # backends served from the state dict (disk or in-process)
+        self.synced: Optional[int] = None  # the last version pushed
 
     async def _decide(self) -> SyncPlan:
         group, why = await probe_group_servers(self.backends, self.cfg.transport)
         for name, reason in why.items():
             print(f"[sync] {name}: disk ({reason})", flush=True)
+        if group:
+            group_address(self.cfg, group)  # a loopback address for a remote server: the error now
         self.rest = [b for b in self.backends if b not in group]
         if group:
             self.sender = GroupSender(self.cfg, group)
         from spyglass.trainer.distributed import _takes_path  # noqa: PLC0415
         return SyncPlan(bool(group), bool(self.rest), any(_takes_path(b) for b in self.rest))
 
+    def prepare(self, loop: asyncio.AbstractEventLoop, broadcast: Any = lambda x: x) -> SyncPlan:
+        """Probe the servers (rank 0) and share the plan (every rank calls it): at start-up, so
+        a server that cannot take `transport: group` is one config error before any rollout."""
+        if self.plan is None:
+            self.plan = broadcast(loop.run_until_complete(self._decide()) if self.rank == 0 else None)
+        return self.plan
+
     def __call__(self, updater: Any, version: int, loop: asyncio.AbstractEventLoop,
                  broadcast: Any = lambda x: x) -> dict[str, float]:
         from spyglass.trainer.distributed import full_state_dict, sync_weights  # noqa: PLC0415
-        if self.plan is None:
-            self.plan = broadcast(loop.run_until_complete(self._decide()) if self.rank == 0 else None)
+        plan = self.prepare(loop, broadcast)
+        if version == self.synced:  # a skipped update: the servers already serve these weights
+            return {"sync/skipped": 1.0}
         out: dict[str, float] = {}
-        if self.plan.group:
+        if plan.group:
             t0 = time.perf_counter()
             device = self.sender.device if self.sender is not None else torch.device("cpu")
             buckets = iter_weight_buckets(updater, self.cfg.bucket_bytes, self.cfg.wire_dtype, device)
@@ -490,17 +631,18 @@ class WeightSync:
                 for _ in buckets:  # the ZeRO-3 gathers are collectives every rank joins
                     pass
             out["sync/group_s"] = time.perf_counter() - t0
-        if self.plan.state_dict:
+        if plan.state_dict:
             t0 = time.perf_counter()
             sd = full_state_dict(updater, rank0_only=True)
             if self.rank == 0:
-                weights = Path(self.export_dir)
+                weights = Path(self.weights_dir)
                 path = loop.run_until_complete(sync_weights(self.rest, sd, version, model=updater.model,
                                                             export_dir=weights))
                 for old in (weights.iterdir() if path is not None else []):
                     if old != path:  # only the newest checkpoint dir is kept
                         shutil.rmtree(old, ignore_errors=True)
-            out["sync/disk_s" if self.plan.disk else "sync/memory_s"] = time.perf_counter() - t0
+            out["sync/disk_s" if plan.disk else "sync/memory_s"] = time.perf_counter() - t0
+        self.synced = version
         return out
 
     def close(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -509,5 +651,6 @@ class WeightSync:
             self.sender = None
 
 
-__all__ = ["Bucket", "GroupSender", "SyncPlan", "WeightSync", "WeightSyncConfig", "close_update_group", "init_update_group",
-           "iter_weight_buckets", "probe_group_servers", "receive_bucket", "send_bucket", "stream_update"]
+__all__ = ["Bucket", "GroupSender", "SyncPlan", "UpdateGroup", "WeightSync", "WeightSyncConfig", "check_worker_ranks",
+           "close_update_group", "group_address", "init_update_group", "iter_weight_buckets", "probe_group_servers",
+           "receive_bucket", "send_bucket", "stream_update"]

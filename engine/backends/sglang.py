@@ -19,10 +19,13 @@ meta_info.weight_version, when the server reports one, is the output's version.
 
 Weight sync over a process group (trainer/weight_sync.py drives it; SGLang's own endpoints):
 GET /get_server_info (tp_size: how many workers join), POST /init_weights_update_group
-{master_address, master_port, rank_offset, world_size, group_name, backend}, then per bucket
-POST /update_weights_from_distributed {names, dtypes, shapes, group_name, flush_cache (last
-bucket only), weight_version}, each answered {"success", "message"} once the server has
-received the trainer's broadcast; POST /destroy_weights_update_group {group_name} at the end.
+{master_address, master_port, rank_offset, world_size, group_name, backend} (a server with
+pp_size or dp_size > 1 is refused: its workers join as rank_offset + tp_rank), then per bucket
+POST /update_weights_from_distributed {names, dtypes, shapes, group_name, flush_cache and
+weight_version (last bucket only: SGLang applies a version whenever one is sent)}, each
+answered {"success", "message"} once the server has received the trainer's broadcast; POST
+/destroy_weights_update_group {group_name} at the end, and before a reopen for a group a failed
+sync left behind (each open has a new name: SGLang refuses one it still holds).
 These calls block on the server until the trainer joins, so they are sent once (no retry)
 with the sync's own timeout.
 Checked only against a protocol-faithful aiohttp server in tests (sglang needs CUDA torch):
@@ -143,6 +146,10 @@ class SGLangBackend(HTTPBackend):
         tp = info.get("tp_size") if isinstance(info, dict) else None
         if not isinstance(tp, int) or tp < 1:
             raise BackendError(self.name, f"/get_server_info gives no tp_size: {str(info)[:200]}")
+        for key in ("pp_size", "dp_size"):  # SGLang joins as rank_offset + tp_rank: one rank per TP worker
+            if info.get(key, 1) not in (1, None):
+                raise BackendError(self.name, f"{key}={info[key]!r}: SGLang's weight-update group takes "
+                                              "tensor parallelism only (its workers join as rank_offset + tp_rank)")
         return tp
 
     async def open_weight_group(self, master_addr: str, master_port: int, rank_offset: int, world_size: int,
@@ -154,7 +161,9 @@ class SGLangBackend(HTTPBackend):
     async def receive_weights(self, meta: dict[str, Any], group_name: str, version: int, last: bool,
                               timeout_s: float = 600.0) -> None:
         check_version(self, version)
-        body = {**meta, "group_name": group_name, "flush_cache": last, "weight_version": str(version)}
+        body = {**meta, "group_name": group_name, "flush_cache": last}
+        if last:  # SGLang labels outputs with a weight_version as soon as one is sent: only once all are in
+            body["weight_version"] = str(version)
         await self._succeeds("/update_weights_from_distributed", body, timeout_s)
         if last:
             self.version = version

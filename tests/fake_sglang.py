@@ -1,0 +1,176 @@
+"""A protocol-faithful fake SGLang server for the weight-sync tests (and the benchmark, which
+loads this file by path): SGLang's HTTP endpoints, its weight-update group built the way SGLang
+builds it (rendezvous over tcp://, PrefixStore(group_name), torch's `_new_process_group_helper`,
+registered with torch.distributed, so a group name it still holds is refused as torch does),
+`torch.distributed.broadcast` per tensor, a weight_version applied whenever one is sent (as
+SGLang's /update_weights_from_distributed does), /destroy_weights_update_group freeing the name.
+
+    python tests/fake_sglang.py PORTFILE [--model DIR] [--pp N] [--dp N] [--refuse-updates N]
+
+With --model (a HF checkpoint dir) it serves /generate over spyglass's HF backend and loads each
+bucket into that model; without, it keeps the received tensors' names and sizes only.
+--refuse-updates N: the first N /update_weights_from_distributed calls answer success: false
+without receiving (the trainer's broadcast is left waiting for this rank). It exits with its
+parent. GET /get_server_info also reports what it saw: calls, versions (the served version after
+each call), groups, received (tensors).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Optional
+
+
+def _sglang_group(b: dict[str, Any]) -> Any:
+    """SGLang's init_custom_process_group, as its model runner calls it (no device binding)."""
+    from torch.distributed.distributed_c10d import (Backend, PrefixStore, _new_process_group_helper, _world,
+                                                    rendezvous)
+    timeout = timedelta(seconds=60)
+    store, rank, world = next(rendezvous(f"tcp://{b['master_address']}:{b['master_port']}",
+                                         b["rank_offset"], b["world_size"], timeout=timeout))
+    store.set_timeout(timeout)
+    opts = "backend_options" if "backend_options" in inspect.signature(_new_process_group_helper).parameters \
+        else "pg_options"  # SGLang compares version strings here ("2.13" < "2.6"): checked by name instead
+    pg, _ = _new_process_group_helper(world, rank, [], Backend(b["backend"]), PrefixStore(b["group_name"], store),
+                                      group_name=b["group_name"], timeout=timeout, **{opts: None})
+    _world.pg_group_ranks[pg] = {i: i for i in range(world)}
+    return pg
+
+
+def serve(port_file: str, model_dir: Optional[str] = None, pp: int = 1, dp: int = 1, refuse_updates: int = 0,
+          load: Any = None) -> None:
+    """Serve until the parent exits; `load(named)` (optional) takes each received bucket."""
+    import torch
+    import torch.distributed as tdist
+    from aiohttp import web
+
+    hf = None
+    if model_dir:
+        from spyglass.engine.backends.hf import HFBackend
+        from spyglass.engine.loader import load_model
+        hf = HFBackend.from_model(load_model(model_dir), name="fake-sglang")
+    groups: dict[str, Any] = {}
+    state: dict[str, Any] = {"calls": [], "versions": [], "received": 0, "version": None, "refuse": refuse_updates}
+
+    async def run(fn: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(None, fn)
+
+    def answer(ok: bool, message: str = "") -> web.Response:
+        return web.json_response({"success": ok, "message": message}, status=200 if ok else 400)
+
+    async def health(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def info(_: web.Request) -> web.Response:
+        return web.json_response({"tp_size": 1, "pp_size": pp, "dp_size": dp, "calls": state["calls"],
+                                  "versions": state["versions"], "received": state["received"],
+                                  "groups": sorted(groups), "weight_version": state["version"]})
+
+    async def generate(request: web.Request) -> web.Response:
+        from spyglass.engine.backends.base import GenerateRequest, SamplingParams
+        body = await request.json()
+        sp = body["sampling_params"]
+        out = await hf.generate(GenerateRequest(body["rid"], body["input_ids"], SamplingParams(
+            max_tokens=sp["max_new_tokens"], temperature=sp["temperature"], top_p=sp["top_p"], top_k=sp["top_k"],
+            stop_token_ids=sp["stop_token_ids"], seed=sp.get("sampling_seed"))))
+        return web.json_response({"text": "", "output_ids": out.token_ids, "meta_info": {
+            "finish_reason": {"type": out.finish_reason}, "completion_tokens": len(out.token_ids),
+            "output_token_logprobs": [[lp, t, None] for lp, t in zip(out.logprobs, out.token_ids)],
+            "weight_version": state["version"] or "0"}})
+
+    async def init_group(request: web.Request) -> web.Response:
+        b = await request.json()
+        state["calls"].append("init")
+        try:
+            groups[b["group_name"]] = await run(lambda: _sglang_group(b))
+        except Exception as e:  # SGLang answers the error (a reused name, a timeout)
+            return answer(False, f"Failed to initialize custom process group: {e}.")
+        return answer(True, "joined")
+
+    def receive(b: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
+        got = []
+        for name, dt, shape in zip(b["names"], b["dtypes"], b["shapes"]):
+            t = torch.empty(shape, dtype=getattr(torch, dt))
+            tdist.broadcast(t, src=0, group=groups[b["group_name"]])
+            got.append((name, t))
+        return got
+
+    async def update(request: web.Request) -> web.Response:
+        b = await request.json()
+        state["calls"].append("update")
+        if state["refuse"] > 0:
+            state["refuse"] -= 1
+            state["versions"].append(state["version"])
+            return answer(False, "refused (test)")
+        try:
+            got = await run(lambda: receive(b))
+        except Exception as e:
+            return answer(False, f"Failed to update parameter online: {e}.")
+        state["received"] += len(got)
+        if hf is not None and got:
+            await hf.update_weights(dict(got), hf.version)
+        if load is not None:
+            await run(lambda: load(got))
+        if b.get("weight_version") is not None:  # SGLang: whenever one is sent with a success
+            state["version"] = b["weight_version"]
+        state["versions"].append(state["version"])
+        return answer(True, f"{len(got)} tensors")
+
+    async def destroy(request: web.Request) -> web.Response:
+        b = await request.json()
+        state["calls"].append("destroy")
+        group = groups.pop(b["group_name"], None)
+        if group is None:
+            return answer(False, f"group {b['group_name']!r} not found")
+        tdist.destroy_process_group(group)
+        return answer(True)
+
+    async def from_disk(request: web.Request) -> web.Response:
+        from safetensors.torch import load_file
+        path = (await request.json())["model_path"]
+        for f in sorted(Path(path).glob("*.safetensors")):
+            named = list(load_file(str(f)).items())
+            if load is not None:
+                await run(lambda: load(named))
+        return answer(True)
+
+    async def main() -> None:
+        app = web.Application(client_max_size=1 << 24)
+        app.router.add_get("/health", health)
+        app.router.add_get("/get_server_info", info)
+        if hf is not None:
+            app.router.add_post("/generate", generate)
+        app.router.add_post("/init_weights_update_group", init_group)
+        app.router.add_post("/update_weights_from_distributed", update)
+        app.router.add_post("/destroy_weights_update_group", destroy)
+        app.router.add_post("/update_weights_from_disk", from_disk)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        Path(port_file + ".tmp").write_text(str(site._server.sockets[0].getsockname()[1]))
+        os.replace(port_file + ".tmp", port_file)
+        while os.getppid() != 1:  # ends with its parent
+            await asyncio.sleep(0.5)
+
+    asyncio.run(main())
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(description="a fake SGLang server (weight endpoints, optional /generate)")
+    p.add_argument("port_file")
+    p.add_argument("--model", default="")
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--dp", type=int, default=1)
+    p.add_argument("--refuse-updates", type=int, default=0)
+    a = p.parse_args(argv)
+    serve(a.port_file, a.model or None, a.pp, a.dp, a.refuse_updates)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
