@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ sys.path.insert(0, str(HERE))
 
 from test_update import fresh, make_batch, weights  # noqa: E402
 
+from spyglass.trainer.distributed import free_port  # noqa: E402
 from spyglass.trainer.update import NonFiniteError, PolicyUpdater, UpdateConfig  # noqa: E402
 
 # eps 1e-2: Adam's first steps are ~lr*g/(|g|+eps), so float noise in near-zero gradients is not
@@ -97,18 +97,12 @@ def _worker(out: Path) -> None:
 
 
 # ------------------------------------------------------------------------------ pytest side
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     pytest.importorskip("deepspeed")
     out = tmp_path_factory.mktemp("dist")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            str(Path(__file__).resolve()), str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

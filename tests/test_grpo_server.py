@@ -50,6 +50,29 @@ def test_grpo_steps_reload_a_vllm_server_from_disk(server, tmp_path):
     assert sum(p == "/reset_prefix_cache" for p, _ in server.bodies) == 2
 
 
+def test_grpo_transport_group_without_the_extension_fails_before_any_rollout(server, tmp_path):
+    """sync.transport group with a vLLM server that has no worker extension: one config error
+    at start-up, naming the server, before any rollout is sampled."""
+    from spyglass.engine.config import ConfigError
+    world = tmp_path / "world"
+    ensure_world(world, WorldConfig())
+    data = tmp_path / "q.jsonl"
+    data.write_text(json.dumps({"id": 0, "question": "What is 1 + 1?", "answer": 2}) + "\n")
+    cfg = from_dict(GRPOConfig, {
+        "steps": 1, "ckpt_dir": str(tmp_path / "ckpt"), "log_dir": str(tmp_path / "log"), "sync": {"transport": "group"},
+        "rollout": {"model": "tiny:qwen2", "policy": "sample", "out": str(tmp_path / "r.jsonl"), "backend": "vllm-http",
+                    "backend_options": {"base_url": server.url, "model": "m", "dev_mode": True},
+                    "env": {"world_dir": str(world), "dense_search": False, "tools": ["Visit"],
+                            "data": {"path": str(data)}},
+                    "engine": {"n_samples": 2, "groups_per_step": 1, "max_turns": 1, "max_tokens_per_turn": 4,
+                               "temperature": 1.0}},
+        "update": {"lr": 1e-3, "temperature": 1.0}})
+    with pytest.raises(ConfigError, match="sync.transport 'group': server 'vllm-http-0' cannot join"):
+        run_grpo(cfg)
+    assert not any(p == "/v1/completions" for p, _ in server.bodies)  # no rollout ran
+    assert not (tmp_path / "r.jsonl").exists()
+
+
 @pytest.fixture
 def servers():
     with in_thread(FakeServer(), FakeServer()) as fakes:

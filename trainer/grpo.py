@@ -172,6 +172,7 @@ class _Run:
             except ImportError:  # tensorboard is in the `train` extra; the console log stays
                 self.writer = None
         self.syncer = WeightSync(cfg.sync, self.backends, rank, Path(cfg.log_dir) / "weights")
+        self.syncer.prepare(self.loop, self.broadcast)  # probe the servers now: a config error before any rollout
         if cfg.resume and latest_checkpoint(cfg.ckpt_dir) is not None:
             state = load_checkpoint(cfg.ckpt_dir, self.updater)
             self.start, self.pos = state["step"], state["data_state"]["pos"]
