@@ -1,9 +1,10 @@
 """Weight sync, seconds per GB by transport: trainer weights -> a generation server's model.
 
 The server is a process of its own speaking SGLang's weight endpoints (this script with
-`--serve`): /update_weights_from_disk reads the checkpoint dir into its model, and
+`--serve`, over tests/fake_sglang.py, the tests' SGLang-faithful server, loaded by path):
+/update_weights_from_disk reads the checkpoint dir into its model, and
 /init_weights_update_group + /update_weights_from_distributed receive over a torch process
-group and copy each bucket into its model. The trainer side is spyglass's own sync
+group built as SGLang builds it and copy each bucket into its model. The trainer side is spyglass's own sync
 (`trainer.weight_sync.WeightSync` through `SGLangBackend`), so each figure is the whole path
 GRPO's `sync` step takes, from the trained model to the weights loaded in the server:
 
@@ -54,76 +55,29 @@ def build_model(hidden: int, layers: int, seed: int = 0) -> torch.nn.Module:
 
 
 # ------------------------------------------------------------------------------ the server
+def _fake_sglang() -> Any:
+    """tests/fake_sglang.py, loaded by path (the benchmark does not import the test suite): the
+    same SGLang-faithful server the weight-sync tests use, so both measure one protocol."""
+    import importlib.util
+    path = Path(__file__).resolve().parent.parent / "tests" / "fake_sglang.py"
+    spec = importlib.util.spec_from_file_location("spyglass_fake_sglang", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def serve(hidden: int, layers: int, port_file: str) -> None:
-    """SGLang's weight endpoints over a model of the same shape, on 127.0.0.1."""
-    from aiohttp import web
-    from safetensors.torch import load_file
-
-    from spyglass.trainer.weight_sync import close_update_group, init_update_group, receive_bucket
-
+    """SGLang's weight endpoints over a model of the same shape, on 127.0.0.1: every bucket
+    (group) and every checkpoint file (disk) is copied into its parameters."""
     model = build_model(hidden, layers, seed=1)
     params = dict(model.named_parameters())
-    groups: dict[str, Any] = {}
 
-    def load(named: Any) -> int:
+    def load(named: Any) -> None:
         with torch.no_grad():
             for k, t in named:
                 params[k].copy_(t)
-        return len(params)
 
-    async def in_thread(fn: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(None, fn)
-
-    async def ok(data: Any = None) -> web.Response:
-        return web.json_response(data or {"success": True, "message": ""})
-
-    async def info(_: web.Request) -> web.Response:
-        return await ok({"tp_size": 1})
-
-    async def health(_: web.Request) -> web.Response:
-        return await ok()
-
-    async def from_disk(request: web.Request) -> web.Response:
-        path = (await request.json())["model_path"]
-        await in_thread(lambda: [load(load_file(str(f)).items()) for f in sorted(Path(path).glob("*.safetensors"))])
-        return await ok()
-
-    async def init_group(request: web.Request) -> web.Response:
-        b = await request.json()
-        groups[b["group_name"]] = await in_thread(lambda: init_update_group(
-            b["master_address"], b["master_port"], b["rank_offset"], b["world_size"], backend=b["backend"],
-            group_name=b["group_name"], timeout_s=300))
-        return await ok()
-
-    async def from_group(request: web.Request) -> web.Response:
-        b = await request.json()
-        await in_thread(lambda: load(receive_bucket(groups[b["group_name"]], b["names"], b["dtypes"], b["shapes"])))
-        return await ok()
-
-    async def destroy(request: web.Request) -> web.Response:
-        g = groups.pop((await request.json())["group_name"], None)
-        if g is not None:
-            close_update_group(g)
-        return await ok()
-
-    async def main() -> None:
-        app = web.Application(client_max_size=1 << 20)
-        app.router.add_get("/health", health)
-        app.router.add_get("/get_server_info", info)
-        app.router.add_post("/update_weights_from_disk", from_disk)
-        app.router.add_post("/init_weights_update_group", init_group)
-        app.router.add_post("/update_weights_from_distributed", from_group)
-        app.router.add_post("/destroy_weights_update_group", destroy)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        Path(port_file + ".tmp").write_text(str(site._server.sockets[0].getsockname()[1]))
-        os.replace(port_file + ".tmp", port_file)
-        while os.getppid() != 1:
-            await asyncio.sleep(0.5)
-
-    asyncio.run(main())
+    _fake_sglang().serve(port_file, load=load)
 
 
 # ------------------------------------------------------------------------------ the trainer
@@ -143,9 +97,9 @@ def start_server(a: argparse.Namespace, tmp: Path) -> tuple[subprocess.Popen, st
 def start_vllm(a: argparse.Namespace, model: torch.nn.Module, tmp: Path) -> tuple[subprocess.Popen, str]:
     """`vllm serve` of the model (saved to tmp, no tokenizer) with the worker extension."""
     from spyglass.engine.backends.vllm_ext import WORKER_EXTENSION
-    from spyglass.trainer.weight_sync import _free_port
+    from spyglass.trainer.distributed import free_port
     model.save_pretrained(tmp / "model")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
     proc = subprocess.Popen([a.vllm, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tmp / "model"),
                              "--skip-tokenizer-init", "--host", "127.0.0.1", "--port", str(port), "--enforce-eager",
