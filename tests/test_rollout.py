@@ -129,8 +129,8 @@ def test_backend_choice_and_options_are_checked_before_anything_runs(world: Path
         _cfg(world, tmp_path / "a.jsonl", backend="vllm-http", backend_options={"bogus": 1})
     with pytest.raises(ConfigError, match="backend must be one of"):
         _cfg(world, tmp_path / "a.jsonl", backend="nosuch")
-    blind = _cfg(world, tmp_path / "b.jsonl", backend="vllm-http", policy="sample",
-                 backend_options={"base_url": "http://127.0.0.1:9", "model": "m"})
+    blind = _cfg(world, tmp_path / "b.jsonl", backend="vllm-http", policy="sample",  # the text-only API
+                 backend_options={"base_url": "http://127.0.0.1:9", "model": "m", "api": "completions"})
     with pytest.raises(ConfigError, match=r"takes no images but 2 question\(s\) have images"):
         run_rollout(blind)
     assert not (tmp_path / "b.jsonl").exists()
