@@ -59,7 +59,8 @@ def test_grpo_transport_group_without_the_extension_fails_before_any_rollout(ser
     data = tmp_path / "q.jsonl"
     data.write_text(json.dumps({"id": 0, "question": "What is 1 + 1?", "answer": 2}) + "\n")
     cfg = from_dict(GRPOConfig, {
-        "steps": 1, "ckpt_dir": str(tmp_path / "ckpt"), "log_dir": str(tmp_path / "log"), "sync": {"transport": "group"},
+        "steps": 1, "ckpt_dir": str(tmp_path / "ckpt"), "log_dir": str(tmp_path / "log"),
+        "sync": {"transport": "group"},
         "rollout": {"model": "tiny:qwen2", "policy": "sample", "out": str(tmp_path / "r.jsonl"), "backend": "vllm-http",
                     "backend_options": {"base_url": server.url, "model": "m", "dev_mode": True},
                     "env": {"world_dir": str(world), "dense_search": False, "tools": ["Visit"],

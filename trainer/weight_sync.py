@@ -539,9 +539,11 @@ class GroupSender:
         self.bytes_sent += bucket.nbytes
 
     async def close(self) -> None:
+        names = self._stale + ([self.group_name] if self.group is not None else [])
+        self._stale = []
+        await asyncio.gather(*(asyncio.wait_for(s.close_weight_group(n), 30) for s in self.servers for n in names),
+                             return_exceptions=True)
         if self.group is not None:
-            await asyncio.gather(*(asyncio.wait_for(s.close_weight_group(self.group_name), 30)
-                                   for s in self.servers), return_exceptions=True)
             self.group.close()
             self.group = None
 

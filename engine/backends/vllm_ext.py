@@ -55,8 +55,8 @@ class WeightSyncWorker:
         from spyglass.trainer.weight_sync import close_update_group, init_update_group  # noqa: PLC0415
         s = _spec(payload)
         groups = self.__dict__.setdefault("_spyglass_groups", {})
-        if s["group_name"] in groups:  # a trainer that restarted: the old group is dead
-            close_update_group(groups.pop(s["group_name"]))
+        for name in list(groups):  # each open has a new name; one the trainer reopens or a restarted
+            close_update_group(groups.pop(name))  # trainer left behind is dead (one trainer feeds a server)
         rank = int(s["rank_offset"]) + int(getattr(self, "rank", 0))
         groups[s["group_name"]] = init_update_group(s["master_address"], int(s["master_port"]), rank,
                                                     int(s["world_size"]), backend=s.get("backend", "nccl"),
