@@ -1,7 +1,8 @@
 """vLLM backends: in-process `AsyncLLM` (vllm.v1, imported lazily) and a vLLM server over HTTP.
 
 In-process (`VLLMBackend`): prompts go in as `{"prompt_token_ids": ids, "multi_modal_data":
-{"image": [PIL, ...]}}`, SamplingParams map 1:1 (top_k -1 -> 0, detokenize off, logprobs=0 ->
+{"image": [PIL, ...]}}` (each image's placeholder run cut to one token, which vLLM 0.32 expands
+again, and its expanded prompt checked against ours, as on the HTTP generate route), SamplingParams map 1:1 (top_k -1 -> 0, detokenize off, logprobs=0 ->
 the sampled token's logprob). The engine is built with `logprobs_mode="processed_logprobs"`
 so logprobs are taken after temperature scaling (base.py's contract; vLLM renormalises over the
 top-k/top-p set when those are on, so they match exactly only with top_k=-1, top_p=1).
@@ -314,8 +315,9 @@ class VLLMBackend(_GroupSync, Backend):
             _check_forced_temperature(self.name, req)
         ids = req.prompt_ids.tolist() + (req.forced_ids[:req.sampling.max_tokens] if forced else [])
         prompt: dict[str, Any] = {"prompt_token_ids": ids}
-        if req.images:
-            prompt["multi_modal_data"] = {"image": list(req.images)}
+        if req.images:  # vLLM expands each placeholder itself (see the HTTP generate route)
+            prompt = {"prompt_token_ids": collapse_image_pads(ids, self._image_pad(), len(req.images)),
+                      "multi_modal_data": {"image": list(req.images)}}
         t0, t_first, last = time.perf_counter(), 0.0, None
         try:
             async for out in self.engine.generate(prompt, self._params(req, forced), req.request_id):
@@ -326,6 +328,8 @@ class VLLMBackend(_GroupSync, Backend):
         now = time.perf_counter()
         if last is None or not last.outputs:
             return GenerateOutput(req.request_id, [], [], "abort", self.version, self.name, now - t0, 0.0)
+        if req.images:
+            _check_expanded(self.name, {"prompt_token_ids": list(last.prompt_token_ids or [])}, ids)
         if forced:
             n = len(ids) - len(req.prompt_ids)
             toks = ids[len(req.prompt_ids):]
@@ -340,6 +344,12 @@ class VLLMBackend(_GroupSync, Backend):
         finish = _finish(self.name, comp.finish_reason) if last.finished else "abort"
         return GenerateOutput(req.request_id, toks, lps, finish, self.version, self.name,
                               (t_first or now) - t0, now - (t_first or now))
+
+    def _image_pad(self) -> int:
+        pad = getattr(self.engine.model_config.hf_config, "image_token_id", None)
+        if not isinstance(pad, int):
+            raise BackendError(self.name, "the model's config has no image_token_id (the image placeholder)")
+        return pad
 
     async def abort(self, request_id: str) -> None:
         await self.engine.abort(request_id)
