@@ -247,9 +247,11 @@ class _GroupSync:
             raise BackendError(self.name, f"{e.message} (weight sync over a group needs vLLM started with "
                                           f"--worker-extension-cls {WORKER_EXTENSION}, over HTTP with "
                                           "VLLM_SERVER_DEV_MODE=1)") from e
-        if not results or not all(isinstance(r, dict) and r.get("workers") == 1 for r in results):
+        if not results or not all(isinstance(r, dict) and r.get("workers") == 1 and isinstance(r.get("rank"), int)
+                                  for r in results):
             raise BackendError(self.name, f"unexpected answer from the worker extension: {str(results)[:200]}")
-        return len(results)
+        from spyglass.trainer.weight_sync import check_worker_ranks  # noqa: PLC0415
+        return check_worker_ranks(self.name, [r["rank"] for r in results])  # 0..n-1: no data-parallel copies
 
     async def open_weight_group(self, master_addr: str, master_port: int, rank_offset: int, world_size: int,
                                 group_name: str, backend: str, timeout_s: float) -> None:
