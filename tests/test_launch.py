@@ -94,8 +94,8 @@ ray = pytest.importorskip("ray", reason="spyglass launch needs the `cluster` ext
 from spyglass.engine.backends.vllm_ext import WORKER_EXTENSION  # noqa: E402
 from spyglass.engine.config import ConfigError, from_dict, load_config, to_dict  # noqa: E402
 from spyglass.engine.offline.world import WorldConfig, ensure_world  # noqa: E402
-from spyglass.trainer.launch import (LaunchConfig, LaunchFailed, ProcessActor, ServerSpec, TrainerSpec,  # noqa: E402
-                                     run_launch, shared_path_problem, trainer_args)
+from spyglass.trainer.launch import LaunchConfig, LaunchFailed, ServerSpec, TrainerSpec, run_launch, trainer_args  # noqa: E402
+from spyglass.trainer.launch_actor import ProcessActor, shared_path_problem  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -29,28 +29,24 @@ every subprocess group is killed, actors and placement groups removed.
 Ray is optional (`pip install -e ".[cluster]"`); without it, start the servers by their own CLIs
 and the trainer with torchrun, and pass the URLs (README, "On a GPU cluster").
 Test: .venv/bin/python -m pytest -q tests/test_launch.py (a two-node Ray cluster on 127.0.0.1).
+The actor each server and rank runs in: trainer/launch_actor.py.
 """
 from __future__ import annotations
 
-import collections
-import ctypes
 import json
-import secrets
 import os
 import re
+import secrets
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from spyglass.engine.backends.vllm_ext import WORKER_EXTENSION
 from spyglass.engine.config import ConfigError, check
+from spyglass.trainer.launch_actor import ProcessActor, _gpu_key, shared_path_problem  # noqa: F401 (re-exported)
 
 BACKEND_OF = {"vllm": "vllm-http", "sglang": "sglang"}  # the trainer's rollout.backend for each server kind
 PLACEHOLDERS = ("python", "model", "host", "port", "tp", "index")
@@ -275,124 +271,6 @@ def _trainer_plan(cfg: LaunchConfig) -> tuple[list[str], str, Any]:
     return args, model, grpo
 
 
-# ------------------------------------------------------------------------------ the actor
-def _libc_prctl() -> Any:
-    """libc's prctl, resolved here in the parent: loading a library in the child of a fork of a
-    multithreaded process (a Ray worker) can deadlock on a lock another thread held at the fork.
-    None where there is no libc.so.6 (not Linux)."""
-    try:
-        fn = ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    except OSError:
-        return None
-    fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong], ctypes.c_int
-    return fn
-
-
-def _die_with_parent(prctl: Any) -> Any:
-    """A preexec_fn: the child gets SIGKILL when the actor process that started it dies
-    (PR_SET_PDEATHSIG); it only calls the already resolved `prctl`."""
-    def preexec() -> None:  # pragma: no cover - runs in the child between fork and exec
-        if prctl is not None:
-            prctl(1, int(signal.SIGKILL), 0, 0, 0)
-    return preexec
-
-
-def shared_path_problem(files: dict[str, str], where: str) -> str | None:
-    """None when every nonce file (path -> its content) reads back as written on this node;
-    else one line naming the node (`where`) and the first path it does not see."""
-    for path, nonce in files.items():
-        try:
-            why = "" if Path(path).read_text(encoding="utf-8") == nonce else "it holds other content"
-        except OSError as e:
-            why = e.strerror or type(e).__name__
-        if why:
-            return (f"{where} cannot read {path}, which the launcher wrote ({why}): "
-                    f"log_dir/ckpt_dir must be on a filesystem every node shares")
-    return None
-
-
-class ProcessActor:
-    """A Ray actor that runs one subprocess (a server or a trainer rank) in its own process group
-    and hands its output lines to the launcher; made remote with `ray.remote` at launch time."""
-
-    def __init__(self, name: str) -> None:
-        self.name, self.proc = name, None
-        self.prctl = _libc_prctl()
-        self.lines: collections.deque[str] = collections.deque(maxlen=100_000)
-        self.last = ""
-
-    def __repr__(self) -> str:  # Ray's prefix for anything the actor itself prints
-        return self.name
-
-    def where(self) -> dict[str, Any]:
-        import ray  # noqa: PLC0415
-        return {"ip": ray.util.get_node_ip_address(), "node": ray.get_runtime_context().get_node_id(),
-                "gpus": sorted((str(g) for g in ray.get_gpu_ids()), key=_gpu_key), "python": sys.executable,
-                "pid": os.getpid()}
-
-    def free_port(self, host: str, candidates: list[int]) -> int:
-        """The first of `candidates` free on `host` ([]: any free port)."""
-        for port in candidates or [0]:
-            with socket.socket() as sock:
-                try:
-                    sock.bind((host, port))
-                except OSError:
-                    continue
-                return int(sock.getsockname()[1])
-        raise RuntimeError(f"{self.name}: none of ports {candidates[0]}..{candidates[-1]} is free on {host}")
-
-    def start(self, argv: list[str], env: dict[str, str], cwd: str) -> int:
-        bindir = os.path.dirname(sys.executable)  # the node's spyglass environment comes first on PATH
-        full = {**os.environ, "PATH": f"{bindir}:{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1", **env}
-        self.proc = subprocess.Popen(argv, env=full, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True,
-                                     preexec_fn=_die_with_parent(self.prctl))
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-        return self.proc.pid
-
-    def _read(self) -> None:
-        for raw in self.proc.stdout:
-            self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
-
-    def poll(self) -> tuple[list[str], int | None, str]:
-        """(new output lines, exit status or None while running, the last line ever seen)."""
-        rc = self.proc.poll() if self.proc is not None else None
-        if rc is not None:
-            self.reader.join(5)  # what the pipe still holds (unless a grandchild keeps it open)
-        out = [self.lines.popleft() for _ in range(len(self.lines))]
-        self.last = next((x for x in reversed(out) if x.strip()), self.last)
-        return out, rc, self.last
-
-    def sees(self, files: dict[str, str], where: str) -> str | None:
-        """shared_path_problem on this actor's node."""
-        return shared_path_problem(files, where)
-
-    def healthy(self, url: str) -> bool:
-        try:  # directly, never through an http_proxy of the node's environment
-            with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=5) as r:
-                return r.status == 200
-        except (OSError, ValueError):
-            return False
-
-    def stop(self, grace_s: float) -> int | None:
-        """SIGTERM to the process group, SIGKILL after grace_s (and to anything left in the group)."""
-        if self.proc is None:
-            return None
-        pgid = self.proc.pid  # start_new_session: the child leads its own group
-        if self.proc.poll() is None:
-            try:
-                os.killpg(pgid, signal.SIGTERM)
-                self.proc.wait(grace_s)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        return self.proc.wait()
-
-
 # ------------------------------------------------------------------------------ the launcher
 def _ray() -> Any:
     try:
@@ -411,11 +289,6 @@ class _Proc:
     url: str = ""
     rc: int | None = None
     last: str = ""
-
-
-def _gpu_key(g: str) -> tuple[int, int, str]:
-    """GPU ids in numeric order (Ray reports them as strings; a UUID sorts after the numbers)."""
-    return (0, int(g), "") if g.isdigit() else (1, 0, g)
 
 
 def _bundle(cpus: float, gpus: int) -> dict[str, float]:
