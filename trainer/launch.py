@@ -9,19 +9,20 @@ per node, spread by `trainer.placement`; then one STRICT_PACK bundle of its tens
 per server, since the server's own CLI runs its TP workers on one node); start each server as a
 Ray actor that runs the server's own command line as a subprocess (vLLM's OpenAI server, what
 `vllm serve` runs, with --worker-extension-cls, --logprobs-mode processed_logprobs (logprobs after
-temperature scaling, what the trainer recomputes), --enable-scale-out (the tokens-in route that
+temperature scaling: what the trainer recomputes), --enable-scale-out (the tokens-in route that
 takes images) and VLLM_SERVER_DEV_MODE=1; `python -m sglang.launch_server ...`, whose logprobs are
-temperature-scaled unless SGLANG_RETURN_ORIGINAL_LOGPROB is set, so the launcher sets it to 0; or
-any argv template for `kind: command`). Before any server starts, one actor per trainer node is
-placed and each node checks that it reads a nonce file the launcher wrote under the trainer's
-log_dir and ckpt_dir (every rank writes into rank 0's checkpoint dir; servers that may reload
-from disk check log_dir too): a node that does not is one line naming it and the path. Then wait
-until every server answers its health path (bounded by `startup_timeout_s`); start `nodes x
-ranks_per_node` `spyglass grpo` subprocesses with RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
-MASTER_PORT set, `--rollout.server_urls` naming the servers (rank 0 runs the rollout engine and
-talks to them) and, for vllm/sglang servers (they have the weight-sync extension), `--sync.transport
-group` in place of auto, so a server that cannot join the weight-update group is an error at the
-first sync, not a silent fallback to disk. Each process's lines are printed with its name as the prefix and written to
+temperature-scaled unless SGLANG_RETURN_ORIGINAL_LOGPROB is true, so the launcher sets it to 0; or
+any argv template for `kind: command`). Before any server starts, the trainer ranks' actors are
+placed and each of their nodes checks that it reads the nonce files the launcher wrote under the
+trainer's log_dir and ckpt_dir (every rank writes into rank 0's checkpoint dir; server nodes
+check log_dir when they may reload from <log_dir>/weights): a node that does not is one line
+naming it and the path. Then wait until every server answers its health path (bounded by
+`startup_timeout_s`); start `spyglass grpo` in every rank (one GPU each, or CPU) with RANK /
+WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT set, `--rollout.server_urls` naming the
+servers (rank 0 runs the rollout engine and talks to them) and, for vllm/sglang servers (started
+with the weight-sync extension), `--sync.transport group` in place of auto: a server that cannot
+join the weight-update group is an error at the first sync, not a silent fallback to disk. Each
+process's lines are printed with its name as the prefix and written to
 `<log_dir>/<name>.log`. The run ends when every rank exits 0; a server or rank that exits early,
 or an actor that dies, stops everything with one line naming it (LaunchFailed), as does Ctrl-C:
 every subprocess group is killed, actors and placement groups removed.
