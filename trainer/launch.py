@@ -21,7 +21,7 @@ naming it and the path. Then wait until every server answers its health path (bo
 WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT set, `--rollout.server_urls` naming the
 servers (rank 0 runs the rollout engine and talks to them) and, for vllm/sglang servers (started
 with the weight-sync extension), `--sync.transport group` in place of auto: a server that cannot
-join the weight-update group is an error at the first sync, not a silent fallback to disk. Each
+join the weight-update group is an error at start-up, not a silent fallback to disk. Each
 process's lines are printed with its name as the prefix and written to
 `<log_dir>/<name>.log`. The run ends when every rank exits 0; a server or rank that exits early,
 or an actor that dies, stops everything with one line naming it (LaunchFailed), as does Ctrl-C:
