@@ -9,8 +9,10 @@ Request (POST {base}/generate, SGLang's GenerateReqInput):
 Response: {"text", "output_ids": [...], "meta_info": {"finish_reason": {"type": "stop"|
 "length"|"abort", ...}, "output_token_logprobs": [[logprob, token_id, text|null], ...], ...}}.
 Token ids come from `output_ids`, else from output_token_logprobs. Logprobs are what the server
-returns: SGLang's are temperature-scaled only with its `--enable-temp-scaled-logprobs` flag (else
-raw, T = 1); start the server with it to match base.py's contract.
+returns: SGLang's are temperature-scaled by default (log of the softmax of logits / T, taken
+before top-k/top-p/min-p filtering; releases before ~mid-2025 renormalised over top-p), which is
+base.py's contract; SGLANG_RETURN_ORIGINAL_LOGPROB=1 (RETURN_ORIGINAL_LOGPROB before v0.5) makes
+them raw (T = 1), so leave it unset (`spyglass launch` sets it to 0).
 abort: cancels the HTTP call and POSTs /abort_request {"rid"}. update_weights: a checkpoint dir
 via POST /update_weights_from_disk {"model_path"} (the server answers {"success", "message"});
 state dicts only in-process (Engine.update_weights_from_tensor). forced_ids: not supported
