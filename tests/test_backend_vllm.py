@@ -129,16 +129,10 @@ def _run_here(model_dir: Path) -> None:
 
 
 def test_vllm_backend_on_cpu(tmp_path):
-    import pytest  # not needed (nor installed) in the vllm venv that runs this file as a script
     if importlib.util.find_spec("vllm") is not None:
         _run_here(tmp_path)
         return
-    py = os.environ.get("SPYGLASS_VLLM_PYTHON")
-    if not py:
-        pytest.skip("vllm is not importable here and SPYGLASS_VLLM_PYTHON is not set "
-                    "(point it at .venv-vllm/bin/python; see engine/backends/vllm.py)")
-    if not Path(py).exists():
-        pytest.fail(f"SPYGLASS_VLLM_PYTHON={py!r} does not exist")
+    py = _vllm_python()
     proc = subprocess.run([py, __file__, str(tmp_path)], capture_output=True, text=True, timeout=900,
                           env={**os.environ, **ENV}, cwd=Path(__file__).resolve().parents[1])
     tail = (proc.stdout + proc.stderr)[-6000:]
