@@ -45,6 +45,8 @@ from typing import Any, Iterable, Iterator, Optional, Protocol
 import torch
 from torch import nn
 
+from spyglass.engine.backends.vllm import check_worker_ranks  # noqa: F401 - re-exported
+
 TRANSPORTS = ("auto", "disk", "group")
 WIRE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 GROUP_BACKENDS = ("auto", "gloo", "nccl")
@@ -350,17 +352,6 @@ class GroupReceiver(Protocol):
 
     async def close_weight_group(self, group_name: str) -> None:
         """Leave the group."""
-
-
-def check_worker_ranks(server: str, ranks: list[Any]) -> int:
-    """How many workers a server joins with, from the ranks its workers report: exactly
-    0..n-1 (each joins as rank_offset + its rank), else BackendError naming the server (data
-    parallel engines answer 0..tp-1 once each, which would put two workers on one rank)."""
-    from spyglass.engine.backends.base import BackendError  # noqa: PLC0415
-    if sorted(ranks) != list(range(len(ranks))):
-        raise BackendError(server, f"its workers report ranks {ranks}, not 0..{len(ranks) - 1}: a weight-update "
-                                   "group needs one engine (no data parallelism) whose workers join once each")
-    return len(ranks)
 
 
 def _is_loopback(host: str) -> bool:

@@ -81,6 +81,16 @@ from spyglass.engine.backends.sglang import image_data_url
 from spyglass.engine.backends.vllm_ext import WORKER_EXTENSION
 
 
+
+def check_worker_ranks(server: str, ranks: list[Any]) -> int:
+    """How many workers a server joins a weight-update group with, from the ranks its workers
+    report: exactly 0..n-1 (each joins as rank_offset + its rank), else BackendError naming the
+    server (data-parallel engines answer 0..tp-1 once each, which would put two workers on one rank)."""
+    if sorted(ranks) != list(range(len(ranks))):
+        raise BackendError(server, f"its workers report ranks {ranks}, not 0..{len(ranks) - 1}: a weight-update "
+                                   "group needs one engine (no data parallelism) whose workers join once each")
+    return len(ranks)
+
 @dataclass
 class VLLMConfig:
     """In-process vLLM engine; `engine_kwargs` go to AsyncEngineArgs."""
@@ -250,7 +260,6 @@ class _GroupSync:
         if not results or not all(isinstance(r, dict) and r.get("workers") == 1 and isinstance(r.get("rank"), int)
                                   for r in results):
             raise BackendError(self.name, f"unexpected answer from the worker extension: {str(results)[:200]}")
-        from spyglass.trainer.weight_sync import check_worker_ranks  # noqa: PLC0415
         return check_worker_ranks(self.name, [r["rank"] for r in results])  # 0..n-1: no data-parallel copies
 
     async def open_weight_group(self, master_addr: str, master_port: int, rank_offset: int, world_size: int,
