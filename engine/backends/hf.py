@@ -12,18 +12,14 @@ image tokens shift later positions). A step is:
      join the running batch (both caches left-padded to a common length and concatenated);
   4. rows that finished (stop token, max_tokens) leave the batch (index_select on the batch
      dim; columns that became padding for every row are trimmed).
-Prefix cache (multi-turn agents resend the whole context every turn, and every request starts
-with the same system prompt and tool schemas): when a row finishes, the KV of every token it fed
-(prompt + output but the last token) is kept, up to `prefix_cache_tokens` tokens in all (LRU;
-default: what fits in 1 GiB of this model's KV); a kept entry that the new one extends is
-dropped. A later request reuses the longest prefix it shares with any kept entry (its own last
-turn, a sibling sample's, or just the system prompt of another question), cut back so that no
-image is split and every image in it is the same image (content hash, not only the same
-placeholder tokens), when that prefix is at least MIN_PREFIX_REUSE tokens: it prefills only the
-rest (and only the images in the rest) on top of that KV, with the positions a cold prefill
-would give. Entries stay after a hit (siblings share them). Exact up to float rounding; cleared
-on update_weights, and a row that saw a weight update mid-flight is not kept. `prefix_hits` /
-`prefix_tokens_reused` count it.
+Prefix cache (engine/backends/prefix_cache.py): when a row finishes, the KV of every token it
+fed (prompt + output but the last token) is kept, up to `prefix_cache_tokens` tokens in all
+(default: what fits in 1 GiB of this model's KV); a later request reuses the longest prefix it
+shares with any kept entry (its own last turn, a sibling sample's, or the system prompt of
+another question), never across a split or different image, and prefills only the rest (and
+only the images in the rest) on top of that KV, with the positions a cold prefill would give.
+Exact up to float rounding; cleared on update_weights, and a row that saw a weight update
+mid-flight is not kept. `prefix_hits` / `prefix_tokens_reused` count it.
 Replay requests (forced_ids) never join the running batch: their prompt and forced tokens go
 through ONE forward together (teacher forcing), the logprobs of every forced token read off its
 logits, so a replayed turn costs one prefill instead of one decode step per token.
@@ -43,10 +39,8 @@ update_weights runs in the same executor between steps; rows in flight keep thei
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import inspect
 import time
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +53,8 @@ import torch.nn.functional as F
 from spyglass.engine.loader import LoadConfig
 from spyglass.engine.backends.base import (Backend, BackendError, GenerateOutput, GenerateRequest,
                                            Weights, check_version)
+from spyglass.engine.backends.prefix_cache import (PREFIX_CACHE_BYTES, Prefix, PrefixCache, image_key,
+                                                   kv_bytes_per_token)
 
 
 @dataclass
@@ -141,42 +137,8 @@ class _Seq:
 
     def keys(self) -> tuple[bytes, ...]:
         if self.image_keys is None:
-            self.image_keys = tuple(_image_key(im) for im in self.req.images)
+            self.image_keys = tuple(image_key(im) for im in self.req.images)
         return self.image_keys
-
-
-@dataclass(eq=False)
-class _Prefix:
-    tokens: np.ndarray                               # [n] int64: the fed tokens its KV covers
-    image_keys: tuple[bytes, ...]                    # the images among them, in order
-    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer K, V [1, H_kv, n, D]
-
-
-PREFIX_CACHE_BYTES = 1 << 30  # the default prefix-cache budget
-MIN_PREFIX_REUSE = 32  # shorter shared prefixes are prefilled with the batch instead (one forward)
-
-
-def _image_key(im: Any) -> bytes:
-    """What makes two images the same image for the KV cache: mode, size and pixels."""
-    h = hashlib.blake2b(f"{im.mode}{im.size}".encode(), digest_size=16)
-    h.update(im.tobytes())
-    return h.digest()
-
-
-def _common(a: np.ndarray, b: np.ndarray, limit: int) -> int:
-    """Length of the common prefix of a and b, at most `limit`."""
-    n = min(len(a), len(b), limit)
-    diff = np.flatnonzero(a[:n] != b[:n])
-    return int(diff[0]) if len(diff) else n
-
-
-def kv_bytes_per_token(model: Any) -> int:
-    """Bytes of K and V one token takes in `model`'s cache (every layer)."""
-    c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    width = next(model.parameters()).element_size()
-    return max(1, 2 * c.num_hidden_layers * kv_heads * head_dim * width)
 
 
 GROW = 128  # spare KV columns allocated at a time: decode writes in place, no per-step copy
@@ -287,8 +249,7 @@ class HFBackend(Backend):
         self.decode_rows = 0                          # sum over steps of rows decoded
         self.prefix_cache_tokens = (prefix_cache_tokens if prefix_cache_tokens is not None
                                     else PREFIX_CACHE_BYTES // kv_bytes_per_token(model))
-        self._prefixes: OrderedDict[bytes, _Prefix] = OrderedDict()  # hash of tokens + images -> KV, LRU first
-        self._prefix_size = 0
+        self._prefixes = PrefixCache(self.prefix_cache_tokens)
         self.prefix_hits = 0
         self.prefix_tokens_reused = 0
         # transformers 5.x calls the KV cache argument `cache` (`past_key_values` is deprecated there)
@@ -437,7 +398,6 @@ class HFBackend(Backend):
 
     def _load(self, weights: Weights) -> None:
         self._prefixes.clear()  # KV of the old weights
-        self._prefix_size = 0
         if isinstance(weights, (str, Path)):
             weights = _read_checkpoint(type(self.model), Path(weights))
         if not isinstance(weights, dict):
@@ -509,48 +469,22 @@ class HFBackend(Backend):
             self._store(tokens, s, [(k[i:i + 1, :, -n:], v[i:i + 1, :, -n:]) for k, v in self._layers])
 
     def _store(self, tokens: list[int], s: _Seq, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Keep the KV [1, H, n, D] of `tokens` (copied; fed by s, so its images are s's), drop
-        kept entries it extends, evict the least recent past the budget."""
-        n = len(tokens)
-        if not self.prefix_cache_tokens or n > self.prefix_cache_tokens:
-            return
-        arr = np.asarray(tokens, dtype=np.int64)
-        keys = s.keys() if self.is_vl else ()
-        for key, e in list(self._prefixes.items()):
-            if (len(e.tokens) <= n and e.image_keys == keys[:len(e.image_keys)]
-                    and _common(e.tokens, arr, n) == len(e.tokens)):
-                del self._prefixes[key]
-                self._prefix_size -= len(e.tokens)
-        key = hashlib.blake2b(arr.tobytes() + b"".join(keys), digest_size=16).digest()
-        self._prefixes[key] = _Prefix(arr, keys, [(k.clone(), v.clone()) for k, v in layers])
-        self._prefix_size += n
-        while self._prefix_size > self.prefix_cache_tokens:
-            _, old = self._prefixes.popitem(last=False)
-            self._prefix_size -= len(old.tokens)
+        """Keep the KV [1, H, n, D] of `tokens` (fed by s, so its images are s's)."""
+        self._prefixes.store(tokens, s.keys() if self.is_vl else (), layers)
 
-    def _lookup(self, s: _Seq) -> tuple[_Prefix, int, int] | None:
-        """The kept entry sharing the longest reusable prefix with s's prompt (at least one prompt
-        token is left to feed; no image split; the same images), that length, and how many of s's
-        images lie in it; or None when no entry shares MIN_PREFIX_REUSE tokens."""
-        if not self._prefixes:
+    def _lookup(self, s: _Seq) -> tuple[Prefix, int, int] | None:
+        """The kept entry sharing the longest reusable prefix with s's prompt, that length and how
+        many of s's images lie in it (engine/backends/prefix_cache.py), or None."""
+        if not self._prefixes.entries:
             return None
         ids = np.asarray(s.req.prompt_ids, dtype=np.int64)
-        best, m = None, 0
-        for key, e in self._prefixes.items():
-            if min(len(e.tokens), len(ids) - 1) > m:
-                c = _common(e.tokens, ids, len(ids) - 1)
-                if c > m:
-                    best, m = key, c
-        if best is None or m < MIN_PREFIX_REUSE:
-            return None
-        e = self._prefixes[best]
-        m, j = self._image_cut(ids, m, s, e)
-        if m < MIN_PREFIX_REUSE:
-            return None
-        self._prefixes.move_to_end(best)
-        return e, m, j
+        return self._prefixes.lookup(ids, lambda m, e: self._image_cut(ids, m, s, e))
 
-    def _image_cut(self, ids: np.ndarray, m: int, s: _Seq, e: _Prefix) -> tuple[int, int]:
+    @property
+    def _prefix_size(self) -> int:
+        return self._prefixes.size
+
+    def _image_cut(self, ids: np.ndarray, m: int, s: _Seq, e: Prefix) -> tuple[int, int]:
         """Cut a shared prefix of m tokens back to before the first image that it splits or that
         is not the same image in s and in e; returns (tokens, images of s in them)."""
         if not self.is_vl or not s.req.images:
@@ -577,7 +511,7 @@ class HFBackend(Backend):
             out["image_grid_thw"] = out["image_grid_thw"].to(self.device)
         return out
 
-    def _forward_on(self, s: _Seq, hit: tuple[_Prefix, int, int], ids: list[int], keep: int
+    def _forward_on(self, s: _Seq, hit: tuple[Prefix, int, int], ids: list[int], keep: int
                     ) -> tuple[torch.Tensor, Any, int]:
         """Forward of ids[n:] on top of the first n tokens of the kept KV `e` of `hit` = (e, n,
         images of s in them) (only the other images go through the vision tower), with the positions
