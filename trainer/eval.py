@@ -472,7 +472,7 @@ def traj_stats(trajs: list[Trajectory]) -> dict[str, Any]:
     return {
         "n": len(trajs), "accuracy": sum(float(t.reward.get("acc", 0.0)) for t in trajs) / n,
         "answered_rate": sum(t.status is Status.ANSWERED for t in trajs) / n,
-        "fatal_rate": sum(t.fatal_step is not None for t in trajs) / n,  # cascade or unanswered
+        "fatal_rate": sum(t.fatal_step is not None for t in trajs) / n,  # a tool-error cascade
         "cascade_rate": sum(t.status is Status.FATAL for t in trajs) / n,
         "status": dict(collections.Counter(t.status.value for t in trajs)),
         "turns_mean": sum(len(t.turns) for t in trajs) / n,

@@ -169,7 +169,7 @@ class HTTPBackend(Backend):
         try:
             out = await task
         except asyncio.CancelledError:
-            if req.request_id in self._stalled:
+            if req.request_id in self._stalled and req.request_id not in self._aborted:
                 raise BackendError(self.name, self._stalled[req.request_id]) from None
             if req.request_id not in self._aborted:
                 task.cancel()
@@ -213,8 +213,9 @@ class HTTPBackend(Backend):
                 why = (f"stalled: no answer to {self.http.health_path} for {limit:g} s with "
                        f"{len(self._inflight)} requests in flight (stall_timeout_s)")
                 for rid, task in list(self._inflight.items()):
-                    self._stalled[rid] = why
-                    task.cancel()
+                    if rid not in self._aborted:  # an abort already under way stays an abort
+                        self._stalled[rid] = why
+                        task.cancel()
                 return
             t = time.monotonic()
             if await self._answers(left):

@@ -35,9 +35,11 @@ class Prefix:
 
 
 def image_key(im: Any) -> bytes:
-    """What makes two images the same image for the KV cache: mode, size and pixels."""
-    h = hashlib.blake2b(f"{im.mode}{im.size}".encode(), digest_size=16)
-    h.update(im.tobytes())
+    """What makes two images the same image for the KV cache: the RGB pixels the model sees (a
+    palette image's bytes are indices: two palettes would hash alike)."""
+    rgb = im if im.mode == "RGB" else im.convert("RGB")
+    h = hashlib.blake2b(f"{rgb.size}".encode(), digest_size=16)
+    h.update(rgb.tobytes())
     return h.digest()
 
 
@@ -95,17 +97,15 @@ class PrefixCache:
         """The entry sharing the longest prefix with `ids` (one token at least left to feed),
         that length after `cut(length, entry)` -> (length, images in it), or None when under
         MIN_PREFIX_REUSE tokens are reusable."""
-        best, m = None, 0
-        for key, e in self.entries.items():
-            if min(len(e.tokens), len(ids) - 1) > m:
-                c = common_prefix(e.tokens, ids, len(ids) - 1)
-                if c > m:
-                    best, m = key, c
-        if best is None or m < MIN_PREFIX_REUSE:
-            return None
-        e = self.entries[best]
-        m, j = cut(m, e)
-        if m < MIN_PREFIX_REUSE:
+        raw = [(common_prefix(e.tokens, ids, len(ids) - 1), key) for key, e in self.entries.items()]
+        best, m, j = None, MIN_PREFIX_REUSE - 1, 0
+        for c, key in sorted(raw, key=lambda x: -x[0]):  # the longest after its cut wins
+            if c <= m:
+                break
+            cm, cj = cut(c, self.entries[key])
+            if cm > m:
+                best, m, j = key, cm, cj
+        if best is None:
             return None
         self.entries.move_to_end(best)
-        return e, m, j
+        return self.entries[best], m, j
