@@ -80,6 +80,16 @@ def test_streaming_emits_the_good_call_at_its_close(parser: ToolCallParser) -> N
     assert s.finish().to_dict() == parser.parse(text).to_dict()
 
 
+def _stream_randomly(p: ToolCallParser, text: str, seed: int) -> tuple[object, list[dict]]:
+    """Feed `text` in seeded random chunks of 1, 2, 5 or 16; the stream and what it emitted."""
+    rnd, s, got, i = random.Random(seed), p.stream(), [], 0
+    while i < len(text):
+        k = rnd.choice([1, 2, 5, 16])
+        got += [x.to_dict() for x in s.feed(text[i:i + k])]
+        i += k
+    return s, got
+
+
 def _streamed(parser: ToolCallParser, text: str, chunk: int) -> list[dict]:
     s, got = parser.stream(), []
     for i in range(0, len(text), chunk):
@@ -205,11 +215,7 @@ def test_unbalanced_calls_agree_and_stream(text: str, seed: int) -> None:
         one = cpp.parse(text).to_dict()
         assert one == ref.parse(text).to_dict(), (mode, text)
         for p in (cpp, ref):
-            rnd, s, got, i = random.Random(seed), p.stream(), [], 0
-            while i < len(text):
-                k = rnd.choice([1, 2, 5, 16])
-                got += [x.to_dict() for x in s.feed(text[i:i + k])]
-                i += k
+            s, got = _stream_randomly(p, text, seed)
             assert s.finish().to_dict() == one
             items = sorted(one["calls"] + [e for e in one["errors"] if e["index"] >= 0],
                            key=lambda x: x["index"])
@@ -367,11 +373,7 @@ def test_unclosed_values_agree_and_stream(mode: str, data: st.DataObject, seed: 
         one = cpp.parse(text).to_dict()
         assert one == ref.parse(text).to_dict(), (mode, text)
         for p in (cpp, ref):
-            rnd, s, got, i = random.Random(seed), p.stream(), [], 0
-            while i < len(text):
-                k = rnd.choice([1, 2, 5, 16])
-                got += [x.to_dict() for x in s.feed(text[i:i + k])]
-                i += k
+            s, got = _stream_randomly(p, text, seed)
             assert s.finish().to_dict() == one, (mode, text)
             items = sorted(one["calls"] + [e for e in one["errors"] if e["index"] >= 0],
                            key=lambda x: x["index"])
