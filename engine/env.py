@@ -5,7 +5,8 @@ Wires what the engine needs for a real run with no network: the questions (the u
 same records and read by the same reader); the offline world (engine/offline/world.py) as the
 corpus of TextSearch / Visit / ImageSearch; the visual and OCR tools; the
 Python sandbox; one ToolExecutor (disk cache, C++ coalescer, retries, limits) behind an
-ExecutorRunner, the engine's ToolRunner; and replay scripts that solve each world question
+ExecutorRunner, the engine's ToolRunner (behind a FaultyRunner when `faults` injects tool
+failures, engine/faults.py); and replay scripts that solve each world question
 the way its hops say (used by the replay policy, and as teacher trajectories).
 
     env = build_env(EnvConfig())
@@ -31,6 +32,7 @@ from PIL import Image
 
 from .config import ConfigError, check
 from .data import BadRecord, DataConfig, DataError, Record, load_dataset, parse_record
+from .faults import FaultConfig, FaultyRunner, wrap_runner
 from .plugins import PluginError, is_plugin_path, load_tools
 from .tools.base import Tool, ToolContext
 from .trajectory import ErrorKind, Prompt, ToolResult, Trajectory
@@ -59,6 +61,7 @@ class EnvConfig:
     prompt_schemas: bool = True  # the tools' JSON schemas in the system prompt (False: ~2,500
     #                              tokens shorter; for a model fine-tuned on the agent format)
     search_top_k: int = 3  # TextSearch / ImageSearch results asked for by the solve scripts
+    faults: FaultConfig = field(default_factory=FaultConfig)  # injected tool failures (engine/faults.py); off by default
 
     def __post_init__(self) -> None:
         check(not self.questions_file or Path(self.questions_file).is_file(),
@@ -162,7 +165,7 @@ class Env:
     world: World
     tools: dict[str, Tool]
     executor: Any
-    runner: ExecutorRunner
+    runner: ExecutorRunner | FaultyRunner  # the ExecutorRunner, behind a FaultyRunner when cfg.faults injects
 
     @property
     def schemas(self) -> list[dict[str, Any]]:
@@ -250,7 +253,7 @@ def build_env(cfg: EnvConfig | None = None) -> Env:
         if cfg.coalesce else None
     executor = ToolExecutor(tools, cache=ToolCache(cfg.cache_path) if cfg.cache_path else None,
                             coalescer_factory=factory)
-    return Env(cfg, world, tools, executor, ExecutorRunner(executor))
+    return Env(cfg, world, tools, executor, wrap_runner(ExecutorRunner(executor), cfg.faults))
 
 
 def solve_script(q: dict[str, Any], top_k: int = 3) -> list[str]:

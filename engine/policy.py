@@ -15,26 +15,32 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .chat import Codec
-from .trajectory import Trajectory
+from .trajectory import Trajectory, Turn
 
 
 @dataclass
 class ReplayPolicy:
-    """Forced decoding of a script per prompt (group id); past the script it answers."""
+    """Forced decoding of a script per prompt (group id); past the script it answers.
+
+    A turn whose tool calls all failed transiently (the world failed, e.g. engine/faults.py) is
+    retried: the next turn re-emits the same script turn instead of advancing, so the script
+    index of turn t is t minus the earlier turns that failed that way. Any other error (bad
+    arguments, fatal, a format error) advances as a success does."""
 
     codec: Codec
     scripts: dict[str, list[str]]
     fallback_answer: str = "<answer>unknown</answer>"
-    _cache: dict[tuple[str, int], array] = field(default_factory=dict, repr=False)
+    _cache: dict[tuple[str, int], array] = field(default_factory=dict, repr=False)  # (group id, script index)
 
     def forced_ids(self, traj: Trajectory, turn: int) -> list[int]:
-        key = (traj.group_id, turn)
+        step = turn - sum(1 for t in traj.turns[:turn] if all_transient(t))
+        key = (traj.group_id, step)
         ids = self._cache.get(key)
         if ids is None:
             script = self.scripts.get(traj.group_id)
             if script is None:
                 raise KeyError(f"ReplayPolicy has no script for prompt {traj.group_id!r}")
-            text = script[turn] if turn < len(script) else self.fallback_answer
+            text = script[step] if step < len(script) else self.fallback_answer
             out = self.codec.encode_text(text) + [self.codec.stop_token_ids[0]]
             self._cache[key] = array("I", out)  # compact, its ints not walked by the cyclic GC
             return out
@@ -43,6 +49,14 @@ class ReplayPolicy:
     @property
     def name(self) -> str:
         return "replay (forced decoding of scripted turns)"
+
+
+def all_transient(turn: Turn) -> bool:
+    """Whether every tool call of `turn` failed transiently (and nothing else went wrong): a
+    turn to retry as it was."""
+    errs = turn.tool_errors
+    return (bool(turn.calls) and len(errs) == len(turn.calls) and not turn.parse_errors
+            and all(e.get("kind") == "transient" for e in errs))
 
 
 @dataclass

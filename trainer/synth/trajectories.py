@@ -102,18 +102,21 @@ GROUNDED_ARGS = ("query", "url")
 
 
 def ungrounded(traj: Trajectory, keys: tuple[str, ...] = GROUNDED_ARGS) -> str | None:
-    """Why the trajectory is not learnable from its own context, or None: a tool error, or a
-    typed argument (`keys`: search queries, URLs) or the answer that appears nowhere in what
-    the agent had seen before typing it (the question and earlier observations). A teacher with
-    oracle knowledge (a replay of the true path) types the true name where OCR misread it, or a
-    page id no search returned; a student cannot learn that step, so it is not kept."""
+    """Why the trajectory is not learnable from its own context, or None: a tool error other
+    than a transient one, or a typed argument (`keys`: search queries, URLs) or the answer that
+    appears nowhere in what the agent had seen before typing it (the question and earlier
+    observations). A teacher with oracle knowledge (a replay of the true path) types the true
+    name where OCR misread it, or a page id no search returned; a student cannot learn that
+    step, so it is not kept. A turn whose errors are all transient is kept: the call was right,
+    the world failed (engine/faults.py), and the next turn retries it."""
     seen = [traj.meta.get("question", "")]
     turns = {t.index: t for t in traj.turns}
     for seg in traj.segments:
         if seg.kind is SegmentKind.GEN:
             turn = turns.get(seg.turn)
-            if turn is not None and turn.tool_errors:
-                return f"tool error at turn {seg.turn}: {turn.tool_errors[0].get('message', '')[:80]}"
+            bad = [e for e in turn.tool_errors if e.get("kind") != "transient"] if turn is not None else []
+            if bad:
+                return f"tool error at turn {seg.turn}: {bad[0].get('message', '')[:80]}"
             ctx = "".join(seen)
             typed = [json.loads(c["arguments"]).get(k) for c in (turn.calls if turn else []) for k in keys]
             if turn is not None and turn.answered and traj.answer is not None:
