@@ -1,188 +1,170 @@
-"""The end-to-end proof that training works, on CPU: synthesize -> SFT -> GRPO -> ablation.
+"""The learning proof on CPU: RL sharpens a strategy the SFT model already holds.
 
-Every stage is the product's own entry point, called as a library; nothing here is a second
-implementation. On the bundled offline world (engine/offline/world.py):
+One command, every stage the product's own entry point called as a library (the synthesis
+pipeline, run_sft, run_grpo, run_eval, the loader), cached under --out (a finished stage is
+skipped on a rerun, so a crashed run resumes and a rerun of one arm is cheap):
 
-  1. world      generate the world (seeded)
-  2. synth      the synthesis pipeline (trainer/synth): paths, grounding, template questions,
-                the degradation subset, teacher trajectories (replay of the solve script through
-                the engine, real tools), kept when the judge accepts the answer and the
-                trajectory is grounded (every query / URL it types was in its context)
-  3. split      questions split by image (an image's every question on one side); held-out
-                questions are never trained on, not by SFT, not by GRPO
-  4. warmup     copy + recall warm-up of the tiny Qwen2-VL (random init; trainer/warmup.py): without it
-                the SFT model learns the protocol but cannot copy unseen names
-  5. sft        SFT from the warmed model on the training trajectories (+ the optional copy
-                curriculum, trainer/synth/curriculum.py)
-  6. sft-direct the no-tool baseline: the same warmed model, steps and seed, fine-tuned to answer
-                the training questions directly (image + question -> answer, no tools)
-  7. grpo-<arm> GRPO from the SFT model on the training questions, one run per arm of the RL
-                ablation (vanilla | fatal_mask | fatal_mask_clamp), same seeds
-  8. eval       held-out accuracy (rule judge, greedy decoding) of: the no-tool baseline,
-                the SFT model (with tools, and direct), every GRPO arm (with tools)
+  1. world      the bundled offline world (seeded)
+  2. synth      1-hop page / emblem questions and their teacher trajectories (the replay teacher
+                through the real tools, with transient tool failures injected, so the teacher's
+                data retries a failed call); scene questions are dropped
+  3. split      by image 60 / 20 / 20 into SFT / RL / held-out questions (an image's every
+                question on one side): RL trains on questions SFT never saw
+  4. mixture    the SFT data is a strategy mixture: half the SFT questions keep the teacher's tool
+                trajectory, the other half get a "recall" demonstration in the same agent format
+                (think, then answer at once, no tool call), right only because SFT memorises it.
+                The SFT policy learns a stochastic fork right after <think>; on unseen questions
+                only the tool branch can be right. The control SFT data: every SFT question's
+                tool trajectory (the ceiling)
+  5. warmup     copy + recall warm-up of the random-init student (benchmarks/proof_warmup.py)
+  per seed:
+  6. sft        SFT on the mixture; sft-tools, the control
+  7. gate       the fork, on --gate-questions RL questions sampled at T 0.7: the first-turn
+                tool-call rate must be in [0.3, 0.7] and the tool branch right >= 15% of the
+                time, else the run stops (retune the mixture; --ignore-gate goes on)
+  8. grpo-<arm> GRPO from the SFT model on the RL split: accuracy-only reward (alpha 1), groups
+                with mixed outcomes only, an lr warm-up; transient failures (p 0.15 a call) and
+                sticky outages (0.3 of trajectories, every call failing from a random call on, so
+                the K = 3 cascade ends them) injected; checkpoints every --curve-every steps
+                evaluated greedily on --curve-questions held-out questions (the curve)
+  9. eval       held-out, greedy, transient failures injected: the SFT model, the control, every
+                arm; sampled pass@1 and pass@k (T 0.7) on --passk-questions of them
 
-Stages are cached under --out (a finished stage is skipped on a rerun, so a crashed run
-resumes); prints a table, the SFT model against the no-tool baseline and each GRPO arm against
-the SFT model question by question (gained, lost, the exact sign test's p: run-to-run noise is as
-large as the effects), and one final JSON line. Figures: benchmarks/README.md.
+Prints per seed: held-out accuracy, first-turn tool-call rate, tool-branch success, retry rate
+after a failed call, fatal rate; each arm against the SFT model question by question (gained,
+lost, the exact sign test's p); pass@1 / pass@k; the curve (a PNG); one final JSON line.
 
-    .venv/bin/python benchmarks/proof_learning.py --out runs/proof            # ~1 h on 2 cores (stage times: benchmarks/README.md)
-    .venv/bin/python benchmarks/proof_learning.py --out /tmp/p --n-questions 40 --warmup-steps 2 \\
-        --sft-steps 4 --grpo-steps 1 --arms fatal_mask_clamp                  # a smoke run
-    .venv/bin/python benchmarks/proof_learning.py --out runs/recite --recite-question   # the question
-        # recited at the end of every observation (data, GRPO, evals): the strongest SFT lift measured
-    .venv/bin/python benchmarks/proof_learning.py --out runs/proof --grpo-sft-coef 1.0  # GRPO steps
-        # anchored by the SFT data's NLL (PPO-ptx): keeps the tool-call format at lr up to 1e-3
+    .venv/bin/python benchmarks/proof_learning.py --out runs/proof              # 2 seeds (figures: benchmarks/README.md)
+    .venv/bin/python benchmarks/proof_learning.py --out /tmp/p --n-questions 60 --world-scale 1 --warmup-steps 2 \\
+        --sft-steps 4 --grpo-steps 2 --curve-every 1 --arms fatal_mask_clamp --seeds 0 --ignore-gate   # a smoke run
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import dataclasses
 import json
 import math
 import random
-import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from spyglass.engine.env import EnvConfig
+from spyglass.engine.env import EnvConfig, build_env
+from spyglass.engine.faults import FaultConfig
 from spyglass.engine.metrics import device_name, git_commit
-from spyglass.engine.rollout import RolloutConfig
-from spyglass.engine.scheduler import EngineConfig
-from spyglass.engine.chat import pixel_inputs
-from spyglass.engine.loader import load_model
+from spyglass.engine.rollout import RolloutConfig, build_engine
 from spyglass.engine.offline.tiny import parse_tiny_spec
-from spyglass.engine.trajectory import SegmentKind, iter_jsonl, write_jsonl
 from spyglass.engine.offline.world import WorldConfig, generate_world
-from spyglass.kernels.policy_loss import PolicyLossConfig
+from spyglass.engine.scheduler import EngineConfig
+from spyglass.engine.trajectory import Status, Trajectory, iter_jsonl, write_jsonl
 from spyglass.trainer.algorithm import FILTERS, MODES, AlgoConfig
-from spyglass.trainer.eval import DIRECT_SYSTEM, EvalConfig, run_eval
+from spyglass.trainer.eval import EvalConfig, run_eval
 from spyglass.trainer.grpo import GRPOConfig, run_grpo
 from spyglass.trainer.reward import RewardConfig
 from spyglass.trainer.sft import SFTConfig, SFTDataConfig, run_sft
 from spyglass.trainer.synth.paths import PathConfig
 from spyglass.trainer.synth.pipeline import SynthConfig, run_pipeline
-from spyglass.trainer.synth.trajectories import TeacherConfig, teacher_rollout
+from spyglass.trainer.synth.trajectories import TeacherConfig, question_prompt, teacher_rollout
 from spyglass.trainer.update import UpdateConfig
-from spyglass.trainer.warmup import WarmupConfig, run_warmup
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from proof_warmup import WarmupConfig, run_warmup  # noqa: E402  (the proof's scaffolding, beside it)
 
 TOOLS = ["Crop", "Sharpen", "SuperResolution", "PerspectiveCorrect", "OCR", "ImageSearch", "TextSearch", "Visit"]
+KINDS = ("synth-1hop-page", "synth-1hop-emblem")  # question kinds kept (prefixes): no scenes
+RECALL = "<think>I remember this one.</think>\n<answer>{answer}</answer>"  # the recall branch's one turn
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/proof")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of SFT, GRPO and sampling")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     ap.add_argument("--world-scale", type=int, default=4, help="world size as a multiple of the default world")
-    ap.add_argument("--n-questions", type=int, default=1600)
-    ap.add_argument("--hops", type=int, nargs="+", default=[1, 2], help="path lengths (the pipeline's default: 2 3 4)")
-    ap.add_argument("--hop-probs", type=float, nargs="+", default=[0.5, 0.5], help="(the pipeline's: 0.4 0.4 0.2)")
-    ap.add_argument("--held-frac", type=float, default=0.2, help="fraction of images held out")
+    ap.add_argument("--n-questions", type=int, default=1600, help="1-hop questions synthesized")
+    ap.add_argument("--split", type=float, nargs=3, default=[0.6, 0.2, 0.2], help="SFT / RL / held-out, by image")
     ap.add_argument("--model", default="tiny:qwen2_vl:128x2:64",
                     help="the student, random init (hidden x layers : image tokens)")
     ap.add_argument("--teacher-model", default="",
-                    help="the teacher's model (it only replays the solve scripts, so its size only costs time; "
-                         "default: the student's family and image tokens at 32x1, the same tokens)")
-    ap.add_argument("--copy-curriculum", type=int, default=0,
-                    help="text-only copy records (trainer/synth/curriculum.py) mixed into the SFT data")
-    ap.add_argument("--warmup-steps", type=int, default=2000,
-                    help="copy warm-up steps before SFT (trainer/warmup.py; 0: none): the student and the "
-                         "no-tool baseline both start from the warmed model")
+                    help="the teacher's model (it only replays the solve scripts; default: the student's family "
+                         "and image tokens at 32x1, the same tokens)")
+    ap.add_argument("--recall-frac", type=float, default=0.5, help="SFT questions taught the recall branch")
+    ap.add_argument("--warmup-steps", type=int, default=2000, help="copy warm-up steps before SFT (0: none)")
     ap.add_argument("--sft-steps", type=int, default=1200)
     ap.add_argument("--sft-batch", type=int, default=4)
     ap.add_argument("--sft-lr", type=float, default=3e-3)
+    ap.add_argument("--gate-questions", type=int, default=64)
+    ap.add_argument("--gate-tool-rate", type=float, nargs=2, default=[0.3, 0.7])
+    ap.add_argument("--gate-tool-success", type=float, default=0.15)
+    ap.add_argument("--ignore-gate", action="store_true", help="go on to GRPO when the gate fails")
     ap.add_argument("--arms", nargs="+", default=["vanilla", "fatal_mask", "fatal_mask_clamp"], choices=MODES)
-    ap.add_argument("--grpo-steps", type=int, default=32,
-                    help="GRPO steps per arm (at 16 the arms did not differ; at 32 vanilla fell in two of three runs)")
+    ap.add_argument("--grpo-steps", type=int, default=24)
     ap.add_argument("--grpo-groups", type=int, default=8, help="prompts per GRPO step")
     ap.add_argument("--grpo-samples", type=int, default=4, help="samples per prompt (group size)")
     ap.add_argument("--grpo-lr", type=float, default=2e-4)
-    ap.add_argument("--grpo-warmup", type=int, default=0, help="GRPO lr warm-up, in updates (UpdateConfig.warmup_steps)")
-    ap.add_argument("--grpo-adam-eps", type=float, default=1e-8, help="GRPO's AdamW eps (UpdateConfig.eps)")
-    ap.add_argument("--grpo-freeze-vision", action="store_true", help="no GRPO updates to the vision tower")
-    ap.add_argument("--grpo-epochs", type=int, default=1, help="passes over each GRPO batch (PPO epochs)")
-    ap.add_argument("--grpo-kl", type=float, default=0.0, help="k3 KL coefficient to the SFT model (0: none)")
-    ap.add_argument("--grpo-alpha", type=float, default=0.8,
-                    help="reward r = r_fmt * (alpha * r_acc + (1 - alpha) * r_query) (the paper's 0.8; offline the "
-                         "query judge is the rule heuristic, trainer/judges.py)")
-    ap.add_argument("--grpo-estimator", default="grpo", choices=["grpo", "rloo", "drgrpo"],
-                    help="group advantage estimator (grpo: (r - mean) / std, the paper's)")
-    ap.add_argument("--grpo-replay", type=int, default=0,
-                    help="samples per GRPO group that replay the teacher's solve script (policy 'mixed'; 0: 'sample')")
-    ap.add_argument("--grpo-filter", default="none", choices=FILTERS,
-                    help="drop groups flat in this score from each update (AlgoConfig.filter_groups)")
-    ap.add_argument("--grpo-neg-scale", type=float, default=1.0,
-                    help="weight of negative advantages (AlgoConfig.neg_scale; 1: GRPO, 0: positive only)")
-    ap.add_argument("--grpo-sft-coef", type=float, default=0.0,
-                    help="weight of the SFT data's NLL added to each GRPO step (UpdateConfig.sft_coef, "
-                         "PPO-ptx; 0: none)")
-    ap.add_argument("--grpo-sft-batch", type=int, default=4, help="SFT trajectories in that term per step")
-    ap.add_argument("--temperature", type=float, default=0.7, help="GRPO sampling temperature")
-    ap.add_argument("--recite-question", action="store_true",
-                    help="every observation ends with the question (EngineConfig.recite_question), in the "
-                         "teacher's data, GRPO's rollouts and the evals")
-    ap.add_argument("--max-turns", type=int, default=14)
+    ap.add_argument("--grpo-warmup", type=int, default=4, help="GRPO lr warm-up, in updates")
+    ap.add_argument("--grpo-filter", default="acc", choices=FILTERS,
+                    help="drop groups flat in this score (acc: keep groups with mixed outcomes)")
+    ap.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (GRPO, gate, pass@k)")
+    ap.add_argument("--curve-every", type=int, default=8, help="GRPO steps between curve evals")
+    ap.add_argument("--curve-questions", type=int, default=96, help="held-out questions of the curve")
+    ap.add_argument("--passk", type=int, default=8, help="samples per question for pass@k")
+    ap.add_argument("--passk-questions", type=int, default=48, help="held-out questions of pass@1 / pass@k")
+    ap.add_argument("--transient-p", type=float, default=0.15, help="injected transient failures per call")
+    ap.add_argument("--outage-p", type=float, default=0.3, help="RL trajectories with a sticky outage")
+    ap.add_argument("--max-turns", type=int, default=10)
     ap.add_argument("--max-tokens-per-turn", type=int, default=96)
-    ap.add_argument("--stop-after", choices=["data", "sft"], help="run the stages up to this one, then stop")
-    return ap.parse_args(argv)
+    ap.add_argument("--stop-after", choices=["data", "sft", "gate"], help="run the stages up to this one, then stop")
+    a = ap.parse_args(argv)
+    if abs(sum(a.split) - 1) > 1e-6 or min(a.split) <= 0:
+        ap.error(f"--split must be three positive fractions summing to 1, got {a.split}")
+    if a.grpo_steps % a.curve_every:
+        ap.error(f"--grpo-steps {a.grpo_steps} must be a multiple of --curve-every {a.curve_every}")
+    return a
 
 
-COPY = re.compile(r'"(?:query|url|goal)": "([^"]*)"|<answer>(.*?)</answer>', re.S)
-
-
-def teacher_forced(model_dir: Path, trajectories: Path, ids: set[str], n: int = 40) -> dict[str, float]:
-    """Greedy next-token accuracy of a model on up to `n` teacher trajectories of the questions
-    `ids`: over every generated token, and over the 'copy' tokens (inside a query, URL or answer
-    value: strings the agent has to copy from what it has seen), and the fraction of those
-    copies whose every token is right (what greedy decoding needs). Says what SFT learned when
-    the held-out answer accuracy is zero."""
-    vlm = load_model(str(model_dir))
-    model, tok = vlm.model, vlm.tokenizer
-    trajs = [t for t in iter_jsonl(trajectories) if t.group_id in ids][:n]
-    hits = {"gen": [0, 0], "copy": [0, 0], "span": [0, 0]}
+# ------------------------------------------------------------------------------ statistics
+def behaviour(trajs: list[Trajectory]) -> dict[str, float]:
+    """What a model did on judged trajectories: accuracy; the fork (first turn calls a tool);
+    how often the tool branch was right; retry rate (a turn after a transient tool failure calls
+    a failed tool again); fatal rate (a tool-error cascade); answered rate."""
+    n = max(1, len(trajs))
+    tool = [t for t in trajs if t.turns and t.turns[0].calls]
+    failed = retried = 0
     for t in trajs:
-        ids_t = torch.tensor([t.token_ids()])                                          # [1, L]
-        mask = torch.ones_like(ids_t)
-        kw = pixel_inputs(vlm.image_processor, t.images())
-        mm = (ids_t == model.config.image_token_id).int()  # the model derives M-RoPE positions itself
-        with torch.no_grad():
-            pred = model(input_ids=ids_t, attention_mask=mask, mm_token_type_ids=mm,
-                         **kw).logits[0].argmax(-1).tolist()                          # [L]
-        at = len(t.prompt_ids)
-        for seg in t.segments:
-            toks = list(seg.token_ids)
-            if seg.kind is SegmentKind.GEN:
-                starts = [len(tok.decode(toks[:i])) for i in range(len(toks))]      # char offset of each token
-                spans = [m.span(1) if m.group(1) is not None else m.span(2) for m in COPY.finditer(tok.decode(toks))]
-                span_ok = [True] * len(spans)
-                for i, tid in enumerate(toks):
-                    ok = pred[at + i - 1] == tid
-                    hits["gen"][0] += ok
-                    hits["gen"][1] += 1
-                    inside = [j for j, (a, b) in enumerate(spans) if a <= starts[i] < b]
-                    if inside:
-                        hits["copy"][0] += ok
-                        hits["copy"][1] += 1
-                    for j in inside:
-                        span_ok[j] &= ok
-                hits["span"][0] += sum(span_ok)
-                hits["span"][1] += len(spans)
-            at += len(toks)
-    return {"trajectories": len(trajs), "gen_token_acc": hits["gen"][0] / max(1, hits["gen"][1]),
-            "copy_token_acc": hits["copy"][0] / max(1, hits["copy"][1]), "copy_tokens": hits["copy"][1],
-            "copy_exact": hits["span"][0] / max(1, hits["span"][1]), "copies": hits["span"][1]}
+        for a, b in zip(t.turns, t.turns[1:]):
+            names = {e.get("name") for e in a.tool_errors if e.get("kind") == "transient"}
+            if names:
+                failed += 1
+                retried += any(c["name"] in names for c in b.calls)
+    right = lambda ts: sum(float(t.reward.get("acc", 0.0)) > 0.5 for t in ts)  # noqa: E731
+    return {"n": len(trajs), "accuracy": right(trajs) / n, "first_tool": len(tool) / n,
+            "tool_success": right(tool) / max(1, len(tool)), "retry": retried / max(1, failed),
+            "failed_turns": failed, "fatal": sum(t.fatal_step is not None for t in trajs) / n,
+            "answered": sum(t.status is Status.ANSWERED for t in trajs) / n}
+
+
+def pass_at(trajs: list[Trajectory]) -> dict[str, float]:
+    """Sampled pass@1 (mean accuracy over every sample) and pass@k (a question with any right
+    sample, k = the samples per question) over trajectories with several samples a question."""
+    by: dict[str, list[bool]] = collections.defaultdict(list)
+    for t in trajs:
+        by[t.meta["item_id"]].append(float(t.reward.get("acc", 0.0)) > 0.5)
+    k = min((len(v) for v in by.values()), default=0)
+    return {"questions": len(by), "k": k, "pass@1": sum(sum(v) / len(v) for v in by.values()) / max(1, len(by)),
+            "pass@k": sum(any(v) for v in by.values()) / max(1, len(by))}
 
 
 def paired(base: Path, other: Path) -> dict[str, float]:
     """Two evals of the same held-out questions (their judged trajectories: an eval's
-    agentic.jsonl or direct.jsonl), paired per question: `gained` (right only in `other`), `lost`
-    (right only in `base`) and the exact two-sided sign test's p-value on those discordant pairs
-    (McNemar's exact test): is `other` different?"""
+    agentic.jsonl), paired per question: `gained` (right only in `other`), `lost` (right only in
+    `base`) and the exact two-sided sign test's p-value on those discordant pairs (McNemar's
+    exact test): is `other` different?"""
     def right(f: Path) -> dict[str, bool]:
         return {t.meta["item_id"]: t.reward.get("acc", 0.0) > 0.5 for t in iter_jsonl(f)}
     a, b = right(base), right(other)
@@ -205,13 +187,22 @@ def teacher_spec(student: str) -> str:
     return f"tiny:{family}:32x1:{image_tokens}"
 
 
+def _rows(f: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+
+
+def _write_rows(f: Path, rows: list[dict[str, Any]]) -> None:
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+# ------------------------------------------------------------------------------ stages
 class Proof:
     """The stages, their cache and the timings."""
 
     def __init__(self, a: argparse.Namespace) -> None:
         self.a, self.out = a, Path(a.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.world, self.synth = self.out / "world", self.out / "synth"
+        self.world, self.synth, self.data = self.out / "world", self.out / "synth", self.out / "data"
         self.timings: dict[str, float] = {}
 
     def stage(self, name: str, done: Path, fn: Any) -> None:
@@ -225,125 +216,218 @@ class Proof:
         self.timings[name] = round(time.perf_counter() - t0, 1)
         print(f"[proof] {name}: {self.timings[name]} s", flush=True)
 
-    def env(self, questions: str) -> EnvConfig:
-        return EnvConfig(world_dir=str(self.world), tools=list(TOOLS), dense_search=False,
-                         prompt_schemas=False, search_top_k=1, questions_file=str(questions))
+    def questions(self, name: str) -> Path:
+        """A split's questions file, beside the synthesized images (questions_file resolves them there)."""
+        return self.synth / f"proof_{name}_questions.jsonl"
 
-    def engine(self, n: int, temperature: float) -> EngineConfig:
+    def env(self, questions: Path, faults: FaultConfig | None = None) -> EnvConfig:
+        return EnvConfig(world_dir=str(self.world), tools=list(TOOLS), dense_search=False, prompt_schemas=False,
+                         search_top_k=1, questions_file=str(questions), faults=faults or FaultConfig())
+
+    def engine(self, n: int, temperature: float, seed: int) -> EngineConfig:
         return EngineConfig(n_samples=n, max_live=64, max_turns=self.a.max_turns,
-                            max_tokens_per_turn=self.a.max_tokens_per_turn, temperature=temperature,
-                            seed=self.a.seed, recite_question=self.a.recite_question)
+                            max_tokens_per_turn=self.a.max_tokens_per_turn, temperature=temperature, seed=seed)
 
-    # ------------------------------------------------------------------------------ stages
+    def teacher(self) -> TeacherConfig:
+        a, base = self.a, teacher_rollout()
+        env = dataclasses.replace(base.env, tools=list(TOOLS), prompt_schemas=False, search_top_k=1,
+                                  faults=FaultConfig(transient_p=a.transient_p, seed=a.seeds[0]))
+        return TeacherConfig(rollout=teacher_rollout(model=a.teacher_model or teacher_spec(a.model),
+                                                     engine=dataclasses.replace(base.engine, seed=a.seeds[0]),
+                                                     env=env))
+
+    # shared stages ----------------------------------------------------------------------
     def make_data(self) -> None:
-        a = self.a
-        k = a.world_scale
-        world = WorldConfig(seed=a.seed, n_people=90 * k, n_places=60 * k, n_orgs=60 * k, n_products=50 * k,
+        a, k = self.a, self.a.world_scale
+        world = WorldConfig(seed=a.seeds[0], n_people=90 * k, n_places=60 * k, n_orgs=60 * k, n_products=50 * k,
                             n_events=40 * k, n_sign_images=48 * k, n_scenes=8 * k, n_emblem_queries=10 * k)
         self.stage("world", self.world / "manifest.json", lambda: generate_world(self.world, world))
-        base = teacher_rollout()
-        teacher = TeacherConfig(rollout=teacher_rollout(
-            model=a.teacher_model or teacher_spec(a.model),
-            engine=dataclasses.replace(base.engine, seed=a.seed, recite_question=a.recite_question),
-            env=dataclasses.replace(base.env, tools=list(TOOLS), prompt_schemas=False, search_top_k=1)))
-        paths = PathConfig(hop_lengths=tuple(a.hops), hop_probs=tuple(a.hop_probs), seed=a.seed)
-        cfg = SynthConfig(out=str(self.synth), world=str(self.world), n_questions=a.n_questions,
-                          seed=a.seed, paths=paths, teacher=teacher)
+        cfg = SynthConfig(out=str(self.synth), world=str(self.world), n_questions=a.n_questions, seed=a.seeds[0],
+                          paths=PathConfig(hop_lengths=(1,), hop_probs=(1.0,), seed=a.seeds[0]),
+                          teacher=self.teacher())
         self.stage("synth", self.synth / "report.json", lambda: asyncio.run(run_pipeline(cfg)))
-        self.stage("split", self.synth / "split.json", self.split)
-        if a.copy_curriculum:
-            self.stage("copy curriculum", self.out / "sft_data.jsonl", self.mix_copy_curriculum)
-
-    def sft_data(self) -> Path:
-        """The SFT stage's data: the training trajectories, plus the copy curriculum if asked."""
-        return self.out / "sft_data.jsonl" if self.a.copy_curriculum else self.synth / "train_trajectories.jsonl"
-
-    def mix_copy_curriculum(self) -> None:
-        from spyglass.engine.chat import HFCodec
-        from spyglass.trainer.sft import load_sharegpt
-        from spyglass.trainer.synth.curriculum import write_copy_curriculum
-        path = write_copy_curriculum(self.out / "copy.sharegpt.jsonl", self.a.copy_curriculum, seed=self.a.seed + 1)
-        copies = load_sharegpt(path, HFCodec.from_model(load_model(self.a.model)))
-        mix = list(iter_jsonl(self.synth / "train_trajectories.jsonl")) + copies
-        random.Random(self.a.seed).shuffle(mix)
-        write_jsonl(self.out / "sft_data.jsonl.part", mix, append=False)
-        (self.out / "sft_data.jsonl.part").rename(self.out / "sft_data.jsonl")
+        self.data.mkdir(exist_ok=True)
+        self.stage("split", self.data / "split.json", self.split)
+        self.stage("mixture", self.data / "sft_mix.jsonl", lambda: asyncio.run(self.mixture()))
 
     def split(self) -> None:
-        qs = [json.loads(x) for x in (self.synth / "questions.jsonl").read_text().splitlines() if x.strip()]
+        """SFT / RL / held-out by image; the subsets the gate, curve and pass@k use."""
+        a = self.a
+        qs = [q for q in _rows(self.synth / "questions.jsonl") if q["kind"].startswith(KINDS)]
         images = sorted({q["image"] for q in qs})
-        random.Random(self.a.seed).shuffle(images)
-        held = set(images[: max(1, round(len(images) * self.a.held_frac))])
-        sides = {"train": [q for q in qs if q["image"] not in held], "held": [q for q in qs if q["image"] in held]}
-        for side, rows in sides.items():
-            (self.synth / f"{side}_questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in rows))
-        train_ids = {q["id"] for q in sides["train"]}
-        # by id, not in the order the teacher's rollouts finished (which varies with timing): the
-        # SFT data order, and so the SFT model, must not change from run to run
-        trajs = sorted((t for t in iter_jsonl(self.synth / "trajectories.jsonl") if t.group_id in train_ids),
-                       key=lambda t: t.id)
-        write_jsonl(self.synth / "train_trajectories.jsonl", trajs, append=False)
-        with open(self.synth / "train_direct.sharegpt.jsonl", "w", encoding="utf-8") as f:
-            for q in sides["train"]:  # the no-tool baseline's data: image + question -> answer
-                f.write(json.dumps({"id": q["id"], "system": DIRECT_SYSTEM, "tools": "[]",
-                                    "images": [q["image_file"]],
-                                    "conversations": [{"from": "human", "value": "<image>" + q["question"]},
-                                                      {"from": "gpt", "value": f"<answer>{q['answer']}</answer>"}]})
-                        + "\n")
-        info = {"images": len(images), "held_images": len(held), "train_questions": len(sides["train"]),
-                "held_questions": len(sides["held"]), "train_trajectories": len(trajs)}
-        (self.synth / "split.json").write_text(json.dumps(info, indent=1) + "\n")
+        random.Random(a.seeds[0]).shuffle(images)
+        n_sft, n_rl = round(len(images) * a.split[0]), round(len(images) * a.split[1])
+        side = {im: "sft" if i < n_sft else "rl" if i < n_sft + n_rl else "held" for i, im in enumerate(images)}
+        sides = {s: [q for q in qs if side[q["image"]] == s] for s in ("sft", "rl", "held")}
+        for s, rows in sides.items():
+            _write_rows(self.questions(s), rows)
+        rng = random.Random(a.seeds[0] + 1)
+        for name, src, n in (("gate", "rl", a.gate_questions), ("curve", "held", a.curve_questions),
+                             ("passk", "held", a.passk_questions)):
+            _write_rows(self.questions(name), rng.sample(sides[src], min(n, len(sides[src]))))
+        info = {"images": len(images), "kinds": dict(collections.Counter(q["kind"] for q in qs)),
+                **{f"{s}_questions": len(r) for s, r in sides.items()}}
+        (self.data / "split.json").write_text(json.dumps(info, indent=1) + "\n")
+
+    async def mixture(self) -> None:
+        """sft_tools.jsonl: the teacher's tool trajectory of every SFT question that has one;
+        sft_mix.jsonl: those of (1 - recall_frac) of them, and for the others a one-turn recall
+        demonstration rolled out through the engine in the same agent format (the replay of
+        RECALL), so its prompt tokens are exactly the agent's."""
+        sft = {q["id"]: q for q in _rows(self.questions("sft"))}
+        tools = sorted((t for t in iter_jsonl(self.synth / "trajectories.jsonl") if t.group_id in sft),
+                       key=lambda t: t.id)  # by id: the SFT data must not depend on rollout timing
+        ids = sorted({t.group_id for t in tools})
+        random.Random(self.a.seeds[0] + 2).shuffle(ids)
+        recall = set(ids[: round(len(ids) * self.a.recall_frac)])
+        rcfg = dataclasses.replace(self.teacher().rollout, env=self.env(self.questions("sft")))
+        env, recs = build_env(rcfg.env), [sft[i] for i in sorted(recall)]
+        prompts = [question_prompt(r, self.synth) for r in recs]
+        scripts = {r["id"]: [RECALL.format(answer=r["answer"])] for r in recs}
+        engine, backends, _ = build_engine(rcfg, env, scripts=scripts, prompts=prompts)
+        try:
+            demos = [t async for g in engine.run(prompts) for t in g]
+        finally:
+            for b in backends:
+                await b.close()
+        bad = [t.id for t in demos if t.status is not Status.ANSWERED or t.turns[0].calls]
+        if bad:
+            raise RuntimeError(f"recall demonstrations that did not answer at once: {bad[:5]}")
+        mix = sorted([t for t in tools if t.group_id not in recall] + demos, key=lambda t: t.id)
+        write_jsonl(self.data / "sft_tools.jsonl", tools, append=False)
+        write_jsonl(self.data / "sft_mix.jsonl.part", mix, append=False)
+        (self.data / "sft_mix.jsonl.part").rename(self.data / "sft_mix.jsonl")
 
     def warmup(self) -> str:
         """The SFT runs' starting model: the student spec, or the copy-warmed student."""
         a, d = self.a, self.out / "warmup"
         if not a.warmup_steps:
             return a.model
-        cfg = WarmupConfig(model=a.model, out=str(d), steps=a.warmup_steps, seed=a.seed)
+        cfg = WarmupConfig(model=a.model, out=str(d), steps=a.warmup_steps, seed=a.seeds[0])
         self.stage("warmup", d / "warmup.jsonl", lambda: run_warmup(cfg))
         return str(d)
 
-    def sft(self, name: str, data: Path) -> Path:
-        a, d = self.a, self.out / name
+    # per-seed stages --------------------------------------------------------------------
+    def sft(self, seed: int, name: str, data: Path) -> Path:
+        a, d = self.a, self.out / f"seed-{seed}" / name
         cfg = SFTConfig(model=self.warmup(), out_dir=str(d), data=SFTDataConfig(path=str(data)), steps=a.sft_steps,
-                        batch_size=a.sft_batch, lr=a.sft_lr, seed=a.seed,
-                        save_every=max(1, a.sft_steps // 5))  # a crashed SFT resumes from its last checkpoint
-        self.stage(name, d / "final" / "config.json", lambda: run_sft(cfg))  # final/ appears whole (loader.save_model)
+                        batch_size=a.sft_batch, lr=a.sft_lr, seed=seed, save_every=max(1, a.sft_steps // 5))
+        self.stage(f"seed {seed} {name}", d / "final" / "config.json", lambda: run_sft(cfg))
         return d / "final"
 
-    def grpo(self, arm: str, init: Path) -> Path:
-        a, d = self.a, self.out / f"grpo-{arm}"
-        rollout = RolloutConfig(engine=dataclasses.replace(self.engine(a.grpo_samples, a.temperature),
+    def evaluate(self, seed: int, name: str, model: Path, questions: str, n: int = 1,
+                 temperature: float = 0.0) -> list[Trajectory]:
+        """Judged trajectories of `model` on the questions of split `questions` (transient failures
+        injected, the same calls fail for every model: the faults are seeded per trajectory id)."""
+        d = self.out / f"seed-{seed}" / "eval" / name
+        faults = FaultConfig(transient_p=self.a.transient_p, seed=seed)
+        rollout = RolloutConfig(model=str(model), policy="sample", engine=self.engine(n, temperature, seed),
+                                env=self.env(self.questions(questions), faults), out="", progress=False)
+        cfg = EvalConfig(rollout=rollout, agentic=True, direct_baseline=False, out_dir=str(d))
+        self.stage(f"seed {seed} eval {name}", d / "report.json", lambda: run_eval(cfg))
+        return list(iter_jsonl(d / "agentic.jsonl"))
+
+    def gate(self, seed: int, sft: Path) -> dict[str, Any]:
+        a = self.a
+        b = behaviour(self.evaluate(seed, "gate", sft, "gate", temperature=a.temperature))
+        lo, hi = a.gate_tool_rate
+        ok = lo <= b["first_tool"] <= hi and b["tool_success"] >= a.gate_tool_success
+        print(f"[proof] seed {seed} gate ({b['n']} RL questions, T {a.temperature}): first-turn tool-call rate "
+              f"{b['first_tool']:.2f} (needs {lo}-{hi}), tool branch right {b['tool_success']:.2f} "
+              f"(needs >= {a.gate_tool_success}): {'PASS' if ok else 'FAIL'}", flush=True)
+        return {**b, "pass": ok}
+
+    def grpo(self, seed: int, arm: str, init: Path) -> tuple[Path, list[dict[str, Any]]]:
+        """GRPO in segments of curve_every steps (each resumes the last's checkpoint), each
+        segment's model evaluated on the curve questions; returns the final model and the curve."""
+        a, d = self.a, self.out / f"seed-{seed}" / f"grpo-{arm}"
+        faults = FaultConfig(transient_p=a.transient_p, outage_p=a.outage_p, seed=seed)
+        rollout = RolloutConfig(engine=dataclasses.replace(self.engine(a.grpo_samples, a.temperature, seed),
                                                            groups_per_step=a.grpo_groups),
-                                env=self.env(self.synth / "train_questions.jsonl"), model=str(init),
-                                policy="mixed" if a.grpo_replay else "sample", out=str(d / "rollouts.jsonl"),
-                                progress=False)
-        algo = AlgoConfig(mode=arm, estimator=a.grpo_estimator, filter_groups=a.grpo_filter, neg_scale=a.grpo_neg_scale)
-        cfg = GRPOConfig(rollout=rollout, algo=algo,
-                         reward=RewardConfig(alpha=a.grpo_alpha),
-                         update=UpdateConfig(lr=a.grpo_lr, temperature=a.temperature, ppo_epochs=a.grpo_epochs,
-                                             warmup_steps=a.grpo_warmup, eps=a.grpo_adam_eps,
-                                             freeze_vision=a.grpo_freeze_vision,
-                                             loss=PolicyLossConfig(kl_coef=a.grpo_kl), sft_coef=a.grpo_sft_coef),
-                         sft_data=str(self.sft_data()) if a.grpo_sft_coef > 0 else "", sft_batch=a.grpo_sft_batch,
-                         replay_per_group=a.grpo_replay, steps=a.grpo_steps, ckpt_dir=str(d / "ckpt"),
-                         log_dir=str(d), export_dir=str(d / "final"), seed=a.seed)
-        self.stage(f"grpo-{arm}", d / "final" / "config.json", lambda: run_grpo(cfg))
-        return d / "final"
+                                env=self.env(self.questions("rl"), faults), model=str(init),
+                                policy="sample", out=str(d / "rollouts.jsonl"), progress=False)
+        curve = [{"step": 0, **behaviour(self.evaluate(seed, "curve-sft", init, "curve"))}]
+        for upto in range(a.curve_every, a.grpo_steps + 1, a.curve_every):
+            cfg = GRPOConfig(rollout=rollout, algo=AlgoConfig(mode=arm, filter_groups=a.grpo_filter),
+                             reward=RewardConfig(alpha=1.0),
+                             update=UpdateConfig(lr=a.grpo_lr, temperature=a.temperature, warmup_steps=a.grpo_warmup),
+                             steps=upto, ckpt_dir=str(d / "ckpt"), ckpt_every=a.curve_every, log_dir=str(d),
+                             export_dir=str(d / f"at-{upto}"), seed=seed)
+            self.stage(f"seed {seed} grpo-{arm} to step {upto}", d / f"at-{upto}" / "config.json",
+                       lambda cfg=cfg: run_grpo(cfg))
+            curve.append({"step": upto, **behaviour(self.evaluate(seed, f"curve-{arm}-{upto}", d / f"at-{upto}",
+                                                                  "curve"))})
+        return d / f"at-{a.grpo_steps}", curve
 
-    def evaluate(self, name: str, model: Path, direct: bool, agentic: bool = True) -> dict[str, Any]:
-        d = self.out / "eval" / name
-        held = self.synth / "held_questions.jsonl"
-        rollout = RolloutConfig(model=str(model), policy="sample", engine=self.engine(1, 0.0), env=self.env(held),
-                                out="", progress=False)
-        cfg = EvalConfig(rollout=rollout, agentic=agentic, direct_baseline=direct, direct_max_tokens=self.a.max_tokens_per_turn,
-                         out_dir=str(d))
-        self.stage(f"eval {name}", d / "report.json", lambda: run_eval(cfg))
-        rep = json.loads((d / "report.json").read_text())
-        return {mode: {"accuracy": m["average_accuracy"], "n": m["overall"]["n"],
-                       "answered": m["overall"]["answered_rate"], "calls_per_traj": m["overall"]["tool_calls_per_traj"],
-                       "fatal_rate": m["overall"]["fatal_rate"], "wall_s": m["wall_s"]}
-                for mode, m in rep["modes"].items()}
+
+def plot_curves(curves: dict[str, dict[str, list[dict[str, Any]]]], path: Path) -> None:
+    """Greedy held-out accuracy and first-turn tool-call rate against GRPO step, per arm and seed."""
+    import matplotlib  # noqa: PLC0415
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    colours = dict(zip(MODES, ["tab:gray", "tab:purple", "tab:blue", "tab:green"]))
+    for seed, arms in curves.items():
+        for arm, pts in arms.items():
+            for ax, key in zip(axes, ("accuracy", "first_tool")):
+                ax.plot([p["step"] for p in pts], [p[key] for p in pts], marker="o", color=colours[arm],
+                        linestyle="-" if seed == min(curves) else "--", label=f"{arm} (seed {seed})")
+    for ax, title in zip(axes, ("held-out greedy accuracy", "first-turn tool-call rate")):
+        ax.set_xlabel("GRPO step")
+        ax.set_title(title)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_seed(p: Proof, seed: int) -> dict[str, Any] | None:
+    """Every per-seed stage; the seed's results (None when it stopped early)."""
+    a, ev = p.a, p.out / f"seed-{seed}" / "eval"
+    sft = p.sft(seed, "sft", p.data / "sft_mix.jsonl")
+    control = p.sft(seed, "sft-tools", p.data / "sft_tools.jsonl")
+    if a.stop_after == "sft":
+        return None
+    gate = p.gate(seed, sft)
+    if a.stop_after == "gate" or not (gate["pass"] or a.ignore_gate):
+        return {"gate": gate}
+    rows = {"SFT (mixture)": behaviour(p.evaluate(seed, "sft", sft, "held")),
+            "control SFT (tools only)": behaviour(p.evaluate(seed, "sft-tools", control, "held"))}
+    passk = {"SFT (mixture)": pass_at(p.evaluate(seed, "passk-sft", sft, "passk", a.passk, a.temperature))}
+    curves, pairs = {}, {}
+    for arm in a.arms:
+        final, curves[arm] = p.grpo(seed, arm, sft)
+        rows[f"GRPO {arm}"] = behaviour(p.evaluate(seed, f"grpo-{arm}", final, "held"))
+        passk[f"GRPO {arm}"] = pass_at(p.evaluate(seed, f"passk-{arm}", final, "passk", a.passk, a.temperature))
+        pairs[arm] = paired(ev / "sft" / "agentic.jsonl", ev / f"grpo-{arm}" / "agentic.jsonl")
+    return {"gate": gate, "held": rows, "passk": passk, "grpo_vs_sft": pairs,
+            "control_vs_sft": paired(ev / "sft" / "agentic.jsonl", ev / "sft-tools" / "agentic.jsonl"),
+            "curves": curves}
+
+
+def report(p: Proof, results: dict[int, dict[str, Any]]) -> None:
+    split = json.loads((p.data / "split.json").read_text())
+    print(f"\nquestions: {split['sft_questions']} SFT / {split['rl_questions']} RL / {split['held_questions']} held-out "
+          f"on {split['images']} images (by image); faults: transient p {p.a.transient_p} (teacher, RL, eval), "
+          f"sticky outage p {p.a.outage_p} (RL)")
+    for seed, r in results.items():
+        if "held" not in r:
+            print(f"seed {seed}: stopped at the gate ({r['gate']})")
+            continue
+        print(f"\nseed {seed}, held-out (greedy):\n| model | accuracy | first-turn tool call | tool branch right | "
+              f"retry after a failure | fatal | answered |\n|---|---:|---:|---:|---:|---:|---:|")
+        for k, b in r["held"].items():
+            print(f"| {k} | {100 * b['accuracy']:.1f}% | {100 * b['first_tool']:.0f}% | {100 * b['tool_success']:.0f}% | "
+                  f"{100 * b['retry']:.0f}% ({b['failed_turns']}) | {100 * b['fatal']:.1f}% | {100 * b['answered']:.0f}% |")
+        for what, c in [("control SFT", r["control_vs_sft"])] + [(f"GRPO {k}", c) for k, c in r["grpo_vs_sft"].items()]:
+            print(f"  {what} vs the SFT model: {c['gained']} gained, {c['lost']} lost (exact sign test p = {c['p']:.3f})")
+        print("  sampled (T %s): " % p.a.temperature + "; ".join(
+            f"{k} pass@1 {100 * v['pass@1']:.1f}% pass@{v['k']} {100 * v['pass@k']:.1f}%" for k, v in r["passk"].items()))
+        for arm, pts in r["curves"].items():
+            print(f"  curve {arm}: " + ", ".join(f"step {x['step']}: acc {100 * x['accuracy']:.0f}% "
+                                                 f"tool {100 * x['first_tool']:.0f}%" for x in pts))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -354,45 +438,20 @@ def main(argv: list[str] | None = None) -> int:
     p.make_data()
     if a.stop_after == "data":
         return 0
-    sft = p.sft("sft", p.sft_data())
-    sft_direct = p.sft("sft-direct", p.synth / "train_direct.sharegpt.jsonl")
-    if a.stop_after == "sft":
+    results = {s: r for s in a.seeds if (r := run_seed(p, s)) is not None}
+    if not results:
         return 0
-    rows: dict[str, dict[str, Any]] = {}
-    rows["no-tool SFT (direct)"] = p.evaluate("sft-direct", sft_direct, direct=True, agentic=False)["direct"]
-    r = p.evaluate("sft", sft, direct=True)
-    rows["SFT (direct, tools off)"], rows["SFT (with tools)"] = r["direct"], r["agentic"]
-    for arm in a.arms:
-        rows[f"SFT + GRPO {arm}"] = p.evaluate(f"grpo-{arm}", p.grpo(arm, sft), direct=False)["agentic"]
-    split = json.loads((p.synth / "split.json").read_text())
-    sides = {side: {json.loads(x)["id"] for x in (p.synth / f"{side}_questions.jsonl").read_text().splitlines() if x.strip()}
-             for side in ("train", "held")}
-    forced = {side: teacher_forced(sft, p.synth / "trajectories.jsonl", q) for side, q in sides.items()}
-    print(f"\nheld-out: {split['held_questions']} questions on {split['held_images']} unseen images; "
-          f"train: {split['train_questions']} questions, {split['train_trajectories']} teacher trajectories")
-    print("| model | held-out accuracy | answered | tool calls / traj | fatal | eval wall s |\n|---|---:|---:|---:|---:|---:|")
-    for k, v in rows.items():
-        print(f"| {k} | {100 * v['accuracy']:.1f}% | {100 * v['answered']:.0f}% | {v['calls_per_traj']:.2f} | "
-              f"{100 * v['fatal_rate']:.0f}% | {v['wall_s']:.0f} |")
-    ev = p.out / "eval"
-    lift = paired(ev / "sft-direct" / "direct.jsonl", ev / "sft" / "agentic.jsonl")
-    pairs = {arm: paired(ev / "sft" / "agentic.jsonl", ev / f"grpo-{arm}" / "agentic.jsonl") for arm in a.arms}
-    for what, c in [("SFT with tools vs the no-tool baseline", lift)] + \
-            [(f"GRPO {arm} vs the SFT model", c) for arm, c in pairs.items()]:
-        print(f"{what}, the same questions: {c['gained']} gained, {c['lost']} lost (exact sign test p = {c['p']:.3f})")
-    print("\nSFT model, teacher-forced on the teacher's trajectories (greedy next-token accuracy):")
-    for side, f in forced.items():
-        print(f"  {side}: {100 * f['gen_token_acc']:.1f}% of generated tokens, {100 * f['copy_token_acc']:.1f}% of "
-              f"the {f['copy_tokens']} tokens copied into queries / URLs / goals / answers, {100 * f['copy_exact']:.1f}% of the "
-              f"{f['copies']} copies exactly ({f['trajectories']} trajectories)")
+    report(p, results)
+    curves = {s: r["curves"] for s, r in results.items() if "curves" in r}
+    if curves:
+        plot_curves(curves, p.out / "curve.png")
+        print(f"\ncurve: {p.out / 'curve.png'}")
     print(json.dumps({"bench": "proof_learning", "device": device_name(), "commit": git_commit(),
-                      "threads": torch.get_num_threads(), "args": vars(a), "split": split,
-                      "accuracy": {k: round(v["accuracy"], 4) for k, v in rows.items()},
-                      "sft_vs_no_tool": lift, "grpo_vs_sft": pairs,
-                      "sft_teacher_forced": {k: {m: round(x, 4) for m, x in f.items()} for k, f in forced.items()},
-                      "stages_s": p.timings,
-                      "wall_s": round(time.perf_counter() - t0, 1)}))
-    return 0
+                      "threads": torch.get_num_threads(), "args": vars(a),
+                      "split": json.loads((p.data / "split.json").read_text()),
+                      "seeds": {s: {k: v for k, v in r.items()} for s, r in results.items()},
+                      "stages_s": p.timings, "wall_s": round(time.perf_counter() - t0, 1)}))
+    return 0 if all("held" in r for r in results.values()) else 1
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The training proof's smoke run, end to end (every stage, tiny sizes; ~25 s):
+"""The learning proof's smoke run, end to end (every stage, tiny sizes), and its statistics:
 .venv/bin/python -m pytest -q tests/test_proof_smoke.py"""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from benchmod import load_bench
 
-from spyglass.engine.trajectory import Status, Trajectory, write_jsonl
+from spyglass.engine.trajectory import Status, Trajectory, Turn, iter_jsonl, write_jsonl
 
 
 def _proof():
@@ -17,49 +17,72 @@ def _proof():
 
 def test_proof_smoke_runs_every_stage_and_resumes(tmp_path, capsys):
     proof = _proof()
-    argv = ["--out", str(tmp_path / "p"), "--n-questions", "30", "--world-scale", "1", "--warmup-steps", "2",
-            "--copy-curriculum", "4", "--sft-steps", "2", "--sft-batch", "2", "--grpo-steps", "1",
-            "--grpo-groups", "1", "--grpo-samples", "2", "--arms", "fatal_mask_clamp", "--max-turns", "4",
-            "--max-tokens-per-turn", "16", "--threads", "2"]
-    assert proof.main(argv) == 0
+    out = tmp_path / "p"
+    argv = ["--out", str(out), "--n-questions", "40", "--world-scale", "1", "--warmup-steps", "2",
+            "--sft-steps", "2", "--sft-batch", "2", "--grpo-steps", "2", "--curve-every", "1", "--grpo-groups", "1",
+            "--grpo-samples", "2", "--arms", "fatal_mask_clamp", "--max-turns", "4", "--max-tokens-per-turn", "16",
+            "--gate-questions", "4", "--curve-questions", "3", "--passk", "2", "--passk-questions", "2",
+            "--seeds", "0", "--ignore-gate", "--threads", "2"]
+    assert proof.main(argv) in (0, 1)  # 1: the gate failed (a random model has no fork), --ignore-gate went on
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["bench"] == "proof_learning"
-    assert set(res["grpo_vs_sft"]) == {"fatal_mask_clamp"} and {"gained", "lost", "p"} <= set(res["sft_vs_no_tool"])
-    assert set(res["accuracy"]) == {"no-tool SFT (direct)", "SFT (direct, tools off)", "SFT (with tools)",
-                                    "SFT + GRPO fatal_mask_clamp"}
-    assert all(0.0 <= v <= 1.0 for v in res["accuracy"].values())
-    for side in ("train", "held"):
-        f = res["sft_teacher_forced"][side]
-        assert f["copies"] > 0 and f["copy_tokens"] >= f["copies"]
-        assert all(0.0 <= f[k] <= 1.0 for k in ("gen_token_acc", "copy_token_acc", "copy_exact"))
-    assert {"warmup", "sft", "sft-direct", "grpo-fatal_mask_clamp"} <= set(res["stages_s"])
-    ids = [json.loads(x)["id"] for x in (tmp_path / "p" / "synth" / "train_trajectories.jsonl").open()]
-    assert ids and ids == sorted(ids)  # SFT data order independent of rollout completion order
-    # a rerun finds every stage cached and reports the same accuracies
-    assert proof.main(argv) == 0
+    split = res["split"]
+    assert all(k.startswith(("synth-1hop-page", "synth-1hop-emblem")) for k in split["kinds"])
+    sides = {s: [json.loads(x) for x in (out / "synth" / f"proof_{s}_questions.jsonl").open()] for s in ("sft", "rl", "held")}
+    images = {s: {q["image"] for q in rows} for s, rows in sides.items()}
+    assert all(images[s] for s in images) and not (images["sft"] & images["rl"] or images["sft"] & images["held"]
+                                                   or images["rl"] & images["held"])
+    # the mixture: recall demonstrations answer at once, tool trajectories call a tool first; the
+    # control holds only tool trajectories; both in id order (not rollout completion order)
+    mix, tools = list(iter_jsonl(out / "data" / "sft_mix.jsonl")), list(iter_jsonl(out / "data" / "sft_tools.jsonl"))
+    recall = [t for t in mix if not t.turns[0].calls]
+    assert recall and len(recall) < len(mix) and all(t.turns[0].answered and len(t.turns) == 1 for t in recall)
+    assert all(t.turns[0].calls for t in tools) and {t.group_id for t in tools} >= {t.group_id for t in mix}
+    assert [t.id for t in mix] == sorted(t.id for t in mix)
+    assert {t.group_id for t in mix} <= {q["id"] for q in sides["sft"]}
+    # the GRPO rollouts ran on RL questions with outages injected
+    rl = {q["id"] for q in sides["rl"]}
+    rollouts = list(iter_jsonl(out / "seed-0" / "grpo-fatal_mask_clamp" / "rollouts.jsonl"))
+    assert rollouts and all(t.group_id in rl for t in rollouts) and all("faults" in t.meta for t in rollouts
+                                                                         if any(tr.calls for tr in t.turns))
+    r = res["seeds"]["0"]
+    assert set(r["held"]) == {"SFT (mixture)", "control SFT (tools only)", "GRPO fatal_mask_clamp"}
+    assert all(0.0 <= b[k] <= 1.0 for b in r["held"].values() for k in ("accuracy", "first_tool", "retry", "fatal"))
+    assert [p["step"] for p in r["curves"]["fatal_mask_clamp"]] == [0, 1, 2]
+    assert r["passk"]["SFT (mixture)"]["k"] == 2 and set(r["grpo_vs_sft"]) == {"fatal_mask_clamp"}
+    assert (out / "curve.png").stat().st_size > 0
+    assert {"synth", "mixture", "warmup", "seed 0 sft", "seed 0 grpo-fatal_mask_clamp to step 2"} <= set(res["stages_s"])
+    # a rerun finds every stage cached and reports the same figures
+    proof.main(argv)
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert again["accuracy"] == res["accuracy"] and "sft" not in again["stages_s"]
+    assert again["seeds"] == res["seeds"] and again["stages_s"] == {}
 
 
-def test_proof_smoke_recites_the_question_and_anchors_grpo(tmp_path, capsys):
-    """--recite-question reaches the teacher's data, GRPO's rollouts and the evals (every
-    observation ends with the question); --grpo-sft-coef adds the SFT data's NLL to GRPO's steps."""
-    from spyglass.engine.trajectory import SegmentKind, iter_jsonl
+def _traj(i: int, acc: float, turns: list[Turn], status: Status = Status.ANSWERED, fatal: int | None = None):
+    return Trajectory(id=f"q{i}#0", group_id=f"q{i}", sample_index=0, prompt_ids=[1], status=status, turns=turns,
+                      fatal_step=fatal, reward={"acc": acc}, meta={"item_id": f"q{i}"})
 
-    out = tmp_path / "p"
-    argv = ["--out", str(out), "--n-questions", "30", "--world-scale", "1", "--warmup-steps", "2",
-            "--sft-steps", "2", "--sft-batch", "2", "--grpo-steps", "1", "--grpo-groups", "1", "--grpo-samples", "2",
-            "--arms", "vanilla", "--max-turns", "4", "--max-tokens-per-turn", "16", "--threads", "2",
-            "--recite-question", "--grpo-sft-coef", "0.5", "--grpo-sft-batch", "2"]
-    assert _proof().main(argv) == 0
-    capsys.readouterr()
-    for f in (out / "synth" / "train_trajectories.jsonl", out / "grpo-vanilla" / "rollouts.jsonl",
-              out / "eval" / "sft" / "agentic.jsonl"):
-        obs = [(t, s) for t in iter_jsonl(f) for s in t.segments if s.kind is SegmentKind.OBS]
-        assert obs, f
-        assert all(s.text.endswith(f"\nQuestion: {t.prompt_messages[0]['content']}") for t, s in obs), f
-    step = json.loads((out / "grpo-vanilla" / "metrics.jsonl").read_text().splitlines()[0])
-    assert step["skipped_update"] == 0.0 and 0 < step["sft_nll"] < 20  # no filter: every step updates
+
+def test_behaviour_counts_the_fork_retries_and_cascades():
+    b = _proof().behaviour
+    call = lambda name: {"name": name, "arguments": "{}"}  # noqa: E731
+    fail = lambda name, kind="transient": {"name": name, "kind": kind, "message": "x"}  # noqa: E731
+    trajs = [
+        _traj(0, 1.0, [Turn(0, calls=[call("OCR")], tool_errors=[fail("OCR")]), Turn(1, calls=[call("OCR")]),
+                       Turn(2, answered=True)]),                                   # tool branch, a retry, right
+        _traj(1, 0.0, [Turn(0, answered=True)]),                                   # recall, wrong
+        _traj(2, 0.0, [Turn(0, calls=[call("OCR")], tool_errors=[fail("OCR")]), Turn(1, calls=[call("Visit")])]),
+        _traj(3, 0.0, [Turn(0, calls=[call("OCR")], tool_errors=[fail("OCR", "bad_args")]), Turn(1, answered=True)],
+              Status.FATAL, fatal=0),                                              # a bad_args error is no retry case
+    ]
+    got = b(trajs)
+    assert got["accuracy"] == 0.25 and got["first_tool"] == 0.75 and got["tool_success"] == pytest.approx(1 / 3)
+    assert got["failed_turns"] == 2 and got["retry"] == 0.5 and got["fatal"] == 0.25 and got["answered"] == 0.75
+
+
+def test_pass_at_k_over_samples():
+    trajs = [_traj(0, a, []) for a in (1.0, 0.0, 0.0, 0.0)] + [_traj(1, 0.0, []) for _ in range(4)]
+    assert _proof().pass_at(trajs) == {"questions": 2, "k": 4, "pass@1": 0.125, "pass@k": 0.5}
 
 
 def test_paired_counts_discordant_questions_and_sign_test(tmp_path):
@@ -67,9 +90,7 @@ def test_paired_counts_discordant_questions_and_sign_test(tmp_path):
 
     def ev(name, accs):
         f = tmp_path / f"{name}.jsonl"
-        write_jsonl(f, [Trajectory(id=f"q{i}#0", group_id=f"q{i}", sample_index=0, prompt_ids=[1],
-                                   status=Status.ANSWERED, reward={"acc": float(a)}, meta={"item_id": f"q{i}"})
-                        for i, a in enumerate(accs)])
+        write_jsonl(f, [_traj(i, float(a), []) for i, a in enumerate(accs)])
         return f
     base, other = ev("sft", [1, 1, 0, 0, 0, 0]), ev("grpo", [1, 0, 1, 1, 1, 0])
     # discordant: 3 gained, 1 lost -> p = 2 * (C(4,0) + C(4,1)) / 2^4 = 0.625

@@ -73,7 +73,7 @@ async def echo_tools(calls, traj):
     for c in calls:
         args = json.loads(c["arguments"])
         if args.get("fail"):
-            out.append(ToolOutcome("boom", error_kind="transient"))
+            out.append(ToolOutcome("boom", error_kind="fatal"))
         else:
             if args.get("sleep"):
                 await asyncio.sleep(args["sleep"])

@@ -1,4 +1,4 @@
-"""Copy warm-up: .venv/bin/python -m pytest -q tests/test_warmup.py"""
+"""The proof's copy warm-up (benchmarks/proof_warmup.py): .venv/bin/python -m pytest -q tests/test_warmup.py"""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,11 @@ import torch
 from spyglass.engine.config import ConfigError
 from spyglass.engine.loader import load_model
 from spyglass.engine.offline.tiny import build_tokenizer
-from spyglass.trainer.warmup import CopyTask, MixedTask, RecallTask, WarmupConfig, copy_step, run_warmup
+from benchmod import load_bench
+
+_w = load_bench("proof_warmup")
+CopyTask, MixedTask, RecallTask, WarmupConfig, copy_step, run_warmup = (
+    _w.CopyTask, _w.MixedTask, _w.RecallTask, _w.WarmupConfig, _w.copy_step, _w.run_warmup)
 
 
 def test_copy_task_labels_are_exactly_the_repeat():

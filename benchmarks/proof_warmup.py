@@ -1,4 +1,4 @@
-"""Copy warm-up: language-model steps on synthetic copy and recall sequences before SFT.
+"""Copy warm-up (the learning proof's scaffolding): language-model steps on synthetic copy and recall sequences before SFT.
 
 Why: the agent's decisive tokens are copies (OCR text into a query, a URL into Visit, a page's
 value into the answer). A tiny random-init model fine-tuned on a few thousand teacher
@@ -17,7 +17,7 @@ phase change comes at steps 400-600; after 2,000 steps, on fresh names, copy is 
 (benchmarks/README.md, "Training works?"): after SFT, 60% of the held-out teacher trajectories'
 copies exact, against 23% after a 700-step copy-only warm-up.
 
-    .venv/bin/python -m spyglass.trainer.warmup --model tiny:qwen2_vl:128x2:64 --out runs/warm --steps 2000
+    .venv/bin/python benchmarks/proof_warmup.py --model tiny:qwen2_vl:128x2:64 --out runs/warm --steps 2000
 """
 from __future__ import annotations
 
@@ -35,8 +35,10 @@ import torch.nn.functional as F
 
 from spyglass.engine.config import add_dataclass_args, check, config_from_args
 from spyglass.engine.loader import check_model_spec, load_model
-from spyglass.engine.offline.world import _Namer
-from spyglass.trainer.synth.curriculum import FIELDS, KINDS
+from spyglass.engine.offline.world import ENTITY_KINDS as KINDS
+from spyglass.engine.offline.world import FACT_FIELDS, _Namer
+
+FIELDS = tuple(dict.fromkeys(f for fields in FACT_FIELDS.values() for f in fields))  # the world's infobox fields
 
 
 @dataclass
