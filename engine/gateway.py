@@ -21,6 +21,11 @@ is closed as INTERRUPTED ("split"), written, and the response says so (`spyglass
 X-Spyglass-Split). Sessions are named by `session_id` (body, or header X-Session-Id) or, without
 one, found by the longest recorded message prefix the request repeats.
 
+Weight updates: `await gw.pause(drain_s)` holds every new turn (the request waits, it is not
+refused), gives in-flight turns `drain_s` seconds to finish, then aborts the rest, whose partial
+tokens are dropped; `gw.resume()` lets them go, and an aborted turn is generated again whole
+under the new weights (the client only sees a slower reply). No turn mixes two versions.
+
 Bounded: `max_request_bytes` (413), `max_concurrency` requests at once (429), `max_sessions`
 open sessions (the idlest is closed as INTERRUPTED, "abandoned"), an optional API key (401),
 127.0.0.1 by default; a bad request is a 400 naming the field.
@@ -30,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import hashlib
 import io
 import json
@@ -62,12 +68,14 @@ class ServeConfig:
     max_image_pixels: int = 50_000_000  # larger images in a request get 400
     model_name: str = "policy"  # the id /v1/models lists (any `model` a request names is served)
     wait_s: float = 3600.0  # GRPO over the gateway: how long a step waits for its groups
+    drain_s: float = 5.0  # weight sync: in-flight turns get this long, then are aborted and redone (0 = at once)
 
     def __post_init__(self) -> None:
         check(0 <= self.port <= 65535, f"port must be in [0, 65535], got {self.port}")
         for k in ("max_request_bytes", "max_concurrency", "max_sessions", "max_image_pixels"):
             check(getattr(self, k) >= 1, f"{k} must be >= 1, got {getattr(self, k)}")
         check(self.wait_s > 0, f"wait_s must be > 0, got {self.wait_s}")
+        check(self.drain_s >= 0, f"drain_s must be >= 0, got {self.drain_s}")
 
 
 @dataclass
@@ -207,7 +215,33 @@ class Gateway:
         self._parsers: dict[str, Any] = {}
         self._sem = asyncio.Semaphore(cfg.max_concurrency)
         self._finished: asyncio.Queue[Trajectory] = asyncio.Queue()
-        self.stats = {"requests": 0, "sessions": 0, "splits": 0, "closed": 0}
+        self._gate = asyncio.Event()  # set = turns may generate (cleared by pause)
+        self._gate.set()
+        self._live: dict[str, Any] = {}  # request id -> backend, turns generating now
+        self._drained = asyncio.Event()  # set when _live is empty
+        self._drained.set()
+        self._aborting: set[str] = set()  # request ids pause() aborted (redone after resume)
+        self.stats = {"requests": 0, "sessions": 0, "splits": 0, "closed": 0, "aborted": 0}
+
+    # -- weight updates ------------------------------------------------------------------
+    async def pause(self, drain_s: float) -> None:
+        """Hold new turns, wait up to `drain_s` for in-flight ones, abort those still running
+        and wait for them to return; afterwards no turn generates until resume(). A held request
+        keeps its max_concurrency slot (pause waits only on generating turns, never on a slot).
+        Pausing again is harmless."""
+        self._gate.clear()
+        if self._live:
+            try:
+                await asyncio.wait_for(self._drained.wait(), drain_s)
+            except asyncio.TimeoutError:
+                live = list(self._live.items())
+                self._aborting.update(rid for rid, _ in live)
+                await asyncio.gather(*(b.abort(rid) for rid, b in live), return_exceptions=True)
+                await self._drained.wait()  # aborted turns return their partial tokens (dropped)
+
+    def resume(self) -> None:
+        """Let held and aborted turns generate (a no-op when not paused)."""
+        self._gate.set()
 
     # -- the chat request ----------------------------------------------------------------
     async def chat(self, body: dict[str, Any], session_id: str | None = None) -> dict[str, Any]:
@@ -325,7 +359,7 @@ class Gateway:
     # -- one assistant turn --------------------------------------------------------------
     async def _turn(self, s: _Session, msgs: list[_Msg], sampling: Any, split: str) -> dict[str, Any]:
         from .backends.base import BackendError, GenerateRequest  # noqa: PLC0415
-        t = s.traj
+        t, t_start = s.traj, time.perf_counter()
         new = msgs[len(s.keys):] if t.segments else []
         if new:  # the observation: the template's delta after our last turn (never re-tokenized)
             last = t.segments[-1].token_ids
@@ -338,17 +372,17 @@ class Gateway:
             raise RequestError(f"the conversation has {t.num_tokens} tokens, over max_context "
                                f"{self.engine_cfg.max_context}", "messages")
         backend = self.backends[s.server]
-        t0 = time.perf_counter()
         try:
-            out = await backend.generate(GenerateRequest(f"{t.id}:{len(t.turns)}", t.token_array(),
-                                                         sampling, images=t.images()))
+            out, t0 = await self._generate(backend, GenerateRequest(f"{t.id}:{len(t.turns)}", t.token_array(),
+                                                                    sampling, images=t.images()))
         except BackendError as e:
             raise RequestError(f"backend {backend.name} failed: {e}", status=503) from None
+        queue_s = out.queue_s + (t0 - t_start)
         text = self.codec.decode(out.token_ids[:-1] if out.finish_reason == "stop" else out.token_ids)
         parsed = s.parser(text)
         turn = Turn(index=len(t.turns), calls=parsed.calls, parse_errors=parsed.errors,
                     answered=parsed.answer is not None and not parsed.calls, gen_tokens=len(out.token_ids),
-                    queue_s=out.queue_s, gen_s=time.perf_counter() - t0)
+                    queue_s=queue_s, gen_s=time.perf_counter() - t0)
         t.turns.append(turn)
         t.meta.setdefault("temperatures", []).append(sampling.temperature)  # the trainer checks its own
         t.segments.append(Segment(SegmentKind.GEN, out.token_ids, turn=turn.index, logprobs=out.logprobs,
@@ -370,6 +404,31 @@ class Gateway:
         if split:
             resp["spyglass"]["split"] = split
         return resp
+
+    async def _generate(self, backend: Any, req: Any) -> tuple[Any, float]:
+        """(output, launch time) of one turn: it waits while paused, and a turn pause() aborted
+        is dropped (its partial tokens are never recorded) and launched again, whole and under
+        a fresh request id, once resumed."""
+        base, attempt = req.request_id, 0
+        while True:
+            while not self._gate.is_set():
+                await self._gate.wait()
+            rid, t0 = req.request_id, time.perf_counter()
+            self._live[rid] = backend  # no await between the gate and here: pause() sees every launch
+            self._drained.clear()
+            try:
+                out = await backend.generate(req)
+            finally:
+                del self._live[rid]
+                if not self._live:
+                    self._drained.set()
+                ours = rid in self._aborting
+                self._aborting.discard(rid)
+            if not ours or out.finish_reason != "abort":  # an abort that lost the race keeps its whole turn
+                return out, t0
+            self.stats["aborted"] += 1
+            attempt += 1
+            req = dataclasses.replace(req, request_id=f"{base}/redo{attempt}")
 
     def _reply(self, t: Trajectory, turn: Turn, text: str) -> dict[str, Any]:
         """The OpenAI assistant message: the text outside <tool_call> blocks, and the calls."""

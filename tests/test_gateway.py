@@ -1,7 +1,7 @@
 """The OpenAI-compatible gateway against the real `openai` client: chat with tools and images,
 a multi-turn session recorded token for token (the checkpoint's template deltas, the sampled
 ids), prefix matching without a session id, a split reported, streaming, rewards closing
-trajectories into groups, and the 4xx of bad requests."""
+trajectories into groups, the 4xx of bad requests, and pause / resume around a weight sync (held, drained, aborted and redone turns)."""
 import asyncio
 import base64
 import io
@@ -18,6 +18,7 @@ from aiohttp import web
 from PIL import Image
 
 from spyglass.engine.backends.base import Backend, GenerateOutput, GenerateRequest
+from spyglass.engine.config import ConfigError
 from spyglass.engine.gateway import Gateway, ServeConfig, make_app, parse_messages
 from spyglass.engine.scheduler import EngineConfig
 from spyglass.engine.loader import load_model
@@ -61,7 +62,8 @@ class Scripted(Backend):
         await asyncio.sleep(self.delay)
         key = req.request_id.split("#")[0].split(":")[0]
         texts = self.script.get(key) or self.script["*"]
-        text = texts[min(int(req.request_id.rsplit(":", 1)[1]), len(texts) - 1)]
+        turn = int(req.request_id.rsplit(":", 1)[1].split("/")[0])  # "<traj>:<turn>[/redo<k>]"
+        text = texts[min(turn, len(texts) - 1)]
         ids = self.codec.encode_text(text) + [self.codec.stop_token_ids[0]]
         return GenerateOutput(req.request_id, ids, [-0.25] * len(ids), "stop", self.version, self.name)
 
@@ -76,6 +78,37 @@ class Scripted(Backend):
 
     async def close(self) -> None:
         pass
+
+
+class Blocking(Scripted):
+    """Scripted, but a turn waits until the event `go` is set, and abort() makes a waiting turn
+    return finish "abort" with its first two tokens (logprobs -9); full turns have logprobs
+    -0.1 * version. `started` is set when a turn is waiting; every output is kept in `outs`."""
+
+    def __init__(self, codec, script: dict[str, list[str]]) -> None:
+        super().__init__(codec, script)
+        self.go, self.started, self.outs, self._stop = asyncio.Event(), asyncio.Event(), [], {}
+
+    async def generate(self, req: GenerateRequest) -> GenerateOutput:
+        full = await super().generate(req)
+        stop = self._stop[req.request_id] = asyncio.Event()
+        self.started.set()
+        waits = [asyncio.ensure_future(self.go.wait()), asyncio.ensure_future(stop.wait())]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for w in waits:
+            w.cancel()
+        del self._stop[req.request_id]
+        if stop.is_set():
+            out = GenerateOutput(req.request_id, full.token_ids[:2], [-9.0, -9.0], "abort", self.version, self.name)
+        else:
+            out = GenerateOutput(req.request_id, full.token_ids, [-0.1 * self.version] * len(full.token_ids), "stop",
+                                 self.version, self.name)
+        self.outs.append(out)
+        return out
+
+    async def abort(self, request_id: str) -> None:
+        if request_id in self._stop:
+            self._stop[request_id].set()
 
 
 class Server:
@@ -286,3 +319,101 @@ def test_spyglass_serve_from_the_command_line(tmp_path):
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
     assert f"on http://127.0.0.1:{port}/v1" in out
+
+
+# ------------------------------------------------------------------------------ pause / resume
+ASK = {"messages": [{"role": "user", "content": "Read it."}], "tools": TOOLS}
+
+
+def _gen(path) -> list:
+    (t,) = read_jsonl(path)
+    return [seg for seg in t.segments if seg.kind is SegmentKind.GEN]
+
+
+def test_a_request_arriving_while_paused_is_held_and_served_by_the_new_weights(codecs, tmp_path):
+    async def run():
+        backend = Scripted(codecs["qwen3_vl"], {"*": [CALL]})
+        gw = Gateway(ServeConfig(out=str(tmp_path / "g.jsonl"), max_concurrency=1), EngineConfig(),
+                     codecs["qwen3_vl"], [backend])
+        gw.resume()  # not paused: harmless
+        await asyncio.wait_for(gw.pause(5.0), 5)
+        await asyncio.wait_for(gw.pause(5.0), 5)  # twice: harmless, nothing in flight to wait for
+        held = asyncio.ensure_future(gw.chat({**ASK, "session_id": "s"}))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not held.done() and backend.seen == []  # held, not refused, and not generated
+        await backend.update_weights(None, 4)  # the sync
+        gw.resume()
+        r = await asyncio.wait_for(held, 5)
+        gw.resume()
+        gw.reward("s", {"reward": 1.0})
+        return r, gw.stats
+    r, stats = asyncio.run(run())
+    assert r["spyglass"]["version"] == 4 and stats["aborted"] == 0
+    assert [seg.version for seg in _gen(tmp_path / "g.jsonl")] == [4]
+
+
+def test_a_turn_aborted_by_pause_is_dropped_and_redone_whole_after_resume(codecs, tmp_path):
+    """Over HTTP: the client's one request spans the pause; its reply and its recording are the
+    redone turn's (new version, that generate's ids and logprobs), the partial tokens are gone."""
+    backend = Blocking(codecs["qwen3_vl"], {"*": [CALL]})
+    srv = Server(Gateway(ServeConfig(out=str(tmp_path / "gw.jsonl")), EngineConfig(), codecs["qwen3_vl"], [backend]))
+    try:
+        reply: list = []
+        client = threading.Thread(target=lambda: reply.append(
+            post(f"{srv.url}/chat/completions", {**ASK, "session_id": "ep"})))
+        client.start()
+        srv.call(asyncio.wait_for(backend.started.wait(), 5))  # the turn is generating
+        srv.call(asyncio.wait_for(srv.gw.pause(0.0), 5))  # drain_s 0: aborted at once
+        assert [o.finish_reason for o in backend.outs] == ["abort"] and not reply
+        srv.call(backend.update_weights(None, 4))
+        srv.loop.call_soon_threadsafe(backend.go.set)
+        srv.loop.call_soon_threadsafe(srv.gw.resume)
+        client.join(10)
+        assert not client.is_alive()
+        status, r = reply[0]
+        assert status == 200 and r["choices"][0]["finish_reason"] == "tool_calls"
+        assert r["spyglass"]["version"] == 4 and srv.gw.stats["aborted"] == 1
+        assert post(f"{srv.url}/sessions/ep/reward", {"reward": 1.0})[0] == 200
+    finally:
+        srv.stop()
+    partial, redone = backend.outs
+    assert [q.request_id for q in backend.seen] == ["ep:0", "ep:0/redo1"]
+    assert list(backend.seen[1].prompt_ids) == list(backend.seen[0].prompt_ids)  # the same turn, whole
+    (seg,) = _gen(tmp_path / "gw.jsonl")
+    assert (seg.version, list(seg.token_ids), list(seg.logprobs)) == (4, redone.token_ids, redone.logprobs)
+    assert seg.finish_reason == "stop" and -9.0 not in list(seg.logprobs) and len(partial.token_ids) == 2
+    (t,) = read_jsonl(tmp_path / "gw.jsonl")
+    assert t.token_ids() == list(backend.seen[0].prompt_ids) + redone.token_ids  # nothing of the partial
+
+
+def test_a_turn_that_finishes_within_drain_s_is_not_aborted(codecs, tmp_path):
+    async def run():
+        backend = Blocking(codecs["qwen3_vl"], {"*": [CALL]})
+        gw = Gateway(ServeConfig(out=str(tmp_path / "g.jsonl")), EngineConfig(), codecs["qwen3_vl"], [backend])
+        first = asyncio.ensure_future(gw.chat({**ASK, "session_id": "a"}))
+        await asyncio.wait_for(backend.started.wait(), 5)
+        pause = asyncio.ensure_future(gw.pause(30.0))
+        second = asyncio.ensure_future(gw.chat({**ASK, "session_id": "b"}))  # arrives while draining
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not pause.done() and len(backend.seen) == 1  # draining; the newcomer is held
+        backend.go.set()  # the in-flight turn finishes within drain_s
+        await asyncio.wait_for(pause, 5)
+        r1 = await asyncio.wait_for(first, 5)
+        assert not second.done() and len(backend.seen) == 1
+        await backend.update_weights(None, 4)
+        gw.resume()
+        r2 = await asyncio.wait_for(second, 5)
+        gw.reward("a", {"reward": 1.0})
+        return r1, r2, gw.stats, backend.outs
+    r1, r2, stats, outs = asyncio.run(run())
+    assert [o.finish_reason for o in outs] == ["stop", "stop"] and stats["aborted"] == 0
+    assert (r1["spyglass"]["version"], r2["spyglass"]["version"]) == (3, 4)
+    assert [(seg.version, list(seg.logprobs)) for seg in _gen(tmp_path / "g.jsonl")] == \
+        [(3, outs[0].logprobs)]
+
+
+def test_drain_s_is_validated():
+    with pytest.raises(ConfigError, match="drain_s must be >= 0, got -1"):
+        ServeConfig(drain_s=-1)

@@ -45,4 +45,7 @@ def test_the_example_agent_trains_two_grpo_steps_through_the_gateway(tmp_path):
     assert {t.group_id for t in trained} == {"q-0", "q-1"} and all("total" in t.reward for t in trained)
     versions = {t.group_id: {s.version for s in t.segments if s.kind.value == "gen"} for t in trained}
     assert versions["q-0"] == {0} and versions["q-1"] == {1}  # step 2 sampled with the weights of step 1
+    gens = [s for t in trained for s in t.segments if s.kind.value == "gen"]
+    # each turn is one generate under one version: no aborted partial is ever recorded
+    assert all(s.finish_reason != "abort" and len(s.logprobs) == len(s.token_ids) for s in gens)
     assert len(read_jsonl(tmp_path / "gateway.jsonl")) == 4

@@ -241,8 +241,17 @@ class _Run:
         servers that can join a weight-update group get bucketed broadcasts (sync.transport),
         the others reload a checkpoint dir under log_dir/weights (the newest kept), in-process
         ones take the state dict. The engine is idle here (each step's rollout has finished),
-        so no turn is in flight and no group is dropped. Returns sync/<transport>_s metrics."""
-        return self.syncer(self.updater, self.updater.version, self.loop, self.broadcast)
+        so no turn is in flight and no group is dropped. The gateway keeps serving on this loop,
+        so it is paused around the sync: new turns are held, turns still generating after
+        serve.drain_s are aborted and redone under the new weights after resume (a client
+        sees a slower reply, never a turn of two versions). Returns sync/<transport>_s metrics."""
+        if self.gateway is None or self.updater.version == self.syncer.synced:  # nothing to hold for
+            return self.syncer(self.updater, self.updater.version, self.loop, self.broadcast)
+        self.loop.run_until_complete(self.gateway.pause(self.cfg.serve.drain_s))
+        try:
+            return self.syncer(self.updater, self.updater.version, self.loop, self.broadcast)
+        finally:
+            self.gateway.resume()
 
     def evaluate(self) -> dict[str, float]:
         """The model's own sampled rollouts (no replay) of the held-out questions, one sample
@@ -295,7 +304,8 @@ class _Run:
 
 def _start_gateway(run: _Run, vlm: Any, codec: Any) -> Gateway:
     """Rank 0 with `serve`: the gateway over the rollout config's backends, listening on the
-    run's event loop (it answers while a step waits for groups; requests queue during updates)."""
+    run's event loop (it answers while a step waits for groups; requests queue during updates,
+    and are held by Gateway.pause during each weight sync)."""
     run.backends = make_backends(run.cfg.rollout, vlm, prefix="gateway")
     gw = Gateway(run.cfg.serve, run.cfg.rollout.engine, codec, run.backends)
     gw.group_iter = gw.groups(run.cfg.rollout.engine.n_samples)  # one stream: partial groups carry over steps
