@@ -1,7 +1,8 @@
 """The OpenAI-compatible gateway against the real `openai` client: chat with tools and images,
 a multi-turn session recorded token for token (the checkpoint's template deltas, the sampled
 ids), prefix matching without a session id, a split reported, streaming, rewards closing
-trajectories into groups, the 4xx of bad requests, and pause / resume around a weight sync (held, drained, aborted and redone turns)."""
+trajectories into groups, the 4xx of bad requests, and pause / resume around a weight sync
+(held, drained, aborted and redone turns)."""
 import asyncio
 import base64
 import io
