@@ -35,6 +35,10 @@ after a failed call, fatal rate; each arm against the SFT model question by ques
 lost, the exact sign test's p); pass@1 / pass@k; the curve (a PNG); one final JSON line.
 
     .venv/bin/python benchmarks/proof_learning.py --out runs/proof              # 2 seeds (figures: benchmarks/README.md)
+    # the same on 2 cores in less wall time: the shared stages, then one process per seed, then the report
+    .venv/bin/python benchmarks/proof_learning.py --out runs/proof --stop-after data
+    for s in 0 1; do .venv/bin/python benchmarks/proof_learning.py --out runs/proof --seeds $s --threads 1 & done; wait
+    .venv/bin/python benchmarks/proof_learning.py --out runs/proof            # every stage cached: the report
     .venv/bin/python benchmarks/proof_learning.py --out /tmp/p --n-questions 60 --world-scale 1 --warmup-steps 2 \\
         --sft-steps 4 --grpo-steps 2 --curve-every 1 --arms fatal_mask_clamp --seeds 0 --ignore-gate   # a smoke run
 """
@@ -84,6 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/proof")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of SFT, GRPO and sampling")
+    ap.add_argument("--data-seed", type=int, default=0,
+                    help="seed of the shared stages (world, questions, split, mixture, warm-up): one process per "
+                         "--seeds value can run in parallel once they are cached")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     ap.add_argument("--world-scale", type=int, default=4, help="world size as a multiple of the default world")
     ap.add_argument("--n-questions", type=int, default=1600, help="1-hop questions synthesized")
@@ -94,7 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="the teacher's model (it only replays the solve scripts; default: the student's family "
                          "and image tokens at 32x1, the same tokens)")
     ap.add_argument("--recall-frac", type=float, default=0.5, help="SFT questions taught the recall branch")
-    ap.add_argument("--warmup-steps", type=int, default=2000, help="copy warm-up steps before SFT (0: none)")
+    ap.add_argument("--warmup-steps", type=int, default=1200, help="copy warm-up steps before SFT (0: none)")
     ap.add_argument("--sft-steps", type=int, default=1200)
     ap.add_argument("--sft-batch", type=int, default=4)
     ap.add_argument("--sft-lr", type=float, default=3e-3)
@@ -231,19 +238,19 @@ class Proof:
     def teacher(self) -> TeacherConfig:
         a, base = self.a, teacher_rollout()
         env = dataclasses.replace(base.env, tools=list(TOOLS), prompt_schemas=False, search_top_k=1,
-                                  faults=FaultConfig(transient_p=a.transient_p, seed=a.seeds[0]))
+                                  faults=FaultConfig(transient_p=a.transient_p, seed=a.data_seed))
         return TeacherConfig(rollout=teacher_rollout(model=a.teacher_model or teacher_spec(a.model),
-                                                     engine=dataclasses.replace(base.engine, seed=a.seeds[0]),
+                                                     engine=dataclasses.replace(base.engine, seed=a.data_seed),
                                                      env=env))
 
     # shared stages ----------------------------------------------------------------------
     def make_data(self) -> None:
         a, k = self.a, self.a.world_scale
-        world = WorldConfig(seed=a.seeds[0], n_people=90 * k, n_places=60 * k, n_orgs=60 * k, n_products=50 * k,
+        world = WorldConfig(seed=a.data_seed, n_people=90 * k, n_places=60 * k, n_orgs=60 * k, n_products=50 * k,
                             n_events=40 * k, n_sign_images=48 * k, n_scenes=8 * k, n_emblem_queries=10 * k)
         self.stage("world", self.world / "manifest.json", lambda: generate_world(self.world, world))
-        cfg = SynthConfig(out=str(self.synth), world=str(self.world), n_questions=a.n_questions, seed=a.seeds[0],
-                          paths=PathConfig(hop_lengths=(1,), hop_probs=(1.0,), seed=a.seeds[0]),
+        cfg = SynthConfig(out=str(self.synth), world=str(self.world), n_questions=a.n_questions, seed=a.data_seed,
+                          paths=PathConfig(hop_lengths=(1,), hop_probs=(1.0,), seed=a.data_seed),
                           teacher=self.teacher())
         self.stage("synth", self.synth / "report.json", lambda: asyncio.run(run_pipeline(cfg)))
         self.data.mkdir(exist_ok=True)
@@ -255,13 +262,13 @@ class Proof:
         a = self.a
         qs = [q for q in _rows(self.synth / "questions.jsonl") if q["kind"].startswith(KINDS)]
         images = sorted({q["image"] for q in qs})
-        random.Random(a.seeds[0]).shuffle(images)
+        random.Random(a.data_seed).shuffle(images)
         n_sft, n_rl = round(len(images) * a.split[0]), round(len(images) * a.split[1])
         side = {im: "sft" if i < n_sft else "rl" if i < n_sft + n_rl else "held" for i, im in enumerate(images)}
         sides = {s: [q for q in qs if side[q["image"]] == s] for s in ("sft", "rl", "held")}
         for s, rows in sides.items():
             _write_rows(self.questions(s), rows)
-        rng = random.Random(a.seeds[0] + 1)
+        rng = random.Random(a.data_seed + 1)
         for name, src, n in (("gate", "rl", a.gate_questions), ("curve", "held", a.curve_questions),
                              ("passk", "held", a.passk_questions)):
             _write_rows(self.questions(name), rng.sample(sides[src], min(n, len(sides[src]))))
@@ -278,7 +285,7 @@ class Proof:
         tools = sorted((t for t in iter_jsonl(self.synth / "trajectories.jsonl") if t.group_id in sft),
                        key=lambda t: t.id)  # by id: the SFT data must not depend on rollout timing
         ids = sorted({t.group_id for t in tools})
-        random.Random(self.a.seeds[0] + 2).shuffle(ids)
+        random.Random(self.a.data_seed + 2).shuffle(ids)
         recall = set(ids[: round(len(ids) * self.a.recall_frac)])
         rcfg = dataclasses.replace(self.teacher().rollout, env=self.env(self.questions("sft")))
         env, recs = build_env(rcfg.env), [sft[i] for i in sorted(recall)]
@@ -303,7 +310,7 @@ class Proof:
         a, d = self.a, self.out / "warmup"
         if not a.warmup_steps:
             return a.model
-        cfg = WarmupConfig(model=a.model, out=str(d), steps=a.warmup_steps, seed=a.seeds[0])
+        cfg = WarmupConfig(model=a.model, out=str(d), steps=a.warmup_steps, seed=a.data_seed)
         self.stage("warmup", d / "warmup.jsonl", lambda: run_warmup(cfg))
         return str(d)
 
