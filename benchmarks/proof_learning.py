@@ -207,7 +207,7 @@ class Proof:
     """The stages, their cache and the timings."""
 
     def __init__(self, a: argparse.Namespace) -> None:
-        self.a, self.out = a, Path(a.out)
+        self.a, self.out = a, Path(a.out).resolve()  # absolute: questions files resolve their images by it
         self.out.mkdir(parents=True, exist_ok=True)
         self.world, self.synth, self.data = self.out / "world", self.out / "synth", self.out / "data"
         self.timings: dict[str, float] = {}
