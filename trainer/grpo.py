@@ -245,13 +245,14 @@ class _Run:
         so it is paused around the sync: new turns are held, turns still generating after
         serve.drain_s are aborted and redone under the new weights after resume (a client
         sees a slower reply, never a turn of two versions). Returns sync/<transport>_s metrics."""
-        if self.gateway is None or self.updater.version == self.syncer.synced:  # nothing to hold for
-            return self.syncer(self.updater, self.updater.version, self.loop, self.broadcast)
-        self.loop.run_until_complete(self.gateway.pause(self.cfg.serve.drain_s))
+        hold = self.gateway is not None and self.updater.version != self.syncer.synced  # else nothing changes
+        if hold:
+            self.loop.run_until_complete(self.gateway.pause(self.cfg.serve.drain_s))
         try:
             return self.syncer(self.updater, self.updater.version, self.loop, self.broadcast)
         finally:
-            self.gateway.resume()
+            if hold:
+                self.gateway.resume()
 
     def evaluate(self) -> dict[str, float]:
         """The model's own sampled rollouts (no replay) of the held-out questions, one sample
