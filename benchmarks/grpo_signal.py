@@ -9,7 +9,7 @@ Control: the same with the advantages permuted within each group (same values, s
 no link to what each trajectory did). A real signal shows as a cosine well above the control's;
 noise as both near zero.
 
-    .venv/bin/python benchmarks/grpo_signal.py --run runs/proof --arms vanilla fatal_mask fatal_mask_clamp
+    .venv/bin/python benchmarks/grpo_signal.py --run runs/proof/seed-0 --arms vanilla fatal_mask fatal_mask_clamp
 
 Prints a table and one JSON line. Figures: benchmarks/README.md "Training works?".
 """
@@ -31,7 +31,8 @@ from spyglass.trainer.update import PolicyUpdater, UpdateConfig
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--run", default="runs/proof", help="a proof_learning --out directory")
+    ap.add_argument("--run", default="runs/proof/seed-0",
+                    help="one seed of a proof_learning run (its sft/final and grpo-<arm>/rollouts.jsonl)")
     ap.add_argument("--arms", nargs="+", default=["vanilla", "fatal_mask", "fatal_mask_clamp"])
     ap.add_argument("--steps", type=int, default=4, help="first GRPO steps of each arm's rollouts")
     ap.add_argument("--groups-per-step", type=int, default=8)

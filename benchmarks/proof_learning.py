@@ -92,8 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="seed of the shared stages (world, questions, split, mixture, warm-up): one process per "
                          "--seeds value can run in parallel once they are cached")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
-    ap.add_argument("--world-scale", type=int, default=4, help="world size as a multiple of the default world")
-    ap.add_argument("--n-questions", type=int, default=1600, help="1-hop questions synthesized")
+    ap.add_argument("--world-scale", type=int, default=6, help="world size as a multiple of the default world")
+    ap.add_argument("--n-questions", type=int, default=2400, help="1-hop questions synthesized (scenes among them are dropped)")
     ap.add_argument("--split", type=float, nargs=3, default=[0.6, 0.2, 0.2], help="SFT / RL / held-out, by image")
     ap.add_argument("--model", default="tiny:qwen2_vl:128x2:64",
                     help="the student, random init (hidden x layers : image tokens)")
@@ -101,8 +101,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="the teacher's model (it only replays the solve scripts; default: the student's family "
                          "and image tokens at 32x1, the same tokens)")
     ap.add_argument("--recall-frac", type=float, default=0.5, help="SFT questions taught the recall branch")
-    ap.add_argument("--warmup-steps", type=int, default=1200, help="copy warm-up steps before SFT (0: none)")
-    ap.add_argument("--sft-steps", type=int, default=1200)
+    ap.add_argument("--warmup-steps", type=int, default=2000, help="copy warm-up steps before SFT (0: none)")
+    ap.add_argument("--sft-steps", type=int, default=0, help="SFT optimizer steps (0: --sft-epochs passes over the data)")
+    ap.add_argument("--sft-epochs", type=int, default=4,
+                    help="SFT passes over the data when --sft-steps is 0 (more memorise the names and lose the copy skill)")
     ap.add_argument("--sft-batch", type=int, default=4)
     ap.add_argument("--sft-lr", type=float, default=3e-3)
     ap.add_argument("--gate-questions", type=int, default=64)
@@ -125,6 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--transient-p", type=float, default=0.15, help="injected transient failures per call")
     ap.add_argument("--outage-p", type=float, default=0.3, help="RL trajectories with a sticky outage")
     ap.add_argument("--max-turns", type=int, default=10)
+    ap.add_argument("--recite-question", action=argparse.BooleanOptionalAction, default=True,
+                    help="every observation ends with the question (EngineConfig.recite_question): teacher, RL, evals")
     ap.add_argument("--max-tokens-per-turn", type=int, default=96)
     ap.add_argument("--stop-after", choices=["data", "sft", "gate"], help="run the stages up to this one, then stop")
     a = ap.parse_args(argv)
@@ -233,14 +237,16 @@ class Proof:
 
     def engine(self, n: int, temperature: float, seed: int) -> EngineConfig:
         return EngineConfig(n_samples=n, max_live=64, max_turns=self.a.max_turns,
-                            max_tokens_per_turn=self.a.max_tokens_per_turn, temperature=temperature, seed=seed)
+                            max_tokens_per_turn=self.a.max_tokens_per_turn, temperature=temperature, seed=seed,
+                            recite_question=self.a.recite_question)
 
     def teacher(self) -> TeacherConfig:
         a, base = self.a, teacher_rollout()
         env = dataclasses.replace(base.env, tools=list(TOOLS), prompt_schemas=False, search_top_k=1,
                                   faults=FaultConfig(transient_p=a.transient_p, seed=a.data_seed))
         return TeacherConfig(rollout=teacher_rollout(model=a.teacher_model or teacher_spec(a.model),
-                                                     engine=dataclasses.replace(base.engine, seed=a.data_seed),
+                                                     engine=dataclasses.replace(base.engine, seed=a.data_seed,
+                                                                                    recite_question=a.recite_question),
                                                      env=env))
 
     # shared stages ----------------------------------------------------------------------
@@ -317,8 +323,9 @@ class Proof:
     # per-seed stages --------------------------------------------------------------------
     def sft(self, seed: int, name: str, data: Path) -> Path:
         a, d = self.a, self.out / f"seed-{seed}" / name
-        cfg = SFTConfig(model=self.warmup(), out_dir=str(d), data=SFTDataConfig(path=str(data)), steps=a.sft_steps,
-                        batch_size=a.sft_batch, lr=a.sft_lr, seed=seed, save_every=max(1, a.sft_steps // 5))
+        steps = a.sft_steps or a.sft_epochs * math.ceil(len(_rows(data)) / a.sft_batch)
+        cfg = SFTConfig(model=self.warmup(), out_dir=str(d), data=SFTDataConfig(path=str(data)), steps=steps,
+                        batch_size=a.sft_batch, lr=a.sft_lr, seed=seed, save_every=max(1, steps // 5))
         self.stage(f"seed {seed} {name}", d / "final" / "config.json", lambda: run_sft(cfg))
         return d / "final"
 
