@@ -260,12 +260,13 @@ def solve_script(q: dict[str, Any], top_k: int = 3) -> list[str]:
     """The agent turns that solve world question `q` by its hops, using only what the agent has
     seen: fix the image, read it (or search by image), search the text corpus for what it read,
     visit the page found; for every later hop, search for the value the last page gave and
-    visit that page; answer. (A page id never comes from outside the conversation: the next
-    hop's page is found by searching for the previous hop's value, as an agent would.)"""
+    visit that page; answer, quoting the last page's line (`field: value`) in the thought. (A
+    page id never comes from outside the conversation: the next hop's page is found by searching
+    for the previous hop's value, as an agent would.)"""
     from .policy import script_turns  # noqa: PLC0415
 
     calls: list[tuple[str, dict[str, Any]]] = []
-    cur, n_images, last_value = "img_1", 1, None
+    cur, n_images, last_value, evidence = "img_1", 1, None, ""
     fix = {"perspective": "PerspectiveCorrect", "sharpen": "Sharpen", "super_resolution": "SuperResolution"}
     for h in q["hops"]:
         a = h["action"]
@@ -287,6 +288,7 @@ def solve_script(q: dict[str, Any], top_k: int = 3) -> list[str]:
                 calls.append(("TextSearch", {"query": last_value, "top_k": top_k}))
             calls.append(("Visit", {"url": f"corpus://{h['doc']}", "goal": h["field"]}))
             last_value = h["value"]
+            evidence = f"{h['field']}: {h['value']}"
         else:
             raise ValueError(f"question {q.get('id')!r}: unknown hop action {a!r}")
-    return script_turns(calls, q["answer"])
+    return script_turns(calls, q["answer"], evidence=evidence)

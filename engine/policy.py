@@ -76,13 +76,17 @@ class MixedPolicy:
         return f"mixed ({self.replay_per_group} replayed per group, the rest sampled)"
 
 
-def script_turns(calls: list[tuple[str, dict[str, Any]]], answer: str, think: str = "") -> list[str]:
-    """Agent turns for a scripted episode: one tool call per turn, then the answer."""
+def script_turns(calls: list[tuple[str, dict[str, Any]]], answer: str, think: str = "",
+                 evidence: str = "") -> list[str]:
+    """Agent turns for a scripted episode: one tool call per turn, then the answer. `evidence`
+    (the page's line the answer rests on, e.g. "founded: 1626") is quoted in the answer turn's
+    thought, so the answer is a copy of what the thought just quoted."""
     import json
     turns = []
     for i, (name, args) in enumerate(calls):
         payload = json.dumps({"name": name, "arguments": args}, ensure_ascii=False)
         t = think or f"Step {i + 1}: I will use {name}."
         turns.append(f"<think>{t}</think>\n<tool_call>{payload}</tool_call>")
-    turns.append(f"<think>I have what I need.</think>\n<answer>{answer}</answer>")
+    t = f"The page says {evidence}." if evidence else "I have what I need."
+    turns.append(f"<think>{t}</think>\n<answer>{answer}</answer>")
     return turns

@@ -103,6 +103,21 @@ def test_questions_hops_are_consistent(world):
         assert visits[1]["doc"] in shown["links"]
 
 
+def test_solve_script_quotes_the_answer_line(world):
+    """The teacher's answer turn quotes the last page's infobox line (`field: value`, as Visit
+    renders it), then answers with its value; the tool turns are unchanged."""
+    from spyglass.engine.env import solve_script
+    from spyglass.engine.tools.web import render_doc
+    for q in world.questions[:10]:
+        last = [h for h in q["hops"] if h["action"] == "visit"][-1]
+        turns = solve_script(q)
+        assert turns[-1] == (f"<think>The page says {last['field']}: {last['value']}.</think>\n"
+                             f"<answer>{q['answer']}</answer>")
+        page = render_doc(world.doc(last["doc"]), {d["id"]: d for d in world.docs})
+        assert f"- {last['field']}: {last['value']}" in page
+        assert all("<tool_call>" in t for t in turns[:-1])
+
+
 def test_ensure_world_generates_once_and_env_override(tmp_path, monkeypatch):
     monkeypatch.setenv("SPYGLASS_WORLD", str(tmp_path / "w"))
     cfg = WorldConfig(n_sign_images=6, n_scenes=1, n_emblem_queries=1)
