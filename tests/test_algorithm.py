@@ -89,7 +89,8 @@ def test_hard_mask_zeroes_anomalous_but_keeps_them_in_the_group() -> None:
     close(out.advantages, GRPO)  # B and C still shape the mean and std
     assert masks_of(out) == [GEN["A"], ZERO["B"], ZERO["C"], GEN["D"]]
     assert out.metrics["masked_token_frac"] == pytest.approx(16 / 26)  # 26 generated, 10 kept
-    assert out.metrics["masked_traj_frac"] == 0.5 and out.metrics["anomalous_frac"] == 0.5
+    assert out.metrics["masked_traj_frac"] == 0.5  # B (the cascade) and C (unanswered, no cascade)
+    assert out.metrics["fatal_frac"] == 0.25 and out.metrics["anomalous_frac"] == 0.25  # each counted once
 
 
 def test_fatal_mask_without_clamp() -> None:

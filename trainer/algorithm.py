@@ -216,7 +216,7 @@ def _metrics(trajs: list[Trajectory], out: AlgoOutput, clamped: float) -> dict[s
         "flat_group_frac": float((rmax == rmin).double().mean()),  # singleton or all-equal
         "kept_traj_frac": float(out.keep.double().mean()),  # not dropped by filter_groups
         "fatal_frac": float(out.fatal.double().mean()),
-        "anomalous_frac": sum(t.status in ANOMALOUS for t in trajs) / n,
+        "anomalous_frac": sum(anomalous(t, f) for t, f in zip(trajs, out.fatal_steps)) / n,  # no cascade
         "clamped_frac": clamped,
         "gen_tokens": float(gen), "loss_tokens": float(kept),
         "masked_token_frac": (gen - kept) / gen if gen else 0.0,
