@@ -21,7 +21,9 @@ skipped on a rerun, so a crashed run resumes and a rerun of one arm is cheap):
   6. sft        SFT on the mixture; sft-tools, the control
   7. gate       the fork, on --gate-questions RL questions sampled at T 0.7: the first-turn
                 tool-call rate must be in [0.3, 0.7] and the tool branch right >= 15% of the
-                time, else the run stops (retune the mixture; --ignore-gate goes on)
+                time, else the run stops (retune the mixture; --ignore-gate goes on); beside it the
+                tool branch's copy skill, teacher-forced on the teacher's scripts (copy_exact: the
+                search query, the URL, the answer's page line) on those unseen and on seen questions
   8. grpo-<arm> GRPO from the SFT model on the RL split: accuracy-only reward (alpha 1), groups
                 with mixed outcomes only, an lr warm-up; transient failures (p 0.15 a call) and
                 sticky outages (0.3 of trajectories, every call failing from a random call on, so
@@ -60,6 +62,7 @@ import torch
 
 from spyglass.engine.env import EnvConfig, build_env
 from spyglass.engine.faults import FaultConfig
+from spyglass.engine.loader import load_tokenizer
 from spyglass.engine.metrics import device_name, git_commit
 from spyglass.engine.rollout import RolloutConfig, build_engine
 from spyglass.engine.offline.tiny import parse_tiny_spec
@@ -73,7 +76,7 @@ from spyglass.trainer.reward import RewardConfig
 from spyglass.trainer.sft import SFTConfig, SFTDataConfig, run_sft
 from spyglass.trainer.synth.paths import PathConfig
 from spyglass.trainer.synth.pipeline import SynthConfig, run_pipeline
-from spyglass.trainer.synth.trajectories import TeacherConfig, question_prompt, teacher_rollout
+from spyglass.trainer.synth.trajectories import TeacherConfig, question_prompt, replay_scripts, teacher_rollout
 from spyglass.trainer.update import UpdateConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -190,6 +193,42 @@ def paired(base: Path, other: Path) -> dict[str, float]:
     return {"gained": gained, "lost": lost, "p": round(p, 4)}
 
 
+# the copies of the tool branch: in a turn of the teacher's script, after `anchor`, the text between
+# `start` and `stop` (scored through the token that writes `stop`: where the copy ends is part of it)
+COPIES = {"query": ("", '"query": "', '"'), "url": ("", '"url": "', '"'),
+          "field": ("", "The page says ", ": "), "value": ("The page says ", ": ", ".</think>")}
+
+
+def copy_exact(tok: Any, trajs: list[Trajectory]) -> dict[str, dict[str, float]]:
+    """Teacher-forced copy skill on replayed teacher scripts: for each copy of the tool branch
+    (COPIES: the OCR'd name into the search query, the returned URL into Visit, the asked field
+    and then its value from the page into the answer turn's thought) the share of its tokens the model gives
+    probability > 0.5 (so its greedy choice) and the share of copies with every token so
+    ("exact": what a greedy chain needs)."""
+    toks: dict[str, list[bool]] = collections.defaultdict(list)
+    exact: dict[str, list[bool]] = collections.defaultdict(list)
+    for t in trajs:
+        for seg in t.segments:
+            if seg.kind.name != "GEN":
+                continue
+            ids = list(seg.token_ids)
+            ends = [len(tok.decode(ids[: i + 1])) for i in range(len(ids))]  # text length after each token
+            text = tok.decode(ids)
+            for name, (anchor, start, stop) in COPIES.items():
+                i = text.find(anchor)
+                i = text.find(start, i) if i >= 0 else -1
+                if i < 0:
+                    continue
+                lo, hi = i + len(start), text.find(stop, i + len(start))
+                # the tokens that write [lo, hi]: from the one ending past lo to the one ending past hi
+                span = [k for k, e in enumerate(ends) if e > lo and (k == 0 or ends[k - 1] <= hi)]
+                ok = [math.exp(seg.logprobs[k]) > 0.5 for k in span]
+                toks[name] += ok
+                exact[name].append(all(ok))
+    return {k: {"copies": len(exact[k]), "tokens": round(sum(toks[k]) / max(1, len(toks[k])), 3),
+                "exact": round(sum(exact[k]) / max(1, len(exact[k])), 3)} for k in COPIES}
+
+
 def teacher_spec(student: str) -> str:
     """The smallest tiny model with the student's tokens: same family, same image-token cap."""
     if not student.startswith("tiny:"):
@@ -276,7 +315,7 @@ class Proof:
             _write_rows(self.questions(s), rows)
         rng = random.Random(a.data_seed + 1)
         for name, src, n in (("gate", "rl", a.gate_questions), ("curve", "held", a.curve_questions),
-                             ("passk", "held", a.passk_questions)):
+                             ("passk", "held", a.passk_questions), ("seen", "sft", a.gate_questions)):
             _write_rows(self.questions(name), rng.sample(sides[src], min(n, len(sides[src]))))
         info = {"images": len(images), "kinds": dict(collections.Counter(q["kind"] for q in qs)),
                 **{f"{s}_questions": len(r) for s, r in sides.items()}}
@@ -340,6 +379,26 @@ class Proof:
         cfg = EvalConfig(rollout=rollout, agentic=True, direct_baseline=False, out_dir=str(d))
         self.stage(f"seed {seed} eval {name}", d / "report.json", lambda: run_eval(cfg))
         return list(iter_jsonl(d / "agentic.jsonl"))
+
+    def copies(self, seed: int, name: str, model: Path, questions: str) -> dict[str, dict[str, float]]:
+        """copy_exact of `model` on the teacher's scripts of split `questions`, replayed (no faults)."""
+        f = self.out / f"seed-{seed}" / "eval" / f"copies-{name}-{questions}.json"
+
+        async def replay() -> None:
+            recs = _rows(self.questions(questions))
+            rcfg = RolloutConfig(model=str(model), policy="replay", engine=self.engine(1, 0.0, seed),
+                                 env=self.env(self.questions(questions)), out="", progress=False)
+            env, prompts = build_env(rcfg.env), [question_prompt(r, self.synth) for r in recs]
+            engine, backends, _ = build_engine(rcfg, env, scripts=replay_scripts(recs, env.cfg.search_top_k),
+                                               prompts=prompts)
+            try:
+                trajs = [t async for g in engine.run(prompts) for t in g]
+            finally:
+                for b in backends:
+                    await b.close()
+            f.write_text(json.dumps(copy_exact(load_tokenizer(model), trajs)) + "\n")
+        self.stage(f"seed {seed} copies {name} on {questions}", f, lambda: asyncio.run(replay()))
+        return json.loads(f.read_text())
 
     def gate(self, seed: int, sft: Path) -> dict[str, Any]:
         a = self.a
@@ -405,8 +464,14 @@ def run_seed(p: Proof, seed: int) -> dict[str, Any] | None:
     if a.stop_after == "sft":
         return None
     gate = p.gate(seed, sft)
+    copies = {f"{m} on {q}": p.copies(seed, m, path, q) for m, path in (("sft", sft), ("sft-tools", control))
+              for q in ("gate", "seen")}
+    print(f"[proof] seed {seed} teacher-forced copies (exact / tokens), unseen = the gate's RL questions, seen = "
+          f"as many SFT questions:\n" + "\n".join(f"  {k}: " + ", ".join(
+              f"{c} {v['exact']:.2f} / {v['tokens']:.2f}" for c, v in row.items()) for k, row in copies.items()),
+          flush=True)
     if a.stop_after == "gate" or not (gate["pass"] or a.ignore_gate):
-        return {"gate": gate}
+        return {"gate": gate, "copies": copies}
     rows = {"SFT (mixture)": behaviour(p.evaluate(seed, "sft", sft, "held")),
             "control SFT (tools only)": behaviour(p.evaluate(seed, "sft-tools", control, "held"))}
     passk = {"SFT (mixture)": pass_at(p.evaluate(seed, "passk-sft", sft, "passk", a.passk, a.temperature))}
@@ -416,7 +481,7 @@ def run_seed(p: Proof, seed: int) -> dict[str, Any] | None:
         rows[f"GRPO {arm}"] = behaviour(p.evaluate(seed, f"grpo-{arm}", final, "held"))
         passk[f"GRPO {arm}"] = pass_at(p.evaluate(seed, f"passk-{arm}", final, "passk", a.passk, a.temperature))
         pairs[arm] = paired(ev / "sft" / "agentic.jsonl", ev / f"grpo-{arm}" / "agentic.jsonl")
-    return {"gate": gate, "held": rows, "passk": passk, "grpo_vs_sft": pairs,
+    return {"gate": gate, "copies": copies, "held": rows, "passk": passk, "grpo_vs_sft": pairs,
             "control_vs_sft": paired(ev / "sft" / "agentic.jsonl", ev / "sft-tools" / "agentic.jsonl"),
             "curves": curves}
 

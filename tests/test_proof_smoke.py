@@ -51,6 +51,8 @@ def test_proof_smoke_runs_every_stage_and_resumes(tmp_path, capsys):
     assert [p["step"] for p in r["curves"]["fatal_mask_clamp"]] == [0, 1, 2]
     assert r["passk"]["SFT (mixture)"]["k"] == 2 and set(r["grpo_vs_sft"]) == {"fatal_mask_clamp"}
     assert (out / "curve.png").stat().st_size > 0
+    assert set(r["copies"]) == {f"{m} on {q}" for m in ("sft", "sft-tools") for q in ("gate", "seen")}
+    assert all(set(c) == {"query", "url", "field", "value"} for c in r["copies"].values())
     assert {"synth", "mixture", "warmup", "seed 0 sft", "seed 0 grpo-fatal_mask_clamp to step 2"} <= set(res["stages_s"])
     # a rerun finds every stage cached and reports the same figures
     proof.main(argv)
@@ -78,6 +80,30 @@ def test_behaviour_counts_the_fork_retries_and_cascades():
     got = b(trajs)
     assert got["accuracy"] == 0.25 and got["first_tool"] == 0.75 and got["tool_success"] == pytest.approx(1 / 3)
     assert got["failed_turns"] == 2 and got["retry"] == 0.5 and got["fatal"] == 0.25 and got["answered"] == 0.75
+
+
+def test_copy_exact_scores_each_copy_through_its_closing_token():
+    import math
+    from spyglass.engine.trajectory import Segment, SegmentKind
+
+    class Tok:  # one string per token id
+        vocab = ['<think>Step 3.</think>\n<tool_call>{"name": "TextSearch", "arguments": {"query": "', "Bran", "dos",
+                 '"', "}}</tool_call>", "<think>The page says ", "founded", ": ", "16", "26", ".</think>",
+                 "\n<answer>1626</answer>"]
+
+        def decode(self, ids):
+            return "".join(self.vocab[i] for i in ids)
+
+    def gen(ids, probs):
+        return Segment(SegmentKind.GEN, ids, turn=0, logprobs=[math.log(p) for p in probs], version=0)
+    t = _traj(0, 1.0, [])
+    t.segments = [gen([0, 1, 2, 3, 4], [1, 0.9, 0.9, 0.6, 1]),            # query "Brandos": Bran, dos and the quote
+                  gen([5, 6, 7, 8, 9, 10, 11], [1, 0.9, 0.9, 0.9, 0.2, 0.9, 1])]  # field: founded + ": "; value: 16 26 .
+    got = _proof().copy_exact(Tok(), [t])
+    assert got["query"] == {"copies": 1, "tokens": 1.0, "exact": 1.0}
+    assert got["field"] == {"copies": 1, "tokens": 1.0, "exact": 1.0}
+    assert got["value"] == {"copies": 1, "tokens": round(2 / 3, 3), "exact": 0.0}
+    assert got["url"] == {"copies": 0, "tokens": 0.0, "exact": 0.0}
 
 
 def test_pass_at_k_over_samples():
