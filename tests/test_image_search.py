@@ -69,6 +69,36 @@ def test_emblem_query_without_text_finds_the_entity(world, tool):
         assert r.meta["matches"][0]["id"] == rec["source_image"]
 
 
+def test_large_corpus_over_opencvs_train_row_limit(monkeypatch):
+    """More descriptors than one OpenCV train matrix may hold (2**18 rows): the vote still finds
+    the entry a query's descriptors come from, and the block size does not change the ranking."""
+    import imagehash
+    from spyglass.engine.tools import image_search as mod
+    rng = np.random.default_rng(0)
+    idx, blank = ImageSearchIndex(), imagehash.hex_to_hash("0" * 16)
+    for i in range(300):  # 300 x 1000 = 300,000 descriptor rows
+        idx.entries.append(mod._Entry({"id": f"e{i}"}, blank, blank, np.zeros((1000, 2), np.float32),
+                                      rng.integers(0, 256, (1000, 32), dtype=np.uint8)))
+    query = idx.entries[271].desc[:300]
+    assert idx._candidates(query)[0] == 271
+    monkeypatch.setattr(mod, "MATCH_ROWS", 4096)
+    idx._stack = None
+    assert idx._candidates(query)[0] == 271 and len(idx._stack[0]) == 74  # ceil(300,000 / 4096) blocks
+
+
+def test_match_blocks_do_not_change_results(world, index, monkeypatch):
+    from spyglass.engine.tools import image_search as mod
+    rec = next(r for r in world.images if r["id"].startswith("emblem-"))
+    desc = index.features(world.load_image(rec["id"]))[1]
+    whole = index._candidates(desc)
+    monkeypatch.setattr(mod, "MATCH_ROWS", 1000)
+    index._stack = None
+    try:
+        assert index._candidates(desc) == whole and len(index._stack[0]) > 1
+    finally:
+        index._stack = None
+
+
 def test_exact_copy_matches_by_hash_and_box_argument(world, tool):
     rec = next(r for r in world.images if r["split"] == "corpus")
     img = world.load_image(rec["id"]).resize((320, 210))  # rescaled copy

@@ -51,6 +51,7 @@ from .imgutil import (check_keys, checked_image, get_enum, get_int, make_async, 
 log = logging.getLogger(__name__)
 BACKENDS = ("local", "web")
 COORDS = ("pixel", "norm1000")
+MATCH_ROWS = 1 << 17  # descriptor rows per matcher block (OpenCV's limit for one train matrix: 2**18 - 1)
 
 
 @dataclass
@@ -202,7 +203,7 @@ class ImageSearchIndex:
         self._orb = cv2.ORB_create(nfeatures=self.cfg.orb_features)
         self._orb_lock = threading.Lock()
         self._emb: np.ndarray | None = None  # [N, D] normalised
-        self._stack: tuple[np.ndarray, np.ndarray] | None = None  # descriptors, owner ids
+        self._stack: tuple[list[np.ndarray], np.ndarray] | None = None  # descriptor blocks, owner ids
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -260,16 +261,22 @@ class ImageSearchIndex:
         return idx
 
     def _candidates(self, desc: np.ndarray) -> list[int]:
-        """Entries ranked by nearest-neighbour votes of the query descriptors."""
+        """Entries ranked by nearest-neighbour votes of the query descriptors. The corpus's
+        descriptors are matched as a collection of blocks of at most MATCH_ROWS rows (OpenCV's
+        matchers index a train matrix's rows below 2**18, so one matrix of a large corpus fails)."""
         if self._stack is None:
             parts = [(e.desc, np.full(len(e.desc), i)) for i, e in enumerate(self.entries)
                      if e.desc is not None and len(e.desc) >= 2]
             if not parts:
                 return []
-            self._stack = (np.vstack([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
-        alld, owner = self._stack
-        matches = cv2.BFMatcher(cv2.NORM_HAMMING).match(desc[: self.cfg.vote_features], alld)
-        votes = np.bincount([owner[m.trainIdx] for m in matches if m.distance <= 64],
+            alld, owner = np.vstack([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+            self._stack = ([alld[i: i + MATCH_ROWS] for i in range(0, len(alld), MATCH_ROWS)], owner)
+        blocks, owner = self._stack
+        matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
+        matcher.add(blocks)
+        matches = matcher.match(desc[: self.cfg.vote_features])
+        start = np.cumsum([0] + [len(b) for b in blocks])  # the first row of each block
+        votes = np.bincount([owner[start[m.imgIdx] + m.trainIdx] for m in matches if m.distance <= 64],
                             minlength=len(self.entries))
         order = [int(i) for i in np.argsort(-votes, kind="stable") if votes[i] > 0]
         return order[: self.cfg.verify_top]
