@@ -76,7 +76,8 @@ from spyglass.trainer.reward import RewardConfig
 from spyglass.trainer.sft import SFTConfig, SFTDataConfig, run_sft
 from spyglass.trainer.synth.paths import PathConfig
 from spyglass.trainer.synth.pipeline import SynthConfig, run_pipeline
-from spyglass.trainer.synth.trajectories import TeacherConfig, question_prompt, replay_scripts, teacher_rollout
+from spyglass.trainer.synth.trajectories import (TeacherConfig, question_prompt, replay_scripts, teacher_rollout,
+                                                 ungrounded)
 from spyglass.trainer.update import UpdateConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -220,6 +221,8 @@ def copy_exact(tok: Any, trajs: list[Trajectory]) -> dict[str, dict[str, float]]
                 if i < 0:
                     continue
                 lo, hi = i + len(start), text.find(stop, i + len(start))
+                if hi < 0:  # the turn was cut before the copy ended (max_tokens_per_turn): not a measurement
+                    continue
                 # the tokens that write [lo, hi]: from the one ending past lo to the one ending past hi
                 span = [k for k, e in enumerate(ends) if e > lo and (k == 0 or ends[k - 1] <= hi)]
                 ok = [math.exp(seg.logprobs[k]) > 0.5 for k in span]
@@ -315,7 +318,7 @@ class Proof:
             _write_rows(self.questions(s), rows)
         rng = random.Random(a.data_seed + 1)
         for name, src, n in (("gate", "rl", a.gate_questions), ("curve", "held", a.curve_questions),
-                             ("passk", "held", a.passk_questions), ("seen", "sft", a.gate_questions)):
+                             ("passk", "held", a.passk_questions)):
             _write_rows(self.questions(name), rng.sample(sides[src], min(n, len(sides[src]))))
         info = {"images": len(images), "kinds": dict(collections.Counter(q["kind"] for q in qs)),
                 **{f"{s}_questions": len(r) for s, r in sides.items()}}
@@ -380,8 +383,20 @@ class Proof:
         self.stage(f"seed {seed} eval {name}", d / "report.json", lambda: run_eval(cfg))
         return list(iter_jsonl(d / "agentic.jsonl"))
 
+    def seen(self) -> str:
+        """The questions file "seen": up to --gate-questions SFT questions whose tool trajectory
+        both SFT runs trained on (the mixture's tool half), for copy_exact on seen questions."""
+        f = self.questions("seen")
+        if not f.exists():
+            tool_ids = {t.group_id for t in iter_jsonl(self.data / "sft_mix.jsonl") if t.turns and t.turns[0].calls}
+            rows = [q for q in _rows(self.questions("sft")) if q["id"] in tool_ids]
+            _write_rows(f, random.Random(self.a.data_seed + 3).sample(rows, min(self.a.gate_questions, len(rows))))
+        return "seen"
+
     def copies(self, seed: int, name: str, model: Path, questions: str) -> dict[str, dict[str, float]]:
-        """copy_exact of `model` on the teacher's scripts of split `questions`, replayed (no faults)."""
+        """copy_exact of `model` on the teacher's scripts of split `questions`, replayed (no faults),
+        over the replays whose every typed value was in view (ungrounded: an OCR misread or a
+        search that missed the page makes the script type what the agent never saw)."""
         f = self.out / f"seed-{seed}" / "eval" / f"copies-{name}-{questions}.json"
 
         async def replay() -> None:
@@ -396,7 +411,9 @@ class Proof:
             finally:
                 for b in backends:
                     await b.close()
-            f.write_text(json.dumps(copy_exact(load_tokenizer(model), trajs)) + "\n")
+            grounded = [t for t in trajs if ungrounded(t) is None]
+            f.write_text(json.dumps({**copy_exact(load_tokenizer(model), grounded),
+                                     "replays": len(trajs), "grounded": len(grounded)}) + "\n")
         self.stage(f"seed {seed} copies {name} on {questions}", f, lambda: asyncio.run(replay()))
         return json.loads(f.read_text())
 
@@ -465,10 +482,11 @@ def run_seed(p: Proof, seed: int) -> dict[str, Any] | None:
         return None
     gate = p.gate(seed, sft)
     copies = {f"{m} on {q}": p.copies(seed, m, path, q) for m, path in (("sft", sft), ("sft-tools", control))
-              for q in ("gate", "seen")}
+              for q in ("gate", p.seen())}
     print(f"[proof] seed {seed} teacher-forced copies (exact / tokens), unseen = the gate's RL questions, seen = "
-          f"as many SFT questions:\n" + "\n".join(f"  {k}: " + ", ".join(
-              f"{c} {v['exact']:.2f} / {v['tokens']:.2f}" for c, v in row.items()) for k, row in copies.items()),
+          f"as many SFT questions with a tool trajectory in both SFT runs:\n" + "\n".join(
+              f"  {k} ({row['grounded']} of {row['replays']} replays grounded): " + ", ".join(
+                  f"{c} {row[c]['exact']:.2f} / {row[c]['tokens']:.2f}" for c in COPIES) for k, row in copies.items()),
           flush=True)
     if a.stop_after == "gate" or not (gate["pass"] or a.ignore_gate):
         return {"gate": gate, "copies": copies}

@@ -52,7 +52,8 @@ def test_proof_smoke_runs_every_stage_and_resumes(tmp_path, capsys):
     assert r["passk"]["SFT (mixture)"]["k"] == 2 and set(r["grpo_vs_sft"]) == {"fatal_mask_clamp"}
     assert (out / "curve.png").stat().st_size > 0
     assert set(r["copies"]) == {f"{m} on {q}" for m in ("sft", "sft-tools") for q in ("gate", "seen")}
-    assert all(set(c) == {"query", "url", "field", "value"} for c in r["copies"].values())
+    assert all(set(c) == {"query", "url", "field", "value", "replays", "grounded"} for c in r["copies"].values())
+    assert all(0 <= c["grounded"] <= c["replays"] for c in r["copies"].values())
     assert {"synth", "mixture", "warmup", "seed 0 sft", "seed 0 grpo-fatal_mask_clamp to step 2"} <= set(res["stages_s"])
     # a rerun finds every stage cached and reports the same figures
     proof.main(argv)
@@ -104,6 +105,8 @@ def test_copy_exact_scores_each_copy_through_its_closing_token():
     assert got["field"] == {"copies": 1, "tokens": 1.0, "exact": 1.0}
     assert got["value"] == {"copies": 1, "tokens": round(2 / 3, 3), "exact": 0.0}
     assert got["url"] == {"copies": 0, "tokens": 0.0, "exact": 0.0}
+    t.segments = [gen([0, 1, 2], [1, 0.9, 0.9])]  # cut before the closing quote: no copy measured
+    assert _proof().copy_exact(Tok(), [t])["query"]["copies"] == 0
 
 
 def test_pass_at_k_over_samples():

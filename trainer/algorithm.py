@@ -9,9 +9,11 @@ aligned with ``traj.token_array()``, ready for ``engine.packer.pack(token_ids, m
 One switch, ``AlgoConfig.mode``, selects the row of OpenSearch-VL's RL ablation:
 
 * ``vanilla``          M = M_gen (tokens the policy sampled); A = r~ for everyone.
-* ``hard_mask``        Vision-DeepResearch: anomalous trajectories (status fatal, interrupted,
-                       truncated or error, i.e. unanswered) get M = 0 everywhere; they still
-                       count in the group statistics; A = r~.
+* ``hard_mask``        Vision-DeepResearch: unanswered trajectories (status fatal, interrupted,
+                       truncated or error) get M = 0 everywhere; they still count in the group
+                       statistics; A = r~. (The metrics' ``anomalous_frac`` counts the unanswered
+                       without a cascade, ``fatal_frac`` the cascades; ``masked_traj_frac`` what
+                       a mode masked.)
 * ``fatal_mask``       M = M_gen * 1[step < f] (f: the fatal step); A = r~.
 * ``fatal_mask_clamp`` the fatal mask, plus A = max(r~, 0) for fatal members (the default).
 
