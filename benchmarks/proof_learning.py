@@ -23,7 +23,8 @@ skipped on a rerun, so a crashed run resumes and a rerun of one arm is cheap):
                 tool-call rate must be in [0.3, 0.7] and the tool branch right >= 15% of the
                 time, else the run stops (retune the mixture; --ignore-gate goes on); beside it the
                 tool branch's copy skill, teacher-forced on the teacher's scripts (copy_exact: the
-                search query, the URL, the answer's page line) on those unseen and on seen questions
+                search query, the URL, the asked field and its value) on those unseen and on seen
+                questions
   8. grpo-<arm> GRPO from the SFT model on the RL split: accuracy-only reward (alpha 1), groups
                 with mixed outcomes only, an lr warm-up; transient failures (p 0.15 a call) and
                 sticky outages (0.3 of trajectories, every call failing from a random call on, so
@@ -203,9 +204,9 @@ COPIES = {"query": ("", '"query": "', '"'), "url": ("", '"url": "', '"'),
 def copy_exact(tok: Any, trajs: list[Trajectory]) -> dict[str, dict[str, float]]:
     """Teacher-forced copy skill on replayed teacher scripts: for each copy of the tool branch
     (COPIES: the OCR'd name into the search query, the returned URL into Visit, the asked field
-    and then its value from the page into the answer turn's thought) the share of its tokens the model gives
-    probability > 0.5 (so its greedy choice) and the share of copies with every token so
-    ("exact": what a greedy chain needs)."""
+    and then its value from the page into the answer turn's thought) the share of its tokens
+    the model gives probability > 0.5 (so its greedy choice) and the share of copies with every
+    token so ("exact": what a greedy chain needs)."""
     toks: dict[str, list[bool]] = collections.defaultdict(list)
     exact: dict[str, list[bool]] = collections.defaultdict(list)
     for t in trajs:
@@ -288,7 +289,7 @@ class Proof:
                                   faults=FaultConfig(transient_p=a.transient_p, seed=a.data_seed))
         return TeacherConfig(rollout=teacher_rollout(model=a.teacher_model or teacher_spec(a.model),
                                                      engine=dataclasses.replace(base.engine, seed=a.data_seed,
-                                                                                    recite_question=a.recite_question),
+                                                                                recite_question=a.recite_question),
                                                      env=env))
 
     # shared stages ----------------------------------------------------------------------
@@ -393,7 +394,7 @@ class Proof:
             _write_rows(f, random.Random(self.a.data_seed + 3).sample(rows, min(self.a.gate_questions, len(rows))))
         return "seen"
 
-    def copies(self, seed: int, name: str, model: Path, questions: str) -> dict[str, dict[str, float]]:
+    def copies(self, seed: int, name: str, model: Path, questions: str) -> dict[str, Any]:
         """copy_exact of `model` on the teacher's scripts of split `questions`, replayed (no faults),
         over the replays whose every typed value was in view (ungrounded: an OCR misread or a
         search that missed the page makes the script type what the agent never saw)."""
