@@ -68,7 +68,8 @@ class ServeConfig:
     max_image_pixels: int = 50_000_000  # larger images in a request get 400
     model_name: str = "policy"  # the id /v1/models lists (any `model` a request names is served)
     wait_s: float = 3600.0  # GRPO over the gateway: how long a step waits for its groups
-    drain_s: float = 5.0  # weight sync: in-flight turns get this long, then are aborted and redone (0 = at once)
+    drain_s: float = 5.0  # weight sync: in-flight turns get this long, then are aborted and redone (0 = at once);
+    #   on shutdown (Ctrl-C), in-flight requests get this long, then are cancelled
 
     def __post_init__(self) -> None:
         check(0 <= self.port <= 65535, f"port must be in [0, 65535], got {self.port}")
@@ -552,9 +553,10 @@ def make_app(gw: Gateway) -> Any:
 
 async def serve(gw: Gateway) -> Any:
     """Listen on gw.cfg's host and port on the running event loop; returns the aiohttp runner
-    (`await runner.cleanup()` stops it)."""
+    (`await runner.cleanup()` stops it: requests in flight get drain_s to finish, then are
+    cancelled, so a Ctrl-C never waits on aiohttp's 60 s default)."""
     from aiohttp import web  # noqa: PLC0415
-    runner = web.AppRunner(make_app(gw))
+    runner = web.AppRunner(make_app(gw), shutdown_timeout=gw.cfg.drain_s)
     await runner.setup()
     await web.TCPSite(runner, gw.cfg.host, gw.cfg.port).start()
     return runner

@@ -415,6 +415,37 @@ def test_a_turn_that_finishes_within_drain_s_is_not_aborted(codecs, tmp_path):
         [(3, outs[0].logprobs)]
 
 
+def test_shutdown_gives_a_request_in_flight_drain_s_then_cancels_it(codecs, tmp_path):
+    """serve()'s runner stops within about drain_s even while a request waits (held by a pause):
+    aiohttp's default grace is 60 s, which a Ctrl-C would wait out."""
+    from spyglass.engine.gateway import serve
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    async def run() -> float:
+        gw = Gateway(ServeConfig(port=port, drain_s=0.5, out=str(tmp_path / "g.jsonl")), EngineConfig(),
+                     codecs["qwen3_vl"], [Scripted(codecs["qwen3_vl"], {"*": [CALL]})])
+        runner = await serve(gw)
+        await gw.pause(0.5)  # the request below is held: in flight until the runner stops
+        client = asyncio.ensure_future(asyncio.to_thread(post, f"http://127.0.0.1:{port}/v1/chat/completions",
+                                                         {**ASK, "model": "policy"}))
+        for _ in range(100):
+            if gw.stats.get("requests") or client.done():
+                break
+            await asyncio.sleep(0.05)
+        assert not client.done()
+        t0 = time.perf_counter()
+        await asyncio.wait_for(runner.cleanup(), 10)
+        took = time.perf_counter() - t0
+        try:
+            await asyncio.wait_for(client, 10)
+        except Exception:  # noqa: BLE001 - the cancelled request's connection is closed: any client error
+            pass
+        return took
+    assert asyncio.run(run()) < 3.0
+
+
 def test_drain_s_is_validated():
     with pytest.raises(ConfigError, match="drain_s must be >= 0, got -1"):
         ServeConfig(drain_s=-1)
