@@ -135,7 +135,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--recite-question", action=argparse.BooleanOptionalAction, default=True,
                     help="every observation ends with the question (EngineConfig.recite_question): teacher, RL, evals")
     ap.add_argument("--max-tokens-per-turn", type=int, default=96)
-    ap.add_argument("--stop-after", choices=["data", "sft", "gate"], help="run the stages up to this one, then stop")
+    ap.add_argument("--stop-after", choices=["data", "sft", "gate"],
+                    help="run the stages up to this one, then stop (data: every shared stage, the warm-up included)")
     a = ap.parse_args(argv)
     if abs(sum(a.split) - 1) > 1e-6 or min(a.split) <= 0:
         ap.error(f"--split must be three positive fractions summing to 1, got {a.split}")
@@ -534,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     p, t0 = Proof(a), time.perf_counter()
     p.make_data()
+    p.warmup()  # shared too: the per-seed processes of the parallel recipe must not both train it
     if a.stop_after == "data":
         return 0
     results = {s: r for s in a.seeds if (r := run_seed(p, s)) is not None}
