@@ -587,16 +587,24 @@ def build_gateway(cfg: GatewayConfig) -> Gateway:
 
 
 def run_gateway(cfg: GatewayConfig) -> dict[str, Any]:
-    """`spyglass serve`: serve until interrupted (Ctrl-C); returns the counters."""
+    """`spyglass serve`: serve until SIGINT (Ctrl-C) or SIGTERM, then stop cleanly; returns the
+    counters. Both signals are handled explicitly: a process started in the background of a
+    script inherits SIGINT ignored, and `docker stop` / Kubernetes send SIGTERM."""
+    import signal  # noqa: PLC0415
 
     async def main() -> None:
         gw = build_gateway(cfg)
         runner = await serve(gw)
+        stop, loop = asyncio.Event(), asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
         print(f"spyglass serve: {cfg.rollout.model} on http://{cfg.serve.host}:{cfg.serve.port}/v1 (closed "
               f"trajectories -> {cfg.serve.out or 'not written'})", flush=True)
         try:
-            await asyncio.Event().wait()
+            await stop.wait()
         finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
             await runner.cleanup()
             for b in gw.backends:
                 await b.close()

@@ -288,9 +288,11 @@ def test_concurrency_limit_answers_429(served):
     assert status == 429 and "max_concurrency 1" in err["error"]["message"] and out[0][0] == 200
 
 
-def test_spyglass_serve_from_the_command_line(tmp_path):
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_spyglass_serve_from_the_command_line(tmp_path, stop):
     """`spyglass serve` as a user starts it: a tiny text checkpoint on the HF backend, a real chat
-    request through the openai client, then interrupted (Ctrl-C) cleanly."""
+    request through the openai client, then stopped by Ctrl-C or SIGTERM, cleanly. Started as a
+    script's background job is (SIGINT inherited ignored): the server handles both signals itself."""
     import signal
     import subprocess
     import sys
@@ -299,7 +301,8 @@ def test_spyglass_serve_from_the_command_line(tmp_path):
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "spyglass.trainer.cli", "serve", "--model", "tiny:qwen2",
                              "--port", str(port), "--serve.out", str(tmp_path / "gw.jsonl")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0)
         for _ in range(300):  # the model loads, then the server listens
@@ -316,8 +319,12 @@ def test_spyglass_serve_from_the_command_line(tmp_path):
         status, body = post(f"http://127.0.0.1:{port}/v1/sessions/cli/reward", {"reward": 0.0})
         assert status == 200 and len(read_jsonl(tmp_path / "gw.jsonl")) == 1
     finally:
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=30)
+        proc.send_signal(getattr(signal, stop))
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
     assert proc.returncode == 0, out
     assert f"on http://127.0.0.1:{port}/v1" in out
 
