@@ -28,6 +28,7 @@ has none, this is a no-op).
 """
 from __future__ import annotations
 
+import atexit
 import inspect
 import math
 import os
@@ -96,6 +97,13 @@ def free_port(host: str = "") -> int:
         return int(s.getsockname()[1])
 
 
+def _destroy_group() -> None:
+    """Destroy the default process group at exit (its communicator threads stop before the
+    interpreter's teardown; a group left alive can end a finished rank in std::terminate)."""
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
 def init_distributed(cfg: Optional[DistConfig] = None) -> DistInfo:
     """Join (or create) the default process group for ZeRO; a no-op for the plain strategy.
 
@@ -121,6 +129,7 @@ def init_distributed(cfg: Optional[DistConfig] = None) -> DistInfo:
 
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                    timeout=timedelta(seconds=cfg.timeout_s))
+        atexit.register(_destroy_group)  # torch's advice: a group left to interpreter teardown can abort
     return DistInfo(tdist.get_rank(), tdist.get_world_size(), local, device)
 
 
