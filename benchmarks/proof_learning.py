@@ -15,7 +15,9 @@ skipped on a rerun, so a crashed run resumes and a rerun of one arm is cheap):
                 (think, then answer at once, no tool call), right only because SFT memorises it.
                 The SFT policy learns a stochastic fork right after <think>; on unseen questions
                 only the tool branch can be right. The control SFT data: every SFT question's
-                tool trajectory (the ceiling)
+                tool trajectory (the ceiling). --tool-chain image_search: the tool trajectories
+                are the teacher's replays of "ImageSearch the image, Visit the page found" (no
+                name typed into a search) instead of the synth teacher's OCR chain
   5. warmup     copy + recall warm-up of the random-init student (benchmarks/proof_warmup.py)
   per seed:
   6. sft        SFT on the mixture; sft-tools, the control
@@ -106,6 +108,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="the teacher's model (it only replays the solve scripts; default: the student's family "
                          "and image tokens at 32x1, the same tokens)")
     ap.add_argument("--recall-frac", type=float, default=0.5, help="SFT questions taught the recall branch")
+    ap.add_argument("--tool-chain", default="ocr", choices=["ocr", "image_search"],
+                    help="the tool branch the teacher demonstrates: ocr (fix the image, OCR, TextSearch the name, "
+                         "Visit) or image_search (ImageSearch the image, Visit the page found: no typed name); "
+                         "a different chain needs its own --out (the data differ)")
     ap.add_argument("--warmup-steps", type=int, default=2000, help="copy warm-up steps before SFT (0: none)")
     ap.add_argument("--sft-steps", type=int, default=0, help="SFT optimizer steps (0: --sft-epochs passes over the data)")
     ap.add_argument("--sft-epochs", type=int, default=4,
@@ -326,27 +332,51 @@ class Proof:
                 **{f"{s}_questions": len(r) for s, r in sides.items()}}
         (self.data / "split.json").write_text(json.dumps(info, indent=1) + "\n")
 
+    def scripts(self, recs: list[dict[str, Any]]) -> dict[str, list[str]]:
+        """The teacher's solve scripts of `recs` in --tool-chain's form: image_search replaces every
+        hop before the last page's visit by one ImageSearch of the question's image."""
+        if self.a.tool_chain == "image_search":
+            recs = [{**r, "hops": [{"action": "image_search"}, [h for h in r["hops"] if h["action"] == "visit"][-1]]}
+                    for r in recs]
+        return replay_scripts(recs, top_k=1)
+
+    async def replay(self, rcfg: RolloutConfig, recs: list[dict[str, Any]],
+                     scripts: dict[str, list[str]]) -> list[Trajectory]:
+        """`scripts` of `recs` forced through the engine under `rcfg` (its env, model, faults)."""
+        env, prompts = build_env(rcfg.env), [question_prompt(r, self.synth) for r in recs]
+        engine, backends, _ = build_engine(rcfg, env, scripts=scripts, prompts=prompts)
+        try:
+            return [t async for g in engine.run(prompts) for t in g]
+        finally:
+            for b in backends:
+                await b.close()
+
+    async def tool_demos(self, sft: dict[str, dict[str, Any]]) -> list[Trajectory]:
+        """The tool trajectories of the SFT questions: the synth teacher's (tool chain ocr), or
+        the teacher's replays of the image_search scripts (transient faults injected, so they
+        retry), kept when answered right and grounded, as the synth pipeline keeps its own."""
+        if self.a.tool_chain == "ocr":
+            return [t for t in iter_jsonl(self.synth / "trajectories.jsonl") if t.group_id in sft]
+        recs = [sft[i] for i in sorted(sft)]
+        faults = FaultConfig(transient_p=self.a.transient_p, seed=self.a.data_seed)
+        rcfg = dataclasses.replace(self.teacher().rollout, env=self.env(self.questions("sft"), faults))
+        trajs = await self.replay(rcfg, recs, self.scripts(recs))
+        return [t for t in trajs if t.status is Status.ANSWERED and t.answer == sft[t.group_id]["answer"]
+                and ungrounded(t) is None]
+
     async def mixture(self) -> None:
         """sft_tools.jsonl: the teacher's tool trajectory of every SFT question that has one;
         sft_mix.jsonl: those of (1 - recall_frac) of them, and for the others a one-turn recall
         demonstration rolled out through the engine in the same agent format (the replay of
         RECALL), so its prompt tokens are exactly the agent's."""
         sft = {q["id"]: q for q in _rows(self.questions("sft"))}
-        tools = sorted((t for t in iter_jsonl(self.synth / "trajectories.jsonl") if t.group_id in sft),
-                       key=lambda t: t.id)  # by id: the SFT data must not depend on rollout timing
+        tools = sorted(await self.tool_demos(sft), key=lambda t: t.id)  # by id: not by rollout timing
         ids = sorted({t.group_id for t in tools})
         random.Random(self.a.data_seed + 2).shuffle(ids)
         recall = set(ids[: round(len(ids) * self.a.recall_frac)])
         rcfg = dataclasses.replace(self.teacher().rollout, env=self.env(self.questions("sft")))
-        env, recs = build_env(rcfg.env), [sft[i] for i in sorted(recall)]
-        prompts = [question_prompt(r, self.synth) for r in recs]
-        scripts = {r["id"]: [RECALL.format(answer=r["answer"])] for r in recs}
-        engine, backends, _ = build_engine(rcfg, env, scripts=scripts, prompts=prompts)
-        try:
-            demos = [t async for g in engine.run(prompts) for t in g]
-        finally:
-            for b in backends:
-                await b.close()
+        recs = [sft[i] for i in sorted(recall)]
+        demos = await self.replay(rcfg, recs, {r["id"]: [RECALL.format(answer=r["answer"])] for r in recs})
         bad = [t.id for t in demos if t.status is not Status.ANSWERED or t.turns[0].calls]
         if bad:
             raise RuntimeError(f"recall demonstrations that did not answer at once: {bad[:5]}")
@@ -405,14 +435,7 @@ class Proof:
             recs = _rows(self.questions(questions))
             rcfg = RolloutConfig(model=str(model), policy="replay", engine=self.engine(1, 0.0, seed),
                                  env=self.env(self.questions(questions)), out="", progress=False)
-            env, prompts = build_env(rcfg.env), [question_prompt(r, self.synth) for r in recs]
-            engine, backends, _ = build_engine(rcfg, env, scripts=replay_scripts(recs, env.cfg.search_top_k),
-                                               prompts=prompts)
-            try:
-                trajs = [t async for g in engine.run(prompts) for t in g]
-            finally:
-                for b in backends:
-                    await b.close()
+            trajs = await self.replay(rcfg, recs, self.scripts(recs))
             grounded = [t for t in trajs if ungrounded(t) is None]
             f.write_text(json.dumps({**copy_exact(load_tokenizer(model), grounded),
                                      "replays": len(trajs), "grounded": len(grounded)}) + "\n")

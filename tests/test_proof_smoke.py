@@ -109,6 +109,20 @@ def test_copy_exact_scores_each_copy_through_its_closing_token():
     assert _proof().copy_exact(Tok(), [t])["query"]["copies"] == 0
 
 
+def test_tool_chain_image_search_scripts(tmp_path):
+    """--tool-chain image_search: the teacher searches by the image and visits the page found
+    (no fix, no OCR, no typed name); ocr keeps the world's own hops."""
+    proof = _proof()
+    q = {"id": "q", "answer": "1908", "hops": [{"action": "sharpen"}, {"action": "ocr", "value": "Sourk Dynamics"},
+                                                {"action": "visit", "doc": "org-119", "field": "founded", "value": "1908"}]}
+    (turns,) = proof.Proof(proof.parse_args(["--out", str(tmp_path), "--tool-chain", "image_search"])).scripts([q]).values()
+    assert len(turns) == 3 and '"name": "ImageSearch"' in turns[0] and '"image": "img_1"' in turns[0]
+    assert '"url": "corpus://org-119"' in turns[1] and '"goal": "founded"' in turns[1]
+    assert turns[2] == "<think>The page says founded: 1908.</think>\n<answer>1908</answer>"
+    (ocr,) = proof.Proof(proof.parse_args(["--out", str(tmp_path)])).scripts([q]).values()
+    assert [t.split('"name": "')[1].split('"')[0] for t in ocr[:-1]] == ["Sharpen", "OCR", "TextSearch", "Visit"]
+
+
 def test_pass_at_k_over_samples():
     trajs = [_traj(0, a, []) for a in (1.0, 0.0, 0.0, 0.0)] + [_traj(1, 0.0, []) for _ in range(4)]
     assert _proof().pass_at(trajs) == {"questions": 2, "k": 4, "pass@1": 0.125, "pass@k": 0.5}
