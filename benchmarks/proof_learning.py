@@ -80,7 +80,7 @@ from spyglass.trainer.sft import SFTConfig, SFTDataConfig, run_sft
 from spyglass.trainer.synth.paths import PathConfig
 from spyglass.trainer.synth.pipeline import SynthConfig, run_pipeline
 from spyglass.trainer.synth.trajectories import (TeacherConfig, question_prompt, replay_scripts, teacher_rollout,
-                                                 ungrounded)
+                                                 teacher_rollouts, ungrounded)
 from spyglass.trainer.update import UpdateConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -332,13 +332,18 @@ class Proof:
                 **{f"{s}_questions": len(r) for s, r in sides.items()}}
         (self.data / "split.json").write_text(json.dumps(info, indent=1) + "\n")
 
+    def chain(self, recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """`recs` with their hops in --tool-chain's form: image_search replaces every hop before the
+        last page's visit by one ImageSearch of the question's image (solve_script turns the hops
+        into the teacher's script)."""
+        if self.a.tool_chain == "ocr":
+            return recs
+        return [{**r, "hops": [{"action": "image_search"}, [h for h in r["hops"] if h["action"] == "visit"][-1]]}
+                for r in recs]
+
     def scripts(self, recs: list[dict[str, Any]]) -> dict[str, list[str]]:
-        """The teacher's solve scripts of `recs` in --tool-chain's form: image_search replaces every
-        hop before the last page's visit by one ImageSearch of the question's image."""
-        if self.a.tool_chain == "image_search":
-            recs = [{**r, "hops": [{"action": "image_search"}, [h for h in r["hops"] if h["action"] == "visit"][-1]]}
-                    for r in recs]
-        return replay_scripts(recs, top_k=1)
+        """The teacher's solve scripts of `recs` in --tool-chain's form (search top-1, as env())."""
+        return replay_scripts(self.chain(recs), top_k=1)
 
     async def replay(self, rcfg: RolloutConfig, recs: list[dict[str, Any]],
                      scripts: dict[str, list[str]]) -> list[Trajectory]:
@@ -353,16 +358,16 @@ class Proof:
 
     async def tool_demos(self, sft: dict[str, dict[str, Any]]) -> list[Trajectory]:
         """The tool trajectories of the SFT questions: the synth teacher's (tool chain ocr), or
-        the teacher's replays of the image_search scripts (transient faults injected, so they
-        retry), kept when answered right and grounded, as the synth pipeline keeps its own."""
+        the same teacher (teacher_rollouts: transient faults injected, so they retry; its judge
+        keeps the right, grounded ones) on the image_search chain."""
         if self.a.tool_chain == "ocr":
             return [t for t in iter_jsonl(self.synth / "trajectories.jsonl") if t.group_id in sft]
-        recs = [sft[i] for i in sorted(sft)]
-        faults = FaultConfig(transient_p=self.a.transient_p, seed=self.a.data_seed)
-        rcfg = dataclasses.replace(self.teacher().rollout, env=self.env(self.questions("sft"), faults))
-        trajs = await self.replay(rcfg, recs, self.scripts(recs))
-        return [t for t in trajs if t.status is Status.ANSWERED and t.answer == sft[t.group_id]["answer"]
-                and ungrounded(t) is None]
+        teacher = self.teacher()
+        env = self.env(self.questions("sft"), teacher.rollout.env.faults)
+        teacher = dataclasses.replace(teacher, rollout=dataclasses.replace(teacher.rollout, env=env))
+        kept, _ = await teacher_rollouts(self.chain([sft[i] for i in sorted(sft)]), build_env(env), teacher,
+                                         self.synth)
+        return kept
 
     async def mixture(self) -> None:
         """sft_tools.jsonl: the teacher's tool trajectory of every SFT question that has one;
