@@ -18,9 +18,11 @@ becomes markdown with html2text; text/* and JSON are kept as they are; other typ
 
 Evidence: an OpenAI-compatible LLM (VisitConfig.llm) extracts what the page says about the
 goal. With no LLM configured (the default), the documented extractive fallback: the page is
-split into paragraphs, BM25 (bm25s) ranks them against the goal, and the best `max_paragraphs`
-(those with a positive score) are returned in page order within `max_evidence_chars`; when none
-matches, the page's opening paragraphs are returned and the observation says so.
+split into passages (blank-line paragraphs, each item of a markdown list its own passage, long
+ones cut at sentence ends), BM25 (bm25s) scores them against the goal, and the best
+`max_paragraphs` with a positive score are returned best first (ties in page order) within
+`max_evidence_chars`, so an infobox line that names the asked field leads the evidence; when none
+matches, the page's opening passages are returned in page order and the observation says so.
 
 `corpus://<id>` URLs are served from the local docs (VisitConfig.corpus: an index dir built by
 search.py or a docs.jsonl), so the offline world needs no network.
@@ -254,10 +256,24 @@ def to_markdown(page: Page, text: str) -> tuple[str, str]:
 
 
 # ------------------------------------------------------------------------------ evidence
+_LIST_ITEM = re.compile(r"^\s{0,3}(?:[-*+]|\d{1,9}[.)])\s")
+
+
 def paragraphs(markdown: str, max_chars: int = 800) -> list[str]:
-    """Blank-line paragraphs; longer ones are split at sentence ends into <= max_chars pieces."""
-    out = []
+    """The page's passages: blank-line paragraphs, a markdown list's every item on its own (an
+    item's continuation lines stay with it); longer ones are split at sentence ends into
+    <= max_chars pieces."""
+    blocks = []
     for para in re.split(r"\n\s*\n", markdown):
+        block: list[str] = []
+        for line in para.strip().splitlines():
+            if _LIST_ITEM.match(line) and block:
+                blocks.append("\n".join(block))
+                block = []
+            block.append(line)
+        blocks.append("\n".join(block))
+    out = []
+    for para in blocks:
         para = para.strip()
         if not para:
             continue
@@ -283,14 +299,14 @@ def extract_evidence(markdown: str, goal: str, cfg: VisitConfig) -> tuple[str, b
     if query[0] and corpus.vocab:  # a page of stopwords only has no index (bm25s raises on it)
         retriever = bm25s.BM25()
         retriever.index(corpus, show_progress=False)
-        k = min(cfg.max_paragraphs, len(paras))
-        ids, scores = retriever.retrieve(query, k=k, show_progress=False)
-        chosen = [int(i) for i, s in zip(ids[0], scores[0]) if s > 0]
+        scores = retriever.get_scores(query[0])
+        chosen = sorted((i for i in range(len(paras)) if scores[i] > 0),
+                        key=lambda i: (-scores[i], i))[:cfg.max_paragraphs]
     matched = bool(chosen)
     if not matched:
         chosen = list(range(min(cfg.max_paragraphs, len(paras))))
     out, used = [], 0
-    for i in (sorted(chosen) if matched else chosen):
+    for i in chosen:
         if used + len(paras[i]) > cfg.max_evidence_chars and out:
             continue
         out.append(paras[i][:cfg.max_evidence_chars])
