@@ -203,7 +203,7 @@ class ImageSearchIndex:
         self._orb = cv2.ORB_create(nfeatures=self.cfg.orb_features)
         self._orb_lock = threading.Lock()
         self._emb: np.ndarray | None = None  # [N, D] normalised
-        self._stack: tuple[list[np.ndarray], np.ndarray] | None = None  # descriptor blocks, owner ids
+        self._stack: tuple[list[np.ndarray], np.ndarray, np.ndarray] | None = None  # blocks, owner ids, block starts
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -270,12 +270,13 @@ class ImageSearchIndex:
             if not parts:
                 return []
             alld, owner = np.vstack([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-            self._stack = ([alld[i: i + MATCH_ROWS] for i in range(0, len(alld), MATCH_ROWS)], owner)
-        blocks, owner = self._stack
+            blocks = [alld[i: i + MATCH_ROWS] for i in range(0, len(alld), MATCH_ROWS)]
+            start = np.arange(len(blocks)) * MATCH_ROWS  # the first row of each block
+            self._stack = (blocks, owner, start)
+        blocks, owner, start = self._stack
         matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
         matcher.add(blocks)
         matches = matcher.match(desc[: self.cfg.vote_features])
-        start = np.cumsum([0] + [len(b) for b in blocks])  # the first row of each block
         votes = np.bincount([owner[start[m.imgIdx] + m.trainIdx] for m in matches if m.distance <= 64],
                             minlength=len(self.entries))
         order = [int(i) for i in np.argsort(-votes, kind="stable") if votes[i] > 0]
