@@ -5,19 +5,22 @@ pipeline, run_sft, run_grpo, run_eval, the loader), cached under --out (a finish
 skipped on a rerun, so a crashed run resumes and a rerun of one arm is cheap):
 
   1. world      the bundled offline world (seeded)
-  2. synth      1-hop page / emblem questions and their teacher trajectories (the replay teacher
-                through the real tools, with transient tool failures injected, so the teacher's
-                data retries a failed call); scene questions are dropped
+  2. synth      1-hop page / emblem questions (scene questions are dropped); with --tool-chain
+                ocr also the synth teacher's trajectories of them
   3. split      by image 60 / 20 / 20 into SFT / RL / held-out questions (an image's every
                 question on one side): RL trains on questions SFT never saw
-  4. mixture    the SFT data is a strategy mixture: half the SFT questions keep the teacher's tool
-                trajectory, the other half get a "recall" demonstration in the same agent format
-                (think, then answer at once, no tool call), right only because SFT memorises it.
-                The SFT policy learns a stochastic fork right after <think>; on unseen questions
-                only the tool branch can be right. The control SFT data: every SFT question's
-                tool trajectory (the ceiling). --tool-chain image_search: the tool trajectories
-                are the teacher's replays of "ImageSearch the image, Visit the page found" (no
-                name typed into a search) instead of the synth teacher's OCR chain
+  4. mixture    the SFT questions' tool trajectories: the replay teacher through the real tools,
+                transient tool failures injected (so the data retries a failed call), the synth
+                judge keeping the right, grounded ones; the chain (--tool-chain) is "ImageSearch
+                the image, Visit the page found with the asked field as the goal, answer from
+                the line Visit puts first" (image_search, the default) or the synth teacher's
+                "fix the image, OCR the name, TextSearch it, Visit" (ocr). The SFT data is a
+                strategy mixture: half the SFT questions keep their tool trajectory, the other
+                half get a "recall" demonstration in the same agent format (think, then answer
+                at once, no tool call), right only because SFT memorises it. The SFT policy
+                learns a stochastic fork right after <think>; on unseen questions only the tool
+                branch can be right. The control SFT data: every SFT question's tool trajectory
+                (the ceiling)
   5. warmup     copy + recall warm-up of the random-init student (benchmarks/proof_warmup.py)
   per seed:
   6. sft        SFT on the mixture; sft-tools, the control
@@ -55,6 +58,7 @@ import collections
 import dataclasses
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -108,9 +112,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="the teacher's model (it only replays the solve scripts; default: the student's family "
                          "and image tokens at 32x1, the same tokens)")
     ap.add_argument("--recall-frac", type=float, default=0.5, help="SFT questions taught the recall branch")
-    ap.add_argument("--tool-chain", default="ocr", choices=["ocr", "image_search"],
-                    help="the tool branch the teacher demonstrates: ocr (fix the image, OCR, TextSearch the name, "
-                         "Visit) or image_search (ImageSearch the image, Visit the page found: no typed name); "
+    ap.add_argument("--tool-chain", default="image_search", choices=["image_search", "ocr"],
+                    help="the tool branch the teacher demonstrates: image_search (ImageSearch the image, Visit the "
+                         "page found: no typed name) or ocr (fix the image, OCR, TextSearch the name, Visit; the "
+                         "student copies unseen OCR'd names too poorly for RL to find right answers); "
                          "a different chain needs its own --out (the data differ)")
     ap.add_argument("--warmup-steps", type=int, default=2000, help="copy warm-up steps before SFT (0: none)")
     ap.add_argument("--sft-steps", type=int, default=0, help="SFT optimizer steps (0: --sft-epochs passes over the data)")
@@ -199,7 +204,7 @@ def paired(base: Path, other: Path) -> dict[str, float]:
     lost = sum(a[q] and not b[q] for q in a)
     n = gained + lost
     p = min(1.0, 2 * sum(math.comb(n, k) for k in range(min(gained, lost) + 1)) / 2 ** n) if n else 1.0
-    return {"gained": gained, "lost": lost, "p": round(p, 4)}
+    return {"gained": gained, "lost": lost, "p": float(f"{p:.3g}")}
 
 
 # the copies of the tool branch: in a turn of the teacher's script, after `anchor`, the text between
@@ -307,7 +312,7 @@ class Proof:
         self.stage("world", self.world / "manifest.json", lambda: generate_world(self.world, world))
         cfg = SynthConfig(out=str(self.synth), world=str(self.world), n_questions=a.n_questions, seed=a.data_seed,
                           paths=PathConfig(hop_lengths=(1,), hop_probs=(1.0,), seed=a.data_seed),
-                          teacher=self.teacher())
+                          teacher=self.teacher(), trajectories=a.tool_chain == "ocr")  # image_search: tool_demos
         self.stage("synth", self.synth / "report.json", lambda: asyncio.run(run_pipeline(cfg)))
         self.data.mkdir(exist_ok=True)
         self.stage("split", self.data / "split.json", self.split)
@@ -423,11 +428,14 @@ class Proof:
     def seen(self) -> str:
         """The questions file "seen": up to --gate-questions SFT questions whose tool trajectory
         both SFT runs trained on (the mixture's tool half), for copy_exact on seen questions."""
-        f = self.questions("seen")
-        if not f.exists():
-            tool_ids = {t.group_id for t in iter_jsonl(self.data / "sft_mix.jsonl") if t.turns and t.turns[0].calls}
-            rows = [q for q in _rows(self.questions("sft")) if q["id"] in tool_ids]
-            _write_rows(f, random.Random(self.a.data_seed + 3).sample(rows, min(self.a.gate_questions, len(rows))))
+        tool_ids = {t.group_id for t in iter_jsonl(self.data / "sft_mix.jsonl") if t.turns and t.turns[0].calls}
+        rows = [q for q in _rows(self.questions("sft")) if q["id"] in tool_ids]
+        rows = random.Random(self.a.data_seed + 3).sample(rows, min(self.a.gate_questions, len(rows)))
+        f = self.questions("seen")  # derived from data/ each time: synth/ may be shared with another --out
+        if not f.exists() or _rows(f) != rows:
+            part = f.with_name(f"{f.name}.{os.getpid()}.part")  # the parallel seeds' processes may both write
+            _write_rows(part, rows)
+            part.replace(f)
         return "seen"
 
     def copies(self, seed: int, name: str, model: Path, questions: str) -> dict[str, Any]:
@@ -529,7 +537,10 @@ def run_seed(p: Proof, seed: int) -> dict[str, Any] | None:
         rows[f"GRPO {arm}"] = behaviour(p.evaluate(seed, f"grpo-{arm}", final, "held"))
         passk[f"GRPO {arm}"] = pass_at(p.evaluate(seed, f"passk-{arm}", final, "passk", a.passk, a.temperature))
         pairs[arm] = paired(ev / "sft" / "agentic.jsonl", ev / f"grpo-{arm}" / "agentic.jsonl")
+    ablation = {arm: paired(ev / "grpo-vanilla" / "agentic.jsonl", ev / f"grpo-{arm}" / "agentic.jsonl")
+                for arm in a.arms if arm != "vanilla" and "vanilla" in a.arms}
     return {"gate": gate, "copies": copies, "held": rows, "passk": passk, "grpo_vs_sft": pairs,
+            "arms_vs_vanilla": ablation,
             "control_vs_sft": paired(ev / "sft" / "agentic.jsonl", ev / "sft-tools" / "agentic.jsonl"),
             "curves": curves}
 
@@ -549,7 +560,9 @@ def report(p: Proof, results: dict[int, dict[str, Any]]) -> None:
             print(f"| {k} | {100 * b['accuracy']:.1f}% | {100 * b['first_tool']:.0f}% | {100 * b['tool_success']:.0f}% | "
                   f"{100 * b['retry']:.0f}% ({b['failed_turns']}) | {100 * b['fatal']:.1f}% | {100 * b['answered']:.0f}% |")
         for what, c in [("control SFT", r["control_vs_sft"])] + [(f"GRPO {k}", c) for k, c in r["grpo_vs_sft"].items()]:
-            print(f"  {what} vs the SFT model: {c['gained']} gained, {c['lost']} lost (exact sign test p = {c['p']:.3f})")
+            print(f"  {what} vs the SFT model: {c['gained']} gained, {c['lost']} lost (exact sign test p = {c['p']:.2g})")
+        for arm, c in r.get("arms_vs_vanilla", {}).items():
+            print(f"  GRPO {arm} vs GRPO vanilla: {c['gained']} gained, {c['lost']} lost (p = {c['p']:.2g})")
         print("  sampled (T %s): " % p.a.temperature + "; ".join(
             f"{k} pass@1 {100 * v['pass@1']:.1f}% pass@{v['k']} {100 * v['pass@k']:.1f}%" for k, v in r["passk"].items()))
         for arm, pts in r["curves"].items():

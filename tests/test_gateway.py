@@ -7,7 +7,6 @@ import asyncio
 import base64
 import io
 import json
-import socket
 import threading
 import time
 
@@ -24,6 +23,7 @@ from spyglass.engine.gateway import Gateway, ServeConfig, make_app, parse_messag
 from spyglass.engine.scheduler import EngineConfig
 from spyglass.engine.loader import load_model
 from spyglass.engine.trajectory import SegmentKind, Status, read_jsonl
+from spyglass.trainer.distributed import free_port
 
 def post(url: str, body, headers: dict | None = None) -> tuple[int, dict]:
     """POST `body` (bytes as is, else JSON) -> (status, JSON reply)."""
@@ -117,9 +117,7 @@ class Server:
 
     def __init__(self, gw: Gateway) -> None:
         self.gw, self.loop = gw, asyncio.new_event_loop()
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port("127.0.0.1")
         ready = threading.Event()
 
         async def start() -> None:
@@ -296,21 +294,21 @@ def test_spyglass_serve_from_the_command_line(tmp_path, stop):
     import signal
     import subprocess
     import sys
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port("127.0.0.1")
     proc = subprocess.Popen([sys.executable, "-m", "spyglass.trainer.cli", "serve", "--model", "tiny:qwen2",
                              "--port", str(port), "--serve.out", str(tmp_path / "gw.jsonl")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0)
-        for _ in range(300):  # the model loads, then the server listens
+        deadline = time.monotonic() + 120  # the interpreter starts, the model loads, then the server listens
+        while True:
             try:
                 models = client.models.list()
                 break
             except openai.APIConnectionError:
                 assert proc.poll() is None, proc.stdout.read()
+                assert time.monotonic() < deadline, "spyglass serve did not listen within 120 s"
                 time.sleep(0.1)
         assert [m.id for m in models] == ["policy"]
         r = client.chat.completions.create(model="policy", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
@@ -426,9 +424,7 @@ def test_shutdown_gives_a_request_in_flight_drain_s_then_cancels_it(codecs, tmp_
     """serve()'s runner stops within about drain_s even while a request waits (held by a pause):
     aiohttp's default grace is 60 s, which a Ctrl-C would wait out."""
     from spyglass.engine.gateway import serve
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port("127.0.0.1")
 
     async def run() -> float:
         gw = Gateway(ServeConfig(port=port, drain_s=0.5, out=str(tmp_path / "g.jsonl")), EngineConfig(),

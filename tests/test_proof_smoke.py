@@ -40,6 +40,9 @@ def test_proof_smoke_runs_every_stage_and_resumes(tmp_path, capsys):
     assert all(t.turns[0].calls for t in tools) and {t.group_id for t in tools} >= {t.group_id for t in mix}
     assert [t.id for t in mix] == sorted(t.id for t in mix)
     assert {t.group_id for t in mix} <= {q["id"] for q in sides["sft"]}
+    # the default chain (image_search): ImageSearch first; synth ran no teacher of its own
+    assert all(t.turns[0].calls[0]["name"] == "ImageSearch" for t in tools)
+    assert not (out / "synth" / "trajectories.jsonl").exists()
     # the GRPO rollouts ran on RL questions with outages injected
     rl = {q["id"] for q in sides["rl"]}
     rollouts = list(iter_jsonl(out / "seed-0" / "grpo-fatal_mask_clamp" / "rollouts.jsonl"))
@@ -119,7 +122,7 @@ def test_tool_chain_image_search_scripts(tmp_path):
     assert len(turns) == 3 and '"name": "ImageSearch"' in turns[0] and '"image": "img_1"' in turns[0]
     assert '"url": "corpus://org-119"' in turns[1] and '"goal": "founded"' in turns[1]
     assert turns[2] == "<think>The page says founded: 1908.</think>\n<answer>1908</answer>"
-    (ocr,) = proof.Proof(proof.parse_args(["--out", str(tmp_path)])).scripts([q]).values()
+    (ocr,) = proof.Proof(proof.parse_args(["--out", str(tmp_path), "--tool-chain", "ocr"])).scripts([q]).values()
     assert [t.split('"name": "')[1].split('"')[0] for t in ocr[:-1]] == ["Sharpen", "OCR", "TextSearch", "Visit"]
 
 
@@ -140,6 +143,6 @@ def test_paired_counts_discordant_questions_and_sign_test(tmp_path):
     assert proof.paired(base, other) == {"gained": 3, "lost": 1, "p": 0.625}
     assert proof.paired(base, base) == {"gained": 0, "lost": 0, "p": 1.0}
     wide = ev("wide", [0] * 9 + [1] * 9)  # against 18 wrong: 9 gained, 0 lost -> p = 2 / 2^9
-    assert proof.paired(ev("zeros", [0] * 18), wide)["p"] == round(2 / 2 ** 9, 4)
+    assert proof.paired(ev("zeros", [0] * 18), wide)["p"] == pytest.approx(2 / 2 ** 9, rel=1e-3)  # kept to 3 significant digits, not rounded to 0
     with pytest.raises(ValueError, match="only in the second: .*'q10'"):
         proof.paired(base, wide)
