@@ -42,11 +42,10 @@ Prints per seed: held-out accuracy, first-turn tool-call rate, tool-branch succe
 after a failed call, fatal rate; each arm against the SFT model question by question (gained,
 lost, the exact sign test's p); pass@1 / pass@k; the curve (a PNG); one final JSON line.
 
-    .venv/bin/python benchmarks/proof_learning.py --out runs/proof              # 2 seeds (figures: benchmarks/README.md)
-    # the same on 2 cores in less wall time: the shared stages, then one process per seed, then the report
-    .venv/bin/python benchmarks/proof_learning.py --out runs/proof --stop-after data
-    for s in 0 1; do .venv/bin/python benchmarks/proof_learning.py --out runs/proof --seeds $s --threads 1 & done; wait
-    .venv/bin/python benchmarks/proof_learning.py --out runs/proof            # every stage cached: the report
+    .venv/bin/python benchmarks/proof_learning.py --out runs/proof --ignore-gate   # 2 seeds (figures: benchmarks/README.md)
+
+With several seeds the shared stages run first, then one process per seed in parallel (the
+cores split between them; --no-parallel-seeds: one after another), then the report from the cache.
     .venv/bin/python benchmarks/proof_learning.py --out /tmp/p --n-questions 60 --world-scale 1 --warmup-steps 2 \\
         --sft-steps 4 --grpo-steps 2 --curve-every 1 --arms fatal_mask_clamp --seeds 0 --ignore-gate   # a smoke run
 """
@@ -103,6 +102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="seed of the shared stages (world, questions, split, mixture, warm-up): one process per "
                          "--seeds value can run in parallel once they are cached")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    ap.add_argument("--parallel-seeds", action=argparse.BooleanOptionalAction, default=True,
+                    help="with several seeds, each seed's stages in its own process, the threads split between them")
     ap.add_argument("--world-scale", type=int, default=6, help="world size as a multiple of the default world")
     ap.add_argument("--n-questions", type=int, default=2400, help="1-hop questions synthesized (scenes among them are dropped)")
     ap.add_argument("--split", type=float, nargs=3, default=[0.6, 0.2, 0.2], help="SFT / RL / held-out, by image")
@@ -128,7 +129,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--gate-tool-success", type=float, default=0.15)
     ap.add_argument("--ignore-gate", action="store_true", help="go on to GRPO when the gate fails")
     ap.add_argument("--arms", nargs="+", default=["vanilla", "fatal_mask", "fatal_mask_clamp"], choices=MODES)
-    ap.add_argument("--grpo-steps", type=int, default=24)
+    ap.add_argument("--grpo-steps", type=int, default=16, help="GRPO steps per arm (the fork flips within the first 8)")
     ap.add_argument("--grpo-groups", type=int, default=8, help="prompts per GRPO step")
     ap.add_argument("--grpo-samples", type=int, default=4, help="samples per prompt (group size)")
     ap.add_argument("--grpo-lr", type=float, default=2e-4)
@@ -570,6 +571,18 @@ def report(p: Proof, results: dict[int, dict[str, Any]]) -> None:
                                                  f"tool {100 * x['first_tool']:.0f}%" for x in pts))
 
 
+def run_seeds_in_parallel(a: argparse.Namespace, argv: list[str]) -> None:
+    """One child process per seed (this script, --seeds s, an even share of the threads); each
+    caches its stages under --out, so the caller's own pass over the seeds only reads them back."""
+    import subprocess
+    threads = max(1, (a.threads or torch.get_num_threads()) // len(a.seeds))
+    procs = {s: subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv, "--seeds", str(s),
+                                  "--threads", str(threads), "--no-parallel-seeds"]) for s in a.seeds}
+    for s, proc in procs.items():
+        if proc.wait() not in (0, 1):  # 1: that seed stopped at its gate
+            raise RuntimeError(f"the process of seed {s} exited with {proc.returncode}; its log is above")
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     if a.threads:
@@ -579,6 +592,8 @@ def main(argv: list[str] | None = None) -> int:
     p.warmup()  # shared too: the per-seed processes of the parallel recipe must not both train it
     if a.stop_after == "data":
         return 0
+    if a.parallel_seeds and len(a.seeds) > 1:
+        run_seeds_in_parallel(a, argv if argv is not None else sys.argv[1:])
     results = {s: r for s in a.seeds if (r := run_seed(p, s)) is not None}
     if not results:
         return 0

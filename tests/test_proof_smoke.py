@@ -64,6 +64,23 @@ def test_proof_smoke_runs_every_stage_and_resumes(tmp_path, capsys):
     assert again["seeds"] == res["seeds"] and again["stages_s"] == {}
 
 
+def test_proof_runs_its_seeds_in_parallel_processes(tmp_path, capsys):
+    """Several seeds: one child process per seed (--threads split), then the report from the cache."""
+    proof = _proof()
+    out = tmp_path / "p"
+    argv = ["--out", str(out), "--n-questions", "40", "--world-scale", "1", "--warmup-steps", "2",
+            "--sft-steps", "2", "--sft-batch", "2", "--grpo-steps", "1", "--curve-every", "1", "--grpo-groups", "1",
+            "--grpo-samples", "2", "--arms", "vanilla", "--max-turns", "2", "--max-tokens-per-turn", "8",
+            "--gate-questions", "2", "--curve-questions", "2", "--passk", "2", "--passk-questions", "2",
+            "--seeds", "0", "1", "--ignore-gate", "--threads", "2"]
+    proof.main(argv)
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(res["seeds"]) == {"0", "1"} and all("held" in r for r in res["seeds"].values())
+    # the children ran every per-seed stage: the parent found them cached and timed none
+    assert not any(k.startswith("seed") for k in res["stages_s"]) and {"synth", "warmup"} <= set(res["stages_s"])
+    assert all((out / f"seed-{s}" / "grpo-vanilla" / "at-1" / "config.json").exists() for s in (0, 1))
+
+
 def _traj(i: int, acc: float, turns: list[Turn], status: Status = Status.ANSWERED, fatal: int | None = None):
     return Trajectory(id=f"q{i}#0", group_id=f"q{i}", sample_index=0, prompt_ids=[1], status=status, turns=turns,
                       fatal_step=fatal, reward={"acc": acc}, meta={"item_id": f"q{i}"})
