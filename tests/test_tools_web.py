@@ -318,19 +318,22 @@ def test_a_page_without_words_says_so_instead_of_failing() -> None:
 
 def test_list_items_are_passages_and_evidence_comes_best_first() -> None:
     """An infobox (a markdown list) is one passage per item, so the goal's field line is returned
-    alone, ahead of a prose paragraph that also matches; equal scores keep page order."""
+    alone, ahead of an earlier prose paragraph that also matches; equal scores keep page order;
+    prose whose wrapped line starts like an item stays whole; with no match the opening keeps
+    its lists whole."""
     from spyglass.engine.tools.web import extract_evidence
-    page = ("# Ana Lopez\n\n- birthplace: Lima\n- born: 1948\n  (in winter)\n- occupation: architect\n\n"
-            "Ana Lopez (born 1948) is an architect from Lima, where she was born and raised.\n\n"
-            "1. first born item\n2) second born item")
-    assert paragraphs(page)[:5] == ["# Ana Lopez", "- birthplace: Lima", "- born: 1948\n  (in winter)",
-                                    "- occupation: architect",
-                                    "Ana Lopez (born 1948) is an architect from Lima, where she was born and raised."]
-    assert paragraphs(page)[5:] == ["1. first born item", "2) second born item"]
+    prose = "Ana Lopez (born 1948) is an architect from Lima, where she was born and raised."
+    page = (f"# Ana Lopez\n\n{prose}\n\n- birthplace: Lima\n- born: 1948\n  (in winter)\n- occupation: architect\n\n"
+            "She moved in\n1975. Her studio grew.\n\n1. first born item\n2) second born item")
+    assert paragraphs(page) == ["# Ana Lopez", prose, "- birthplace: Lima", "- born: 1948\n  (in winter)",
+                                "- occupation: architect", "She moved in\n1975. Her studio grew.",
+                                "1. first born item", "2) second born item"]
     cfg = VisitConfig()
     assert extract_evidence(page, "occupation", cfg) == ("- occupation: architect", True)
     evidence, matched = extract_evidence(page, "born", cfg)
-    assert matched and evidence.split("\n\n")[0] == "- born: 1948\n  (in winter)"
     items = evidence.split("\n\n")
+    assert matched and items[0] == "- born: 1948\n  (in winter)" and items.index(prose) > 0  # best first, not page order
     assert items.index("1. first born item") < items.index("2) second born item")  # a tie: page order
     assert len(extract_evidence(page, "born", VisitConfig(max_paragraphs=2))[0].split("\n\n")) == 2
+    opening, matched = extract_evidence(page, "zebra", VisitConfig(max_paragraphs=3))
+    assert not matched and opening.split("\n\n")[2] == "- birthplace: Lima\n- born: 1948\n  (in winter)\n- occupation: architect"

@@ -22,7 +22,7 @@ split into passages (blank-line paragraphs, each item of a markdown list its own
 ones cut at sentence ends), BM25 (bm25s) scores them against the goal, and the best
 `max_paragraphs` with a positive score are returned best first (ties in page order) within
 `max_evidence_chars`, so an infobox line that names the asked field leads the evidence; when none
-matches, the page's opening passages are returned in page order and the observation says so.
+matches, the page's opening paragraphs (lists kept whole) are returned and the observation says so.
 
 `corpus://<id>` URLs are served from the local docs (VisitConfig.corpus: an index dir built by
 search.py or a docs.jsonl), so the offline world needs no network.
@@ -259,14 +259,19 @@ def to_markdown(page: Page, text: str) -> tuple[str, str]:
 _LIST_ITEM = re.compile(r"^\s{0,3}(?:[-*+]|\d{1,9}[.)])\s")
 
 
-def paragraphs(markdown: str, max_chars: int = 800) -> list[str]:
-    """The page's passages: blank-line paragraphs, a markdown list's every item on its own (an
-    item's continuation lines stay with it); longer ones are split at sentence ends into
-    <= max_chars pieces."""
+def paragraphs(markdown: str, max_chars: int = 800, split_lists: bool = True) -> list[str]:
+    """The page's passages: blank-line paragraphs, and (split_lists) a list's every item on its
+    own when the paragraph is a markdown list (its first line an item; an item's continuation
+    lines stay with it: a hard-wrapped prose line that starts with "1948. " does not split its
+    paragraph); longer ones are split at sentence ends into <= max_chars pieces."""
     blocks = []
     for para in re.split(r"\n\s*\n", markdown):
+        lines = para.strip().splitlines()
+        if not (split_lists and lines and _LIST_ITEM.match(lines[0])):
+            blocks.append(para)
+            continue
         block: list[str] = []
-        for line in para.strip().splitlines():
+        for line in lines:
             if _LIST_ITEM.match(line) and block:
                 blocks.append("\n".join(block))
                 block = []
@@ -303,7 +308,8 @@ def extract_evidence(markdown: str, goal: str, cfg: VisitConfig) -> tuple[str, b
         chosen = sorted((i for i in range(len(paras)) if scores[i] > 0),
                         key=lambda i: (-scores[i], i))[:cfg.max_paragraphs]
     matched = bool(chosen)
-    if not matched:
+    if not matched:  # the opening, its lists kept whole (a menu's items would fill max_paragraphs)
+        paras = paragraphs(markdown, cfg.paragraph_chars, split_lists=False)
         chosen = list(range(min(cfg.max_paragraphs, len(paras))))
     out, used = [], 0
     for i in chosen:
