@@ -15,14 +15,17 @@ def _proof():
     return load_bench("proof_learning")
 
 
+# the smoke runs' common size: a tiny world, a few steps of everything, both cores
+SMOKE = ["--n-questions", "40", "--world-scale", "1", "--warmup-steps", "2", "--sft-steps", "2", "--sft-batch", "2",
+         "--curve-every", "1", "--grpo-groups", "1", "--grpo-samples", "2", "--passk", "2", "--passk-questions", "2",
+         "--ignore-gate", "--threads", "2"]
+
+
 def test_proof_smoke_runs_every_stage_and_resumes(tmp_path, capsys):
     proof = _proof()
     out = tmp_path / "p"
-    argv = ["--out", str(out), "--n-questions", "40", "--world-scale", "1", "--warmup-steps", "2",
-            "--sft-steps", "2", "--sft-batch", "2", "--grpo-steps", "2", "--curve-every", "1", "--grpo-groups", "1",
-            "--grpo-samples", "2", "--arms", "fatal_mask_clamp", "--max-turns", "4", "--max-tokens-per-turn", "16",
-            "--gate-questions", "4", "--curve-questions", "3", "--passk", "2", "--passk-questions", "2",
-            "--seeds", "0", "--ignore-gate", "--threads", "2"]
+    argv = ["--out", str(out), *SMOKE, "--grpo-steps", "2", "--arms", "fatal_mask_clamp", "--max-turns", "4",
+            "--max-tokens-per-turn", "16", "--gate-questions", "4", "--curve-questions", "3", "--seeds", "0"]
     assert proof.main(argv) in (0, 1)  # 1: the gate failed (a random model has no fork), --ignore-gate went on
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["bench"] == "proof_learning"
@@ -68,11 +71,8 @@ def test_proof_runs_its_seeds_in_parallel_processes(tmp_path, capsys):
     """Several seeds: one child process per seed (--threads split), then the report from the cache."""
     proof = _proof()
     out = tmp_path / "p"
-    argv = ["--out", str(out), "--n-questions", "40", "--world-scale", "1", "--warmup-steps", "2",
-            "--sft-steps", "2", "--sft-batch", "2", "--grpo-steps", "1", "--curve-every", "1", "--grpo-groups", "1",
-            "--grpo-samples", "2", "--arms", "vanilla", "--max-turns", "2", "--max-tokens-per-turn", "8",
-            "--gate-questions", "2", "--curve-questions", "2", "--passk", "2", "--passk-questions", "2",
-            "--seeds", "0", "1", "--ignore-gate", "--threads", "2"]
+    argv = ["--out", str(out), *SMOKE, "--grpo-steps", "1", "--arms", "vanilla", "--max-turns", "2",
+            "--max-tokens-per-turn", "8", "--gate-questions", "2", "--curve-questions", "2", "--seeds", "0", "1"]
     proof.main(argv)
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(res["seeds"]) == {"0", "1"} and all("held" in r for r in res["seeds"].values())
