@@ -9,18 +9,18 @@ skipped on a rerun, so a crashed run resumes and a rerun of one arm is cheap):
                 ocr also the synth teacher's trajectories of them
   3. split      by image 60 / 20 / 20 into SFT / RL / held-out questions (an image's every
                 question on one side): RL trains on questions SFT never saw
-  4. mixture    the SFT questions' tool trajectories: the replay teacher through the real tools,
+  4. tools      the SFT questions' tool trajectories: the replay teacher through the real tools,
                 transient tool failures injected (so the data retries a failed call), the synth
                 judge keeping the right, grounded ones; the chain (--tool-chain) is "ImageSearch
                 the image, Visit the page found with the asked field as the goal, answer from
                 the line Visit puts first" (image_search, the default) or the synth teacher's
-                "fix the image, OCR the name, TextSearch it, Visit" (ocr). The SFT data is a
-                strategy mixture: half the SFT questions keep their tool trajectory, the other
-                half get a "recall" demonstration in the same agent format (think, then answer
-                at once, no tool call), right only because SFT memorises it. The SFT policy
-                learns a stochastic fork right after <think>; on unseen questions only the tool
-                branch can be right. The control SFT data: every SFT question's tool trajectory
-                (the ceiling)
+                "fix the image, OCR the name, TextSearch it, Visit" (ocr). They are the control
+                SFT's data (the ceiling)
+     mixture    the SFT data, a strategy mixture: every tool trajectory, and for --recall-frac of
+                their questions also a "recall" demonstration in the same agent format (think,
+                then answer at once, no tool call), right only because SFT memorises it. The SFT
+                policy learns a stochastic fork right after <think>; on unseen questions only the
+                tool branch can be right. Its tool branch trains on exactly the control's data
   5. warmup     copy + recall warm-up of the random-init student (benchmarks/proof_warmup.py)
   per seed:
   6. sft        SFT on the mixture; sft-tools, the control
@@ -92,6 +92,11 @@ from proof_warmup import WarmupConfig, run_warmup  # noqa: E402  (the proof's sc
 TOOLS = ["Crop", "Sharpen", "SuperResolution", "PerspectiveCorrect", "OCR", "ImageSearch", "TextSearch", "Visit"]
 KINDS = ("synth-1hop-page", "synth-1hop-emblem")  # question kinds kept (prefixes): no scenes
 RECALL = "<think>I remember this one.</think>\n<answer>{answer}</answer>"  # the recall branch's one turn
+GATE_STOP = 3  # the exit status of a seed's child process whose seed stopped at the gate
+# the arguments the cached stages under --out depend on before any per-seed choice: a rerun must match them
+DATA_ARGS = ("data_seed", "world_scale", "n_questions", "split", "model", "teacher_model", "tool_chain", "recall_frac",
+             "warmup_steps", "transient_p", "max_turns", "recite_question", "max_tokens_per_turn", "gate_questions",
+             "curve_questions", "passk_questions")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -112,7 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--teacher-model", default="",
                     help="the teacher's model (it only replays the solve scripts; default: the student's family "
                          "and image tokens at 32x1, the same tokens)")
-    ap.add_argument("--recall-frac", type=float, default=0.5, help="SFT questions taught the recall branch")
+    ap.add_argument("--recall-frac", type=float, default=0.5, help="SFT questions (with a tool trajectory) also taught the recall branch")
     ap.add_argument("--tool-chain", default="image_search", choices=["image_search", "ocr"],
                     help="the tool branch the teacher demonstrates: image_search (ImageSearch the image, Visit the "
                          "page found: no typed name) or ocr (fix the image, OCR, TextSearch the name, Visit; the "
@@ -149,7 +154,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-tokens-per-turn", type=int, default=96)
     ap.add_argument("--stop-after", choices=["data", "sft", "gate"],
                     help="run the stages up to this one, then stop (data: every shared stage, the warm-up included)")
+    ap.add_argument("--seed-process", action="store_true", help=argparse.SUPPRESS)  # a child of run_seeds_in_parallel
     a = ap.parse_args(argv)
+    if not 0 <= a.recall_frac <= 1:
+        ap.error(f"--recall-frac must be in [0, 1], got {a.recall_frac}")
     if abs(sum(a.split) - 1) > 1e-6 or min(a.split) <= 0:
         ap.error(f"--split must be three positive fractions summing to 1, got {a.split}")
     if a.grpo_steps % a.curve_every:
@@ -271,6 +279,21 @@ class Proof:
         self.out.mkdir(parents=True, exist_ok=True)
         self.world, self.synth, self.data = self.out / "world", self.out / "synth", self.out / "data"
         self.timings: dict[str, float] = {}
+        self.check_args()
+
+    def check_args(self) -> None:
+        """Record DATA_ARGS in --out/args.json on the first run; refuse a rerun that changes one
+        (its cached stages were made with the recorded value)."""
+        f, now = self.out / "args.json", {k: getattr(self.a, k) for k in DATA_ARGS}
+        if not f.exists():
+            f.write_text(json.dumps(now, indent=1) + "\n")
+            return
+        was = json.loads(f.read_text())
+        diff = [k for k in DATA_ARGS if k in was and was[k] != now[k]]
+        if diff:
+            k = diff[0]
+            raise SystemExit(f"{self.out} was made with --{k.replace('_', '-')} {was[k]}; this run asks {now[k]}: "
+                             f"use another --out (its cached stages would not match)")
 
     def stage(self, name: str, done: Path, fn: Any) -> None:
         """Run `fn` unless `done` exists (a finished stage writes it last)."""
@@ -317,6 +340,7 @@ class Proof:
         self.stage("synth", self.synth / "report.json", lambda: asyncio.run(run_pipeline(cfg)))
         self.data.mkdir(exist_ok=True)
         self.stage("split", self.data / "split.json", self.split)
+        self.stage("tools", self.data / "sft_tools.jsonl", lambda: asyncio.run(self.tools()))
         self.stage("mixture", self.data / "sft_mix.jsonl", lambda: asyncio.run(self.mixture()))
 
     def split(self) -> None:
@@ -375,13 +399,23 @@ class Proof:
                                          self.synth)
         return kept
 
-    async def mixture(self) -> None:
-        """sft_tools.jsonl: the teacher's tool trajectory of every SFT question that has one;
-        sft_mix.jsonl: those of (1 - recall_frac) of them, and for the others a one-turn recall
-        demonstration rolled out through the engine in the same agent format (the replay of
-        RECALL), so its prompt tokens are exactly the agent's."""
+    async def tools(self) -> None:
+        """sft_tools.jsonl: the teacher's tool trajectory of every SFT question that has one (the
+        control's data, and the mixture's tool half), in id order (not rollout completion order)."""
         sft = {q["id"]: q for q in _rows(self.questions("sft"))}
-        tools = sorted(await self.tool_demos(sft), key=lambda t: t.id)  # by id: not by rollout timing
+        tools = sorted(await self.tool_demos(sft), key=lambda t: t.id)
+        part = self.data / "sft_tools.jsonl.part"
+        write_jsonl(part, tools, append=False)
+        part.rename(self.data / "sft_tools.jsonl")
+
+    async def mixture(self) -> None:
+        """sft_mix.jsonl: every tool trajectory of sft_tools.jsonl, and for --recall-frac of their
+        questions also a one-turn recall demonstration rolled out through the engine in the same
+        agent format (the replay of RECALL), so its prompt tokens are exactly the agent's. The tool
+        branch thus trains on exactly the control's data; the recall branch is a second answer to
+        the same prompts, right only because SFT memorises it."""
+        sft = {q["id"]: q for q in _rows(self.questions("sft"))}
+        tools = list(iter_jsonl(self.data / "sft_tools.jsonl"))
         ids = sorted({t.group_id for t in tools})
         random.Random(self.a.data_seed + 2).shuffle(ids)
         recall = set(ids[: round(len(ids) * self.a.recall_frac)])
@@ -391,8 +425,8 @@ class Proof:
         bad = [t.id for t in demos if t.status is not Status.ANSWERED or t.turns[0].calls]
         if bad:
             raise RuntimeError(f"recall demonstrations that did not answer at once: {bad[:5]}")
-        mix = sorted([t for t in tools if t.group_id not in recall] + demos, key=lambda t: t.id)
-        write_jsonl(self.data / "sft_tools.jsonl", tools, append=False)
+        demos = [dataclasses.replace(t, id=f"{t.group_id}#recall") for t in demos]  # beside the tool one's id
+        mix = sorted(tools + demos, key=lambda t: t.id)
         write_jsonl(self.data / "sft_mix.jsonl.part", mix, append=False)
         (self.data / "sft_mix.jsonl.part").rename(self.data / "sft_mix.jsonl")
 
@@ -571,16 +605,43 @@ def report(p: Proof, results: dict[int, dict[str, Any]]) -> None:
                                                  f"tool {100 * x['first_tool']:.0f}%" for x in pts))
 
 
-def run_seeds_in_parallel(a: argparse.Namespace, argv: list[str]) -> None:
-    """One child process per seed (this script, --seeds s, an even share of the threads); each
-    caches its stages under --out, so the caller's own pass over the seeds only reads them back."""
+def seed_command(argv: list[str], seed: int, threads: int) -> list[str]:
+    """The command line of seed `seed`'s child process: this script, that seed only, `threads`."""
+    return [sys.executable, str(Path(__file__).resolve()), *argv, "--seeds", str(seed), "--threads", str(threads),
+            "--seed-process"]
+
+
+def run_seeds_in_parallel(p: Proof, argv: list[str], poll_s: float = 1.0) -> dict[str, float]:
+    """One child process per seed (seed_command, an even share of the threads); each caches its
+    stages under --out, so the caller's own pass over the seeds only reads them back. Returns the
+    children's stage timings. A child that crashes stops the others (its log is above)."""
     import subprocess
+    a = p.a
     threads = max(1, (a.threads or torch.get_num_threads()) // len(a.seeds))
-    procs = {s: subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv, "--seeds", str(s),
-                                  "--threads", str(threads), "--no-parallel-seeds"]) for s in a.seeds}
-    for s, proc in procs.items():
-        if proc.wait() not in (0, 1):  # 1: that seed stopped at its gate
-            raise RuntimeError(f"the process of seed {s} exited with {proc.returncode}; its log is above")
+    procs: dict[int, subprocess.Popen] = {}
+    try:
+        for s in a.seeds:
+            (p.out / f"seed-{s}" / "stages.json").unlink(missing_ok=True)
+            procs[s] = subprocess.Popen(seed_command(argv, s, threads))
+        while running := [s for s, proc in procs.items() if proc.poll() is None]:
+            bad = {s: proc.returncode for s, proc in procs.items() if proc.returncode not in (None, 0, GATE_STOP)}
+            if bad:
+                break
+            time.sleep(poll_s)
+        bad = {s: proc.returncode for s, proc in procs.items() if proc.returncode not in (None, 0, GATE_STOP)}
+        if bad:
+            s, rc = next(iter(bad.items()))
+            raise RuntimeError(f"the process of seed {s} exited with {rc} (its log is above); stopped seeds {running}")
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait()
+    timings: dict[str, float] = {}
+    for s in a.seeds:
+        f = p.out / f"seed-{s}" / "stages.json"
+        timings.update(json.loads(f.read_text()) if f.exists() else {})
+    return timings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -592,8 +653,14 @@ def main(argv: list[str] | None = None) -> int:
     p.warmup()  # shared too: the per-seed processes of the parallel recipe must not both train it
     if a.stop_after == "data":
         return 0
+    if a.seed_process:  # one seed of run_seeds_in_parallel: its stages and their timings, no report
+        (seed,) = a.seeds
+        r = run_seed(p, seed)
+        (p.out / f"seed-{seed}").mkdir(exist_ok=True)
+        (p.out / f"seed-{seed}" / "stages.json").write_text(json.dumps(p.timings) + "\n")
+        return GATE_STOP if r is not None and "held" not in r else 0
     if a.parallel_seeds and len(a.seeds) > 1:
-        run_seeds_in_parallel(a, argv if argv is not None else sys.argv[1:])
+        p.timings.update(run_seeds_in_parallel(p, argv if argv is not None else sys.argv[1:]))
     results = {s: r for s in a.seeds if (r := run_seed(p, s)) is not None}
     if not results:
         return 0
