@@ -316,6 +316,20 @@ def test_a_page_without_words_says_so_instead_of_failing() -> None:
     assert extract_evidence("the of\n\nThe mayor is Ana.", "mayor", cfg) == ("The mayor is Ana.", True)
 
 
+def test_a_menu_of_links_does_not_crowd_out_the_evidence() -> None:
+    """Link targets are not scored and a passage of links only (a menu item) is not scored at all,
+    so a navigation list whose URLs and titles repeat the goal's words cannot fill the evidence."""
+    from spyglass.engine.tools.web import extract_evidence, ranked_text
+    assert ranked_text("- [History of Lima](https://x.org/wiki/Lima_population)") == ""
+    assert ranked_text("1. ![map](lima.png) [Lima](https://x.org/lima) has 10 million people") == \
+        "1. map Lima has 10 million people"
+    menu = "\n".join(f"- [Lima population {y}](https://x.org/wiki/Lima_population_{y})" for y in range(2000, 2010))
+    fact = "The population of Lima was 10,092,000 in [2023](https://x.org/c/9)."
+    page = f"{menu}\n\nLima is the capital of Peru.\n\n{fact}\n"
+    evidence, matched = extract_evidence(page, "population of Lima", VisitConfig(max_paragraphs=2))
+    assert matched and evidence.split("\n\n")[0] == fact and "x.org/wiki" not in evidence
+
+
 def test_list_items_are_passages_and_evidence_comes_best_first() -> None:
     """An infobox (a markdown list) is one passage per item, so the goal's field line is returned
     alone, ahead of an earlier prose paragraph that also matches; equal scores keep page order;

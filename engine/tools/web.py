@@ -19,7 +19,8 @@ becomes markdown with html2text; text/* and JSON are kept as they are; other typ
 Evidence: an OpenAI-compatible LLM (VisitConfig.llm) extracts what the page says about the
 goal. With no LLM configured (the default), the documented extractive fallback: the page is
 split into passages (blank-line paragraphs, each item of a markdown list its own passage, long
-ones cut at sentence ends), BM25 (bm25s) scores them against the goal, and the best
+ones cut at sentence ends), BM25 (bm25s) scores them against the goal (link targets dropped, a
+passage of links only, a menu item, not scored), and the best
 `max_paragraphs` with a positive score are returned best first (ties in page order) within
 `max_evidence_chars`, so an infobox line that names the asked field leads the evidence; when none
 matches, the page's opening paragraphs (lists kept whole) are returned and the observation says so.
@@ -257,6 +258,16 @@ def to_markdown(page: Page, text: str) -> tuple[str, str]:
 
 # ------------------------------------------------------------------------------ evidence
 _LIST_ITEM = re.compile(r"^\s{0,3}(?:[-*+]|\d{1,9}[.)])\s")
+_LINK = re.compile(r"!?\[([^\]]*)\]\([^)]*\)")  # a markdown link or image: [text](target "title")
+
+
+def ranked_text(passage: str) -> str:
+    """What BM25 scores of a passage: its text with every link's target dropped (its text kept);
+    nothing when the passage is only links (a menu item such as "- [History](/wiki/History)"), so
+    a page's navigation does not crowd out its evidence."""
+    if not re.search(r"[^\W\d_]", _LINK.sub("", passage)):
+        return ""
+    return _LINK.sub(r"\1", passage)
 
 
 def paragraphs(markdown: str, max_chars: int = 800, split_lists: bool = True) -> list[str]:
@@ -300,7 +311,7 @@ def extract_evidence(markdown: str, goal: str, cfg: VisitConfig) -> tuple[str, b
         return "", False
     chosen: list[int] = []
     query = bm25s.tokenize([goal], stopwords="en", return_ids=False, show_progress=False)
-    corpus = bm25s.tokenize(paras, stopwords="en", show_progress=False)
+    corpus = bm25s.tokenize([ranked_text(p) for p in paras], stopwords="en", show_progress=False)
     if query[0] and corpus.vocab:  # a page of stopwords only has no index (bm25s raises on it)
         retriever = bm25s.BM25()
         retriever.index(corpus, show_progress=False)
