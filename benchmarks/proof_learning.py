@@ -199,18 +199,22 @@ def pass_at(trajs: list[Trajectory]) -> dict[str, float]:
 
 def paired(base: Path, other: Path) -> dict[str, float]:
     """Two evals of the same held-out questions (their judged trajectories: an eval's
-    agentic.jsonl), paired per question: `gained` (right only in `other`), `lost` (right only in
-    `base`) and the exact two-sided sign test's p-value on those discordant pairs (McNemar's
-    exact test): is `other` different?"""
-    def right(f: Path) -> dict[str, bool]:
-        return {t.meta["item_id"]: t.reward.get("acc", 0.0) > 0.5 for t in iter_jsonl(f)}
+    agentic.jsonl), paired per question by the share of its samples that are right (one greedy
+    sample: right or not): `gained` (a higher share in `other`), `lost` (a higher share in `base`)
+    and the exact two-sided sign test's p-value on those discordant pairs (with one sample a
+    question, McNemar's exact test): is `other` different?"""
+    def right(f: Path) -> dict[str, float]:
+        by: dict[str, list[bool]] = collections.defaultdict(list)
+        for t in iter_jsonl(f):
+            by[t.meta["item_id"]].append(t.reward.get("acc", 0.0) > 0.5)
+        return {q: sum(v) / len(v) for q, v in by.items()}
     a, b = right(base), right(other)
     if a.keys() != b.keys():
         raise ValueError(f"{base} and {other} judged different questions "
                          f"(only in the first: {sorted(a.keys() - b.keys())[:5]}, "
                          f"only in the second: {sorted(b.keys() - a.keys())[:5]})")
-    gained = sum(b[q] and not a[q] for q in a)
-    lost = sum(a[q] and not b[q] for q in a)
+    gained = sum(b[q] > a[q] for q in a)
+    lost = sum(a[q] > b[q] for q in a)
     n = gained + lost
     p = min(1.0, 2 * sum(math.comb(n, k) for k in range(min(gained, lost) + 1)) / 2 ** n) if n else 1.0
     return {"gained": gained, "lost": lost, "p": float(f"{p:.3g}")}
@@ -559,22 +563,25 @@ def run_seed(p: Proof, seed: int) -> dict[str, Any] | None:
     print(f"[proof] seed {seed} teacher-forced copies (exact / tokens), unseen = the gate's RL questions, seen = "
           f"as many SFT questions with a tool trajectory in both SFT runs:\n" + "\n".join(
               f"  {k} ({row['grounded']} of {row['replays']} replays grounded): " + ", ".join(
-                  f"{c} {row[c]['exact']:.2f} / {row[c]['tokens']:.2f}" for c in COPIES) for k, row in copies.items()),
+                  f"{c} {row[c]['exact']:.2f} / {row[c]['tokens']:.2f}" for c in COPIES if row[c]["copies"])
+              for k, row in copies.items()),  # a copy the chain never makes (no query on image_search): left out
           flush=True)
     if a.stop_after == "gate" or not (gate["pass"] or a.ignore_gate):
         return {"gate": gate, "copies": copies}
     rows = {"SFT (mixture)": behaviour(p.evaluate(seed, "sft", sft, "held")),
             "control SFT (tools only)": behaviour(p.evaluate(seed, "sft-tools", control, "held"))}
     passk = {"SFT (mixture)": pass_at(p.evaluate(seed, "passk-sft", sft, "passk", a.passk, a.temperature))}
-    curves, pairs = {}, {}
+    curves, pairs, sampled = {}, {}, {}
     for arm in a.arms:
         final, curves[arm] = p.grpo(seed, arm, sft)
         rows[f"GRPO {arm}"] = behaviour(p.evaluate(seed, f"grpo-{arm}", final, "held"))
         passk[f"GRPO {arm}"] = pass_at(p.evaluate(seed, f"passk-{arm}", final, "passk", a.passk, a.temperature))
         pairs[arm] = paired(ev / "sft" / "agentic.jsonl", ev / f"grpo-{arm}" / "agentic.jsonl")
+        sampled[arm] = paired(ev / "passk-sft" / "agentic.jsonl", ev / f"passk-{arm}" / "agentic.jsonl")
     ablation = {arm: paired(ev / "grpo-vanilla" / "agentic.jsonl", ev / f"grpo-{arm}" / "agentic.jsonl")
                 for arm in a.arms if arm != "vanilla" and "vanilla" in a.arms}
     return {"gate": gate, "copies": copies, "held": rows, "passk": passk, "grpo_vs_sft": pairs,
+            "grpo_vs_sft_sampled": sampled,
             "arms_vs_vanilla": ablation,
             "control_vs_sft": paired(ev / "sft" / "agentic.jsonl", ev / "sft-tools" / "agentic.jsonl"),
             "curves": curves}
@@ -600,6 +607,9 @@ def report(p: Proof, results: dict[int, dict[str, Any]]) -> None:
             print(f"  GRPO {arm} vs GRPO vanilla: {c['gained']} gained, {c['lost']} lost (p = {c['p']:.2g})")
         print("  sampled (T %s): " % p.a.temperature + "; ".join(
             f"{k} pass@1 {100 * v['pass@1']:.1f}% pass@{v['k']} {100 * v['pass@k']:.1f}%" for k, v in r["passk"].items()))
+        for arm, c in r.get("grpo_vs_sft_sampled", {}).items():
+            print(f"  GRPO {arm} vs the SFT model, sampled (a question's share of right samples): {c['gained']} "
+                  f"higher, {c['lost']} lower (p = {c['p']:.2g})")
         for arm, pts in r["curves"].items():
             print(f"  curve {arm}: " + ", ".join(f"step {x['step']}: acc {100 * x['accuracy']:.0f}% "
                                                  f"tool {100 * x['first_tool']:.0f}%" for x in pts))

@@ -122,3 +122,36 @@ def test_a_rerun_with_other_data_arguments_is_refused(tmp_path):
         proof.Proof(proof.parse_args(["--out", str(tmp_path), "--recall-frac", "1.0"]))
     with pytest.raises(SystemExit, match=r"made with --tool-chain image_search; this run asks ocr"):
         proof.Proof(proof.parse_args(["--out", str(tmp_path), "--recall-frac", "0.5", "--tool-chain", "ocr"]))
+
+
+def _judged(path, rows):
+    """rows: (question, sample, right, calls a tool first) -> an eval's agentic.jsonl."""
+    trajs = [Trajectory(id=f"{q}#{i}", group_id=q, sample_index=i, prompt_ids=[1],
+                        turns=[Turn(0, calls=[{"name": "Visit", "arguments": "{}"}] if tool else [])],
+                        status=Status.ANSWERED, reward={"acc": float(ok)}, meta={"item_id": q})
+             for q, i, ok, tool in rows]
+    write_jsonl(path, trajs, append=False)
+    return path
+
+
+def test_paired_sign_test_greedy_and_sampled(tmp_path):
+    """Greedy (one sample a question): McNemar's exact test on the discordant questions. Sampled:
+    a question counts as gained or lost by its share of right samples, ties dropped."""
+    proof = _proof()
+    base = _judged(tmp_path / "a.jsonl", [(f"q{i}", 0, i < 2, False) for i in range(10)])  # q0, q1 right
+    other = _judged(tmp_path / "b.jsonl", [(f"q{i}", 0, 1 <= i < 9, True) for i in range(10)])  # q1..q8 right
+    # gained q2..q8 (7), lost q0 (1): p = 2 * (1 + 8) / 2**8
+    assert proof.paired(base, other) == {"gained": 7, "lost": 1, "p": float(f"{2 * 9 / 256:.3g}")}
+    assert proof.paired(other, base) == {"gained": 1, "lost": 7, "p": float(f"{2 * 9 / 256:.3g}")}
+    assert proof.paired(base, base) == {"gained": 0, "lost": 0, "p": 1.0}
+    # four samples: q0 1/4 -> 3/4 (higher), q1 2/4 -> 2/4 (a tie), q2 4/4 -> 0/4 (lower)
+    shares = {"q0": (1, 3), "q1": (2, 2), "q2": (4, 0)}
+    sa = _judged(tmp_path / "sa.jsonl", [(q, i, i < a, False) for q, (a, _) in shares.items() for i in range(4)])
+    sb = _judged(tmp_path / "sb.jsonl", [(q, i, i < b, True) for q, (_, b) in shares.items() for i in range(4)])
+    assert proof.paired(sa, sb) == {"gained": 1, "lost": 1, "p": 1.0}
+    assert proof.pass_at(list(iter_jsonl(sa))) == {"questions": 3, "k": 4, "pass@1": (0.25 + 0.5 + 1) / 3,
+                                                   "pass@k": 1.0}
+    b = proof.behaviour(list(iter_jsonl(other)))
+    assert b["accuracy"] == 0.8 and b["first_tool"] == 1.0 and b["tool_success"] == 0.8
+    with pytest.raises(ValueError, match="judged different questions"):
+        proof.paired(base, _judged(tmp_path / "c.jsonl", [("q0", 0, True, False)]))
