@@ -93,10 +93,14 @@ TOOLS = ["Crop", "Sharpen", "SuperResolution", "PerspectiveCorrect", "OCR", "Ima
 KINDS = ("synth-1hop-page", "synth-1hop-emblem")  # question kinds kept (prefixes): no scenes
 RECALL = "<think>I remember this one.</think>\n<answer>{answer}</answer>"  # the recall branch's one turn
 GATE_STOP = 3  # the exit status of a seed's child process whose seed stopped at the gate
-# the arguments the cached stages under --out depend on before any per-seed choice: a rerun must match them
+# the arguments the cached stages depend on: the shared ones (--out/args.json) and each seed's
+# (seed-N/args.json); a rerun must match them. DATA_FORMAT: the layout of data/ (2: the mixture
+# holds every tool trajectory), so a folder of an older proof is refused, not misread
+DATA_FORMAT = 2
 DATA_ARGS = ("data_seed", "world_scale", "n_questions", "split", "model", "teacher_model", "tool_chain", "recall_frac",
-             "warmup_steps", "transient_p", "max_turns", "recite_question", "max_tokens_per_turn", "gate_questions",
-             "curve_questions", "passk_questions")
+             "warmup_steps", "transient_p", "recite_question", "gate_questions", "curve_questions", "passk_questions")
+SEED_ARGS = ("sft_steps", "sft_epochs", "sft_batch", "sft_lr", "grpo_groups", "grpo_samples", "grpo_lr", "grpo_warmup",
+             "grpo_filter", "temperature", "curve_every", "outage_p", "max_turns", "max_tokens_per_turn", "passk")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -285,19 +289,27 @@ class Proof:
         self.timings: dict[str, float] = {}
         self.check_args()
 
-    def check_args(self) -> None:
-        """Record DATA_ARGS in --out/args.json on the first run; refuse a rerun that changes one
-        (its cached stages were made with the recorded value)."""
-        f, now = self.out / "args.json", {k: getattr(self.a, k) for k in DATA_ARGS}
-        if not f.exists():
-            f.write_text(json.dumps(now, indent=1) + "\n")
-            return
-        was = json.loads(f.read_text())
-        diff = [k for k in DATA_ARGS if k in was and was[k] != now[k]]
-        if diff:
-            k = diff[0]
-            raise SystemExit(f"{self.out} was made with --{k.replace('_', '-')} {was[k]}; this run asks {now[k]}: "
-                             f"use another --out (its cached stages would not match)")
+    def check_args(self, d: Path | None = None, keys: tuple[str, ...] = DATA_ARGS) -> None:
+        """Refuse a run whose `keys` differ from those recorded in `d`/args.json (its cached stages
+        were made with the recorded values), and a folder of an older proof (data/ with no
+        args.json, or an older DATA_FORMAT); record the keys not yet there."""
+        d = d or self.out
+        f, now = d / "args.json", {k: getattr(self.a, k) for k in keys}
+        if d == self.out:
+            now["data_format"] = DATA_FORMAT
+        was = json.loads(f.read_text()) if f.exists() else {}
+        if d == self.out and (self.data.exists() or was) and was.get("data_format") != DATA_FORMAT:
+            raise SystemExit(f"{self.out} holds data of an older proof (data format {was.get('data_format')}, "
+                             f"this one writes {DATA_FORMAT}): use another --out")
+        for k in keys:
+            if k in was and was[k] != now[k]:
+                raise SystemExit(f"{d} was made with --{k.replace('_', '-')} {was[k]}; this run asks {now[k]}: "
+                                 f"use another --out (its cached stages would not match)")
+        if now.keys() - was.keys():
+            d.mkdir(parents=True, exist_ok=True)
+            part = f.with_name(f"args.json.{os.getpid()}.part")
+            part.write_text(json.dumps({**now, **was}, indent=1) + "\n")
+            part.replace(f)
 
     def stage(self, name: str, done: Path, fn: Any) -> None:
         """Run `fn` unless `done` exists (a finished stage writes it last)."""
@@ -405,7 +417,7 @@ class Proof:
 
     async def tools(self) -> None:
         """sft_tools.jsonl: the teacher's tool trajectory of every SFT question that has one (the
-        control's data, and the mixture's tool half), in id order (not rollout completion order)."""
+        control's data, all of them in the mixture), in id order (not rollout completion order)."""
         sft = {q["id"]: q for q in _rows(self.questions("sft"))}
         tools = sorted(await self.tool_demos(sft), key=lambda t: t.id)
         part = self.data / "sft_tools.jsonl.part"
@@ -466,7 +478,7 @@ class Proof:
 
     def seen(self) -> str:
         """The questions file "seen": up to --gate-questions SFT questions whose tool trajectory
-        both SFT runs trained on (the mixture's tool half), for copy_exact on seen questions."""
+        both SFT runs trained on (every one: the mixture holds them all), for copy_exact on seen questions."""
         tool_ids = {t.group_id for t in iter_jsonl(self.data / "sft_mix.jsonl") if t.turns and t.turns[0].calls}
         rows = [q for q in _rows(self.questions("sft")) if q["id"] in tool_ids]
         rows = random.Random(self.a.data_seed + 3).sample(rows, min(self.a.gate_questions, len(rows)))
@@ -553,6 +565,7 @@ def plot_curves(curves: dict[str, dict[str, list[dict[str, Any]]]], path: Path) 
 def run_seed(p: Proof, seed: int) -> dict[str, Any] | None:
     """Every per-seed stage; the seed's results (None when it stopped early)."""
     a, ev = p.a, p.out / f"seed-{seed}" / "eval"
+    p.check_args(p.out / f"seed-{seed}", SEED_ARGS)
     sft = p.sft(seed, "sft", p.data / "sft_mix.jsonl")
     control = p.sft(seed, "sft-tools", p.data / "sft_tools.jsonl")
     if a.stop_after == "sft":
@@ -624,28 +637,40 @@ def seed_command(argv: list[str], seed: int, threads: int) -> list[str]:
 def run_seeds_in_parallel(p: Proof, argv: list[str], poll_s: float = 1.0) -> dict[str, float]:
     """One child process per seed (seed_command, an even share of the threads); each caches its
     stages under --out, so the caller's own pass over the seeds only reads them back. Returns the
-    children's stage timings. A child that crashes stops the others (its log is above)."""
+    children's stage timings. A child that crashes stops the others (its log is above), and so do
+    Ctrl-C and SIGTERM to this process."""
+    import signal
     import subprocess
     a = p.a
     threads = max(1, (a.threads or torch.get_num_threads()) // len(a.seeds))
     procs: dict[int, subprocess.Popen] = {}
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise SystemExit(f"stopped by signal {signum}")
+    old_term = signal.signal(signal.SIGTERM, on_term)
     try:
         for s in a.seeds:
             (p.out / f"seed-{s}" / "stages.json").unlink(missing_ok=True)
             procs[s] = subprocess.Popen(seed_command(argv, s, threads))
-        while running := [s for s, proc in procs.items() if proc.poll() is None]:
-            bad = {s: proc.returncode for s, proc in procs.items() if proc.returncode not in (None, 0, GATE_STOP)}
-            if bad:
+        while None in (codes := [proc.poll() for proc in procs.values()]):  # poll every child, each round
+            if any(c not in (None, 0, GATE_STOP) for c in codes):
                 break
             time.sleep(poll_s)
         bad = {s: proc.returncode for s, proc in procs.items() if proc.returncode not in (None, 0, GATE_STOP)}
         if bad:
-            s, rc = next(iter(bad.items()))
-            raise RuntimeError(f"the process of seed {s} exited with {rc} (its log is above); stopped seeds {running}")
+            running = [s for s, proc in procs.items() if proc.poll() is None]
+            raise RuntimeError("the process of " + ", ".join(f"seed {s} exited with {rc}" for s, rc in bad.items())
+                               + " (its log is above)" + (f"; stopped seeds {running}" if running else ""))
     finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.terminate()
+        signal.signal(signal.SIGTERM, old_term)
+        live = [proc for proc in procs.values() if proc.poll() is None]
+        for proc in live:
+            proc.terminate()
+        for proc in live:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
                 proc.wait()
     timings: dict[str, float] = {}
     for s in a.seeds:

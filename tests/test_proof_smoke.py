@@ -116,12 +116,22 @@ def test_parallel_seeds_stop_the_others_when_one_crashes(tmp_path, monkeypatch):
 
 def test_a_rerun_with_other_data_arguments_is_refused(tmp_path):
     proof = _proof()
-    proof.Proof(proof.parse_args(["--out", str(tmp_path), "--recall-frac", "0.5"]))
-    proof.Proof(proof.parse_args(["--out", str(tmp_path), "--recall-frac", "0.5", "--seeds", "3"]))  # per-seed: fine
+    args = lambda *x: proof.parse_args(["--out", str(tmp_path / "p"), "--recall-frac", "0.5", *x])  # noqa: E731
+    p = proof.Proof(args())
+    proof.Proof(args("--seeds", "3", "--max-turns", "4"))  # per-seed arguments: not the shared stages' business
     with pytest.raises(SystemExit, match=r"made with --recall-frac 0.5; this run asks 1.0"):
-        proof.Proof(proof.parse_args(["--out", str(tmp_path), "--recall-frac", "1.0"]))
+        proof.Proof(proof.parse_args(["--out", str(tmp_path / "p"), "--recall-frac", "1.0"]))
     with pytest.raises(SystemExit, match=r"made with --tool-chain image_search; this run asks ocr"):
-        proof.Proof(proof.parse_args(["--out", str(tmp_path), "--recall-frac", "0.5", "--tool-chain", "ocr"]))
+        proof.Proof(args("--tool-chain", "ocr"))
+    # each seed's stages: their own arguments, in seed-N/args.json
+    p.check_args(p.out / "seed-0", proof.SEED_ARGS)
+    proof.Proof(args("--grpo-lr", "1e-3")).check_args(p.out / "seed-1", proof.SEED_ARGS)  # another seed: fine
+    with pytest.raises(SystemExit, match=r"seed-0 was made with --grpo-lr 0.0002; this run asks 0.001"):
+        proof.Proof(args("--grpo-lr", "1e-3")).check_args(p.out / "seed-0", proof.SEED_ARGS)
+    # a folder of an older proof (data/, no args.json, or an older data format) is refused, not misread
+    (tmp_path / "old" / "data").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"holds data of an older proof \(data format None"):
+        proof.Proof(proof.parse_args(["--out", str(tmp_path / "old")]))
 
 
 def _judged(path, rows):
@@ -134,24 +144,95 @@ def _judged(path, rows):
     return path
 
 
-def test_paired_sign_test_greedy_and_sampled(tmp_path):
-    """Greedy (one sample a question): McNemar's exact test on the discordant questions. Sampled:
-    a question counts as gained or lost by its share of right samples, ties dropped."""
+def test_paired_sampled_pairs_a_question_by_its_share_of_right_samples(tmp_path):
+    """Several samples a question (the pass@k evals): gained / lost by the share of right samples, ties dropped."""
     proof = _proof()
-    base = _judged(tmp_path / "a.jsonl", [(f"q{i}", 0, i < 2, False) for i in range(10)])  # q0, q1 right
-    other = _judged(tmp_path / "b.jsonl", [(f"q{i}", 0, 1 <= i < 9, True) for i in range(10)])  # q1..q8 right
-    # gained q2..q8 (7), lost q0 (1): p = 2 * (1 + 8) / 2**8
-    assert proof.paired(base, other) == {"gained": 7, "lost": 1, "p": float(f"{2 * 9 / 256:.3g}")}
-    assert proof.paired(other, base) == {"gained": 1, "lost": 7, "p": float(f"{2 * 9 / 256:.3g}")}
-    assert proof.paired(base, base) == {"gained": 0, "lost": 0, "p": 1.0}
-    # four samples: q0 1/4 -> 3/4 (higher), q1 2/4 -> 2/4 (a tie), q2 4/4 -> 0/4 (lower)
-    shares = {"q0": (1, 3), "q1": (2, 2), "q2": (4, 0)}
+    shares = {"q0": (1, 3), "q1": (2, 2), "q2": (4, 0), "q3": (0, 1)}  # higher, a tie, lower, higher
     sa = _judged(tmp_path / "sa.jsonl", [(q, i, i < a, False) for q, (a, _) in shares.items() for i in range(4)])
     sb = _judged(tmp_path / "sb.jsonl", [(q, i, i < b, True) for q, (_, b) in shares.items() for i in range(4)])
-    assert proof.paired(sa, sb) == {"gained": 1, "lost": 1, "p": 1.0}
-    assert proof.pass_at(list(iter_jsonl(sa))) == {"questions": 3, "k": 4, "pass@1": (0.25 + 0.5 + 1) / 3,
-                                                   "pass@k": 1.0}
-    b = proof.behaviour(list(iter_jsonl(other)))
-    assert b["accuracy"] == 0.8 and b["first_tool"] == 1.0 and b["tool_success"] == 0.8
-    with pytest.raises(ValueError, match="judged different questions"):
-        proof.paired(base, _judged(tmp_path / "c.jsonl", [("q0", 0, True, False)]))
+    assert proof.paired(sa, sb) == {"gained": 2, "lost": 1, "p": 1.0}
+    assert proof.paired(sb, sa) == {"gained": 1, "lost": 2, "p": 1.0}
+
+
+def _traj(i: int, acc: float, turns: list[Turn], status: Status = Status.ANSWERED, fatal: int | None = None):
+    return Trajectory(id=f"q{i}#0", group_id=f"q{i}", sample_index=0, prompt_ids=[1], status=status, turns=turns,
+                      fatal_step=fatal, reward={"acc": acc}, meta={"item_id": f"q{i}"})
+
+
+def test_behaviour_counts_the_fork_retries_and_cascades():
+    b = _proof().behaviour
+    call = lambda name: {"name": name, "arguments": "{}"}  # noqa: E731
+    fail = lambda name, kind="transient": {"name": name, "kind": kind, "message": "x"}  # noqa: E731
+    trajs = [
+        _traj(0, 1.0, [Turn(0, calls=[call("OCR")], tool_errors=[fail("OCR")]), Turn(1, calls=[call("OCR")]),
+                       Turn(2, answered=True)]),                                   # tool branch, a retry, right
+        _traj(1, 0.0, [Turn(0, answered=True)]),                                   # recall, wrong
+        _traj(2, 0.0, [Turn(0, calls=[call("OCR")], tool_errors=[fail("OCR")]), Turn(1, calls=[call("Visit")])]),
+        _traj(3, 0.0, [Turn(0, calls=[call("OCR")], tool_errors=[fail("OCR", "bad_args")]), Turn(1, answered=True)],
+              Status.FATAL, fatal=0),                                              # a bad_args error is no retry case
+    ]
+    got = b(trajs)
+    assert got["accuracy"] == 0.25 and got["first_tool"] == 0.75 and got["tool_success"] == pytest.approx(1 / 3)
+    assert got["failed_turns"] == 2 and got["retry"] == 0.5 and got["fatal"] == 0.25 and got["answered"] == 0.75
+
+
+def test_copy_exact_scores_each_copy_through_its_closing_token():
+    import math
+    from spyglass.engine.trajectory import Segment, SegmentKind
+
+    class Tok:  # one string per token id
+        vocab = ['<think>Step 3.</think>\n<tool_call>{"name": "TextSearch", "arguments": {"query": "', "Bran", "dos",
+                 '"', "}}</tool_call>", "<think>The page says ", "founded", ": ", "16", "26", ".</think>",
+                 "\n<answer>1626</answer>"]
+
+        def decode(self, ids):
+            return "".join(self.vocab[i] for i in ids)
+
+    def gen(ids, probs):
+        return Segment(SegmentKind.GEN, ids, turn=0, logprobs=[math.log(p) for p in probs], version=0)
+    t = _traj(0, 1.0, [])
+    t.segments = [gen([0, 1, 2, 3, 4], [1, 0.9, 0.9, 0.6, 1]),            # query "Brandos": Bran, dos and the quote
+                  gen([5, 6, 7, 8, 9, 10, 11], [1, 0.9, 0.9, 0.9, 0.2, 0.9, 1])]  # field: founded + ": "; value: 16 26 .
+    got = _proof().copy_exact(Tok(), [t])
+    assert got["query"] == {"copies": 1, "tokens": 1.0, "exact": 1.0}
+    assert got["field"] == {"copies": 1, "tokens": 1.0, "exact": 1.0}
+    assert got["value"] == {"copies": 1, "tokens": round(2 / 3, 3), "exact": 0.0}
+    assert got["url"] == {"copies": 0, "tokens": 0.0, "exact": 0.0}
+    t.segments = [gen([0, 1, 2], [1, 0.9, 0.9])]  # cut before the closing quote: no copy measured
+    assert _proof().copy_exact(Tok(), [t])["query"]["copies"] == 0
+
+
+def test_tool_chain_image_search_scripts(tmp_path):
+    """--tool-chain image_search: the teacher searches by the image and visits the page found
+    (no fix, no OCR, no typed name); ocr keeps the world's own hops."""
+    proof = _proof()
+    q = {"id": "q", "answer": "1908", "hops": [{"action": "sharpen"}, {"action": "ocr", "value": "Sourk Dynamics"},
+                                                {"action": "visit", "doc": "org-119", "field": "founded", "value": "1908"}]}
+    (turns,) = proof.Proof(proof.parse_args(["--out", str(tmp_path / "is"), "--tool-chain", "image_search"])).scripts([q]).values()
+    assert len(turns) == 3 and '"name": "ImageSearch"' in turns[0] and '"image": "img_1"' in turns[0]
+    assert '"url": "corpus://org-119"' in turns[1] and '"goal": "founded"' in turns[1]
+    assert turns[2] == "<think>The page says founded: 1908.</think>\n<answer>1908</answer>"
+    (ocr,) = proof.Proof(proof.parse_args(["--out", str(tmp_path / "ocr"), "--tool-chain", "ocr"])).scripts([q]).values()
+    assert [t.split('"name": "')[1].split('"')[0] for t in ocr[:-1]] == ["Sharpen", "OCR", "TextSearch", "Visit"]
+
+
+def test_pass_at_k_over_samples():
+    trajs = [_traj(0, a, []) for a in (1.0, 0.0, 0.0, 0.0)] + [_traj(1, 0.0, []) for _ in range(4)]
+    assert _proof().pass_at(trajs) == {"questions": 2, "k": 4, "pass@1": 0.125, "pass@k": 0.5}
+
+
+def test_paired_counts_discordant_questions_and_sign_test(tmp_path):
+    proof = _proof()
+
+    def ev(name, accs):
+        f = tmp_path / f"{name}.jsonl"
+        write_jsonl(f, [_traj(i, float(a), []) for i, a in enumerate(accs)])
+        return f
+    base, other = ev("sft", [1, 1, 0, 0, 0, 0]), ev("grpo", [1, 0, 1, 1, 1, 0])
+    # discordant: 3 gained, 1 lost -> p = 2 * (C(4,0) + C(4,1)) / 2^4 = 0.625
+    assert proof.paired(base, other) == {"gained": 3, "lost": 1, "p": 0.625}
+    assert proof.paired(base, base) == {"gained": 0, "lost": 0, "p": 1.0}
+    wide = ev("wide", [0] * 9 + [1] * 9)  # against 18 wrong: 9 gained, 0 lost -> p = 2 / 2^9
+    assert proof.paired(ev("zeros", [0] * 18), wide)["p"] == pytest.approx(2 / 2 ** 9, rel=1e-3)  # kept to 3 significant digits, not rounded to 0
+    with pytest.raises(ValueError, match="only in the second: .*'q10'"):
+        proof.paired(base, wide)

@@ -321,8 +321,13 @@ def test_a_menu_of_links_does_not_crowd_out_the_evidence() -> None:
     so a navigation list whose URLs and titles repeat the goal's words cannot fill the evidence."""
     from spyglass.engine.tools.web import extract_evidence, ranked_text
     assert ranked_text("- [History of Lima](https://x.org/wiki/Lima_population)") == ""
+    assert ranked_text("1. [![icon](i.png)](/wiki/Lima_population) <https://x.org/lima>") == ""  # links only
+    assert ranked_text("| [Lima](/a) | [Peru](/b) |") == ""
     assert ranked_text("1. ![map](lima.png) [Lima](https://x.org/lima) has 10 million people") == \
         "1. map Lima has 10 million people"
+    assert ranked_text("- [Population](/wiki/Population): 10,092,000") == "- Population: 10,092,000"  # an infobox row
+    assert ranked_text("History[[edit]](/w/index.php?title=Lima_population&action=edit)") == "History[edit]"
+    assert ranked_text('[a](/x "Lima (city) population") b') == "a b"
     menu = "\n".join(f"- [Lima population {y}](https://x.org/wiki/Lima_population_{y})" for y in range(2000, 2010))
     fact = "The population of Lima was 10,092,000 in [2023](https://x.org/c/9)."
     page = f"{menu}\n\nLima is the capital of Peru.\n\n{fact}\n"

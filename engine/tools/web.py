@@ -258,16 +258,23 @@ def to_markdown(page: Page, text: str) -> tuple[str, str]:
 
 # ------------------------------------------------------------------------------ evidence
 _LIST_ITEM = re.compile(r"^\s{0,3}(?:[-*+]|\d{1,9}[.)])\s")
-_LINK = re.compile(r"!?\[([^\]]*)\]\([^)]*\)")  # a markdown link or image: [text](target "title")
+# a markdown link or image, [text](target "title"), one level of brackets in the text and of
+# parentheses in the target; an autolink, <https://...>
+_LINK = re.compile(r"!?\[((?:[^\[\]]|\[[^\[\]]*\])*)\]\((?:[^()]|\([^()]*\))*\)")
+_AUTOLINK = re.compile(r"<[a-z][a-z0-9+.-]*://[^>\s]*>", re.I)
 
 
 def ranked_text(passage: str) -> str:
     """What BM25 scores of a passage: its text with every link's target dropped (its text kept);
-    nothing when the passage is only links (a menu item such as "- [History](/wiki/History)"), so
-    a page's navigation does not crowd out its evidence."""
-    if not re.search(r"[^\W\d_]", _LINK.sub("", passage)):
+    nothing when the passage is only links (a menu item such as "- [History](/wiki/History)", a
+    row of links), so a page's navigation does not crowd out its evidence."""
+    text = _AUTOLINK.sub("", passage)
+    rest = "\n".join(_LIST_ITEM.sub("", line) for line in _LINK.sub("", text).splitlines())
+    if not re.search(r"\w", rest):
         return ""
-    return _LINK.sub(r"\1", passage)
+    for _ in range(2):  # an image inside a link's text: [![logo](logo.png)](/wiki/Lima)
+        text = _LINK.sub(r"\1", text)
+    return text
 
 
 def paragraphs(markdown: str, max_chars: int = 800, split_lists: bool = True) -> list[str]:
