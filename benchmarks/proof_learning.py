@@ -17,10 +17,10 @@ skipped on a rerun, so a crashed run resumes and a rerun of one arm is cheap):
                 "fix the image, OCR the name, TextSearch it, Visit" (ocr). They are the control
                 SFT's data (the ceiling)
      mixture    the SFT data, a strategy mixture: every tool trajectory, and for --recall-frac of
-                their questions also a "recall" demonstration in the same agent format (think,
-                then answer at once, no tool call), right only because SFT memorises it. The SFT
-                policy learns a stochastic fork right after <think>; on unseen questions only the
-                tool branch can be right. Its tool branch trains on exactly the control's data
+                their questions (all, by default) also a "recall" demonstration in the same agent
+                format (think, then answer at once, no tool call), right only because SFT memorises
+                it. The SFT policy learns a stochastic fork right after <think>; on unseen questions
+                only the tool branch can be right. Its tool branch trains on the control's data
   5. warmup     copy + recall warm-up of the random-init student (benchmarks/proof_warmup.py)
   per seed:
   6. sft        SFT on the mixture; sft-tools, the control
@@ -121,7 +121,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--teacher-model", default="",
                     help="the teacher's model (it only replays the solve scripts; default: the student's family "
                          "and image tokens at 32x1, the same tokens)")
-    ap.add_argument("--recall-frac", type=float, default=0.5, help="SFT questions (with a tool trajectory) also taught the recall branch")
+    ap.add_argument("--recall-frac", type=float, default=1.0, help="SFT questions (with a tool trajectory) also taught the recall branch "
+                    "(1: a 50/50 fork on every prompt, which greedy decoding resolves to recall)")
     ap.add_argument("--tool-chain", default="image_search", choices=["image_search", "ocr"],
                     help="the tool branch the teacher demonstrates: image_search (ImageSearch the image, Visit the "
                          "page found: no typed name) or ocr (fix the image, OCR, TextSearch the name, Visit; the "

@@ -42,7 +42,7 @@ def test_proof_smoke_runs_every_stage_and_resumes(tmp_path, capsys):
     assert recall and all(t.turns[0].answered and len(t.turns) == 1 and t.id.endswith("#recall") for t in recall)
     assert all(t.turns[0].calls for t in tools) and [t.id for t in tools] == sorted(t.id for t in tools)
     assert sorted(t.id for t in mix if t.turns[0].calls) == [t.id for t in tools]
-    assert {t.group_id for t in recall} < {t.group_id for t in tools}  # recall-frac 0.5 of them
+    assert {t.group_id for t in recall} == {t.group_id for t in tools}  # --recall-frac 1: beside every one
     assert [t.id for t in mix] == sorted(t.id for t in mix)
     assert {t.group_id for t in mix} <= {q["id"] for q in sides["sft"]}
     # the default chain (image_search): ImageSearch first; synth ran no teacher of its own
