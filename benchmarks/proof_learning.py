@@ -34,7 +34,8 @@ skipped on a rerun, so a crashed run resumes and a rerun of one arm is cheap):
                 with mixed outcomes only, an lr warm-up; transient failures (p 0.15 a call) and
                 sticky outages (0.3 of trajectories, every call failing from a random call on, so
                 the K = 3 cascade ends them) injected; checkpoints every --curve-every steps
-                evaluated greedily on --curve-questions held-out questions (the curve)
+                evaluated greedily on --curve-questions held-out questions (the curve; its first
+                and last points are the held-out evals below, on those questions)
   9. eval       held-out, greedy, transient failures injected: the SFT model, the control, every
                 arm; sampled pass@1 and pass@k (T 0.7) on --passk-questions of them
 
@@ -519,14 +520,18 @@ class Proof:
 
     def grpo(self, seed: int, arm: str, init: Path) -> tuple[Path, list[dict[str, Any]]]:
         """GRPO in segments of curve_every steps (each resumes the last's checkpoint), each
-        segment's model evaluated on the curve questions; returns the final model and the curve."""
+        segment's model evaluated on the curve questions; returns the final model and the curve.
+        The curve's ends are read off the held-out evals (the curve questions are among them): the
+        SFT model's, and the final model's (made here, then found cached by run_seed)."""
         a, d = self.a, self.out / f"seed-{seed}" / f"grpo-{arm}"
         faults = FaultConfig(transient_p=a.transient_p, outage_p=a.outage_p, seed=seed)
         rollout = RolloutConfig(engine=dataclasses.replace(self.engine(a.grpo_samples, a.temperature, seed),
                                                            groups_per_step=a.grpo_groups),
                                 env=self.env(self.questions("rl"), faults), model=str(init),
                                 policy="sample", out=str(d / "rollouts.jsonl"), progress=False)
-        curve = [{"step": 0, **behaviour(self.evaluate(seed, "curve-sft", init, "curve"))}]
+        ids = {q["id"] for q in _rows(self.questions("curve"))}
+        on_curve = lambda trajs: behaviour([t for t in trajs if t.meta["item_id"] in ids])  # noqa: E731
+        curve = [{"step": 0, **on_curve(self.evaluate(seed, "sft", init, "held"))}]
         for upto in range(a.curve_every, a.grpo_steps + 1, a.curve_every):
             cfg = GRPOConfig(rollout=rollout, algo=AlgoConfig(mode=arm, filter_groups=a.grpo_filter),
                              reward=RewardConfig(alpha=1.0),
@@ -535,8 +540,8 @@ class Proof:
                              export_dir=str(d / f"at-{upto}"), seed=seed)
             self.stage(f"seed {seed} grpo-{arm} to step {upto}", d / f"at-{upto}" / "config.json",
                        lambda cfg=cfg: run_grpo(cfg))
-            curve.append({"step": upto, **behaviour(self.evaluate(seed, f"curve-{arm}-{upto}", d / f"at-{upto}",
-                                                                  "curve"))})
+            name, questions = (f"grpo-{arm}", "held") if upto == a.grpo_steps else (f"curve-{arm}-{upto}", "curve")
+            curve.append({"step": upto, **on_curve(self.evaluate(seed, name, d / f"at-{upto}", questions))})
         return d / f"at-{a.grpo_steps}", curve
 
 
