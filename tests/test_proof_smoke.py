@@ -57,6 +57,9 @@ def test_proof_smoke_runs_every_stage_and_resumes(tmp_path, capsys):
     assert set(r["held"]) == {"SFT (mixture)", "control SFT (tools only)", "GRPO fatal_mask_clamp"}
     assert all(0.0 <= b[k] <= 1.0 for b in r["held"].values() for k in ("accuracy", "first_tool", "retry", "fatal"))
     assert [p["step"] for p in r["curves"]["fatal_mask_clamp"]] == [0, 1, 2]
+    # the curve's ends are the held-out evals read on the curve questions; only step 1 had its own eval
+    evals = {d.name for d in (out / "seed-0" / "eval").iterdir()}
+    assert "curve-fatal_mask_clamp-1" in evals and not {"curve-sft", "curve-fatal_mask_clamp-2"} & evals
     assert r["passk"]["SFT (mixture)"]["k"] == 2 and set(r["grpo_vs_sft"]) == {"fatal_mask_clamp"}
     assert (out / "curve.png").stat().st_size > 0
     assert set(r["copies"]) == {f"{m} on {q}" for m in ("sft", "sft-tools") for q in ("gate", "seen")}
