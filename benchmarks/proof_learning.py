@@ -55,6 +55,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import json
 import math
@@ -63,7 +64,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -75,7 +76,7 @@ from spyglass.engine.rollout import RolloutConfig, build_engine
 from spyglass.engine.offline.tiny import parse_tiny_spec
 from spyglass.engine.offline.world import WorldConfig, generate_world
 from spyglass.engine.scheduler import EngineConfig
-from spyglass.engine.trajectory import Status, Trajectory, iter_jsonl, write_jsonl
+from spyglass.engine.trajectory import FATAL_ERRORS, Status, Trajectory, iter_jsonl, write_jsonl
 from spyglass.trainer.algorithm import FILTERS, MODES, AlgoConfig
 from spyglass.trainer.eval import EvalConfig, run_eval
 from spyglass.trainer.grpo import GRPOConfig, run_grpo
@@ -101,7 +102,8 @@ DATA_FORMAT = 2
 DATA_ARGS = ("data_seed", "world_scale", "n_questions", "split", "model", "teacher_model", "tool_chain", "recall_frac",
              "warmup_steps", "transient_p", "recite_question", "gate_questions", "curve_questions", "passk_questions")
 SEED_ARGS = ("sft_steps", "sft_epochs", "sft_batch", "sft_lr", "grpo_groups", "grpo_samples", "grpo_lr", "grpo_warmup",
-             "grpo_filter", "temperature", "curve_every", "outage_p", "max_turns", "max_tokens_per_turn", "passk")
+             "grpo_filter", "fatal_errors", "temperature", "curve_every", "outage_p", "max_turns", "max_tokens_per_turn",
+             "passk")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -147,6 +149,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--grpo-warmup", type=int, default=4, help="GRPO lr warm-up, in updates")
     ap.add_argument("--grpo-filter", default="acc", choices=FILTERS,
                     help="drop groups flat in this score (acc: keep groups with mixed outcomes)")
+    ap.add_argument("--fatal-errors", default="any", choices=FATAL_ERRORS,
+                    help="steps that make the fatal cascade in the arms: any (tool, format, no call) | tool")
     ap.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (GRPO, gate, pass@k)")
     ap.add_argument("--curve-every", type=int, default=8, help="GRPO steps between curve evals")
     ap.add_argument("--curve-questions", type=int, default=96, help="held-out questions of the curve")
@@ -280,6 +284,19 @@ def _write_rows(f: Path, rows: list[dict[str, Any]]) -> None:
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+@contextlib.contextmanager
+def _atomic(f: Path) -> Iterator[Path]:
+    """A path to write `f`'s new content at; it replaces `f` in one rename when the block ends
+    without error, so a killed run never leaves a half-written stage output. The part's name
+    carries the pid: the parallel seeds' processes may both write the same file."""
+    part = f.with_name(f"{f.name}.{os.getpid()}.part")
+    try:
+        yield part
+        part.replace(f)
+    finally:
+        part.unlink(missing_ok=True)
+
+
 # ------------------------------------------------------------------------------ stages
 class Proof:
     """The stages, their cache and the timings."""
@@ -309,9 +326,8 @@ class Proof:
                                  f"use another --out (its cached stages would not match)")
         if now.keys() - was.keys():
             d.mkdir(parents=True, exist_ok=True)
-            part = f.with_name(f"args.json.{os.getpid()}.part")
-            part.write_text(json.dumps({**now, **was}, indent=1) + "\n")
-            part.replace(f)
+            with _atomic(f) as part:
+                part.write_text(json.dumps({**now, **was}, indent=1) + "\n")
 
     def stage(self, name: str, done: Path, fn: Any) -> None:
         """Run `fn` unless `done` exists (a finished stage writes it last)."""
@@ -422,9 +438,8 @@ class Proof:
         control's data, all of them in the mixture), in id order (not rollout completion order)."""
         sft = {q["id"]: q for q in _rows(self.questions("sft"))}
         tools = sorted(await self.tool_demos(sft), key=lambda t: t.id)
-        part = self.data / "sft_tools.jsonl.part"
-        write_jsonl(part, tools, append=False)
-        part.rename(self.data / "sft_tools.jsonl")
+        with _atomic(self.data / "sft_tools.jsonl") as part:
+            write_jsonl(part, tools, append=False)
 
     async def mixture(self) -> None:
         """sft_mix.jsonl: every tool trajectory of sft_tools.jsonl, and for --recall-frac of their
@@ -445,8 +460,8 @@ class Proof:
             raise RuntimeError(f"recall demonstrations that did not answer at once: {bad[:5]}")
         demos = [dataclasses.replace(t, id=f"{t.group_id}#recall") for t in demos]  # beside the tool one's id
         mix = sorted(tools + demos, key=lambda t: t.id)
-        write_jsonl(self.data / "sft_mix.jsonl.part", mix, append=False)
-        (self.data / "sft_mix.jsonl.part").rename(self.data / "sft_mix.jsonl")
+        with _atomic(self.data / "sft_mix.jsonl") as part:
+            write_jsonl(part, mix, append=False)
 
     def warmup(self) -> str:
         """The SFT runs' starting model: the student spec, or the copy-warmed student."""
@@ -486,9 +501,8 @@ class Proof:
         rows = random.Random(self.a.data_seed + 3).sample(rows, min(self.a.gate_questions, len(rows)))
         f = self.questions("seen")  # derived from data/ each time: synth/ may be shared with another --out
         if not f.exists() or _rows(f) != rows:
-            part = f.with_name(f"{f.name}.{os.getpid()}.part")  # the parallel seeds' processes may both write
-            _write_rows(part, rows)
-            part.replace(f)
+            with _atomic(f) as part:
+                _write_rows(part, rows)
         return "seen"
 
     def copies(self, seed: int, name: str, model: Path, questions: str) -> dict[str, Any]:
@@ -533,7 +547,8 @@ class Proof:
         on_curve = lambda trajs: behaviour([t for t in trajs if t.meta["item_id"] in ids])  # noqa: E731
         curve = [{"step": 0, **on_curve(self.evaluate(seed, "sft", init, "held"))}]
         for upto in range(a.curve_every, a.grpo_steps + 1, a.curve_every):
-            cfg = GRPOConfig(rollout=rollout, algo=AlgoConfig(mode=arm, filter_groups=a.grpo_filter),
+            cfg = GRPOConfig(rollout=rollout, algo=AlgoConfig(mode=arm, filter_groups=a.grpo_filter,
+                                                                fatal_errors=a.fatal_errors),
                              reward=RewardConfig(alpha=1.0),
                              update=UpdateConfig(lr=a.grpo_lr, temperature=a.temperature, warmup_steps=a.grpo_warmup),
                              steps=upto, ckpt_dir=str(d / "ckpt"), ckpt_every=a.curve_every, log_dir=str(d),
@@ -658,11 +673,12 @@ def run_seeds_in_parallel(p: Proof, argv: list[str], poll_s: float = 1.0) -> dic
         for s in a.seeds:
             (p.out / f"seed-{s}" / "stages.json").unlink(missing_ok=True)
             procs[s] = subprocess.Popen(seed_command(argv, s, threads))
-        while None in (codes := [proc.poll() for proc in procs.values()]):  # poll every child, each round
-            if any(c not in (None, 0, GATE_STOP) for c in codes):
+        while True:  # poll every child each round: a crash of any one stops the wait
+            codes = {s: proc.poll() for s, proc in procs.items()}
+            bad = {s: rc for s, rc in codes.items() if rc not in (None, 0, GATE_STOP)}
+            if bad or None not in codes.values():
                 break
             time.sleep(poll_s)
-        bad = {s: proc.returncode for s, proc in procs.items() if proc.returncode not in (None, 0, GATE_STOP)}
         if bad:
             running = [s for s, proc in procs.items() if proc.poll() is None]
             raise RuntimeError("the process of " + ", ".join(f"seed {s} exited with {rc}" for s, rc in bad.items())

@@ -75,7 +75,7 @@ class EngineConfig:
     timeout_s: float = 3600.0  # wall clock per trajectory
     max_live: int = 256  # live trajectories
     max_inflight_per_server: int = 256  # generation requests in flight per backend server
-    fatal_k: int = 3  # consecutive tool/format errors that make the cascade (also GRPO's fatal step)
+    fatal_k: int = 3  # consecutive tool/format errors that stop a rollout (GRPO's fatal step: also AlgoConfig.fatal_errors)
     repetition_min_tokens: int = 256  # the detector looks only at turns at least this long
     repetition_max_period: int = 64  # longest repeated block (tokens) the detector looks for
     repetition_min_repeats: int = 8  # a turn whose tail repeats a block this often ends INTERRUPTED

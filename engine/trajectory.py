@@ -14,6 +14,10 @@ fatal step (OpenSearch-VL Sec. 4.2) is derived from them: the first step of the 
 consecutive error steps (the cascade). Only a cascade is fatal: a run that stopped without an
 answer for another reason (max turns, context, timeout, repetition, an engine error) has no
 fatal step; it is an anomaly, which the trainer penalises or masks (AlgoConfig.anomalies).
+Which steps are error steps (FATAL_ERRORS): "any" step that is not ok (a tool failed, a call
+was malformed or unterminated, or the step neither called nor answered: the paper's count), or
+only "tool" steps, where a called tool failed; there a step that failed on its own (a malformed
+or runaway turn) neither counts nor resets, so the model's own loops are not tool cascades.
 
     traj.loss_mask()              # [prompt + segments] 1 where the policy sampled the token
     traj.loss_mask(fatal=True)    # ... and the token's step precedes the fatal step
@@ -40,6 +44,7 @@ from typing import Any, Iterable, Iterator
 from PIL import Image
 
 FORMAT_VERSION = 1
+FATAL_ERRORS = ("any", "tool")  # which steps count toward the fatal cascade (module docstring)
 
 
 class Status(str, enum.Enum):
@@ -240,6 +245,13 @@ class Turn:
     obs_tokens: int = 0
     env_ok: bool | None = None  # a custom environment's verdict on the step (Engine(env=...)); None: none
 
+    def cascade_flag(self, errors: str = "any") -> bool | None:
+        """This step in the fatal-step count (FATAL_ERRORS `errors`): True a success (resets the
+        count), False an error step, None neither ("tool": not ok, but no called tool failed)."""
+        if errors == "tool" and not self.ok and not self.tool_errors and self.env_ok is None:
+            return None
+        return self.ok
+
     @property
     def ok(self) -> bool:
         """Well-formed and every tool ran: 1 in r_fmt; otherwise an error step for the cascade.
@@ -322,10 +334,13 @@ class Trajectory:
         return [s.version for s in self.segments if s.kind is SegmentKind.GEN]
 
     # -- the fatal step ------------------------------------------------------------------
-    def compute_fatal_step(self, k: int = 3) -> int | None:
+    def compute_fatal_step(self, k: int = 3, errors: str = "any") -> int | None:
         """First step of the first run of k consecutive error steps (a success resets the
-        count), or None: only a cascade is fatal (see the module docstring)."""
-        return fatal_step_of([t.ok for t in self.turns], k=k)
+        count; `errors`, one of FATAL_ERRORS, says which steps are error steps), or None: only a
+        cascade is fatal (see the module docstring)."""
+        if errors not in FATAL_ERRORS:
+            raise ValueError(f"errors must be one of {FATAL_ERRORS}, got {errors!r}")
+        return fatal_step_of([t.cascade_flag(errors) for t in self.turns], k=k)
 
     def is_done(self) -> bool:
         return self.status is not Status.RUNNING
@@ -385,15 +400,23 @@ def as_ids(ids: Any) -> array:
         raise ValueError(f"token ids must be ints in [0, 2**32): {e}") from None
 
 
-def fatal_step_of(step_ok: list[bool], k: int = 3) -> int | None:
-    """The fatal step from per-step success flags (see Trajectory.compute_fatal_step)."""
+def fatal_step_of(step_ok: list[bool | None], k: int = 3) -> int | None:
+    """The fatal step from per-step flags (see Trajectory.compute_fatal_step): True a success,
+    False an error step, None a step that neither counts nor resets (the run's first error step
+    is then the fatal step)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    run = 0
+    run, first = 0, 0
     for i, ok in enumerate(step_ok):
-        run = 0 if ok else run + 1
+        if ok is None:
+            continue
+        if ok:
+            run = 0
+            continue
+        first = i if run == 0 else first
+        run += 1
         if run == k:
-            return i - k + 1
+            return first
     return None
 
 

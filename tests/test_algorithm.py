@@ -12,7 +12,8 @@ from spyglass.trainer.algorithm import AlgoConfig, compute_advantages, token_mas
 
 def mk(tid: str, gid: str, steps: list[str], status: Status, reward: float) -> Trajectory:
     """Prompt of 2 tokens; each step 2 generated tokens, then 1 observation token (not after the
-    last step). Steps: "ok" (a call that ran), "err" (a tool error), "ans" (final answer)."""
+    last step). Steps: "ok" (a call that ran), "err" (a tool error), "fmt" (an unterminated call:
+    a format error, no tool ran), "ans" (final answer)."""
     t = Trajectory(id=tid, group_id=gid, sample_index=0, prompt_ids=[1, 2], status=status)
     for i, kind in enumerate(steps):
         t.segments.append(Segment(SegmentKind.GEN, [10 + i, 20 + i], turn=i, logprobs=[-0.1, -0.2],
@@ -20,7 +21,8 @@ def mk(tid: str, gid: str, steps: list[str], status: Status, reward: float) -> T
         if i < len(steps) - 1:
             t.segments.append(Segment(SegmentKind.OBS, [99], turn=i))
         call = [{"name": "Crop", "arguments": "{}"}]
-        t.turns.append(Turn(i, calls=[] if kind == "ans" else call, answered=kind == "ans",
+        t.turns.append(Turn(i, calls=[] if kind in ("ans", "fmt") else call, answered=kind == "ans",
+                            parse_errors=[{"kind": "unterminated_tag", "message": "x"}] if kind == "fmt" else [],
                             tool_errors=[{"name": "Crop", "kind": "fatal", "message": "x"}]
                             if kind == "err" else []))
     t.answer = "x" if status is Status.ANSWERED else None
@@ -129,6 +131,32 @@ def test_anomalies_are_penalised_or_masked_but_never_clamped() -> None:
     assert masks_of(masked)[1] == B_FATAL
     with pytest.raises(ValueError, match="anomalies"):
         AlgoConfig(anomalies="clamp")
+
+
+def test_fatal_errors_tool_counts_only_tool_failures() -> None:
+    """F's cascade is its own format errors (runaway turns), T's is tool failures with one
+    format error between them. "any" (the paper's count): both fatal, both clamped. "tool": T is
+    still fatal from step 0 (its format step neither counts nor resets), F is an anomaly:
+    penalised by default, masked with anomalies="mask"."""
+    trajs = [mk("F", "q3", ["ok", "fmt", "fmt", "fmt"], Status.FATAL, 0.0),
+             mk("T", "q3", ["err", "fmt", "err", "err"], Status.FATAL, 0.0),
+             mk("G", "q3", ["ok", "ans"], Status.ANSWERED, 1.0)]
+    r = [-0.3333333 / 0.4714055, -0.3333333 / 0.4714055, 0.6666667 / 0.4714055]  # rewards [0, 0, 1]
+    gen_f = [0, 0, 1, 1, 0, 1, 1, 0, 1, 1, 0, 1, 1]
+    gen_g = [0, 0, 1, 1, 0, 1, 1]
+    out = compute_advantages(trajs)
+    assert out.fatal_steps == [1, 0, None]
+    close(out.advantages, [0.0, 0.0, r[2]])
+    assert masks_of(out) == [[0, 0, 1, 1] + [0] * 9, [0] * 13, gen_g]
+    tool = compute_advantages(trajs, AlgoConfig(fatal_errors="tool"))
+    assert tool.fatal_steps == [None, 0, None]
+    close(tool.advantages, [r[0], 0.0, r[2]])  # F's runaway turns cost it reward
+    assert masks_of(tool) == [gen_f, [0] * 13, gen_g]
+    assert tool.metrics["fatal_frac"] == pytest.approx(1 / 3) and tool.metrics["anomalous_frac"] == pytest.approx(1 / 3)
+    masked = compute_advantages(trajs, AlgoConfig(fatal_errors="tool", anomalies="mask"))
+    assert masks_of(masked) == [[0] * 13, [0] * 13, gen_g]
+    with pytest.raises(ValueError, match="fatal_errors"):
+        AlgoConfig(fatal_errors="format")
 
 
 def test_clamp_keeps_a_fatal_member_above_the_mean() -> None:

@@ -81,6 +81,9 @@ def test_fatal_step_rules() -> None:
     assert fatal_step_of([False, False, True, False, False], k=3) is None
     # no cascade: never fatal, answered or not (max turns, repetition: an anomaly, not a cascade)
     assert fatal_step_of([True, False, True], k=3) is None
+    assert fatal_step_of([None, False, None, False, False], k=3) == 1  # None neither counts nor resets
+    assert fatal_step_of([False, None, True, False, False], k=3) is None
+    assert fatal_step_of([None, None, None], k=1) is None
     with pytest.raises(ValueError):
         fatal_step_of([], k=0)
     t = _traj()

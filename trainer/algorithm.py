@@ -21,8 +21,12 @@ r~ is the grouped estimator over ALL members: ``grpo`` (r - mean) / (std + eps) 
 population (paper) or unbiased std, ``rloo`` n/(n-1) (r - mean), ``drgrpo`` r - mean; singleton
 groups get 0. The fatal step is recomputed from the turns with ``fatal_k`` (the first step of
 the first run of k consecutive error steps), so trajectories read back from disk follow this
-config; a member is *fatal* when it has one. Only tool-caused cascades are fatal: the clamp
-protects reasoning from penalties for tool failures, not the model's own loops.
+config; a member is *fatal* when it has one. Only cascades are fatal: the clamp protects
+reasoning from penalties for tool failures, not the model's own loops. ``fatal_errors`` says
+which steps make a cascade: ``any`` step that is not ok (a failed tool, a malformed or
+unterminated call, a step that neither called nor answered: the paper's count) or only ``tool``
+steps, where a called tool failed (a malformed or runaway turn neither counts nor resets), so a
+trajectory the engine stopped for a run of its own format errors is an anomaly, not fatal.
 
 ``anomalies``: a member that ended unanswered without a cascade (max turns, context, timeout,
 repetition, an engine error) is ``penalize``d (the default: its mask and advantage as the mode
@@ -55,7 +59,7 @@ from typing import Any
 
 import torch
 
-from spyglass.engine.trajectory import SegmentKind, Status, Trajectory
+from spyglass.engine.trajectory import FATAL_ERRORS, SegmentKind, Status, Trajectory
 from spyglass.kernels.advantage import ESTIMATORS, STD_KINDS, AdvantageConfig, grouped_advantage
 
 MODES = ("vanilla", "hard_mask", "fatal_mask", "fatal_mask_clamp")
@@ -82,6 +86,8 @@ class AlgoConfig:
     neg_scale: float = 1.0  # weight of negative advantages: 1 = GRPO; 0 = reinforce only the above-average
     anomalies: str = field(default="penalize", metadata={"choices": ANOMALIES})  # unanswered without
     #   a cascade (max turns, timeout, repetition, error): penalize (trained on) | mask (M = 0)
+    fatal_errors: str = field(default="any", metadata={"choices": FATAL_ERRORS})  # steps that make the
+    #   fatal cascade: any (not ok: tool, format, no call) | tool (a called tool failed)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -93,6 +99,8 @@ class AlgoConfig:
             raise ValueError(f"AlgoConfig.neg_scale must be a number in [0, 1], got {self.neg_scale!r}")
         if self.anomalies not in ANOMALIES:
             raise ValueError(f"AlgoConfig.anomalies must be one of {ANOMALIES}, got {self.anomalies!r}")
+        if self.fatal_errors not in FATAL_ERRORS:
+            raise ValueError(f"AlgoConfig.fatal_errors must be one of {FATAL_ERRORS}, got {self.fatal_errors!r}")
         if self.impl not in IMPLS:
             raise ValueError(f"AlgoConfig.impl must be one of {IMPLS}, got {self.impl!r}")
         self.advantage_config()  # validates estimator, std and eps with their own messages
@@ -177,7 +185,7 @@ def compute_advantages(trajs: list[Trajectory], cfg: AlgoConfig = AlgoConfig(),
     gid_of: dict[str, int] = {}
     gidx = [gid_of.setdefault(t.group_id, len(gid_of)) for t in trajs]
     rewards = torch.tensor([_reward_of(t) for t in trajs], dtype=torch.float32, device=device)  # [N]
-    fatal_steps = [t.compute_fatal_step(fatal_k) for t in trajs]
+    fatal_steps = [t.compute_fatal_step(fatal_k, cfg.fatal_errors) for t in trajs]
     fatal = torch.tensor([f is not None for f in fatal_steps], dtype=torch.bool, device=device)  # [N]
     group_index = torch.tensor(gidx, dtype=torch.long, device=device)  # [N]
     res = grouped_advantage(rewards, group_index, fatal, cfg.advantage_config(),
