@@ -7,8 +7,9 @@ SGLang's /update_weights_from_distributed does), /destroy_weights_update_group f
 
     python tests/fake_sglang.py PORTFILE [--model DIR] [--pp N] [--dp N] [--refuse-updates N]
 
-With --model (a HF checkpoint dir) it serves /generate over spyglass's HF backend and loads each
-bucket into that model; without, it keeps the received tensors' names and sizes only.
+With --model (a HF checkpoint dir, text or vision-language) it serves /generate over spyglass's
+HF backend (`image_data`, base64 data URLs, decoded to the request's images in order) and loads
+each bucket into that model; without, it keeps the received tensors' names and sizes only.
 --refuse-updates N: the first N /update_weights_from_distributed calls answer success: false
 without receiving (the trainer's broadcast is left waiting for this rank). It exits with its
 parent. GET /get_server_info also reports what it saw: calls, versions (the served version after
@@ -54,6 +55,10 @@ def serve(port_file: str, model_dir: Optional[str] = None, pp: int = 1, dp: int 
         from spyglass.engine.backends.hf import HFBackend
         from spyglass.engine.loader import load_model
         hf = HFBackend.from_model(load_model(model_dir), name="fake-sglang")
+        from transformers.core_model_loading import revert_weight_conversion
+        named = dict(hf.model.named_parameters()) | dict(hf.model.named_buffers())
+        # the trainer sends checkpoint names (what SGLang's load_weights takes): back to the model's
+        model_name = {next(iter(dict(revert_weight_conversion(hf.model, {k: t})))): k for k, t in named.items()}
     groups: dict[str, Any] = {}
     state: dict[str, Any] = {"calls": [], "versions": [], "received": 0, "version": None, "refuse": refuse_updates}
 
@@ -71,13 +76,26 @@ def serve(port_file: str, model_dir: Optional[str] = None, pp: int = 1, dp: int 
                                   "versions": state["versions"], "received": state["received"],
                                   "groups": sorted(groups), "weight_version": state["version"]})
 
+    def image(url: str) -> Any:
+        import base64
+        import io
+
+        from PIL import Image
+        head, _, data = url.partition(",")
+        if not head.startswith("data:image/") or not head.endswith(";base64"):
+            raise web.HTTPBadRequest(text=f"image_data entry is not a base64 data URL: {url[:60]!r}")
+        im = Image.open(io.BytesIO(base64.b64decode(data)))
+        im.load()
+        return im
+
     async def generate(request: web.Request) -> web.Response:
         from spyglass.engine.backends.base import GenerateRequest, SamplingParams
         body = await request.json()
         sp = body["sampling_params"]
+        images = [image(u) for u in body.get("image_data") or []]
         out = await hf.generate(GenerateRequest(body["rid"], body["input_ids"], SamplingParams(
             max_tokens=sp["max_new_tokens"], temperature=sp["temperature"], top_p=sp["top_p"], top_k=sp["top_k"],
-            stop_token_ids=sp["stop_token_ids"], seed=sp.get("sampling_seed"))))
+            stop_token_ids=sp["stop_token_ids"], seed=sp.get("sampling_seed")), images=images))
         return web.json_response({"text": "", "output_ids": out.token_ids, "meta_info": {
             "finish_reason": {"type": out.finish_reason}, "completion_tokens": len(out.token_ids),
             "output_token_logprobs": [[lp, t, None] for lp, t in zip(out.logprobs, out.token_ids)],
@@ -113,7 +131,7 @@ def serve(port_file: str, model_dir: Optional[str] = None, pp: int = 1, dp: int 
             return answer(False, f"Failed to update parameter online: {e}.")
         state["received"] += len(got)
         if hf is not None and got:
-            await hf.update_weights(dict(got), hf.version)
+            await hf.update_weights({model_name.get(k, k): t for k, t in got}, hf.version)
         if load is not None:
             await run(lambda: load(got))
         if b.get("weight_version") is not None:  # SGLang: whenever one is sent with a success

@@ -137,7 +137,9 @@ def test_grpo_syncs_an_sglang_server_over_a_weight_update_group(tmp_path):
     assert m["version"] == 2 and m["sync/group_s"] > 0 and "sync/disk_s" not in m
     assert not (tmp_path / "log" / "weights").exists()
     logged = [json.loads(x) for x in (tmp_path / "log" / "metrics.jsonl").read_text().splitlines()]
-    assert [("sync/group_s" in x, "sync/disk_s" in x) for x in logged] == [(True, False)] * 2
+    assert [("sync/group_s" in x, "sync/disk_s" in x, x["sync/nccl"]) for x in logged] == [(True, False, 0.0)] * 2
+    assert all(x["time/rollout_s"] > 0 and x["time/update_s"] > 0 and x["time/sync_s"] >= x["sync/group_s"]
+               for x in logged)  # the step's time split, the sync's share named by its transport
     trajs = read_jsonl(tmp_path / "r.jsonl")
     v0, v1 = load_model(str(model)).model, load_model(str(model)).model
     v1.load_state_dict(torch.load(list_checkpoints(tmp_path / "ckpt")[0] / "model.pt"))
@@ -157,6 +159,37 @@ def test_grpo_syncs_an_sglang_server_over_a_weight_update_group(tmp_path):
                 checked += len(ids)
             ctx += seg.token_ids.tolist()
     assert checked > 0 and moved > 1e-2  # version 1 is not the initial policy
+
+
+def test_grpo_vl_rollouts_with_images_through_an_sglang_server_sampled_by_version_1(tmp_path):
+    """The multimodal path end to end: a tiny Qwen2-VL checkpoint behind the fake SGLang server
+    (images sent as SGLang's image_data, decoded by the server), the world's image questions,
+    two GRPO steps with the weights over the group. Before each update the trainer recomputes
+    every sampled token's logprob with its own weights and its own image processing: the ratio
+    is 1 within 1e-3 in both steps, so step 2 was sampled by version 1 on the same pixels (the
+    sync moves the logprobs by more than that: the text test above measures it)."""
+    from spyglass.engine.offline import tiny
+
+    world, model = tmp_path / "world", tiny.materialize("tiny:qwen2_vl", tmp_path / "ckpt-cache")
+    ensure_world(world, WorldConfig())
+    with fake_sglang(model, tmp_path) as url:
+        cfg = from_dict(GRPOConfig, {
+            "steps": 2, "ckpt_dir": str(tmp_path / "ckpt"), "log_dir": str(tmp_path / "log"),
+            "sync": {"transport": "group", "dtype": "fp32", "bucket_mb": 1, "timeout_s": 120},
+            "rollout": {"model": str(model), "policy": "sample", "out": str(tmp_path / "r.jsonl"), "backend": "sglang",
+                        "server_urls": url, "env": {"world_dir": str(world), "dense_search": False},
+                        "engine": {"n_samples": 2, "groups_per_step": 1, "max_turns": 2, "max_tokens_per_turn": 8,
+                                   "temperature": 1.0}},
+            "update": {"lr": 1e-2, "weight_decay": 2.0, "temperature": 1.0}})
+        m = run_grpo(cfg)
+    assert m["version"] == 2 and m["sync/group_s"] > 0 and m["sync/nccl"] == 0.0
+    trajs = read_jsonl(tmp_path / "r.jsonl")
+    assert len(trajs) == 4 and all(t.prompt_images for t in trajs), [len(t.prompt_images) for t in trajs]
+    assert [sorted({s.version for s in t.segments if s.version is not None}) for t in trajs[2:]] == [[1], [1]]
+    logged = [json.loads(x) for x in (tmp_path / "log" / "metrics.jsonl").read_text().splitlines()]
+    assert len(logged) == 2
+    for row in logged:
+        assert abs(row["ratio_min"] - 1) < 1e-3 and abs(row["ratio_max"] - 1) < 1e-3, row
 
 
 @pytest.mark.slow

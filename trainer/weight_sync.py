@@ -575,7 +575,8 @@ class WeightSync:
     """The trainer's weight sync (GRPO's `sync` step), called on every rank after each update:
     group-capable servers get the bucket stream, the others a checkpoint dir under
     `weights_dir` (disk) and in-process backends the state dict. Returns metrics:
-    sync/<transport>_s and sync/group_gb; a version already synced is skipped (sync/skipped)."""
+    sync/<transport>_s, sync/group_gb and sync/nccl (1: the group ran NCCL, 0: gloo); a version
+    already synced is skipped (sync/skipped)."""
 
     def __init__(self, cfg: WeightSyncConfig, backends: list[Any], rank: int, weights_dir: str | os.PathLike) -> None:
         if cfg.transport != "disk":
@@ -624,6 +625,7 @@ class WeightSync:
                 for _ in buckets:  # the ZeRO-3 gathers are collectives every rank joins
                     pass
             out["sync/group_s"] = time.perf_counter() - t0
+            out["sync/nccl"] = float(self.cfg.group_backend() == "nccl")  # which group backend ran: 1 NCCL, 0 gloo
         if plan.state_dict:
             t0 = time.perf_counter()
             sd = full_state_dict(updater, rank0_only=True)
