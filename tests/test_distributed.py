@@ -38,6 +38,22 @@ def _data():
 
 
 # ------------------------------------------------------------------------------ worker (torchrun)
+def _spy_gathers() -> list[int]:
+    """Record (fp32 bytes, tensors) of every deepspeed.zero.GatheredParameters call from now on."""
+    import deepspeed
+    dz = deepspeed.zero
+    orig = getattr(dz.GatheredParameters, "_spied", dz.GatheredParameters)
+    sizes: list[tuple[int, int]] = []
+
+    def spy(params, *a, **k):
+        ps = params if isinstance(params, (list, tuple)) else [params]
+        sizes.append((sum(p.ds_numel for p in ps) * 4, len(ps)))
+        return orig(params, *a, **k)
+    spy._spied = orig
+    dz.GatheredParameters = spy
+    return sizes
+
+
 def _worker(out: Path) -> None:
     from spyglass.trainer.checkpoint import load_checkpoint, save_checkpoint
     from spyglass.trainer.distributed import DistConfig, broadcast_state_dict, export_hf, full_state_dict
@@ -52,8 +68,17 @@ def _worker(out: Path) -> None:
         up = PolicyUpdater(v.model, UpdateConfig(**CFG), image_processor=v.image_processor, dist=dist)
         report[strategy] = [up.step(trajs, adv, masks) for _ in range(STEPS)]
         sd = full_state_dict(up, rank0_only=True)
-        # the weight-sync stream: buckets gathered one module group at a time on every rank
-        buckets = list(iter_weight_buckets(up, 64 << 10, torch.float32, torch.device("cpu")))
+        # the weight-sync stream: buckets gathered one module group at a time on every rank; each
+        # gather's size is recorded, and at each yield nothing may be left gathered
+        gathers, held = _spy_gathers(), []
+        buckets = []
+        for b in iter_weight_buckets(up, 64 << 10, torch.float32, torch.device("cpu")):
+            buckets.append(b)
+            held.append(sum(p.numel() for p in up.model.parameters() if getattr(p, "ds_numel", None) is not None
+                            and p.numel() == p.ds_numel and p.ds_numel > 0))
+        report[f"{strategy}_gathers"] = list(gathers)
+        report[f"{strategy}_held_at_yield"] = max(held, default=0)
+        report[f"{strategy}_numel"] = sum(getattr(p, "ds_numel", p.numel()) for p in up.model.parameters())
         if rank == 0:
             torch.save({"tensors": {k: v for b in buckets for k, v in zip(b.names, b.tensors)},
                         "sizes": [(b.nbytes, len(b.names)) for b in buckets]}, out / f"buckets_{strategy}.pt")
@@ -148,6 +173,12 @@ def test_weight_sync_buckets_are_the_full_weights(two_ranks, strategy):
     assert set(got["tensors"]) == set(ref) and all(torch.equal(got["tensors"][k], ref[k]) for k in ref)
     assert len(got["sizes"]) > 3 and all(n <= 64 << 10 or k == 1 for n, k in got["sizes"])
     assert reports[1][f"{strategy}_buckets_off_rank0"] == 0
+    if strategy == "zero3":  # never the whole model on one rank: one bucket's worth gathered at a time
+        for r in reports:
+            gathers = r["zero3_gathers"]
+            assert len(gathers) > 3 and all(n <= 64 << 10 or k == 1 for n, k in gathers), gathers
+            assert sum(n for n, _ in gathers) == r["zero3_numel"] * 4  # every parameter gathered once
+            assert r["zero3_held_at_yield"] == 0  # released before the next bucket is gathered
 
 
 def test_export_under_zero3_loads_into_a_backend(two_ranks):
