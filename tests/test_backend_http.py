@@ -66,6 +66,7 @@ class FakeServer:
         self.weight_version = "default"  # vLLM's weight label, reported in weight_versions
         self.image_widths: list[list[int]] = []  # per generate request: its decoded images' widths, in order
         self.fail_next = 0          # answer this many requests with HTTP 503
+        self.expand_images = 0      # SGLang /generate: prompt_tokens grows by this per image (a re-tokenizing server)
         self.slow = asyncio.Event()  # requests with max tokens >= 1000 wait on this
         self.runner: web.AppRunner | None = None
         self.url = ""
@@ -183,7 +184,8 @@ class FakeServer:
         if sp["max_new_tokens"] >= 1000:
             await self.slow.wait()
         ids, finish = _continue(b["input_ids"], sp["max_new_tokens"], sp.get("stop_token_ids") or [])
-        meta = {"id": b["rid"], "finish_reason": {"type": finish}, "prompt_tokens": len(b["input_ids"]),
+        used = len(b["input_ids"]) + self.expand_images * len(b.get("image_data") or [])
+        meta = {"id": b["rid"], "finish_reason": {"type": finish}, "prompt_tokens": used,
                 "completion_tokens": len(ids),
                 "output_token_logprobs": [[-0.25, t, None] for t in ids] if b.get("return_logprob") else []}
         return web.json_response({"text": "", "output_ids": ids, "meta_info": meta})
@@ -403,6 +405,9 @@ def test_sglang_generate_images_abort_and_update():
                 await be.update_weights("/ckpt/missing", version=2)
             with pytest.raises(BackendError, match="forced_ids"):
                 await be.generate(GenerateRequest("f", [1], forced_ids=[2]))
+            s.expand_images = 3  # the server expanded the image into 3 more tokens than we sent
+            with pytest.raises(BackendError, match="the server's prompt has 6 tokens, the trajectory's 3"):
+                await be.generate(GenerateRequest("x", [5, 6, 9], SamplingParams(max_tokens=2), images=[img]))
             return out, aborted, be.version, s.bodies
         finally:
             await be.close()

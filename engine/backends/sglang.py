@@ -92,13 +92,21 @@ def generate_payload(req: GenerateRequest) -> dict[str, Any]:
     return body
 
 
-def parse_generate(server: str, data: Any, want_logprobs: bool) -> tuple[list[int], list[float], str]:
-    """token ids, logprobs and finish reason from a /generate (or Engine) response."""
+def parse_generate(server: str, data: Any, want_logprobs: bool,
+                   prompt_len: int | None = None) -> tuple[list[int], list[float], str]:
+    """token ids, logprobs and finish reason from a /generate (or Engine) response. `prompt_len`:
+    the ids sent; a meta_info.prompt_tokens that differs means the server sampled from another
+    prompt (it decoded the ids and re-tokenized the text, as its multimodal processors may)."""
     if isinstance(data, list):
         data = data[0] if data else {}
     meta = data.get("meta_info") if isinstance(data, dict) else None
     if not isinstance(meta, dict):
         raise BackendError(server, f"/generate response has no meta_info: {str(data)[:200]}")
+    used = meta.get("prompt_tokens")
+    if prompt_len is not None and isinstance(used, int) and used != prompt_len:
+        raise BackendError(server, f"the server's prompt has {used} tokens, the trajectory's {prompt_len}: it "
+                                   "re-tokenized the prompt (with images: its processor expands the image "
+                                   "placeholders differently), so its samples would not be the trajectory's")
     triples = meta.get("output_token_logprobs") or []
     ids = data.get("output_ids")
     if ids is None:
@@ -126,7 +134,7 @@ class SGLangBackend(HTTPBackend):
 
     async def _generate(self, req: GenerateRequest) -> GenerateOutput:
         data = await self.request_json("POST", "/generate", generate_payload(req))
-        ids, lps, finish = parse_generate(self.name, data, req.sampling.logprobs)
+        ids, lps, finish = parse_generate(self.name, data, req.sampling.logprobs, len(req.prompt_ids))
         return GenerateOutput(req.request_id, ids, lps, finish, _served_version(data, self.version), self.name)
 
     async def _server_abort(self, request_id: str) -> None:
@@ -215,7 +223,7 @@ class SGLangEngineBackend(Backend):
                 return_logprob=body["return_logprob"], image_data=body.get("image_data"), rid=req.request_id)
         except Exception as e:  # the engine died or rejected the request
             raise BackendError(self.name, f"sglang engine failed: {e!r}") from e
-        ids, lps, finish = parse_generate(self.name, data, req.sampling.logprobs)
+        ids, lps, finish = parse_generate(self.name, data, req.sampling.logprobs, len(req.prompt_ids))
         return GenerateOutput(req.request_id, ids, lps, finish, self.version, self.name)
 
     async def abort(self, request_id: str) -> None:
