@@ -21,7 +21,10 @@ Steps (gpu_check.sh runs each in its own process under its own time limit, in th
                    says so); then the model is saved as a checkpoint directory for `engine`
   weight_transfer  a 3.1 GB bf16 state dict (Qwen2.5-VL-3B's embedding and 16 of its decoder
                    layers) from this process to a second one on the same GPU: CUDA IPC per tensor,
-                   CUDA IPC as one bucket, and the disk path (safetensors); seconds per GB
+                   CUDA IPC as one bucket, and the disk path (safetensors); seconds per GB. Then
+                   the product's weight-update group (trainer/weight_sync.py: init_update_group,
+                   send_bucket) on NCCL with this process alone (NCCL refuses two ranks on one
+                   GPU): an API check of the sync's NCCL path on this torch, not a transfer figure
   engine           the engine with the HF backend on the GPU, from that checkpoint directory, on
                    the bundled world (replay policy, all nine real tools, TextSearch BM25-only):
                    async vs lock-step in one process, tokens/s and turns/s, after a warm-up run
@@ -774,11 +777,37 @@ def step_weight_transfer(res: Result, a: argparse.Namespace, dry: bool) -> None:
         if proc.is_alive():
             proc.kill()
         path.unlink(missing_ok=True)
+    methods["group_1rank"] = _group_alone(src, "gloo" if dry else "nccl")
+    res.fig(methods=methods)
     errors = {k: r["error"] for k, r in methods.items() if "error" in r}
     if errors:
         raise RuntimeError(f"methods failed: {errors}")
     if dry:
         res.head(f"{len(spec)} tensors through a spawned process: {', '.join(methods)} (CPU, tiny)")
+
+
+def _group_alone(src: dict[str, Any], backend: str) -> dict[str, Any]:
+    """The product's weight-update group with this process as its only rank: open it on
+    `backend`, broadcast every tensor of `src` as one bucket, close it (what the trainer's side
+    of a sync calls); the seconds it took, or the error."""
+    import socket
+
+    from spyglass.trainer.weight_sync import close_update_group, init_update_group, send_bucket
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    t0 = time.perf_counter()
+    try:
+        group = init_update_group("127.0.0.1", port, 0, 1, backend=backend, group_name="gpu-check", timeout_s=60)
+        try:
+            send_bucket(group, list(src.values()))
+        finally:
+            close_update_group(group)
+    except Exception as e:  # noqa: BLE001 - reported as the method's error
+        traceback.print_exc()
+        return {"backend": backend, "error": f"{type(e).__name__}: {e}"[:300]}
+    return {"backend": backend, "s": round(time.perf_counter() - t0, 4), "tensors": len(src),
+            "note": "one rank: an API check, not a transfer figure"}
 
 
 # ---------------------------------------------------------------------------------- 4 engine
