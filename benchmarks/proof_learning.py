@@ -705,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    p, t0 = Proof(a), time.perf_counter()
+    p, t0, commit = Proof(a), time.perf_counter(), git_commit()  # the code that ran, not HEAD at the end
     p.make_data()
     p.warmup()  # shared too: the per-seed processes of the parallel recipe must not both train it
     if a.stop_after == "data":
@@ -726,7 +726,7 @@ def main(argv: list[str] | None = None) -> int:
     if curves:
         plot_curves(curves, p.out / "curve.png")
         print(f"\ncurve: {p.out / 'curve.png'}")
-    print(json.dumps({"bench": "proof_learning", "device": device_name(), "commit": git_commit(),
+    print(json.dumps({"bench": "proof_learning", "device": device_name(), "commit": commit,
                       "threads": torch.get_num_threads(), "args": vars(a),
                       "split": json.loads((p.data / "split.json").read_text()),
                       "seeds": results,
