@@ -150,7 +150,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--grpo-filter", default="acc", choices=FILTERS,
                     help="drop groups flat in this score (acc: keep groups with mixed outcomes)")
     ap.add_argument("--fatal-errors", default="any", choices=FATAL_ERRORS,
-                    help="steps that make the fatal cascade in the arms: any (tool, format, no call) | tool")
+                    help="the GRPO rollouts' cascade (engine fatal_errors): any (tool, format, no call) | tool; "
+                         "evals keep any, the same for every model")
     ap.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (GRPO, gate, pass@k)")
     ap.add_argument("--curve-every", type=int, default=8, help="GRPO steps between curve evals")
     ap.add_argument("--curve-questions", type=int, default=96, help="held-out questions of the curve")
@@ -311,7 +312,8 @@ class Proof:
     def check_args(self, d: Path | None = None, keys: tuple[str, ...] = DATA_ARGS) -> None:
         """Refuse a run whose `keys` differ from those recorded in `d`/args.json (its cached stages
         were made with the recorded values), and a folder of an older proof (data/ with no
-        args.json, or an older DATA_FORMAT); record the keys not yet there."""
+        args.json, or an older DATA_FORMAT); record the keys not yet there (an argument newer than
+        the folder's args.json is taken to have had its default there)."""
         d = d or self.out
         f, now = d / "args.json", {k: getattr(self.a, k) for k in keys}
         if d == self.out:
@@ -320,9 +322,11 @@ class Proof:
         if d == self.out and (self.data.exists() or was) and was.get("data_format") != DATA_FORMAT:
             raise SystemExit(f"{self.out} holds data of an older proof (data format {was.get('data_format')}, "
                              f"this one writes {DATA_FORMAT}): use another --out")
+        defaults = vars(parse_args([])) if was else {}  # a key an older run did not record: it had the default
         for k in keys:
-            if k in was and was[k] != now[k]:
-                raise SystemExit(f"{d} was made with --{k.replace('_', '-')} {was[k]}; this run asks {now[k]}: "
+            old = was.get(k, defaults.get(k, now[k]))
+            if old != now[k]:
+                raise SystemExit(f"{d} was made with --{k.replace('_', '-')} {old}; this run asks {now[k]}: "
                                  f"use another --out (its cached stages would not match)")
         if now.keys() - was.keys():
             d.mkdir(parents=True, exist_ok=True)
@@ -540,15 +544,15 @@ class Proof:
         a, d = self.a, self.out / f"seed-{seed}" / f"grpo-{arm}"
         faults = FaultConfig(transient_p=a.transient_p, outage_p=a.outage_p, seed=seed)
         rollout = RolloutConfig(engine=dataclasses.replace(self.engine(a.grpo_samples, a.temperature, seed),
-                                                           groups_per_step=a.grpo_groups),
+                                                           groups_per_step=a.grpo_groups,
+                                                           fatal_errors=a.fatal_errors),
                                 env=self.env(self.questions("rl"), faults), model=str(init),
                                 policy="sample", out=str(d / "rollouts.jsonl"), progress=False)
         ids = {q["id"] for q in _rows(self.questions("curve"))}
         on_curve = lambda trajs: behaviour([t for t in trajs if t.meta["item_id"] in ids])  # noqa: E731
         curve = [{"step": 0, **on_curve(self.evaluate(seed, "sft", init, "held"))}]
         for upto in range(a.curve_every, a.grpo_steps + 1, a.curve_every):
-            cfg = GRPOConfig(rollout=rollout, algo=AlgoConfig(mode=arm, filter_groups=a.grpo_filter,
-                                                                fatal_errors=a.fatal_errors),
+            cfg = GRPOConfig(rollout=rollout, algo=AlgoConfig(mode=arm, filter_groups=a.grpo_filter),
                              reward=RewardConfig(alpha=1.0),
                              update=UpdateConfig(lr=a.grpo_lr, temperature=a.temperature, warmup_steps=a.grpo_warmup),
                              steps=upto, ckpt_dir=str(d / "ckpt"), ckpt_every=a.curve_every, log_dir=str(d),

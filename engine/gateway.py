@@ -208,7 +208,7 @@ class Gateway:
     """The recorder behind the HTTP app (usable in-process: `await gw.chat(body)`)."""
 
     def __init__(self, cfg: ServeConfig, engine: Any, codec: Any, backends: list[Any]) -> None:
-        """`engine`: the EngineConfig whose sampling defaults, max_context and fatal_k apply."""
+        """`engine`: the EngineConfig whose sampling defaults, max_context and fatal_k / fatal_errors apply."""
         check(bool(backends), "the gateway needs at least one backend")
         self.cfg, self.engine_cfg, self.codec, self.backends = cfg, engine, codec, backends
         self.sessions: OrderedDict[str, _Session] = OrderedDict()  # least recently used first
@@ -469,7 +469,7 @@ class Gateway:
         t.status, t.stop_reason, t.reward, t.finished_at = status, reason, reward, time.time()
         if t.answer is None and status is Status.ANSWERED:
             t.answer = next((seg.text for seg in reversed(t.segments) if seg.kind is SegmentKind.GEN), "")
-        t.fatal_step = t.compute_fatal_step(self.engine_cfg.fatal_k)
+        t.fatal_step = t.compute_fatal_step(self.engine_cfg.fatal_k, self.engine_cfg.fatal_errors)
         if drop:
             self.sessions.pop(s.id, None)
         for k in s.prefixes:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Protocol, Sequence
 
 from PIL import Image
@@ -54,8 +54,8 @@ from .sched.observe import ObservationBuilder, ObservationHook, format_error_res
     unparsed_call_results
 from .sched.placement import Placement
 from .sched.tokencheck import check_tokens
-from .trajectory import (EnvStep, ParsedTurn, Prompt, Segment, SegmentKind, Status, ToolOutcome, ToolResult,
-                         Trajectory, Turn, as_ids)
+from .trajectory import (FATAL_ERRORS, EnvStep, ParsedTurn, Prompt, Segment, SegmentKind, Status, ToolOutcome,
+                         ToolResult, Trajectory, Turn, as_ids)
 
 __all__ = ["Engine", "EngineConfig", "Prompt", "ParsedTurn", "EnvStep", "AgentEnv", "ToolOutcome", "ToolResult",
            "TurnParser", "ToolRunner", "Policy", "is_repetitive"]
@@ -75,7 +75,10 @@ class EngineConfig:
     timeout_s: float = 3600.0  # wall clock per trajectory
     max_live: int = 256  # live trajectories
     max_inflight_per_server: int = 256  # generation requests in flight per backend server
-    fatal_k: int = 3  # consecutive tool/format errors that stop a rollout (GRPO's fatal step: also AlgoConfig.fatal_errors)
+    fatal_k: int = 3  # consecutive error steps that stop a rollout FATAL (the cascade; also GRPO's fatal step)
+    fatal_errors: str = field(default="any", metadata={"choices": FATAL_ERRORS})  # the cascade's error steps:
+    #   any (not ok: a failed tool, a malformed or unterminated call, no call and no answer; the paper's
+    #   count) | tool (only a called tool's failure; the model's own format errors neither count nor reset)
     repetition_min_tokens: int = 256  # the detector looks only at turns at least this long
     repetition_max_period: int = 64  # longest repeated block (tokens) the detector looks for
     repetition_min_repeats: int = 8  # a turn whose tail repeats a block this often ends INTERRUPTED
@@ -105,6 +108,7 @@ class EngineConfig:
                      "max_inflight_per_server", "fatal_k", "repetition_max_period",
                      "repetition_min_repeats", "max_images_per_obs"):
             check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        check(self.fatal_errors in FATAL_ERRORS, f"fatal_errors must be one of {FATAL_ERRORS}, got {self.fatal_errors!r}")
         check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
         check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         check(self.timeout_s > 0, f"timeout_s must be > 0, got {self.timeout_s}")
@@ -548,7 +552,7 @@ class Engine:
         t = lv.traj
         t.status, t.stop_reason, t.finished_at = status, reason, time.time()
         cfg = self._cfg
-        t.fatal_step = t.compute_fatal_step(cfg.fatal_k)
+        t.fatal_step = t.compute_fatal_step(cfg.fatal_k, cfg.fatal_errors)
         if cfg.check_tokens:
             check_tokens(self.codec, t, self._schemas(t.meta.get("tools")), self.stats.token_check,
                          strict=cfg.strict_tokens)

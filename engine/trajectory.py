@@ -14,10 +14,12 @@ fatal step (OpenSearch-VL Sec. 4.2) is derived from them: the first step of the 
 consecutive error steps (the cascade). Only a cascade is fatal: a run that stopped without an
 answer for another reason (max turns, context, timeout, repetition, an engine error) has no
 fatal step; it is an anomaly, which the trainer penalises or masks (AlgoConfig.anomalies).
-Which steps are error steps (FATAL_ERRORS): "any" step that is not ok (a tool failed, a call
-was malformed or unterminated, or the step neither called nor answered: the paper's count), or
-only "tool" steps, where a called tool failed; there a step that failed on its own (a malformed
-or runaway turn) neither counts nor resets, so the model's own loops are not tool cascades.
+Which steps are error steps (FATAL_ERRORS, EngineConfig.fatal_errors: the engine's cascade and
+the fatal step agree): "any" step that is not ok (a tool failed, a call was malformed or
+unterminated, or the step neither called nor answered: the paper's count), or only "tool" steps,
+where a called tool failed (or a custom environment said the step was not ok); there a step that
+failed on its own (a malformed or runaway turn) neither counts nor resets, so the model's own
+loops are not cascades: they run on to max_turns or the repetition detector.
 
     traj.loss_mask()              # [prompt + segments] 1 where the policy sampled the token
     traj.loss_mask(fatal=True)    # ... and the token's step precedes the fatal step
@@ -246,8 +248,12 @@ class Turn:
     env_ok: bool | None = None  # a custom environment's verdict on the step (Engine(env=...)); None: none
 
     def cascade_flag(self, errors: str = "any") -> bool | None:
-        """This step in the fatal-step count (FATAL_ERRORS `errors`): True a success (resets the
-        count), False an error step, None neither ("tool": not ok, but no called tool failed)."""
+        """This step in the cascade's count (FATAL_ERRORS `errors`): True a success (resets the
+        count), False an error step, None neither ("tool": not ok, but no called tool failed: a
+        malformed or unterminated call, no call and no answer). A custom environment's verdict
+        (EnvStep.ok) counts as given under both."""
+        if errors not in FATAL_ERRORS:
+            raise ValueError(f"errors must be one of {FATAL_ERRORS}, got {errors!r}")
         if errors == "tool" and not self.ok and not self.tool_errors and self.env_ok is None:
             return None
         return self.ok

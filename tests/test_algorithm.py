@@ -135,9 +135,10 @@ def test_anomalies_are_penalised_or_masked_but_never_clamped() -> None:
 
 def test_fatal_errors_tool_counts_only_tool_failures() -> None:
     """F's cascade is its own format errors (runaway turns), T's is tool failures with one
-    format error between them. "any" (the paper's count): both fatal, both clamped. "tool": T is
-    still fatal from step 0 (its format step neither counts nor resets), F is an anomaly:
-    penalised by default, masked with anomalies="mask"."""
+    format error between them. "any" (the paper's count): both fatal, both clamped. "tool" (the
+    engine's fatal_errors, which also lets T run past its third step): T is still fatal from
+    step 0 (its format step neither counts nor resets), F is an anomaly: penalised by default,
+    masked with anomalies="mask"."""
     trajs = [mk("F", "q3", ["ok", "fmt", "fmt", "fmt"], Status.FATAL, 0.0),
              mk("T", "q3", ["err", "fmt", "err", "err"], Status.FATAL, 0.0),
              mk("G", "q3", ["ok", "ans"], Status.ANSWERED, 1.0)]
@@ -148,15 +149,15 @@ def test_fatal_errors_tool_counts_only_tool_failures() -> None:
     assert out.fatal_steps == [1, 0, None]
     close(out.advantages, [0.0, 0.0, r[2]])
     assert masks_of(out) == [[0, 0, 1, 1] + [0] * 9, [0] * 13, gen_g]
-    tool = compute_advantages(trajs, AlgoConfig(fatal_errors="tool"))
+    tool = compute_advantages(trajs, fatal_errors="tool")
     assert tool.fatal_steps == [None, 0, None]
     close(tool.advantages, [r[0], 0.0, r[2]])  # F's runaway turns cost it reward
     assert masks_of(tool) == [gen_f, [0] * 13, gen_g]
     assert tool.metrics["fatal_frac"] == pytest.approx(1 / 3) and tool.metrics["anomalous_frac"] == pytest.approx(1 / 3)
-    masked = compute_advantages(trajs, AlgoConfig(fatal_errors="tool", anomalies="mask"))
+    masked = compute_advantages(trajs, AlgoConfig(anomalies="mask"), fatal_errors="tool")
     assert masks_of(masked) == [[0] * 13, [0] * 13, gen_g]
-    with pytest.raises(ValueError, match="fatal_errors"):
-        AlgoConfig(fatal_errors="format")
+    with pytest.raises(ValueError, match="fatal_errors must be one of"):
+        compute_advantages(trajs, fatal_errors="format")
 
 
 def test_clamp_keeps_a_fatal_member_above_the_mean() -> None:

@@ -131,6 +131,13 @@ def test_a_rerun_with_other_data_arguments_is_refused(tmp_path):
     proof.Proof(args("--grpo-lr", "1e-3")).check_args(p.out / "seed-1", proof.SEED_ARGS)  # another seed: fine
     with pytest.raises(SystemExit, match=r"seed-0 was made with --grpo-lr 0.0002; this run asks 0.001"):
         proof.Proof(args("--grpo-lr", "1e-3")).check_args(p.out / "seed-0", proof.SEED_ARGS)
+    # an argument newer than a seed's args.json: that folder was made with its default
+    f = p.out / "seed-0" / "args.json"
+    f.write_text(json.dumps({k: v for k, v in json.loads(f.read_text()).items() if k != "fatal_errors"}))
+    with pytest.raises(SystemExit, match=r"seed-0 was made with --fatal-errors any; this run asks tool"):
+        proof.Proof(args("--fatal-errors", "tool")).check_args(p.out / "seed-0", proof.SEED_ARGS)
+    p.check_args(p.out / "seed-0", proof.SEED_ARGS)  # the default: fine, and now recorded
+    assert json.loads(f.read_text())["fatal_errors"] == "any"
     # a folder of an older proof (data/, no args.json, or an older data format) is refused, not misread
     (tmp_path / "old" / "data").mkdir(parents=True)
     with pytest.raises(SystemExit, match=r"holds data of an older proof \(data format None"):

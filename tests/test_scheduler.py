@@ -152,6 +152,23 @@ def test_format_errors_are_observations_and_count_toward_the_cascade() -> None:
     assert "Error:" in t.segments[1].text
 
 
+def test_fatal_errors_tool_stops_only_on_tool_failures() -> None:
+    """EngineConfig.fatal_errors="tool": the model's own format errors neither count nor reset,
+    so a run of them goes on to max_turns (an anomaly, no fatal step), and a tool cascade with a
+    malformed turn inside it is still one, fatal from its first failed call."""
+    fail = script_turns([("search", {"fail": True})], "x")[0]
+    scripts = {"bad": ["no call here", "<tool_call>{not json</tool_call>", "still nothing", "x", "y", "z"],
+               "mixed": [fail, "<tool_call>{not json</tool_call>", fail, fail, "never reached"]}
+    for errors, bad, mixed in (("any", (Status.FATAL, 0, 3), (Status.FATAL, 0, 3)),
+                               ("tool", (Status.TRUNCATED, None, 5), (Status.FATAL, 0, 4))):
+        engine, _ = _engine(EngineConfig(n_samples=1, max_turns=5, fatal_errors=errors), scripts)
+        got = {g[0].group_id: g[0] for g in asyncio.run(_collect(engine, [Prompt(k, "q") for k in scripts]))}
+        assert (got["bad"].status, got["bad"].fatal_step, len(got["bad"].turns)) == bad, errors
+        assert (got["mixed"].status, got["mixed"].fatal_step, len(got["mixed"].turns)) == mixed, errors
+    with pytest.raises(Exception, match="fatal_errors must be one of"):
+        EngineConfig(fatal_errors="format")
+
+
 def test_dead_server_moves_its_trajectories() -> None:
     scripts = {f"p{i}": script_turns([("search", {"q": "a"})] * 3, "y") for i in range(6)}
     servers = [FakeServer("s0", die_after=4), FakeServer("s1")]

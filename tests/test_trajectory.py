@@ -98,6 +98,27 @@ def test_turn_ok() -> None:
     assert not Turn(0, calls=[{"name": "a"}], parse_errors=[{"kind": "invalid_json"}]).ok
 
 
+def test_cascade_flag_by_fatal_errors() -> None:
+    """Each kind of step under "any" and "tool": (any, tool)."""
+    call, bad = [{"name": "Crop"}], [{"kind": "invalid_json"}]
+    tool_err = [{"name": "Crop", "kind": "fatal"}]
+    table = [
+        (Turn(0, calls=call), (True, True)),  # a call that ran
+        (Turn(0, answered=True), (True, True)),
+        (Turn(0, calls=call, tool_errors=tool_err), (False, False)),  # a tool failed
+        (Turn(0), (False, None)),  # no call, no answer
+        (Turn(0, parse_errors=[{"kind": "unterminated_tag"}]), (False, None)),  # a runaway turn
+        (Turn(0, calls=call, parse_errors=bad), (False, None)),  # one good call, one malformed
+        (Turn(0, calls=call, parse_errors=bad, tool_errors=tool_err), (False, False)),  # both
+        (Turn(0, env_ok=False), (False, False)),  # a custom environment's verdict, as given
+        (Turn(0, env_ok=True), (True, True)),
+    ]
+    for turn, want in table:
+        assert (turn.cascade_flag("any"), turn.cascade_flag("tool")) == want, turn
+    with pytest.raises(ValueError, match="errors must be one of"):
+        Turn(0).cascade_flag("format")
+
+
 def test_segment_validation() -> None:
     with pytest.raises(ValueError, match="2 tokens has 1 logprobs"):
         Segment(SegmentKind.GEN, [1, 2], turn=0, logprobs=[0.0], version=0)

@@ -22,11 +22,11 @@ population (paper) or unbiased std, ``rloo`` n/(n-1) (r - mean), ``drgrpo`` r - 
 groups get 0. The fatal step is recomputed from the turns with ``fatal_k`` (the first step of
 the first run of k consecutive error steps), so trajectories read back from disk follow this
 config; a member is *fatal* when it has one. Only cascades are fatal: the clamp protects
-reasoning from penalties for tool failures, not the model's own loops. ``fatal_errors`` says
-which steps make a cascade: ``any`` step that is not ok (a failed tool, a malformed or
-unterminated call, a step that neither called nor answered: the paper's count) or only ``tool``
-steps, where a called tool failed (a malformed or runaway turn neither counts nor resets), so a
-trajectory the engine stopped for a run of its own format errors is an anomaly, not fatal.
+reasoning from penalties for tool failures, not the model's own loops. ``fatal_errors`` (the
+engine's EngineConfig.fatal_errors, beside fatal_k) says which steps make a cascade: ``any`` step
+that is not ok (a failed tool, a malformed or unterminated call, a step that neither called nor
+answered: the paper's count) or only ``tool`` steps, where a called tool failed (a malformed or
+runaway turn neither counts nor resets: such loops end at max turns, an anomaly, not fatal).
 
 ``anomalies``: a member that ended unanswered without a cascade (max turns, context, timeout,
 repetition, an engine error) is ``penalize``d (the default: its mask and advantage as the mode
@@ -86,8 +86,6 @@ class AlgoConfig:
     neg_scale: float = 1.0  # weight of negative advantages: 1 = GRPO; 0 = reinforce only the above-average
     anomalies: str = field(default="penalize", metadata={"choices": ANOMALIES})  # unanswered without
     #   a cascade (max turns, timeout, repetition, error): penalize (trained on) | mask (M = 0)
-    fatal_errors: str = field(default="any", metadata={"choices": FATAL_ERRORS})  # steps that make the
-    #   fatal cascade: any (not ok: tool, format, no call) | tool (a called tool failed)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -99,8 +97,6 @@ class AlgoConfig:
             raise ValueError(f"AlgoConfig.neg_scale must be a number in [0, 1], got {self.neg_scale!r}")
         if self.anomalies not in ANOMALIES:
             raise ValueError(f"AlgoConfig.anomalies must be one of {ANOMALIES}, got {self.anomalies!r}")
-        if self.fatal_errors not in FATAL_ERRORS:
-            raise ValueError(f"AlgoConfig.fatal_errors must be one of {FATAL_ERRORS}, got {self.fatal_errors!r}")
         if self.impl not in IMPLS:
             raise ValueError(f"AlgoConfig.impl must be one of {IMPLS}, got {self.impl!r}")
         self.advantage_config()  # validates estimator, std and eps with their own messages
@@ -171,12 +167,15 @@ def _masks(trajs: list[Trajectory], cfg: AlgoConfig, fatal_steps: list[int | Non
 
 
 def compute_advantages(trajs: list[Trajectory], cfg: AlgoConfig = AlgoConfig(),
-                       device: str | torch.device = "cpu", fatal_k: int = 3) -> AlgoOutput:
+                       device: str | torch.device = "cpu", fatal_k: int = 3, fatal_errors: str = "any") -> AlgoOutput:
     """Advantages [N] (computed on `device`, returned there) and CPU loss masks for `trajs`;
-    `fatal_k`: the cascade length (the engine's EngineConfig.fatal_k, so one knob decides both
-    when a rollout is interrupted and where its fatal step is)."""
+    `fatal_k` and `fatal_errors`: the cascade's length and error steps (the engine's
+    EngineConfig.fatal_k and .fatal_errors, so one knob decides both when a rollout is
+    interrupted and where its fatal step is)."""
     if isinstance(fatal_k, bool) or not isinstance(fatal_k, int) or fatal_k < 1:
         raise ValueError(f"fatal_k must be an int >= 1, got {fatal_k!r}")
+    if fatal_errors not in FATAL_ERRORS:
+        raise ValueError(f"fatal_errors must be one of {FATAL_ERRORS}, got {fatal_errors!r}")
     if not trajs:
         raise ValueError("compute_advantages needs at least one trajectory, got an empty list")
     for t in trajs:
@@ -185,7 +184,7 @@ def compute_advantages(trajs: list[Trajectory], cfg: AlgoConfig = AlgoConfig(),
     gid_of: dict[str, int] = {}
     gidx = [gid_of.setdefault(t.group_id, len(gid_of)) for t in trajs]
     rewards = torch.tensor([_reward_of(t) for t in trajs], dtype=torch.float32, device=device)  # [N]
-    fatal_steps = [t.compute_fatal_step(fatal_k, cfg.fatal_errors) for t in trajs]
+    fatal_steps = [t.compute_fatal_step(fatal_k, fatal_errors) for t in trajs]
     fatal = torch.tensor([f is not None for f in fatal_steps], dtype=torch.bool, device=device)  # [N]
     group_index = torch.tensor(gidx, dtype=torch.long, device=device)  # [N]
     res = grouped_advantage(rewards, group_index, fatal, cfg.advantage_config(),

@@ -103,7 +103,8 @@ def run_grpo(cfg: GRPOConfig) -> dict[str, Any]:
         for step in range(run.start, cfg.steps):
             t0 = time.perf_counter()
             trajs = run.broadcast(run.rollout_and_score() if run.rank == 0 else None)  # rollout, reward
-            algo = compute_advantages(trajs, cfg.algo, fatal_k=cfg.rollout.engine.fatal_k)  # advantage
+            algo = compute_advantages(trajs, cfg.algo, fatal_k=cfg.rollout.engine.fatal_k,  # advantage
+                                      fatal_errors=cfg.rollout.engine.fatal_errors)
             t1 = time.perf_counter()
             run.colocate("sleep")
             metrics = {"step": step + 1, **run.update(trajs, algo),

@@ -47,11 +47,20 @@ class Limits:
             ids[:n_body], cfg.repetition_max_period, cfg.repetition_min_repeats)
 
     def cascade(self, t: Trajectory) -> bool:
-        """K consecutive error steps, the last not an answer (checked last turn first: cheap)."""
-        turns, k = t.turns, self.cfg.fatal_k
-        if len(turns) < k or turns[-1].ok or turns[-1].answered:
+        """K consecutive error steps (EngineConfig.fatal_errors says which; a step that is neither
+        is skipped), the last not an answer; walked from the last turn back: cheap."""
+        turns, k, errors = t.turns, self.cfg.fatal_k, self.cfg.fatal_errors
+        if not turns or turns[-1].answered or turns[-1].cascade_flag(errors) is not False:
             return False
-        return not any(x.ok for x in turns[-k:])
+        run = 0
+        for x in reversed(turns):
+            flag = x.cascade_flag(errors)
+            if flag:
+                return False
+            run += flag is False
+            if run == k:
+                return True
+        return False
 
     def after_turn(self, t: Trajectory) -> Stop | None:
         """After a turn that did not answer: the cascade, then max_turns."""
