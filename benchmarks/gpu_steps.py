@@ -777,8 +777,11 @@ def step_weight_transfer(res: Result, a: argparse.Namespace, dry: bool) -> None:
         if proc.is_alive():
             proc.kill()
         path.unlink(missing_ok=True)
-    methods["group_1rank"] = _group_alone(src, "gloo" if dry else "nccl")
+    methods["group_1rank"] = g = _group_alone(src, "gloo" if dry else "nccl")
     res.fig(methods=methods)
+    if not dry:
+        res.head(f"weight-update group on {g['backend']}, one rank: " + (f"ok, {g['s']:.3f} s" if "s" in g
+                                                                          else g["error"]))
     errors = {k: r["error"] for k, r in methods.items() if "error" in r}
     if errors:
         raise RuntimeError(f"methods failed: {errors}")
