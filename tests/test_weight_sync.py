@@ -314,7 +314,8 @@ def test_sglang_servers_take_weights_over_the_group(tmp_path):
             for be in fleet:
                 loop.run_until_complete(be.close())
     assert before.version == 0 and [a.version for a in after] == [1, 1] and [be.version for be in fleet] == [1, 1]
-    assert set(metrics) == {"sync/group_s", "sync/group_gb"} and metrics["sync/group_gb"] > 0
+    assert set(metrics) == {"sync/group_s", "sync/group_gb", "sync/nccl"} and metrics["sync/group_gb"] > 0
+    assert metrics["sync/nccl"] == 0.0  # gloo on CPU
     assert skipped == {"sync/skipped": 1.0}
     assert all(i["calls"] == ["init", "update", "update"] for i in info)  # 1.3 MB in 1 MB buckets, one sync
     # the version is sent with the last bucket only: SGLang applies one whenever it is sent,
