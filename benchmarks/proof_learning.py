@@ -33,9 +33,10 @@ skipped on a rerun, so a crashed run resumes and a rerun of one arm is cheap):
   8. grpo-<arm> GRPO from the SFT model on the RL split: accuracy-only reward (alpha 1), groups
                 with mixed outcomes only, an lr warm-up; transient failures (p 0.15 a call) and
                 sticky outages (0.3 of trajectories, every call failing from a random call on, so
-                the K = 3 cascade ends them) injected; checkpoints every --curve-every steps
-                evaluated greedily on --curve-questions held-out questions (the curve; its first
-                and last points are the held-out evals below, on those questions)
+                the K = 3 cascade ends them; --fatal-errors tool: only tool failures make a
+                cascade, the model's own format loops run to max turns) injected; checkpoints
+                every --curve-every steps evaluated greedily on --curve-questions held-out
+                questions (the curve; its first and last points are the held-out evals below)
   9. eval       held-out, greedy, transient failures injected: the SFT model, the control, every
                 arm; sampled pass@1 and pass@k (T 0.7) on --passk-questions of them
 
