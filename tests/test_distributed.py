@@ -8,11 +8,13 @@ The 2-rank part runs this file as a torchrun worker in a subprocess with a bound
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -38,20 +40,22 @@ def _data():
 
 
 # ------------------------------------------------------------------------------ worker (torchrun)
-def _spy_gathers() -> list[int]:
-    """Record (fp32 bytes, tensors) of every deepspeed.zero.GatheredParameters call from now on."""
+@contextlib.contextmanager
+def _spy_gathers() -> Iterator[list[tuple[int, int]]]:
+    """Within the block, record (fp32 bytes, tensors) of every deepspeed.zero.GatheredParameters call."""
     import deepspeed
-    dz = deepspeed.zero
-    orig = getattr(dz.GatheredParameters, "_spied", dz.GatheredParameters)
+    dz, orig = deepspeed.zero, deepspeed.zero.GatheredParameters
     sizes: list[tuple[int, int]] = []
 
     def spy(params, *a, **k):
         ps = params if isinstance(params, (list, tuple)) else [params]
         sizes.append((sum(p.ds_numel for p in ps) * 4, len(ps)))
         return orig(params, *a, **k)
-    spy._spied = orig
     dz.GatheredParameters = spy
-    return sizes
+    try:
+        yield sizes
+    finally:
+        dz.GatheredParameters = orig
 
 
 def _worker(out: Path) -> None:
@@ -70,13 +74,13 @@ def _worker(out: Path) -> None:
         sd = full_state_dict(up, rank0_only=True)
         # the weight-sync stream: buckets gathered one module group at a time on every rank; each
         # gather's size is recorded, and at each yield nothing may be left gathered
-        gathers, held = _spy_gathers(), []
-        buckets = []
-        for b in iter_weight_buckets(up, 64 << 10, torch.float32, torch.device("cpu")):
-            buckets.append(b)
-            held.append(sum(p.numel() for p in up.model.parameters() if getattr(p, "ds_numel", None) is not None
-                            and p.numel() == p.ds_numel and p.ds_numel > 0))
-        report[f"{strategy}_gathers"] = list(gathers)
+        buckets, held = [], []
+        with _spy_gathers() as gathers:
+            for b in iter_weight_buckets(up, 64 << 10, torch.float32, torch.device("cpu")):
+                buckets.append(b)
+                held.append(sum(p.numel() for p in up.model.parameters() if getattr(p, "ds_numel", None) is not None
+                                and p.numel() == p.ds_numel and p.ds_numel > 0))
+        report[f"{strategy}_gathers"] = gathers
         report[f"{strategy}_held_at_yield"] = max(held, default=0)
         report[f"{strategy}_numel"] = sum(getattr(p, "ds_numel", p.numel()) for p in up.model.parameters())
         if rank == 0:
