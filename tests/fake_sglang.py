@@ -77,16 +77,11 @@ def serve(port_file: str, model_dir: Optional[str] = None, pp: int = 1, dp: int 
                                   "groups": sorted(groups), "weight_version": state["version"]})
 
     def image(url: str) -> Any:
-        import base64
-        import io
-
-        from PIL import Image
-        head, _, data = url.partition(",")
-        if not head.startswith("data:image/") or not head.endswith(";base64"):
-            raise web.HTTPBadRequest(text=f"image_data entry is not a base64 data URL: {url[:60]!r}")
-        im = Image.open(io.BytesIO(base64.b64decode(data)))
-        im.load()
-        return im
+        from spyglass.engine.gateway import RequestError, _image_from_url  # the gateway's data-URL decoder
+        try:
+            return _image_from_url(url, "image_data", 1 << 40)
+        except RequestError as e:
+            raise web.HTTPBadRequest(text=str(e)) from None
 
     async def generate(request: web.Request) -> web.Response:
         from spyglass.engine.backends.base import GenerateRequest, SamplingParams
