@@ -102,6 +102,19 @@ async def _checks(model_dir: Path) -> None:
         grp = await be.generate(GenerateRequest("grp", prompts[0], greedy))
         got = _hf_logprobs(_bf16(ref1), prompts[0], grp.token_ids).gather(1, torch.tensor(grp.token_ids)[:, None])
         assert grp.version == 3 and torch.allclose(torch.tensor(grp.logprobs), got.squeeze(1), atol=1e-4)
+        # the trainer's own sync, transport auto: in-process, so through shared memory (/dev/shm here);
+        # WeightSync's own call runs its loop, so its plan and sender are driven here
+        from spyglass.trainer.weight_sync import SyncPlan, WeightSync
+        sync = WeightSync(WeightSyncConfig(transport="auto", bucket_mb=1, timeout_s=120), [be], 0, model_dir / "w")
+        assert await sync._decide() == SyncPlan(group=False, state_dict=False, disk=False, ipc=True)
+        await stream_update(sync.sharer, iter_weight_buckets(_trainer(ref0), 1 << 20, torch.bfloat16,
+                                                             torch.device("cpu")), 4)
+        shm = sync.sharer.buffer.path
+        await sync.sharer.close()
+        assert not os.path.exists(shm)
+        ipc = await be.generate(GenerateRequest("ipc", prompts[0], greedy))
+        got = _hf_logprobs(_bf16(ref0), prompts[0], ipc.token_ids).gather(1, torch.tensor(ipc.token_ids)[:, None])
+        assert ipc.version == 4 and torch.allclose(torch.tensor(ipc.logprobs), got.squeeze(1), atol=1e-4)
         assert await be.health()
     finally:
         await be.close()

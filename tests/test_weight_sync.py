@@ -93,6 +93,31 @@ def _vllm_worker(spec_file: str, out_file: str) -> None:
                 "closed": closed, "version": w._spyglass_version}, out_file)
 
 
+def _share_worker(out_file: str) -> None:
+    """A fake vLLM worker with the extension mixed in, in its own process, driven over
+    stdin/stdout one JSON line per call (as collective_rpc drives an engine core's workers):
+    ["method", "json-arg" or null] -> the answer, or {"error": ...}; saves its model as
+    OUT.v<version> after each update's last bucket."""
+    from spyglass.engine.backends.vllm_ext import WeightSyncWorker
+    from spyglass.engine.offline import tiny
+
+    class Worker(WeightSyncWorker):
+        def __init__(self) -> None:
+            self.rank = 0
+            self.model_runner = SimpleNamespace(model=_FakeModel(tiny.build_tiny_text_lm(seed=0).model))
+
+    w = Worker()
+    for line in sys.stdin:
+        method, arg = json.loads(line)
+        try:
+            answer = getattr(w, method)(*([] if arg is None else [arg]))
+        except Exception as e:  # noqa: BLE001 - reported to the caller
+            answer = {"error": f"{type(e).__name__}: {e}"}
+        if arg is not None and json.loads(arg).get("last") and "error" not in answer:  # a whole version
+            torch.save(w.model_runner.model.model.state_dict(), f"{out_file}.v{answer['version']}")
+        print(json.dumps(answer), flush=True)
+
+
 def _receiver(spec_file: str, out_file: str) -> None:
     """Rank 1 of a bare group: receive the buckets listed in the spec, save them."""
     from spyglass.trainer.weight_sync import close_update_group, init_update_group, receive_bucket
@@ -165,9 +190,10 @@ def _trainer_exit(url0: str, url1: str) -> None:
 
 
 # ------------------------------------------------------------------------------ helpers
-def _child(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, __file__, *args], env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+def _child(*args: str, stdin: Any = None) -> subprocess.Popen:
+    """This file as another program; with `stdin` (a pipe) its stdout carries only answers."""
+    return subprocess.Popen([sys.executable, __file__, *args], env=ENV, stdout=subprocess.PIPE, stdin=stdin,
+                            stderr=None if stdin is not None else subprocess.STDOUT, text=True)
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 60) -> None:
@@ -485,5 +511,125 @@ class _Refuses:
 
 if __name__ == "__main__":
     role = sys.argv[1]
-    {"vllm-worker": _vllm_worker, "recv": _receiver, "trainer-rank": _trainer_rank,
+    {"vllm-worker": _vllm_worker, "share-worker": _share_worker, "recv": _receiver, "trainer-rank": _trainer_rank,
      "trainer-exit": _trainer_exit}[role](*sys.argv[2:])
+
+
+# ------------------------------------------------------------------------------ shared memory ("ipc")
+def _child_engine(out_file: Path) -> Any:
+    """VLLMBackend's weight-sync surface (receive_shared, the probe) over `_share_worker` in
+    another process, standing in for vLLM's engine core (whose collective_rpc hands each
+    worker the same JSON argument)."""
+    from spyglass.engine.backends.base import BackendError
+    from spyglass.engine.backends.vllm import VLLMBackend
+
+    class ChildEngine(VLLMBackend):
+        def __init__(self) -> None:  # no vLLM: the product's methods over a child process
+            self.name, self.version, self._closed, self._tmp = "eng-0", 0, False, None
+            self.proc = _child("share-worker", str(out_file), stdin=subprocess.PIPE)
+            self.calls: list[str] = []
+
+        async def _rpc(self, method: str, payload: Any, timeout_s: float) -> list[Any]:
+            self.calls.append(method)
+            self.proc.stdin.write(json.dumps([method, None if payload is None else json.dumps(payload)]) + "\n")
+            self.proc.stdin.flush()
+            line = await asyncio.wait_for(asyncio.to_thread(self.proc.stdout.readline), timeout_s)
+            answer = json.loads(line)
+            if "error" in answer:
+                raise BackendError(self.name, f"collective_rpc {method} failed: {answer['error']}")
+            return [answer]
+
+        async def _reset_cache(self) -> None:
+            self.calls.append("reset_prefix_cache")
+
+        async def close(self) -> None:
+            _finish(self.proc)  # closes its stdin: the worker saves its model and exits
+
+    return ChildEngine()
+
+
+def test_shared_layout_views_every_dtype_in_place():
+    """Offsets are ALIGN-aligned; unpack gives views of the buffer (no copy) equal to the packed
+    tensors, bf16 / fp16 / int64 / bool / 0-d / empty alike; an offset past the end is refused."""
+    import pytest
+
+    from spyglass.trainer.weight_share import ALIGN, layout, pack, unpack
+
+    ts = [torch.randn(3, 5).to(torch.bfloat16), torch.arange(7), torch.randn(()), torch.zeros(0, 4),
+          torch.tensor([True, False, True]), torch.randn(2, 3, dtype=torch.float16), torch.randn(129)]
+    offsets, total = layout(ts)
+    assert all(o % ALIGN == 0 for o in offsets) and total % ALIGN == 0
+    assert all(o + t.nbytes <= nxt for o, t, nxt in zip(offsets, ts, offsets[1:] + [total]))  # no overlap
+    flat = torch.zeros(total, dtype=torch.uint8)
+    pack(flat, ts, offsets)
+    views = unpack(flat, [t.dtype for t in ts], [list(t.shape) for t in ts], offsets)
+    assert all(torch.equal(v, t) and v.dtype == t.dtype for v, t in zip(views, ts))
+    flat[offsets[1]:offsets[1] + 8].zero_()  # views, not copies
+    assert views[1][0] == 0 and views[1][1] == 1
+    with pytest.raises(ValueError, match="does not fit"):
+        unpack(flat, [torch.float32], [[1000]], [offsets[-1]])
+
+
+def test_shared_memory_sync_reaches_a_worker_in_another_process(tmp_path):
+    """sync.transport auto with an in-process engine: the plan is ipc (no group, no disk); the
+    buckets reach the worker process through /dev/shm and its model ends up with the trainer's
+    bf16-rounded weights exactly, version set and cache reset once, on the last bucket. A second
+    update in 64 KB buckets (the embedding alone is larger: the buffer grows) lands as exactly;
+    the shared file is gone after close."""
+    from spyglass.engine.offline import tiny
+    from spyglass.trainer.weight_share import ShareSender
+    from spyglass.trainer.weight_sync import SyncPlan, WeightSync, WeightSyncConfig, iter_weight_buckets, stream_update
+
+    first, second = tiny.build_tiny_text_lm(seed=1).model, tiny.build_tiny_text_lm(seed=2).model
+    loop = asyncio.new_event_loop()
+    eng = _child_engine(tmp_path / "worker.pt")
+    sync = WeightSync(WeightSyncConfig(transport="auto", bucket_mb=1, timeout_s=60), [eng], 0, tmp_path / "w")
+    small = ShareSender(SimpleNamespace(bucket_bytes=64 << 10, timeout_s=60), [eng], torch.device("cpu"))
+    try:
+        assert sync.prepare(loop) == SyncPlan(group=False, state_dict=False, disk=False, ipc=True)
+        m = sync(_runtime(first), 1, loop)
+        assert set(m) == {"sync/ipc_s", "sync/ipc_gb"} and m["sync/ipc_gb"] > 0 and eng.version == 1
+        assert eng.calls.count("spyglass_receive_shared") >= 2 and eng.calls[-1] == "reset_prefix_cache"
+        assert eng.calls.count("reset_prefix_cache") == 1 and not (tmp_path / "w").exists()
+        shm = sync.sharer.buffer.path
+        assert os.path.exists(shm)
+        assert sync(_runtime(first), 1, loop) == {"sync/skipped": 1.0}
+        files, orig = [], small._room
+        small._room = lambda n: (lambda buf: (files.append(buf.path), buf)[1])(orig(n))
+        buckets = sorted(iter_weight_buckets(_runtime(second), 64 << 10, torch.bfloat16, torch.device("cpu")),
+                         key=lambda b: b.nbytes)  # smallest first: the buffer must grow on the way
+        loop.run_until_complete(stream_update(small, buckets, 2))
+        assert len(set(files)) >= 2 and small.buffer.nbytes > 64 << 10 and eng.version == 2
+        assert not any(os.path.exists(f) for f in set(files) - {small.buffer.path})  # outgrown ones removed
+    finally:
+        sync.close(loop)
+        loop.run_until_complete(small.close())
+        loop.run_until_complete(eng.close())
+        loop.close()
+    assert not os.path.exists(shm)
+    for v, model in ((1, first), (2, second)):
+        got, want = torch.load(tmp_path / f"worker.pt.v{v}"), _rounded(model)
+        assert set(want) <= set(got) and all(torch.equal(got[k], want[k]) for k in want), v
+
+
+def test_ipc_transport_refuses_a_server_that_cannot_map_the_trainers_memory(tmp_path):
+    """sync.transport ipc with an HTTP server (it answers the group probe, but is no child of
+    the trainer): one ConfigError naming it, before any weights move; a too-small shared-memory
+    folder is one error naming the sizes, and leaves no file behind."""
+    import pytest
+
+    from spyglass.engine.backends.sglang import SGLangBackend, SGLangConfig
+    from spyglass.engine.config import ConfigError
+    from spyglass.trainer.weight_share import SharedBuffer
+    from spyglass.trainer.weight_sync import WeightSync, WeightSyncConfig
+
+    loop = asyncio.new_event_loop()
+    with in_thread(_Refuses({"tp_size": 1})) as (srv,):
+        be = SGLangBackend(SGLangConfig(base_url=srv.url, name="sg-far", retries=0))
+        with pytest.raises(ConfigError, match="transport 'ipc': server 'sg-far' cannot take weights through shared"):
+            WeightSync(WeightSyncConfig(transport="ipc"), [be], 0, tmp_path / "w")(_runtime(Mixed()), 1, loop)
+        loop.run_until_complete(be.close())
+    loop.close()
+    with pytest.raises(RuntimeError, match=r"shared-memory sync needs \d+ MB in .* MB is free"):
+        SharedBuffer(1 << 60, torch.device("cpu"), shm_dir=str(tmp_path))
+    assert not list(tmp_path.glob("spyglass-weights-*"))

@@ -21,9 +21,12 @@ gathers parameters module group by module group up to the bucket size (every tra
 joins the gathers; only rank 0 keeps the bucket), so no rank ever holds the whole model.
 
 Transport (`WeightSyncConfig.transport`): "group" sends to every server over the group (a
-server that cannot is a config error naming it); "disk" writes a HF checkpoint dir that
-servers reload; "auto" uses the group for servers that answer its capability probe and disk
-for the others. In-process backends (HFBackend) always take the state dict. NCCL needs CUDA on
+server that cannot is a config error naming it); "ipc" sends the same buckets through shared
+memory to servers colocated in-process (VLLMBackend's `receive_shared`: a /dev/shm file on
+CPU, a CUDA IPC handle on the trainer's GPU; trainer/weight_share.py), any other server being a
+config error; "disk" writes a HF checkpoint dir that servers reload; "auto" uses ipc for
+in-process servers, the group for the other servers that answer its capability probe, and disk
+for the rest. In-process backends without the probe (HFBackend) always take the state dict. NCCL needs CUDA on
 both ends (a clear error here without it); the gloo path runs on CPU and is what the tests use:
 
     .venv/bin/python -m pytest -q tests/test_weight_sync.py
@@ -47,7 +50,7 @@ from torch import nn
 
 from spyglass.engine.backends.vllm import check_worker_ranks  # noqa: F401 - re-exported
 
-TRANSPORTS = ("auto", "disk", "group")
+TRANSPORTS = ("auto", "disk", "group", "ipc")
 WIRE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 GROUP_BACKENDS = ("auto", "gloo", "nccl")
 
@@ -57,7 +60,8 @@ class WeightSyncConfig:
     """How the trainer's weights reach the generation servers after each update."""
 
     transport: str = field(default="auto", metadata={"choices": TRANSPORTS})  # group: a torch process
-    #   group to every server's workers; disk: a checkpoint dir they reload; auto: group where the server can
+    #   group to every server's workers; ipc: shared memory (/dev/shm, CUDA IPC) to an in-process vLLM;
+    #   disk: a checkpoint dir they reload; auto: ipc where the server is in-process, else group where it can
     bucket_mb: int = 256  # tensors per server call and broadcast round, in MB on the wire
     dtype: str = field(default="bf16", metadata={"choices": tuple(WIRE_DTYPES)})  # floating tensors on the wire
     backend: str = field(default="auto", metadata={"choices": GROUP_BACKENDS})  # auto: nccl with CUDA, else gloo
@@ -544,19 +548,24 @@ def empty_bucket() -> Bucket:
     return Bucket([], [])
 
 
-async def stream_update(sender: GroupSender, buckets: Iterable[Optional[Bucket]], version: int) -> float:
-    """Send every bucket (the last one flagged, so servers reset caches and take `version`);
-    returns the seconds spent. A generator of buckets is advanced here (on rank 0)."""
+async def stream_update(senders: Any, buckets: Iterable[Optional[Bucket]], version: int) -> float:
+    """Send every bucket through each sender (a GroupSender / ShareSender, or a list of them;
+    the last bucket flagged, so servers reset caches and take `version`); returns the seconds
+    spent. A generator of buckets is advanced here (on rank 0)."""
+    senders = senders if isinstance(senders, list) else [senders]
     t0 = time.perf_counter()
-    await sender.open()
+    for s in senders:
+        await s.open()
     prev: Optional[Bucket] = None
     for b in buckets:
         if b is None:
             continue
         if prev is not None:
-            await sender.send(prev, version, last=False)
+            for s in senders:
+                await s.send(prev, version, last=False)
         prev = b
-    await sender.send(prev or empty_bucket(), version, last=True)
+    for s in senders:
+        await s.send(prev or empty_bucket(), version, last=True)
     return time.perf_counter() - t0
 
 
@@ -564,40 +573,60 @@ async def stream_update(sender: GroupSender, buckets: Iterable[Optional[Bucket]]
 @dataclass(frozen=True)
 class SyncPlan:
     """Decided on rank 0 at start-up (`WeightSync.prepare`), shared with every rank: whether the
-    bucket stream (group) and the full state dict (disk / in-process) are needed."""
+    bucket stream (group, ipc) and the full state dict (disk / in-process) are needed."""
 
     group: bool
     state_dict: bool
     disk: bool
+    ipc: bool = False
+
+
+def _shares_memory(backend: Any) -> bool:
+    return callable(getattr(backend, "receive_shared", None))
 
 
 class WeightSync:
     """The trainer's weight sync (GRPO's `sync` step), called on every rank after each update:
-    group-capable servers get the bucket stream, the others a checkpoint dir under
-    `weights_dir` (disk) and in-process backends the state dict. Returns metrics:
-    sync/<transport>_s, sync/group_gb and sync/nccl (1: the group ran NCCL, 0: gloo); a version
-    already synced is skipped (sync/skipped)."""
+    group-capable servers get the bucket stream (in-process ones through shared memory), the
+    others a checkpoint dir under `weights_dir` (disk) and in-process backends the state dict.
+    Returns metrics: the stream's seconds as sync/group_s (sync/ipc_s when shared memory is its
+    only transport), sync/group_gb and sync/ipc_gb, sync/nccl (1: the group ran NCCL, 0: gloo),
+    sync/disk_s or sync/memory_s; a version already synced is skipped (sync/skipped)."""
 
     def __init__(self, cfg: WeightSyncConfig, backends: list[Any], rank: int, weights_dir: str | os.PathLike) -> None:
-        if cfg.transport != "disk":
+        if cfg.transport in ("auto", "group"):
             cfg.group_backend()  # nccl without CUDA: the error now, not after the first update
         self.cfg, self.backends, self.rank, self.weights_dir = cfg, backends, rank, weights_dir
         self.plan: Optional[SyncPlan] = None
         self.sender: Optional[GroupSender] = None
+        self.sharer: Any = None  # a weight_share.ShareSender for in-process servers
         self.rest: list[Any] = []  # backends served from the state dict (disk or in-process)
         self.synced: Optional[int] = None  # the last version pushed
 
     async def _decide(self) -> SyncPlan:
-        group, why = await probe_group_servers(self.backends, self.cfg.transport)
+        t = self.cfg.transport
+        ok, why = await probe_group_servers(self.backends, "auto" if t == "ipc" else t)
+        share = [b for b in ok if _shares_memory(b)] if t in ("auto", "ipc") else []
+        if t == "ipc":
+            from spyglass.engine.config import ConfigError  # noqa: PLC0415
+            for b in self.backends:
+                if callable(getattr(b, "weight_group_size", None)) and b not in share:
+                    raise ConfigError(f"sync.transport 'ipc': server {b.name!r} cannot take weights through shared "
+                                      "memory (" + why.get(b.name, "only an in-process vLLM engine maps the "
+                                                                   "trainer's memory") + ")")
+        group = [b for b in ok if b not in share]
         for name, reason in why.items():
             print(f"[sync] {name}: disk ({reason})", flush=True)
         if group:
             group_address(self.cfg, group)  # a loopback address for a remote server: the error now
-        self.rest = [b for b in self.backends if b not in group]
+        self.rest = [b for b in self.backends if b not in ok]
         if group:
             self.sender = GroupSender(self.cfg, group)
+        if share:
+            from spyglass.trainer.weight_share import ShareSender  # noqa: PLC0415
+            self.sharer = ShareSender(self.cfg, share)
         from spyglass.trainer.distributed import _takes_path  # noqa: PLC0415
-        return SyncPlan(bool(group), bool(self.rest), any(_takes_path(b) for b in self.rest))
+        return SyncPlan(bool(group), bool(self.rest), any(_takes_path(b) for b in self.rest), bool(share))
 
     def prepare(self, loop: asyncio.AbstractEventLoop, broadcast: Any = lambda x: x) -> SyncPlan:
         """Probe the servers (rank 0) and share the plan (every rank calls it): at start-up, so
@@ -613,19 +642,22 @@ class WeightSync:
         if version == self.synced:  # a skipped update: the servers already serve these weights
             return {"sync/skipped": 1.0}
         out: dict[str, float] = {}
-        if plan.group:
+        if plan.group or plan.ipc:
             t0 = time.perf_counter()
-            device = self.sender.device if self.sender is not None else torch.device("cpu")
+            senders = [s for s in (self.sender, self.sharer) if s is not None]
+            device = senders[0].device if senders else torch.device("cpu")
             buckets = iter_weight_buckets(updater, self.cfg.bucket_bytes, self.cfg.wire_dtype, device)
             if self.rank == 0:
-                sent = self.sender.bytes_sent
-                loop.run_until_complete(stream_update(self.sender, buckets, version))
-                out["sync/group_gb"] = (self.sender.bytes_sent - sent) / 1e9
+                sent = [s.bytes_sent for s in senders]
+                loop.run_until_complete(stream_update(senders, buckets, version))
+                for s, before in zip(senders, sent):
+                    out["sync/group_gb" if s is self.sender else "sync/ipc_gb"] = (s.bytes_sent - before) / 1e9
             else:
                 for _ in buckets:  # the ZeRO-3 gathers are collectives every rank joins
                     pass
-            out["sync/group_s"] = time.perf_counter() - t0
-            out["sync/nccl"] = float(self.cfg.group_backend() == "nccl")  # which group backend ran: 1 NCCL, 0 gloo
+            out["sync/group_s" if plan.group else "sync/ipc_s"] = time.perf_counter() - t0
+            if plan.group:
+                out["sync/nccl"] = float(self.cfg.group_backend() == "nccl")  # which group backend ran: 1 NCCL, 0 gloo
         if plan.state_dict:
             t0 = time.perf_counter()
             sd = full_state_dict(updater, rank0_only=True)
@@ -641,6 +673,9 @@ class WeightSync:
         return out
 
     def close(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.sharer is not None:
+            loop.run_until_complete(self.sharer.close())
+            self.sharer = None
         if self.sender is not None:
             loop.run_until_complete(self.sender.close())
             self.sender = None

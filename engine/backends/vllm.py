@@ -23,7 +23,10 @@ VLLM_SERVER_DEV_MODE=1 and --worker-extension-cls): spyglass_weight_group_size (
 one answer per worker), spyglass_open_weight_group, spyglass_receive_weights per bucket
 (names, dtypes, shapes, version), spyglass_close_weight_group; after the last bucket the prefix
 cache is reset and the version set. Open and receive block until the trainer's collective, so
-over HTTP they are sent once, under the sync's timeout.
+over HTTP they are sent once, under the sync's timeout. The in-process backend also takes
+buckets through shared memory (`receive_shared` -> spyglass_receive_shared: a /dev/shm file on
+CPU, a CUDA IPC handle on the trainer's GPU; trainer/weight_share.py), the "ipc" transport,
+which sync.transport auto picks for it: its engine core is a child process on this host.
 
 HTTP (`VLLMHTTPBackend`), two token-level endpoints (`VLLMHTTPConfig.api`); start the server with
 `--logprobs-mode processed_logprobs` for either:
@@ -390,6 +393,15 @@ class VLLMBackend(_GroupSync, Backend):
         except Exception as e:
             raise BackendError(self.name, f"reload_weights failed: {e!r}") from e
         self.version = version
+
+    async def receive_shared(self, meta: dict[str, Any], version: int, last: bool, timeout_s: float = 600.0) -> None:
+        """One bucket from trainer rank 0's shared buffer (the "ipc" transport, trainer/weight_share.py):
+        the engine core's workers map it (/dev/shm on CPU, a CUDA IPC handle on the same GPU)."""
+        check_version(self, version)
+        await self._rpc("spyglass_receive_shared", {**meta, "version": version, "last": last}, timeout_s)
+        if last:
+            await self._reset_cache()
+            self.version = version
 
     async def _rpc(self, method: str, payload: dict[str, Any] | None, timeout_s: float) -> list[Any]:
         args = (json.dumps(payload),) if payload is not None else ()

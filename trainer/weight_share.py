@@ -1,0 +1,206 @@
+"""Weight sync through shared memory, for a server colocated with trainer rank 0 (in-process vLLM).
+
+The trainer packs each bucket into one flat byte buffer the server's workers map themselves:
+
+* CPU: a file in /dev/shm (`torch.from_file(shared=True)` on both ends: one copy in, none out);
+  its space is reserved up front with posix_fallocate, so a too-small /dev/shm (Docker's
+  default is 64 MB) is one error naming the sizes, never a SIGBUS mid-copy;
+* CUDA: a device buffer exported once per bucket as a CUDA IPC handle (torch's own
+  `reduce_tensor`), opened by the worker on its local index of the same physical GPU (matched
+  by UUID, so CUDA_VISIBLE_DEVICES may differ between the two processes).
+
+Each tensor starts at a multiple of `ALIGN` bytes, so the worker views it in its dtype without
+a copy. The server call carries (names, dtypes, shapes, offsets, handle, version, last) as JSON
+and returns once the worker has loaded (or copied) the bucket; only then is the buffer reused
+for the next one, and it grows (a new file / allocation) when a bucket is larger. This is the
+"ipc" transport of `trainer/weight_sync.py`; the receiving end is
+`spyglass.engine.backends.vllm_ext.WeightSyncWorker.spyglass_receive_shared`.
+
+    .venv/bin/python -m pytest -q tests/test_weight_sync.py -k shared
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import pickle
+import tempfile
+from typing import Any, Optional
+
+import torch
+
+ALIGN = 256  # bytes: every tensor's offset in the buffer (any dtype's size divides it)
+SHM_DIR = "/dev/shm"
+
+
+def layout(tensors: list[torch.Tensor]) -> tuple[list[int], int]:
+    """Each tensor's byte offset in the flat buffer, and the bytes the buffer needs."""
+    offsets, end = [], 0
+    for t in tensors:
+        offsets.append(end)
+        end += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
+    return offsets, end
+
+
+def _bytes_of(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def pack(flat: torch.Tensor, tensors: list[torch.Tensor], offsets: list[int]) -> None:
+    """Copy each tensor's bytes into the uint8 buffer `flat` at its offset."""
+    for t, off in zip(tensors, offsets):
+        b = _bytes_of(t)
+        flat[off:off + b.numel()].copy_(b)
+
+
+def unpack(flat: torch.Tensor, dtypes: list[torch.dtype], shapes: list[list[int]],
+           offsets: list[int]) -> list[torch.Tensor]:
+    """Views of the tensors packed in `flat` (no copy: they live as long as the buffer does)."""
+    out = []
+    for dtype, shape, off in zip(dtypes, shapes, offsets):
+        n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        if off % ALIGN or off + n > flat.numel():
+            raise ValueError(f"tensor at byte {off} (+{n}) does not fit a {flat.numel()}-byte shared buffer")
+        out.append(flat[off:off + n].view(dtype).view(shape))
+    return out
+
+
+def _device_uuid(index: int) -> str:
+    return str(torch.cuda.get_device_properties(index).uuid)
+
+
+def _local_index(uuid: str) -> int:
+    """This process's index of the GPU with `uuid` (CUDA_VISIBLE_DEVICES may renumber it)."""
+    for i in range(torch.cuda.device_count()):
+        if _device_uuid(i) == uuid:
+            return i
+    raise RuntimeError(f"the trainer's GPU {uuid} is not visible in this process (CUDA_VISIBLE_DEVICES="
+                       f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}): shared-memory sync needs the server "
+                       "on the trainer's node and that GPU visible to it")
+
+
+class SharedBuffer:
+    """The trainer's flat buffer: `flat` (uint8, `nbytes`) and `handle()`, what a worker passes
+    to `open_shared` to map the same memory. `close()` frees it (the /dev/shm file is unlinked)."""
+
+    def __init__(self, nbytes: int, device: torch.device, shm_dir: str = SHM_DIR) -> None:
+        self.nbytes, self.device, self.path = nbytes, device, ""
+        if device.type == "cuda":
+            self.flat = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            return
+        if device.type != "cpu":
+            raise ValueError(f"shared-memory sync takes a cpu or cuda buffer, not {device}")
+        folder = shm_dir if os.path.isdir(shm_dir) else tempfile.gettempdir()
+        fd, self.path = tempfile.mkstemp(prefix="spyglass-weights-", dir=folder)
+        try:
+            try:
+                os.posix_fallocate(fd, 0, nbytes)
+            except OSError as e:
+                free = os.statvfs(folder)
+                raise RuntimeError(
+                    f"shared-memory sync needs {nbytes / 2**20:.0f} MB in {folder} and "
+                    f"{free.f_bavail * free.f_frsize / 2**20:.0f} MB is free ({e.strerror}): lower "
+                    "sync.bucket_mb, give the container more shared memory (docker --shm-size), or use "
+                    "sync.transport group or disk") from e
+        except BaseException:
+            os.close(fd)
+            os.unlink(self.path)
+            raise
+        os.close(fd)
+        self.flat = torch.from_file(self.path, shared=True, size=nbytes, dtype=torch.uint8)
+
+    def handle(self) -> dict[str, Any]:
+        """JSON-able: {"kind": "shm", "path", "nbytes"} or {"kind": "cuda", "uuid", "ipc", "nbytes"}
+        (the IPC handle is exported now, after the bucket's copies finished)."""
+        if self.device.type == "cpu":
+            return {"kind": "shm", "path": self.path, "nbytes": self.nbytes}
+        from torch.multiprocessing.reductions import reduce_tensor  # noqa: PLC0415
+        torch.cuda.synchronize(self.device)  # the copies into flat are done before a worker reads it
+        _, args = reduce_tensor(self.flat)
+        return {"kind": "cuda", "uuid": _device_uuid(self.device.index or 0), "nbytes": self.nbytes,
+                "ipc": base64.b64encode(pickle.dumps(args)).decode()}
+
+    def close(self) -> None:
+        self.flat = torch.empty(0, dtype=torch.uint8)
+        if self.path:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            self.path = ""
+
+
+def open_shared(handle: dict[str, Any]) -> torch.Tensor:
+    """The worker's view of the trainer's buffer (uint8): the /dev/shm file mapped, or the CUDA
+    IPC handle opened on this process's index of the same GPU. Only for handles from our own
+    trainer: a CUDA handle is a pickle."""
+    kind = handle.get("kind")
+    if kind == "shm":
+        path, n = handle["path"], int(handle["nbytes"])
+        if not os.path.isfile(path) or os.path.getsize(path) < n:
+            raise RuntimeError(f"shared weight buffer {path!r} is missing or smaller than {n} bytes: the server "
+                               "must run on the trainer's host and see its /dev/shm")
+        return torch.from_file(path, shared=True, size=n, dtype=torch.uint8)
+    if kind == "cuda":
+        from torch.multiprocessing.reductions import rebuild_cuda_tensor  # noqa: PLC0415
+        args = list(pickle.loads(base64.b64decode(handle["ipc"])))
+        args[6] = _local_index(handle["uuid"])  # storage_device: the sender's index of this GPU
+        return rebuild_cuda_tensor(*args)
+    raise ValueError(f"unknown shared weight buffer kind {kind!r} (expected 'shm' or 'cuda')")
+
+
+class ShareSender:
+    """Trainer rank 0's end of the "ipc" transport over `servers` (backends with
+    `receive_shared`): the same open / send / close as GroupSender, so `stream_update` drives
+    either. A failed or timed-out call raises naming the server; the buffer stays valid."""
+
+    def __init__(self, cfg: Any, servers: list[Any], device: Optional[torch.device] = None) -> None:
+        self.cfg, self.servers = cfg, servers
+        self.device = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+                                 else torch.device("cpu"))
+        self.buffer: Optional[SharedBuffer] = None
+        self.bytes_sent = 0
+
+    async def open(self) -> None:
+        """Nothing to join: the buffer is made at the first bucket (sized to it)."""
+
+    def _room(self, nbytes: int) -> SharedBuffer:
+        if self.buffer is None or self.buffer.nbytes < nbytes:
+            if self.buffer is not None:
+                self.buffer.close()
+            self.buffer = None
+            self.buffer = SharedBuffer(max(nbytes, self.cfg.bucket_bytes, ALIGN), self.device)
+        return self.buffer
+
+    async def send(self, bucket: Any, version: int, last: bool) -> None:
+        """Pack one bucket and have every server load it; returns once all have."""
+        from spyglass.engine.backends.base import BackendError  # noqa: PLC0415
+        offsets, total = layout(bucket.tensors)
+        buf = self._room(total)
+        pack(buf.flat, bucket.tensors, offsets)
+        meta = {**bucket.meta(), "offsets": offsets, "handle": buf.handle()}
+        calls = {asyncio.ensure_future(s.receive_shared(meta, version, last, timeout_s=self.cfg.timeout_s)): s
+                 for s in self.servers}
+        what = f"weight update v{version} through shared memory ({len(bucket.names)} tensors)"
+        done, pending = await asyncio.wait(calls, timeout=self.cfg.timeout_s)
+        for t in pending:
+            t.cancel()
+        if pending:
+            slow = sorted(calls[t].name for t in pending)
+            raise BackendError(slow[0], f"{what}: no answer within sync.timeout_s={self.cfg.timeout_s}s "
+                                        f"(still waiting: {slow})")
+        for t in done:
+            e = t.exception()
+            if isinstance(e, BackendError):
+                raise e
+            if e is not None:
+                raise BackendError(calls[t].name, f"{what} failed: {e!r}") from e
+        self.bytes_sent += bucket.nbytes
+
+    async def close(self) -> None:
+        if self.buffer is not None:
+            self.buffer.close()
+            self.buffer = None
+
+
+__all__ = ["ALIGN", "SharedBuffer", "ShareSender", "layout", "open_shared", "pack", "unpack"]
