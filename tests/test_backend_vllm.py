@@ -330,6 +330,63 @@ def test_vllm_server_generate_route_equals_completions(tmp_path):
     assert after.token_ids == pairs[0][0].token_ids
 
 
+def _grpo_colocated(tmp: Path) -> None:
+    """`run_grpo` with the in-process vLLM engine in this process (colocated, as on one GPU),
+    temperature 0.7: two steps, each step's weights pushed by sync.transport auto, which picks
+    shared memory (fp32 wire). Before each update the trainer recomputes every sampled token:
+    ratio 1 in both steps, so step 2 was sampled by version 1 (weight decay moves the weights
+    by 2%; a server still on version 0 would be off by far more); nothing written to disk."""
+    import glob
+    import json
+
+    from spyglass.engine.config import from_dict
+    from spyglass.engine.offline import tiny
+    from spyglass.engine.offline.world import WorldConfig, ensure_world
+    from spyglass.trainer.grpo import GRPOConfig, run_grpo
+
+    for k, v in ENV.items():
+        os.environ.setdefault(k, v)
+    path = tiny.save_tiny_text_lm(tmp / "lm", seed=0)
+    ensure_world(tmp / "world", WorldConfig())
+    (tmp / "q.jsonl").write_text("".join(json.dumps({"id": i, "question": f"What is {i} + {i}?", "answer": 2 * i})
+                                         + "\n" for i in range(2)))
+    before = set(glob.glob("/dev/shm/spyglass-weights-*"))
+    run_grpo(from_dict(GRPOConfig, {
+        "steps": 2, "ckpt_dir": str(tmp / "ckpt"), "log_dir": str(tmp / "log"), "sync": {"dtype": "fp32"},
+        "rollout": {"model": str(path), "policy": "sample", "out": str(tmp / "r.jsonl"), "backend": "vllm",
+                    "backend_options": {"model": str(path), "enforce_eager": True, "dtype": "float32",
+                                        "max_model_len": 2048},
+                    "env": {"world_dir": str(tmp / "world"), "dense_search": False, "tools": ["TextSearch", "Visit"],
+                            "data": {"path": str(tmp / "q.jsonl")}},
+                    "engine": {"n_samples": 2, "groups_per_step": 1, "max_turns": 2, "max_tokens_per_turn": 8,
+                               "temperature": 0.7}},
+        "update": {"lr": 1e-2, "weight_decay": 2.0, "temperature": 0.7}}))
+    rows = [json.loads(x) for x in (tmp / "log" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["version"]) for r in rows] == [(1, 1), (2, 2)] and rows[0]["loss_tokens"] > 0
+    for r in rows:
+        assert abs(r["ratio_min"] - 1) < 1e-3 and abs(r["ratio_max"] - 1) < 1e-3, r
+        assert r["sync/ipc_s"] > 0 and r["sync/ipc_gb"] > 0 and not any(k in r for k in ("sync/group_s", "sync/disk_s"))
+    trajs = [json.loads(x) for x in (tmp / "r.jsonl").read_text().splitlines()]
+    assert len(trajs) == 4 and all(t["status"] != "error" for t in trajs)
+    assert [sorted({s["version"] for s in t["segments"] if s["kind"] == "gen"}) for t in trajs] == [[0]] * 2 + [[1]] * 2
+    assert not (tmp / "log" / "weights").exists() and set(glob.glob("/dev/shm/spyglass-weights-*")) == before
+
+
+def test_grpo_colocated_with_in_process_vllm_syncs_through_shared_memory(tmp_path):
+    """`_grpo_colocated` in the vLLM interpreter (which needs spyglass's own dependencies too,
+    see engine/backends/vllm.py)."""
+    if importlib.util.find_spec("vllm") is not None:
+        _grpo_colocated(tmp_path)
+        return
+    proc = subprocess.run([_vllm_python(), __file__, "grpo", str(tmp_path)], capture_output=True, text=True,
+                          timeout=900, env={**os.environ, **ENV}, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0 and "VLLM_GRPO_OK" in proc.stdout, (proc.stdout + proc.stderr)[-6000:]
+
+
 if __name__ == "__main__":
-    _run_here(Path(sys.argv[1]))
-    print("VLLM_CHECKS_OK")
+    if sys.argv[1] == "grpo":
+        _grpo_colocated(Path(sys.argv[2]))
+        print("VLLM_GRPO_OK")
+    else:
+        _run_here(Path(sys.argv[1]))
+        print("VLLM_CHECKS_OK")

