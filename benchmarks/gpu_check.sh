@@ -13,8 +13,9 @@
 #   2b liger           fused log-prob (+ GRPO loss) vs Liger-Kernel's fused linear CE / GRPO loss: time, memory
 #   3 policy_update    bf16 PolicyUpdater step, random Qwen2.5-VL-3B-sized model: packed (SDPA block mask)
 #                      vs padded; flash-attn / flex arms when the machine and transformers support them
-#   5 weight_transfer  3.1 GB bf16 state dict to a second process on the same GPU: CUDA IPC and disk, s/GB;
-#                      the sync's NCCL weight-update group opened and broadcast on one rank (API check)
+#   5 weight_transfer  3.1 GB bf16 state dict to a second process on the same GPU: CUDA IPC (raw, and
+#                      spyglass's ipc transport) and disk, s/GB; the sync's NCCL weight-update group
+#                      opened and broadcast on one rank (API check)
 #   4 engine           HF backend on the GPU from step 3's checkpoint dir, bundled world: async vs lock-step
 #
 # ---------------------------------------------------------------------------- how a session runs it
@@ -78,7 +79,7 @@ declare -A IMPORTS=(
   [kernel_bench]="torch triton spyglass.kernels.advantage spyglass.kernels.fused_logprob spyglass.kernels.policy_loss spyglass.engine.metrics"
   [liger]="torch triton spyglass.kernels.fused_logprob spyglass.kernels.policy_loss"
   [policy_update]="torch transformers PIL spyglass.engine._core spyglass.engine.packer spyglass.engine.chat spyglass.engine.offline.tiny spyglass.engine.loader spyglass.trainer.update spyglass.trainer.distributed"
-  [weight_transfer]="torch torch.multiprocessing safetensors.torch spyglass.trainer.weight_sync"
+  [weight_transfer]="torch torch.multiprocessing safetensors.torch spyglass.trainer.weight_sync spyglass.trainer.weight_share"
   [engine]="torch transformers spyglass.engine._core spyglass.engine.rollout spyglass.engine.env spyglass.engine.scheduler spyglass.engine.loader spyglass.engine.backends.hf spyglass.engine.tools.visual spyglass.engine.tools.ocr spyglass.engine.tools.search spyglass.engine.tools.web spyglass.engine.tools.image_search spyglass.engine.tools.python_tool"
 )
 # python -c: for each STEP MODULES pair, import the modules; write logs/STEP.imports(.rc)

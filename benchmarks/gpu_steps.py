@@ -21,7 +21,9 @@ Steps (gpu_check.sh runs each in its own process under its own time limit, in th
                    says so); then the model is saved as a checkpoint directory for `engine`
   weight_transfer  a 3.1 GB bf16 state dict (Qwen2.5-VL-3B's embedding and 16 of its decoder
                    layers) from this process to a second one on the same GPU: CUDA IPC per tensor,
-                   CUDA IPC as one bucket, and the disk path (safetensors); seconds per GB. Then
+                   CUDA IPC as one bucket, spyglass's ipc transport (trainer/weight_share.py: the
+                   bucket buffer's handle opened by GPU UUID, the colocated vLLM path), and the
+                   disk path (safetensors); seconds per GB. Then
                    the product's weight-update group (trainer/weight_sync.py: init_update_group,
                    send_bucket) on NCCL with this process alone (NCCL refuses two ranks on one
                    GPU): an API check of the sync's NCCL path on this torch, not a transfer figure
@@ -653,6 +655,12 @@ def _receive(kind: str, payload: Any, dst: dict[str, Any], spec: list[tuple[str,
         flat, offsets = payload
         for (name, _), (o, k) in zip(spec, offsets):
             dst[name].view(-1).copy_(flat[o:o + k])
+    elif kind == "shared":  # spyglass's ipc transport: the trainer's buffer opened by handle, viewed, copied
+        from spyglass.trainer.weight_share import open_shared, unpack
+        handle, shapes, offsets = payload
+        views = unpack(open_shared(handle), [dst[name].dtype for name, _ in spec], shapes, offsets)
+        for (name, _), v in zip(spec, views):
+            dst[name].copy_(v)
     elif kind == "disk":
         from safetensors.torch import load_file
         for name, t in load_file(payload, device=str(dev)).items():
@@ -723,7 +731,9 @@ def step_weight_transfer(res: Result, a: argparse.Namespace, dry: bool) -> None:
             raise RuntimeError(f"receiver: {body}")
         return body or {}
 
+    from spyglass.trainer.weight_share import SharedBuffer, layout, pack
     methods: dict[str, Any] = {}
+    shared: list[Any] = []  # spyglass's SharedBuffer and offsets, once made
     try:
         answer(180)
         want = _checksum(src.values())
@@ -738,6 +748,13 @@ def step_weight_transfer(res: Result, a: argparse.Namespace, dry: bool) -> None:
             t0, extra = time.perf_counter(), {}
             if kind == "tensors":
                 payload: Any = src
+            elif kind == "shared":  # the product's sender side (trainer/weight_share.py), buffer made once
+                if not shared:
+                    offs, total = layout(list(src.values()))
+                    shared.extend([SharedBuffer(total, dev), offs])
+                buf, offs = shared
+                pack(buf.flat, list(src.values()), offs)
+                payload = (buf.handle(), [list(t.shape) for t in src.values()], offs)
             elif kind == "bucket":
                 for (name, t), (off, k) in zip(src.items(), offsets):
                     flat[off:off + k].copy_(t.view(-1))
@@ -753,7 +770,8 @@ def step_weight_transfer(res: Result, a: argparse.Namespace, dry: bool) -> None:
                 raise RuntimeError(f"{kind}: the receiver's weights differ (checksum {body['checksum']} vs {want})")
             return {"s": s, "receive_s": body["receive_s"], **extra}
 
-        for kind, label in (("tensors", "ipc_per_tensor"), ("bucket", "ipc_bucket"), ("disk", "disk")):
+        for kind, label in (("tensors", "ipc_per_tensor"), ("bucket", "ipc_bucket"), ("shared", "ipc_spyglass"),
+                            ("disk", "disk")):
             reps = 1 if dry else (a.disk_reps if kind == "disk" else a.ipc_reps)
             try:
                 runs = [send(kind) for _ in range(reps)]
@@ -777,6 +795,8 @@ def step_weight_transfer(res: Result, a: argparse.Namespace, dry: bool) -> None:
         if proc.is_alive():
             proc.kill()
         path.unlink(missing_ok=True)
+        if shared:
+            shared[0].close()
     methods["group_1rank"] = g = _group_alone(src, "gloo" if dry else "nccl")
     res.fig(methods=methods)
     if not dry:

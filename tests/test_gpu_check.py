@@ -59,7 +59,7 @@ def test_dry_run_builds_the_real_configs(dry_run: tuple[subprocess.CompletedProc
     wt = by_step["weight_transfer"]["figures"]["methods"]
     group = wt.pop("group_1rank")  # the sync's weight-update group on one rank (gloo here, NCCL on the GPU)
     assert group["backend"] == "gloo" and group["s"] > 0 and "error" not in group, group
-    assert set(wt) == {"ipc_per_tensor", "ipc_bucket", "disk"} and all("s_per_gb" in r for r in wt.values())
+    assert set(wt) == {"ipc_per_tensor", "ipc_bucket", "ipc_spyglass", "disk"} and all("s_per_gb" in r for r in wt.values())
     carried = {**by_step["liger"]["figures"]["carried"], **by_step["engine"]["figures"]["carried"]}
     assert {"liger_kernel", "bm25s", "rapidocr", "imagehash", "html2text"} <= set(carried)
 
