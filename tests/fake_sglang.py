@@ -5,13 +5,18 @@ registered with torch.distributed, so a group name it still holds is refused as 
 `torch.distributed.broadcast` per tensor, a weight_version applied whenever one is sent (as
 SGLang's /update_weights_from_distributed does), /destroy_weights_update_group freeing the name.
 
-    python tests/fake_sglang.py PORTFILE [--model DIR] [--pp N] [--dp N] [--refuse-updates N]
+    python tests/fake_sglang.py PORTFILE [--model DIR] [--pp N] [--dp N] [--refuse-updates N] [--sessions]
 
 With --model (a HF checkpoint dir, text or vision-language) it serves /generate over spyglass's
 HF backend (`image_data`, base64 data URLs, decoded to the request's images in order) and loads
 each bucket into that model; without, it keeps the received tensors' names and sizes only.
 --refuse-updates N: the first N /update_weights_from_distributed calls answer success: false
-without receiving (the trainer's broadcast is left waiting for this rank). It exits with its
+without receiving (the trainer's broadcast is left waiting for this rank). --sessions: as SGLang
+0.5.21 and later, /update_weights_from_distributed is refused (without receiving) outside a
+session opened by /begin_weight_update and closed by /end_weight_update (each refused when one is
+already open / none is); without it those two answer 404, as older releases do. /generate's
+meta_info carries prompt_tokens (the ids received) and weight_version ("default" until one is
+set, as SGLang's). It exits with its
 parent. GET /get_server_info also reports what it saw: calls, versions (the served version after
 each call), groups, received (tensors).
 """
@@ -44,7 +49,7 @@ def _sglang_group(b: dict[str, Any]) -> Any:
 
 
 def serve(port_file: str, model_dir: Optional[str] = None, pp: int = 1, dp: int = 1, refuse_updates: int = 0,
-          load: Any = None) -> None:
+          load: Any = None, sessions: bool = False) -> None:
     """Serve until the parent exits; `load(named)` (optional) takes each received bucket."""
     import torch
     import torch.distributed as tdist
@@ -60,7 +65,8 @@ def serve(port_file: str, model_dir: Optional[str] = None, pp: int = 1, dp: int 
         # the trainer sends checkpoint names (what SGLang's load_weights takes): back to the model's
         model_name = {next(iter(dict(revert_weight_conversion(hf.model, {k: t})))): k for k, t in named.items()}
     groups: dict[str, Any] = {}
-    state: dict[str, Any] = {"calls": [], "versions": [], "received": 0, "version": None, "refuse": refuse_updates}
+    state: dict[str, Any] = {"calls": [], "versions": [], "received": 0, "version": None, "refuse": refuse_updates,
+                             "session": False}
 
     async def run(fn: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(None, fn)
@@ -93,8 +99,9 @@ def serve(port_file: str, model_dir: Optional[str] = None, pp: int = 1, dp: int 
             stop_token_ids=sp["stop_token_ids"], seed=sp.get("sampling_seed")), images=images))
         return web.json_response({"text": "", "output_ids": out.token_ids, "meta_info": {
             "finish_reason": {"type": out.finish_reason}, "completion_tokens": len(out.token_ids),
+            "prompt_tokens": len(body["input_ids"]),
             "output_token_logprobs": [[lp, t, None] for lp, t in zip(out.logprobs, out.token_ids)],
-            "weight_version": state["version"] or "0"}})
+            "weight_version": state["version"] or "default"}})
 
     async def init_group(request: web.Request) -> web.Response:
         b = await request.json()
@@ -120,6 +127,10 @@ def serve(port_file: str, model_dir: Optional[str] = None, pp: int = 1, dp: int 
             state["refuse"] -= 1
             state["versions"].append(state["version"])
             return answer(False, "refused (test)")
+        if sessions and not state["session"]:
+            state["versions"].append(state["version"])
+            return answer(False, "update_weights_from_distributed must run between begin_weight_update() "
+                                 "and end_weight_update()")
         try:
             got = await run(lambda: receive(b))
         except Exception as e:
@@ -134,6 +145,20 @@ def serve(port_file: str, model_dir: Optional[str] = None, pp: int = 1, dp: int 
         state["versions"].append(state["version"])
         return answer(True, f"{len(got)} tensors")
 
+    async def begin(_: web.Request) -> web.Response:
+        state["calls"].append("begin")
+        if state["session"]:
+            return answer(False, "a weight-update session is already open; call end_weight_update() first")
+        state["session"] = True
+        return answer(True, "Success")
+
+    async def end(_: web.Request) -> web.Response:
+        state["calls"].append("end")
+        if not state["session"]:
+            return answer(False, "no weight-update session is open; call begin_weight_update() first")
+        state["session"] = False
+        return answer(True, "Success")
+
     async def destroy(request: web.Request) -> web.Response:
         b = await request.json()
         state["calls"].append("destroy")
@@ -145,11 +170,13 @@ def serve(port_file: str, model_dir: Optional[str] = None, pp: int = 1, dp: int 
 
     async def from_disk(request: web.Request) -> web.Response:
         from safetensors.torch import load_file
-        path = (await request.json())["model_path"]
-        for f in sorted(Path(path).glob("*.safetensors")):
+        b = await request.json()
+        for f in sorted(Path(b["model_path"]).glob("*.safetensors")):
             named = list(load_file(str(f)).items())
             if load is not None:
                 await run(lambda: load(named))
+        if b.get("weight_version") is not None:
+            state["version"] = b["weight_version"]
         return answer(True)
 
     async def main() -> None:
@@ -162,6 +189,9 @@ def serve(port_file: str, model_dir: Optional[str] = None, pp: int = 1, dp: int 
         app.router.add_post("/update_weights_from_distributed", update)
         app.router.add_post("/destroy_weights_update_group", destroy)
         app.router.add_post("/update_weights_from_disk", from_disk)
+        if sessions:
+            app.router.add_post("/begin_weight_update", begin)
+            app.router.add_post("/end_weight_update", end)
         runner = web.AppRunner(app)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -181,8 +211,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--dp", type=int, default=1)
     p.add_argument("--refuse-updates", type=int, default=0)
+    p.add_argument("--sessions", action="store_true")
     a = p.parse_args(argv)
-    serve(a.port_file, a.model or None, a.pp, a.dp, a.refuse_updates)
+    serve(a.port_file, a.model or None, a.pp, a.dp, a.refuse_updates, sessions=a.sessions)
 
 
 if __name__ == "__main__":

@@ -419,7 +419,68 @@ def test_sglang_generate_images_abort_and_update():
                                        "stop_token_ids": [], "skip_special_tokens": False, "sampling_seed": 2}
     assert body["image_data"][0].startswith("data:image/png;base64,")
     assert aborted.finish_reason == "abort" and ("/abort_request", {"rid": "slow"}) in bodies
-    assert version == 1
+    assert version == 1 and ("/update_weights_from_disk", {"model_path": "/ckpt/1", "weight_version": "1"}) in bodies
+
+
+def test_sglang_engine_reloads_checkpoint_dirs_on_the_running_loop(monkeypatch, tmp_path):
+    """The in-process SGLang engine, over a stand-in `sglang` package with SGLang 0.5's surface
+    (Engine, tokenizer_manager.update_weights_from_disk(obj, request) -> (success, message,
+    paused)): the reload is awaited on the caller's loop with the version as weight_version; a
+    refusal names SGLang's message; a state dict is refused; the trainer's sync hands it a
+    checkpoint dir, as to the HTTP servers."""
+    import sys
+    import types
+    from dataclasses import dataclass
+    from pathlib import Path
+
+    import torch
+
+    from spyglass.engine.backends.sglang import SGLangEngineBackend, SGLangEngineConfig
+    from spyglass.trainer.distributed import sync_weights
+
+    @dataclass
+    class UpdateWeightFromDiskReqInput:
+        model_path: str
+        weight_version: str | None = None
+
+    seen: list = []
+
+    class TokenizerManager:
+        async def update_weights_from_disk(self, obj, request):
+            seen.append((obj, request, asyncio.get_running_loop()))
+            return (not obj.model_path.endswith("bad"), "no such dir" if obj.model_path.endswith("bad") else "ok", 0)
+
+    class Engine:
+        def __init__(self, model_path: str, **kw):
+            self.model_path, self.kw, self.tokenizer_manager = model_path, kw, TokenizerManager()
+
+    mods = {"sglang": types.ModuleType("sglang"), "sglang.srt": types.ModuleType("sglang.srt"),
+            "sglang.srt.managers": types.ModuleType("sglang.srt.managers"),
+            "sglang.srt.managers.io_struct": types.ModuleType("sglang.srt.managers.io_struct")}
+    mods["sglang"].Engine = Engine
+    mods["sglang.srt.managers.io_struct"].UpdateWeightFromDiskReqInput = UpdateWeightFromDiskReqInput
+    for name, mod in mods.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+
+    model = torch.nn.Linear(2, 2)
+    model.save_pretrained = lambda path, state_dict: (Path(path).mkdir(parents=True),  # what export_hf calls
+                                                      torch.save(state_dict, Path(path) / "w.pt"))
+
+    async def go():
+        be = SGLangEngineBackend(SGLangEngineConfig(model_path="/m", engine_kwargs={"tp_size": 1}))
+        await be.update_weights("/ckpt/1", 1)
+        with pytest.raises(BackendError, match=r"update_weights_from_disk failed: no such dir"):
+            await be.update_weights("/ckpt/bad", 2)
+        with pytest.raises(BackendError, match="reloads a checkpoint dir; pass a path"):
+            await be.update_weights({"weight": torch.zeros(2, 2)}, 2)
+        path = await sync_weights([be], model.state_dict(), 3, model=model, export_dir=tmp_path)
+        return be, asyncio.get_running_loop(), path
+
+    be, loop, path = asyncio.run(go())
+    assert be.engine.kw == {"tp_size": 1} and be.version == 3 and path == tmp_path / "v00000003"
+    assert [(o.model_path, o.weight_version) for o, _, _ in seen] == [("/ckpt/1", "1"), ("/ckpt/bad", "2"),
+                                                                      (str(path), "3")]
+    assert all(r is None and lp is loop for _, r, lp in seen)
 
 
 def test_server_dying_mid_test_raises_backend_error():

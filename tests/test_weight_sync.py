@@ -303,7 +303,9 @@ def test_vllm_worker_extension_loads_buckets_through_load_weights(tmp_path):
 def test_sglang_servers_take_weights_over_the_group(tmp_path):
     """GRPO's sync against two fake SGLang servers, each in its own process, in one group
     (rank offsets 1 and 2): /generate then answers with version 1 on both, and the logprobs are
-    the trainer's recomputation with the bf16-rounded new weights (not the old ones)."""
+    the trainer's recomputation with the bf16-rounded new weights (not the old ones). The
+    second server has SGLang 0.5.21's weight-update sessions: the update is wrapped in
+    begin/end there, and the first server's 404 to them is asked once only."""
     import pytest
 
     from spyglass.engine.backends.base import BackendError, GenerateRequest, SamplingParams
@@ -325,7 +327,7 @@ def test_sglang_servers_take_weights_over_the_group(tmp_path):
     rounded = tiny.build_tiny_text_lm(seed=0).model
     rounded.load_state_dict(_rounded(trained))
     loop = asyncio.new_event_loop()
-    with fake_sglang(path, tmp_path) as url0, fake_sglang(path, tmp_path) as url1:
+    with fake_sglang(path, tmp_path) as url0, fake_sglang(path, tmp_path, "--sessions") as url1:
         fleet = [SGLangBackend(SGLangConfig(base_url=u, name=f"sg-{i}")) for i, u in enumerate((url0, url1))]
         sync = WeightSync(WeightSyncConfig(transport="group", bucket_mb=1, timeout_s=60), fleet, 0, tmp_path / "w")
         greedy = SamplingParams(max_tokens=8, temperature=0)
@@ -343,7 +345,9 @@ def test_sglang_servers_take_weights_over_the_group(tmp_path):
     assert set(metrics) == {"sync/group_s", "sync/group_gb", "sync/nccl"} and metrics["sync/group_gb"] > 0
     assert metrics["sync/nccl"] == 0.0  # gloo on CPU
     assert skipped == {"sync/skipped": 1.0}
-    assert all(i["calls"] == ["init", "update", "update"] for i in info)  # 1.3 MB in 1 MB buckets, one sync
+    assert info[0]["calls"] == ["init", "update", "update"]  # 1.3 MB in 1 MB buckets, one sync
+    # a stale session is ended (none: refused) before the group opens; one session per update
+    assert info[1]["calls"] == ["end", "init", "begin", "update", "update", "end"], info[1]["calls"]
     # the version is sent with the last bucket only: SGLang applies one whenever it is sent,
     # and would label outputs v1 while the first bucket's weights alone are in
     assert all(i["versions"] == [None, "1"] for i in info), info
@@ -389,7 +393,9 @@ def test_group_never_splits_from_a_trainer_default_group(tmp_path):
 def test_reopen_after_a_failed_sync_and_after_a_trainer_restart(tmp_path):
     """A server keeps a group until it is destroyed and refuses its name again (torch does):
     after a refused bucket the next sync destroys the dropped group and opens one under a new
-    name; a second trainer (the first never closed) opens its own against the same server."""
+    name; a second trainer (the first never closed) opens its own against the same server. The
+    server has weight-update sessions (SGLang >= 0.5.21): the one the refused bucket left open is
+    ended before the reopen."""
     import pytest
 
     from spyglass.engine.backends.base import BackendError
@@ -397,7 +403,7 @@ def test_reopen_after_a_failed_sync_and_after_a_trainer_restart(tmp_path):
     from spyglass.trainer.weight_sync import WeightSync, WeightSyncConfig
 
     loop = asyncio.new_event_loop()
-    with fake_sglang(None, tmp_path, "--refuse-updates", "1") as url:
+    with fake_sglang(None, tmp_path, "--refuse-updates", "1", "--sessions") as url:
         be = SGLangBackend(SGLangConfig(base_url=url, name="sg-0", retries=0))
         first = WeightSync(WeightSyncConfig(transport="group", timeout_s=30), [be], 0, tmp_path / "w")
         with pytest.raises(BackendError, match=r"\[sg-0\] POST /update_weights_from_distributed -> HTTP 400"):
@@ -409,7 +415,9 @@ def test_reopen_after_a_failed_sync_and_after_a_trainer_restart(tmp_path):
         restarted.close(loop)
         loop.run_until_complete(be.close())
     loop.close()
-    assert info["calls"] == ["init", "update", "destroy", "init", "update", "init", "update"], info["calls"]
+    assert info["calls"] == ["end", "init", "begin", "update",  # refused: its session stays open
+                             "destroy", "end", "init", "begin", "update", "end",  # reopened, stale session ended
+                             "end", "init", "begin", "update", "end"], info["calls"]  # the second trainer
     assert info["versions"] == [None, "1", "2"] and len(info["groups"]) == 2 and info["received"] == 10
 
 

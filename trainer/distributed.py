@@ -371,18 +371,20 @@ def export_hf(model: nn.Module, state_dict: dict[str, torch.Tensor], path: str |
 
 
 def _takes_path(backend: Any) -> bool:
-    from spyglass.engine.backends.openai import HTTPBackend  # vLLM / SGLang / OpenAI servers
+    """Servers (vLLM / SGLang / OpenAI over HTTP) and in-process engines that say so
+    (`takes_path`, the SGLang engine) reload a checkpoint dir; the others take the state dict."""
+    from spyglass.engine.backends.openai import HTTPBackend
 
-    return isinstance(backend, HTTPBackend)
+    return isinstance(backend, HTTPBackend) or bool(getattr(backend, "takes_path", False))
 
 
 async def sync_weights(backends: Iterable[Any], state_dict: dict[str, torch.Tensor], version: int, *,
                        model: Optional[nn.Module] = None, export_dir: str | Path | None = None) -> Optional[Path]:
     """Push new weights to every backend and set their version (call on rank 0 only).
 
-    In-process backends (HFBackend, in-process vLLM / SGLang engines) get the state dict; HTTP
-    servers get a HF checkpoint dir written once under `export_dir` (needs `model` for its
-    config). Returns that dir, or None when no backend needed one."""
+    In-process backends (HFBackend, the in-process vLLM engine) get the state dict; HTTP
+    servers and the in-process SGLang engine get a HF checkpoint dir written once under
+    `export_dir` (needs `model` for its config). Returns that dir, or None when no backend needed one."""
     path: Optional[Path] = None
     for be in backends:
         if _takes_path(be):

@@ -143,8 +143,8 @@ class ServerSpec:
 
     def env_for_kind(self) -> dict[str, str]:
         """vLLM's dev endpoints (/collective_rpc, /reset_prefix_cache) are the weight-sync path;
-        SGLang returns temperature-scaled logprobs unless SGLANG_RETURN_ORIGINAL_LOGPROB (before
-        v0.5: RETURN_ORIGINAL_LOGPROB) is true, so a value inherited from the node is turned off.
+        SGLang returns temperature-scaled logprobs unless SGLANG_RETURN_ORIGINAL_LOGPROB (in 0.5.2-0.5.3:
+        RETURN_ORIGINAL_LOGPROB) is true, so a value inherited from the node is turned off.
         `env` is applied last: the user's own values win."""
         own = {"vllm": {"VLLM_SERVER_DEV_MODE": "1"},
                "sglang": {"SGLANG_RETURN_ORIGINAL_LOGPROB": "0", "RETURN_ORIGINAL_LOGPROB": "0"}}.get(self.kind, {})

@@ -1,5 +1,6 @@
 """SGLang backends: the native HTTP /generate endpoint (token ids in, ids + logprobs out) and
-the in-process `sglang.Engine` (lazy import; a clear error when sglang is absent).
+the in-process `sglang.Engine` (lazy import; a clear error when sglang is absent; it reloads
+checkpoint dirs only). Written against SGLang 0.5.6-0.5.23 (pyproject's `sglang` extra).
 
 Request (POST {base}/generate, SGLang's GenerateReqInput):
     {"rid": id, "input_ids": [...], "image_data": ["data:image/png;base64,..."],
@@ -8,14 +9,16 @@ Request (POST {base}/generate, SGLang's GenerateReqInput):
      "return_logprob": true}
 Response: {"text", "output_ids": [...], "meta_info": {"finish_reason": {"type": "stop"|
 "length"|"abort", ...}, "output_token_logprobs": [[logprob, token_id, text|null], ...], ...}}.
-Token ids come from `output_ids`, else from output_token_logprobs. Logprobs are what the server
+`sampling_seed` makes sampling reproducible only on a server started with
+--enable-deterministic-inference (SGLang ignores it otherwise). Token ids come from `output_ids`,
+else from output_token_logprobs. Logprobs are what the server
 returns: SGLang's are temperature-scaled by default (log of the softmax of logits / T, taken
 before top-k/top-p/min-p filtering; releases before ~mid-2025 renormalised over top-p), which is
-base.py's contract; SGLANG_RETURN_ORIGINAL_LOGPROB=1 (RETURN_ORIGINAL_LOGPROB before v0.5) makes
+base.py's contract; SGLANG_RETURN_ORIGINAL_LOGPROB=1 (RETURN_ORIGINAL_LOGPROB in 0.5.2-0.5.3) makes
 them raw (T = 1), so leave it unset (`spyglass launch` sets it to 0).
 abort: cancels the HTTP call and POSTs /abort_request {"rid"}. update_weights: a checkpoint dir
-via POST /update_weights_from_disk {"model_path"} (the server answers {"success", "message"});
-state dicts only in-process (Engine.update_weights_from_tensor). forced_ids: not supported
+via POST /update_weights_from_disk {"model_path", "weight_version"} (the server answers
+{"success", "message"}); state dicts are refused (a path, also in-process). forced_ids: not supported
 (BackendError). Images: sent as base64 PNG data URLs in order. A response's
 meta_info.weight_version, when the server reports one, is the output's version.
 
@@ -27,11 +30,18 @@ POST /update_weights_from_distributed {names, dtypes, shapes, group_name, flush_
 weight_version (last bucket only: SGLang applies a version whenever one is sent)}, each
 answered {"success", "message"} once the server has received the trainer's broadcast; POST
 /destroy_weights_update_group {group_name} at the end, and before a reopen for a group a failed
-sync left behind (each open has a new name: SGLang refuses one it still holds).
+sync left behind (each open has a new name: SGLang refuses one it still holds). SGLang 0.5.21
+and later refuse distributed updates outside a weight-update session: each update is wrapped in
+POST /begin_weight_update {} and /end_weight_update {} (after the last bucket); a server that
+answers 404 to them (older releases) is not asked again, and a session a failed sync left open
+is ended before the next group opens.
 These calls block on the server until the trainer joins, so they are sent once (no retry)
 with the sync's own timeout.
 Checked only against a protocol-faithful aiohttp server in tests (sglang needs CUDA torch):
-tests/test_weight_sync.py runs one that really joins a gloo group in its own process.
+tests/test_weight_sync.py runs one that really joins a gloo group in its own process; the
+fields and endpoints were read in SGLang 0.5.6-0.5.23's source (hence pyproject's pin). Not
+checked: from 0.5.20 SGLang's cached multimodal path (Qwen3-VL, or --mm-preprocess-cache-size-mb
+> 0) may read the already expanded image pads we send as one image each.
 """
 from __future__ import annotations
 
@@ -145,7 +155,8 @@ class SGLangBackend(HTTPBackend):
         if not isinstance(weights, str):
             raise BackendError(self.name, "over HTTP SGLang updates weights from a checkpoint dir "
                                           "(/update_weights_from_disk); pass a path, not a state dict")
-        data = await self.request_json("POST", "/update_weights_from_disk", {"model_path": weights})
+        data = await self.request_json("POST", "/update_weights_from_disk",
+                                       {"model_path": weights, "weight_version": str(version)})
         if not isinstance(data, dict) or not data.get("success", False):
             raise BackendError(self.name, f"update_weights_from_disk failed: {str(data)[:300]}")
         self.version = version
@@ -164,6 +175,7 @@ class SGLangBackend(HTTPBackend):
 
     async def open_weight_group(self, master_addr: str, master_port: int, rank_offset: int, world_size: int,
                                 group_name: str, backend: str, timeout_s: float) -> None:
+        await self._end_stale_session()
         body = {"master_address": master_addr, "master_port": master_port, "rank_offset": rank_offset,
                 "world_size": world_size, "group_name": group_name, "backend": backend}
         await self._succeeds("/init_weights_update_group", body, timeout_s)
@@ -171,12 +183,45 @@ class SGLangBackend(HTTPBackend):
     async def receive_weights(self, meta: dict[str, Any], group_name: str, version: int, last: bool,
                               timeout_s: float = 600.0) -> None:
         check_version(self, version)
+        if not self._in_session:
+            await self._weight_session("begin", timeout_s)
         body = {**meta, "group_name": group_name, "flush_cache": last}
         if last:  # SGLang labels outputs with a weight_version as soon as one is sent: only once all are in
             body["weight_version"] = str(version)
         await self._succeeds("/update_weights_from_distributed", body, timeout_s)
         if last:
+            await self._weight_session("end", timeout_s)
             self.version = version
+
+    # SGLang >= 0.5.21 loads distributed buckets only inside a weight-update session
+    # (/begin_weight_update ... /end_weight_update); older servers answer 404 and are not asked again.
+    _sessions: bool | None = None  # the server has sessions; None: not known yet
+    _in_session = False  # a session this client began is open
+
+    async def _weight_session(self, verb: str, timeout_s: float) -> None:
+        if self._sessions is False:
+            return
+        try:
+            await self._succeeds(f"/{verb}_weight_update", {}, timeout_s)
+        except BackendError as e:
+            if self._sessions is None and "-> HTTP 404" in e.message:
+                self._sessions = False
+                return
+            raise
+        self._sessions, self._in_session = True, verb == "begin"
+
+    async def _end_stale_session(self) -> None:
+        """Before a group opens: end a session a failed sync (or an earlier trainer) left open;
+        best effort (a server with none open refuses, one without sessions answers 404)."""
+        if self._sessions is False:
+            return
+        try:
+            await self._succeeds("/end_weight_update", {}, 30.0)
+            self._sessions = True
+        except BackendError as e:
+            if "-> HTTP 404" in e.message:
+                self._sessions = False
+        self._in_session = False
 
     async def close_weight_group(self, group_name: str) -> None:
         await self._succeeds("/destroy_weights_update_group", {"group_name": group_name}, 30.0)
@@ -197,9 +242,15 @@ def _served_version(data: Any, default: int) -> int:
 
 
 class SGLangEngineBackend(Backend):
-    """In-process sglang.Engine (needs the `sglang` package and, in practice, a CUDA GPU)."""
+    """In-process sglang.Engine (needs the `sglang` package and, in practice, a CUDA GPU).
+
+    Weights reach it as a checkpoint dir (`takes_path`: the trainer's sync writes one, as for the
+    HTTP servers), reloaded by the engine's tokenizer manager on this event loop, as SGLang's own
+    /update_weights_from_disk route does (`Engine.update_weights_from_disk` runs a loop of its own,
+    which cannot be the running one); the version goes with it as SGLang's weight_version."""
 
     supports_images = True
+    takes_path = True
 
     def __init__(self, cfg: SGLangEngineConfig) -> None:
         try:
@@ -231,14 +282,18 @@ class SGLangEngineBackend(Backend):
 
     async def update_weights(self, weights: Weights, version: int) -> None:
         check_version(self, version)
-        loop = asyncio.get_running_loop()
-        if isinstance(weights, str):
-            ok, msg = await loop.run_in_executor(None, self.engine.update_weights_from_disk, weights)
-            if not ok:
-                raise BackendError(self.name, f"update_weights_from_disk failed: {msg}")
-        else:
-            await loop.run_in_executor(None, lambda: self.engine.update_weights_from_tensor(
-                named_tensors=list(weights.items())))
+        if not isinstance(weights, str):
+            raise BackendError(self.name, "the in-process SGLang engine reloads a checkpoint dir; pass a path, "
+                                          "not a state dict (the trainer's sync writes one for it)")
+        from sglang.srt.managers.io_struct import UpdateWeightFromDiskReqInput  # noqa: PLC0415
+        obj = UpdateWeightFromDiskReqInput(model_path=weights, weight_version=str(version))
+        try:
+            result = await self.engine.tokenizer_manager.update_weights_from_disk(obj, None)
+        except Exception as e:
+            raise BackendError(self.name, f"update_weights_from_disk failed: {e!r}") from e
+        ok, message = (result[0], result[1]) if isinstance(result, (tuple, list)) and len(result) >= 2 else (False, result)
+        if not ok:  # (success, message, paused requests) in SGLang 0.5.x
+            raise BackendError(self.name, f"update_weights_from_disk failed: {str(message)[:300]}")
         self.version = version
 
     async def health(self) -> bool:
