@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                 finally:
                     if target is not be:
                         loop.run_until_complete(target.close())
-                label = {"disk": "disk", "group": f"group (gloo, {dtype})", "ipc": f"ipc (/dev/shm, {dtype})"}
+                label = {"disk": "disk", "group": f"group (gloo, {dtype})", "ipc": f"ipc (shared mem, {dtype})"}
                 rows.append({"transport": label[transport], "wire_gb": n * wire / 1e9, "seconds": s,
                              "s_per_gb_wire": s / (n * wire / 1e9), "s_per_gb_fp32_model": s / (n * 4 / 1e9)})
         finally:

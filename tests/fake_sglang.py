@@ -14,7 +14,8 @@ each bucket into that model; without, it keeps the received tensors' names and s
 without receiving (the trainer's broadcast is left waiting for this rank). --sessions: as SGLang
 0.5.21 and later, /update_weights_from_distributed is refused (without receiving) outside a
 session opened by /begin_weight_update and closed by /end_weight_update (each refused when one is
-already open / none is); without it those two answer 404, as older releases do. /generate's
+already open / none is); without it those two answer 404, as older releases do (recorded in
+calls as begin404 / end404). /generate's
 meta_info carries prompt_tokens (the ids received) and weight_version ("default" until one is
 set, as SGLang's). It exits with its
 parent. GET /get_server_info also reports what it saw: calls, versions (the served version after
@@ -159,6 +160,12 @@ def serve(port_file: str, model_dir: Optional[str] = None, pp: int = 1, dp: int 
         state["session"] = False
         return answer(True, "Success")
 
+    def not_found(verb: str) -> Any:
+        async def handler(_: web.Request) -> web.Response:
+            state["calls"].append(f"{verb}404")
+            return web.json_response({"detail": "Not Found"}, status=404)
+        return handler
+
     async def destroy(request: web.Request) -> web.Response:
         b = await request.json()
         state["calls"].append("destroy")
@@ -192,6 +199,9 @@ def serve(port_file: str, model_dir: Optional[str] = None, pp: int = 1, dp: int 
         if sessions:
             app.router.add_post("/begin_weight_update", begin)
             app.router.add_post("/end_weight_update", end)
+        else:  # an older release: no such routes (the 404 recorded, so a test can count the asks)
+            for verb in ("begin", "end"):
+                app.router.add_post(f"/{verb}_weight_update", not_found(verb))
         runner = web.AppRunner(app)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -95,7 +95,7 @@ async def _checks(model_dir: Path) -> None:
         from spyglass.trainer.weight_sync import GroupSender, WeightSyncConfig, iter_weight_buckets, stream_update
         sender = GroupSender(WeightSyncConfig(transport="group", timeout_s=120), [be])
         try:
-            await stream_update(sender, iter_weight_buckets(_trainer(ref1), 256 << 10, torch.bfloat16,
+            await stream_update([sender], iter_weight_buckets(_trainer(ref1), 256 << 10, torch.bfloat16,
                                                             torch.device("cpu")), 3)
         finally:
             await sender.close()
@@ -107,7 +107,7 @@ async def _checks(model_dir: Path) -> None:
         from spyglass.trainer.weight_sync import SyncPlan, WeightSync
         sync = WeightSync(WeightSyncConfig(transport="auto", bucket_mb=1, timeout_s=120), [be], 0, model_dir / "w")
         assert await sync._decide() == SyncPlan(group=False, state_dict=False, disk=False, ipc=True)
-        await stream_update(sync.sharer, iter_weight_buckets(_trainer(ref0), 1 << 20, torch.bfloat16,
+        await stream_update([sync.sharer], iter_weight_buckets(_trainer(ref0), 1 << 20, torch.bfloat16,
                                                              torch.device("cpu")), 4)
         shm = sync.sharer.buffer.path
         await sync.sharer.close()
@@ -292,8 +292,10 @@ def test_vllm_server_generate_route_equals_completions(tmp_path):
         async def aborted():
             long = asyncio.ensure_future(gen.generate(GenerateRequest(
                 "long", prompts[0], SamplingParams(max_tokens=4000, temperature=0))))  # seconds of decoding
-            await asyncio.sleep(1.0)
-            busy = await running()
+            for _ in range(200):  # until the server runs it (bounded: 20 s; a loaded machine is slow to start it)
+                await asyncio.sleep(0.1)
+                if (busy := await running()) or long.done():
+                    break
             await gen.abort("long")
             out = await asyncio.wait_for(long, 60)
             for _ in range(50):  # the server's slot is freed (bounded: 5 s)

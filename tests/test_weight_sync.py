@@ -345,7 +345,7 @@ def test_sglang_servers_take_weights_over_the_group(tmp_path):
     assert set(metrics) == {"sync/group_s", "sync/group_gb", "sync/nccl"} and metrics["sync/group_gb"] > 0
     assert metrics["sync/nccl"] == 0.0  # gloo on CPU
     assert skipped == {"sync/skipped": 1.0}
-    assert info[0]["calls"] == ["init", "update", "update"]  # 1.3 MB in 1 MB buckets, one sync
+    assert info[0]["calls"] == ["end404", "init", "update", "update"]  # 1.3 MB in 1 MB buckets; 404: asked once
     # a stale session is ended (none: refused) before the group opens; one session per update
     assert info[1]["calls"] == ["end", "init", "begin", "update", "update", "end"], info[1]["calls"]
     # the version is sent with the last bucket only: SGLang applies one whenever it is sent,
@@ -386,7 +386,7 @@ def test_group_never_splits_from_a_trainer_default_group(tmp_path):
         for p in procs:
             _finish(p, 120)
     out = json.loads((tmp_path / "out.json").read_text())
-    assert out["info"]["calls"] == ["init", "update"] and out["info"]["received"] == 5
+    assert out["info"]["calls"] == ["end404", "init", "update"] and out["info"]["received"] == 5
     assert out["info"]["weight_version"] == "1" and out["metrics"]["sync/group_gb"] > 0
 
 
@@ -517,11 +517,6 @@ class _Refuses:
         await self.runner.cleanup()
 
 
-if __name__ == "__main__":
-    role = sys.argv[1]
-    {"vllm-worker": _vllm_worker, "share-worker": _share_worker, "recv": _receiver, "trainer-rank": _trainer_rank,
-     "trainer-exit": _trainer_exit}[role](*sys.argv[2:])
-
 
 # ------------------------------------------------------------------------------ shared memory ("ipc")
 def _child_engine(out_file: Path) -> Any:
@@ -572,8 +567,8 @@ def test_shared_layout_views_every_dtype_in_place():
     pack(flat, ts, offsets)
     views = unpack(flat, [t.dtype for t in ts], [list(t.shape) for t in ts], offsets)
     assert all(torch.equal(v, t) and v.dtype == t.dtype for v, t in zip(views, ts))
-    flat[offsets[1]:offsets[1] + 8].zero_()  # views, not copies
-    assert views[1][0] == 0 and views[1][1] == 1
+    flat[offsets[1]:offsets[1] + 8].fill_(0xFF)  # views, not copies: the int64 0 becomes -1
+    assert views[1][0] == -1 and views[1][1] == 1 and views[1].data_ptr() == flat.data_ptr() + offsets[1]
     with pytest.raises(ValueError, match="does not fit"):
         unpack(flat, [torch.float32], [[1000]], [offsets[-1]])
 
@@ -606,7 +601,7 @@ def test_shared_memory_sync_reaches_a_worker_in_another_process(tmp_path):
         small._room = lambda n: (lambda buf: (files.append(buf.path), buf)[1])(orig(n))
         buckets = sorted(iter_weight_buckets(_runtime(second), 64 << 10, torch.bfloat16, torch.device("cpu")),
                          key=lambda b: b.nbytes)  # smallest first: the buffer must grow on the way
-        loop.run_until_complete(stream_update(small, buckets, 2))
+        loop.run_until_complete(stream_update([small], buckets, 2))
         assert len(set(files)) >= 2 and small.buffer.nbytes > 64 << 10 and eng.version == 2
         assert not any(os.path.exists(f) for f in set(files) - {small.buffer.path})  # outgrown ones removed
     finally:
@@ -618,6 +613,64 @@ def test_shared_memory_sync_reaches_a_worker_in_another_process(tmp_path):
     for v, model in ((1, first), (2, second)):
         got, want = torch.load(tmp_path / f"worker.pt.v{v}"), _rounded(model)
         assert set(want) <= set(got) and all(torch.equal(got[k], want[k]) for k in want), v
+
+
+def test_a_mixed_fleet_streams_each_bucket_over_the_group_and_through_shared_memory(tmp_path):
+    """sync.transport auto with a remote server (a fake SGLang process: the group) and an
+    in-process engine (shared memory): one bucket stream reaches both, and each transport's
+    seconds and bytes are reported on their own."""
+    from spyglass.engine.backends.sglang import SGLangBackend, SGLangConfig
+    from spyglass.engine.offline import tiny
+    from spyglass.trainer.weight_sync import SyncPlan, WeightSync, WeightSyncConfig
+
+    trained = tiny.build_tiny_text_lm(seed=1).model
+    loop = asyncio.new_event_loop()
+    eng = _child_engine(tmp_path / "worker.pt")
+    with fake_sglang(None, tmp_path) as url:
+        sg = SGLangBackend(SGLangConfig(base_url=url, name="sg-0"))
+        sync = WeightSync(WeightSyncConfig(transport="auto", bucket_mb=1, timeout_s=60), [sg, eng], 0, tmp_path / "w")
+        try:
+            assert sync.prepare(loop) == SyncPlan(group=True, state_dict=False, disk=False, ipc=True)
+            m = sync(_runtime(trained), 1, loop)
+            info = loop.run_until_complete(sg.request_json("GET", "/get_server_info"))
+        finally:
+            sync.close(loop)
+            loop.run_until_complete(sg.close())
+            loop.run_until_complete(eng.close())
+            loop.close()
+    assert set(m) == {"sync/group_s", "sync/group_gb", "sync/nccl", "sync/ipc_s", "sync/ipc_gb"}
+    assert m["sync/group_gb"] == m["sync/ipc_gb"] > 0 and m["sync/group_s"] > 0 and m["sync/ipc_s"] > 0
+    want = _rounded(trained)
+    got = torch.load(tmp_path / "worker.pt.v1")
+    assert all(torch.equal(got[k], want[k]) for k in want) and eng.version == sg.version == 1
+    assert info["received"] == len(want) and info["versions"][-1] == "1"
+
+
+def test_shared_buffers_are_named_by_pid_swept_when_dead_and_handles_are_plain_data(tmp_path):
+    """A buffer's file carries the trainer's pid; one left by a dead trainer is removed when the
+    next buffer is made, a live one's stays. open_shared maps only spyglass buffer files, and the
+    CUDA export is sent as the fields torch's rebuild_cuda_tensor takes by name (no pickle)."""
+    import inspect
+
+    import pytest
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    from spyglass.trainer import weight_share
+    from spyglass.trainer.weight_share import PREFIX, SharedBuffer, open_shared
+
+    dead, live = tmp_path / f"{PREFIX}999999999-abc", tmp_path / f"{PREFIX}{os.getppid()}-def"
+    dead.write_bytes(b"x")
+    live.write_bytes(b"x")
+    buf = SharedBuffer(4096, torch.device("cpu"), shm_dir=str(tmp_path))
+    assert not dead.exists() and live.exists() and Path(buf.path).name.startswith(f"{PREFIX}{os.getpid()}-")
+    handle = buf.handle()
+    assert json.loads(json.dumps(handle)) == handle and open_shared(handle).numel() == 4096
+    buf.close()
+    with pytest.raises(ValueError, match="not a spyglass weight buffer"):
+        open_shared({"kind": "shm", "path": str(live.with_name("passwd")), "nbytes": 1})
+    sent = {"tensor_cls", "tensor_size", "tensor_stride", "tensor_offset", "storage_cls", "dtype", "storage_device",
+            "requires_grad", "event_sync_required", *weight_share._INTS, *weight_share._BYTES}
+    assert set(inspect.signature(rebuild_cuda_tensor).parameters) == sent
 
 
 def test_ipc_transport_refuses_a_server_that_cannot_map_the_trainers_memory(tmp_path):
@@ -641,3 +694,9 @@ def test_ipc_transport_refuses_a_server_that_cannot_map_the_trainers_memory(tmp_
     with pytest.raises(RuntimeError, match=r"shared-memory sync needs \d+ MB in .* MB is free"):
         SharedBuffer(1 << 60, torch.device("cpu"), shm_dir=str(tmp_path))
     assert not list(tmp_path.glob("spyglass-weights-*"))
+
+
+if __name__ == "__main__":
+    role = sys.argv[1]
+    {"vllm-worker": _vllm_worker, "share-worker": _share_worker, "recv": _receiver, "trainer-rank": _trainer_rank,
+     "trainer-exit": _trainer_exit}[role](*sys.argv[2:])

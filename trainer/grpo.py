@@ -241,7 +241,8 @@ class _Run:
         """The new weights to every backend (every rank calls it; see trainer/weight_sync.py):
         servers that can join a weight-update group get bucketed broadcasts (sync.transport),
         an in-process vLLM engine the same buckets through shared memory, the others reload a
-        checkpoint dir under log_dir/weights (the newest kept), in-process HF the state dict. The engine is idle here (each step's rollout has finished),
+        checkpoint dir under log_dir/weights (the newest kept), in-process HF the state dict.
+        The engine is idle here (each step's rollout has finished),
         so no turn is in flight and no group is dropped. The gateway keeps serving on this loop,
         so it is paused around the sync: new turns are held, turns still generating after
         serve.drain_s are aborted and redone under the new weights after resume (a client

@@ -5,9 +5,10 @@ The trainer packs each bucket into one flat byte buffer the server's workers map
 * CPU: a file in /dev/shm (`torch.from_file(shared=True)` on both ends: one copy in, none out);
   its space is reserved up front with posix_fallocate, so a too-small /dev/shm (Docker's
   default is 64 MB) is one error naming the sizes, never a SIGBUS mid-copy;
-* CUDA: a device buffer exported once per bucket as a CUDA IPC handle (torch's own
-  `reduce_tensor`), opened by the worker on its local index of the same physical GPU (matched
-  by UUID, so CUDA_VISIBLE_DEVICES may differ between the two processes).
+* CUDA: a device buffer exported once as a CUDA IPC handle (torch's own `reduce_tensor`, sent as
+  plain fields, never a pickle), opened by the worker with torch's `rebuild_cuda_tensor` on its
+  local index of the same physical GPU (matched by UUID, so CUDA_VISIBLE_DEVICES may differ
+  between the two processes).
 
 Each tensor starts at a multiple of `ALIGN` bytes, so the worker views it in its dtype without
 a copy. The server call carries (names, dtypes, shapes, offsets, handle, version, last) as JSON
@@ -20,11 +21,11 @@ for the next one, and it grows (a new file / allocation) when a bucket is larger
 """
 from __future__ import annotations
 
-import asyncio
 import base64
+import inspect
 import os
-import pickle
 import tempfile
+import time
 from typing import Any, Optional
 
 import torch
@@ -79,19 +80,43 @@ def _local_index(uuid: str) -> int:
                        "on the trainer's node and that GPU visible to it")
 
 
+PREFIX = "spyglass-weights-"  # /dev/shm/spyglass-weights-<pid>-<random>
+_BYTES = ("storage_handle", "ref_counter_handle", "event_handle")  # the CUDA export's byte fields
+_INTS = ("storage_size_bytes", "storage_offset_bytes", "ref_counter_offset")
+
+
+def _sweep(folder: str) -> None:
+    """Remove buffers left by trainers that died without closing them (the pid in the name)."""
+    for name in os.listdir(folder):
+        if not name.startswith(PREFIX):
+            continue
+        try:
+            os.kill(int(name[len(PREFIX):].split("-")[0]), 0)
+        except ProcessLookupError:
+            try:
+                os.unlink(os.path.join(folder, name))
+            except OSError:
+                pass
+        except (ValueError, PermissionError):  # not our naming, or another user's live process
+            pass
+
+
 class SharedBuffer:
     """The trainer's flat buffer: `flat` (uint8, `nbytes`) and `handle()`, what a worker passes
-    to `open_shared` to map the same memory. `close()` frees it (the /dev/shm file is unlinked)."""
+    to `open_shared` to map the same memory. `close()` frees it (the /dev/shm file is unlinked;
+    one a killed trainer left is removed by the next trainer on the host)."""
 
     def __init__(self, nbytes: int, device: torch.device, shm_dir: str = SHM_DIR) -> None:
         self.nbytes, self.device, self.path = nbytes, device, ""
+        self._export: Optional[dict[str, Any]] = None
         if device.type == "cuda":
             self.flat = torch.empty(nbytes, dtype=torch.uint8, device=device)
             return
         if device.type != "cpu":
             raise ValueError(f"shared-memory sync takes a cpu or cuda buffer, not {device}")
         folder = shm_dir if os.path.isdir(shm_dir) else tempfile.gettempdir()
-        fd, self.path = tempfile.mkstemp(prefix="spyglass-weights-", dir=folder)
+        _sweep(folder)
+        fd, self.path = tempfile.mkstemp(prefix=f"{PREFIX}{os.getpid()}-", dir=folder)
         try:
             try:
                 os.posix_fallocate(fd, 0, nbytes)
@@ -102,23 +127,29 @@ class SharedBuffer:
                     f"{free.f_bavail * free.f_frsize / 2**20:.0f} MB is free ({e.strerror}): lower "
                     "sync.bucket_mb, give the container more shared memory (docker --shm-size), or use "
                     "sync.transport group or disk") from e
+            self.flat = torch.from_file(self.path, shared=True, size=nbytes, dtype=torch.uint8)
         except BaseException:
-            os.close(fd)
             os.unlink(self.path)
             raise
-        os.close(fd)
-        self.flat = torch.from_file(self.path, shared=True, size=nbytes, dtype=torch.uint8)
+        finally:
+            os.close(fd)
 
     def handle(self) -> dict[str, Any]:
-        """JSON-able: {"kind": "shm", "path", "nbytes"} or {"kind": "cuda", "uuid", "ipc", "nbytes"}
-        (the IPC handle is exported now, after the bucket's copies finished)."""
+        """JSON-able and plain data: {"kind": "shm", "path", "nbytes"} or {"kind": "cuda", "uuid",
+        "nbytes", and the CUDA IPC export's fields} (exported once per buffer, after this call has
+        waited for the copies into it)."""
         if self.device.type == "cpu":
             return {"kind": "shm", "path": self.path, "nbytes": self.nbytes}
-        from torch.multiprocessing.reductions import reduce_tensor  # noqa: PLC0415
         torch.cuda.synchronize(self.device)  # the copies into flat are done before a worker reads it
-        _, args = reduce_tensor(self.flat)
-        return {"kind": "cuda", "uuid": _device_uuid(self.device.index or 0), "nbytes": self.nbytes,
-                "ipc": base64.b64encode(pickle.dumps(args)).decode()}
+        if self._export is None:
+            from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor  # noqa: PLC0415
+            _, args = reduce_tensor(self.flat)
+            fields = dict(zip(inspect.signature(rebuild_cuda_tensor).parameters, args))
+            self._export = {"kind": "cuda", "uuid": _device_uuid(self.device.index or 0), "nbytes": self.nbytes,
+                            "event_sync_required": bool(fields["event_sync_required"]),
+                            **{k: int(fields[k]) for k in _INTS},
+                            **{k: None if fields[k] is None else base64.b64encode(fields[k]).decode() for k in _BYTES}}
+        return self._export
 
     def close(self) -> None:
         self.flat = torch.empty(0, dtype=torch.uint8)
@@ -132,34 +163,41 @@ class SharedBuffer:
 
 def open_shared(handle: dict[str, Any]) -> torch.Tensor:
     """The worker's view of the trainer's buffer (uint8): the /dev/shm file mapped, or the CUDA
-    IPC handle opened on this process's index of the same GPU. Only for handles from our own
-    trainer: a CUDA handle is a pickle."""
+    IPC export opened on this process's index of the same GPU. The handle is plain data (no
+    pickle), and a path must name one of the trainer's buffer files."""
     kind = handle.get("kind")
     if kind == "shm":
-        path, n = handle["path"], int(handle["nbytes"])
+        path, n = str(handle["path"]), int(handle["nbytes"])
+        if not os.path.basename(path).startswith(PREFIX):
+            raise ValueError(f"{path!r} is not a spyglass weight buffer ({PREFIX}*)")
         if not os.path.isfile(path) or os.path.getsize(path) < n:
             raise RuntimeError(f"shared weight buffer {path!r} is missing or smaller than {n} bytes: the server "
                                "must run on the trainer's host and see its /dev/shm")
         return torch.from_file(path, shared=True, size=n, dtype=torch.uint8)
     if kind == "cuda":
         from torch.multiprocessing.reductions import rebuild_cuda_tensor  # noqa: PLC0415
-        args = list(pickle.loads(base64.b64decode(handle["ipc"])))
-        args[6] = _local_index(handle["uuid"])  # storage_device: the sender's index of this GPU
-        return rebuild_cuda_tensor(*args)
+        n = int(handle["nbytes"])
+        return rebuild_cuda_tensor(
+            tensor_cls=torch.Tensor, tensor_size=torch.Size([n]), tensor_stride=(1,), tensor_offset=0,
+            storage_cls=torch.storage.TypedStorage, dtype=torch.uint8, storage_device=_local_index(str(handle["uuid"])),
+            requires_grad=False, event_sync_required=bool(handle["event_sync_required"]),
+            **{k: int(handle[k]) for k in _INTS},
+            **{k: None if handle[k] is None else base64.b64decode(handle[k]) for k in _BYTES})
     raise ValueError(f"unknown shared weight buffer kind {kind!r} (expected 'shm' or 'cuda')")
 
 
 class ShareSender:
     """Trainer rank 0's end of the "ipc" transport over `servers` (backends with
     `receive_shared`): the same open / send / close as GroupSender, so `stream_update` drives
-    either. A failed or timed-out call raises naming the server; the buffer stays valid."""
+    either. A failed or timed-out call raises naming the server and frees the buffer (a worker
+    still reading it never sees the next update's bytes)."""
 
     def __init__(self, cfg: Any, servers: list[Any], device: Optional[torch.device] = None) -> None:
         self.cfg, self.servers = cfg, servers
         self.device = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
                                  else torch.device("cpu"))
         self.buffer: Optional[SharedBuffer] = None
-        self.bytes_sent = 0
+        self.bytes_sent, self.seconds = 0, 0.0
 
     async def open(self) -> None:
         """Nothing to join: the buffer is made at the first bucket (sized to it)."""
@@ -168,34 +206,29 @@ class ShareSender:
         if self.buffer is None or self.buffer.nbytes < nbytes:
             if self.buffer is not None:
                 self.buffer.close()
-            self.buffer = None
-            self.buffer = SharedBuffer(max(nbytes, self.cfg.bucket_bytes, ALIGN), self.device)
+            self.buffer = None  # a bucket's alignment padding can pass bucket_bytes: a quarter's headroom
+            size = -(-max(nbytes, self.cfg.bucket_bytes * 5 // 4) // ALIGN) * ALIGN
+            self.buffer = SharedBuffer(size, self.device)
         return self.buffer
 
     async def send(self, bucket: Any, version: int, last: bool) -> None:
         """Pack one bucket and have every server load it; returns once all have."""
-        from spyglass.engine.backends.base import BackendError  # noqa: PLC0415
+        from spyglass.trainer.weight_sync import await_servers  # noqa: PLC0415
+        t0 = time.perf_counter()
         offsets, total = layout(bucket.tensors)
         buf = self._room(total)
         pack(buf.flat, bucket.tensors, offsets)
         meta = {**bucket.meta(), "offsets": offsets, "handle": buf.handle()}
-        calls = {asyncio.ensure_future(s.receive_shared(meta, version, last, timeout_s=self.cfg.timeout_s)): s
-                 for s in self.servers}
-        what = f"weight update v{version} through shared memory ({len(bucket.names)} tensors)"
-        done, pending = await asyncio.wait(calls, timeout=self.cfg.timeout_s)
-        for t in pending:
-            t.cancel()
-        if pending:
-            slow = sorted(calls[t].name for t in pending)
-            raise BackendError(slow[0], f"{what}: no answer within sync.timeout_s={self.cfg.timeout_s}s "
-                                        f"(still waiting: {slow})")
-        for t in done:
-            e = t.exception()
-            if isinstance(e, BackendError):
-                raise e
-            if e is not None:
-                raise BackendError(calls[t].name, f"{what} failed: {e!r}") from e
+        calls = [(s, s.receive_shared(meta, version, last, timeout_s=self.cfg.timeout_s)) for s in self.servers]
+        try:
+            await await_servers(f"weight update v{version} through shared memory ({len(bucket.names)} tensors)",
+                                calls, self.cfg.timeout_s)
+        except BaseException:
+            buf.close()
+            self.buffer = None
+            raise
         self.bytes_sent += bucket.nbytes
+        self.seconds += time.perf_counter() - t0
 
     async def close(self) -> None:
         if self.buffer is not None:
@@ -203,4 +236,4 @@ class ShareSender:
             self.buffer = None
 
 
-__all__ = ["ALIGN", "SharedBuffer", "ShareSender", "layout", "open_shared", "pack", "unpack"]
+__all__ = ["ALIGN", "PREFIX", "SharedBuffer", "ShareSender", "layout", "open_shared", "pack", "unpack"]

@@ -43,12 +43,15 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Protocol
 
 import torch
 from torch import nn
 
 from spyglass.engine.backends.vllm import check_worker_ranks  # noqa: F401 - re-exported
+
+if TYPE_CHECKING:
+    from spyglass.trainer.weight_share import ShareSender
 
 TRANSPORTS = ("auto", "disk", "group", "ipc")
 WIRE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -439,6 +442,54 @@ def _in_daemon_thread(loop: asyncio.AbstractEventLoop, fn: Any) -> asyncio.Futur
     return fut
 
 
+async def await_servers(what: str, calls: list[tuple[Any, Any]], timeout_s: float, local: Any = None) -> None:
+    """Await every (server, coroutine) call, and `local()` (rank 0's own blocking collective) on a
+    daemon thread when given, under one `timeout_s`; the first failure or the timeout raises a
+    BackendError naming the server, and the calls still running are cancelled."""
+    from spyglass.engine.backends.base import BackendError  # noqa: PLC0415
+    loop = asyncio.get_running_loop()
+    tasks = {asyncio.ensure_future(c): be for be, c in calls}
+    mine = _in_daemon_thread(loop, local) if local is not None else None
+    pending = set(tasks) | ({mine} if mine is not None else set())
+    deadline = loop.time() + timeout_s
+    try:
+        while pending:
+            done, pending = await asyncio.wait(pending, timeout=max(deadline - loop.time(), 0),
+                                               return_when=asyncio.FIRST_EXCEPTION)
+            if not done:
+                slow = [tasks[t].name if t in tasks else "trainer rank 0" for t in pending]
+                raise BackendError(slow[0], f"{what}: no answer within sync.timeout_s={timeout_s}s "
+                                            f"(still waiting: {sorted(slow)})")
+            for t in done:
+                if t.exception() is not None:
+                    e = t.exception()
+                    server = tasks[t].name if t in tasks else "trainer rank 0"
+                    if isinstance(e, BackendError):
+                        raise e
+                    raise BackendError(server, f"{what} failed: {e!r}") from e
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        if mine is not None:
+            mine.cancel()
+        raise
+
+
+class Sender(Protocol):
+    """One transport's end on trainer rank 0 (GroupSender, weight_share.ShareSender), driven by
+    `stream_update`: bytes_sent and seconds (spent in open and send) accumulate over updates."""
+
+    device: torch.device
+    bytes_sent: int
+    seconds: float
+
+    async def open(self) -> None: ...
+
+    async def send(self, bucket: "Bucket", version: int, last: bool) -> None: ...
+
+    async def close(self) -> None: ...
+
+
 class GroupSender:
     """Trainer rank 0's end of the group: opened once over `servers`, then one `send` per
     bucket (the update's last one flagged). A failed or timed-out call leaves the group unusable:
@@ -450,7 +501,7 @@ class GroupSender:
         self.group: Optional[UpdateGroup] = None
         self.group_name = ""  # this open's name: cfg.group_name + port, pid and a counter
         self.backend = cfg.group_backend()
-        self.bytes_sent = 0
+        self.bytes_sent, self.seconds = 0, 0.0
         self._opens = 0
         self._stale: list[str] = []  # names of dropped groups the servers may still hold
 
@@ -459,33 +510,10 @@ class GroupSender:
         return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
 
     async def _together(self, what: str, calls: list[tuple[Any, Any]], local: Any) -> None:
-        """Run the servers' calls and rank 0's own blocking collective (on a daemon thread)
-        together; the first failure (or the timeout) raises naming the server."""
-        from spyglass.engine.backends.base import BackendError  # noqa: PLC0415
-        loop = asyncio.get_running_loop()
-        tasks = {asyncio.ensure_future(c): be for be, c in calls}
-        mine = _in_daemon_thread(loop, local)
-        pending = set(tasks) | {mine}
-        deadline = loop.time() + self.cfg.timeout_s
+        """The servers' calls and rank 0's own collective together; a failure drops the group."""
         try:
-            while pending:
-                done, pending = await asyncio.wait(pending, timeout=max(deadline - loop.time(), 0),
-                                                   return_when=asyncio.FIRST_EXCEPTION)
-                if not done:
-                    slow = [tasks[t].name if t in tasks else "trainer rank 0" for t in pending]
-                    raise BackendError(slow[0], f"{what}: no answer within sync.timeout_s={self.cfg.timeout_s}s "
-                                                f"(still waiting: {sorted(slow)})")
-                for t in done:
-                    if t.exception() is not None:
-                        e = t.exception()
-                        server = tasks[t].name if t in tasks else "trainer rank 0"
-                        if isinstance(e, BackendError):
-                            raise e
-                        raise BackendError(server, f"{what} failed: {e!r}") from e
+            await await_servers(what, calls, self.cfg.timeout_s, local)
         except BaseException:
-            for t in tasks:
-                t.cancel()
-            mine.cancel()
             self._drop()
             raise
 
@@ -501,6 +529,7 @@ class GroupSender:
     async def open(self) -> None:
         if self.group is not None:
             return
+        t0 = time.perf_counter()
         from spyglass.trainer.distributed import free_port  # noqa: PLC0415
         if self._stale:  # best effort: a server that kept a dropped group frees its name
             stale, self._stale = self._stale, []
@@ -520,11 +549,13 @@ class GroupSender:
                              lambda: box.append(init_update_group(addr, port, 0, world, backend=self.backend,
                                                                   group_name=name, timeout_s=self.cfg.timeout_s)))
         self.group = box[0]
+        self.seconds += time.perf_counter() - t0
 
     async def send(self, bucket: Bucket, version: int, last: bool) -> None:
         """One bucket to every server: their receive calls and the broadcast, together."""
         if self.group is None:
             raise RuntimeError("GroupSender.send before open() (or after a failed sync)")
+        t0 = time.perf_counter()
         meta = bucket.meta()
         calls = [(s, s.receive_weights(meta, self.group_name, version, last, timeout_s=self.cfg.timeout_s))
                  for s in self.servers]
@@ -532,6 +563,7 @@ class GroupSender:
         await self._together(f"weight update v{version} ({len(bucket.names)} tensors)", calls,
                              lambda: send_bucket(group, bucket.tensors))
         self.bytes_sent += bucket.nbytes
+        self.seconds += time.perf_counter() - t0
 
     async def close(self) -> None:
         names = self._stale + ([self.group_name] if self.group is not None else [])
@@ -548,11 +580,10 @@ def empty_bucket() -> Bucket:
     return Bucket([], [])
 
 
-async def stream_update(senders: Any, buckets: Iterable[Optional[Bucket]], version: int) -> float:
-    """Send every bucket through each sender (a GroupSender / ShareSender, or a list of them;
-    the last bucket flagged, so servers reset caches and take `version`); returns the seconds
-    spent. A generator of buckets is advanced here (on rank 0)."""
-    senders = senders if isinstance(senders, list) else [senders]
+async def stream_update(senders: list[Sender], buckets: Iterable[Optional[Bucket]], version: int) -> float:
+    """Send every bucket through each sender in turn (the last bucket flagged, so servers reset
+    caches and take `version`); returns the seconds spent. A generator of buckets is advanced
+    here (on rank 0)."""
     t0 = time.perf_counter()
     for s in senders:
         await s.open()
@@ -587,11 +618,12 @@ def _shares_memory(backend: Any) -> bool:
 
 class WeightSync:
     """The trainer's weight sync (GRPO's `sync` step), called on every rank after each update:
-    group-capable servers get the bucket stream (in-process ones through shared memory), the
-    others a checkpoint dir under `weights_dir` (disk) and in-process backends the state dict.
-    Returns metrics: the stream's seconds as sync/group_s (sync/ipc_s when shared memory is its
-    only transport), sync/group_gb and sync/ipc_gb, sync/nccl (1: the group ran NCCL, 0: gloo),
-    sync/disk_s or sync/memory_s; a version already synced is skipped (sync/skipped)."""
+    the bucket stream goes over the group and/or shared memory (as `transport` decides per
+    server), the other servers get a checkpoint dir under `weights_dir` (disk) and in-process HF
+    the state dict. Returns metrics: sync/group_s and sync/ipc_s (the whole stream's seconds when
+    it has one transport; with both, each one's own sends), sync/group_gb and sync/ipc_gb,
+    sync/nccl (1: the group ran NCCL, 0: gloo), sync/disk_s or sync/memory_s; a version already
+    synced is skipped (sync/skipped)."""
 
     def __init__(self, cfg: WeightSyncConfig, backends: list[Any], rank: int, weights_dir: str | os.PathLike) -> None:
         if cfg.transport in ("auto", "group"):
@@ -599,7 +631,7 @@ class WeightSync:
         self.cfg, self.backends, self.rank, self.weights_dir = cfg, backends, rank, weights_dir
         self.plan: Optional[SyncPlan] = None
         self.sender: Optional[GroupSender] = None
-        self.sharer: Any = None  # a weight_share.ShareSender for in-process servers
+        self.sharer: Optional[ShareSender] = None  # the ipc transport's, for in-process servers
         self.rest: list[Any] = []  # backends served from the state dict (disk or in-process)
         self.synced: Optional[int] = None  # the last version pushed
 
@@ -607,10 +639,11 @@ class WeightSync:
         t = self.cfg.transport
         ok, why = await probe_group_servers(self.backends, "auto" if t == "ipc" else t)
         share = [b for b in ok if _shares_memory(b)] if t in ("auto", "ipc") else []
-        if t == "ipc":
+        from spyglass.trainer.distributed import _takes_path  # noqa: PLC0415
+        if t == "ipc":  # every server (in-process HF, which takes the state dict, is no server)
             from spyglass.engine.config import ConfigError  # noqa: PLC0415
             for b in self.backends:
-                if callable(getattr(b, "weight_group_size", None)) and b not in share:
+                if b not in share and (callable(getattr(b, "weight_group_size", None)) or _takes_path(b)):
                     raise ConfigError(f"sync.transport 'ipc': server {b.name!r} cannot take weights through shared "
                                       "memory (" + why.get(b.name, "only an in-process vLLM engine maps the "
                                                                    "trainer's memory") + ")")
@@ -625,7 +658,6 @@ class WeightSync:
         if share:
             from spyglass.trainer.weight_share import ShareSender  # noqa: PLC0415
             self.sharer = ShareSender(self.cfg, share)
-        from spyglass.trainer.distributed import _takes_path  # noqa: PLC0415
         return SyncPlan(bool(group), bool(self.rest), any(_takes_path(b) for b in self.rest), bool(share))
 
     def prepare(self, loop: asyncio.AbstractEventLoop, broadcast: Any = lambda x: x) -> SyncPlan:
@@ -647,15 +679,18 @@ class WeightSync:
             senders = [s for s in (self.sender, self.sharer) if s is not None]
             device = senders[0].device if senders else torch.device("cpu")
             buckets = iter_weight_buckets(updater, self.cfg.bucket_bytes, self.cfg.wire_dtype, device)
+            kinds = ["group"] * plan.group + ["ipc"] * plan.ipc
             if self.rank == 0:
-                sent = [s.bytes_sent for s in senders]
+                before = [(s.bytes_sent, s.seconds) for s in senders]
                 loop.run_until_complete(stream_update(senders, buckets, version))
-                for s, before in zip(senders, sent):
-                    out["sync/group_gb" if s is self.sender else "sync/ipc_gb"] = (s.bytes_sent - before) / 1e9
+                for kind, s, (sent, secs) in zip(kinds, senders, before):
+                    out[f"sync/{kind}_gb"] = (s.bytes_sent - sent) / 1e9
+                    out[f"sync/{kind}_s"] = s.seconds - secs  # replaced by the whole stream's below when alone
             else:
                 for _ in buckets:  # the ZeRO-3 gathers are collectives every rank joins
                     pass
-            out["sync/group_s" if plan.group else "sync/ipc_s"] = time.perf_counter() - t0
+            if len(kinds) == 1 or self.rank != 0:
+                out.update({f"sync/{kind}_s": time.perf_counter() - t0 for kind in kinds})
             if plan.group:
                 out["sync/nccl"] = float(self.cfg.group_backend() == "nccl")  # which group backend ran: 1 NCCL, 0 gloo
         if plan.state_dict:
@@ -681,6 +716,6 @@ class WeightSync:
             self.sender = None
 
 
-__all__ = ["Bucket", "GroupSender", "SyncPlan", "UpdateGroup", "WeightSync", "WeightSyncConfig", "check_worker_ranks",
-           "close_update_group", "group_address", "init_update_group", "iter_weight_buckets", "probe_group_servers",
-           "receive_bucket", "send_bucket", "stream_update"]
+__all__ = ["Bucket", "GroupSender", "Sender", "SyncPlan", "UpdateGroup", "WeightSync", "WeightSyncConfig",
+           "await_servers", "check_worker_ranks", "close_update_group", "group_address", "init_update_group",
+           "iter_weight_buckets", "probe_group_servers", "receive_bucket", "send_bucket", "stream_update"]

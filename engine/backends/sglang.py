@@ -137,6 +137,10 @@ class SGLangBackend(HTTPBackend):
     def __init__(self, cfg: SGLangConfig) -> None:
         super().__init__(cfg)
         self.cfg = cfg
+        # SGLang >= 0.5.21 loads distributed buckets only inside a weight-update session
+        # (/begin_weight_update ... /end_weight_update); older servers answer 404 and are not asked again.
+        self._sessions: bool | None = None  # the server has sessions; None: not known yet
+        self._in_session = False  # a session this client began is open
 
     @classmethod
     def from_config(cls, cfg: SGLangConfig) -> "SGLangBackend":
@@ -192,11 +196,6 @@ class SGLangBackend(HTTPBackend):
         if last:
             await self._weight_session("end", timeout_s)
             self.version = version
-
-    # SGLang >= 0.5.21 loads distributed buckets only inside a weight-update session
-    # (/begin_weight_update ... /end_weight_update); older servers answer 404 and are not asked again.
-    _sessions: bool | None = None  # the server has sessions; None: not known yet
-    _in_session = False  # a session this client began is open
 
     async def _weight_session(self, verb: str, timeout_s: float) -> None:
         if self._sessions is False:
@@ -291,7 +290,7 @@ class SGLangEngineBackend(Backend):
             result = await self.engine.tokenizer_manager.update_weights_from_disk(obj, None)
         except Exception as e:
             raise BackendError(self.name, f"update_weights_from_disk failed: {e!r}") from e
-        ok, message = (result[0], result[1]) if isinstance(result, (tuple, list)) and len(result) >= 2 else (False, result)
+        ok, message = result[:2] if isinstance(result, (tuple, list)) and len(result) >= 2 else (False, result)
         if not ok:  # (success, message, paused requests) in SGLang 0.5.x
             raise BackendError(self.name, f"update_weights_from_disk failed: {str(message)[:300]}")
         self.version = version

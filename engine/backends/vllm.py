@@ -275,9 +275,15 @@ class _GroupSync:
 
     async def receive_weights(self, meta: dict[str, Any], group_name: str, version: int, last: bool,
                               timeout_s: float = 600.0) -> None:
+        await self._load_bucket("spyglass_receive_weights", {**meta, "group_name": group_name}, version, last,
+                                timeout_s)
+
+    async def _load_bucket(self, method: str, payload: dict[str, Any], version: int, last: bool,
+                           timeout_s: float) -> None:
+        """One bucket through the worker extension's `method`; the last one resets the prefix
+        cache and sets the version."""
         check_version(self, version)  # type: ignore[arg-type]
-        await self._rpc("spyglass_receive_weights",
-                        {**meta, "group_name": group_name, "version": version, "last": last}, timeout_s)
+        await self._rpc(method, {**payload, "version": version, "last": last}, timeout_s)
         if last:
             await self._reset_cache()  # no KV computed with the old weights is reused
             self.version = version
@@ -398,11 +404,7 @@ class VLLMBackend(_GroupSync, Backend):
     async def receive_shared(self, meta: dict[str, Any], version: int, last: bool, timeout_s: float = 600.0) -> None:
         """One bucket from trainer rank 0's shared buffer (the "ipc" transport, trainer/weight_share.py):
         the engine core's workers map it (/dev/shm on CPU, a CUDA IPC handle on the same GPU)."""
-        check_version(self, version)
-        await self._rpc("spyglass_receive_shared", {**meta, "version": version, "last": last}, timeout_s)
-        if last:
-            await self._reset_cache()
-            self.version = version
+        await self._load_bucket("spyglass_receive_shared", meta, version, last, timeout_s)
 
     async def _rpc(self, method: str, payload: dict[str, Any] | None, timeout_s: float) -> list[Any]:
         args = (json.dumps(payload),) if payload is not None else ()

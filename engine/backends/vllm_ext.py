@@ -88,12 +88,13 @@ class WeightSyncWorker:
             raise ValueError(f"a shared bucket has {len(s['names'])} names, {len(s['dtypes'])} dtypes, "
                              f"{len(s['shapes'])} shapes and {len(s['offsets'])} offsets")
         flat = open_shared(s["handle"])
-        views = unpack(flat, [parse_dtype(d) for d in s["dtypes"]], s["shapes"], s["offsets"])
-        out = self._spyglass_load(list(zip(s["names"], views)), s, owned=False)
-        if flat.is_cuda:  # the copies out of the trainer's buffer finish before it is reused
-            import torch  # noqa: PLC0415
-            torch.cuda.synchronize(flat.device)
-        return out
+        try:
+            views = unpack(flat, [parse_dtype(d) for d in s["dtypes"]], s["shapes"], s["offsets"])
+            return self._spyglass_load(list(zip(s["names"], views)), s, owned=False)
+        finally:
+            if flat.is_cuda:  # the copies out of the trainer's buffer finish before it is reused
+                import torch  # noqa: PLC0415
+                torch.cuda.synchronize(flat.device)
 
     def _spyglass_load(self, tensors: list[Any], s: dict[str, Any], owned: bool) -> dict[str, Any]:
         """Load (name, tensor) pairs: streamed into load_weights (GPU) or kept for the in-place
