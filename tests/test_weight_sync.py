@@ -577,8 +577,9 @@ def test_shared_memory_sync_reaches_a_worker_in_another_process(tmp_path):
     """sync.transport auto with an in-process engine: the plan is ipc (no group, no disk); the
     buckets reach the worker process through /dev/shm and its model ends up with the trainer's
     bf16-rounded weights exactly, version set and cache reset once, on the last bucket. A second
-    update in 64 KB buckets (the embedding alone is larger: the buffer grows) lands as exactly;
-    the shared file is gone after close."""
+    update in 64 KB buckets (the embedding alone is larger: the buffer grows) lands as exactly,
+    and a third with the buffer freed after its last bucket (as on CUDA); the shared file is gone
+    after close."""
     from spyglass.engine.offline import tiny
     from spyglass.trainer.weight_share import ShareSender
     from spyglass.trainer.weight_sync import SyncPlan, WeightSync, WeightSyncConfig, iter_weight_buckets, stream_update
@@ -604,13 +605,17 @@ def test_shared_memory_sync_reaches_a_worker_in_another_process(tmp_path):
         loop.run_until_complete(stream_update([small], buckets, 2))
         assert len(set(files)) >= 2 and small.buffer.nbytes > 64 << 10 and eng.version == 2
         assert not any(os.path.exists(f) for f in set(files) - {small.buffer.path})  # outgrown ones removed
+        small.keep = False  # as on CUDA: the buffer is freed after the update's last bucket, and remade
+        loop.run_until_complete(stream_update([small], iter_weight_buckets(
+            _runtime(first), 64 << 10, torch.bfloat16, torch.device("cpu")), 3))
+        assert small.buffer is None and not any(os.path.exists(f) for f in files) and eng.version == 3
     finally:
         sync.close(loop)
         loop.run_until_complete(small.close())
         loop.run_until_complete(eng.close())
         loop.close()
     assert not os.path.exists(shm)
-    for v, model in ((1, first), (2, second)):
+    for v, model in ((1, first), (2, second), (3, first)):
         got, want = torch.load(tmp_path / f"worker.pt.v{v}"), _rounded(model)
         assert set(want) <= set(got) and all(torch.equal(got[k], want[k]) for k in want), v
 

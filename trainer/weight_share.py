@@ -190,13 +190,15 @@ class ShareSender:
     """Trainer rank 0's end of the "ipc" transport over `servers` (backends with
     `receive_shared`): the same open / send / close as GroupSender, so `stream_update` drives
     either. A failed or timed-out call raises naming the server and frees the buffer (a worker
-    still reading it never sees the next update's bytes)."""
+    still reading it never sees the next update's bytes). A CUDA buffer is also freed after each
+    update's last bucket; the /dev/shm file is kept for the next update."""
 
     def __init__(self, cfg: Any, servers: list[Any], device: Optional[torch.device] = None) -> None:
         self.cfg, self.servers = cfg, servers
         self.device = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
                                  else torch.device("cpu"))
         self.buffer: Optional[SharedBuffer] = None
+        self.keep = self.device.type == "cpu"  # the buffer outlives an update (else freed after its last bucket)
         self.bytes_sent, self.seconds = 0, 0.0
 
     async def open(self) -> None:
@@ -227,6 +229,9 @@ class ShareSender:
             buf.close()
             self.buffer = None
             raise
+        if last and not self.keep:  # colocated training gets the GPU memory back until the next update
+            buf.close()
+            self.buffer = None
         self.bytes_sent += bucket.nbytes
         self.seconds += time.perf_counter() - t0
 

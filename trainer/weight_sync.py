@@ -26,8 +26,9 @@ memory to servers colocated in-process (VLLMBackend's `receive_shared`: a /dev/s
 CPU, a CUDA IPC handle on the trainer's GPU; trainer/weight_share.py), any other server being a
 config error; "disk" writes a HF checkpoint dir that servers reload; "auto" uses ipc for
 in-process servers, the group for the other servers that answer its capability probe, and disk
-for the rest. In-process backends without the probe (HFBackend) always take the state dict. NCCL needs CUDA on
-both ends (a clear error here without it); the gloo path runs on CPU and is what the tests use:
+for the rest. In-process backends without the probe (HFBackend) always take the state dict.
+NCCL needs CUDA on both ends (a clear error here without it); the gloo path runs on CPU and is
+what the tests use:
 
     .venv/bin/python -m pytest -q tests/test_weight_sync.py
 """
