@@ -652,9 +652,12 @@ def test_a_mixed_fleet_streams_each_bucket_over_the_group_and_through_shared_mem
 
 
 def test_shared_buffers_are_named_by_pid_swept_when_dead_and_handles_are_plain_data(tmp_path):
-    """A buffer's file carries the trainer's pid; one left by a dead trainer is removed when the
-    next buffer is made, a live one's stays. open_shared maps only spyglass buffer files, and the
-    CUDA export is sent as the fields torch's rebuild_cuda_tensor takes by name (no pickle)."""
+    """A buffer's file carries the trainer's pid and its lock; one left by a killed trainer
+    (nobody holds its lock) is removed when the next buffer is made, a locked one stays, and so
+    does the new buffer's own file when another is made. open_shared maps only spyglass buffer
+    files, and the CUDA export is sent as the fields torch's rebuild_cuda_tensor takes by name
+    (no pickle)."""
+    import fcntl
     import inspect
 
     import pytest
@@ -666,11 +669,18 @@ def test_shared_buffers_are_named_by_pid_swept_when_dead_and_handles_are_plain_d
     dead, live = tmp_path / f"{PREFIX}999999999-abc", tmp_path / f"{PREFIX}{os.getppid()}-def"
     dead.write_bytes(b"x")
     live.write_bytes(b"x")
-    buf = SharedBuffer(4096, torch.device("cpu"), shm_dir=str(tmp_path))
+    with open(live) as held:
+        fcntl.flock(held, fcntl.LOCK_SH)  # as its trainer does while alive
+        buf = SharedBuffer(4096, torch.device("cpu"), shm_dir=str(tmp_path))
+        other = SharedBuffer(4096, torch.device("cpu"), shm_dir=str(tmp_path))
     assert not dead.exists() and live.exists() and Path(buf.path).name.startswith(f"{PREFIX}{os.getpid()}-")
+    assert os.path.exists(buf.path) and os.path.exists(other.path)  # made second, the first survived
     handle = buf.handle()
     assert json.loads(json.dumps(handle)) == handle and open_shared(handle).numel() == 4096
     buf.close()
+    other.close()
+    SharedBuffer(4096, torch.device("cpu"), shm_dir=str(tmp_path)).close()  # the lock released: swept now
+    assert not live.exists() and not list(tmp_path.glob(f"{PREFIX}*"))
     with pytest.raises(ValueError, match="not a spyglass weight buffer"):
         open_shared({"kind": "shm", "path": str(live.with_name("passwd")), "nbytes": 1})
     sent = {"tensor_cls", "tensor_size", "tensor_stride", "tensor_offset", "storage_cls", "dtype", "storage_device",

@@ -4,7 +4,9 @@ The trainer packs each bucket into one flat byte buffer the server's workers map
 
 * CPU: a file in /dev/shm (`torch.from_file(shared=True)` on both ends: one copy in, none out);
   its space is reserved up front with posix_fallocate, so a too-small /dev/shm (Docker's
-  default is 64 MB) is one error naming the sizes, never a SIGBUS mid-copy;
+  default is 64 MB) is one error naming the sizes, never a SIGBUS mid-copy; the trainer holds a
+  lock on its file, and a file whose lock is free (its trainer was killed) is removed by the next
+  buffer made on the host;
 * CUDA: a device buffer exported once as a CUDA IPC handle (torch's own `reduce_tensor`, sent as
   plain fields, never a pickle), opened by the worker with torch's `rebuild_cuda_tensor` on its
   local index of the same physical GPU (matched by UUID, so CUDA_VISIBLE_DEVICES may differ
@@ -22,6 +24,7 @@ for the next one, and it grows (a new file / allocation) when a bucket is larger
 from __future__ import annotations
 
 import base64
+import fcntl
 import inspect
 import os
 import tempfile
@@ -86,28 +89,33 @@ _INTS = ("storage_size_bytes", "storage_offset_bytes", "ref_counter_offset")
 
 
 def _sweep(folder: str) -> None:
-    """Remove buffers left by trainers that died without closing them (the pid in the name)."""
+    """Remove buffers left by trainers that died without closing them: a live trainer holds a
+    lock on its file (flock: it holds across pid namespaces sharing the folder), a dead one's
+    is free."""
     for name in os.listdir(folder):
         if not name.startswith(PREFIX):
             continue
+        path = os.path.join(folder, name)
         try:
-            os.kill(int(name[len(PREFIX):].split("-")[0]), 0)
-        except ProcessLookupError:
-            try:
-                os.unlink(os.path.join(folder, name))
-            except OSError:
-                pass
-        except (ValueError, PermissionError):  # not our naming, or another user's live process
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(path)
+        except OSError:  # locked: its trainer is alive (or it vanished meanwhile)
             pass
+        finally:
+            os.close(fd)
 
 
 class SharedBuffer:
     """The trainer's flat buffer: `flat` (uint8, `nbytes`) and `handle()`, what a worker passes
     to `open_shared` to map the same memory. `close()` frees it (the /dev/shm file is unlinked;
-    one a killed trainer left is removed by the next trainer on the host)."""
+    one a killed trainer left, its lock gone with it, is removed by the next trainer on the host)."""
 
     def __init__(self, nbytes: int, device: torch.device, shm_dir: str = SHM_DIR) -> None:
-        self.nbytes, self.device, self.path = nbytes, device, ""
+        self.nbytes, self.device, self.path, self._fd = nbytes, device, "", -1
         self._export: Optional[dict[str, Any]] = None
         if device.type == "cuda":
             self.flat = torch.empty(nbytes, dtype=torch.uint8, device=device)
@@ -117,7 +125,9 @@ class SharedBuffer:
         folder = shm_dir if os.path.isdir(shm_dir) else tempfile.gettempdir()
         _sweep(folder)
         fd, self.path = tempfile.mkstemp(prefix=f"{PREFIX}{os.getpid()}-", dir=folder)
+        self._fd = fd  # held open, locked, while the buffer lives: the mark that its trainer is alive
         try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
             try:
                 os.posix_fallocate(fd, 0, nbytes)
             except OSError as e:
@@ -130,9 +140,8 @@ class SharedBuffer:
             self.flat = torch.from_file(self.path, shared=True, size=nbytes, dtype=torch.uint8)
         except BaseException:
             os.unlink(self.path)
-            raise
-        finally:
             os.close(fd)
+            raise
 
     def handle(self) -> dict[str, Any]:
         """JSON-able and plain data: {"kind": "shm", "path", "nbytes"} or {"kind": "cuda", "uuid",
@@ -158,6 +167,7 @@ class SharedBuffer:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
+            os.close(self._fd)
             self.path = ""
 
 
