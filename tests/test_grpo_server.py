@@ -223,7 +223,8 @@ def test_grpo_two_ranks_zero3_stream_buckets_to_an_sglang_server(tmp_path):
                "--dist.timeout_s", "120",
                "--ckpt_every", "0", "--log_dir", str(tmp_path / "log"), "--export_dir", str(tmp_path / "final"),
                "--rollout.out", str(tmp_path / "r.jsonl")]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        # faulthandler: a rank that ends in std::terminate (seen once at exit under load) logs its threads' stacks
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONFAULTHANDLER": "1"}
         p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True)  # a timeout ends torchrun and both ranks
         try:
