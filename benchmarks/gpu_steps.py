@@ -658,8 +658,8 @@ def _receive(kind: str, payload: Any, dst: dict[str, Any], spec: list[tuple[str,
     elif kind == "shared":  # spyglass's ipc transport: the trainer's buffer opened by handle, viewed, copied
         from spyglass.trainer.weight_share import open_shared, unpack
         handle, shapes, offsets = payload
-        views = unpack(open_shared(handle), [dst[name].dtype for name, _ in spec], shapes, offsets)
-        for (name, _), v in zip(spec, views):
+        for name, v in unpack(open_shared(handle), [name for name, _ in spec], [dst[name].dtype for name, _ in spec],
+                              shapes, offsets):
             dst[name].copy_(v)
     elif kind == "disk":
         from safetensors.torch import load_file

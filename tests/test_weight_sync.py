@@ -565,12 +565,17 @@ def test_shared_layout_views_every_dtype_in_place():
     assert all(o + t.nbytes <= nxt for o, t, nxt in zip(offsets, ts, offsets[1:] + [total]))  # no overlap
     flat = torch.zeros(total, dtype=torch.uint8)
     pack(flat, ts, offsets)
-    views = unpack(flat, [t.dtype for t in ts], [list(t.shape) for t in ts], offsets)
+    names = [f"t{i}" for i in range(len(ts))]
+    pairs = unpack(flat, names, [t.dtype for t in ts], [list(t.shape) for t in ts], offsets)
+    assert [n for n, _ in pairs] == names
+    views = [v for _, v in pairs]
     assert all(torch.equal(v, t) and v.dtype == t.dtype for v, t in zip(views, ts))
     flat[offsets[1]:offsets[1] + 8].fill_(0xFF)  # views, not copies: the int64 0 becomes -1
     assert views[1][0] == -1 and views[1][1] == 1 and views[1].data_ptr() == flat.data_ptr() + offsets[1]
     with pytest.raises(ValueError, match="does not fit"):
-        unpack(flat, [torch.float32], [[1000]], [offsets[-1]])
+        unpack(flat, ["w"], [torch.float32], [[1000]], [offsets[-1]])
+    with pytest.raises(ValueError, match="a shared bucket has 2 names, 1 dtypes, 1 shapes and 1 offsets"):
+        unpack(flat, ["w", "x"], [torch.float32], [[1]], [0])
 
 
 def test_shared_memory_sync_reaches_a_worker_in_another_process(tmp_path):

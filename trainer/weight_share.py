@@ -57,15 +57,19 @@ def pack(flat: torch.Tensor, tensors: list[torch.Tensor], offsets: list[int]) ->
         flat[off:off + b.numel()].copy_(b)
 
 
-def unpack(flat: torch.Tensor, dtypes: list[torch.dtype], shapes: list[list[int]],
-           offsets: list[int]) -> list[torch.Tensor]:
-    """Views of the tensors packed in `flat` (no copy: they live as long as the buffer does)."""
+def unpack(flat: torch.Tensor, names: list[str], dtypes: list[torch.dtype], shapes: list[list[int]],
+           offsets: list[int]) -> list[tuple[str, torch.Tensor]]:
+    """(name, view) of each tensor packed in `flat` (no copy: they live as long as the buffer
+    does), as `weight_sync.receive_bucket` gives them from the group."""
+    if not len(names) == len(dtypes) == len(shapes) == len(offsets):
+        raise ValueError(f"a shared bucket has {len(names)} names, {len(dtypes)} dtypes, {len(shapes)} shapes "
+                         f"and {len(offsets)} offsets")
     out = []
-    for dtype, shape, off in zip(dtypes, shapes, offsets):
-        n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    for name, dtype, shape, off in zip(names, dtypes, shapes, offsets):
+        n = torch.Size(shape).numel() * dtype.itemsize
         if off % ALIGN or off + n > flat.numel():
             raise ValueError(f"tensor at byte {off} (+{n}) does not fit a {flat.numel()}-byte shared buffer")
-        out.append(flat[off:off + n].view(dtype).view(shape))
+        out.append((name, flat[off:off + n].view(dtype).view(shape)))
     return out
 
 
@@ -214,11 +218,14 @@ class ShareSender:
     async def open(self) -> None:
         """Nothing to join: the buffer is made at the first bucket (sized to it)."""
 
+    def _free(self) -> None:
+        if self.buffer is not None:
+            self.buffer.close()
+            self.buffer = None
+
     def _room(self, nbytes: int) -> SharedBuffer:
         if self.buffer is None or self.buffer.nbytes < nbytes:
-            if self.buffer is not None:
-                self.buffer.close()
-            self.buffer = None  # a bucket's alignment padding can pass bucket_bytes: a quarter's headroom
+            self._free()  # a bucket's alignment padding can pass bucket_bytes: a quarter's headroom
             size = -(-max(nbytes, self.cfg.bucket_bytes * 5 // 4) // ALIGN) * ALIGN
             self.buffer = SharedBuffer(size, self.device)
         return self.buffer
@@ -236,19 +243,15 @@ class ShareSender:
             await await_servers(f"weight update v{version} through shared memory ({len(bucket.names)} tensors)",
                                 calls, self.cfg.timeout_s)
         except BaseException:
-            buf.close()
-            self.buffer = None
+            self._free()
             raise
         if last and not self.keep:  # colocated training gets the GPU memory back until the next update
-            buf.close()
-            self.buffer = None
+            self._free()
         self.bytes_sent += bucket.nbytes
         self.seconds += time.perf_counter() - t0
 
     async def close(self) -> None:
-        if self.buffer is not None:
-            self.buffer.close()
-            self.buffer = None
+        self._free()
 
 
 __all__ = ["ALIGN", "PREFIX", "SharedBuffer", "ShareSender", "layout", "open_shared", "pack", "unpack"]

@@ -684,13 +684,13 @@ class WeightSync:
             if self.rank == 0:
                 before = [(s.bytes_sent, s.seconds) for s in senders]
                 loop.run_until_complete(stream_update(senders, buckets, version))
-                for kind, s, (sent, secs) in zip(kinds, senders, before):
+                stream_s = time.perf_counter() - t0
+                for kind, s, (sent, secs) in zip(kinds, senders, before):  # alone: the whole stream's seconds
                     out[f"sync/{kind}_gb"] = (s.bytes_sent - sent) / 1e9
-                    out[f"sync/{kind}_s"] = s.seconds - secs  # replaced by the whole stream's below when alone
+                    out[f"sync/{kind}_s"] = stream_s if len(senders) == 1 else s.seconds - secs
             else:
                 for _ in buckets:  # the ZeRO-3 gathers are collectives every rank joins
                     pass
-            if len(kinds) == 1 or self.rank != 0:
                 out.update({f"sync/{kind}_s": time.perf_counter() - t0 for kind in kinds})
             if plan.group:
                 out["sync/nccl"] = float(self.cfg.group_backend() == "nccl")  # which group backend ran: 1 NCCL, 0 gloo

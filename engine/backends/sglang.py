@@ -212,14 +212,10 @@ class SGLangBackend(HTTPBackend):
     async def _end_stale_session(self) -> None:
         """Before a group opens: end a session a failed sync (or an earlier trainer) left open;
         best effort (a server with none open refuses, one without sessions answers 404)."""
-        if self._sessions is False:
-            return
         try:
-            await self._succeeds("/end_weight_update", {}, 30.0)
-            self._sessions = True
-        except BackendError as e:
-            if "-> HTTP 404" in e.message:
-                self._sessions = False
+            await self._weight_session("end", 30.0)
+        except BackendError:  # none open: refused
+            pass
         self._in_session = False
 
     async def close_weight_group(self, group_name: str) -> None:

@@ -84,13 +84,10 @@ class WeightSyncWorker:
         from spyglass.trainer.weight_share import open_shared, unpack  # noqa: PLC0415
         from spyglass.trainer.weight_sync import parse_dtype  # noqa: PLC0415
         s = _spec(payload)
-        if not len(s["names"]) == len(s["dtypes"]) == len(s["shapes"]) == len(s["offsets"]):
-            raise ValueError(f"a shared bucket has {len(s['names'])} names, {len(s['dtypes'])} dtypes, "
-                             f"{len(s['shapes'])} shapes and {len(s['offsets'])} offsets")
         flat = open_shared(s["handle"])
         try:
-            views = unpack(flat, [parse_dtype(d) for d in s["dtypes"]], s["shapes"], s["offsets"])
-            return self._spyglass_load(list(zip(s["names"], views)), s, owned=False)
+            tensors = unpack(flat, s["names"], [parse_dtype(d) for d in s["dtypes"]], s["shapes"], s["offsets"])
+            return self._spyglass_load(tensors, s, owned=False)
         finally:
             if flat.is_cuda:  # the copies out of the trainer's buffer finish before it is reused
                 import torch  # noqa: PLC0415
